@@ -1,0 +1,33 @@
+"""graphconv: a symbolic graph compiler for convolutional networks."""
+from .builder import Graph
+from .errors import GraphConvError, GraphError, InputError, ShapeError
+from .ir import Node, Tensor
+from .params import init_params
+from .passes import cast, set_training
+
+__version__ = "0.1.0"
+
+BACKENDS = ("numpy", "host", "cuda")
+
+
+def compile(graph, backend="numpy", dtype=None, training=None):
+    """Compile a graph into a callable: `run = gc.compile(g); y = run(x, params=params)`.
+
+    dtype   cast the graph to float32 / float64 first
+    training  set every batch_norm to batch statistics (True) or running statistics (False)
+    """
+    if backend not in BACKENDS:
+        raise GraphError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dtype is not None and dtype != graph.dtype:
+        graph = cast(graph, dtype)
+    if training is not None:
+        graph = set_training(graph, training)
+    if backend == "numpy":
+        from .reference import NumpyProgram
+        return NumpyProgram(graph)
+    raise GraphError(f"backend {backend!r} is not built yet: code generation comes after the foundation; "
+                     f"use backend='numpy'")
+
+
+__all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training",
+           "GraphConvError", "GraphError", "ShapeError", "InputError"]

@@ -1,0 +1,258 @@
+"""The layer builder: PyTorch's layer names and hyperparameters, one method per layer.
+
+A layer call creates its parameters as nodes (`conv1.weight`, `conv1.bias`) with PyTorch's default
+initialisation recorded on them, then the op node; input channels are read from the input's shape.
+A layer that fails leaves the graph as it was.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import numbers
+
+from .errors import GraphError, OpError
+from .ir import GraphCore, Tensor
+from .ops.window import LAYOUT, per_axis
+from .shapes import fmt_dim, fmt_shape
+
+
+CONV_ARGS = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias", "padding_mode",
+             "in_channels", "name")
+LINEAR_ARGS = ("out_features", "bias", "in_features", "name")
+BN_ARGS = ("num_features", "eps", "momentum", "affine", "training", "name")
+
+
+def _layer(method):
+    """A failed layer call leaves the graph as it was: no params, no name used up."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.atomic():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class Graph(GraphCore):
+    """A network under construction. See the README for the full API."""
+
+    # ---- sources ----------------------------------------------------------------------------
+    @_layer
+    def input(self, name, shape, dtype=None) -> Tensor:
+        """A graph input; a string dim ("N") stays a symbol until arrays are bound."""
+        return self.add_node("input", (), {"shape": shape, "dtype": dtype or self.dtype}, name=name)
+
+    @_layer
+    def param(self, name, shape, init, trainable=True, layer=None, dtype=None) -> Tensor:
+        return self.add_node("param", (), {"shape": tuple(shape), "dtype": dtype or self.dtype, "init": init,
+                                           "trainable": trainable}, name=name, layer=layer)
+
+    @_layer
+    def apply(self, op, *inputs, name=None, **attrs) -> Tensor:
+        """Any registered op by name, e.g. g.apply("relu", h). Attributes are validated."""
+        return self.add_node(op, inputs, attrs, name=name)
+
+    # ---- convolution and linear ---------------------------------------------------------------
+    @_layer
+    def conv1d(self, x, out_channels, kernel_size, **kw) -> Tensor:
+        return self._conv(1, x, out_channels, kernel_size, **kw)
+
+    @_layer
+    def conv2d(self, x, out_channels, kernel_size, **kw) -> Tensor:
+        return self._conv(2, x, out_channels, kernel_size, **kw)
+
+    @_layer
+    def conv3d(self, x, out_channels, kernel_size, **kw) -> Tensor:
+        return self._conv(3, x, out_channels, kernel_size, **kw)
+
+    def _conv(self, nd, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+              padding_mode="zeros", in_channels=None, name=None, **unknown):
+        op = f"conv{nd}d"
+        name = self._layer_name(name, "conv")
+        x = self._tensor(x, name, op)
+        with self.layer_errors(name, op, [x.name]):
+            self._reject(op, unknown, CONV_ARGS)
+            if len(x.shape) != nd + 2:
+                raise OpError(f"{op} expects a {nd + 2}-D {LAYOUT[nd]} input, got {len(x.shape)}-D "
+                              f"{fmt_shape(x.shape)}")
+            kernel = per_axis(kernel_size, nd, "kernel_size", 1)
+            out_channels = _positive_int(out_channels, "out_channels")
+            groups = _positive_int(groups, "groups")
+            c_in = self._channels(x, in_channels, "in_channels")
+            if c_in % groups:
+                raise OpError(f"groups={groups} does not divide in_channels={c_in}")
+            if out_channels % groups:
+                raise OpError(f"groups={groups} does not divide out_channels={out_channels}", kind=GraphError)
+        bound = 1 / math.sqrt(c_in // groups * math.prod(kernel))  # PyTorch: kaiming_uniform(a=sqrt(5))
+        attrs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
+                 "padding_mode": padding_mode}
+        w = self.param(f"{name}.weight", (out_channels, c_in // groups, *kernel), ("uniform", bound), layer=name)
+        b = [self.param(f"{name}.bias", (out_channels,), ("uniform", bound), layer=name)] if bias else []
+        return self.add_node(op, [x, w, *b], attrs, name=name)
+
+    @_layer
+    def linear(self, x, out_features, bias=True, in_features=None, name=None, **unknown) -> Tensor:
+        """y = x @ W + b, W of shape [in_features, out_features] as in the lecture's tables."""
+        name = self._layer_name(name, "fc")
+        x = self._tensor(x, name, "linear")
+        with self.layer_errors(name, "linear", [x.name]):
+            self._reject("linear", unknown, LINEAR_ARGS)
+            if len(x.shape) != 2:
+                hint = "; flatten it first (g.flatten)" if len(x.shape) > 2 else ""
+                raise OpError(f"linear expects a 2-D input [N, in_features], got {len(x.shape)}-D "
+                              f"{fmt_shape(x.shape)}{hint}")
+            out_features = _positive_int(out_features, "out_features")
+            c_in = self._channels(x, in_features, "in_features")
+        bound = 1 / math.sqrt(c_in)
+        w = self.param(f"{name}.weight", (c_in, out_features), ("uniform", bound), layer=name)
+        b = [self.param(f"{name}.bias", (out_features,), ("uniform", bound), layer=name)] if bias else []
+        return self.add_node("linear", [x, w, *b], {}, name=name)
+
+    # ---- normalisation ------------------------------------------------------------------------
+    @_layer
+    def batch_norm1d(self, x, **kw) -> Tensor:
+        return self._batch_norm(1, x, **kw)
+
+    @_layer
+    def batch_norm2d(self, x, **kw) -> Tensor:
+        return self._batch_norm(2, x, **kw)
+
+    @_layer
+    def batch_norm3d(self, x, **kw) -> Tensor:
+        return self._batch_norm(3, x, **kw)
+
+    def _batch_norm(self, nd, x, num_features=None, eps=1e-5, momentum=0.1, affine=True, training=True,
+                    name=None, **unknown):
+        op = f"batch_norm{nd}d"
+        name = self._layer_name(name, "bn")
+        x = self._tensor(x, name, op)
+        with self.layer_errors(name, op, [x.name]):
+            self._reject(op, unknown, BN_ARGS)
+            ranks = (2, 3) if nd == 1 else (nd + 2,)
+            if len(x.shape) not in ranks:
+                want = " or ".join(f"{r}-D" for r in ranks)
+                raise OpError(f"{op} expects a {want} input, got {len(x.shape)}-D {fmt_shape(x.shape)}")
+            c = self._channels(x, num_features, "num_features")
+        stats = [self.param(f"{name}.running_mean", (c,), ("constant", 0.0), trainable=False, layer=name),
+                 self.param(f"{name}.running_var", (c,), ("constant", 1.0), trainable=False, layer=name)]
+        if affine:
+            stats += [self.param(f"{name}.weight", (c,), ("constant", 1.0), layer=name),
+                      self.param(f"{name}.bias", (c,), ("constant", 0.0), layer=name)]
+        return self.add_node("batch_norm", [x, *stats], {"eps": eps, "momentum": momentum,
+                                                             "training": training}, name=name, layer=name)
+
+    # ---- pooling ------------------------------------------------------------------------------
+    @_layer
+    def max_pool1d(self, x, kernel_size, **kw) -> Tensor:
+        return self._pool("max", 1, x, kernel_size, **kw)
+
+    @_layer
+    def max_pool2d(self, x, kernel_size, **kw) -> Tensor:
+        return self._pool("max", 2, x, kernel_size, **kw)
+
+    @_layer
+    def max_pool3d(self, x, kernel_size, **kw) -> Tensor:
+        return self._pool("max", 3, x, kernel_size, **kw)
+
+    @_layer
+    def avg_pool1d(self, x, kernel_size, **kw) -> Tensor:
+        return self._pool("avg", 1, x, kernel_size, **kw)
+
+    @_layer
+    def avg_pool2d(self, x, kernel_size, **kw) -> Tensor:
+        return self._pool("avg", 2, x, kernel_size, **kw)
+
+    @_layer
+    def avg_pool3d(self, x, kernel_size, **kw) -> Tensor:
+        return self._pool("avg", 3, x, kernel_size, **kw)
+
+    def _pool(self, mode, nd, x, kernel_size, name=None, **attrs):
+        return self.add_node(f"{mode}_pool{nd}d", [x], {"kernel_size": kernel_size, **attrs},
+                             name=self._layer_name(name, "pool"))
+
+    # ---- activations and structure ------------------------------------------------------------
+    @_layer
+    def relu(self, x, name=None) -> Tensor:
+        return self.add_node("relu", [x], {}, name=self._layer_name(name, "relu"))
+
+    @_layer
+    def leaky_relu(self, x, negative_slope=0.01, name=None) -> Tensor:
+        return self.add_node("leaky_relu", [x], {"negative_slope": negative_slope},
+                             name=self._layer_name(name, "lrelu"))
+
+    @_layer
+    def sigmoid(self, x, name=None) -> Tensor:
+        return self.add_node("sigmoid", [x], {}, name=self._layer_name(name, "sigmoid"))
+
+    @_layer
+    def tanh(self, x, name=None) -> Tensor:
+        return self.add_node("tanh", [x], {}, name=self._layer_name(name, "tanh"))
+
+    @_layer
+    def flatten(self, x, start_dim=1, end_dim=-1, name=None) -> Tensor:
+        return self.add_node("flatten", [x], {"start_dim": start_dim, "end_dim": end_dim},
+                             name=self._layer_name(name, "flatten"))
+
+    @_layer
+    def reshape(self, x, shape, name=None) -> Tensor:
+        return self.add_node("reshape", [x], {"shape": shape}, name=self._layer_name(name, "reshape"))
+
+    @_layer
+    def add(self, a, b, name=None) -> Tensor:
+        """Elementwise sum of two tensors of one shape (a residual connection)."""
+        return self.add_node("add", [a, b], {}, name=self._layer_name(name, "add"))
+
+    @_layer
+    def concat(self, tensors, dim=1, name=None) -> Tensor:
+        return self.add_node("concat", list(tensors), {"dim": dim}, name=self._layer_name(name, "concat"))
+
+    # ---- losses -------------------------------------------------------------------------------
+    @_layer
+    def cross_entropy(self, scores, target, name=None) -> Tensor:
+        """Softmax cross-entropy, mean over the batch; target holds int64 class indices."""
+        return self.add_node("softmax_cross_entropy", [scores, target], {}, name=self._layer_name(name, "loss"))
+
+    @_layer
+    def hinge_loss(self, scores, target, margin=1.0, name=None) -> Tensor:
+        """Multiclass SVM loss sum_{j != y} max(0, s_j - s_y + margin), mean over the batch."""
+        return self.add_node("hinge_loss", [scores, target], {"margin": margin},
+                             name=self._layer_name(name, "loss"))
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _layer_name(self, name, prefix):
+        if name is None:
+            return self.fresh_name(prefix)
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"layer names must be non-empty strings, got {name!r}")
+        if name in self.nx:
+            raise GraphError(f"{name}: the name is already used by a {self.node(name).op} node in {self.name}")
+        return name
+
+    def _tensor(self, x, layer, op) -> Tensor:
+        return Tensor(self, self._operand_name(x, layer, op))
+
+    @staticmethod
+    def _reject(op, unknown, accepted):
+        if unknown:
+            bad = sorted(unknown)[0]
+            hint = difflib.get_close_matches(bad, accepted, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise OpError(f"{op} has no attribute {bad!r}{extra}; it takes: {', '.join(accepted)}", kind=GraphError)
+
+    @staticmethod
+    def _channels(x, given, what):
+        """The input's channel/feature count (dim 1), or the value the user gave."""
+        have = x.shape[1]
+        if given is not None:  # a mismatch is reported by the op's shape rule, with the chain
+            return _positive_int(given, what)
+        if not have.is_Integer:
+            raise OpError(f"dim 1 of the input is symbolic ({fmt_dim(have)}); give {what}=")
+        return int(have)
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OpError(f"{what} must be an int, got {value!r}", kind=GraphError)
+    if value <= 0:
+        raise OpError(f"{what} must be positive, got {value}", kind=GraphError)
+    return int(value)
+

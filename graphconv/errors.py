@@ -1,0 +1,28 @@
+"""The errors graphconv raises. Every message names the user's layer first."""
+
+
+class GraphConvError(Exception):
+    """Base class: anything graphconv reports about the user's graph or data."""
+
+
+class GraphError(GraphConvError):
+    """Malformed graph: unknown op or attribute, bad attribute value, broken IR."""
+
+
+class ShapeError(GraphConvError):
+    """A shape rule proved that a layer cannot be applied to its inputs."""
+
+
+class InputError(GraphConvError):
+    """Arrays bound at run time do not match the graph (missing, shape, dtype)."""
+
+
+class OpError(Exception):
+    """Raised inside an op's rule; the graph turns it into a ShapeError/GraphError
+    naming the layer and the chain of layers that produced the offending operand."""
+
+    def __init__(self, message, operand=0, kind=ShapeError):
+        super().__init__(message)
+        self.message = message
+        self.operand = operand
+        self.kind = kind

@@ -1,0 +1,258 @@
+"""The graph IR: a wrapper around a networkx.MultiDiGraph whose edge key is the operand index.
+
+Node keys are the user-facing names (`conv1`, `conv1.weight`); each node's data holds a `Node`.
+Topological order breaks ties by creation index, so every dump and generated file is deterministic.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy as sp
+
+from .errors import GraphError, OpError, ShapeError
+from .ops import OPS, TensorType, lookup
+from .shapes import fmt_shape
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    attrs: dict
+    type: TensorType
+    layer: str                  # the user layer it belongs to: `conv1` for `conv1.weight`
+    index: int                  # creation order
+    provenance: dict = field(default_factory=dict)  # e.g. the forward node a gradient came from
+
+    @property
+    def shape(self):
+        return self.type.shape
+
+    @property
+    def dtype(self):
+        return self.type.dtype
+
+    @property
+    def role(self) -> str:
+        if self.op == "input":
+            return "input"
+        if self.op == "param":
+            return "param" if self.attrs["trainable"] else "buffer"
+        return "op"
+
+
+class Tensor:
+    """What builder calls return: a handle naming one node of one graph."""
+    __slots__ = ("graph", "name")
+
+    def __init__(self, graph, name):
+        self.graph, self.name = graph, name
+
+    @property
+    def node(self) -> Node:
+        return self.graph.node(self.name)
+
+    @property
+    def shape(self):
+        return self.node.shape
+
+    @property
+    def dtype(self):
+        return self.node.dtype
+
+    def __add__(self, other):
+        return self.graph.add(self, other)
+
+    def __repr__(self):
+        return f"Tensor({self.name}: {self.node.type})"
+
+
+class GraphCore:
+    """Storage, ordering, error reporting and verification. The layer builders are in builder.py."""
+
+    def __init__(self, name="graph", dtype="float32"):
+        if dtype not in ("float32", "float64"):
+            raise GraphError(f"graph dtype must be float32 or float64, got {dtype!r}")
+        self.name, self.dtype = name, dtype
+        self.nx = nx.MultiDiGraph()
+        self.outputs: list[str] = []
+        self._counter = 0
+        self._prefix_counts: dict[str, int] = {}
+
+    # ---- reading ----------------------------------------------------------------------------
+    def node(self, name) -> Node:
+        if name not in self.nx:
+            raise GraphError(f"{self.name}: no node named {name!r}")
+        return self.nx.nodes[name]["node"]
+
+    def __contains__(self, name):
+        return name in self.nx
+
+    def operands(self, name) -> list[str]:
+        edges = sorted((key, src) for src, _, key in self.nx.in_edges(name, keys=True))
+        return [src for _, src in edges]
+
+    def users(self, name) -> list[tuple[str, int]]:
+        return sorted(((dst, key) for _, dst, key in self.nx.out_edges(name, keys=True)),
+                      key=lambda uk: (self.node(uk[0]).index, uk[1]))
+
+    def topo(self) -> list[Node]:
+        order = nx.lexicographical_topological_sort(self.nx, key=lambda n: self.nx.nodes[n]["node"].index)
+        return [self.nx.nodes[n]["node"] for n in order]
+
+    def nodes_with_role(self, role) -> list[Node]:
+        return [n for n in self.topo() if n.role == role]
+
+    @property
+    def inputs(self) -> list[Node]:
+        return self.nodes_with_role("input")
+
+    @property
+    def params(self) -> list[Node]:
+        """Trainable parameters and buffers (running statistics), in topological order."""
+        return [n for n in self.topo() if n.op == "param"]
+
+    def in_types(self, name) -> list[TensorType]:
+        return [self.node(o).type for o in self.operands(name)]
+
+    def chain(self, name, limit=8) -> str:
+        """`pool1 <- relu1 <- conv1 <- x`: the layers that produced a tensor, along operand 0."""
+        names = [name]
+        while True:
+            ops = self.operands(names[-1])
+            if not ops or len(names) > limit:
+                break
+            names.append(ops[0])
+        if self.operands(names[-1]):
+            names.append("...")
+        return " <- ".join(names)
+
+    # ---- building ---------------------------------------------------------------------------
+    def fresh_name(self, prefix: str) -> str:
+        while True:
+            self._prefix_counts[prefix] = self._prefix_counts.get(prefix, 0) + 1
+            candidate = f"{prefix}{self._prefix_counts[prefix]}"
+            if candidate not in self.nx:
+                return candidate
+
+    def add_node(self, op_name, operands=(), attrs=None, name=None, layer=None, provenance=None) -> Tensor:
+        """Add one node: validate op, operands and attributes, infer its type. Raises an error that
+        names the layer, the op and the chain of layers behind the offending operand."""
+        attrs = dict(attrs or {})
+        operand_names = [self._operand_name(o, name, op_name) for o in operands]
+        name = name or self.fresh_name(op_name)
+        if name in self.nx:
+            raise GraphError(f"{name}: the name is already used by a {self.node(name).op} node in {self.name}")
+        with self.layer_errors(name, op_name, operand_names):
+            op = lookup(op_name)
+            op.check_arity(len(operand_names))
+            attrs = op.check_attrs(attrs)
+            out_type = op.infer([self.node(o).type for o in operand_names], attrs)
+        node = Node(name, op_name, attrs, out_type, layer or name, self._counter, dict(provenance or {}))
+        self._counter += 1
+        self.nx.add_node(name, node=node)
+        for key, src in enumerate(operand_names):
+            self.nx.add_edge(src, name, key=key)
+        return Tensor(self, name)
+
+    def _operand_name(self, operand, layer, op_name):
+        if isinstance(operand, Tensor):
+            if operand.graph is not self:
+                raise GraphError(f"{layer or op_name}: operand {operand.name} belongs to graph "
+                                 f"{operand.graph.name}, not {self.name}")
+            return operand.name
+        if isinstance(operand, str) and operand in self.nx:
+            return operand
+        raise GraphError(f"{layer or op_name}: operand {operand!r} is not a tensor of graph {self.name}")
+
+    @contextlib.contextmanager
+    def layer_errors(self, name, op_name, operand_names=()):
+        """Turn an OpError raised by a rule into the user-facing error for layer `name`."""
+        try:
+            yield
+        except OpError as e:
+            where = ""
+            if operand_names and e.operand < len(operand_names):
+                src = operand_names[e.operand]
+                role = OPS[op_name].operand_name(e.operand) if op_name in OPS else "operand"
+                where = f" ({role} {fmt_shape(self.node(src).shape)} from {self.chain(src)})"
+            raise e.kind(f"{name} [{op_name}]: {e.message}{where}") from None
+
+    @contextlib.contextmanager
+    def atomic(self):
+        """Undo every node added inside the block if it raises: a failed layer leaves no params."""
+        before, counts = set(self.nx.nodes), dict(self._prefix_counts)
+        try:
+            yield
+        except BaseException:
+            self.nx.remove_nodes_from([n for n in list(self.nx.nodes) if n not in before])
+            self._prefix_counts = counts
+            raise
+
+    def output(self, *tensors):
+        """Mark the graph's outputs, in order."""
+        if not tensors:
+            raise GraphError(f"{self.name}: output() needs at least one tensor")
+        self.outputs = [self._operand_name(t, "output", "output") for t in tensors]
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    # ---- copying and checking ---------------------------------------------------------------
+    def copy(self, name=None):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.name = name or self.name
+        new.nx = nx.MultiDiGraph()
+        for n in self.topo():
+            new.nx.add_node(n.name, node=dataclasses.replace(n, attrs=dict(n.attrs), provenance=dict(n.provenance)))
+        new.nx.add_edges_from(self.nx.edges(keys=True))
+        new.outputs = list(self.outputs)
+        new._prefix_counts = dict(self._prefix_counts)
+        return new
+
+    def verify(self):
+        """Check the IR's invariants; raise GraphError naming the first broken one."""
+        def fail(msg):
+            raise GraphError(f"verify {self.name}: {msg}")
+
+        if not nx.is_directed_acyclic_graph(self.nx):
+            fail(f"the graph has a cycle: {nx.find_cycle(self.nx)}")
+        seen_index = set()
+        for name in self.nx.nodes:
+            node = self.nx.nodes[name].get("node")
+            if not isinstance(node, Node) or node.name != name:
+                fail(f"node {name!r} has no Node record under its own name")
+            if node.index in seen_index:
+                fail(f"{name}: creation index {node.index} is not unique")
+            seen_index.add(node.index)
+            if node.op not in OPS:
+                fail(f"{name}: unknown op {node.op!r}")
+            keys = sorted(k for _, _, k in self.nx.in_edges(name, keys=True))
+            if keys != list(range(len(keys))):
+                fail(f"{name}: operand keys {keys} are not 0..{len(keys) - 1}")
+            op = OPS[node.op]
+            try:
+                with self.layer_errors(name, node.op, self.operands(name)):
+                    op.check_arity(len(keys))
+                    normalised = op.check_attrs(node.attrs)
+            except GraphError as e:
+                fail(str(e))
+            if normalised != node.attrs:
+                fail(f"{name}: attributes {node.attrs} are not normalised (expected {normalised})")
+            try:
+                with self.layer_errors(name, node.op, self.operands(name)):
+                    again = op.infer(self.in_types(name), node.attrs)
+            except (ShapeError, GraphError) as e:
+                fail(str(e))
+            if again.dtype != node.dtype or len(again.shape) != len(node.shape) or any(
+                    sp.simplify(a - b) != 0 for a, b in zip(again.shape, node.shape)):
+                fail(f"{name}: stored type {node.type} but its rule gives {again}")
+        for out in self.outputs:
+            if out not in self.nx:
+                fail(f"output {out!r} is not a node")
+        return self
+
+    def __repr__(self):
+        return f"<Graph {self.name}: {self.nx.number_of_nodes()} nodes, outputs {self.outputs}>"

@@ -1,0 +1,160 @@
+"""The op protocol and its registry.
+
+An op is one object holding, side by side: which operands and attributes it takes, its shape rule
+(sympy), its NumPy reference, its cost and (next issue) its gradient rule. `OPS` maps an op name to
+its instance; `register` fills it.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..errors import GraphError, OpError
+from ..shapes import fmt_shape, numel
+
+OPS: dict = {}
+
+REQUIRED = object()  # attribute default meaning "must be given"
+
+FLOAT_DTYPES = ("float32", "float64")
+DTYPES = FLOAT_DTYPES + ("int64",)
+ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8}
+
+
+def register(op):
+    """Add an op instance (or a no-argument op class) to OPS under its name."""
+    instance = op() if isinstance(op, type) else op
+    if instance.name in OPS:
+        raise ValueError(f"op {instance.name!r} registered twice")
+    OPS[instance.name] = instance
+    return op
+
+
+def lookup(name: str):
+    if name not in OPS:
+        hint = difflib.get_close_matches(str(name), OPS, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise OpError(f"unknown op {name!r}{extra}", kind=GraphError)
+    return OPS[name]
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple
+    dtype: str
+
+    def __str__(self):
+        return f"{self.dtype}{fmt_shape(self.shape)}"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per node, as sympy expressions of the symbolic dims."""
+    params: sp.Expr
+    macs: sp.Expr
+    bytes_read: sp.Expr
+    bytes_written: sp.Expr
+
+
+class Op:
+    name = ""
+    # Fusion class, after TVM: source | elementwise | injective | reduction | window | opaque
+    kind = "opaque"
+    operands: tuple = ("input",)
+    optional: tuple = ()          # operand names that may be left out (always trailing)
+    variadic = False              # one or more operands, all of the same role
+    param_operands: tuple = ()    # operands whose size counts as the layer's parameters
+    attrs: dict = {}
+
+    # ---- attributes -------------------------------------------------------------------------
+    def check_attrs(self, given: dict) -> dict:
+        """Fill defaults, reject unknown names, validate and normalise values."""
+        unknown = sorted(set(given) - set(self.attrs))
+        if unknown:
+            bad = unknown[0]
+            hint = difflib.get_close_matches(bad, self.attrs, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            known = ", ".join(self.attrs) or "none"
+            raise OpError(f"{self.name} has no attribute {bad!r}{extra}; its attributes are: {known}",
+                          kind=GraphError)
+        out = {}
+        for key, default in self.attrs.items():
+            if key in given:
+                out[key] = given[key]
+            elif default is REQUIRED:
+                raise OpError(f"{self.name} needs the attribute {key!r}", kind=GraphError)
+            else:
+                out[key] = default
+        return self.normalize(out)
+
+    def normalize(self, attrs: dict) -> dict:
+        return attrs
+
+    def check_arity(self, count: int):
+        if self.variadic:
+            if count < 1:
+                raise OpError(f"{self.name} needs at least one operand", kind=GraphError)
+            return
+        low, high = len(self.operands) - len(self.optional), len(self.operands)
+        if not low <= count <= high:
+            want = str(high) if low == high else f"{low} to {high}"
+            names = ", ".join(self.operands)
+            raise OpError(f"{self.name} takes {want} operands ({names}), got {count}", kind=GraphError)
+
+    # ---- typing -----------------------------------------------------------------------------
+    def infer(self, ins: list, attrs: dict) -> TensorType:
+        return TensorType(tuple(self.shape(ins, attrs)), self.dtype(ins, attrs))
+
+    def dtype(self, ins: list, attrs: dict) -> str:
+        """Default: every operand is a float tensor of one dtype."""
+        first = ins[0].dtype
+        for i, t in enumerate(ins):
+            if t.dtype not in FLOAT_DTYPES:
+                raise OpError(f"{self.operand_name(i)} must be float32 or float64, got {t.dtype}", i)
+            if t.dtype != first:
+                raise OpError(f"{self.operand_name(i)} is {t.dtype} but {self.operand_name(0)} is {first}", i)
+        return first
+
+    def shape(self, ins: list, attrs: dict) -> tuple:
+        raise NotImplementedError
+
+    def operand_name(self, i: int) -> str:
+        if self.variadic:
+            return f"input {i}"
+        return self.operands[i] if i < len(self.operands) else f"operand {i}"
+
+    # ---- semantics --------------------------------------------------------------------------
+    def reference(self, xs: list, attrs: dict):
+        """NumPy reference implementation: arrays in, one array out."""
+        raise NotImplementedError
+
+    def evaluate(self, xs: list, attrs: dict, out_shape: tuple):
+        """What the interpreter calls; `out_shape` is the node's shape with every dim bound."""
+        return self.reference(xs, attrs)
+
+    def grad(self, node, upstream, builder):
+        """Gradient rule: returns one entry per operand (None where there is none). Next issue."""
+        raise NotImplementedError(f"{self.name} has no gradient rule yet")
+
+    # ---- cost -------------------------------------------------------------------------------
+    def macs(self, ins: list, out: TensorType, attrs: dict) -> sp.Expr:
+        return sp.Integer(0)
+
+    def cost(self, ins: list, out: TensorType, attrs: dict) -> Cost:
+        params = sp.Integer(0)
+        for i, t in enumerate(ins):
+            if not self.variadic and i < len(self.operands) and self.operands[i] in self.param_operands:
+                params += numel(t.shape)
+        read = sum((numel(t.shape) * ITEMSIZE[t.dtype] for t in ins), sp.Integer(0))
+        written = numel(out.shape) * ITEMSIZE[out.dtype]
+        return Cost(params, sp.sympify(self.macs(ins, out, attrs)), read, written)
+
+    def __repr__(self):
+        return f"<op {self.name}>"
+
+
+def rank_error(op_name, want_rank, layout, t, operand=0):
+    return OpError(f"{op_name} expects a {want_rank}-D {layout} input, got {len(t.shape)}-D "
+                   f"{fmt_shape(t.shape)}", operand)

@@ -1,0 +1,69 @@
+"""The lecture's linear-classifier losses, averaged over the batch:
+
+softmax_cross_entropy:  L_i = -log(exp(s_{y_i}) / sum_j exp(s_j))
+hinge (multiclass SVM): L_i = sum_{j != y_i} max(0, s_j - s_{y_i} + margin)
+
+(PyTorch's MultiMarginLoss also divides L_i by the number of classes; the lecture's form does not.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OpError
+from ..shapes import fmt_dim, fmt_shape, provably_ne
+from .base import FLOAT_DTYPES, Op, register
+
+
+class ClassifierLoss(Op):
+    kind = "reduction"
+    operands = ("scores", "target")
+
+    def dtype(self, ins, attrs):
+        if ins[0].dtype not in FLOAT_DTYPES:
+            raise OpError(f"scores must be float32 or float64, got {ins[0].dtype}")
+        if ins[1].dtype != "int64":
+            raise OpError(f"target must hold int64 class indices, got {ins[1].dtype}", 1)
+        return ins[0].dtype
+
+    def shape(self, ins, attrs):
+        s, t = ins[0].shape, ins[1].shape
+        if len(s) != 2:
+            raise OpError(f"{self.name} expects scores [N, classes], got {len(s)}-D {fmt_shape(s)}")
+        if len(t) != 1 or provably_ne(t[0], s[0]):
+            raise OpError(f"target must have shape [{fmt_dim(s[0])}] (one class per example), got {fmt_shape(t)}", 1)
+        return ()
+
+    def check_target(self, scores, target):
+        if target.size and (target.min() < 0 or target.max() >= scores.shape[1]):
+            bad = target[(target < 0) | (target >= scores.shape[1])][0]
+            raise OpError(f"target holds class {bad}, outside 0..{scores.shape[1] - 1}", 1)
+
+
+@register
+class SoftmaxCrossEntropy(ClassifierLoss):
+    name = "softmax_cross_entropy"
+
+    def reference(self, xs, attrs):
+        s, y = xs
+        self.check_target(s, y)
+        shifted = s - s.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(shifted).sum(axis=1))
+        return np.asarray((log_z - shifted[np.arange(len(y)), y]).mean(), dtype=s.dtype)
+
+
+@register
+class Hinge(ClassifierLoss):
+    name = "hinge_loss"
+    attrs = {"margin": 1.0}
+
+    def normalize(self, a):
+        return {"margin": float(a["margin"])}
+
+    def reference(self, xs, attrs):
+        s, y = xs
+        self.check_target(s, y)
+        correct = s[np.arange(len(y)), y][:, None]
+        margins = np.maximum(0, s - correct + s.dtype.type(attrs["margin"]))
+        margins[np.arange(len(y)), y] = 0
+        return np.asarray(margins.sum(axis=1).mean(), dtype=s.dtype)
+

@@ -1,0 +1,91 @@
+"""max_pool{1,2,3}d and avg_pool{1,2,3}d with PyTorch's semantics (kernel, stride defaulting to the
+kernel, padding, dilation for max, ceil_mode, count_include_pad for avg)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import GraphError, OpError
+from .base import REQUIRED, Op, register, rank_error
+from .window import LAYOUT, ceil_extra, pad_array, padding_pairs, per_axis, window_reduce, window_shape
+
+
+class Pool(Op):
+    kind = "window"
+    operands = ("input",)
+
+    def __init__(self, mode, nd):
+        self.mode, self.nd = mode, nd
+        self.name = f"{mode}_pool{nd}d"
+        self.attrs = {"kernel_size": REQUIRED, "stride": None, "padding": 0, "ceil_mode": False}
+        if mode == "max":
+            self.attrs["dilation"] = 1
+        else:
+            self.attrs["count_include_pad"] = True
+
+    def normalize(self, a):
+        nd = self.nd
+        out = dict(a)
+        out["kernel_size"] = per_axis(a["kernel_size"], nd, "kernel_size", 1)
+        out["stride"] = out["kernel_size"] if a["stride"] is None else per_axis(a["stride"], nd, "stride", 1)
+        if isinstance(a["padding"], str):
+            raise OpError(f"{self.name} padding must be an int or a tuple, got {a['padding']!r}", kind=GraphError)
+        out["padding"] = padding_pairs(a["padding"], nd)
+        if "dilation" in a:
+            out["dilation"] = per_axis(a["dilation"], nd, "dilation", 1)
+        for k, (lo, hi) in zip(out["kernel_size"], out["padding"]):
+            if max(lo, hi) > k // 2:
+                raise OpError(f"padding {max(lo, hi)} must be at most half the kernel size {k} (as in PyTorch)",
+                              kind=GraphError)
+        out["ceil_mode"] = bool(a["ceil_mode"])
+        return out
+
+    def dilation(self, attrs):
+        return attrs.get("dilation", (1,) * self.nd)
+
+    def shape(self, ins, attrs):
+        x = ins[0]
+        if len(x.shape) != self.nd + 2:
+            raise rank_error(self.name, self.nd + 2, LAYOUT[self.nd], x)
+        spatial = window_shape(self.name, x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["padding"],
+                               self.dilation(attrs), attrs["ceil_mode"])
+        return (x.shape[0], x.shape[1], *spatial)
+
+    def padded_pairs(self, spatial, out_spatial, attrs):
+        """Explicit padding plus the right overhang that ceil_mode windows need."""
+        pairs = []
+        for size, k, s, (lo, hi), d, o in zip(spatial, attrs["kernel_size"], attrs["stride"], attrs["padding"],
+                                               self.dilation(attrs), out_spatial):
+            pairs.append((lo, hi + ceil_extra(size, k, s, lo, hi, d, o)))
+        return pairs
+
+    def reference(self, xs, attrs):
+        x = xs[0]
+        out_sp = [int(o) for o in self.shape([_Static(x)], attrs)[2:]]
+        pairs = self.padded_pairs(x.shape[2:], out_sp, attrs)
+        k, s, d = attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
+        if self.mode == "max":
+            return window_reduce(pad_array(x, pairs, value=-np.inf), k, s, d, out_sp, np.maximum)
+        total = window_reduce(pad_array(x, pairs), k, s, d, out_sp, np.add)
+        return (total / self.divisor(x.shape[2:], out_sp, attrs)).astype(x.dtype)
+
+    def divisor(self, spatial, out_sp, attrs):
+        """Elements each window averages over: padding counts iff count_include_pad; the ceil_mode
+        overhang never does (PyTorch's rule)."""
+        mask = np.ones((1, 1) + tuple(spatial))
+        explicit = attrs["padding"]
+        mask = pad_array(mask, explicit, value=1.0 if attrs["count_include_pad"] else 0.0)
+        pairs = self.padded_pairs(spatial, out_sp, attrs)
+        extra = [(0, hi - e_hi) for (_, hi), (_, e_hi) in zip(pairs, explicit)]
+        mask = pad_array(mask, extra, value=0.0)
+        return window_reduce(mask, attrs["kernel_size"], attrs["stride"], (1,) * self.nd, out_sp, np.add)
+
+class _Static:
+    """A concrete array seen as a TensorType, to reuse the shape rule at run time."""
+
+    def __init__(self, x):
+        self.shape, self.dtype = x.shape, str(x.dtype)
+
+
+for _mode in ("max", "avg"):
+    for _nd in (1, 2, 3):
+        register(Pool(_mode, _nd))

@@ -1,0 +1,53 @@
+"""Source nodes: graph inputs (bound at run time) and parameters/buffers (bound from a params dict)."""
+from __future__ import annotations
+
+from ..errors import GraphError, OpError
+from ..shapes import as_shape
+from .base import DTYPES, REQUIRED, Op, register
+
+# How a parameter is initialised, after PyTorch's defaults:
+#   ("uniform", bound)  U(-bound, bound); conv/linear weight and bias use bound = 1/sqrt(fan_in)
+#   ("constant", value) batch-norm weight (1), bias (0), running mean (0), running var (1)
+INIT_KINDS = ("uniform", "constant")
+
+
+class Source(Op):
+    kind = "source"
+    operands = ()
+
+    def check_arity(self, count):
+        if count:
+            raise OpError(f"{self.name} takes no operands, got {count}", kind=GraphError)
+
+    def dtype(self, ins, attrs):
+        return attrs["dtype"]
+
+    def shape(self, ins, attrs):
+        return attrs["shape"]
+
+    def normalize(self, a):
+        if a["dtype"] not in DTYPES:
+            raise OpError(f"dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}", kind=GraphError)
+        return {**a, "shape": as_shape(a["shape"])}
+
+    def reference(self, xs, attrs):
+        raise RuntimeError("source nodes are bound, not computed")
+
+
+@register
+class Input(Source):
+    name = "input"
+    attrs = {"shape": REQUIRED, "dtype": "float32"}
+
+
+@register
+class Param(Source):
+    name = "param"
+    attrs = {"shape": REQUIRED, "dtype": "float32", "init": REQUIRED, "trainable": True}
+
+    def normalize(self, a):
+        a = super().normalize(a)
+        init = tuple(a["init"])
+        if len(init) != 2 or init[0] not in INIT_KINDS:
+            raise OpError(f"init must be one of {INIT_KINDS} with a value, got {a['init']!r}", kind=GraphError)
+        return {**a, "init": (init[0], float(init[1])), "trainable": bool(a["trainable"])}

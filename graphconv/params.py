@@ -1,0 +1,53 @@
+"""Concrete parameter values: seeded PyTorch-style initialisation and the checks on a params dict."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from .errors import InputError
+from .shapes import fmt_shape
+
+
+def init_params(graph, seed=0) -> dict:
+    """One array per param/buffer node, in topological order. Each parameter draws from its own
+    stream seeded by (seed, crc32(name)), so adding a layer does not change the others' values."""
+    out = {}
+    for node in graph.params:
+        shape = tuple(int(d) for d in node.shape)
+        kind, value = node.attrs["init"]
+        if kind == "uniform":
+            rng = np.random.default_rng([seed, zlib.crc32(node.name.encode())])
+            arr = rng.uniform(-value, value, size=shape)
+        else:
+            arr = np.full(shape, value)
+        out[node.name] = arr.astype(node.dtype)
+    return out
+
+
+def check_params(graph, params) -> dict:
+    """The params the graph needs, each checked for presence, shape and dtype."""
+    if params is None:
+        params = {}
+    if not hasattr(params, "keys"):
+        raise InputError(f"{graph.name}: params must be a dict of arrays keyed by parameter name, "
+                         f"got {type(params).__name__}")
+    wanted = {n.name: n for n in graph.params}
+    extra = sorted(set(params) - set(wanted))
+    if extra:
+        raise InputError(f"{extra[0]}: {graph.name} has no parameter of that name "
+                         f"(it has: {', '.join(list(wanted)[:8])}{', ...' if len(wanted) > 8 else ''})")
+    out = {}
+    for name, node in wanted.items():
+        if name not in params:
+            raise InputError(f"{name}: missing from params (use gc.init_params(graph) for fresh values)")
+        arr = params[name]
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"{name}: expected a numpy array, got {type(arr).__name__}")
+        shape = tuple(int(d) for d in node.shape)
+        if arr.shape != shape:
+            raise InputError(f"{name}: expected shape {fmt_shape(shape)}, got {fmt_shape(arr.shape)}")
+        if str(arr.dtype) != node.dtype:
+            raise InputError(f"{name}: expected {node.dtype}, got {arr.dtype}")
+        out[name] = arr
+    return out

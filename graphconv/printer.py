@@ -1,0 +1,83 @@
+"""Text, DOT and JSON dumps of a graph. Deterministic: the same graph gives byte-identical output.
+
+The text form follows JAX's jaxpr printout, one line per node:
+    %conv1:f32[N,20,28,28] = conv2d[stride=(1,1), padding=(2,2)] %x %conv1.weight %conv1.bias
+"""
+from __future__ import annotations
+
+import json
+
+from .ops.window import fmt_padding
+from .shapes import fmt_shape
+
+SHORT = {"float32": "f32", "float64": "f64", "int64": "i64"}
+
+
+def fmt_type(t) -> str:
+    return f"{SHORT[t.dtype]}{fmt_shape(t.shape)}"
+
+
+def fmt_attr(key, value) -> str:
+    if key == "padding":
+        return fmt_padding(value)
+    if key == "shape":
+        return fmt_shape(value)
+    if key == "init":
+        kind, v = value
+        return f"uniform(+-{v:.6g})" if kind == "uniform" else f"{v:g}"
+    if isinstance(value, tuple):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def fmt_attrs(attrs, skip=()) -> str:
+    items = [f"{k}={fmt_attr(k, v)}" for k, v in attrs.items() if k not in skip]
+    return "[" + ", ".join(items) + "]" if items else ""
+
+
+def to_text(graph) -> str:
+    ins = ", ".join(f"%{n.name}:{fmt_type(n.type)}" for n in graph.inputs)
+    outs = ", ".join(f"%{o}:{fmt_type(graph.node(o).type)}" for o in graph.outputs)
+    lines = [f"graph {graph.name}({ins}) -> ({outs}) {{"]
+    for n in graph.topo():
+        if n.op == "input":
+            continue
+        if n.op == "param":
+            kind = "param" if n.attrs["trainable"] else "buffer"
+            lines.append(f"  %{n.name}:{fmt_type(n.type)} = {kind}[init={fmt_attr('init', n.attrs['init'])}]")
+            continue
+        args = " ".join(f"%{o}" for o in graph.operands(n.name))
+        origin = "  # " + ", ".join(f"{k}={v}" for k, v in sorted(n.provenance.items())) if n.provenance else ""
+        lines.append(f"  %{n.name}:{fmt_type(n.type)} = {n.op}{fmt_attrs(n.attrs)} {args}{origin}")
+    lines.append("  return " + " ".join(f"%{o}" for o in graph.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(graph) -> str:
+    lines = [f'digraph "{graph.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+    for n in graph.topo():
+        style = {"input": ', style=filled, fillcolor="#dfe9f5"', "param": ', style=dashed',
+                 "buffer": ', style=dotted'}.get(n.role, "")
+        label = f"{n.name}\\n{n.op}{fmt_attrs(n.attrs, skip=('init', 'shape', 'dtype', 'trainable'))}\\n{fmt_type(n.type)}"
+        lines.append(f'  "{n.name}" [label="{label}"{style}];')
+    for src, dst, key in sorted(graph.nx.edges(keys=True), key=lambda e: (graph.node(e[1]).index, e[2])):
+        lines.append(f'  "{src}" -> "{dst}" [label="{key}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(graph) -> str:
+    nodes = []
+    for n in graph.topo():
+        nodes.append({"name": n.name, "op": n.op, "layer": n.layer, "dtype": n.dtype,
+                      "shape": [str(d) for d in n.shape],
+                      "attrs": {k: fmt_attr(k, v) for k, v in n.attrs.items()},
+                      "operands": graph.operands(n.name), "provenance": n.provenance})
+    return json.dumps({"graph": graph.name, "dtype": graph.dtype, "outputs": graph.outputs, "nodes": nodes},
+                      indent=2) + "\n"
+
+
+FORMATS = {"text": to_text, "dot": to_dot, "json": to_json}

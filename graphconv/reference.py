@@ -1,0 +1,117 @@
+"""The `numpy` backend: an interpreter over the IR that calls each op's NumPy reference.
+
+It is the oracle for every other backend, so it checks everything it can: every input's shape and
+dtype against the graph (binding the symbolic dims), and every node's result against its inferred
+shape and dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+import sympy as sp
+
+from .errors import InputError, OpError
+from .ops import OPS
+from .params import check_params
+from .shapes import fmt_shape
+
+
+def bind_inputs(graph, inputs: dict) -> dict:
+    """Check the input arrays against the graph; return {symbol: int} for the symbolic dims."""
+    wanted = {n.name: n for n in graph.inputs}
+    extra = sorted(set(inputs) - set(wanted))
+    if extra:
+        raise InputError(f"{extra[0]}: {graph.name} has no input of that name (inputs: {', '.join(wanted)})")
+    bindings: dict = {}
+    for name, node in wanted.items():
+        if name not in inputs:
+            raise InputError(f"{name}: missing input {node.type}")
+        arr = inputs[name]
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"{name}: expected a numpy array, got {type(arr).__name__}")
+        if str(arr.dtype) != node.dtype:
+            raise InputError(f"{name}: expected {node.dtype}, got {arr.dtype} (convert with .astype(np.{node.dtype}))")
+        want = fmt_shape(node.shape)
+        if arr.ndim != len(node.shape):
+            raise InputError(f"{name}: expected a {len(node.shape)}-D array {want}, got {arr.ndim}-D {fmt_shape(arr.shape)}")
+        for axis, (dim, size) in enumerate(zip(node.shape, arr.shape)):
+            if dim.is_Symbol:
+                if bindings.setdefault(dim, size) != size:
+                    raise InputError(f"{name}: dim {axis} ({dim}) is {size}, but {dim}={bindings[dim]} "
+                                     f"from an earlier input")
+            elif dim.is_Integer and int(dim) != size:
+                raise InputError(f"{name}: expected shape {want}, got {fmt_shape(arr.shape)} (dim {axis} is {size}, "
+                                 f"expected {dim})")
+    for name, node in wanted.items():
+        for axis, dim in enumerate(node.shape):
+            if not dim.is_Integer and not dim.is_Symbol:
+                value = dim.subs(bindings)
+                if value != inputs[name].shape[axis]:
+                    raise InputError(f"{name}: dim {axis} is {inputs[name].shape[axis]}, but {dim} = {value}")
+    return bindings
+
+
+def concrete(shape, bindings, where="") -> tuple:
+    """The shape with every symbol bound; an error when a dim is left symbolic or is not a positive
+    integer for these inputs (e.g. reshape(-1) of 75*N elements into rows of 7 with N=2)."""
+    out = []
+    for d in shape:
+        v = sp.sympify(d).subs(bindings)
+        if not (v.is_Integer and v > 0):
+            bound = ", ".join(f"{k}={val}" for k, val in bindings.items()) or "nothing bound"
+            raise InputError(f"{where}dim {d} is {v} for these inputs ({bound}); it must be a positive integer")
+        out.append(int(v))
+    return tuple(out)
+
+
+class NumpyProgram:
+    """A graph ready to run on NumPy: `program(x, params=params)` or `program(x=x, params=params)`."""
+
+    backend = "numpy"
+
+    def __init__(self, graph):
+        self.graph = graph.verify()
+        if not graph.outputs:
+            raise InputError(f"{graph.name}: no outputs; mark them with g.output(...)")
+        self.order = graph.topo()
+        self.input_names = [n.name for n in graph.inputs]
+        self.last_use = {}
+        for step, node in enumerate(self.order):
+            for operand in graph.operands(node.name):
+                self.last_use[operand] = step
+
+    def __call__(self, *args, params=None, **inputs):
+        if len(args) > len(self.input_names):
+            raise InputError(f"{self.graph.name} takes {len(self.input_names)} inputs "
+                             f"({', '.join(self.input_names)}), got {len(args)} positional arrays")
+        for name, arr in zip(self.input_names, args):
+            if name in inputs:
+                raise InputError(f"{name}: given both positionally and by name")
+            inputs[name] = arr
+        values = self.run(inputs, params)
+        outs = [values[o] for o in self.graph.outputs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run(self, inputs: dict, params=None, keep=False) -> dict:
+        """Evaluate every node; return the outputs (every value when keep=True)."""
+        bindings = bind_inputs(self.graph, inputs)
+        values = {**inputs, **check_params(self.graph, params)}
+        keep_always = set(self.graph.outputs)
+        for step, node in enumerate(self.order):
+            if node.role != "op":
+                continue
+            xs = [values[o] for o in self.graph.operands(node.name)]
+            shape = concrete(node.shape, bindings, f"{node.name} [{node.op}]: ")
+            try:
+                y = OPS[node.op].evaluate(xs, node.attrs, shape)
+            except OpError as e:  # a value-dependent check, e.g. a class index out of range
+                raise InputError(f"{node.name} [{node.op}]: {e.message}") from None
+            y = np.asarray(y)
+            if y.shape != shape or str(y.dtype) != node.dtype:
+                raise AssertionError(f"internal: {node.name} [{node.op}] produced {y.dtype}{fmt_shape(y.shape)}, "
+                                     f"its rule says {node.dtype}{fmt_shape(shape)}")
+            values[node.name] = y
+            if not keep:
+                for operand in self.graph.operands(node.name):
+                    if self.last_use.get(operand) == step and operand not in keep_always:
+                        values.pop(operand, None)
+        return values if keep else {o: values[o] for o in self.graph.outputs}

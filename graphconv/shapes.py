@@ -1,0 +1,104 @@
+"""Symbolic dimensions: sympy expressions, with a string dim meaning a positive integer symbol.
+
+Rules only raise when a mismatch is *provable*: `provably_true(expr)` is False for anything sympy
+cannot decide, so a symbolic batch size never produces a spurious error.
+"""
+from __future__ import annotations
+
+import numbers
+
+import sympy as sp
+
+from .errors import OpError
+
+_SYMBOLS: dict[str, sp.Symbol] = {}
+
+
+def symbol(name: str) -> sp.Symbol:
+    """The one symbol for a dim name; every dim symbol is a positive integer."""
+    if name not in _SYMBOLS:
+        _SYMBOLS[name] = sp.Symbol(name, integer=True, positive=True)
+    return _SYMBOLS[name]
+
+
+def as_dim(value, what="dimension") -> sp.Expr:
+    """Normalise one user-given dim (int, str or sympy expression) to a sympy expression."""
+    if isinstance(value, bool):
+        raise OpError(f"{what} must be an integer or a name, got {value!r}")
+    if isinstance(value, str):
+        if not value.isidentifier():
+            raise OpError(f"{what} {value!r} is not a valid symbol name")
+        return symbol(value)
+    if isinstance(value, numbers.Integral):
+        if value <= 0:
+            raise OpError(f"{what} must be positive, got {value}")
+        return sp.Integer(int(value))
+    if isinstance(value, sp.Expr):
+        if value.is_integer is False or (value.is_number and not value.is_integer):
+            raise OpError(f"{what} {value} is not an integer")
+        if value.is_positive is False:
+            raise OpError(f"{what} must be positive, got {value}")
+        return value
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        raise OpError(f"{what} {value!r} is a float; give an int")
+    raise OpError(f"{what} must be an integer or a name, got {value!r}")
+
+
+def as_shape(dims, what="shape") -> tuple:
+    if isinstance(dims, (str, numbers.Integral, sp.Expr)):
+        dims = (dims,)
+    return tuple(as_dim(d, f"{what} dim {i}") for i, d in enumerate(dims))
+
+
+def provably_true(relation) -> bool:
+    """True only when sympy can decide the relation and it holds."""
+    return bool(relation == sp.true) if isinstance(relation, sp.logic.boolalg.BooleanAtom) else False
+
+
+def provably_ne(a, b) -> bool:
+    diff = sp.simplify(sp.Integer(0) + a - b)
+    return diff.is_zero is False
+
+
+def numel(shape) -> sp.Expr:
+    out = sp.Integer(1)
+    for d in shape:
+        out = out * d
+    return out
+
+
+def is_concrete(shape) -> bool:
+    return all(sp.sympify(d).is_Integer for d in shape)
+
+
+def fmt_dim(d) -> str:
+    return str(d).replace(" ", "")
+
+
+def fmt_shape(shape, sep=",") -> str:
+    return "[" + sep.join(fmt_dim(d) for d in shape) + "]"
+
+
+def window_out(size, kernel, stride, pad_lo, pad_hi, dilation=1, ceil_mode=False):
+    """Output length of a sliding window: floor((H + 2P - D(K-1) - 1)/S) + 1 (or ceil, PyTorch's
+    rule that the last window must start inside the input or the left padding)."""
+    span = size + pad_lo + pad_hi - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return sp.floor(sp.Rational(1, 1) * span / stride) + 1
+    out = sp.ceiling(sp.Rational(1, 1) * span / stride) + 1
+    # drop a last window that would start in the right padding
+    last_start = (out - 1) * stride
+    drop = sp.Ge(last_start, size + pad_lo)
+    if drop == sp.true:
+        return out - 1
+    if drop == sp.false:
+        return out
+    return sp.Piecewise((out - 1, drop), (out, True))
+
+
+def subs(shape, bindings) -> tuple:
+    return tuple(sp.sympify(d).subs(bindings) for d in shape)
+
+
+def to_ints(shape) -> tuple:
+    return tuple(int(d) for d in shape)

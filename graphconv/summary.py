@@ -1,0 +1,147 @@
+"""The layer table: one row per user layer (output size, weight size, parameters, multiply-adds,
+receptive field, activation bytes), totals at the bottom, as in the lecture's LeNet-5 table.
+
+Without a batch size, counts are per example (N = 1) and sizes are shown without the batch dim.
+"""
+from __future__ import annotations
+
+import json
+
+import sympy as sp
+
+from .ops import OPS
+from .ops.base import ITEMSIZE
+from .shapes import numel
+
+GLOBAL_OPS = ("flatten", "reshape", "linear")
+
+
+def batch_symbol(graph):
+    for node in graph.inputs:
+        if node.shape and node.shape[0].is_Symbol:
+            return node.shape[0]
+    return None
+
+
+def _value(expr, bindings):
+    v = sp.sympify(expr).subs(bindings)
+    v = sp.simplify(v)
+    return int(v) if v.is_Integer else str(v).replace(" ", "")
+
+
+def _window(node, graph):
+    """(kernel, stride, dilation) of a conv/pool node, per spatial axis, or None."""
+    if node.op.startswith("conv"):
+        w = graph.node(graph.operands(node.name)[1])
+        return tuple(int(k) for k in w.shape[2:]), node.attrs["stride"], node.attrs["dilation"]
+    if "_pool" in node.op:
+        return node.attrs["kernel_size"], node.attrs["stride"], node.attrs.get("dilation", (1,) * len(node.attrs["stride"]))
+    return None
+
+
+def receptive_fields(graph) -> dict:
+    """name -> (rf per axis, jump per axis, input extent) in input pixels, or None where undefined.
+
+    rf_out = rf_in + (D(K-1)+1 - 1) * jump_in, jump_out = jump_in * S. A layer that mixes every
+    position (flatten, linear) sees the whole input."""
+    out = {}
+    for node in graph.topo():
+        if node.role in ("param", "buffer"):
+            continue
+        if node.op == "input":
+            spatial = node.shape[2:]
+            ok = len(node.shape) >= 3 and all(d.is_Integer for d in spatial)
+            out[node.name] = ((1,) * len(spatial), (1,) * len(spatial), tuple(int(d) for d in spatial)) if ok else None
+            continue
+        states = [out.get(o) for o in graph.operands(node.name)]
+        states = [s for s in states if s is not None]
+        if not states or OPS[node.op].kind == "reduction":
+            out[node.name] = None
+            continue
+        rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))
+        window = _window(node, graph)
+        if window:
+            kernel, stride, dilation = window
+            rf = tuple(r + d * (k - 1) * j for r, k, d, j in zip(rf, kernel, dilation, jump))
+            jump = tuple(j * s for j, s in zip(jump, stride))
+        elif node.op in GLOBAL_OPS:
+            rf = tuple(max(r, e) for r, e in zip(rf, extent))
+        out[node.name] = (rf, jump, extent)
+    return out
+
+
+def summarize(graph, batch=None) -> dict:
+    n = batch_symbol(graph)
+    bindings = {n: batch if batch is not None else 1} if n is not None else {}
+    rfs = receptive_fields(graph)
+    rows = []
+    for node in graph.topo():
+        if node.role in ("param", "buffer"):
+            continue
+        operands = graph.operands(node.name)
+        op = OPS[node.op]
+        cost = op.cost(graph.in_types(node.name), node.type, node.attrs)
+        weight = f"{node.name}.weight"
+        weight_shape = [int(d) for d in graph.node(weight).shape] if weight in operands else None
+        rf = rfs.get(node.name)
+        shape = node.shape
+        rows.append({
+            "name": node.name,
+            "op": node.op,
+            "output_shape": [_value(d, {}) for d in (shape if batch is None else [d.subs(bindings) for d in shape])],
+            "weight_shape": weight_shape,
+            "params": _value(cost.params, bindings),
+            "macs": _value(cost.macs, bindings),
+            "receptive_field": list(rf[0]) if rf else None,
+            "activation_bytes": _value(numel(shape) * ITEMSIZE[node.dtype], bindings),
+        })
+    total = {key: sum(r[key] for r in rows if isinstance(r[key], int)) for key in ("params", "macs", "activation_bytes")}
+    return {"model": graph.name, "dtype": graph.dtype, "batch": batch, "batch_dim": str(n) if n is not None else None,
+            "layers": rows, "total_params": total["params"], "total_macs": total["macs"],
+            "total_activation_bytes": total["activation_bytes"]}
+
+
+def _num(v):
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _size(shape, batch_dim, batch):
+    dims = list(shape)
+    if batch is None and dims and str(dims[0]) == batch_dim:
+        dims = dims[1:]  # per example, as the lecture writes sizes
+    return " x ".join(str(d) for d in dims) if dims else "scalar"
+
+
+def _bytes(v):
+    if not isinstance(v, int):
+        return str(v)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024 or unit == "GiB":
+            return f"{v:,} {unit}" if unit == "B" else f"{v:,.1f} {unit}"
+        v /= 1024
+
+
+def format_table(s: dict) -> str:
+    head = ["Layer", "Op", "Output Size", "Weight Size", "Params", "MACs", "Receptive Field", "Activations"]
+    body = []
+    for r in s["layers"]:
+        body.append([r["name"], r["op"], _size(r["output_shape"], s["batch_dim"], s["batch"]),
+                     " x ".join(map(str, r["weight_shape"])) if r["weight_shape"] else "",
+                     _num(r["params"]) if r["params"] else "", _num(r["macs"]) if r["macs"] else "",
+                     " x ".join(map(str, r["receptive_field"])) if r["receptive_field"] else "",
+                     _bytes(r["activation_bytes"])])
+    total = ["Total", "", "", "", _num(s["total_params"]), _num(s["total_macs"]), "", _bytes(s["total_activation_bytes"])]
+    widths = [max(len(row[i]) for row in [head, total] + body) for i in range(len(head))]
+    right = {4, 5, 7}
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    per = f"batch {s['batch']}" if s["batch"] is not None else "per example (N = 1)"
+    title = f"{s['model']} ({s['dtype']}, counts {per})"
+    return "\n".join([title, line(head), rule, *map(line, body), rule, line(total)])
+
+
+def format_json(s: dict) -> str:
+    return json.dumps(s, indent=2)

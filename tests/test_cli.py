@@ -1,0 +1,65 @@
+"""The command line: every subcommand's output and its clean errors (exit 2, no traceback)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from graphconv.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_summary_table_and_json(capsys):
+    code, out, _ = run(capsys, "summary", "lenet5")
+    assert code == 0 and "| conv2    | conv2d     | 50 x 14 x 14 | 50 x 20 x 5 x 5 |" in out
+    assert "1,256,080" in out and "6,522,000" in out
+    code, out, _ = run(capsys, "summary", "seed_conv", "--format", "json", "--batch", "2")
+    data = json.loads(out)
+    assert data["total_params"] == 760 and data["total_macs"] == 2 * 768_000 and data["batch"] == 2
+
+
+def test_models_lists_every_bundled_model(capsys):
+    from graphconv.models import MODELS
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and [ln.split()[0] for ln in out.splitlines()] == list(MODELS)
+
+
+def test_dump_formats(capsys):
+    code, out, _ = run(capsys, "dump", "resnet8", "--format", "text")
+    assert code == 0 and "%block1.add:f32[N,16,32,32] = add %block1.bn2 %block1.relu1" not in out
+    assert "= add %block1.bn2 %relu1" in out
+    code, out, _ = run(capsys, "dump", "lenet5", "--format", "dot")
+    assert out.startswith('digraph "lenet5"') and '"conv1" -> "relu1" [label="0"];' in out
+    code, out, _ = run(capsys, "dump", "lenet5", "--format", "json")
+    assert json.loads(out)["outputs"] == ["fc2"]
+
+
+def test_run_prints_output_statistics(capsys):
+    code, out, _ = run(capsys, "run", "conv1d_net", "--batch", "3")
+    assert code == 0 and "fc: f32[N,10] -> float32[3, 10]" in out
+
+
+def test_errors_are_one_clean_line(capsys, tmp_path):
+    code, out, err = run(capsys, "summary", "lenet")
+    assert code == 2 and err.startswith("graphconv: error: unknown model 'lenet'") and "Traceback" not in err
+    bad = tmp_path / "bad.py"
+    bad.write_text("import graphconv as gc\n"
+                   "def net():\n"
+                   "    g = gc.Graph('bad')\n"
+                   "    x = g.input('x', ('N', 3, 8, 8))\n"
+                   "    g.conv2d(g.conv2d(x, 4, 3, name='c1'), 8, 3, in_channels=5, name='c2')\n")
+    code, out, err = run(capsys, "summary", f"{bad}:net")
+    assert code == 2
+    assert err.strip() == ("graphconv: error: c2 [conv2d]: input has 4 channels, weight expects 5 "
+                           "(input [N,4,6,6] from c1 <- x)")
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "graphconv.cli", "summary", "seed_conv"], capture_output=True,
+                          text=True, check=True)
+    assert "768,000" in proc.stdout

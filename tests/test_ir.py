@@ -1,0 +1,88 @@
+"""IR invariants: operand order, deterministic order and dumps, copies, casts, parameters."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from graphconv.models import MODELS, lenet5
+from graphconv.printer import FORMATS, to_text
+
+
+def test_repeated_operand_keeps_order_and_multiplicity():
+    g = gc.Graph("t")
+    a = g.input("a", ("N", 3))
+    b = g.relu(a, name="b")
+    s = g.add(b, b, name="s")
+    c = g.concat([a, b, a], name="c")
+    assert g.operands("s") == ["b", "b"]
+    assert g.operands("c") == ["a", "b", "a"]
+    assert g.users("a") == [("b", 0), ("c", 0), ("c", 2)]
+    g.output(s, c)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
+    out_s, out_c = gc.compile(g)(x)
+    np.testing.assert_array_equal(out_s, 2 * np.maximum(x, 0))
+    np.testing.assert_array_equal(out_c, np.concatenate([x, np.maximum(x, 0), x], axis=1))
+
+
+def test_topological_order_follows_creation():
+    g = lenet5()
+    names = [n.name for n in g.topo()]
+    assert names[:4] == ["x", "conv1.weight", "conv1.bias", "conv1"]
+    assert names[-1] == "fc2"
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_dumps_are_byte_identical_across_processes(fmt):
+    """Same graph, fresh interpreters with different hash seeds: identical bytes."""
+    code = f"import sys; from graphconv.models import MODELS; from graphconv.printer import FORMATS; " \
+           f"sys.stdout.write(''.join(FORMATS['{fmt}'](MODELS[m]()) for m in sorted(MODELS)))"
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout)
+    assert outs[0] == outs[1]
+    assert outs[0].decode() == "".join(FORMATS[fmt](MODELS[m]()) for m in sorted(MODELS))
+
+
+def test_text_dump_reads_like_a_jaxpr():
+    text = to_text(lenet5())
+    assert text.startswith("graph lenet5(%x:f32[N,1,28,28]) -> (%fc2:f32[N,10]) {")
+    assert "%pool1:f32[N,20,14,14] = max_pool2d[kernel_size=(2,2), stride=(2,2)" in text
+    assert "%conv2:f32[N,50,14,14] = conv2d[stride=(1,1), padding=(2,2)" in text and "%pool1 %conv2.weight %conv2.bias" in text
+
+
+def test_copy_is_independent_and_cast_changes_every_float():
+    g = lenet5()
+    c = g.copy()
+    c.node("relu1").attrs["x"] = 1
+    assert "x" not in g.node("relu1").attrs
+    g64 = gc.cast(g, "float64")
+    assert all(n.dtype == "float64" for n in g64.topo())
+    assert all(n.dtype == "float32" for n in g.topo())
+
+
+def test_init_params_follows_pytorch_defaults_and_is_seeded():
+    g = MODELS["vgg_small"]()
+    p0, p0b, p1 = gc.init_params(g, seed=0), gc.init_params(g, seed=0), gc.init_params(g, seed=1)
+    assert all(np.array_equal(p0[k], p0b[k]) for k in p0)
+    assert not np.array_equal(p0["conv1_1.weight"], p1["conv1_1.weight"])
+    w = p0["conv2_1.weight"]                        # fan_in = 32 * 3 * 3
+    bound = 1 / np.sqrt(32 * 9)
+    assert w.dtype == np.float32 and np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    assert abs(w.std() - bound / np.sqrt(3)) < 0.05 * bound   # U(-b, b) has std b / sqrt(3)
+    assert (p0["bn1_1.weight"] == 1).all() and (p0["bn1_1.bias"] == 0).all()
+    assert (p0["bn1_1.running_var"] == 1).all() and (p0["bn1_1.running_mean"] == 0).all()
+    # a parameter's values do not depend on the layers around it
+    g2 = gc.Graph("other")
+    h = g2.conv2d(g2.input("x", ("N", 5, 8, 8)), 32, 1, name="pre")
+    g2.conv2d(h, 64, 3, padding=1, name="conv2_1")
+    assert np.array_equal(gc.init_params(g2)["conv2_1.weight"], w)
+
+
+def test_trainable_flags():
+    g = MODELS["resnet8"]()
+    buffers = [n.name for n in g.params if not n.attrs["trainable"]]
+    assert buffers and all(b.endswith(("running_mean", "running_var")) for b in buffers)

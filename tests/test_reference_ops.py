@@ -1,0 +1,174 @@
+"""Every op's NumPy reference against an independent oracle: textbook loops (tests/naive.py) and,
+where installed, PyTorch CPU (tests/torch_oracle.py)."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from naive import batch_norm_naive, conv_naive, cross_entropy_naive, hinge_naive, pool_naive
+from torch_oracle import run_torch, torch
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+RNG = np.random.default_rng(1234)
+
+
+def run_single(g, out, dtype="float64", seed=0, inputs=None):
+    g.output(out)
+    g64 = gc.cast(g, dtype)
+    params = gc.init_params(g64, seed=seed)
+    if inputs is None:
+        inputs = {n.name: RNG.standard_normal([int(d) for d in n.shape]).astype(dtype) for n in g64.inputs}
+    values = gc.compile(g64).run(inputs, params, keep=True)
+    return g64, inputs, params, values
+
+
+CONV_CASES = [
+    # nd, N, C_in, C_out, spatial, kernel, stride, padding, dilation, groups, padding_mode
+    (1, 2, 3, 4, (11,), 3, 1, 0, 1, 1, "zeros"),
+    (1, 2, 4, 6, (13,), 5, 2, 2, 2, 2, "reflect"),
+    (1, 1, 2, 2, (9,), 3, 1, "same", 3, 1, "zeros"),
+    (2, 2, 3, 4, (7, 8), 3, 1, 1, 1, 1, "zeros"),
+    (2, 2, 4, 4, (9, 7), (3, 2), (2, 1), (1, 0), (1, 2), 4, "zeros"),   # depthwise, anisotropic
+    (2, 1, 6, 4, (8, 8), 3, 2, 1, 2, 2, "replicate"),
+    (2, 2, 2, 3, (6, 7), 3, 1, 2, 1, 1, "circular"),
+    (2, 1, 2, 2, (6, 6), 4, 1, "same", 1, 1, "zeros"),                  # even kernel: asymmetric 'same'
+    (2, 1, 2, 2, (7, 7), 3, 1, ((1, 2), (0, 1)), 1, 1, "reflect"),       # explicit (lo, hi) pairs
+    (3, 1, 2, 4, (5, 6, 4), 3, 1, 1, 1, 2, "zeros"),
+    (3, 2, 3, 3, (6, 5, 5), (2, 3, 1), (2, 1, 1), (1, 1, 0), 1, 3, "circular"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"conv{c[0]}d-{c[-1]}-g{c[9]}")
+def test_conv_matches_loops_and_torch(case):
+    nd, n, c_in, c_out, spatial, k, s, p, d, groups, mode = case
+    g = gc.Graph("t")
+    x = g.input("x", (n, c_in, *spatial))
+    y = getattr(g, f"conv{nd}d")(x, c_out, k, stride=s, padding=p, dilation=d, groups=groups, padding_mode=mode,
+                                 name="c")
+    g64, inputs, params, values = run_single(g, y)
+    node = g64.node("c")
+    from graphconv.ops.conv import Conv
+    pads = Conv(nd).pads(node.attrs, params["c.weight"].shape)
+    want = conv_naive(inputs["x"], params["c.weight"], params["c.bias"], node.attrs["stride"], pads,
+                      node.attrs["dilation"], groups, mode)
+    np.testing.assert_allclose(values["c"], want, rtol=1e-10, atol=1e-12)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["c"], values["c"], rtol=1e-10, atol=1e-12)
+
+
+POOL_CASES = [
+    # mode, nd, spatial, kernel, stride, padding, dilation, ceil_mode, count_include_pad
+    ("max", 1, (9,), 3, 2, 1, 1, False, True),
+    ("max", 1, (10,), 3, 2, 1, 2, True, True),
+    ("max", 2, (7, 7), 2, 2, 0, 1, False, True),
+    ("max", 2, (7, 8), 3, 2, 1, 1, True, True),
+    ("max", 2, (9, 9), (3, 2), (2, 3), (1, 1), (2, 1), True, True),
+    ("max", 3, (5, 6, 7), 2, 2, 0, 1, True, True),
+    ("avg", 1, (9,), 3, 2, 1, 1, True, True),
+    ("avg", 2, (7, 7), 3, 2, 1, 1, False, True),
+    ("avg", 2, (7, 7), 3, 2, 1, 1, False, False),
+    ("avg", 2, (8, 7), 3, 2, 1, 1, True, True),
+    ("avg", 2, (8, 7), 3, 2, 1, 1, True, False),
+    ("avg", 2, (6, 6), 2, None, 0, 1, False, True),
+    ("avg", 3, (5, 5, 6), (3, 2, 2), 2, (1, 0, 1), 1, True, True),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: f"{c[0]}{c[1]}d-ceil{c[7]}-inc{c[8]}")
+def test_pool_matches_loops_and_torch(case):
+    mode, nd, spatial, k, s, p, d, ceil, inc = case
+    g = gc.Graph("t")
+    x = g.input("x", (2, 3, *spatial))
+    extra = {"dilation": d} if mode == "max" else {"count_include_pad": inc}
+    y = getattr(g, f"{mode}_pool{nd}d")(x, k, stride=s, padding=p, ceil_mode=ceil, name="p", **extra)
+    g64, inputs, params, values = run_single(g, y)
+    a = g64.node("p").attrs
+    out_sp = [int(v) for v in g64.node("p").shape[2:]]
+    want = pool_naive(inputs["x"], mode, a["kernel_size"], a["stride"], a["padding"], a.get("dilation", (1,) * nd),
+                      out_sp, a.get("count_include_pad", True))
+    np.testing.assert_allclose(values["p"], want, rtol=1e-12)
+    if torch is not None:
+        got = run_torch(g64, inputs, params)["p"]
+        assert got.shape == values["p"].shape, "shape rule disagrees with PyTorch"
+        np.testing.assert_allclose(got, values["p"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (2, 3, 4, 5), (2, 2, 3, 3, 2)])
+def test_batch_norm(shape, training):
+    nd = max(1, len(shape) - 2)
+    g = gc.Graph("t")
+    x = g.input("x", shape)
+    y = getattr(g, f"batch_norm{nd}d")(x, eps=1e-3, training=training, name="bn")
+    g.output(y)
+    g64 = gc.cast(g, "float64")
+    params = gc.init_params(g64)
+    c = shape[1]
+    params["bn.weight"] = RNG.uniform(0.5, 1.5, c)
+    params["bn.bias"] = RNG.standard_normal(c)
+    params["bn.running_mean"] = RNG.standard_normal(c)
+    params["bn.running_var"] = RNG.uniform(0.5, 2, c)
+    inputs = {"x": RNG.standard_normal(shape) * 3 + 1}
+    got = gc.compile(g64)(inputs["x"], params=params)
+    want = batch_norm_naive(inputs["x"], params["bn.running_mean"], params["bn.running_var"], params["bn.weight"],
+                            params["bn.bias"], 1e-3, training)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["bn"], got, rtol=1e-10, atol=1e-12)
+
+
+def test_activations_linear_add_concat_flatten_reshape():
+    g = gc.Graph("t")
+    a = g.input("a", (4, 6, 3, 2))
+    b = g.input("b", (4, 2, 3, 2))
+    h = g.concat([g.relu(a, name="r"), g.leaky_relu(b, 0.2, name="lr")], dim=1, name="cat")   # 4,8,3,2
+    h = g.add(h, g.sigmoid(h, name="sg"), name="sum")
+    f = g.flatten(g.tanh(h, name="th"), name="fl")                                              # 4,48
+    r = g.reshape(f, (4, 8, -1), name="rs")
+    y = g.linear(g.flatten(r, name="fl2"), 5, name="fc")
+    g64, inputs, params, v = run_single(g, y)
+    A, B = inputs["a"], inputs["b"]
+    cat = np.concatenate([np.maximum(A, 0), np.where(B > 0, B, 0.2 * B)], axis=1)
+    s = cat + 1 / (1 + np.exp(-cat))
+    flat = np.tanh(s).reshape(4, -1)
+    want = flat @ params["fc.weight"] + params["fc.bias"]
+    assert v["rs"].shape == (4, 8, 6)
+    np.testing.assert_allclose(v["fc"], want, rtol=1e-12)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["fc"], want, rtol=1e-12)
+
+
+def test_sigmoid_is_stable_at_extremes():
+    g = gc.Graph("t")
+    y = g.sigmoid(g.input("x", (4,)))
+    g.output(y)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        out = gc.compile(g)(np.array([-1e4, -50, 50, 1e4], np.float32))
+    np.testing.assert_allclose(out, [0, 1 / (1 + np.exp(50)), 1 / (1 + np.exp(-50)), 1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "hinge_loss"])
+def test_losses(loss):
+    g = gc.Graph("t")
+    s = g.input("s", ("N", 7))
+    y = g.input("y", ("N",), dtype="int64")
+    g.output(getattr(g, loss)(s, y, name="L"))
+    g64 = gc.cast(g, "float64")
+    S = RNG.standard_normal((9, 7)) * 4
+    Y = RNG.integers(0, 7, 9)
+    got = gc.compile(g64)(S, Y)
+    want = cross_entropy_naive(S, Y) if loss == "cross_entropy" else hinge_naive(S, Y)
+    assert got.shape == ()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, {"s": S, "y": Y}, {})["L"], want, rtol=1e-12)
+
+
+def test_float32_and_float64_graphs_agree():
+    from graphconv.models import lenet5
+    g32 = lenet5()
+    params = gc.init_params(g32, seed=3)
+    x = RNG.standard_normal((5, 1, 28, 28)).astype(np.float32)
+    y32 = gc.compile(g32)(x, params=params)
+    y64 = gc.compile(g32, dtype="float64")(x.astype(np.float64), params={k: v.astype(np.float64) for k, v in params.items()})
+    assert y32.dtype == np.float32 and y64.dtype == np.float64
+    np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)

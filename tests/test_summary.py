@@ -1,0 +1,118 @@
+"""The layer table against the lecture (LeNet-5 table, the 3x32x32 convolution example) and the
+receptive fields against an empirical oracle (which input pixels move an output, by autograd)."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from graphconv.models import MODELS, lenet5, seed_conv
+from graphconv.summary import format_json, format_table, summarize
+from torch_oracle import torch
+
+# The lecture's LeNet-5 table: layer, output size, weight size
+LECTURE_LENET5 = [
+    ("Input", "1 x 28 x 28", ""),
+    ("Conv", "20 x 28 x 28", "20 x 1 x 5 x 5"),
+    ("ReLU", "20 x 28 x 28", ""),
+    ("MaxPool", "20 x 14 x 14", ""),
+    ("Conv", "50 x 14 x 14", "50 x 20 x 5 x 5"),
+    ("ReLU", "50 x 14 x 14", ""),
+    ("MaxPool", "50 x 7 x 7", ""),
+    ("Flatten", "2450", ""),
+    ("Linear", "500", "2450 x 500"),
+    ("ReLU", "500", ""),
+    ("Linear", "10", "500 x 10"),
+]
+LECTURE_OPS = {"Input": "input", "Conv": "conv2d", "ReLU": "relu", "MaxPool": "max_pool2d", "Flatten": "flatten",
+               "Linear": "linear"}
+
+
+def table_rows(text):
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+
+
+def test_lenet5_table_equals_the_lecture():
+    rows = table_rows(format_table(summarize(lenet5())))
+    head, body = rows[0], rows[1:-1]
+    assert head[:4] == ["Layer", "Op", "Output Size", "Weight Size"]
+    assert [(LECTURE_OPS[k], size, w) for k, size, w in LECTURE_LENET5] == [(r[1], r[2], r[3]) for r in body]
+
+
+def test_lenet5_counts():
+    s = summarize(lenet5())
+    by = {r["name"]: r for r in s["layers"]}
+    # parameters: weights + biases, as the lecture counts them for the conv example
+    assert by["conv1"]["params"] == 20 * 1 * 5 * 5 + 20
+    assert by["conv2"]["params"] == 50 * 20 * 5 * 5 + 50
+    assert by["fc1"]["params"] == 2450 * 500 + 500
+    assert by["fc2"]["params"] == 500 * 10 + 10
+    assert s["total_params"] == 520 + 25050 + 1225500 + 5010
+    # multiply-adds: outputs x (C_in * K * K), per example
+    assert by["conv1"]["macs"] == 20 * 28 * 28 * 25
+    assert by["conv2"]["macs"] == 50 * 14 * 14 * 20 * 25
+    assert s["total_macs"] == 392000 + 4900000 + 1225000 + 5000
+    assert [r["receptive_field"] for r in s["layers"][:8]] == [[1, 1], [5, 5], [5, 5], [6, 6], [14, 14], [14, 14],
+                                                               [16, 16], [28, 28]]
+
+
+def test_seed_conv_is_the_lecture_example():
+    s = summarize(seed_conv())
+    conv = s["layers"][1]
+    assert conv["output_shape"] == ["N", 10, 32, 32]
+    assert conv["weight_shape"] == [10, 3, 5, 5]
+    assert conv["params"] == 760 and s["total_params"] == 760
+    assert conv["macs"] == 768_000
+    text = format_table(s)
+    assert "768,000" in text and "760" in text and "10 x 32 x 32" in text
+
+
+def test_batch_scales_counts_and_json_fields():
+    s1, s64 = summarize(lenet5()), summarize(lenet5(), batch=64)
+    assert s64["total_macs"] == 64 * s1["total_macs"]
+    assert s64["total_params"] == s1["total_params"]
+    assert s64["layers"][1]["output_shape"] == [64, 20, 28, 28]
+    assert s64["layers"][1]["activation_bytes"] == 64 * 20 * 28 * 28 * 4
+    import json
+    data = json.loads(format_json(s64))
+    for layer in data["layers"]:
+        assert {"name", "op", "output_shape", "weight_shape", "params", "macs", "receptive_field"} <= set(layer)
+    assert data["total_params"] == 1_256_080 and data["total_macs"] == 64 * 6_522_000
+
+
+def empirical_receptive_field(graph, node_name):
+    """Extent of the input pixels whose change moves the centre output of `node_name`: autograd
+    through the torch oracle, with positive weights so that nothing cancels."""
+    from torch_oracle import eval_node
+    g64 = gc.cast(graph, "float64")
+    tensors = {k: torch.from_numpy(np.abs(v) + 0.1) for k, v in gc.init_params(g64).items()}
+    x = torch.ones([int(d) for d in g64.inputs[0].shape], dtype=torch.float64, requires_grad=True)
+    tensors[g64.inputs[0].name] = x
+    for node in g64.topo():
+        if node.role == "op":
+            tensors[node.name] = eval_node(node, [tensors[o] for o in g64.operands(node.name)])
+    out = tensors[node_name]
+    out[(0, 0) + tuple(s // 2 for s in out.shape[2:])].backward()
+    return [int(ix.max() - ix.min() + 1) for ix in np.nonzero(x.grad[0, 0].numpy())]
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+def test_receptive_fields_match_autograd():
+    g = gc.Graph("rf")
+    x = g.input("x", (1, 1, 64, 64))
+    h = g.conv2d(x, 2, 3, padding=1, name="c1")
+    h = g.avg_pool2d(h, 2, name="p1")
+    h = g.conv2d(h, 2, (3, 5), dilation=(2, 1), padding=(2, 2), name="c2")
+    h = g.conv2d(h, 2, 3, stride=2, padding=1, name="c3")
+    h = g.avg_pool2d(g.relu(h, name="r"), 3, stride=1, padding=1, name="p2")
+    g.output(h)
+    rfs = {r["name"]: r["receptive_field"] for r in summarize(g)["layers"]}
+    for name in ("c1", "p1", "c2", "c3", "p2"):
+        assert rfs[name] == empirical_receptive_field(g, name), name
+
+
+def test_every_bundled_model_summarises():
+    for name, build in MODELS.items():
+        s = summarize(build(), batch=2)
+        assert s["total_params"] == sum(int(np.prod(p.shape)) for p in build().params if p.attrs["trainable"])
+        out = build().node(build().outputs[0])
+        assert s["layers"][-1]["output_shape"] == [2] + [int(d) for d in out.shape[1:]], name
