@@ -6,6 +6,7 @@ Topological order breaks ties by creation index, so every dump and generated fil
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ class GraphCore:
         self.name, self.dtype = name, dtype
         self.nx = nx.MultiDiGraph()
         self.outputs: list[str] = []
+        self.meta: dict = {}            # what passes record: the loss, gradient names, state updates
         self._counter = 0
         self._prefix_counts: dict[str, int] = {}
 
@@ -209,6 +211,7 @@ class GraphCore:
             new.nx.add_node(n.name, node=dataclasses.replace(n, attrs=dict(n.attrs), provenance=dict(n.provenance)))
         new.nx.add_edges_from(self.nx.edges(keys=True))
         new.outputs = list(self.outputs)
+        new.meta = copy.deepcopy(self.meta)
         new._prefix_counts = dict(self._prefix_counts)
         return new
 

@@ -134,9 +134,11 @@ class Op:
         """What the interpreter calls; `out_shape` is the node's shape with every dim bound."""
         return self.reference(xs, attrs)
 
-    def grad(self, node, upstream, builder):
-        """Gradient rule: returns one entry per operand (None where there is none). Next issue."""
-        raise NotImplementedError(f"{self.name} has no gradient rule yet")
+    def grad(self, e, dy, needs):
+        """Gradient rule: build the gradient nodes through the emitter `e` (autodiff.GradEmitter:
+        e.inputs, e.output, e.attrs, e.emit(op, operands, attrs, wrt=i)) and return one entry per
+        operand: a tensor, or None where needs[i] is False or there is no gradient."""
+        raise OpError(f"{self.name} has no gradient rule", kind=GraphError)
 
     # ---- cost -------------------------------------------------------------------------------
     def macs(self, ins: list, out: TensorType, attrs: dict) -> sp.Expr:

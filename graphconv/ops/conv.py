@@ -8,9 +8,10 @@ import numpy as np
 import sympy as sp
 
 from ..errors import GraphError, OpError
-from ..shapes import fmt_dim, fmt_shape, numel, provably_ne, provably_true
-from .base import Op, register, rank_error
-from .window import AXES, LAYOUT, pad_array, padding_pairs, per_axis, resolve_same, sliding_windows, window_shape
+from ..shapes import as_shape, fmt_dim, fmt_shape, numel, provably_ne, provably_true
+from .base import REQUIRED, Op, register, rank_error
+from .window import (AXES, LAYOUT, offset_slices, pad_array, padding_pairs, per_axis, resolve_same, sliding_windows,
+                     unpad_adjoint, window_shape)
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -90,28 +91,134 @@ class Conv(Op):
         per_output = numel(w[1:])  # C_in/groups * prod(K)
         return numel(out.shape) * per_output
 
+    def grad(self, e, dy, needs):
+        x, w = e.inputs[0], e.inputs[1]
+        common = {**e.attrs, "padding": self.pads(e.attrs, w.shape)}
+        return [
+            e.emit(f"{self.name}_backward_data", [dy, w], {**common, "input_size": x.shape[2:]}, wrt=0)
+            if needs[0] else None,
+            e.emit(f"{self.name}_backward_weight", [x, dy], {**common, "kernel_size": self.kernel(w.shape)}, wrt=1)
+            if needs[1] else None,
+            *([e.emit("reduce_sum", [dy], {"axes": (0, *range(2, self.nd + 2))}, wrt=2) if needs[2] else None]
+              if len(needs) > 2 else []),
+        ]
+
+
+def im2col(x, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
+    """Columns (G, N*P, C/G * prod K) of the padded input: one row per output position."""
+    nd = x.ndim - 2
+    win = sliding_windows(pad_array(x, pads, padding_mode), kernel, stride, dilation)   # N, C, O..., K...
+    n, c = x.shape[:2]
+    out_sp = win.shape[2:2 + nd]
+    win = win.reshape(n, groups, c // groups, *out_sp, *kernel)
+    perm = (1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+    return win.transpose(perm).reshape(groups, n * math.prod(out_sp), -1), out_sp
+
+
+def to_groups(y, groups):
+    """(N, C, O...) -> (G, N*P, C/G): the layout of im2col's matmul result."""
+    n, c = y.shape[:2]
+    return np.moveaxis(y.reshape(n, groups, c // groups, -1), 2, 3).transpose(1, 0, 2, 3).reshape(groups, -1, c // groups)
+
+
+def from_groups(y, n, out_sp):
+    """(G, N*P, C/G) -> (N, C, O...)."""
+    groups, _, cg = y.shape
+    y = y.reshape(groups, n, math.prod(out_sp), cg).transpose(1, 0, 3, 2)
+    return np.ascontiguousarray(y).reshape(n, groups * cg, *out_sp)
+
 
 def conv_nd(x, w, b, stride, pads, dilation, groups, padding_mode="zeros"):
     """N-d cross-correlation as im2col + one batched matmul per group (BLAS, no pixel loops)."""
-    nd = x.ndim - 2
-    kernel = w.shape[2:]
-    xp = pad_array(x, pads, padding_mode)
-    win = sliding_windows(xp, kernel, stride, dilation)           # N, C, O..., K...
-    n, c = x.shape[:2]
-    out_sp = win.shape[2:2 + nd]
-    c_out, cg = w.shape[0], c // groups
-    win = win.reshape(n, groups, cg, *out_sp, *kernel)
-    perm = (1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-    cols = win.transpose(perm).reshape(groups, n * math.prod(out_sp), cg * math.prod(kernel))
-    wm = w.reshape(groups, c_out // groups, cg * math.prod(kernel)).transpose(0, 2, 1)
-    y = np.matmul(cols, wm)                                        # G, N*P, C_out/G
-    y = y.reshape(groups, n, *out_sp, c_out // groups)
-    y = np.moveaxis(y, -1, 1)                                      # G, C_out/G, N, O...
-    y = y.transpose(2, 0, 1, *range(3, 3 + nd)).reshape(n, c_out, *out_sp)
+    cols, out_sp = im2col(x, w.shape[2:], stride, pads, dilation, groups, padding_mode)
+    wm = w.reshape(groups, w.shape[0] // groups, -1).transpose(0, 2, 1)
+    y = from_groups(np.matmul(cols, wm), x.shape[0], out_sp)
     if b is not None:
-        y = y + b.reshape((1, c_out) + (1,) * nd)
-    return np.ascontiguousarray(y, dtype=x.dtype)
+        y += b.reshape((1, -1) + (1,) * len(out_sp))
+    return y.astype(x.dtype, copy=False)
+
+
+def conv_backward_weight(x, dy, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
+    """dL/dW = columns^T @ dy per group."""
+    cols, _ = im2col(x, kernel, stride, pads, dilation, groups, padding_mode)
+    dw = np.matmul(cols.transpose(0, 2, 1), to_groups(dy, groups))          # G, C/G*K, C_out/G
+    c_out = dy.shape[1]
+    return np.ascontiguousarray(dw.transpose(0, 2, 1)).reshape(c_out, x.shape[1] // groups, *kernel)
+
+
+def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, padding_mode="zeros"):
+    """dL/dx, a transposed convolution: the columns' gradient dy @ W, scattered back one kernel
+    offset at a time onto the padded input, then folded through the padding."""
+    n, nd = dy.shape[0], dy.ndim - 2
+    kernel, out_sp = w.shape[2:], dy.shape[2:]
+    cg = w.shape[1]
+    dcols = np.matmul(to_groups(dy, groups), w.reshape(groups, w.shape[0] // groups, -1))   # G, N*P, C/G*K
+    dcols = dcols.reshape(groups, n, *out_sp, cg, math.prod(kernel))
+    padded = [size + lo + hi for size, (lo, hi) in zip(input_spatial, pads)]
+    dxp = np.zeros((n, groups * cg, *padded), dy.dtype)
+    for k, offset in enumerate(np.ndindex(*kernel)):
+        part = np.moveaxis(dcols[..., k], 2 + nd, 1)                       # G, C/G, N, O...
+        part = np.moveaxis(part, 2, 0).reshape(n, groups * cg, *out_sp)
+        dxp[offset_slices(offset, stride, dilation, out_sp)] += part
+    return unpad_adjoint(dxp, pads, padding_mode, input_spatial)
+
+
+class ConvBackwardData(Op):
+    """dL/d(input) of conv{nd}d: operands (grad_output, weight)."""
+    operands = ("grad_output", "weight")
+
+    def __init__(self, nd):
+        self.nd, self.name = nd, f"conv{nd}d_backward_data"
+        self.attrs = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": REQUIRED,
+                      "padding_mode": REQUIRED, "input_size": REQUIRED}
+
+    def normalize(self, a):
+        return {**Conv(self.nd).normalize(a), "input_size": as_shape(a["input_size"], "input_size")}
+
+    def shape(self, ins, attrs):
+        dy, w = ins
+        spatial = window_shape(self.name, attrs["input_size"], Conv(self.nd).kernel(w.shape), attrs["stride"],
+                               attrs["padding"], attrs["dilation"])
+        if any(provably_ne(a, b) for a, b in zip(spatial, dy.shape[2:])):
+            raise OpError(f"grad_output {fmt_shape(dy.shape)} does not match a conv of input size "
+                          f"{fmt_shape(attrs['input_size'])} (which gives {fmt_shape(spatial)})")
+        return (dy.shape[0], w.shape[1] * attrs["groups"], *attrs["input_size"])
+
+    def reference(self, xs, attrs):
+        a = attrs
+        return conv_backward_data(xs[0], xs[1], [int(d) for d in a["input_size"]], a["stride"], a["padding"],
+                                  a["dilation"], a["groups"], a["padding_mode"])
+
+    def macs(self, ins, out, attrs):
+        return numel(ins[0].shape) * numel(ins[1].shape[1:])
+
+
+class ConvBackwardWeight(Op):
+    """dL/d(weight) of conv{nd}d: operands (input, grad_output)."""
+    operands = ("input", "grad_output")
+
+    def __init__(self, nd):
+        self.nd, self.name = nd, f"conv{nd}d_backward_weight"
+        self.attrs = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": REQUIRED,
+                      "padding_mode": REQUIRED, "kernel_size": REQUIRED}
+
+    def normalize(self, a):
+        return {**Conv(self.nd).normalize(a), "kernel_size": per_axis(a["kernel_size"], self.nd, "kernel_size", 1)}
+
+    def shape(self, ins, attrs):
+        x, dy = ins
+        return (dy.shape[1], x.shape[1] // attrs["groups"], *attrs["kernel_size"])
+
+    def reference(self, xs, attrs):
+        a = attrs
+        return conv_backward_weight(xs[0], xs[1], a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                                    a["groups"], a["padding_mode"])
+
+    def macs(self, ins, out, attrs):
+        return numel(ins[1].shape) * numel(out.shape[1:])
 
 
 for _nd in (1, 2, 3):
     register(Conv(_nd))
+    register(ConvBackwardData(_nd))
+    register(ConvBackwardWeight(_nd))

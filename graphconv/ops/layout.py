@@ -7,7 +7,7 @@ import numpy as np
 import sympy as sp
 
 from ..errors import GraphError, OpError
-from ..shapes import as_dim, fmt_dim, fmt_shape, numel, provably_ne
+from ..shapes import as_dim, fmt_dim, fmt_shape, numel, provably_ne, provably_true
 from .base import REQUIRED, Op, register
 
 
@@ -41,6 +41,9 @@ class Flatten(Op):
         x = xs[0]
         lo, hi = self.span(x.ndim, attrs)
         return x.reshape(x.shape[:lo] + (-1,) + x.shape[hi + 1:])
+
+    def grad(self, e, dy, needs):
+        return [e.emit("reshape", [dy], {"shape": e.inputs[0].shape}, wrt=0)]
 
 
 @register
@@ -85,6 +88,9 @@ class Reshape(Op):
     def evaluate(self, xs, attrs, out_shape):
         return xs[0].reshape(out_shape)  # symbolic target dims are bound by the interpreter
 
+    def grad(self, e, dy, needs):
+        return [e.emit("reshape", [dy], {"shape": e.inputs[0].shape}, wrt=0)]
+
 
 @register
 class Concat(Op):
@@ -109,3 +115,60 @@ class Concat(Op):
 
     def reference(self, xs, attrs):
         return np.concatenate(xs, axis=attrs["dim"])
+
+    def grad(self, e, dy, needs):
+        axis = e.attrs["dim"] % len(e.output.shape)
+        grads, start = [], sp.Integer(0)
+        for i, (x, need) in enumerate(zip(e.inputs, needs)):
+            stop = start + x.shape[axis]
+            grads.append(e.emit("slice", [dy], {"dim": axis, "start": start, "stop": stop}, wrt=i)
+                         if need else None)
+            start = stop
+        return grads
+
+
+@register
+class Slice(Op):
+    """x[..., start:stop, ...] along one dim (the gradient of concat)."""
+    name = "slice"
+    kind = "injective"
+    attrs = {"dim": REQUIRED, "start": REQUIRED, "stop": REQUIRED}
+
+    def normalize(self, a):
+        for key in ("start", "stop"):
+            if not sp.sympify(a[key]).is_Integer:
+                raise OpError(f"slice {key} must be a concrete integer, got {a[key]}", kind=GraphError)
+        return {"dim": int(a["dim"]), "start": int(a["start"]), "stop": int(a["stop"])}
+
+    def shape(self, ins, attrs):
+        s = ins[0].shape
+        axis = _axis(attrs["dim"], len(s), "dim")
+        if not 0 <= attrs["start"] < attrs["stop"] or provably_true(sp.Gt(attrs["stop"], s[axis])):
+            raise OpError(f"slice {attrs['start']}:{attrs['stop']} is out of range for dim {axis} of {fmt_shape(s)}")
+        return (*s[:axis], sp.Integer(attrs["stop"] - attrs["start"]), *s[axis + 1:])
+
+    def reference(self, xs, attrs):
+        index = [slice(None)] * xs[0].ndim
+        index[attrs["dim"]] = slice(attrs["start"], attrs["stop"])
+        return np.ascontiguousarray(xs[0][tuple(index)])
+
+
+@register
+class ReduceSum(Op):
+    """Sum over the given axes (the gradient of a broadcast bias)."""
+    name = "reduce_sum"
+    kind = "reduction"
+    attrs = {"axes": REQUIRED}
+
+    def normalize(self, a):
+        return {"axes": tuple(sorted(int(v) for v in a["axes"]))}
+
+    def shape(self, ins, attrs):
+        s = ins[0].shape
+        for axis in attrs["axes"]:
+            if not 0 <= axis < len(s):
+                raise OpError(f"axis {axis} is out of range for {fmt_shape(s)}")
+        return tuple(d for i, d in enumerate(s) if i not in attrs["axes"])
+
+    def reference(self, xs, attrs):
+        return xs[0].sum(axis=attrs["axes"])

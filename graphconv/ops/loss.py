@@ -50,6 +50,9 @@ class SoftmaxCrossEntropy(ClassifierLoss):
         log_z = np.log(np.exp(shifted).sum(axis=1))
         return np.asarray((log_z - shifted[np.arange(len(y)), y]).mean(), dtype=s.dtype)
 
+    def grad(self, e, dy, needs):
+        return [e.emit("softmax_cross_entropy_grad", [*e.inputs, dy], {}, wrt=0) if needs[0] else None, None]
+
 
 @register
 class Hinge(ClassifierLoss):
@@ -66,4 +69,54 @@ class Hinge(ClassifierLoss):
         margins = np.maximum(0, s - correct + s.dtype.type(attrs["margin"]))
         margins[np.arange(len(y)), y] = 0
         return np.asarray(margins.sum(axis=1).mean(), dtype=s.dtype)
+
+    def grad(self, e, dy, needs):
+        return [e.emit("hinge_loss_grad", [*e.inputs, dy], e.attrs, wrt=0) if needs[0] else None, None]
+
+
+class LossGrad(ClassifierLoss):
+    """dL/d(scores) of a classifier loss, scaled by the upstream scalar gradient."""
+    operands = ("scores", "target", "grad_output")
+
+    def shape(self, ins, attrs):
+        super().shape(ins[:2], attrs)
+        if ins[2].shape != ():
+            raise OpError(f"grad_output must be a scalar, got {fmt_shape(ins[2].shape)}", 2)
+        return ins[0].shape
+
+    def dtype(self, ins, attrs):
+        return super().dtype(ins[:2], attrs)
+
+
+@register
+class SoftmaxCrossEntropyGrad(LossGrad):
+    """(softmax(s) - onehot(y)) / N."""
+    name = "softmax_cross_entropy_grad"
+
+    def reference(self, xs, attrs):
+        s, y, dl = xs
+        self.check_target(s, y)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1
+        return (p * (dl / len(y))).astype(s.dtype)
+
+
+@register
+class HingeLossGrad(LossGrad):
+    """+1/N for every class j != y whose margin is active, -(their count)/N for the true class."""
+    name = "hinge_loss_grad"
+    attrs = {"margin": 1.0}
+
+    def normalize(self, a):
+        return {"margin": float(a["margin"])}
+
+    def reference(self, xs, attrs):
+        s, y, dl = xs
+        self.check_target(s, y)
+        rows = np.arange(len(y))
+        active = (s - s[rows, y][:, None] + attrs["margin"] > 0).astype(s.dtype)
+        active[rows, y] = 0
+        active[rows, y] = -active.sum(axis=1)
+        return (active * (dl / len(y))).astype(s.dtype)
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, numel, provably_ne
-from .base import Op, register
+from .base import REQUIRED, Op, register
 
 
 @register
@@ -37,23 +37,104 @@ class BatchNorm(Op):
                               f"{fmt_shape(s)}", i)
         return x.shape
 
-    def axes(self, x):
-        return (0,) + tuple(range(2, x.ndim))
-
-    def statistics(self, x, attrs, running_mean, running_var):
-        if attrs["training"]:
-            axes = self.axes(x)
-            return x.mean(axis=axes), x.var(axis=axes)
-        return running_mean, running_var
-
     def reference(self, xs, attrs):
         x = xs[0]
-        mean, var = self.statistics(x, attrs, xs[1], xs[2])
+        y, _ = normalized(x, xs[1], xs[2], attrs["eps"], attrs["training"])
         bshape = (1, -1) + (1,) * (x.ndim - 2)
-        y = (x - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + x.dtype.type(attrs["eps"]))
         if len(xs) == 5:
             y = y * xs[3].reshape(bshape) + xs[4].reshape(bshape)
         return y.astype(x.dtype, copy=False)
 
     def macs(self, ins, out, attrs):
         return numel(out.shape)  # one multiply-add per element once folded to scale and shift
+
+    def grad(self, e, dy, needs):
+        x, mean, var = e.inputs[:3]
+        axes = (0, *range(2, len(x.shape)))
+        flags = {"eps": e.attrs["eps"], "training": e.attrs["training"]}
+        grads = [e.emit("batch_norm_grad_input", [x, mean, var, dy, *e.inputs[3:4]], flags, wrt=0) if needs[0] else None,
+                 None, None]
+        if len(needs) == 5:
+            grads.append(e.emit("batch_norm_grad_weight", [x, mean, var, dy], flags, wrt=3) if needs[3] else None)
+            grads.append(e.emit("reduce_sum", [dy], {"axes": axes}, wrt=4) if needs[4] else None)
+        return grads
+
+
+def normalized(x, mean, var, eps, training):
+    """(x_hat, 1/sqrt(var + eps)) broadcast over axis 1, with batch or running statistics."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    bshape = (1, -1) + (1,) * (x.ndim - 2)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    inv_std = (1 / np.sqrt(var + x.dtype.type(eps))).reshape(bshape)
+    return (x - mean.reshape(bshape)) * inv_std, inv_std
+
+
+class BatchNormGradBase(Op):
+    operands = ("input", "running_mean", "running_var", "grad_output")
+    attrs = {"eps": REQUIRED, "training": REQUIRED}
+
+    def normalize(self, a):
+        return {"eps": float(a["eps"]), "training": bool(a["training"])}
+
+
+@register
+class BatchNormGradInput(BatchNormGradBase):
+    """dL/dx of batch_norm. Training: dx = inv_std/M * (M*g - sum(g) - x_hat*sum(g*x_hat)), g = dy*weight;
+    eval: dx = dy * weight * inv_std."""
+    name = "batch_norm_grad_input"
+    operands = BatchNormGradBase.operands + ("weight",)
+    optional = ("weight",)
+
+    def shape(self, ins, attrs):
+        return ins[0].shape
+
+    def reference(self, xs, attrs):
+        x, mean, var, dy = xs[:4]
+        x_hat, inv_std = normalized(x, mean, var, attrs["eps"], attrs["training"])
+        g = dy * xs[4].reshape((1, -1) + (1,) * (x.ndim - 2)) if len(xs) > 4 else dy
+        if not attrs["training"]:
+            return (g * inv_std).astype(x.dtype)
+        axes = (0,) + tuple(range(2, x.ndim))
+        m = x.size // x.shape[1]
+        dx = inv_std / m * (m * g - g.sum(axis=axes, keepdims=True) - x_hat * (g * x_hat).sum(axis=axes, keepdims=True))
+        return dx.astype(x.dtype)
+
+
+@register
+class BatchNormGradWeight(BatchNormGradBase):
+    """dL/d(weight) of batch_norm: sum over N and space of dy * x_hat."""
+    name = "batch_norm_grad_weight"
+
+    def shape(self, ins, attrs):
+        return (ins[0].shape[1],)
+
+    def reference(self, xs, attrs):
+        x, mean, var, dy = xs
+        x_hat, _ = normalized(x, mean, var, attrs["eps"], attrs["training"])
+        return (dy * x_hat).sum(axis=(0,) + tuple(range(2, x.ndim))).astype(x.dtype)
+
+
+@register
+class BatchNormUpdateStats(Op):
+    """The running statistic after one training step, as PyTorch updates it:
+    (1 - momentum) * running + momentum * batch statistic (the variance unbiased)."""
+    name = "batch_norm_update_stats"
+    operands = ("input", "running_stat")
+    attrs = {"momentum": REQUIRED, "stat": REQUIRED}
+
+    def normalize(self, a):
+        if a["stat"] not in ("mean", "var"):
+            raise OpError(f"stat must be 'mean' or 'var', got {a['stat']!r}")
+        return {"momentum": float(a["momentum"]), "stat": a["stat"]}
+
+    def shape(self, ins, attrs):
+        return ins[1].shape
+
+    def reference(self, xs, attrs):
+        x, running = xs
+        axes = (0,) + tuple(range(2, x.ndim))
+        m = x.size // x.shape[1]
+        batch = x.mean(axis=axes) if attrs["stat"] == "mean" else x.var(axis=axes) * (m / max(m - 1, 1))
+        mom = attrs["momentum"]
+        return ((1 - mom) * running + mom * batch).astype(running.dtype)

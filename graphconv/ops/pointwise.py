@@ -1,58 +1,145 @@
-"""Elementwise ops: the activations (relu, leaky_relu, sigmoid, tanh) and add (residual connections)."""
+"""Elementwise ops defined by a sympy expression of their operands.
+
+One `Pointwise` op holds the expression; its NumPy reference is `sympy.lambdify` of it, its gradient
+op is another Pointwise op whose expression is `dy * diff(expr, operand)` (simplified), and the code
+generator prints the same expression as C. The activations (relu, leaky_relu, sigmoid, tanh), their
+gradients, the optimizer updates and any user-defined activation (Swish, Mish, ...) are all built
+this way; nothing here has a hand-written derivative.
+"""
 from __future__ import annotations
 
 import numpy as np
+import sympy as sp
 
-from ..errors import OpError
+from ..errors import GraphError, OpError
 from ..shapes import fmt_shape, provably_ne
-from .base import Op, register
+from .base import OPS, Op, register
+
+X = sp.Symbol("x", real=True)
+DY = sp.Symbol("dy", real=True)
 
 
-class Activation(Op):
+class sigmoid(sp.Function):
+    """1 / (1 + exp(-x)), kept as a function so that its derivative stays in terms of itself and
+    its NumPy form never overflows."""
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sp.exp(-x))
+
+
+class softplus(sp.Function):
+    """log(1 + exp(x)), evaluated stably."""
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return sp.log(1 + sp.exp(x))
+
+
+def _np_sigmoid(x):
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _np_softplus(x):
+    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+
+
+NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus}
+
+
+class Pointwise(Op):
     kind = "elementwise"
-    operands = ("input",)
 
-    def shape(self, ins, attrs):
-        return ins[0].shape
-
-
-@register
-class ReLU(Activation):
-    name = "relu"
-
-    def reference(self, xs, attrs):
-        return np.maximum(xs[0], 0)
-
-
-@register
-class LeakyReLU(Activation):
-    name = "leaky_relu"
-    attrs = {"negative_slope": 0.01}
+    def __init__(self, name, expr, inputs=("x",), params=None, doc="", numpy=None):
+        self.name = name
+        self.operands = tuple(inputs)
+        self.symbols = tuple(sp.Symbol(n, real=True) for n in inputs)
+        self.attrs = dict(params or {})
+        self.param_symbols = tuple(sp.Symbol(n, real=True) for n in self.attrs)
+        self.expr = sp.sympify(expr)
+        extra = self.expr.free_symbols - set(self.symbols) - set(self.param_symbols)
+        if extra:
+            raise GraphError(f"{name}: expression {self.expr} uses {sorted(map(str, extra))}, which are neither "
+                             f"operands {list(inputs)} nor parameters {list(self.attrs)}")
+        self.doc = doc
+        self.lambdified = sp.lambdify(self.symbols + self.param_symbols, self.expr, modules=[NUMPY_FUNCTIONS, "numpy"])
+        # a faster NumPy form of the same expression (tests check that the two agree)
+        self._fn = numpy or self.lambdified
+        self._grads: dict = {}
 
     def normalize(self, a):
-        return {"negative_slope": float(a["negative_slope"])}
+        return {k: float(v) for k, v in a.items()}
+
+    def shape(self, ins, attrs):
+        """Operands of one shape; a scalar (shape ()) operand broadcasts."""
+        full = [t.shape for t in ins if t.shape != ()]
+        if not full:
+            return ()
+        first = full[0]
+        for i, t in enumerate(ins):
+            if t.shape != () and (len(t.shape) != len(first) or any(provably_ne(a, b) for a, b in zip(t.shape, first))):
+                raise OpError(f"{self.operands[i]} has shape {fmt_shape(t.shape)}, expected {fmt_shape(first)} "
+                              f"like the other operands", i)
+        return first
 
     def reference(self, xs, attrs):
-        x = xs[0]
-        return np.where(x > 0, x, x * x.dtype.type(attrs["negative_slope"]))
+        with np.errstate(over="ignore", under="ignore"):
+            y = self._fn(*xs, *attrs.values())
+        shape = np.broadcast_shapes(*(x.shape for x in xs))
+        return np.broadcast_to(np.asarray(y), shape).astype(xs[0].dtype)
+
+    def derivative(self, i) -> "Pointwise":
+        """The op computing dy * d(expr)/d(operand i), made and registered on first use."""
+        if i not in self._grads:
+            suffix = "_grad" if len(self.operands) == 1 else f"_grad_{self.operands[i]}"
+            name = self.name + suffix
+            expr = DY * sp.simplify(sp.diff(self.expr, self.symbols[i]))
+            op = OPS.get(name) or register(Pointwise(name, expr, self.operands + ("dy",), self.attrs,
+                                                      doc=f"dy * d{self.name}/d{self.operands[i]}"))
+            self._grads[i] = op
+        return self._grads[i]
+
+    def grad(self, e, dy, needs):
+        return [e.emit(self.derivative(i).name, [*e.inputs, dy], e.attrs, wrt=i) if need else None
+                for i, need in enumerate(needs)]
 
 
-@register
-class Sigmoid(Activation):
-    name = "sigmoid"
+def define_activation(name, expr, params=None, numpy=None):
+    """Register a pointwise activation given by a sympy expression of one variable (or a function
+    of a sympy symbol), e.g. define_activation("swish", lambda x: x * sigmoid(x)). Its gradient is
+    derived by sympy. Returns the op; defining the same name twice with the same expression is fine."""
+    if callable(expr) and not isinstance(expr, sp.Basic):
+        expr = expr(X)
+    expr = sp.sympify(expr)
+    params = dict(params or {})
+    free = expr.free_symbols - {sp.Symbol(p, real=True) for p in params} - {sp.Symbol(p) for p in params}
+    if len(free) > 1:
+        raise GraphError(f"activation {name!r}: expression {expr} has several variables {sorted(map(str, free))}")
+    if free:
+        expr = expr.subs(free.pop(), X)
+    expr = expr.subs({sp.Symbol(p): sp.Symbol(p, real=True) for p in params})
+    if name in OPS:
+        existing = OPS[name]
+        if isinstance(existing, Pointwise) and sp.simplify(existing.expr - expr) == 0:
+            return existing
+        raise GraphError(f"activation {name!r} is already defined as {getattr(existing, 'expr', existing)}")
+    op = Pointwise(name, expr, ("x",), params, numpy=numpy)
+    register(op)
+    return op
 
-    def reference(self, xs, attrs):
-        x = xs[0]
-        e = np.exp(-np.abs(x))  # never overflows
-        return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
 
-
-@register
-class Tanh(Activation):
-    name = "tanh"
-
-    def reference(self, xs, attrs):
-        return np.tanh(xs[0])
+# ---- the built-in activations ----------------------------------------------------------------
+define_activation("relu", sp.Piecewise((X, X > 0), (0, True)), numpy=lambda x: np.maximum(x, 0))
+define_activation("leaky_relu", sp.Piecewise((X, X > 0), (sp.Symbol("negative_slope") * X, True)),
+                  params={"negative_slope": 0.01}, numpy=lambda x, a: np.where(x > 0, x, x * x.dtype.type(a)))
+define_activation("sigmoid", sigmoid(X))
+define_activation("tanh", sp.tanh(X))
 
 
 @register
@@ -69,3 +156,6 @@ class Add(Op):
 
     def reference(self, xs, attrs):
         return xs[0] + xs[1]
+
+    def grad(self, e, dy, needs):
+        return [dy if need else None for need in needs]

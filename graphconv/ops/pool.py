@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import GraphError, OpError
+from ..shapes import as_shape
 from .base import REQUIRED, Op, register, rank_error
-from .window import LAYOUT, ceil_extra, pad_array, padding_pairs, per_axis, window_reduce, window_shape
+from .window import (LAYOUT, ceil_extra, offset_slices, pad_array, padding_pairs, per_axis, unpad_adjoint,
+                     window_reduce, window_shape)
 
 
 class Pool(Op):
@@ -79,6 +81,66 @@ class Pool(Op):
         mask = pad_array(mask, extra, value=0.0)
         return window_reduce(mask, attrs["kernel_size"], attrs["stride"], (1,) * self.nd, out_sp, np.add)
 
+    def grad(self, e, dy, needs):
+        if self.mode == "max":
+            return [e.emit(f"{self.name}_backward", [e.inputs[0], dy], e.attrs, wrt=0)]
+        return [e.emit(f"{self.name}_backward", [dy], {**e.attrs, "input_size": e.inputs[0].shape[2:]}, wrt=0)]
+
+
+class PoolBackward(Pool):
+    """dL/d(input) of a pooling op. Max routes each gradient to the first maximum of its window
+    (PyTorch's choice on ties) and takes operands (input, grad_output); avg spreads it evenly over
+    the window and takes (grad_output) plus the input size."""
+    kind = "window"
+
+    def __init__(self, mode, nd):
+        super().__init__(mode, nd)
+        self.name = f"{mode}_pool{nd}d_backward"
+        if mode == "max":
+            self.operands = ("input", "grad_output")
+        else:
+            self.operands = ("grad_output",)
+            self.attrs = {**self.attrs, "input_size": REQUIRED}
+
+    def normalize(self, a):
+        size = {"input_size": as_shape(a["input_size"], "input_size")} if "input_size" in a else {}
+        return {**super().normalize({k: v for k, v in a.items() if k != "input_size"}), **size}
+
+    def shape(self, ins, attrs):
+        if self.mode == "max":
+            return ins[0].shape
+        dy = ins[0]
+        return (dy.shape[0], dy.shape[1], *attrs["input_size"])
+
+    def reference(self, xs, attrs):
+        k, s, d = attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
+        dy = xs[-1]
+        out_sp = dy.shape[2:]
+        spatial = xs[0].shape[2:] if self.mode == "max" else [int(v) for v in attrs["input_size"]]
+        pairs = self.padded_pairs(spatial, out_sp, attrs)
+        if self.mode == "max":
+            xp = pad_array(xs[0], pairs, value=-np.inf)
+            best, arg = None, None
+            for i, offset in enumerate(np.ndindex(*k)):
+                part = xp[offset_slices(offset, s, d, out_sp)]
+                if best is None:
+                    best, arg = part.copy(), np.zeros(part.shape, np.int32)
+                else:
+                    better = part > best            # strict: the first maximum wins
+                    np.copyto(best, part, where=better)
+                    arg[better] = i
+            dxp = np.zeros(xp.shape, dy.dtype)
+            for i, offset in enumerate(np.ndindex(*k)):
+                dxp[offset_slices(offset, s, d, out_sp)] += np.where(arg == i, dy, 0)
+        else:
+            share = (dy / self.divisor(spatial, out_sp, attrs)).astype(dy.dtype)
+            padded = [size + lo + hi for size, (lo, hi) in zip(spatial, pairs)]
+            dxp = np.zeros((*dy.shape[:2], *padded), dy.dtype)
+            for offset in np.ndindex(*k):
+                dxp[offset_slices(offset, s, d, out_sp)] += share
+        return unpad_adjoint(dxp, pairs, "zeros", spatial)
+
+
 class _Static:
     """A concrete array seen as a TensorType, to reuse the shape rule at run time."""
 
@@ -89,3 +151,4 @@ class _Static:
 for _mode in ("max", "avg"):
     for _nd in (1, 2, 3):
         register(Pool(_mode, _nd))
+        register(PoolBackward(_mode, _nd))

@@ -1,6 +1,8 @@
 """Source nodes: graph inputs (bound at run time) and parameters/buffers (bound from a params dict)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import GraphError, OpError
 from ..shapes import as_shape
 from .base import DTYPES, REQUIRED, Op, register
@@ -51,3 +53,19 @@ class Param(Source):
         if len(init) != 2 or init[0] not in INIT_KINDS:
             raise OpError(f"init must be one of {INIT_KINDS} with a value, got {a['init']!r}", kind=GraphError)
         return {**a, "init": (init[0], float(init[1])), "trainable": bool(a["trainable"])}
+
+
+@register
+class Constant(Source):
+    """A tensor filled with one value (the seed gradient dL/dL = 1)."""
+    name = "constant"
+    attrs = {"shape": REQUIRED, "dtype": "float32", "value": REQUIRED}
+
+    def normalize(self, a):
+        return {**super().normalize(a), "value": float(a["value"])}
+
+    def reference(self, xs, attrs):
+        return np.full(tuple(int(d) for d in attrs["shape"]), attrs["value"], dtype=attrs["dtype"])
+
+    def evaluate(self, xs, attrs, out_shape):
+        return np.full(out_shape, attrs["value"], dtype=attrs["dtype"])

@@ -91,15 +91,42 @@ def ceil_extra(size, kernel, stride, lo, hi, dilation, out):
     return max(0, need - (size + lo + hi))
 
 
+def pad_index(size, lo, hi, mode):
+    """For each position of an axis padded by (lo, hi), the input position it copies."""
+    p = np.arange(-lo, size + hi)
+    if mode == "reflect":
+        return np.where(p < 0, -p, np.where(p >= size, 2 * (size - 1) - p, p))
+    if mode == "replicate":
+        return np.clip(p, 0, size - 1)
+    if mode == "circular":
+        return p % size
+    raise ValueError(mode)
+
+
 def pad_array(x, pads, mode="zeros", value=0.0):
     """Pad the spatial axes (all but N, C) of x. pads: one (lo, hi) per spatial axis."""
-    width = [(0, 0), (0, 0)] + [tuple(p) for p in pads]
     if not any(lo or hi for lo, hi in pads):
         return x
     if mode == "zeros":
+        width = [(0, 0), (0, 0)] + [tuple(p) for p in pads]
         return np.pad(x, width, mode="constant", constant_values=value)
-    numpy_mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode]
-    return np.pad(x, width, mode=numpy_mode)
+    for axis, (lo, hi) in enumerate(pads, 2):
+        x = np.take(x, pad_index(x.shape[axis], lo, hi, mode), axis=axis)
+    return x
+
+
+def unpad_adjoint(grad, pads, mode, spatial):
+    """The adjoint of pad_array: fold the gradient of a padded array back onto the input, adding
+    what each padded position copied to its source (reflect / replicate / circular)."""
+    for axis, ((lo, hi), size) in enumerate(zip(pads, spatial), 2):
+        if mode == "zeros":
+            grad = grad[(slice(None),) * axis + (slice(lo, lo + size),)]
+            continue
+        moved = np.moveaxis(grad, axis, 0)
+        out = np.zeros((size,) + moved.shape[1:], grad.dtype)
+        np.add.at(out, pad_index(size, lo, hi, mode), moved)
+        grad = np.moveaxis(out, 0, axis)
+    return np.ascontiguousarray(grad)
 
 
 def sliding_windows(x, kernel, stride, dilation):
@@ -112,13 +139,18 @@ def sliding_windows(x, kernel, stride, dilation):
     return np.lib.stride_tricks.as_strided(x, x.shape[:2] + out + tuple(kernel), strides, writeable=False)
 
 
+def offset_slices(offset, stride, dilation, out):
+    """Index of the input positions that kernel offset `offset` reads for every output position."""
+    return (slice(None), slice(None)) + tuple(
+        slice(q * d, q * d + s * (o - 1) + 1, s) for q, d, s, o in zip(offset, dilation, stride, out))
+
+
 def window_reduce(x, kernel, stride, dilation, out, combine):
     """Reduce every window of a padded array with `combine` (np.maximum, np.add), one kernel offset
     at a time: K strided slices of the whole array instead of a reduction over a window view, which
     NumPy runs far slower."""
     acc = None
     for offset in np.ndindex(*kernel):
-        index = (slice(None), slice(None)) + tuple(
-            slice(q * d, q * d + s * (o - 1) + 1, s) for q, d, s, o in zip(offset, dilation, stride, out))
-        acc = x[index].copy() if acc is None else combine(acc, x[index], out=acc)
+        part = x[offset_slices(offset, stride, dilation, out)]
+        acc = part.copy() if acc is None else combine(acc, part, out=acc)
     return acc
