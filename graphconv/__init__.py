@@ -3,6 +3,7 @@ from .builder import Graph
 from .errors import GraphConvError, GraphError, InputError, ShapeError
 from .ir import Node, Tensor
 from .params import init_params
+from .ops.pointwise import define_activation, sigmoid, softplus
 from .passes import cast, set_training
 
 __version__ = "0.1.0"
@@ -29,5 +30,6 @@ def compile(graph, backend="numpy", dtype=None, training=None):
                      f"use backend='numpy'")
 
 
-__all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training",
+__all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",
+           "sigmoid", "softplus",
            "GraphConvError", "GraphError", "ShapeError", "InputError"]

@@ -188,6 +188,11 @@ class Graph(GraphCore):
         return self.add_node("tanh", [x], {}, name=self._layer_name(name, "tanh"))
 
     @_layer
+    def activation(self, x, fn, name=None, **params) -> Tensor:
+        """A pointwise activation by name, built in or from gc.define_activation (e.g. "swish")."""
+        return self.add_node(fn, [x], params, name=self._layer_name(name, fn))
+
+    @_layer
     def flatten(self, x, start_dim=1, end_dim=-1, name=None) -> Tensor:
         return self.add_node("flatten", [x], {"start_dim": start_dim, "end_dim": end_dim},
                              name=self._layer_name(name, "flatten"))
