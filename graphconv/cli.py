@@ -25,12 +25,73 @@ def cmd_summary(args):
 
 
 def cmd_dump(args):
+    from .autodiff import derive_backward, saved_bytes, saved_tensors
     from .models import load
     from .printer import FORMATS
+    from .training import Optimizer, attach_loss, build_train_step
     graph = load(args.model, args.dtype)
-    if args.stage != "forward":
-        raise GraphConvError(f"stage {args.stage!r} is not built yet (the backward pass is the next issue)")
+    if args.stage == "backward":
+        graph = derive_backward(attach_loss(graph, args.loss))
+    elif args.stage == "train":
+        graph = build_train_step(attach_loss(graph, args.loss), Optimizer(args.optimizer))
     sys.stdout.write(FORMATS[args.format](graph))
+    if args.stage != "forward" and args.format == "text":
+        saved = saved_tensors(graph)
+        per = saved_bytes(graph, 1)
+        print(f"# saved for the backward pass: {len(saved)} tensors, {int(per):,} bytes per example "
+              f"({', '.join(n.name for n in saved)})")
+
+
+def cmd_gradcheck(args):
+    from .gradcheck import check_graph, format_table
+    from .models import load
+    from .training import attach_loss
+    results = check_graph(attach_loss(load(args.model), args.loss), seed=args.seed, batch=args.batch)
+    print(f"gradcheck {args.model}: every gradient rule of its backward graph, float64, batch {args.batch}, "
+          f"seed {args.seed}")
+    print(format_table(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_train(args):
+    from . import data
+    from .models import load
+    from .training import Optimizer, Trainer, batches
+    graph = load(args.model, args.dtype)
+    x_tr, y_tr, x_te, y_te = data.load(args.data, graph.inputs[0].shape, graph.name, args.dtype)
+    opt = Optimizer(args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    trainer = Trainer(graph, opt, loss=args.loss, backend=args.backend, seed=args.seed)
+    if args.resume:
+        trainer.load(args.resume)
+        print(f"resumed from {args.resume} after epoch {trainer.epoch}")
+    save = args.save or f"{graph.name}.npz"
+    print(f"training {graph.name} on {args.data} ({len(x_tr)} train / {len(x_te)} test), {args.backend} backend, "
+          f"{args.optimizer} lr {args.lr:g}, batch {args.batch}, seed {args.seed}")
+    for _ in range(args.epochs):
+        start = time.perf_counter()
+        order = batches(len(x_tr), args.batch, args.seed, trainer.epoch)
+        losses, correct = [], 0
+        for idx in progress(order, f"epoch {trainer.epoch + 1}", args.progress):
+            loss, scores = trainer.step(x_tr[idx], y_tr[idx])
+            losses.append(loss * len(idx))
+            correct += int((scores.argmax(axis=1) == y_tr[idx]).sum())
+        trainer.epoch += 1
+        test_loss, test_acc = trainer.evaluate(x_te, y_te)
+        trainer.save(save)
+        print(f"epoch {trainer.epoch:3d}  loss {sum(losses) / len(x_tr):.4f}  train acc {correct / len(x_tr):6.2%}  "
+              f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}  ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"saved {save}")
+
+
+def progress(items, desc, mode):
+    """A tqdm progress bar on stderr when tqdm is installed and stderr is a terminal (or forced)."""
+    if mode == "off":
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, leave=False, disable=None if mode == "auto" else False, file=sys.stderr)
 
 
 def random_inputs(graph, batch, seed):
@@ -83,10 +144,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_positive, default=None, help="batch size (default: counts per example)")
     s.add_argument("--format", default="table", choices=("table", "json"))
     s.set_defaults(func=cmd_summary)
-    s = with_model("dump", "print the graph IR")
-    s.add_argument("--stage", default="forward", choices=("forward", "backward"))
+    s = with_model("dump", "print the graph IR: forward, backward (with the loss) or a whole training step")
+    s.add_argument("--stage", default="forward", choices=("forward", "backward", "train"))
     s.add_argument("--format", default="text", choices=("text", "dot", "json"))
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
     s.set_defaults(func=cmd_dump)
+    s = with_model("gradcheck", "check every gradient rule of the model's backward graph by finite differences")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch", type=_positive, default=2)
+    s.set_defaults(func=cmd_gradcheck)
+    s = with_model("train", "train a model on an offline data set")
+    s.add_argument("--data", default="digits", choices=("digits", "mnist1d"))
+    s.add_argument("--epochs", type=_positive, default=3, help="epochs to run now (a resumed run continues counting)")
+    s.add_argument("--batch", type=_positive, default=64)
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--momentum", type=float, default=0.9, help="sgd")
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backend", default="numpy", choices=("numpy",))
+    s.add_argument("--save", default=None, help="checkpoint path (default MODEL.npz), written after every epoch")
+    s.add_argument("--resume", default=None, help="continue from a checkpoint written by --save")
+    s.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
+    s.set_defaults(func=cmd_train)
     s = with_model("run", "run a model on random inputs and print its outputs")
     s.add_argument("--batch", type=_positive, default=8)
     s.add_argument("--seed", type=int, default=0)
@@ -105,13 +188,15 @@ def _positive(text):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except GraphConvError as e:
         print(f"graphconv: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
-    return 0
+    except KeyboardInterrupt:
+        print("graphconv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import sympy as sp
+
 from .builder import Graph
+from .ops.pointwise import define_activation, sigmoid, softplus
 from .errors import GraphError
 
 MODELS: dict = {}
@@ -23,6 +26,21 @@ def lenet5(dtype="float32") -> Graph:
     h = g.max_pool2d(g.relu(g.conv2d(x, 20, 5, padding=2, name="conv1")), 2, stride=2)
     h = g.max_pool2d(g.relu(g.conv2d(h, 50, 5, padding=2, name="conv2")), 2, stride=2)
     h = g.relu(g.linear(g.flatten(h), 500, name="fc1"))
+    return _out(g, g.linear(h, 10, name="fc2"))
+
+
+@model
+def lenet5_swish(dtype="float32") -> Graph:
+    """LeNet-5 with activations defined by sympy expressions: Swish x*sigmoid(x) and Mish
+    x*tanh(softplus(x)); their gradients come from sympy.diff."""
+    x = sp.Symbol("x")
+    define_activation("swish", x * sigmoid(x))
+    define_activation("mish", x * sp.tanh(softplus(x)))
+    g = Graph("lenet5_swish", dtype)
+    h = g.input("x", ("N", 1, 28, 28))
+    h = g.max_pool2d(g.activation(g.conv2d(h, 20, 5, padding=2, name="conv1"), "swish"), 2, stride=2)
+    h = g.max_pool2d(g.activation(g.conv2d(h, 50, 5, padding=2, name="conv2"), "swish"), 2, stride=2)
+    h = g.activation(g.linear(g.flatten(h), 500, name="fc1"), "mish")
     return _out(g, g.linear(h, 10, name="fc2"))
 
 

@@ -39,7 +39,10 @@ def fmt_attrs(attrs, skip=()) -> str:
 
 def to_text(graph) -> str:
     ins = ", ".join(f"%{n.name}:{fmt_type(n.type)}" for n in graph.inputs)
-    outs = ", ".join(f"%{o}:{fmt_type(graph.node(o).type)}" for o in graph.outputs)
+    shown = graph.outputs if len(graph.outputs) <= 4 else graph.outputs[:2]
+    outs = ", ".join(f"%{o}:{fmt_type(graph.node(o).type)}" for o in shown)
+    if len(shown) < len(graph.outputs):  # the return line lists them all
+        outs += f", ... {len(graph.outputs) - len(shown)} more"
     lines = [f"graph {graph.name}({ins}) -> ({outs}) {{"]
     for n in graph.topo():
         if n.op == "input":

@@ -63,3 +63,43 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "graphconv.cli", "summary", "seed_conv"], capture_output=True,
                           text=True, check=True)
     assert "768,000" in proc.stdout
+
+
+def test_dump_backward_and_train_stages(capsys):
+    code, out, _ = run(capsys, "dump", "lenet5", "--stage", "backward")
+    assert code == 0 and out.startswith("graph lenet5.backward(%x:f32[N,1,28,28], %y:i64[N]) -> (%loss:f32[]")
+    assert "%drelu2:f32[N,50,14,14] = max_pool2d_backward" in out and "# grad_of=pool2, rule=max_pool2d.grad" in out
+    assert "# saved for the backward pass: 11 tensors, 236,504 bytes per example (x, conv1," in out
+    code, again, _ = run(capsys, "dump", "lenet5", "--stage", "backward")
+    assert again == out
+    code, out, _ = run(capsys, "dump", "vgg_small", "--stage", "train", "--optimizer", "sgd")
+    assert "%bn1_1.running_mean.next:f32[32] = batch_norm_update_stats[momentum=0.1, stat=mean]" in out
+    assert "%fc2.bias.next:f32[10] = sgd_param[lr=0.001] %fc2.bias %fc2.bias.velocity.next" in out
+    assert out.splitlines()[0].endswith(", ... 56 more) {")
+
+
+def test_gradcheck_command(capsys):
+    code, out, _ = run(capsys, "gradcheck", "lenet5_swish")
+    assert code == 0 and "swish.grad[x]" in out and "mish.grad[x]" in out and "0 failed" in out
+    code, out, _ = run(capsys, "gradcheck", "conv1d_net", "--loss", "hinge")
+    assert code == 0 and "hinge_loss.grad[scores]" in out
+
+
+def test_gradcheck_exits_non_zero_on_a_wrong_rule(capsys, monkeypatch):
+    from graphconv.ops import OPS
+    op = OPS["reduce_sum"]
+    monkeypatch.setattr(op, "reference", lambda xs, attrs: 2 * xs[0].sum(axis=attrs["axes"]))
+    code, out, _ = run(capsys, "gradcheck", "seed_conv")
+    assert code == 1 and "FAIL" in out
+
+
+def test_train_command_saves_and_resumes(capsys, tmp_path):
+    ck = tmp_path / "c1.npz"
+    code, out, _ = run(capsys, "train", "conv1d_net", "--data", "mnist1d", "--epochs", "1", "--save", str(ck),
+                       "--progress", "off")
+    assert code == 0 and "epoch   1  loss" in out and ck.exists()
+    code, out, _ = run(capsys, "train", "conv1d_net", "--data", "mnist1d", "--epochs", "1", "--save", str(ck),
+                       "--resume", str(ck), "--progress", "off")
+    assert code == 0 and "resumed from" in out and "epoch   2  loss" in out
+    code, out, err = run(capsys, "train", "lenet5", "--resume", str(ck), "--epochs", "1")
+    assert code == 2 and "fc.weight: lenet5.train_step has no parameter or buffer" in err and "Traceback" not in err

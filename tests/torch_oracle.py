@@ -74,6 +74,10 @@ def eval_node(node, xs):
         return torch.sigmoid(xs[0])
     if op == "tanh":
         return torch.tanh(xs[0])
+    if op == "swish":
+        return F.silu(xs[0])
+    if op == "mish":
+        return F.mish(xs[0])
     if op == "add":
         return xs[0] + xs[1]
     if op == "concat":

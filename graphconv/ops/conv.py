@@ -147,19 +147,21 @@ def conv_backward_weight(x, dy, kernel, stride, pads, dilation, groups, padding_
 
 
 def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, padding_mode="zeros"):
-    """dL/dx, a transposed convolution: the columns' gradient dy @ W, scattered back one kernel
-    offset at a time onto the padded input, then folded through the padding."""
-    n, nd = dy.shape[0], dy.ndim - 2
+    """dL/dx, a transposed convolution: per kernel offset, W_k^T @ dy (one batched matmul gives all
+    offsets at once, laid out offset-major), added onto the strided positions that offset read in
+    the forward pass; then folded through the padding."""
+    n, c_out = dy.shape[:2]
     kernel, out_sp = w.shape[2:], dy.shape[2:]
-    cg = w.shape[1]
-    dcols = np.matmul(to_groups(dy, groups), w.reshape(groups, w.shape[0] // groups, -1))   # G, N*P, C/G*K
-    dcols = dcols.reshape(groups, n, *out_sp, cg, math.prod(kernel))
+    cg, cog = w.shape[1], c_out // groups
+    wk = w.reshape(groups, cog, cg, math.prod(kernel)).transpose(0, 3, 2, 1)          # G, K, C/G, C_out/G
+    dyg = np.ascontiguousarray(dy.reshape(n, groups, cog, -1).transpose(1, 2, 0, 3))  # G, C_out/G, N, P
+    dcols = np.matmul(wk, dyg.reshape(groups, 1, cog, -1))                             # G, K, C/G, N*P
     padded = [size + lo + hi for size, (lo, hi) in zip(input_spatial, pads)]
-    dxp = np.zeros((n, groups * cg, *padded), dy.dtype)
+    dxp = np.zeros((groups, cg, n, *padded), dy.dtype)                                 # channel-major
     for k, offset in enumerate(np.ndindex(*kernel)):
-        part = np.moveaxis(dcols[..., k], 2 + nd, 1)                       # G, C/G, N, O...
-        part = np.moveaxis(part, 2, 0).reshape(n, groups * cg, *out_sp)
-        dxp[offset_slices(offset, stride, dilation, out_sp)] += part
+        dxp[(slice(None),) + offset_slices(offset, stride, dilation, out_sp)] += \
+            dcols[:, k].reshape(groups, cg, n, *out_sp)
+    dxp = dxp.reshape(groups * cg, n, *padded).swapaxes(0, 1)
     return unpad_adjoint(dxp, pads, padding_mode, input_spatial)
 
 

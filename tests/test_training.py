@@ -1,0 +1,176 @@
+"""Training as graphs: optimizer updates and running statistics against PyTorch, checkpoints
+(atomic, no pickle, checked names and shapes), resuming, and real training on the digits."""
+import os
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from graphconv import data
+from graphconv.models import MODELS
+from graphconv.training import Optimizer, Trainer, attach_loss, batches, build_train_step
+from torch_oracle import torch
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+
+
+def small_net():
+    g = gc.Graph("small", "float64")
+    x = g.input("x", ("N", 2, 6, 6))
+    h = g.relu(g.batch_norm2d(g.conv2d(x, 3, 3, padding=1, name="conv"), name="bn"))
+    g.output(g.linear(g.flatten(g.max_pool2d(h, 2)), 4, name="fc"))
+    return g
+
+
+def torch_small(params):
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(27, 4)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(params["conv.weight"]))
+        net[0].bias.copy_(torch.from_numpy(params["conv.bias"]))
+        net[1].weight.copy_(torch.from_numpy(params["bn.weight"]))
+        net[1].bias.copy_(torch.from_numpy(params["bn.bias"]))
+        net[5].weight.copy_(torch.from_numpy(params["fc.weight"].T))
+        net[5].bias.copy_(torch.from_numpy(params["fc.bias"]))
+    return net
+
+
+@needs_torch
+@pytest.mark.parametrize("opt", [Optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=1e-2),
+                                 Optimizer("sgd", lr=0.05, momentum=0.0),
+                                 Optimizer("adam", lr=1e-2, weight_decay=1e-3)], ids=["sgd-momentum-wd", "sgd", "adam"])
+def test_training_steps_match_pytorch(opt):
+    rng = np.random.default_rng(0)
+    trainer = Trainer(small_net(), opt, seed=3)
+    net = torch_small(trainer.params)
+    if opt.kind == "sgd":
+        topt = torch.optim.SGD(net.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    else:
+        topt = torch.optim.Adam(net.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    for _ in range(4):
+        x, y = rng.standard_normal((5, 2, 6, 6)), rng.integers(0, 4, 5)
+        loss, _ = trainer.step(x, y)
+        topt.zero_grad()
+        tloss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
+        tloss.backward()
+        topt.step()
+        assert loss == pytest.approx(tloss.item(), rel=1e-10)
+    s = trainer.state
+    np.testing.assert_allclose(s["conv.weight"], net[0].weight.detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["fc.weight"], net[5].weight.detach().numpy().T, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s["bn.running_mean"], net[1].running_mean.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(s["bn.running_var"], net[1].running_var.numpy(), rtol=1e-10)
+
+
+def test_train_step_graph_records_updates():
+    g = build_train_step(attach_loss(MODELS["resnet8"]()), Optimizer("adam"))
+    updates = g.meta["updates"]
+    assert updates["fc.weight"] == "fc.weight.next" and updates["stem.weight"] == "stem.weight.next"
+    assert updates["stem_bn.running_var"] == "stem_bn.running_var.next"
+    assert updates["opt.step"] == "opt.step.next"
+    assert g.node("fc.weight.next").op == "adam_param"
+    assert g.operands("fc.weight.next") == ["fc.weight", "fc.weight.adam_m.next", "fc.weight.adam_v.next", "opt.step.next"]
+    assert set(g.outputs[2:]) == set(updates.values())
+
+
+def test_checkpoints_roundtrip_atomically_and_are_checked(tmp_path, monkeypatch):
+    trainer = Trainer(small_net(), Optimizer("sgd", lr=0.1))
+    rng = np.random.default_rng(1)
+    trainer.step(rng.standard_normal((4, 2, 6, 6)), rng.integers(0, 4, 4))
+    trainer.epoch = 1
+    path = tmp_path / "ck.npz"
+    trainer.save(path)
+    other = Trainer(small_net(), Optimizer("sgd", lr=0.1), seed=9)
+    other.load(path)
+    assert other.epoch == 1 and all(np.array_equal(other.state[k], v) for k, v in trainer.state.items())
+
+    # an interrupted save leaves the previous checkpoint intact and no temporary file
+    before = path.read_bytes()
+    def broken(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ck.npz"]
+
+    # names, shapes and optimizers that do not match are refused, naming the parameter
+    adam = Trainer(small_net(), Optimizer("adam"))
+    with pytest.raises(gc.GraphConvError, match=r"conv.weight.velocity: .* has no parameter or buffer"):
+        adam.load(path)
+    state = dict(np.load(path))
+    state["state/fc.weight"] = state["state/fc.weight"][:, :2]
+    np.savez(tmp_path / "bad.npz", **state)
+    with pytest.raises(gc.GraphConvError, match=r"fc.weight: shape \[27, 2\] in the checkpoint, \[27, 4\]"):
+        other.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "pickled.npz", **{"state/conv.weight": np.array([object()], dtype=object)})
+    with pytest.raises(gc.GraphConvError, match="not a readable"):
+        other.load(tmp_path / "pickled.npz")
+    with pytest.raises(gc.GraphConvError, match="no such checkpoint"):
+        other.load(tmp_path / "missing.npz")
+
+
+def test_resuming_continues_exactly(tmp_path):
+    x, y, _, _ = data.load("mnist1d", MODELS["conv1d_net"]().inputs[0].shape)
+    x, y = x[:256], y[:256]
+
+    def run(trainer, epochs):
+        for _ in range(epochs):
+            for idx in batches(len(x), 64, 0, trainer.epoch):
+                trainer.step(x[idx], y[idx])
+            trainer.epoch += 1
+
+    straight = Trainer(MODELS["conv1d_net"](), Optimizer("adam"))
+    run(straight, 2)
+    first = Trainer(MODELS["conv1d_net"](), Optimizer("adam"))
+    run(first, 1)
+    first.save(tmp_path / "c.npz")
+    resumed = Trainer(MODELS["conv1d_net"](), Optimizer("adam"), seed=5)
+    resumed.load(tmp_path / "c.npz")
+    run(resumed, 1)
+    for k, v in straight.state.items():
+        np.testing.assert_array_equal(resumed.state[k], v, err_msg=k)
+
+
+def test_data_sets_are_offline_fixed_and_shaped_for_the_model():
+    x_tr, y_tr, x_te, y_te = data.load("digits", ("N", 1, 28, 28))
+    assert x_tr.shape == (1437, 1, 28, 28) and x_te.shape == (360, 1, 28, 28) and x_tr.dtype == np.float32
+    assert abs(float(x_tr.mean())) < 1e-5 and abs(float(x_tr.std()) - 1) < 1e-4
+    again = data.load("digits", ("N", 1, 28, 28))
+    assert np.array_equal(again[3], y_te)
+    x3 = data.load("digits", ("N", 3, 32, 32))[0]
+    assert x3.shape == (1437, 3, 32, 32) and np.array_equal(x3[:, 0], x3[:, 2])
+    m = data.load("mnist1d", ("N", 1, 40))
+    assert m[0].shape == (4000, 1, 40) and m[2].shape == (1000, 1, 40) and set(np.unique(m[1])) == set(range(10))
+    with pytest.raises(gc.GraphConvError, match="conv3d_net takes input"):
+        data.load("digits", ("N", 1, 16, 16, 16), "conv3d_net")
+    # the resize is linear interpolation: corners kept, a linear ramp stays a linear ramp
+    ramp = np.arange(8.0)[None, None, :].repeat(8, axis=1)
+    big = data.resize_linear(ramp, (28, 28))
+    np.testing.assert_allclose(big[0, 0], np.linspace(0, 7, 28))
+
+
+def test_lenet5_reaches_97_percent_on_digits():
+    """The acceptance run, kept short for CI: 6 epochs of Adam on the numpy backend."""
+    graph = MODELS["lenet5"]()
+    x_tr, y_tr, x_te, y_te = data.load("digits", graph.inputs[0].shape)
+    trainer = Trainer(graph, Optimizer("adam", lr=1e-3), seed=0)
+    accuracy = []
+    for epoch in range(6):
+        for idx in batches(len(x_tr), 64, 0, epoch):
+            trainer.step(x_tr[idx], y_tr[idx])
+        accuracy.append(trainer.evaluate(x_te, y_te)[1])
+    assert max(accuracy[-2:]) >= 0.97, accuracy
+
+
+def test_conv1d_net_learns_mnist1d():
+    graph = MODELS["conv1d_net"]()
+    x_tr, y_tr, x_te, y_te = data.load("mnist1d", graph.inputs[0].shape)
+    trainer = Trainer(graph, Optimizer("adam", lr=3e-3), seed=0)
+    before = trainer.evaluate(x_te, y_te)
+    for epoch in range(3):
+        for idx in batches(len(x_tr), 64, 0, epoch):
+            trainer.step(x_tr[idx], y_tr[idx])
+    after = trainer.evaluate(x_te, y_te)
+    assert after[0] < before[0] - 0.3 and after[1] > 0.4, (before, after)
