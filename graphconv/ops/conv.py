@@ -10,8 +10,8 @@ import sympy as sp
 from ..errors import GraphError, OpError
 from ..shapes import as_shape, fmt_dim, fmt_shape, numel, provably_ne, provably_true
 from .base import REQUIRED, Op, register, rank_error
-from .window import (AXES, LAYOUT, offset_slices, pad_array, padding_pairs, per_axis, resolve_same, sliding_windows,
-                     unpad_adjoint, window_shape)
+from .window import (AXES, LAYOUT, offset_slices, pad_array, padding_pairs, per_axis, resolve_same, unpad_adjoint,
+                     window_shape)
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -104,46 +104,50 @@ class Conv(Op):
         ]
 
 
-def im2col(x, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
-    """Columns (G, N*P, C/G * prod K) of the padded input: one row per output position."""
-    nd = x.ndim - 2
-    win = sliding_windows(pad_array(x, pads, padding_mode), kernel, stride, dilation)   # N, C, O..., K...
+def columns(x, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
+    """im2col, offset-major: (G, K * C/G, N*P), row (k, c) holding input channel c as kernel offset k
+    reads it at every output position. Built one kernel offset at a time from a channel-major copy
+    of the padded input, so every write is contiguous."""
+    xt = np.ascontiguousarray(pad_array(x, pads, padding_mode).swapaxes(0, 1))       # C, N, padded...
     n, c = x.shape[:2]
-    out_sp = win.shape[2:2 + nd]
-    win = win.reshape(n, groups, c // groups, *out_sp, *kernel)
-    perm = (1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-    return win.transpose(perm).reshape(groups, n * math.prod(out_sp), -1), out_sp
+    out_sp = tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(xt.shape[2:], kernel, stride, dilation))
+    cols = np.empty((math.prod(kernel), c, n) + out_sp, x.dtype)
+    for k, offset in enumerate(np.ndindex(*kernel)):
+        cols[k] = xt[offset_slices(offset, stride, dilation, out_sp)]
+    cols = cols.reshape(len(cols), groups, c // groups, -1).transpose(1, 0, 2, 3)
+    return cols.reshape(groups, -1, cols.shape[-1]), out_sp
 
 
-def to_groups(y, groups):
-    """(N, C, O...) -> (G, N*P, C/G): the layout of im2col's matmul result."""
+def channel_major(y, groups):
+    """(N, C, O...) -> (G, C/G, N*P)."""
     n, c = y.shape[:2]
-    return np.moveaxis(y.reshape(n, groups, c // groups, -1), 2, 3).transpose(1, 0, 2, 3).reshape(groups, -1, c // groups)
+    return np.ascontiguousarray(y.swapaxes(0, 1)).reshape(groups, c // groups, -1)
 
 
-def from_groups(y, n, out_sp):
-    """(G, N*P, C/G) -> (N, C, O...)."""
-    groups, _, cg = y.shape
-    y = y.reshape(groups, n, math.prod(out_sp), cg).transpose(1, 0, 3, 2)
-    return np.ascontiguousarray(y).reshape(n, groups * cg, *out_sp)
+def weight_rows(w, groups):
+    """[C_out, C/G, K...] -> (G, C_out/G, K * C/G), matching the rows of `columns`."""
+    c_out, cg = w.shape[:2]
+    return w.reshape(groups, c_out // groups, cg, -1).transpose(0, 1, 3, 2).reshape(groups, c_out // groups, -1)
 
 
 def conv_nd(x, w, b, stride, pads, dilation, groups, padding_mode="zeros"):
     """N-d cross-correlation as im2col + one batched matmul per group (BLAS, no pixel loops)."""
-    cols, out_sp = im2col(x, w.shape[2:], stride, pads, dilation, groups, padding_mode)
-    wm = w.reshape(groups, w.shape[0] // groups, -1).transpose(0, 2, 1)
-    y = from_groups(np.matmul(cols, wm), x.shape[0], out_sp)
+    cols, out_sp = columns(x, w.shape[2:], stride, pads, dilation, groups, padding_mode)
+    y = np.matmul(weight_rows(w, groups), cols)                                # G, C_out/G, N*P
+    y = y.reshape(w.shape[0], x.shape[0], *out_sp).swapaxes(0, 1)
+    y = np.ascontiguousarray(y)
     if b is not None:
         y += b.reshape((1, -1) + (1,) * len(out_sp))
     return y.astype(x.dtype, copy=False)
 
 
 def conv_backward_weight(x, dy, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
-    """dL/dW = columns^T @ dy per group."""
-    cols, _ = im2col(x, kernel, stride, pads, dilation, groups, padding_mode)
-    dw = np.matmul(cols.transpose(0, 2, 1), to_groups(dy, groups))          # G, C/G*K, C_out/G
-    c_out = dy.shape[1]
-    return np.ascontiguousarray(dw.transpose(0, 2, 1)).reshape(c_out, x.shape[1] // groups, *kernel)
+    """dL/dW = dy @ columns^T per group."""
+    cols, _ = columns(x, kernel, stride, pads, dilation, groups, padding_mode)
+    dw = np.matmul(channel_major(dy, groups), cols.transpose(0, 2, 1))          # G, C_out/G, K * C/G
+    c_out, cg = dy.shape[1], x.shape[1] // groups
+    dw = dw.reshape(groups, c_out // groups, -1, cg).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(dw).reshape(c_out, cg, *kernel)
 
 
 def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, padding_mode="zeros"):
@@ -154,8 +158,7 @@ def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, pad
     kernel, out_sp = w.shape[2:], dy.shape[2:]
     cg, cog = w.shape[1], c_out // groups
     wk = w.reshape(groups, cog, cg, math.prod(kernel)).transpose(0, 3, 2, 1)          # G, K, C/G, C_out/G
-    dyg = np.ascontiguousarray(dy.reshape(n, groups, cog, -1).transpose(1, 2, 0, 3))  # G, C_out/G, N, P
-    dcols = np.matmul(wk, dyg.reshape(groups, 1, cog, -1))                             # G, K, C/G, N*P
+    dcols = np.matmul(wk, channel_major(dy, groups)[:, None])                         # G, K, C/G, N*P
     padded = [size + lo + hi for size, (lo, hi) in zip(input_spatial, pads)]
     dxp = np.zeros((groups, cg, n, *padded), dy.dtype)                                 # channel-major
     for k, offset in enumerate(np.ndindex(*kernel)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import sympy as sp
+from sympy.printing.numpy import NumPyPrinter
 
 from ..errors import GraphError, OpError
 from ..shapes import fmt_shape, provably_ne
@@ -53,6 +54,16 @@ def _np_softplus(x):
 NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus}
 
 
+class _WherePrinter(NumPyPrinter):
+    """Prints Piecewise as nested numpy.where, several times faster than sympy's numpy.select."""
+
+    def _print_Piecewise(self, expr):
+        text = self._print(expr.args[-1].expr) if expr.args[-1].cond == sp.true else "numpy.nan"
+        for piece in reversed(expr.args[:-1] if expr.args[-1].cond == sp.true else expr.args):
+            text = f"numpy.where({self._print(piece.cond)}, {self._print(piece.expr)}, {text})"
+        return text
+
+
 class Pointwise(Op):
     kind = "elementwise"
 
@@ -68,7 +79,10 @@ class Pointwise(Op):
             raise GraphError(f"{name}: expression {self.expr} uses {sorted(map(str, extra))}, which are neither "
                              f"operands {list(inputs)} nor parameters {list(self.attrs)}")
         self.doc = doc
-        self.lambdified = sp.lambdify(self.symbols + self.param_symbols, self.expr, modules=[NUMPY_FUNCTIONS, "numpy"])
+        self.lambdified = sp.lambdify(self.symbols + self.param_symbols, self.expr, modules=[NUMPY_FUNCTIONS, "numpy"],
+                                      printer=_WherePrinter({"fully_qualified_modules": False, "inline": True,
+                                                             "allow_unknown_functions": True, "user_functions": {}}),
+                                      cse=True)
         # a faster NumPy form of the same expression (tests check that the two agree)
         self._fn = numpy or self.lambdified
         self._grads: dict = {}
