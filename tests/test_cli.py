@@ -103,3 +103,18 @@ def test_train_command_saves_and_resumes(capsys, tmp_path):
     assert code == 0 and "resumed from" in out and "epoch   2  loss" in out
     code, out, err = run(capsys, "train", "lenet5", "--resume", str(ck), "--epochs", "1")
     assert code == 2 and "fc.weight: lenet5.train_step has no parameter or buffer" in err and "Traceback" not in err
+
+
+def test_readme_python_examples_run():
+    """The README's Python blocks, run top to bottom in one namespace."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (64, 10)
+    assert namespace["out"]["dconv1.weight"].shape == (20, 1, 5, 5)
+    assert namespace["h2"].shape == namespace["h"].shape
