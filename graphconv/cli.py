@@ -104,8 +104,10 @@ def random_inputs(graph, batch, seed):
     arrays = {}
     for node in graph.inputs:
         shape = concrete(node.shape, bindings)
-        if node.dtype == "int64":
-            arrays[node.name] = rng.integers(0, 10, size=shape)
+        if node.dtype == "int64":  # class indices, below the class count of the loss that reads them
+            classes = [int(graph.node(graph.operands(u)[0]).shape[1]) for u, _ in graph.users(node.name)
+                       if graph.node(u).op in ("softmax_cross_entropy", "hinge_loss")]
+            arrays[node.name] = rng.integers(0, min(classes, default=10), size=shape)
         else:
             arrays[node.name] = rng.standard_normal(shape).astype(node.dtype)
     return arrays

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .errors import InputError, OpError
+from .errors import GraphError, InputError, OpError
 from .ops import OPS
 from .params import check_params
 from .shapes import fmt_shape
@@ -71,7 +71,7 @@ class NumpyProgram:
     def __init__(self, graph):
         self.graph = graph.verify()
         if not graph.outputs:
-            raise InputError(f"{graph.name}: no outputs; mark them with g.output(...)")
+            raise GraphError(f"{graph.name}: no outputs; mark them with g.output(...)")
         self.order = graph.topo()
         self.input_names = [n.name for n in graph.inputs]
         self.last_use = {}

@@ -67,10 +67,6 @@ def numel(shape) -> sp.Expr:
     return out
 
 
-def is_concrete(shape) -> bool:
-    return all(sp.sympify(d).is_Integer for d in shape)
-
-
 def fmt_dim(d) -> str:
     return str(d).replace(" ", "")
 
@@ -94,11 +90,3 @@ def window_out(size, kernel, stride, pad_lo, pad_hi, dilation=1, ceil_mode=False
     if drop == sp.false:
         return out
     return sp.Piecewise((out - 1, drop), (out, True))
-
-
-def subs(shape, bindings) -> tuple:
-    return tuple(sp.sympify(d).subs(bindings) for d in shape)
-
-
-def to_ints(shape) -> tuple:
-    return tuple(int(d) for d in shape)

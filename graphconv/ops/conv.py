@@ -168,17 +168,30 @@ def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, pad
     return unpad_adjoint(dxp, pads, padding_mode, input_spatial)
 
 
-class ConvBackwardData(Op):
-    """dL/d(input) of conv{nd}d: operands (grad_output, weight)."""
-    operands = ("grad_output", "weight")
+class ConvGradient(Op):
+    """The two gradient ops of conv{nd}d share the forward's attributes, plus the one size the
+    gradient cannot infer: the input's spatial size (data) or the kernel size (weight)."""
+    suffix, extra = "", ""
 
     def __init__(self, nd):
-        self.nd, self.name = nd, f"conv{nd}d_backward_data"
-        self.attrs = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": REQUIRED,
-                      "padding_mode": REQUIRED, "input_size": REQUIRED}
+        self.nd, self.name = nd, f"conv{nd}d_{self.suffix}"
+        self.attrs = {k: REQUIRED for k in ("stride", "padding", "dilation", "groups", "padding_mode", self.extra)}
 
     def normalize(self, a):
-        return {**Conv(self.nd).normalize(a), "input_size": as_shape(a["input_size"], "input_size")}
+        size = (as_shape(a[self.extra], self.extra) if self.extra == "input_size"
+                else per_axis(a[self.extra], self.nd, self.extra, 1))
+        return {**Conv(self.nd).normalize(a), self.extra: size}
+
+    def macs(self, ins, out, attrs):  # as many multiply-adds as the forward convolution
+        dy = ins[0] if self.extra == "input_size" else ins[1]
+        per_output = numel(ins[1].shape[1:]) if self.extra == "input_size" else numel(out.shape[1:])
+        return numel(dy.shape) * per_output
+
+
+class ConvBackwardData(ConvGradient):
+    """dL/d(input) of conv{nd}d: operands (grad_output, weight)."""
+    operands = ("grad_output", "weight")
+    suffix, extra = "backward_data", "input_size"
 
     def shape(self, ins, attrs):
         dy, w = ins
@@ -194,21 +207,11 @@ class ConvBackwardData(Op):
         return conv_backward_data(xs[0], xs[1], [int(d) for d in a["input_size"]], a["stride"], a["padding"],
                                   a["dilation"], a["groups"], a["padding_mode"])
 
-    def macs(self, ins, out, attrs):
-        return numel(ins[0].shape) * numel(ins[1].shape[1:])
 
-
-class ConvBackwardWeight(Op):
+class ConvBackwardWeight(ConvGradient):
     """dL/d(weight) of conv{nd}d: operands (input, grad_output)."""
     operands = ("input", "grad_output")
-
-    def __init__(self, nd):
-        self.nd, self.name = nd, f"conv{nd}d_backward_weight"
-        self.attrs = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": REQUIRED,
-                      "padding_mode": REQUIRED, "kernel_size": REQUIRED}
-
-    def normalize(self, a):
-        return {**Conv(self.nd).normalize(a), "kernel_size": per_axis(a["kernel_size"], self.nd, "kernel_size", 1)}
+    suffix, extra = "backward_weight", "kernel_size"
 
     def shape(self, ins, attrs):
         x, dy = ins
@@ -218,9 +221,6 @@ class ConvBackwardWeight(Op):
         a = attrs
         return conv_backward_weight(xs[0], xs[1], a["kernel_size"], a["stride"], a["padding"], a["dilation"],
                                     a["groups"], a["padding_mode"])
-
-    def macs(self, ins, out, attrs):
-        return numel(ins[1].shape) * numel(out.shape[1:])
 
 
 for _nd in (1, 2, 3):

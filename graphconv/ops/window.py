@@ -129,16 +129,6 @@ def unpad_adjoint(grad, pads, mode, spatial):
     return np.ascontiguousarray(grad)
 
 
-def sliding_windows(x, kernel, stride, dilation):
-    """Read-only view of shape (N, C, O1..Od, K1..Kd) of a padded array x."""
-    nd = len(kernel)
-    spatial = x.shape[2:]
-    out = tuple((size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(spatial, kernel, stride, dilation))
-    st = x.strides
-    strides = st[:2] + tuple(st[2 + i] * stride[i] for i in range(nd)) + tuple(st[2 + i] * dilation[i] for i in range(nd))
-    return np.lib.stride_tricks.as_strided(x, x.shape[:2] + out + tuple(kernel), strides, writeable=False)
-
-
 def offset_slices(offset, stride, dilation, out):
     """Index of the input positions that kernel offset `offset` reads for every output position."""
     return (slice(None), slice(None)) + tuple(
