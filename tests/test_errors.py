@@ -196,3 +196,16 @@ def test_verify_catches_broken_invariants():
     bad.node("relu1").op = "relu6"
     with pytest.raises(gc.GraphError, match="unknown op"):
         bad.verify()
+
+
+def test_bad_attribute_values_are_reported_not_crashed():
+    g = gc.Graph("net")
+    x = g.input("x", ("N", 3, 8, 8))
+    raises(gc.GraphError, lambda: g.batch_norm2d(x, eps="a", name="bn"), "bn [batch_norm]: invalid attribute value",
+           "eps='a'")
+    raises(gc.GraphError, lambda: g.leaky_relu(x, negative_slope=None, name="lr"), "lr [leaky_relu]", "negative_slope=None")
+    raises(gc.GraphError, lambda: g.conv2d(x, 4, "3", name="c"), "c [conv2d]", "kernel_size must be an int or a tuple")
+    raises(gc.GraphError, lambda: g.max_pool2d(x, 2, stride=1.5, name="p"), "p [max_pool2d]", "got 1.5")
+    raises(gc.ShapeError, lambda: g.reshape(x, ("N", 3, 64.0), name="r"), "r [reshape]", "64.0 is a float")
+    raises(gc.GraphError, lambda: g.conv2d(np.zeros((1, 3, 8, 8)), 4, 3, name="c"), "c", "is not a tensor of graph net")
+    assert [n.name for n in g.topo()] == ["x"]

@@ -87,7 +87,11 @@ class Op:
                 raise OpError(f"{self.name} needs the attribute {key!r}", kind=GraphError)
             else:
                 out[key] = default
-        return self.normalize(out)
+        try:
+            return self.normalize(out)
+        except (TypeError, ValueError) as e:  # e.g. float("abc"): report it as the user's attribute
+            given_values = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise OpError(f"invalid attribute value ({given_values}): {e}", kind=GraphError) from None
 
     def normalize(self, attrs: dict) -> dict:
         return attrs
