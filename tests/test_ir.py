@@ -93,10 +93,10 @@ def test_initialisation_bounds_equal_pytorch_defaults():
     torch.manual_seed(0)
     g = gc.Graph("t")
     x = g.input("x", ("N", 12, 9, 9))
-    g.linear(g.flatten(g.conv2d(x, 64, 3, groups=3, name="c")), 100, name="fc")
+    g.linear(g.flatten(g.conv2d(x, 66, 3, groups=3, name="c")), 100, name="fc")
     params = gc.init_params(g)
     ours = {k: np.abs(v).max() for k, v in params.items()}
-    conv, fc = torch.nn.Conv2d(12, 64, 3, groups=3), torch.nn.Linear(64 * 7 * 7, 100)
+    conv, fc = torch.nn.Conv2d(12, 66, 3, groups=3), torch.nn.Linear(66 * 7 * 7, 100)
     theirs = {"c.weight": conv.weight, "c.bias": conv.bias, "fc.weight": fc.weight, "fc.bias": fc.bias}
     for name, t in theirs.items():   # both U(-b, b): the sample maxima agree to within a few percent
         assert ours[name] == pytest.approx(float(t.abs().max()), rel=0.05), name
