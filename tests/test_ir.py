@@ -99,4 +99,4 @@ def test_initialisation_bounds_equal_pytorch_defaults():
     conv, fc = torch.nn.Conv2d(12, 66, 3, groups=3), torch.nn.Linear(66 * 7 * 7, 100)
     theirs = {"c.weight": conv.weight, "c.bias": conv.bias, "fc.weight": fc.weight, "fc.bias": fc.bias}
     for name, t in theirs.items():   # both U(-b, b): the sample maxima agree to within a few percent
-        assert ours[name] == pytest.approx(float(t.abs().max()), rel=0.05), name
+        assert ours[name] == pytest.approx(float(t.detach().abs().max()), rel=0.05), name
