@@ -37,8 +37,9 @@ def cmd_dump(args):
     sys.stdout.write(FORMATS[args.format](graph))
     if args.stage != "forward" and args.format == "text":
         saved = saved_tensors(graph)
-        per = saved_bytes(graph, 1)
-        print(f"# saved for the backward pass: {len(saved)} tensors, {int(per):,} bytes per example "
+        size = int(saved_bytes(graph, args.batch or 1))
+        per = f"at batch {args.batch}" if args.batch else "per example"
+        print(f"# saved for the backward pass: {len(saved)} tensors, {size:,} bytes {per} "
               f"({', '.join(n.name for n in saved)})")
 
 
@@ -151,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="text", choices=("text", "dot", "json"))
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
+    s.add_argument("--batch", type=_positive, default=None, help="batch size for the saved-bytes line")
     s.set_defaults(func=cmd_dump)
     s = with_model("gradcheck", "check every gradient rule of the model's backward graph by finite differences")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))

@@ -102,3 +102,51 @@ def test_channels_must_be_concrete_for_layers_that_create_weights():
         g.conv2d(x, 4, 3, name="conv1")
     y = g.conv2d(x, 4, 3, in_channels=3, name="conv1")
     assert y.shape[1] == 4
+
+
+@needs_torch
+@pytest.mark.parametrize("nd", [2, 3])
+def test_conv_and_pool_values_match_pytorch_random_sweep(nd):
+    """Random hyperparameters in 2-D and 3-D: shapes (or the refusal) and values agree with PyTorch."""
+    F = torch.nn.functional
+    rng = np.random.default_rng(nd)
+    compared = 0
+    for _ in range(40):
+        groups = int(rng.choice([1, 2, 3]))
+        c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+        spatial = tuple(int(v) for v in rng.integers(3, 9 if nd == 2 else 6, nd))
+        k = tuple(int(v) for v in rng.integers(1, 4, nd))
+        s = tuple(int(v) for v in rng.integers(1, 3, nd))
+        d = tuple(int(v) for v in rng.integers(1, 3, nd))
+        p = tuple(int(v) for v in rng.integers(0, 3, nd))
+        mode = str(rng.choice(["zeros", "reflect", "replicate", "circular"]))
+        x = rng.standard_normal((2, c_in, *spatial))
+        w = rng.standard_normal((c_out, c_in // groups, *k))
+        g = gc.Graph("t", "float64")
+        xi = g.input("x", x.shape)
+        try:
+            y = g.conv2d(xi, c_out, k, stride=s, padding=p, dilation=d, groups=groups, padding_mode=mode, bias=False) \
+                if nd == 2 else g.conv3d(xi, c_out, k, stride=s, padding=p, dilation=d, groups=groups,
+                                         padding_mode=mode, bias=False)
+        except gc.ShapeError:
+            y = None
+        tx = torch.from_numpy(x)
+        if mode != "zeros":
+            flat = [v for pad in reversed(p) for v in (pad, pad)]
+            try:
+                tx = F.pad(tx, flat, mode=mode)
+            except (RuntimeError, NotImplementedError):
+                assert y is None, ("torch refuses the padding", mode, p, spatial)
+                continue
+        try:
+            conv = getattr(F, f"conv{nd}d")
+            want = conv(tx, torch.from_numpy(w), None, s, p if mode == "zeros" else 0, d, groups).numpy()
+        except RuntimeError:
+            assert y is None, (spatial, k, s, p, d)
+            continue
+        assert y is not None, (spatial, k, s, p, d, mode)
+        g.output(y)
+        got = gc.compile(g)(x, params={y.name + ".weight": w})
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+        compared += 1
+    assert compared > 15
