@@ -74,10 +74,20 @@ class NumpyProgram:
             raise GraphError(f"{graph.name}: no outputs; mark them with g.output(...)")
         self.order = graph.topo()
         self.input_names = [n.name for n in graph.inputs]
+        self.operands = {node.name: graph.operands(node.name) for node in self.order}
         self.last_use = {}
         for step, node in enumerate(self.order):
-            for operand in graph.operands(node.name):
+            for operand in self.operands[node.name]:
                 self.last_use[operand] = step
+        self._shapes = {}
+
+    def shapes(self, bindings) -> dict:
+        """Every op node's concrete shape for these symbol values (computed once per batch size)."""
+        key = tuple(sorted((str(k), v) for k, v in bindings.items()))
+        if key not in self._shapes:
+            self._shapes[key] = {n.name: concrete(n.shape, bindings, f"{n.name} [{n.op}]: ")
+                                 for n in self.order if n.role == "op"}
+        return self._shapes[key]
 
     def __call__(self, *args, params=None, **inputs):
         if len(args) > len(self.input_names):
@@ -96,11 +106,12 @@ class NumpyProgram:
         bindings = bind_inputs(self.graph, inputs)
         values = {**inputs, **check_params(self.graph, params)}
         keep_always = set(self.graph.outputs)
+        shapes = self.shapes(bindings)
         for step, node in enumerate(self.order):
             if node.role != "op":
                 continue
-            xs = [values[o] for o in self.graph.operands(node.name)]
-            shape = concrete(node.shape, bindings, f"{node.name} [{node.op}]: ")
+            xs = [values[o] for o in self.operands[node.name]]
+            shape = shapes[node.name]
             try:
                 y = OPS[node.op].evaluate(xs, node.attrs, shape)
             except OpError as e:  # a value-dependent check, e.g. a class index out of range
@@ -111,7 +122,7 @@ class NumpyProgram:
                                      f"its rule says {node.dtype}{fmt_shape(shape)}")
             values[node.name] = y
             if not keep:
-                for operand in self.graph.operands(node.name):
+                for operand in self.operands[node.name]:
                     if self.last_use.get(operand) == step and operand not in keep_always:
                         values.pop(operand, None)
         return values if keep else {o: values[o] for o in self.graph.outputs}

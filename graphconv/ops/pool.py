@@ -120,18 +120,12 @@ class PoolBackward(Pool):
         pairs = self.padded_pairs(spatial, out_sp, attrs)
         if self.mode == "max":
             xp = pad_array(xs[0], pairs, value=-np.inf)
-            best, arg = None, None
-            for i, offset in enumerate(np.ndindex(*k)):
-                part = xp[offset_slices(offset, s, d, out_sp)]
-                if best is None:
-                    best, arg = part.copy(), np.zeros(part.shape, np.int32)
-                else:
-                    better = part > best            # strict: the first maximum wins
-                    np.copyto(best, part, where=better)
-                    arg[better] = i
+            offsets = list(np.ndindex(*k))
+            # argmax returns the first maximum: the kernel offset PyTorch routes a tie to
+            arg = np.stack([xp[offset_slices(o, s, d, out_sp)] for o in offsets]).argmax(axis=0)
             dxp = np.zeros(xp.shape, dy.dtype)
-            for i, offset in enumerate(np.ndindex(*k)):
-                dxp[offset_slices(offset, s, d, out_sp)] += np.where(arg == i, dy, 0)
+            for i, offset in enumerate(offsets):
+                dxp[offset_slices(offset, s, d, out_sp)] += dy * (arg == i)
         else:
             share = (dy / self.divisor(spatial, out_sp, attrs)).astype(dy.dtype)
             padded = [size + lo + hi for size, (lo, hi) in zip(spatial, pairs)]
