@@ -257,5 +257,21 @@ class GraphCore:
                 fail(f"output {out!r} is not a node")
         return self
 
+    def dump(self, fmt="text") -> str:
+        """The graph as text (jaxpr-like), dot or json; str(graph) is the text form."""
+        from .printer import FORMATS
+        if fmt not in FORMATS:
+            raise GraphError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return FORMATS[fmt](self)
+
+    def summary(self, batch=None, fmt="table") -> str:
+        """The layer table (see graphconv summary)."""
+        from .summary import format_json, format_table, summarize
+        s = summarize(self, batch)
+        return format_json(s) if fmt == "json" else format_table(s)
+
+    def __str__(self):
+        return self.dump("text")
+
     def __repr__(self):
         return f"<Graph {self.name}: {self.nx.number_of_nodes()} nodes, outputs {self.outputs}>"

@@ -49,6 +49,10 @@ def test_dumps_are_byte_identical_across_processes(fmt):
 
 def test_text_dump_reads_like_a_jaxpr():
     text = to_text(lenet5())
+    assert str(lenet5()) == text and lenet5().dump("dot") == FORMATS["dot"](lenet5())
+    assert "| conv1    | conv2d     | 20 x 28 x 28 |" in lenet5().summary()
+    with pytest.raises(gc.GraphError, match="unknown dump format 'svg'"):
+        lenet5().dump("svg")
     assert text.startswith("graph lenet5(%x:f32[N,1,28,28]) -> (%fc2:f32[N,10]) {")
     assert "%pool1:f32[N,20,14,14] = max_pool2d[kernel_size=(2,2), stride=(2,2)" in text
     assert "%conv2:f32[N,50,14,14] = conv2d[stride=(1,1), padding=(2,2)" in text and "%pool1 %conv2.weight %conv2.bias" in text
