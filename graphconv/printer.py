@@ -59,15 +59,21 @@ def to_text(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _q(text) -> str:
+    """A DOT double-quoted string."""
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def to_dot(graph) -> str:
-    lines = [f'digraph "{graph.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+    lines = [f"digraph {_q(graph.name)} {{", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
     for n in graph.topo():
         style = {"input": ', style=filled, fillcolor="#dfe9f5"', "param": ', style=dashed',
                  "buffer": ', style=dotted'}.get(n.role, "")
-        label = f"{n.name}\\n{n.op}{fmt_attrs(n.attrs, skip=('init', 'shape', 'dtype', 'trainable'))}\\n{fmt_type(n.type)}"
-        lines.append(f'  "{n.name}" [label="{label}"{style}];')
+        attrs = fmt_attrs(n.attrs, skip=("init", "shape", "dtype", "trainable"))
+        label = _q(f"{n.name}\n{n.op}{attrs}\n{fmt_type(n.type)}").replace("\n", "\\n")
+        lines.append(f"  {_q(n.name)} [label={label}{style}];")
     for src, dst, key in sorted(graph.nx.edges(keys=True), key=lambda e: (graph.node(e[1]).index, e[2])):
-        lines.append(f'  "{src}" -> "{dst}" [label="{key}"];')
+        lines.append(f'  {_q(src)} -> {_q(dst)} [label="{key}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -189,4 +189,7 @@ def load_checkpoint(path, graph):
 def batches(n, batch, seed, epoch):
     """Shuffled index batches for one epoch, seeded by (seed, epoch) so a resumed run sees the same order."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch] for i in range(0, n, batch)]
+    parts = [order[i:i + batch] for i in range(0, n, batch)]
+    if len(parts) > 1 and len(parts[-1]) == 1:  # batch statistics need two examples: join the last one
+        parts[-2:] = [np.concatenate(parts[-2:])]
+    return parts

@@ -1,5 +1,6 @@
 """IR invariants: operand order, deterministic order and dumps, copies, casts, parameters."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,3 +105,20 @@ def test_initialisation_bounds_equal_pytorch_defaults():
     theirs = {"c.weight": conv.weight, "c.bias": conv.bias, "fc.weight": fc.weight, "fc.bias": fc.bias}
     for name, t in theirs.items():   # both U(-b, b): the sample maxima agree to within a few percent
         assert ours[name] == pytest.approx(float(t.detach().abs().max()), rel=0.05), name
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz not installed (.ci/run installs it)")
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dot_dumps_render_with_graphviz(name):
+    from graphconv.autodiff import derive_backward
+    from graphconv.training import attach_loss
+    for graph in (MODELS[name](), derive_backward(attach_loss(MODELS[name]()))):
+        svg = subprocess.run(["dot", "-Tsvg"], input=graph.dump("dot"), capture_output=True, text=True, check=True).stdout
+        assert svg.count('class="node"') == graph.nx.number_of_nodes()
+        assert svg.count('class="edge"') == graph.nx.number_of_edges()
+
+
+def test_dot_quotes_odd_names():
+    g = gc.Graph('we"ird')
+    g.output(g.relu(g.input("x", ("N", 3)), name='a"b'))
+    assert '"a\\"b" [label="a\\"b\\nrelu\\nf32[N,3]"];' in g.dump("dot")

@@ -5,6 +5,7 @@ import pytest
 
 import graphconv as gc
 from naive import batch_norm_naive, conv_naive, cross_entropy_naive, hinge_naive, pool_naive
+from graphconv.gradcheck import check_rule
 from torch_oracle import run_torch, torch
 
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed")
@@ -172,3 +173,21 @@ def test_float32_and_float64_graphs_agree():
     y64 = gc.compile(g32, dtype="float64")(x.astype(np.float64), params={k: v.astype(np.float64) for k, v in params.items()})
     assert y32.dtype == np.float32 and y64.dtype == np.float64
     np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)
+
+
+def test_avg_pool_divisor_override_and_batch_norm_single_value():
+    g = gc.Graph("t", "float64")
+    x = g.input("x", (2, 3, 6, 6))
+    g.output(g.avg_pool2d(x, 3, stride=2, padding=1, divisor_override=4, name="p"))
+    data = RNG.standard_normal((2, 3, 6, 6))
+    got = gc.compile(g)(data)
+    sums = pool_naive(data, "avg", (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), (3, 3)) * 9   # count_include_pad
+    np.testing.assert_allclose(got, sums / 4, rtol=1e-12)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g, {"x": data}, {})["p"], got, rtol=1e-12)
+    results = check_rule("avg_pool2d", [data], g.node("p").attrs, RNG)
+    assert all(r.ok for r in results)
+    b = gc.Graph("bn")
+    b.output(b.batch_norm1d(b.input("x", ("N", 4)), name="bn1"))
+    with pytest.raises(gc.InputError, match=r"bn1 \[batch_norm\]: batch statistics need more than one value per channel"):
+        gc.compile(b)(np.ones((1, 4), np.float32), params=gc.init_params(b))

@@ -174,3 +174,12 @@ def test_conv1d_net_learns_mnist1d():
             trainer.step(x_tr[idx], y_tr[idx])
     after = trainer.evaluate(x_te, y_te)
     assert after[0] < before[0] - 0.3 and after[1] > 0.4, (before, after)
+
+
+def test_batches_cover_every_example_once_and_never_leave_one_alone():
+    for n, batch in ((1437, 64), (129, 64), (10, 3), (5, 5)):
+        parts = batches(n, batch, 0, 0)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+        assert min(len(p) for p in parts) > 1 and max(len(p) for p in parts) <= batch + 1
+    assert [p.tolist() for p in batches(10, 4, 1, 2)] == [p.tolist() for p in batches(10, 4, 1, 2)]
+    assert [p.tolist() for p in batches(10, 4, 1, 2)] != [p.tolist() for p in batches(10, 4, 1, 3)]

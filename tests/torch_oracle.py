@@ -40,8 +40,9 @@ def _pool(node, x):
     a = node.attrs
     if mode == "max":
         return getattr(F, f"max_pool{nd}d")(x, a["kernel_size"], a["stride"], pad, a["dilation"], ceil_mode=a["ceil_mode"])
+    extra = {"divisor_override": a["divisor_override"]} if a["divisor_override"] and nd > 1 else {}
     return getattr(F, f"avg_pool{nd}d")(x, a["kernel_size"], a["stride"], pad, ceil_mode=a["ceil_mode"],
-                                        count_include_pad=a["count_include_pad"])
+                                        count_include_pad=a["count_include_pad"], **extra)
 
 
 def run_torch(graph, inputs, params):

@@ -39,6 +39,9 @@ class BatchNorm(Op):
 
     def reference(self, xs, attrs):
         x = xs[0]
+        if attrs["training"] and x.size == x.shape[1]:
+            raise OpError(f"batch statistics need more than one value per channel, got input {list(x.shape)} "
+                          f"(as in PyTorch; use eval mode or a larger batch)")
         y, _ = normalized(x, xs[1], xs[2], attrs["eps"], attrs["training"])
         bshape = (1, -1) + (1,) * (x.ndim - 2)
         if len(xs) == 5:

@@ -23,6 +23,7 @@ class Pool(Op):
             self.attrs["dilation"] = 1
         else:
             self.attrs["count_include_pad"] = True
+            self.attrs["divisor_override"] = None
 
     def normalize(self, a):
         nd = self.nd
@@ -39,6 +40,8 @@ class Pool(Op):
                 raise OpError(f"padding {max(lo, hi)} must be at most half the kernel size {k} (as in PyTorch)",
                               kind=GraphError)
         out["ceil_mode"] = bool(a["ceil_mode"])
+        if a.get("divisor_override") is not None:
+            out["divisor_override"] = per_axis(a["divisor_override"], 1, "divisor_override", 1)[0]
         return out
 
     def dilation(self, attrs):
@@ -72,7 +75,9 @@ class Pool(Op):
 
     def divisor(self, spatial, out_sp, attrs):
         """Elements each window averages over: padding counts iff count_include_pad; the ceil_mode
-        overhang never does (PyTorch's rule)."""
+        overhang never does (PyTorch's rule); divisor_override replaces the count."""
+        if attrs.get("divisor_override"):
+            return attrs["divisor_override"]
         mask = np.ones((1, 1) + tuple(spatial))
         explicit = attrs["padding"]
         mask = pad_array(mask, explicit, value=1.0 if attrs["count_include_pad"] else 0.0)
