@@ -119,3 +119,12 @@ def test_readme_python_examples_run():
     assert namespace["logits"].shape == (64, 10)
     assert namespace["out"]["dconv1.weight"].shape == (20, 1, 5, 5)
     assert namespace["h2"].shape == namespace["h"].shape
+
+
+def test_example_user_model_with_a_sympy_activation(capsys):
+    import pathlib
+    spec = f"{pathlib.Path(__file__).parent.parent / 'examples' / 'custom_net.py'}:build"
+    code, out, _ = run(capsys, "summary", spec)
+    assert code == 0 and "| gelu_tanh1 | gelu_tanh  | 16 x 28 x 28 |" in out
+    code, out, _ = run(capsys, "gradcheck", spec)
+    assert code == 0 and "gelu_tanh.grad[x]" in out and "0 failed" in out
