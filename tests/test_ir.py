@@ -38,14 +38,19 @@ def test_topological_order_follows_creation():
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_dumps_are_byte_identical_across_processes(fmt):
     """Same graph, fresh interpreters with different hash seeds: identical bytes."""
-    code = f"import sys; from graphconv.models import MODELS; from graphconv.printer import FORMATS; " \
-           f"sys.stdout.write(''.join(FORMATS['{fmt}'](MODELS[m]()) for m in sorted(MODELS)))"
+    code = (f"import sys; from graphconv.models import MODELS; from graphconv.printer import FORMATS; "
+            f"from graphconv.training import Optimizer, attach_loss, build_train_step; "
+            f"graphs = [MODELS[m]() for m in sorted(MODELS)]; "
+            f"graphs += [build_train_step(attach_loss(MODELS[m]()), Optimizer(o)) for m, o in "
+            f"(('resnet8', 'adam'), ('vgg_small', 'sgd'), ('lenet5_swish', 'adam'))]; "
+            f"sys.stdout.write(''.join(FORMATS['{fmt}'](g) for g in graphs))")
     outs = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout)
     assert outs[0] == outs[1]
-    assert outs[0].decode() == "".join(FORMATS[fmt](MODELS[m]()) for m in sorted(MODELS))
+    assert outs[0].decode().startswith("".join(FORMATS[fmt](MODELS[m]()) for m in sorted(MODELS)))
+    assert b"adam_param" in outs[0] and b"sgd_velocity" in outs[0] and b"swish_grad" in outs[0]
 
 
 def test_text_dump_reads_like_a_jaxpr():
