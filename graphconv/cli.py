@@ -62,6 +62,10 @@ def cmd_train(args):
     x_tr, y_tr, x_te, y_te = data.load(args.data, graph.inputs[0].shape, graph.name, args.dtype)
     opt = Optimizer(args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     trainer = Trainer(graph, opt, loss=args.loss, backend=args.backend, seed=args.seed)
+    classes = int(trainer.with_loss.node(trainer.with_loss.outputs[1]).shape[1])
+    if classes != len(np.unique(y_tr)):
+        raise GraphConvError(f"{graph.name} outputs {classes} scores per example; {args.data} has "
+                             f"{len(np.unique(y_tr))} classes")
     if args.resume:
         trainer.load(args.resume)
         print(f"resumed from {args.resume} after epoch {trainer.epoch}")

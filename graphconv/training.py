@@ -13,6 +13,7 @@ import numpy as np
 from .autodiff import derive_backward
 from .errors import GraphConvError, GraphError
 from .params import init_params
+from .shapes import fmt_shape
 from .passes import set_training
 
 LOSSES = {"cross_entropy": "cross_entropy", "hinge": "hinge_loss"}
@@ -24,8 +25,14 @@ def attach_loss(graph, kind="cross_entropy", target="y"):
     if kind not in LOSSES:
         raise GraphError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     g = graph.copy()
+    if not g.outputs:
+        raise GraphError(f"{g.name}: no outputs to put a loss on; mark the class scores with g.output(...)")
     scores = g.outputs[0]
-    if len(g.node(scores).shape) != 2:
+    shape = g.node(scores).shape
+    if len(shape) < 2 or any(d != 1 for d in shape[2:]):
+        raise GraphError(f"{g.name}: a loss needs class scores [N, classes], but the output {scores} is "
+                         f"{fmt_shape(shape)}")
+    if len(shape) != 2:  # [N, C, 1, 1] after a global pool
         scores = g.flatten(scores, name="scores").name
     y = g.input(target, (g.node(scores).shape[0],), dtype="int64")
     loss = getattr(g, LOSSES[kind])(scores, y, name="loss")

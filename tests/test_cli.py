@@ -90,7 +90,7 @@ def test_gradcheck_exits_non_zero_on_a_wrong_rule(capsys, monkeypatch):
     from graphconv.ops import OPS
     op = OPS["reduce_sum"]
     monkeypatch.setattr(op, "reference", lambda xs, attrs: 2 * xs[0].sum(axis=attrs["axes"]))
-    code, out, _ = run(capsys, "gradcheck", "seed_conv")
+    code, out, _ = run(capsys, "gradcheck", "conv1d_net")
     assert code == 1 and "FAIL" in out
 
 
@@ -128,3 +128,14 @@ def test_example_user_model_with_a_sympy_activation(capsys):
     assert code == 0 and "| gelu_tanh1 | gelu_tanh  | 16 x 28 x 28 |" in out
     code, out, _ = run(capsys, "gradcheck", spec)
     assert code == 0 and "gelu_tanh.grad[x]" in out and "0 failed" in out
+
+
+def test_train_refuses_a_model_whose_classes_do_not_match_the_data(capsys, tmp_path):
+    src = tmp_path / "five.py"
+    src.write_text("import graphconv as gc\n"
+                   "def net():\n"
+                   "    g = gc.Graph('five')\n"
+                   "    g.output(g.linear(g.flatten(g.input('x', ('N', 1, 8, 8))), 5))\n"
+                   "    return g\n")
+    code, _, err = run(capsys, "train", f"{src}:net", "--epochs", "1", "--save", str(tmp_path / "f.npz"))
+    assert code == 2 and "five outputs 5 scores per example; digits has 10 classes" in err

@@ -183,3 +183,13 @@ def test_batches_cover_every_example_once_and_never_leave_one_alone():
         assert min(len(p) for p in parts) > 1 and max(len(p) for p in parts) <= batch + 1
     assert [p.tolist() for p in batches(10, 4, 1, 2)] == [p.tolist() for p in batches(10, 4, 1, 2)]
     assert [p.tolist() for p in batches(10, 4, 1, 2)] != [p.tolist() for p in batches(10, 4, 1, 3)]
+
+
+def test_a_loss_needs_class_scores():
+    with pytest.raises(gc.GraphError, match=r"seed_conv: a loss needs class scores \[N, classes\], but the output "
+                                            r"conv is \[N,10,32,32\]"):
+        attach_loss(MODELS["seed_conv"]())
+    g = gc.Graph("gap")
+    h = g.avg_pool2d(g.conv2d(g.input("x", ("N", 1, 4, 4)), 10, 1), 4)     # [N, 10, 1, 1] is fine
+    g.output(h)
+    assert attach_loss(g).node("scores").shape[1] == 10
