@@ -11,7 +11,7 @@ import graphconv as gc
 from graphconv.models import lenet5
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import machine, median_time, save  # noqa: E402
+from common import compare, machine, median_time, save  # noqa: E402
 
 
 def torch_lenet(params):
@@ -48,9 +48,10 @@ def main():
         fwd = torch_lenet(params)
         tx = torch.from_numpy(x)
         np.testing.assert_allclose(fwd(tx).numpy(), run(x, params=params), rtol=1e-4, atol=1e-5)
-        theirs = median_time(lambda: fwd(tx), args.repeats)
-        result.update(torch_cpu_eager_ms=theirs * 1e3, ratio_numpy_over_torch=ours / theirs)
-        print(f"PyTorch CPU eager {theirs * 1e3:.2f} ms -> ratio numpy/torch = {ours / theirs:.2f}x")
+        ours, theirs = compare(lambda: run(x, params=params), lambda: fwd(tx), per_round=args.repeats)
+        result.update(numpy_backend_ms=ours * 1e3, torch_cpu_eager_ms=theirs * 1e3, ratio_numpy_over_torch=ours / theirs)
+        print(f"alternating rounds: numpy backend {ours * 1e3:.2f} ms, PyTorch CPU eager {theirs * 1e3:.2f} ms "
+              f"-> ratio numpy/torch = {ours / theirs:.2f}x")
     print("saved", save("forward_numpy_cpu", result))
 
 

@@ -13,7 +13,7 @@ from graphconv.models import lenet5
 from graphconv.training import Optimizer, Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, median_time, save  # noqa: E402
+from common import compare, machine, median_time, save  # noqa: E402
 
 
 def torch_step(params):
@@ -59,9 +59,10 @@ def main():
     else:
         step = torch_step(Trainer(lenet5(), Optimizer("adam"), seed=0).params)
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-        theirs = median_time(lambda: step(tx, ty), args.repeats)
-        result.update(torch_cpu_eager_ms=theirs * 1e3, ratio_numpy_over_torch=ours / theirs)
-        print(f"PyTorch CPU eager {theirs * 1e3:.2f} ms -> ratio numpy/torch = {ours / theirs:.2f}x")
+        ours, theirs = compare(lambda: trainer.step(x, y), lambda: step(tx, ty), per_round=args.repeats)
+        result.update(numpy_backend_ms=ours * 1e3, torch_cpu_eager_ms=theirs * 1e3, ratio_numpy_over_torch=ours / theirs)
+        print(f"alternating rounds: numpy backend {ours * 1e3:.2f} ms, PyTorch CPU eager {theirs * 1e3:.2f} ms "
+              f"-> ratio numpy/torch = {ours / theirs:.2f}x")
     print("saved", save("train_step_numpy_cpu", result))
 
 

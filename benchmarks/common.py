@@ -18,6 +18,22 @@ def median_time(fn, repeats=30, warmup=3):
     return statistics.median(times)
 
 
+def compare(ours, theirs, rounds=3, per_round=20, settle=3):
+    """Median times of two functions measured in alternating blocks, so that both see the same
+    machine load (a 2-core VM drifts by tens of percent over a minute). The first `settle` calls of
+    a block are not counted: OpenBLAS and OpenMP worker threads keep spinning for a while after the
+    other library's last call and slow the next few."""
+    a, b = [], []
+    for _ in range(rounds):
+        for f, out in ((ours, a), (theirs, b)):
+            for i in range(settle + per_round):
+                start = time.perf_counter()
+                f()
+                if i >= settle:
+                    out.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
 def machine():
     import numpy
     info = {"python": platform.python_version(), "numpy": numpy.__version__, "cpu": platform.processor() or platform.machine(),

@@ -104,16 +104,19 @@ class Pointwise(Op):
 
     def reference(self, xs, attrs):
         with np.errstate(over="ignore", under="ignore"):
-            y = self._fn(*xs, *attrs.values())
+            y = np.asarray(self._fn(*xs, *attrs.values()))
         shape = np.broadcast_shapes(*(x.shape for x in xs))
-        return np.broadcast_to(np.asarray(y), shape).astype(xs[0].dtype)
+        if y.shape != shape:  # an expression constant in some operand
+            y = np.array(np.broadcast_to(y, shape))
+        return y.astype(xs[0].dtype, copy=False)
 
     def derivative(self, i) -> "Pointwise":
         """The op computing dy * d(expr)/d(operand i), made and registered on first use."""
         if i not in self._grads:
             suffix = "_grad" if len(self.operands) == 1 else f"_grad_{self.operands[i]}"
             name = self.name + suffix
-            expr = DY * sp.simplify(sp.diff(self.expr, self.symbols[i]))
+            # piecewise_fold moves dy inside a Piecewise: where(x > 0, dy, 0), not dy * where(x > 0, 1, 0)
+            expr = sp.piecewise_fold(DY * sp.simplify(sp.diff(self.expr, self.symbols[i])))
             op = OPS.get(name) or register(Pointwise(name, expr, self.operands + ("dy",), self.attrs,
                                                       doc=f"dy * d{self.name}/d{self.operands[i]}"))
             self._grads[i] = op
