@@ -116,3 +116,21 @@ def test_every_bundled_model_summarises():
         assert s["total_params"] == sum(int(np.prod(p.shape)) for p in build().params if p.attrs["trainable"])
         out = build().node(build().outputs[0])
         assert s["layers"][-1]["output_shape"] == [2] + [int(d) for d in out.shape[1:]], name
+
+
+def test_costs_of_ops_and_gradient_ops():
+    from graphconv.autodiff import derive_backward
+    from graphconv.ops import OPS
+    from graphconv.training import attach_loss
+    import sympy as sp
+    g = lenet5()
+    node = g.node("conv2")
+    cost = OPS["conv2d"].cost(g.in_types("conv2"), node.type, node.attrs)
+    n = sp.Symbol("N", integer=True, positive=True)
+    assert cost.params == 25050 and cost.macs == 4_900_000 * n
+    assert cost.bytes_read == 4 * (20 * 14 * 14 * n + 50 * 20 * 25 + 50)
+    assert cost.bytes_written == 4 * 50 * 14 * 14 * n
+    bwd = derive_backward(attach_loss(g))
+    macs = {b.name: OPS[b.op].cost(bwd.in_types(b.name), b.type, b.attrs).macs for b in bwd.topo() if b.role == "op"}
+    assert macs["dpool1"] == macs["dconv2.weight"] == cost.macs     # each conv gradient costs one forward conv
+    assert macs["dfc1.weight"] == macs["dflatten1"] == 2450 * 500 * n
