@@ -19,8 +19,14 @@ def cmd_models(args):
 
 def cmd_summary(args):
     from .models import load
-    from .summary import format_json, format_table, summarize
-    s = summarize(load(args.model, args.dtype), batch=args.batch)
+    from .summary import format_json, format_table, format_training, summarize, summarize_training
+    graph = load(args.model, args.dtype)
+    if args.stage == "train":
+        from .training import Optimizer, attach_loss, build_train_step
+        t = summarize_training(build_train_step(attach_loss(graph, args.loss), Optimizer(args.optimizer)), args.batch)
+        print(format_json(t) if args.format == "json" else format_training(t))
+        return
+    s = summarize(graph, batch=args.batch)
     print(format_json(s) if args.format == "json" else format_table(s))
 
 
@@ -150,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
     s = with_model("summary", "the layer table: sizes, parameters, multiply-adds, receptive fields")
     s.add_argument("--batch", type=_positive, default=None, help="batch size (default: counts per example)")
     s.add_argument("--format", default="table", choices=("table", "json"))
+    s.add_argument("--stage", default="forward", choices=("forward", "train"),
+                   help="train: what one training step computes and holds")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     s.set_defaults(func=cmd_summary)
     s = with_model("dump", "print the graph IR: forward, backward (with the loss) or a whole training step")
     s.add_argument("--stage", default="forward", choices=("forward", "backward", "train"))

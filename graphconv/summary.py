@@ -145,3 +145,44 @@ def format_table(s: dict) -> str:
 
 def format_json(s: dict) -> str:
     return json.dumps(s, indent=2)
+
+
+def summarize_training(step_graph, batch=None) -> dict:
+    """What one training step costs: multiply-adds of the forward, backward and update nodes, and the
+    bytes it keeps: activations saved for the backward pass, parameters, gradients, optimizer state."""
+    from .autodiff import saved_bytes
+    n = batch_symbol(step_graph)
+    bindings = {n: batch if batch is not None else 1} if n is not None else {}
+    macs = {"forward": sp.Integer(0), "backward": sp.Integer(0), "update": sp.Integer(0)}
+    for node in step_graph.topo():
+        if node.role != "op":
+            continue
+        part = ("update" if "update_of" in node.provenance else
+                "backward" if "grad_of" in node.provenance else "forward")
+        macs[part] += OPS[node.op].cost(step_graph.in_types(node.name), node.type, node.attrs).macs
+
+    def size(nodes):
+        return sum(numel(x.shape) * ITEMSIZE[x.dtype] for x in nodes)
+
+    params = [x for x in step_graph.params if x.attrs["trainable"]]
+    grads = [step_graph.node(g) for g in step_graph.meta["grads"].values()]
+    state = [x for x in step_graph.params if not x.attrs["trainable"] and x.layer == "opt" or
+             x.name.endswith((".velocity", ".adam_m", ".adam_v"))]
+    return {"model": step_graph.name, "batch": batch,
+            "macs": {k: _value(v, bindings) for k, v in macs.items()},
+            "bytes": {"saved activations": _value(saved_bytes(step_graph), bindings),
+                      "parameters": _value(size(params), bindings),
+                      "gradients": _value(size(grads), bindings),
+                      "optimizer state": _value(size(state), bindings)}}
+
+
+def format_training(t: dict) -> str:
+    per = f"batch {t['batch']}" if t["batch"] is not None else "per example (N = 1)"
+    rows = [(f"{k} MACs", _num(v)) for k, v in t["macs"].items()]
+    rows.append(("total MACs", _num(sum(t["macs"].values()))))
+    rows += [(k, _bytes(v)) for k, v in t["bytes"].items()]
+    rows.append(("total bytes held", _bytes(sum(t["bytes"].values()))))
+    width = max(len(k) for k, _ in rows)
+    value_width = max(len(v) for _, v in rows)
+    lines = [f"{t['model']} ({per})"] + [f"  {k.ljust(width)}  {v.rjust(value_width)}" for k, v in rows]
+    return "\n".join(lines)

@@ -134,3 +134,20 @@ def test_costs_of_ops_and_gradient_ops():
     macs = {b.name: OPS[b.op].cost(bwd.in_types(b.name), b.type, b.attrs).macs for b in bwd.topo() if b.role == "op"}
     assert macs["dpool1"] == macs["dconv2.weight"] == cost.macs     # each conv gradient costs one forward conv
     assert macs["dfc1.weight"] == macs["dflatten1"] == 2450 * 500 * n
+
+
+def test_training_step_summary():
+    from graphconv.summary import format_training, summarize_training
+    from graphconv.training import Optimizer, attach_loss, build_train_step
+    step = build_train_step(attach_loss(lenet5()), Optimizer("adam"))
+    t = summarize_training(step)
+    assert t["macs"]["forward"] == 6_522_000
+    # conv2: data + weight gradients; conv1: weight only (no gradient for the image); fc: both
+    assert t["macs"]["backward"] == 2 * 4_900_000 + 392_000 + 2 * 1_225_000 + 2 * 5_000
+    params = 4 * 1_256_080
+    assert t["bytes"]["parameters"] == t["bytes"]["gradients"] == params
+    assert t["bytes"]["optimizer state"] == 2 * params + 4          # Adam's m and v, and the step count
+    assert t["bytes"]["saved activations"] == 236_504
+    t64 = summarize_training(step, batch=64)
+    assert t64["macs"]["backward"] == 64 * t["macs"]["backward"] and t64["bytes"]["parameters"] == params
+    assert "backward MACs      12,652,000" in format_training(t)
