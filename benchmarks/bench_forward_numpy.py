@@ -11,7 +11,7 @@ import graphconv as gc
 from graphconv.models import lenet5
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import compare, machine, median_time, save  # noqa: E402
+from common import report  # noqa: E402
 
 
 def torch_lenet(params):
@@ -37,23 +37,15 @@ def main():
     params = gc.init_params(g, seed=0)
     x = np.random.default_rng(0).standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
     run = gc.compile(g)
-    ours = median_time(lambda: run(x, params=params), args.repeats)
-    result = {"benchmark": "lenet5 forward", "batch": args.batch, "numpy_backend_ms": ours * 1e3, **machine()}
-    print(f"lenet5 forward, batch {args.batch}: numpy backend {ours * 1e3:.2f} ms")
-    try:
-        import torch
-    except ImportError:
-        print("PyTorch not installed: no ratio")
-    else:
-        fwd = torch_lenet(params)
-        tx = torch.from_numpy(x)
-        np.testing.assert_allclose(fwd(tx).numpy(), run(x, params=params), rtol=1e-4, atol=1e-5)
-        ours, theirs = compare(lambda: run(x, params=params), lambda: fwd(tx), per_round=args.repeats)
-        result.update(numpy_backend_ms=ours * 1e3, torch_cpu_eager_ms=theirs * 1e3, ratio_numpy_over_torch=ours / theirs)
-        print(f"alternating rounds: numpy backend {ours * 1e3:.2f} ms, PyTorch CPU eager {theirs * 1e3:.2f} ms "
-              f"-> ratio numpy/torch = {ours / theirs:.2f}x")
-    print("saved", save("forward_numpy_cpu", result))
 
+    def make_theirs():
+        import torch
+        fwd, tx = torch_lenet(params), torch.from_numpy(x)
+        np.testing.assert_allclose(fwd(tx).numpy(), run(x, params=params), rtol=1e-4, atol=1e-5)
+        return lambda: fwd(tx)
+
+    report(f"lenet5 forward, batch {args.batch}", "forward_numpy_cpu", lambda: run(x, params=params), make_theirs,
+           args.repeats, batch=args.batch)
 
 if __name__ == "__main__":
     main()

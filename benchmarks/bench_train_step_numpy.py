@@ -13,7 +13,7 @@ from graphconv.models import lenet5
 from graphconv.training import Optimizer, Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compare, machine, median_time, save  # noqa: E402
+from common import report  # noqa: E402
 
 
 def torch_step(params):
@@ -48,23 +48,15 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, args.batch)
-    ours = median_time(lambda: trainer.step(x, y), args.repeats)
-    result = {"benchmark": "lenet5 training step (adam)", "batch": args.batch, "numpy_backend_ms": ours * 1e3,
-              **machine()}
-    print(f"lenet5 training step, batch {args.batch}: numpy backend {ours * 1e3:.2f} ms")
-    try:
+
+    def make_theirs():
         import torch
-    except ImportError:
-        print("PyTorch not installed: no ratio")
-    else:
         step = torch_step(Trainer(lenet5(), Optimizer("adam"), seed=0).params)
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-        ours, theirs = compare(lambda: trainer.step(x, y), lambda: step(tx, ty), per_round=args.repeats)
-        result.update(numpy_backend_ms=ours * 1e3, torch_cpu_eager_ms=theirs * 1e3, ratio_numpy_over_torch=ours / theirs)
-        print(f"alternating rounds: numpy backend {ours * 1e3:.2f} ms, PyTorch CPU eager {theirs * 1e3:.2f} ms "
-              f"-> ratio numpy/torch = {ours / theirs:.2f}x")
-    print("saved", save("train_step_numpy_cpu", result))
+        return lambda: step(tx, ty)
 
+    report(f"lenet5 training step (adam), batch {args.batch}", "train_step_numpy_cpu", lambda: trainer.step(x, y),
+           make_theirs, args.repeats, batch=args.batch)
 
 if __name__ == "__main__":
     main()

@@ -54,3 +54,22 @@ def save(name, result):
         json.dump(result, f, indent=2)
         f.write("\n")
     return path
+
+
+def report(title, result_name, ours, make_theirs, repeats, **extra):
+    """Time `ours`; when PyTorch is installed, time it against `make_theirs()` in alternating blocks
+    and print the ratio; save the result under benchmarks/results/."""
+    alone = median_time(ours, repeats)
+    result = {"benchmark": title, **extra, "numpy_backend_ms": alone * 1e3, **machine()}
+    print(f"{title}: numpy backend {alone * 1e3:.2f} ms")
+    try:
+        theirs = make_theirs()
+    except ImportError:
+        print("PyTorch not installed: no ratio")
+    else:
+        a, b = compare(ours, theirs, per_round=repeats)
+        result.update(numpy_backend_ms=a * 1e3, torch_cpu_eager_ms=b * 1e3, ratio_numpy_over_torch=a / b)
+        print(f"alternating blocks: numpy backend {a * 1e3:.2f} ms, PyTorch CPU eager {b * 1e3:.2f} ms "
+              f"-> ratio numpy/torch = {a / b:.2f}x")
+    print("saved", save(result_name, result))
+    return result
