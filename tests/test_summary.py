@@ -82,14 +82,12 @@ def test_batch_scales_counts_and_json_fields():
 def empirical_receptive_field(graph, node_name):
     """Extent of the input pixels whose change moves the centre output of `node_name`: autograd
     through the torch oracle, with positive weights so that nothing cancels."""
-    from torch_oracle import eval_node
+    from torch_oracle import evaluate_into
     g64 = gc.cast(graph, "float64")
     tensors = {k: torch.from_numpy(np.abs(v) + 0.1) for k, v in gc.init_params(g64).items()}
     x = torch.ones([int(d) for d in g64.inputs[0].shape], dtype=torch.float64, requires_grad=True)
     tensors[g64.inputs[0].name] = x
-    for node in g64.topo():
-        if node.role == "op":
-            tensors[node.name] = eval_node(node, [tensors[o] for o in g64.operands(node.name)])
+    evaluate_into(g64, tensors)
     out = tensors[node_name]
     out[(0, 0) + tuple(s // 2 for s in out.shape[2:])].backward()
     return [int(ix.max() - ix.min() + 1) for ix in np.nonzero(x.grad[0, 0].numpy())]

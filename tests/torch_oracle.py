@@ -54,6 +54,15 @@ def run_torch(graph, inputs, params):
     return {k: v.detach().numpy() for k, v in vals.items()}
 
 
+def evaluate_into(graph, tensors):
+    """Evaluate every op node of `graph` with torch, reading and filling `tensors` (name -> tensor),
+    so that the caller's leaves can require gradients."""
+    for node in graph.topo():
+        if node.role == "op":
+            tensors[node.name] = eval_node(node, [tensors[o] for o in graph.operands(node.name)])
+    return tensors
+
+
 def eval_node(node, xs):
     """One node of a graphconv graph, computed by torch.nn.functional."""
     a = node.attrs
