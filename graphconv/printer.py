@@ -1,12 +1,15 @@
 """Text, DOT and JSON dumps of a graph. Deterministic: the same graph gives byte-identical output.
 
-The text form follows JAX's jaxpr printout, one line per node:
+The text form follows JAX's jaxpr printout, one line per node, every attribute shown (the DOT form
+shows only those that differ from the op's defaults):
     %conv1:f32[N,20,28,28] = conv2d[stride=(1,1), padding=(2,2)] %x %conv1.weight %conv1.bias
 """
 from __future__ import annotations
 
 import json
 
+from .errors import OpError
+from .ops import OPS, REQUIRED
 from .ops.window import fmt_padding
 from .shapes import fmt_shape
 
@@ -59,6 +62,17 @@ def to_text(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def non_default_attrs(node) -> dict:
+    """The attributes that differ from the op's defaults (required ones always count)."""
+    op = OPS[node.op]
+    required = {k: v for k, v in node.attrs.items() if op.attrs.get(k) is REQUIRED}
+    try:
+        defaults = op.check_attrs(required)
+    except OpError:  # defaults that only make sense with other values: show everything
+        return dict(node.attrs)
+    return {k: v for k, v in node.attrs.items() if k in required or defaults.get(k) != v}
+
+
 def _q(text) -> str:
     """A DOT double-quoted string."""
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -69,7 +83,7 @@ def to_dot(graph) -> str:
     for n in graph.topo():
         style = {"input": ', style=filled, fillcolor="#dfe9f5"', "param": ', style=dashed',
                  "buffer": ', style=dotted'}.get(n.role, "")
-        attrs = fmt_attrs(n.attrs, skip=("init", "shape", "dtype", "trainable"))
+        attrs = fmt_attrs(non_default_attrs(n), skip=("init", "shape", "dtype", "trainable"))
         label = _q(f"{n.name}\n{n.op}{attrs}\n{fmt_type(n.type)}").replace("\n", "\\n")
         lines.append(f"  {_q(n.name)} [label={label}{style}];")
     for src, dst, key in sorted(graph.nx.edges(keys=True), key=lambda e: (graph.node(e[1]).index, e[2])):
