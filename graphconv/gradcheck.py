@@ -104,13 +104,13 @@ def random_operands(graph, node, rng, batch):
     n = batch_symbol(graph)
     bindings = {n: batch} if n is not None else {}
     values = []
-    for o in graph.operands(node.name):
+    for i, o in enumerate(graph.operands(node.name)):
         src = graph.node(o)
         shape = concrete(src.shape, bindings)
         if src.dtype == "int64":  # class indices for a loss: operand 0 holds the scores
             classes = int(graph.node(graph.operands(node.name)[0]).shape[1])
             values.append(rng.integers(0, classes, size=shape))
-        elif src.name.endswith("running_var"):
+        elif OPS[node.op].operand_name(i) == "running_var":  # a variance must be positive
             values.append(rng.uniform(0.5, 2.0, size=shape))
         else:
             values.append(rng.standard_normal(shape))
