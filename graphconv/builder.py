@@ -13,6 +13,8 @@ import numbers
 
 from .errors import GraphError, OpError
 from .ir import GraphCore, Tensor
+from .ops.base import rank_error
+from .ops.linear import linear_rank_error
 from .ops.window import LAYOUT, per_axis
 from .shapes import fmt_dim, fmt_shape
 
@@ -72,8 +74,7 @@ class Graph(GraphCore):
         with self.layer_errors(name, op, [x.name]):
             self._reject(op, unknown, CONV_ARGS)
             if len(x.shape) != nd + 2:
-                raise OpError(f"{op} expects a {nd + 2}-D {LAYOUT[nd]} input, got {len(x.shape)}-D "
-                              f"{fmt_shape(x.shape)}")
+                raise rank_error(op, nd + 2, LAYOUT[nd], x)
             kernel = per_axis(kernel_size, nd, "kernel_size", 1)
             out_channels = _positive_int(out_channels, "out_channels")
             groups = _positive_int(groups, "groups")
@@ -97,9 +98,7 @@ class Graph(GraphCore):
         with self.layer_errors(name, "linear", [x.name]):
             self._reject("linear", unknown, LINEAR_ARGS)
             if len(x.shape) != 2:
-                hint = "; flatten it first (g.flatten)" if len(x.shape) > 2 else ""
-                raise OpError(f"linear expects a 2-D input [N, in_features], got {len(x.shape)}-D "
-                              f"{fmt_shape(x.shape)}{hint}")
+                raise linear_rank_error(x)
             out_features = _positive_int(out_features, "out_features")
             c_in = self._channels(x, in_features, "in_features")
         bound = 1 / math.sqrt(c_in)

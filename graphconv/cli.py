@@ -105,27 +105,9 @@ def progress(items, desc, mode):
     return tqdm(items, desc=desc, leave=False, disable=None if mode == "auto" else False, file=sys.stderr)
 
 
-def random_inputs(graph, batch, seed):
-    """Random arrays for every input: N(0,1) floats, uniform class indices for int64 targets."""
-    from .reference import concrete
-    from .summary import batch_symbol
-    rng = np.random.default_rng(seed)
-    n = batch_symbol(graph)
-    bindings = {n: batch} if n is not None else {}
-    arrays = {}
-    for node in graph.inputs:
-        shape = concrete(node.shape, bindings)
-        if node.dtype == "int64":  # class indices, below the class count of the loss that reads them
-            classes = [int(graph.node(graph.operands(u)[0]).shape[1]) for u, _ in graph.users(node.name)
-                       if graph.node(u).op in ("softmax_cross_entropy", "hinge_loss")]
-            arrays[node.name] = rng.integers(0, min(classes, default=10), size=shape)
-        else:
-            arrays[node.name] = rng.standard_normal(shape).astype(node.dtype)
-    return arrays
-
-
 def cmd_run(args):
     from . import compile as gc_compile
+    from .data import random_inputs
     from .models import load
     from .params import init_params
     from .printer import fmt_type

@@ -77,3 +77,22 @@ def mnist1d(input_shape, model="model", dtype="float32"):
         np.random.set_state(state)
     return (fit_to_input(d["x"], input_shape, "mnist1d", model).astype(dtype), d["y"].astype(np.int64),
             fit_to_input(d["x_test"], input_shape, "mnist1d", model).astype(dtype), d["y_test"].astype(np.int64))
+
+
+def random_inputs(graph, batch, seed):
+    """Random arrays for every input: N(0,1) floats, uniform class indices for int64 targets."""
+    from .reference import concrete
+    from .summary import batch_symbol
+    rng = np.random.default_rng(seed)
+    n = batch_symbol(graph)
+    bindings = {n: batch} if n is not None else {}
+    arrays = {}
+    for node in graph.inputs:
+        shape = concrete(node.shape, bindings)
+        if node.dtype == "int64":  # class indices, below the class count of the loss that reads them
+            classes = [int(graph.node(graph.operands(u)[0]).shape[1]) for u, _ in graph.users(node.name)
+                       if graph.node(u).op in ("softmax_cross_entropy", "hinge_loss")]
+            arrays[node.name] = rng.integers(0, min(classes, default=10), size=shape)
+        else:
+            arrays[node.name] = rng.standard_normal(shape).astype(node.dtype)
+    return arrays

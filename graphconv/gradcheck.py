@@ -138,7 +138,7 @@ def check_end_to_end(graph64, backward, rng, batch, directions):
     """Each parameter's whole-model gradient <dL/dp, v> against the finite difference of the loss
     along v. (One tensor at a time: moving every parameter at once shifts so many pre-activations
     that some cross a ReLU kink inside the difference step.)"""
-    from .cli import random_inputs
+    from .data import random_inputs
     params = init_params(graph64, seed=int(rng.integers(1 << 30)))
     inputs = random_inputs(graph64, batch, int(rng.integers(1 << 30)))
     grads = NumpyProgram(backward).run(inputs, params)

@@ -166,8 +166,7 @@ def summarize_training(step_graph, batch=None) -> dict:
 
     params = [x for x in step_graph.params if x.attrs["trainable"]]
     grads = [step_graph.node(g) for g in step_graph.meta["grads"].values()]
-    state = [x for x in step_graph.params if not x.attrs["trainable"] and x.layer == "opt" or
-             x.name.endswith((".velocity", ".adam_m", ".adam_v"))]
+    state = [step_graph.node(x) for x in step_graph.meta["optimizer_state"]]
     return {"model": step_graph.name, "batch": batch,
             "macs": {k: _value(v, bindings) for k, v in macs.items()},
             "bytes": {"saved activations": _value(saved_bytes(step_graph), bindings),

@@ -71,9 +71,10 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
                                           name=f"{buf}.next", layer=node.layer,
                                           provenance={"update_of": buf, "rule": "batch_norm running statistic"})
     opt = optimizer
-    step = None
+    step, optimizer_state = None, []
     if opt.kind == "adam":
         step = g.param("opt.step", (), ("constant", 0.0), trainable=False, layer="opt")
+        optimizer_state.append(step)
         updates[step.name] = g.add_node("increment", [step], {}, name="opt.step.next", layer="opt",
                                         provenance={"update_of": step.name, "rule": "adam"})
     for param, grad in g.meta["grads"].items():
@@ -81,7 +82,8 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
         meta = {"layer": node.layer}
 
         def buffer(suffix):
-            return g.param(f"{param}.{suffix}", node.shape, ("constant", 0.0), trainable=False, **meta)
+            optimizer_state.append(g.param(f"{param}.{suffix}", node.shape, ("constant", 0.0), trainable=False, **meta))
+            return optimizer_state[-1]
 
         def emit(op, operands, attrs, name, of):
             return g.add_node(op, operands, attrs, name=name, provenance={"update_of": of, "rule": opt.kind}, **meta)
@@ -104,6 +106,7 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
                                   f"{param}.next", param)
     g.outputs = g.outputs[:2] + [t.name for t in updates.values()]
     g.meta["updates"] = {state: t.name for state, t in updates.items()}
+    g.meta["optimizer_state"] = [t.name for t in optimizer_state]
     return g.verify()
 
 

@@ -7,6 +7,12 @@ from ..shapes import fmt_dim, fmt_shape, provably_ne
 from .base import Op, register
 
 
+def linear_rank_error(x):
+    """A linear layer reads [N, in_features]; a feature map must be flattened first."""
+    hint = "; flatten it first (g.flatten)" if len(x.shape) > 2 else ""
+    return OpError(f"linear expects a 2-D input [N, in_features], got {len(x.shape)}-D {fmt_shape(x.shape)}{hint}")
+
+
 @register
 class Linear(Op):
     name = "linear"
@@ -17,9 +23,7 @@ class Linear(Op):
     def shape(self, ins, attrs):
         x, w = ins[0], ins[1]
         if len(x.shape) != 2:
-            hint = "; flatten it first (g.flatten)" if len(x.shape) > 2 else ""
-            raise OpError(f"linear expects a 2-D input [N, in_features], got {len(x.shape)}-D "
-                          f"{fmt_shape(x.shape)}{hint}")
+            raise linear_rank_error(x)
         if len(w.shape) != 2:
             raise OpError(f"weight must be 2-D [in_features, out_features], got {fmt_shape(w.shape)}", 1)
         if provably_ne(x.shape[1], w.shape[0]):

@@ -14,6 +14,14 @@ from ..shapes import fmt_dim, fmt_shape, provably_ne
 from .base import FLOAT_DTYPES, Op, register
 
 
+def hinge_margins(s, y, margin):
+    """max(0, s_j - s_y + margin) per example and class, 0 for the true class."""
+    rows = np.arange(len(y))
+    margins = np.maximum(0, s - s[rows, y][:, None] + s.dtype.type(margin))
+    margins[rows, y] = 0
+    return margins
+
+
 class ClassifierLoss(Op):
     kind = "reduction"
     operands = ("scores", "target")
@@ -65,10 +73,7 @@ class Hinge(ClassifierLoss):
     def reference(self, xs, attrs):
         s, y = xs
         self.check_target(s, y)
-        correct = s[np.arange(len(y)), y][:, None]
-        margins = np.maximum(0, s - correct + s.dtype.type(attrs["margin"]))
-        margins[np.arange(len(y)), y] = 0
-        return np.asarray(margins.sum(axis=1).mean(), dtype=s.dtype)
+        return np.asarray(hinge_margins(s, y, attrs["margin"]).sum(axis=1).mean(), dtype=s.dtype)
 
     def grad(self, e, dy, needs):
         return [e.emit("hinge_loss_grad", [*e.inputs, dy], e.attrs, wrt=0) if needs[0] else None, None]
@@ -115,8 +120,7 @@ class HingeLossGrad(LossGrad):
         s, y, dl = xs
         self.check_target(s, y)
         rows = np.arange(len(y))
-        active = (s - s[rows, y][:, None] + attrs["margin"] > 0).astype(s.dtype)
-        active[rows, y] = 0
+        active = (hinge_margins(s, y, attrs["margin"]) > 0).astype(s.dtype)
         active[rows, y] = -active.sum(axis=1)
         return (active * (dl / len(y))).astype(s.dtype)
 
