@@ -65,9 +65,12 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
     """The training graph's backward half. Outputs: the loss, the forward outputs, then one gradient
     per target (trainable params in order, then `wrt`). `graph.meta["grads"]` maps target -> gradient."""
     graph.verify()
-    loss = loss or (graph.outputs[0] if graph.outputs else None)
-    if loss is None or loss not in graph:
-        raise GraphError(f"backward: {graph.name} has no loss {loss!r}; pass loss= or make it the first output")
+    if loss is None and not graph.outputs:
+        raise GraphError(f"backward: {graph.name} has no outputs; mark the scalar loss with g.output(loss) "
+                         f"(or add one with graphconv.training.attach_loss) before deriving the backward graph")
+    loss = loss or graph.outputs[0]
+    if loss not in graph:
+        raise GraphError(f"backward: {graph.name} has no node {loss!r} to use as the loss")
     loss_node = graph.node(loss)
     if loss_node.shape != () or loss_node.dtype == "int64":
         raise GraphError(f"backward: the loss {loss} must be a float scalar, got {loss_node.type}")
@@ -135,11 +138,12 @@ def accumulate(g, name, parts):
 
 
 def eliminate_dead_code(graph):
-    """Drop every node that no output needs (inputs stay: they are the graph's signature)."""
+    """Drop every node that no output needs. Inputs and parameters stay: they are the graph's
+    signature, and a parameter the loss does not reach still has a (zero) gradient and an update."""
     live = set(graph.outputs)
     for out in graph.outputs:
         live |= nx.ancestors(graph.nx, out)
-    dead = [n.name for n in graph.topo() if n.name not in live and n.op != "input"]
+    dead = [n.name for n in graph.topo() if n.name not in live and n.op not in ("input", "param")]
     graph.nx.remove_nodes_from(dead)
     return graph.verify()
 

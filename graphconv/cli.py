@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,9 +19,8 @@ def cmd_models(args):
 
 
 def cmd_summary(args):
-    from .models import load
     from .summary import format_json, format_table, format_training, summarize, summarize_training
-    graph = load(args.model, args.dtype)
+    graph = load_model(args, need_sizes=False)
     if args.stage == "train":
         from .training import Optimizer, attach_loss, build_train_step
         t = summarize_training(build_train_step(attach_loss(graph, args.loss), Optimizer(args.optimizer)), args.batch)
@@ -32,10 +32,9 @@ def cmd_summary(args):
 
 def cmd_dump(args):
     from .autodiff import derive_backward, saved_bytes, saved_tensors
-    from .models import load
     from .printer import FORMATS
     from .training import Optimizer, attach_loss, build_train_step
-    graph = load(args.model, args.dtype)
+    graph = load_model(args, need_sizes=False)
     if args.stage == "backward":
         graph = derive_backward(attach_loss(graph, args.loss))
     elif args.stage == "train":
@@ -51,9 +50,8 @@ def cmd_dump(args):
 
 def cmd_gradcheck(args):
     from .gradcheck import check_graph, format_table
-    from .models import load
     from .training import attach_loss
-    results = check_graph(attach_loss(load(args.model), args.loss), seed=args.seed, batch=args.batch)
+    results = check_graph(attach_loss(load_model(args), args.loss), seed=args.seed, batch=args.batch)
     print(f"gradcheck {args.model}: every gradient rule of its backward graph, float64, batch {args.batch}, "
           f"seed {args.seed}")
     print(format_table(results))
@@ -62,36 +60,76 @@ def cmd_gradcheck(args):
 
 def cmd_train(args):
     from . import data
-    from .models import load
-    from .training import Optimizer, Trainer, batches
-    graph = load(args.model, args.dtype)
-    x_tr, y_tr, x_te, y_te = data.load(args.data, graph.inputs[0].shape, graph.name, args.dtype)
-    opt = Optimizer(args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    from .training import Optimizer, Trainer, batches, check_writable, read_checkpoint
+    graph = load_model(args)
+    dataset = args.data or data.default_dataset(graph.inputs[0].shape)
+    if args.momentum is not None and args.optimizer != "sgd":
+        raise GraphConvError(f"--momentum is an sgd setting; adam has none (use --optimizer sgd, or drop --momentum)")
+    opt = Optimizer(args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                    **({"momentum": args.momentum} if args.momentum is not None else {}))
+    save = args.save or f"{graph.name}.npz"
+    check_writable(save)   # before any work: a bad path is found now, not after the first epoch
     trainer = Trainer(graph, opt, loss=args.loss, backend=args.backend, seed=args.seed)
+    if args.resume:
+        for note in trainer.load(args.resume):
+            print(f"note: resuming with a different setting: {note}")
+        print(f"resumed from {args.resume} after epoch {trainer.epoch}")
+    refuse_overwrite(save, args, trainer.epoch + args.epochs, read_checkpoint)
+    x_tr, y_tr, x_te, y_te = data.load(dataset, trainer.model.node(trainer.input_name).shape, graph.name, args.dtype)
     classes = int(trainer.with_loss.node(trainer.with_loss.outputs[1]).shape[1])
     if classes != len(np.unique(y_tr)):
-        raise GraphConvError(f"{graph.name} outputs {classes} scores per example; {args.data} has "
+        raise GraphConvError(f"{graph.name} outputs {classes} scores per example; {dataset} has "
                              f"{len(np.unique(y_tr))} classes")
-    if args.resume:
-        trainer.load(args.resume)
-        print(f"resumed from {args.resume} after epoch {trainer.epoch}")
-    save = args.save or f"{graph.name}.npz"
-    print(f"training {graph.name} on {args.data} ({len(x_tr)} train / {len(x_te)} test), {args.backend} backend, "
-          f"{args.optimizer} lr {args.lr:g}, batch {args.batch}, seed {args.seed}")
-    for _ in range(args.epochs):
-        start = time.perf_counter()
-        order = batches(len(x_tr), args.batch, args.seed, trainer.epoch)
-        losses, correct = [], 0
-        for idx in progress(order, f"epoch {trainer.epoch + 1}", args.progress):
-            loss, scores = trainer.step(x_tr[idx], y_tr[idx])
-            losses.append(loss * len(idx))
-            correct += int((scores.argmax(axis=1) == y_tr[idx]).sum())
-        trainer.epoch += 1
-        test_loss, test_acc = trainer.evaluate(x_te, y_te)
-        trainer.save(save)
-        print(f"epoch {trainer.epoch:3d}  loss {sum(losses) / len(x_tr):.4f}  train acc {correct / len(x_tr):6.2%}  "
-              f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}  ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"training {graph.name} on {dataset} ({len(x_tr)} train / {len(x_te)} test), {args.backend} backend, "
+          f"{opt.describe()}, batch {args.batch}, seed {args.seed}")
+    saved_epoch = trainer.epoch if args.resume else None
+    try:
+        for _ in range(args.epochs):
+            start = time.perf_counter()
+            order = batches(len(x_tr), args.batch, args.seed, trainer.epoch)
+            losses, correct = [], 0
+            for idx in progress(order, f"epoch {trainer.epoch + 1}", args.progress):
+                loss, scores = trainer.step(x_tr[idx], y_tr[idx])
+                losses.append(loss * len(idx))
+                correct += int((scores.argmax(axis=1) == y_tr[idx]).sum())
+            trainer.epoch += 1
+            test_loss, test_acc = trainer.evaluate(x_te, y_te)
+            trainer.save(save)
+            saved_epoch = trainer.epoch
+            print(f"epoch {trainer.epoch:3d}  loss {sum(losses) / len(x_tr):.4f}  train acc {correct / len(x_tr):6.2%}  "
+                  f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}  ({time.perf_counter() - start:.1f} s)",
+                  flush=True)
+    except KeyboardInterrupt:
+        print(f"graphconv: interrupted in epoch {trainer.epoch + 1}; {last_checkpoint(save, args, saved_epoch)}",
+              file=sys.stderr)
+        return 130
+    except GraphConvError as e:
+        raise type(e)(f"{e}; {last_checkpoint(save, args, saved_epoch)}") from None
     print(f"saved {save}")
+
+
+def last_checkpoint(save, args, epoch):
+    """Where a stopped run can be picked up again."""
+    if epoch is None:
+        return "no checkpoint was written"
+    source = save if epoch and os.path.exists(save) else args.resume
+    return f"the last checkpoint is {source} (after epoch {epoch}): continue with --resume {source}"
+
+
+def refuse_overwrite(save, args, final_epoch, read_checkpoint):
+    """A run never silently replaces a longer one: an existing checkpoint with more epochs than this
+    run will reach, or a file that is not a checkpoint, needs --force (or --resume from it)."""
+    if args.force or not os.path.exists(save) or (args.resume and os.path.samefile(save, args.resume)):
+        return
+    try:
+        existing = read_checkpoint(save).epoch
+    except GraphConvError:
+        raise GraphConvError(f"{save} exists and is not a graphconv checkpoint; choose another --save path or "
+                             f"pass --force to overwrite it") from None
+    if existing > final_epoch:
+        raise GraphConvError(f"{save} holds a longer run ({existing} epochs; this one ends after {final_epoch}); "
+                             f"continue it with --resume {save}, choose another --save path, or pass --force")
+    print(f"note: {save} (a checkpoint after {existing} epochs) will be overwritten")
 
 
 def progress(items, desc, mode):
@@ -108,10 +146,9 @@ def progress(items, desc, mode):
 def cmd_run(args):
     from . import compile as gc_compile
     from .data import random_inputs
-    from .models import load
     from .params import init_params
     from .printer import fmt_type
-    graph = load(args.model, args.dtype)
+    graph = load_model(args)
     program = gc_compile(graph, backend=args.backend)
     params = init_params(graph, seed=args.seed)
     inputs = random_inputs(graph, args.batch, args.seed)
@@ -124,65 +161,148 @@ def cmd_run(args):
               f"mean {value.mean():+.6f}  std {value.std():.6f}  min {value.min():+.6f}  max {value.max():+.6f}")
 
 
+def load_model(args, need_sizes=True):
+    """The model named on the command line, with --dim sizes bound; a symbolic input dim other than
+    the batch is refused with the option that gives it a size."""
+    from .models import load
+    from .passes import bind_dims, unbound_dims
+    graph = bind_dims(load(args.model, args.dtype), dict(getattr(args, "dim", None) or []))
+    missing = unbound_dims(graph)
+    if need_sizes and missing:
+        names = ", ".join(map(str, missing))
+        example = " ".join(f"--dim {d}=SIZE" for d in missing)
+        raise GraphConvError(f"{graph.name}: its input dims {names} are symbolic and this command needs sizes; "
+                             f"give them with {example} (the batch dim {graph.batch_symbol()} comes from --batch)")
+    return graph
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help text (not for flags and options without one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+LOSS_HELP = "cross_entropy: softmax cross-entropy; hinge: the lecture's multiclass SVM loss"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphconv", description="A symbolic graph compiler for CNNs.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_model(name, help_):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("model", help="a bundled model name (see `graphconv models`) or path/to/file.py:function")
-        s.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    def command(name, help_, model=True, dtype=("float32", "float64"), dims=False):
+        s = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+                           formatter_class=HelpFormatter)
+        if model:
+            s.add_argument("model", help="a bundled model name (see `graphconv models`) or path/to/file.py:function")
+            s.add_argument("--dtype", default=dtype[0], choices=dtype, help="the float type to compute in")
+        if dims:
+            s.add_argument("--dim", action="append", type=_dim, metavar="NAME=SIZE",
+                           help="the size of a symbolic input dim such as H in (N, 3, H, W); repeat for each")
         return s
 
-    sub.add_parser("models", help="list the bundled models").set_defaults(func=cmd_models)
-    s = with_model("summary", "the layer table: sizes, parameters, multiply-adds, receptive fields")
+    s = command("models", "list the bundled models", model=False)
+    s.set_defaults(func=cmd_models)
+
+    s = command("summary", "the layer table: sizes, parameters, multiply-adds, receptive fields", dims=True)
     s.add_argument("--batch", type=_positive, default=None, help="batch size (default: counts per example)")
-    s.add_argument("--format", default="table", choices=("table", "json"))
+    s.add_argument("--format", default="table", choices=("table", "json"), help="output format")
     s.add_argument("--stage", default="forward", choices=("forward", "train"),
                    help="train: what one training step computes and holds")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
-    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    s.set_defaults(func=cmd_summary)
-    s = with_model("dump", "print the graph IR: forward, backward (with the loss) or a whole training step")
-    s.add_argument("--stage", default="forward", choices=("forward", "backward", "train"))
-    s.add_argument("--format", default="text", choices=("text", "dot", "json"))
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
-    s.add_argument("--batch", type=_positive, default=None, help="batch size for the saved-bytes line")
+    s.set_defaults(func=cmd_summary)
+
+    s = command("dump", "print the graph IR: forward, backward (with the loss) or a whole training step", dims=True)
+    s.add_argument("--stage", default="forward", choices=("forward", "backward", "train"), help="which graph")
+    s.add_argument("--format", default="text", choices=("text", "dot", "json"),
+                   help="text (jaxpr-like), dot (graphviz) or json")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
+    s.add_argument("--batch", type=_positive, default=None, help="batch size for the saved-bytes line "
+                   "(default: per example)")
     s.set_defaults(func=cmd_dump)
-    s = with_model("gradcheck", "check every gradient rule of the model's backward graph by finite differences")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch", type=_positive, default=2)
+
+    s = command("gradcheck", "check every gradient rule of the model's backward graph by finite differences",
+                dtype=("float64",), dims=True)
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the random data, parameters and directions")
+    s.add_argument("--batch", type=_positive, default=2, help="batch size of the random data")
     s.set_defaults(func=cmd_gradcheck)
-    s = with_model("train", "train a model on an offline data set")
-    s.add_argument("--data", default="digits", choices=("digits", "mnist1d"))
+
+    s = command("train", "train a model on an offline data set", dims=True)
+    s.add_argument("--data", default=None, choices=("digits", "mnist1d", "digits3d"),
+                   help="data set (default: by the model's input: mnist1d for 1-D, digits for 2-D and flat, "
+                        "digits3d for 3-D)")
     s.add_argument("--epochs", type=_positive, default=3, help="epochs to run now (a resumed run continues counting)")
-    s.add_argument("--batch", type=_positive, default=64)
-    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--momentum", type=float, default=0.9, help="sgd")
-    s.add_argument("--weight-decay", type=float, default=0.0)
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", default="numpy", choices=("numpy",))
-    s.add_argument("--save", default=None, help="checkpoint path (default MODEL.npz), written after every epoch")
+    s.add_argument("--batch", type=_positive, default=64, help="examples per training step")
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="parameter update rule")
+    s.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
+    s.add_argument("--momentum", type=_non_negative_float, default=None, help="sgd momentum (default 0.9)")
+    s.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="L2 penalty added to the gradient")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the batch order")
+    s.add_argument("--backend", default="numpy", choices=("numpy",), help="where the steps run")
+    s.add_argument("--save", default=None, help="checkpoint path, written after every epoch (default: MODEL.npz)")
     s.add_argument("--resume", default=None, help="continue from a checkpoint written by --save")
-    s.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
+    s.add_argument("--force", action="store_true", help="overwrite an existing --save file that holds a longer run")
+    s.add_argument("--progress", default="auto", choices=("auto", "on", "off"),
+                   help="progress bar on stderr (auto: when stderr is a terminal)")
     s.set_defaults(func=cmd_train)
-    s = with_model("run", "run a model on random inputs and print its outputs")
-    s.add_argument("--batch", type=_positive, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", default="numpy", choices=("numpy",))
+
+    s = command("run", "run a model on random inputs and print its outputs", dims=True)
+    s.add_argument("--batch", type=_positive, default=8, help="batch size of the random inputs")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and parameters")
+    s.add_argument("--backend", default="numpy", choices=("numpy",), help="where it runs")
     s.set_defaults(func=cmd_run)
     return p
 
 
 def _positive(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _float(text, ok, what):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value == value and abs(value) != float("inf") and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
+    return value
+
+
+def _positive_float(text):
+    return _float(text, lambda v: v > 0, "> 0")
+
+
+def _non_negative_float(text):
+    return _float(text, lambda v: v >= 0, ">= 0")
+
+
+def _dim(text):
+    name, sep, size = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE such as H=32, got {text!r}")
+    return name, _positive(size)
 
 
 def main(argv=None) -> int:
@@ -190,7 +310,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except GraphConvError as e:
-        print(f"graphconv: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())   # one line, whatever the message holds
+        print(f"graphconv: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

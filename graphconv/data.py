@@ -1,5 +1,5 @@
-"""Data sets that ship offline: scikit-learn's handwritten digits (8x8, 10 classes) and mnist1d's
-generated 1-D digits (length 40). Nothing is downloaded. Each loader returns a fixed split
+"""Data sets that ship offline: scikit-learn's handwritten digits (8x8, 10 classes), mnist1d's
+generated 1-D digits (length 40) and digits3d, volumes generated from the digits. Nothing is downloaded. Each loader returns a fixed split
 (x_train, y_train, x_test, y_test), shaped for the model's input: spatial size resized, channels
 repeated."""
 from __future__ import annotations
@@ -8,7 +8,15 @@ import numpy as np
 
 from .errors import GraphConvError
 
-DATASETS = ("digits", "mnist1d")
+# name -> number of spatial dims of its examples
+DATASETS = {"digits": 2, "mnist1d": 1, "digits3d": 3}
+
+
+def default_dataset(input_shape) -> str:
+    """The data set that fits an input: 1-D sequences for [N, C, L], images for [N, C, H, W] and for
+    a flat [N, F], volumes for [N, C, D, H, W]."""
+    spatial = len(input_shape) - 2
+    return {1: "mnist1d", 3: "digits3d"}.get(spatial, "digits")
 
 
 def resize_linear(images, size):
@@ -28,11 +36,22 @@ def resize_linear(images, size):
 
 
 def fit_to_input(x, shape, dataset, model):
-    """x: (N, *spatial) -> (N, C, *model spatial), resizing and repeating the channel."""
+    """x: (N, *spatial) -> (N, C, *model spatial), resizing and repeating the channel; or, for a
+    flat model input [N, F], the example resized to F elements (a square image, a cube) and flattened."""
     want = [int(d) for d in shape[1:]]
-    if len(want) != x.ndim:  # (C, *spatial) vs (N, *spatial)
-        raise GraphConvError(f"data {dataset} has {x.ndim - 1}-D examples; {model} takes input [N,"
-                             f"{','.join(map(str, want))}] ({len(want) - 1}-D)")
+    k = x.ndim - 1
+    if len(want) == 1:
+        side = round(want[0] ** (1 / k))
+        if side ** k != want[0]:
+            sizes = ", ".join(f"{s ** k} = {'x'.join([str(s)] * k)}" for s in (8, 16, 28)) if k > 1 else ""
+            raise GraphConvError(f"{model} takes a flat input [N,{want[0]}]; {dataset} examples are {k}-D, so a "
+                                 f"flat input needs a {'square' if k == 2 else 'cube'} number of features ({sizes})")
+        return np.ascontiguousarray(resize_linear(x, [side] * k).reshape(len(x), -1))
+    if len(want) - 1 != k:
+        better = [name for name, nd in DATASETS.items() if nd == len(want) - 1]
+        hint = f"; use --data {better[0]}" if better else ""
+        raise GraphConvError(f"data {dataset} has {k}-D examples; {model} takes input [N,"
+                             f"{','.join(map(str, want))}] ({len(want) - 1}-D){hint}")
     x = resize_linear(x, want[1:])[:, None]
     return np.ascontiguousarray(np.repeat(x, want[0], axis=1))
 
@@ -40,27 +59,55 @@ def fit_to_input(x, shape, dataset, model):
 def load(name, input_shape, model="model", dtype="float32"):
     """(x_train, y_train, x_test, y_test), inputs standardised with the training set's mean and
     standard deviation."""
-    loaders = {"digits": digits, "mnist1d": mnist1d}
+    loaders = {"digits": digits, "mnist1d": mnist1d, "digits3d": digits3d}
     if name not in loaders:
         raise GraphConvError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    symbolic = [str(d) for d in input_shape[1:] if not getattr(d, "is_Integer", isinstance(d, int))]
+    if symbolic:
+        raise GraphConvError(f"{model}: input dims {', '.join(symbolic)} are symbolic; data needs their sizes: "
+                             f"give them with " + " ".join(f"--dim {d}=SIZE" for d in symbolic))
     x_tr, y_tr, x_te, y_te = loaders[name](input_shape, model, dtype)
     mean, std = x_tr.mean(), x_tr.std()
     return (((x_tr - mean) / std).astype(dtype), y_tr, ((x_te - mean) / std).astype(dtype), y_te)
 
 
-def digits(input_shape, model="model", dtype="float32"):
-    """sklearn's 1797 digits, pixel values scaled to [0, 1]; a fixed stratified split, 360 test
-    images (20%, random_state=0)."""
+def digit_images():
+    """sklearn's 1797 digits, pixel values scaled to [0, 1], and a fixed stratified split: 360 test
+    images (20%, random_state=0). Returns (x_train, x_test, y_train, y_test)."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover
-        raise GraphConvError("the digits data set needs scikit-learn: pip install 'graphconv[data]'") from e
+    except ImportError:  # pragma: no cover
+        raise GraphConvError("the digits data sets need scikit-learn: pip install 'graphconv[data]'") from None
     d = load_digits()
-    images = d.images / 16.0
-    x_tr, x_te, y_tr, y_te = train_test_split(images, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    return train_test_split(d.images / 16.0, d.target, test_size=0.2, random_state=0, stratify=d.target)
+
+
+def digits(input_shape, model="model", dtype="float32"):
+    """The digits images, resized to the model's input."""
+    x_tr, x_te, y_tr, y_te = digit_images()
     return (fit_to_input(x_tr, input_shape, "digits", model).astype(dtype), y_tr.astype(np.int64),
             fit_to_input(x_te, input_shape, "digits", model).astype(dtype), y_te.astype(np.int64))
+
+
+def digits3d(input_shape, model="model", dtype="float32"):
+    """Volumes made from the digits: each 8x8 image is extruded along a depth axis of 8 slices with a
+    Gaussian profile whose centre and width are drawn per example (seed 0), plus a little noise, then
+    resized to the model's input. The class is the digit; the depth profile is a nuisance the
+    network must learn to ignore. Generated, nothing downloaded."""
+    x_tr, x_te, y_tr, y_te = digit_images()
+
+    def extrude(images, seed):
+        rng = np.random.default_rng(seed)
+        depth = np.arange(8)[None, :]
+        centre = rng.uniform(2.0, 5.0, (len(images), 1))
+        width = rng.uniform(0.8, 2.0, (len(images), 1))
+        profile = np.exp(-0.5 * ((depth - centre) / width) ** 2)                       # N, 8
+        volumes = profile[:, :, None, None] * images[:, None, :, :]                    # N, 8, 8, 8
+        return volumes + 0.05 * rng.standard_normal(volumes.shape)
+
+    return (fit_to_input(extrude(x_tr, 0), input_shape, "digits3d", model).astype(dtype), y_tr.astype(np.int64),
+            fit_to_input(extrude(x_te, 1), input_shape, "digits3d", model).astype(dtype), y_te.astype(np.int64))
 
 
 def mnist1d(input_shape, model="model", dtype="float32"):
@@ -82,9 +129,8 @@ def mnist1d(input_shape, model="model", dtype="float32"):
 def random_inputs(graph, batch, seed):
     """Random arrays for every input: N(0,1) floats, uniform class indices for int64 targets."""
     from .reference import concrete
-    from .summary import batch_symbol
     rng = np.random.default_rng(seed)
-    n = batch_symbol(graph)
+    n = graph.batch_symbol()
     bindings = {n: batch} if n is not None else {}
     arrays = {}
     for node in graph.inputs:

@@ -17,6 +17,18 @@ class InputError(GraphConvError):
     """Arrays bound at run time do not match the graph (missing, shape, dtype)."""
 
 
+class CheckpointError(GraphConvError):
+    """A checkpoint or weights file that cannot be read, written or used with this graph."""
+
+
+class TrainingError(GraphConvError):
+    """Training cannot go on: a non-finite loss or state, refused before it is applied or saved."""
+
+
+class ResourceError(GraphConvError):
+    """The work would need more memory than the machine has; refused before allocating."""
+
+
 class OpError(Exception):
     """Raised inside an op's rule; the graph turns it into a ShapeError/GraphError
     naming the layer and the chain of layers that produced the offending operand."""

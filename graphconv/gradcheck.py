@@ -100,8 +100,7 @@ def directional_error(along, analytic):
 
 def random_operands(graph, node, rng, batch):
     """Random float64 values of a node's operand shapes (class indices for int64 targets)."""
-    from .summary import batch_symbol
-    n = batch_symbol(graph)
+    n = graph.batch_symbol()
     bindings = {n: batch} if n is not None else {}
     values = []
     for i, o in enumerate(graph.operands(node.name)):

@@ -117,6 +117,13 @@ class GraphCore:
         """Trainable parameters and buffers (running statistics), in topological order."""
         return [n for n in self.topo() if n.op == "param"]
 
+    def batch_symbol(self):
+        """The symbol of the batch dim: dim 0 of the first input whose dim 0 is a symbol."""
+        for node in self.inputs:
+            if node.shape and node.shape[0].is_Symbol:
+                return node.shape[0]
+        return None
+
     def in_types(self, name) -> list[TensorType]:
         return [self.node(o).type for o in self.operands(name)]
 

@@ -1,14 +1,18 @@
 """Bundled models, addressable by name on the CLI; `load("path/to/file.py:function")` for user models."""
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 import os
+import traceback
+import zlib
 
 import sympy as sp
 
 from .builder import Graph
 from .ops.pointwise import define_activation, sigmoid, softplus
-from .errors import GraphError
+from .errors import GraphConvError, GraphError
 
 MODELS: dict = {}
 
@@ -29,13 +33,15 @@ def lenet5(dtype="float32") -> Graph:
     return _out(g, g.linear(h, 10, name="fc2"))
 
 
+# the activations lenet5_swish uses, registered (with their gradients) when this module is imported
+define_activation("swish", lambda x: x * sigmoid(x))
+define_activation("mish", lambda x: x * sp.tanh(softplus(x)))
+
+
 @model
 def lenet5_swish(dtype="float32") -> Graph:
     """LeNet-5 with activations defined by sympy expressions: Swish x*sigmoid(x) and Mish
     x*tanh(softplus(x)); their gradients come from sympy.diff."""
-    x = sp.Symbol("x")
-    define_activation("swish", x * sigmoid(x))
-    define_activation("mish", x * sp.tanh(softplus(x)))
     g = Graph("lenet5_swish", dtype)
     h = g.input("x", ("N", 1, 28, 28))
     h = g.max_pool2d(g.activation(g.conv2d(h, 20, 5, padding=2, name="conv1"), "swish"), 2, stride=2)
@@ -117,25 +123,63 @@ def _out(g, y):
 
 
 def load(spec: str, dtype="float32") -> Graph:
-    """A bundled model by name, or `path/to/file.py:function` (the function returns a Graph)."""
+    """A bundled model by name, or `path/to/file.py:function` (the function returns a Graph). An
+    error in the user's file is reported as one line naming the function and the user's own frames."""
     if spec in MODELS:
         return MODELS[spec](dtype)
     if ":" not in spec:
-        raise GraphError(f"unknown model {spec!r}: bundled models are {', '.join(MODELS)}; "
+        hint = difflib.get_close_matches(spec, MODELS, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise GraphError(f"unknown model {spec!r}{extra}: bundled models are {', '.join(MODELS)}; "
                          f"or give path/to/file.py:function")
     path, func = spec.rsplit(":", 1)
     if not os.path.isfile(path):
         raise GraphError(f"model file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"graphconv_user_{abs(hash(path))}", path)
+    module_spec = importlib.util.spec_from_file_location(f"graphconv_user_{zlib.crc32(path.encode())}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        text = (e.text or "").strip()
+        raise GraphError(f"{path} line {e.lineno}: SyntaxError: {e.msg}{f': {text}' if text else ''}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while being imported
+        raise GraphError(f"{path} failed to import: {_user_failure(e, path)}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise GraphError(f"{path} has no function {func!r}")
-    graph = fn()
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
+        raise GraphError(f"{path} has no function {func!r}" + (f" (it defines: {', '.join(found)})" if found else ""))
+    required = [p.name for p in _parameters(fn) if p.default is p.empty and
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise GraphError(f"{spec}: a model function is called with no arguments, but {func} needs "
+                         f"{', '.join(required)} (give {'it a default' if len(required) == 1 else 'them defaults'})")
+    try:
+        graph = fn()
+    except GraphConvError as e:
+        raise type(e)(f"{os.path.basename(path)}:{func}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's function raised
+        raise GraphError(f"{spec} failed: {_user_failure(e, path)}") from None
     if not isinstance(graph, Graph):
         raise GraphError(f"{spec} returned {type(graph).__name__}, not a graphconv Graph")
     if dtype != graph.dtype:
         from .passes import cast
         graph = cast(graph, dtype)
     return graph.verify()
+
+
+def _parameters(fn):
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _user_failure(error, path) -> str:
+    """`ZeroDivisionError: division by zero (at net.py:7 in build: return 1 / 0)`: the exception and
+    the frames of the user's own file, innermost last; graphconv's and the standard library's
+    frames are left out."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+                        for f in reversed(frames))
+    return f"{type(error).__name__}: {error}" + (f" (at {where})" if where else "")

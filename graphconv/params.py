@@ -1,17 +1,29 @@
 """Concrete parameter values: seeded PyTorch-style initialisation and the checks on a params dict."""
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 
 import numpy as np
 
-from .errors import InputError
+from .errors import GraphError, InputError
 from .shapes import fmt_shape
+
+
+def check_seed(seed):
+    """A seed is a non-negative integer (NumPy's generators take no negative entropy)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise GraphError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def init_params(graph, seed=0) -> dict:
     """One array per param/buffer node, in topological order. Each parameter draws from its own
     stream seeded by (seed, crc32(name)), so adding a layer does not change the others' values."""
+    from .memory import check_fits
+    seed = check_seed(seed)
+    check_fits(sum(param_bytes(n) for n in graph.params), f"the parameters of {graph.name}")
     out = {}
     for node in graph.params:
         shape = tuple(int(d) for d in node.shape)
@@ -23,6 +35,10 @@ def init_params(graph, seed=0) -> dict:
             arr = np.full(shape, value)
         out[node.name] = arr.astype(node.dtype)
     return out
+
+
+def param_bytes(node) -> int:
+    return int(math.prod(int(d) for d in node.shape)) * np.dtype(node.dtype).itemsize
 
 
 def check_params(graph, params) -> dict:

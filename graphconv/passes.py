@@ -1,6 +1,8 @@
 """Graph -> Graph rewrites, each named with a verb. Every pass returns a new, verified graph."""
 from __future__ import annotations
 
+import sympy as sp
+
 from .errors import GraphError
 from .ops import OPS
 from .ops.base import FLOAT_DTYPES
@@ -33,3 +35,44 @@ def set_training(graph, training: bool):
         if "training" in node.attrs:
             node.attrs["training"] = bool(training)
     return reinfer(new)
+
+
+def bind_dims(graph, sizes: dict):
+    """The graph with named dims fixed to sizes, e.g. {"H": 32, "W": 32} for an input
+    ("N", 3, "H", "W"); every shape is re-inferred, so a size that does not fit a layer is refused
+    by that layer's rule."""
+    if not sizes:
+        return graph
+    symbols = {str(s): s for n in graph.inputs for d in n.shape for s in sp.sympify(d).free_symbols}
+    for name, size in sizes.items():
+        if name not in symbols:
+            have = ", ".join(sorted(symbols)) or "none"
+            raise GraphError(f"{graph.name} has no dim named {name!r} (its inputs' symbolic dims: {have})")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise GraphError(f"dim {name} must be a positive integer, got {size!r}")
+    subs = {symbols[k]: sp.Integer(v) for k, v in sizes.items()}
+    new = graph.copy()
+    for node in new.topo():
+        node.attrs = {k: _substitute(v, subs) for k, v in node.attrs.items()}
+    return reinfer(new)
+
+
+def _substitute(value, subs):
+    if isinstance(value, sp.Basic):
+        return value.subs(subs)
+    if isinstance(value, tuple):
+        return tuple(_substitute(v, subs) for v in value)
+    return value
+
+
+def unbound_dims(graph, keep_batch=True) -> list:
+    """The symbolic dims of the graph's inputs other than the batch dim: what must be given a size
+    before data can be made for it."""
+    n = graph.batch_symbol() if keep_batch else None
+    found = []
+    for node in graph.inputs:
+        for d in node.shape:
+            for s in sorted(sp.sympify(d).free_symbols, key=str):
+                if s != n and s not in found:
+                    found.append(s)
+    return found

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .errors import GraphError, InputError, OpError
+from .errors import GraphError, InputError, OpError, ResourceError
+from .memory import check_fits, fmt_bytes
 from .ops import OPS
 from .params import check_params
 from .shapes import fmt_shape
@@ -82,12 +83,36 @@ class NumpyProgram:
         self._shapes = {}
 
     def shapes(self, bindings) -> dict:
-        """Every op node's concrete shape for these symbol values (computed once per batch size)."""
+        """Every op node's concrete shape for these symbol values (computed once per batch size),
+        after checking that the run fits in memory."""
         key = tuple(sorted((str(k), v) for k, v in bindings.items()))
         if key not in self._shapes:
-            self._shapes[key] = {n.name: concrete(n.shape, bindings, f"{n.name} [{n.op}]: ")
-                                 for n in self.order if n.role == "op"}
+            shapes = {n.name: concrete(n.shape, bindings, f"{n.name} [{n.op}]: ") for n in self.order}
+            peak, at = self.peak_bytes(shapes)
+            bound = ", ".join(f"{k}={v}" for k, v in bindings.items())
+            check_fits(peak, f"{self.graph.name}{f' at {bound}' if bound else ''} (peak at {at})", "use a smaller batch")
+            self._shapes[key] = shapes
         return self._shapes[key]
+
+    def peak_bytes(self, shapes):
+        """An estimate of the most memory one run holds at once: live tensors (freed after their last
+        use, as run() does) plus the op's own scratch space; and the node where it peaks."""
+        size = {n.name: int(np.prod(shapes[n.name], dtype=np.int64)) * np.dtype(n.dtype).itemsize for n in self.order}
+        live = sum(size[n.name] for n in self.order if n.role != "op")
+        keep = set(self.graph.outputs)
+        peak, at = live, self.order[0].name if self.order else ""
+        for step, node in enumerate(self.order):
+            if node.role != "op":
+                continue
+            ins = [shapes[o] for o in self.operands[node.name]]
+            scratch = OPS[node.op].scratch_bytes(ins, shapes[node.name], node.attrs, np.dtype(node.dtype).itemsize)
+            live += size[node.name]
+            if live + scratch > peak:
+                peak, at = live + scratch, f"{node.name} [{node.op}]"
+            for operand in set(self.operands[node.name]):
+                if self.last_use.get(operand) == step and operand not in keep and self.graph.node(operand).role == "op":
+                    live -= size[operand]
+        return peak, at
 
     def __call__(self, *args, params=None, **inputs):
         if len(args) > len(self.input_names):
@@ -116,6 +141,10 @@ class NumpyProgram:
                 y = OPS[node.op].evaluate(xs, node.attrs, shape)
             except OpError as e:  # a value-dependent check, e.g. a class index out of range
                 raise InputError(f"{node.name} [{node.op}]: {e.message}") from None
+            except MemoryError:  # the estimate in shapes() let it through, the machine did not
+                raise ResourceError(f"{node.name} [{node.op}]: out of memory computing {node.dtype}"
+                                    f"{fmt_shape(shape)} ({fmt_bytes(np.prod(shape) * np.dtype(node.dtype).itemsize)}); "
+                                    f"use a smaller batch") from None
             y = np.asarray(y)
             if y.shape != shape or str(y.dtype) != node.dtype:
                 raise AssertionError(f"internal: {node.name} [{node.op}] produced {y.dtype}{fmt_shape(y.shape)}, "

@@ -16,13 +16,6 @@ from .shapes import numel
 GLOBAL_OPS = ("flatten", "reshape", "linear")
 
 
-def batch_symbol(graph):
-    for node in graph.inputs:
-        if node.shape and node.shape[0].is_Symbol:
-            return node.shape[0]
-    return None
-
-
 def _value(expr, bindings):
     v = sp.sympify(expr).subs(bindings)
     v = sp.simplify(v)
@@ -71,10 +64,10 @@ def receptive_fields(graph) -> dict:
 
 
 def summarize(graph, batch=None) -> dict:
-    n = batch_symbol(graph)
+    n = graph.batch_symbol()
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
     rfs = receptive_fields(graph)
-    rows = []
+    rows, totals = [], {"params": sp.Integer(0), "macs": sp.Integer(0), "activation_bytes": sp.Integer(0)}
     for node in graph.topo():
         if node.role in ("param", "buffer"):
             continue
@@ -85,6 +78,9 @@ def summarize(graph, batch=None) -> dict:
         weight_shape = [int(d) for d in graph.node(weight).shape] if weight in operands else None
         rf = rfs.get(node.name)
         shape = node.shape
+        activation_bytes = numel(shape) * ITEMSIZE[node.dtype]
+        for key, value in (("params", cost.params), ("macs", cost.macs), ("activation_bytes", activation_bytes)):
+            totals[key] += value
         rows.append({
             "name": node.name,
             "op": node.op,
@@ -93,9 +89,10 @@ def summarize(graph, batch=None) -> dict:
             "params": _value(cost.params, bindings),
             "macs": _value(cost.macs, bindings),
             "receptive_field": list(rf[0]) if rf else None,
-            "activation_bytes": _value(numel(shape) * ITEMSIZE[node.dtype], bindings),
+            "activation_bytes": _value(activation_bytes, bindings),
         })
-    total = {key: sum(r[key] for r in rows if isinstance(r[key], int)) for key in ("params", "macs", "activation_bytes")}
+    # totals of the symbolic expressions: a row like 216*H*W keeps the total symbolic
+    total = {key: _value(value, bindings) for key, value in totals.items()}
     return {"model": graph.name, "dtype": graph.dtype, "batch": batch, "batch_dim": str(n) if n is not None else None,
             "layers": rows, "total_params": total["params"], "total_macs": total["macs"],
             "total_activation_bytes": total["activation_bytes"]}
@@ -114,7 +111,7 @@ def _size(shape, batch_dim, batch):
 
 def _bytes(v):
     if not isinstance(v, int):
-        return str(v)
+        return f"{v} B"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if v < 1024 or unit == "GiB":
             return f"{v:,} {unit}" if unit == "B" else f"{v:,.1f} {unit}"
@@ -151,7 +148,7 @@ def summarize_training(step_graph, batch=None) -> dict:
     """What one training step costs: multiply-adds of the forward, backward and update nodes, and the
     bytes it keeps: activations saved for the backward pass, parameters, gradients, optimizer state."""
     from .autodiff import saved_bytes
-    n = batch_symbol(step_graph)
+    n = step_graph.batch_symbol()
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
     macs = {"forward": sp.Integer(0), "backward": sp.Integer(0), "update": sp.Integer(0)}
     for node in step_graph.topo():
@@ -167,20 +164,21 @@ def summarize_training(step_graph, batch=None) -> dict:
     params = [x for x in step_graph.params if x.attrs["trainable"]]
     grads = [step_graph.node(g) for g in step_graph.meta["grads"].values()]
     state = [step_graph.node(x) for x in step_graph.meta["optimizer_state"]]
+    held = {"saved activations": saved_bytes(step_graph), "parameters": size(params), "gradients": size(grads),
+            "optimizer state": size(state)}
     return {"model": step_graph.name, "batch": batch,
             "macs": {k: _value(v, bindings) for k, v in macs.items()},
-            "bytes": {"saved activations": _value(saved_bytes(step_graph), bindings),
-                      "parameters": _value(size(params), bindings),
-                      "gradients": _value(size(grads), bindings),
-                      "optimizer state": _value(size(state), bindings)}}
+            "bytes": {k: _value(v, bindings) for k, v in held.items()},
+            "total_macs": _value(sum(macs.values()), bindings),
+            "total_bytes": _value(sum(held.values()), bindings)}
 
 
 def format_training(t: dict) -> str:
     per = f"batch {t['batch']}" if t["batch"] is not None else "per example (N = 1)"
     rows = [(f"{k} MACs", _num(v)) for k, v in t["macs"].items()]
-    rows.append(("total MACs", _num(sum(t["macs"].values()))))
+    rows.append(("total MACs", _num(t["total_macs"])))
     rows += [(k, _bytes(v)) for k, v in t["bytes"].items()]
-    rows.append(("total bytes held", _bytes(sum(t["bytes"].values()))))
+    rows.append(("total bytes held", _bytes(t["total_bytes"])))
     width = max(len(k) for k, _ in rows)
     value_width = max(len(v) for _, v in rows)
     lines = [f"{t['model']} ({per})"] + [f"  {k.ljust(width)}  {v.rjust(value_width)}" for k, v in rows]

@@ -4,15 +4,18 @@ keeps the state (parameters and optimizer buffers) and saves it atomically.
 """
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .autodiff import derive_backward
-from .errors import GraphConvError, GraphError
-from .params import init_params
+from .errors import CheckpointError, GraphConvError, GraphError, InputError, TrainingError
+from .params import check_seed, init_params
 from .shapes import fmt_shape
 from .passes import set_training
 
@@ -32,12 +35,22 @@ def attach_loss(graph, kind="cross_entropy", target="y"):
     if len(shape) < 2 or any(d != 1 for d in shape[2:]):
         raise GraphError(f"{g.name}: a loss needs class scores [N, classes], but the output {scores} is "
                          f"{fmt_shape(shape)}")
+    reserve(g, [target, "loss"] + (["scores"] if len(shape) != 2 else []),
+            f"the names the loss adds to {g.name} (the class-index input {target!r} and the node 'loss')")
     if len(shape) != 2:  # [N, C, 1, 1] after a global pool
         scores = g.flatten(scores, name="scores").name
     y = g.input(target, (g.node(scores).shape[0],), dtype="int64")
     loss = getattr(g, LOSSES[kind])(scores, y, name="loss")
     g.output(loss, scores)
     return g.verify()
+
+
+def reserve(graph, names, what):
+    """Refuse a user layer that takes a name a training pass is about to add."""
+    for name in names:
+        if name in graph:
+            raise GraphError(f"{name}: this name is reserved for {what}, but {graph.name} already has a "
+                             f"{graph.node(name).op} node called {name!r}; rename that layer")
 
 
 @dataclass
@@ -50,11 +63,28 @@ class Optimizer:
     beta2: float = 0.999
     eps: float = 1e-8
 
+    # (attribute, lowest allowed, highest allowed, is the lowest itself allowed)
+    LIMITS = (("lr", 0.0, math.inf, False), ("momentum", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, True),
+              ("beta1", 0.0, 1.0, True), ("beta2", 0.0, 1.0, True), ("eps", 0.0, math.inf, False))
+
     def __post_init__(self):
         if self.kind not in ("adam", "sgd"):
             raise GraphError(f"unknown optimizer {self.kind!r}; choose adam or sgd")
-        if not self.lr > 0:
-            raise GraphError(f"learning rate must be positive, got {self.lr}")
+        for key, low, high, closed in self.LIMITS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise GraphError(f"optimizer {key} must be a number, got {value!r}")
+            value = float(value)
+            ok = math.isfinite(value) and (value >= low if closed else value > low) and value < high
+            if not ok:
+                want = {"lr": "positive", "eps": "positive", "beta1": "in [0, 1)", "beta2": "in [0, 1)"}.get(key, ">= 0")
+                raise GraphError(f"optimizer {key} must be finite and {want}, got {value!r}")
+            setattr(self, key, value)
+
+    def describe(self) -> str:
+        if self.kind == "sgd":
+            return f"sgd lr {self.lr:g} momentum {self.momentum:g} weight decay {self.weight_decay:g}"
+        return f"adam lr {self.lr:g} betas ({self.beta1:g}, {self.beta2:g}) weight decay {self.weight_decay:g}"
 
 
 def build_train_step(graph_with_loss, optimizer: Optimizer):
@@ -71,6 +101,9 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
                                           name=f"{buf}.next", layer=node.layer,
                                           provenance={"update_of": buf, "rule": "batch_norm running statistic"})
     opt = optimizer
+    suffixes = ("velocity",) if opt.kind == "sgd" else ("adam_m", "adam_v")
+    reserve(g, [f"{p}.{x}" for p in g.meta["grads"] for x in suffixes] + (["opt.step"] if opt.kind == "adam" else []),
+            f"the {opt.kind} optimizer's state")
     step, optimizer_state = None, []
     if opt.kind == "adam":
         step = g.param("opt.step", (), ("constant", 0.0), trainable=False, layer="opt")
@@ -111,19 +144,22 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
 
 
 class Trainer:
-    """Runs training steps and evaluations of one model on one backend, holding its state."""
+    """Runs training steps and evaluations of one model on one backend, holding its state. A step
+    that would make the loss or any state non-finite is refused and leaves the state as it was."""
 
     def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0):
         from . import compile as gc_compile
         self.model = graph
         self.optimizer = optimizer or Optimizer()
+        self.input_name = image_input(graph)
         self.with_loss = attach_loss(graph, loss)
         self.step_graph = build_train_step(self.with_loss, self.optimizer)
         self.eval_graph = set_training(self.with_loss, False)
         self.step_program = gc_compile(self.step_graph, backend=backend)
         self.eval_program = gc_compile(self.eval_graph, backend=backend)
-        self.state = init_params(self.step_graph, seed=seed)   # parameters, running statistics, buffers
+        self.state = init_params(self.step_graph, seed=check_seed(seed))   # parameters, running statistics, buffers
         self.epoch = 0
+        self.steps = 0
 
     @property
     def params(self):
@@ -131,10 +167,22 @@ class Trainer:
 
     def step(self, x, y):
         """One training step; returns (loss, scores)."""
-        out = self.step_program.run({"x": x, "y": y}, self.state)
-        for state, node in self.step_graph.meta["updates"].items():
-            self.state[state] = out[node]
+        check_finite(self.input_name, x)
+        out = self.step_program.run({self.input_name: x, "y": y}, self.state)
         loss, scores = self.step_graph.outputs[:2]
+        where = f"{self.model.name}, epoch {self.epoch + 1}, step {self.steps + 1}"
+        if not np.isfinite(out[loss]):
+            raise TrainingError(f"{where}: the loss is {float(out[loss])}; the step was not applied, the state is "
+                                f"the one before it ({self.optimizer.describe()}: a lower learning rate may help)")
+        updates = self.step_graph.meta["updates"]
+        for state, node in updates.items():
+            if not all_finite(out[node]):
+                raise TrainingError(f"{where}: the update would make {state} non-finite; the step was not applied, "
+                                    f"the state is the one before it ({self.optimizer.describe()}: a lower "
+                                    f"learning rate may help)")
+        for state, node in updates.items():
+            self.state[state] = out[node]
+        self.steps += 1
         return float(out[loss]), out[scores]
 
     def evaluate(self, x, y, batch=256):
@@ -142,20 +190,27 @@ class Trainer:
         losses, correct = [], 0
         params = {n.name: self.state[n.name] for n in self.eval_graph.params}
         for i in range(0, len(x), batch):
-            out = self.eval_program.run({"x": x[i:i + batch], "y": y[i:i + batch]}, params)
+            out = self.eval_program.run({self.input_name: x[i:i + batch], "y": y[i:i + batch]}, params)
             losses.append(float(out["loss"]) * len(y[i:i + batch]))
             correct += int((out[self.eval_graph.outputs[1]].argmax(axis=1) == y[i:i + batch]).sum())
         return sum(losses) / len(x), correct / len(x)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self, path):
-        """Write parameters, buffers and the epoch count to an .npz, atomically: a temporary file in
-        the same folder, renamed over the target only when complete."""
+        """Write parameters, buffers, the epoch count and the optimizer's settings to an .npz,
+        atomically: a temporary file in the same folder, renamed over the target only when
+        complete. Non-finite state is never written."""
+        for name, value in self.state.items():
+            if not all_finite(value):
+                raise TrainingError(f"{path}: not saved: {name} holds non-finite values")
         arrays = {f"state/{k}": v for k, v in self.state.items()}
         arrays["meta/epoch"] = np.array(self.epoch)
+        arrays["meta/optimizer"] = np.array(json.dumps(asdict(self.optimizer), sort_keys=True))
+        check_writable(path)
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a checkpoint is an ordinary file
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
@@ -167,37 +222,168 @@ class Trainer:
             raise
 
     def load(self, path):
-        """Restore a checkpoint written by save(); every name and shape must match this graph."""
-        self.state, self.epoch = load_checkpoint(path, self.step_graph)
+        """Restore a checkpoint written by save(); every name, shape and dtype must match this
+        graph and every value must be finite. Returns the notes worth telling the user (an
+        optimizer setting that differs from the checkpoint's)."""
+        ckpt = read_checkpoint(path)
+        if ckpt.optimizer and ckpt.optimizer.get("kind") != self.optimizer.kind:
+            raise CheckpointError(f"{path}: written by {ckpt.optimizer.get('kind')} training; resume it with "
+                                  f"--optimizer {ckpt.optimizer.get('kind')} (Optimizer({ckpt.optimizer.get('kind')!r}))")
+        self.state = check_state(path, ckpt.state, self.step_graph, self.optimizer.kind)
+        self.epoch = ckpt.epoch
+        notes = []
+        for key, value in sorted((ckpt.optimizer or {}).items()):
+            now = getattr(self.optimizer, key, None)
+            if key != "kind" and now is not None and isinstance(value, (int, float)) and float(value) != now:
+                notes.append(f"{key} is {now:g} now, {float(value):g} in {os.path.basename(str(path))}")
+        return notes
 
 
-def load_checkpoint(path, graph):
+def image_input(graph):
+    """The name of the model's one float input (the images a Trainer feeds)."""
+    floats = [n.name for n in graph.inputs if n.dtype != "int64"]
+    if len(floats) != 1:
+        found = ", ".join(floats) if floats else "none"
+        raise GraphError(f"{graph.name}: training needs exactly one float input (the examples), found {found}")
+    return floats[0]
+
+
+def all_finite(a) -> bool:
+    """True when every element is finite. A sum is one fast pass; it can only overflow to inf where
+    elements near the dtype's maximum are present, and then the exact check decides."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(a)
+    return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
+
+
+def check_finite(name, a):
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not all_finite(a):
+        bad = int(np.size(a) - np.isfinite(a).sum())
+        raise InputError(f"{name}: {bad} of {a.size} values are NaN or infinite; the step was not taken")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path):
+    """Refuse, before any work, a checkpoint path that cannot be written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory; give a file path such as {os.path.join(path, 'model.npz')}")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{path}: the folder {folder} does not exist; create it first or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{path}: the folder {folder} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CheckpointError(f"{path}: the file exists and is not writable")
+
+
+@dataclass
+class Checkpoint:
+    state: dict
+    epoch: int
+    optimizer: dict       # the settings it was trained with ({} for checkpoints that predate them)
+
+
+NPZ_MAGIC = b"PK\x03\x04"
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Read and check a checkpoint file without knowing the graph: a readable .npz of numeric
+    arrays under state/, a non-negative integer meta/epoch, finite values."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted copy?); it is not a checkpoint")
+    if head != NPZ_MAGIC:
+        raise CheckpointError(f"{path}: not an .npz file; a checkpoint is written by `graphconv train --save` "
+                              f"or Trainer.save")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise GraphConvError(f"{path}: no such checkpoint") from None
-    except (ValueError, OSError) as e:
-        raise GraphConvError(f"{path}: not a readable .npz checkpoint ({e})") from None
-    state = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise CheckpointError(f"{path}: damaged .npz file, cannot be read (ValueError: {e})") from None
+        raise CheckpointError(f"{path}: holds Python objects (pickled data), which graphconv never loads; a "
+                              f"checkpoint holds numeric arrays only") from None
+    except Exception as e:  # a damaged zip raises BadZipFile, zlib.error, EOFError, ...
+        raise CheckpointError(f"{path}: damaged .npz file, cannot be read ({type(e).__name__}: {e})") from None
+    unknown = sorted(k for k in arrays if not k.startswith("state/") and k not in ("meta/epoch", "meta/optimizer"))
+    if unknown:
+        raise CheckpointError(f"{path}: {unknown[0]}: not part of a graphconv checkpoint (a weights file? it holds "
+                              f"{', '.join(sorted(arrays)[:4])}{', ...' if len(arrays) > 4 else ''})")
+    if "meta/epoch" not in arrays:
+        raise CheckpointError(f"{path}: meta/epoch is missing, so the run's epoch count is unknown; "
+                              f"not a complete checkpoint")
+    epoch = arrays["meta/epoch"]
+    if epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
+        raise CheckpointError(f"{path}: meta/epoch must be a non-negative integer, got {epoch!r}")
+    optimizer = {}
+    if "meta/optimizer" in arrays:
+        try:
+            optimizer = json.loads(str(arrays["meta/optimizer"]))
+            assert isinstance(optimizer, dict)
+        except (ValueError, AssertionError):
+            raise CheckpointError(f"{path}: meta/optimizer is not the optimizer record graphconv writes") from None
+    state = {}
+    for key, value in arrays.items():
+        if not key.startswith("state/"):
+            continue
+        name = key[len("state/"):]
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{path}: {name}: holds {value.dtype} values; parameters are floats")
+        if not all_finite(value):
+            raise CheckpointError(f"{path}: {name}: holds NaN or infinite values; this checkpoint cannot be "
+                                  f"trained from (an earlier run diverged?)")
+        state[name] = value
+    return Checkpoint(state, int(epoch), optimizer)
+
+
+def check_state(path, state, graph, optimizer_kind=None):
+    """The checkpoint's state, checked name by name against the graph's parameters and buffers."""
     wanted = {n.name: n for n in graph.params}
     for name in state:
         if name not in wanted:
-            raise GraphConvError(f"{path}: {name}: {graph.name} has no parameter or buffer of that name")
+            hint = ""
+            if name == "opt.step" or name.endswith((".adam_m", ".adam_v")):
+                hint = "; it was written by adam training: resume with --optimizer adam"
+            elif name.endswith(".velocity"):
+                hint = "; it was written by sgd training: resume with --optimizer sgd"
+            raise CheckpointError(f"{path}: {name}: {graph.name} has no parameter or buffer of that name{hint}")
     for name, node in wanted.items():
         if name not in state:
-            raise GraphConvError(f"{path}: {name}: missing from the checkpoint")
+            raise CheckpointError(f"{path}: {name}: missing from the checkpoint")
         shape = tuple(int(d) for d in node.shape)
         if state[name].shape != shape:
-            raise GraphConvError(f"{path}: {name}: shape {list(state[name].shape)} in the checkpoint, "
-                                 f"{list(shape)} in {graph.name}")
+            raise CheckpointError(f"{path}: {name}: shape {list(state[name].shape)} in the checkpoint, "
+                                  f"{list(shape)} in {graph.name}")
         if str(state[name].dtype) != node.dtype:
-            raise GraphConvError(f"{path}: {name}: {state[name].dtype} in the checkpoint, {node.dtype} in {graph.name}")
-    return state, int(arrays.get("meta/epoch", np.array(0)))
+            raise CheckpointError(f"{path}: {name}: {state[name].dtype} in the checkpoint, {node.dtype} in "
+                                  f"{graph.name}")
+    return dict(state)
+
+
+def load_checkpoint(path, graph):
+    """(state, epoch) of a checkpoint, checked against `graph`."""
+    ckpt = read_checkpoint(path)
+    return check_state(path, ckpt.state, graph), ckpt.epoch
 
 
 def batches(n, batch, seed, epoch):
     """Shuffled index batches for one epoch, seeded by (seed, epoch) so a resumed run sees the same order."""
+    check_seed(seed)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     parts = [order[i:i + batch] for i in range(0, n, batch)]
     if len(parts) > 1 and len(parts[-1]) == 1:  # batch statistics need two examples: join the last one

@@ -54,7 +54,7 @@ def test_errors_are_one_clean_line(capsys, tmp_path):
                    "    g.conv2d(g.conv2d(x, 4, 3, name='c1'), 8, 3, in_channels=5, name='c2')\n")
     code, out, err = run(capsys, "summary", f"{bad}:net")
     assert code == 2
-    assert err.strip() == ("graphconv: error: c2 [conv2d]: input has 4 channels, weight expects 5 "
+    assert err.strip() == ("graphconv: error: bad.py:net: c2 [conv2d]: input has 4 channels, weight expects 5 "
                            "(input [N,4,6,6] from c1 <- x)")
 
 

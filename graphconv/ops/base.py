@@ -144,6 +144,11 @@ class Op:
         operand: a tensor, or None where needs[i] is False or there is no gradient."""
         raise OpError(f"{self.name} has no gradient rule", kind=GraphError)
 
+    def scratch_bytes(self, in_shapes: list, out_shape: tuple, attrs: dict, itemsize: int) -> int:
+        """Temporary memory the NumPy reference allocates beyond its output (concrete shapes), for
+        the interpreter's estimate of a run's peak memory."""
+        return 0
+
     # ---- cost -------------------------------------------------------------------------------
     def macs(self, ins: list, out: TensorType, attrs: dict) -> sp.Expr:
         return sp.Integer(0)

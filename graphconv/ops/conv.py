@@ -86,6 +86,9 @@ class Conv(Op):
         return conv_nd(x, w, b, attrs["stride"], self.pads(attrs, w.shape), attrs["dilation"],
                        attrs["groups"], attrs["padding_mode"])
 
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        return im2col_bytes(in_shapes[0], in_shapes[1][2:], out_shape[2:], itemsize)
+
     def macs(self, ins, out, attrs):
         w = ins[1].shape
         per_output = numel(w[1:])  # C_in/groups * prod(K)
@@ -102,6 +105,13 @@ class Conv(Op):
             *([e.emit("reduce_sum", [dy], {"axes": (0, *range(2, self.nd + 2))}, wrt=2) if needs[2] else None]
               if len(needs) > 2 else []),
         ]
+
+
+def im2col_bytes(x_shape, kernel, out_spatial, itemsize):
+    """Size of the column matrix `columns` builds (twice: it is built, then regrouped), the
+    largest temporary of a convolution and of both its gradients."""
+    n, c = x_shape[:2]
+    return 2 * math.prod(kernel) * c * n * math.prod(out_spatial) * itemsize
 
 
 def columns(x, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
@@ -193,6 +203,9 @@ class ConvBackwardData(ConvGradient):
     operands = ("grad_output", "weight")
     suffix, extra = "backward_data", "input_size"
 
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        return im2col_bytes(out_shape, in_shapes[1][2:], in_shapes[0][2:], itemsize)
+
     def shape(self, ins, attrs):
         dy, w = ins
         spatial = window_shape(self.name, attrs["input_size"], Conv(self.nd).kernel(w.shape), attrs["stride"],
@@ -212,6 +225,9 @@ class ConvBackwardWeight(ConvGradient):
     """dL/d(weight) of conv{nd}d: operands (input, grad_output)."""
     operands = ("input", "grad_output")
     suffix, extra = "backward_weight", "kernel_size"
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        return im2col_bytes(in_shapes[0], out_shape[2:], in_shapes[1][2:], itemsize)
 
     def shape(self, ins, attrs):
         x, dy = ins

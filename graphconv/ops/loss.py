@@ -8,6 +8,7 @@ hinge (multiclass SVM): L_i = sum_{j != y_i} max(0, s_j - s_{y_i} + margin)
 from __future__ import annotations
 
 import numpy as np
+import sympy as sp
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, provably_ne
@@ -39,6 +40,9 @@ class ClassifierLoss(Op):
             raise OpError(f"{self.name} expects scores [N, classes], got {len(s)}-D {fmt_shape(s)}")
         if len(t) != 1 or provably_ne(t[0], s[0]):
             raise OpError(f"target must have shape [{fmt_dim(s[0])}] (one class per example), got {fmt_shape(t)}", 1)
+        if sp.simplify(t[0] - s[0]) != 0:  # e.g. M and N: two symbols bound separately could differ
+            raise OpError(f"target has {fmt_dim(t[0])} entries but scores have {fmt_dim(s[0])} rows; give the target "
+                          f"the scores' batch dim [{fmt_dim(s[0])}] (one class per example)", 1)
         return ()
 
     def check_target(self, scores, target):

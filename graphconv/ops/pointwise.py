@@ -110,16 +110,20 @@ class Pointwise(Op):
             y = np.array(np.broadcast_to(y, shape))
         return y.astype(xs[0].dtype, copy=False)
 
-    def derivative(self, i) -> "Pointwise":
-        """The op computing dy * d(expr)/d(operand i), made and registered on first use."""
+    def derivative(self, i, register_it=True) -> "Pointwise":
+        """The op computing dy * d(expr)/d(operand i). define_activation registers it with its
+        activation; other pointwise ops (optimizer updates) have no use for one."""
         if i not in self._grads:
             suffix = "_grad" if len(self.operands) == 1 else f"_grad_{self.operands[i]}"
             name = self.name + suffix
             # piecewise_fold moves dy inside a Piecewise: where(x > 0, dy, 0), not dy * where(x > 0, 1, 0)
             expr = sp.piecewise_fold(DY * sp.simplify(sp.diff(self.expr, self.symbols[i])))
-            op = OPS.get(name) or register(Pointwise(name, expr, self.operands + ("dy",), self.attrs,
-                                                      doc=f"dy * d{self.name}/d{self.operands[i]}"))
-            self._grads[i] = op
+            if expr.has(sp.Derivative):
+                raise GraphError(f"{self.name}: sympy cannot differentiate {self.expr} (it gives {expr})")
+            self._grads[i] = OPS.get(name) or Pointwise(name, expr, self.operands + ("dy",), self.attrs,
+                                                        doc=f"dy * d{self.name}/d{self.operands[i]}")
+        if register_it and self._grads[i].name not in OPS:
+            register(self._grads[i])
         return self._grads[i]
 
     def grad(self, e, dy, needs):
@@ -131,15 +135,29 @@ def define_activation(name, expr, params=None, numpy=None):
     """Register a pointwise activation given by a sympy expression of one variable (or a function
     of a sympy symbol), e.g. define_activation("swish", lambda x: x * sigmoid(x)). Its gradient is
     derived by sympy. Returns the op; defining the same name twice with the same expression is fine."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise GraphError(f"activation name must be an identifier such as 'swish', got {name!r}")
     if callable(expr) and not isinstance(expr, sp.Basic):
-        expr = expr(X)
-    expr = sp.sympify(expr)
+        try:
+            expr = expr(X)
+        except Exception as e:  # noqa: BLE001 - the user's function failed on a sympy symbol
+            raise GraphError(f"activation {name!r}: calling the given function on a sympy symbol raised "
+                             f"{type(e).__name__}: {e}") from None
+    try:
+        expr = sp.sympify(expr, locals={"sigmoid": sigmoid, "softplus": softplus}, strict=not isinstance(expr, str))
+    except (sp.SympifyError, SyntaxError, TypeError) as e:
+        raise GraphError(f"activation {name!r}: {expr!r} is not a sympy expression "
+                         f"(write e.g. 'x * sigmoid(x)' or pass a sympy expression)") from None
+    if not isinstance(expr, sp.Expr):
+        raise GraphError(f"activation {name!r}: {expr} is a {type(expr).__name__}, not an expression of x "
+                         f"(a condition belongs in sympy.Piecewise)")
     params = dict(params or {})
     free = expr.free_symbols - {sp.Symbol(p, real=True) for p in params} - {sp.Symbol(p) for p in params}
     if len(free) > 1:
         raise GraphError(f"activation {name!r}: expression {expr} has several variables {sorted(map(str, free))}")
-    if free:
-        expr = expr.subs(free.pop(), X)
+    if not free:
+        raise GraphError(f"activation {name!r}: expression {expr} does not depend on its input")
+    expr = expr.subs(free.pop(), X)
     expr = expr.subs({sp.Symbol(p): sp.Symbol(p, real=True) for p in params})
     if name in OPS:
         existing = OPS[name]
@@ -147,7 +165,16 @@ def define_activation(name, expr, params=None, numpy=None):
             return existing
         raise GraphError(f"activation {name!r} is already defined as {getattr(existing, 'expr', existing)}")
     op = Pointwise(name, expr, ("x",), params, numpy=numpy)
+    values = {k: float(v) for k, v in params.items()}
+    try:  # an unknown function (sympy's f(x)) cannot be evaluated: refuse it now, not in a run
+        op.reference([np.linspace(-2, 2, 5)], values)
+        grad = op.derivative(0, register_it=False)
+        grad.reference([np.linspace(-2, 2, 5), np.ones(5)], values)
+    except Exception as e:  # noqa: BLE001
+        raise GraphError(f"activation {name!r}: {expr} or its derivative cannot be evaluated by NumPy "
+                         f"({type(e).__name__}: {e})") from None
     register(op)
+    register(grad)   # the gradient op exists as soon as its activation does
     return op
 
 
