@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 
@@ -58,7 +59,8 @@ def save(name, result):
 
 def report(title, result_name, ours, make_theirs, repeats, **extra):
     """Time `ours`; when PyTorch is installed, time it against `make_theirs()` in alternating blocks
-    and print the ratio; save the result under benchmarks/results/."""
+    and print the ratio; with --save on the command line, write the result under benchmarks/results/
+    (a plain run leaves the committed results alone)."""
     alone = median_time(ours, repeats)
     result = {"benchmark": title, **extra, "numpy_backend_ms": alone * 1e3, **machine()}
     print(f"{title}: numpy backend {alone * 1e3:.2f} ms")
@@ -71,5 +73,8 @@ def report(title, result_name, ours, make_theirs, repeats, **extra):
         result.update(numpy_backend_ms=a * 1e3, torch_cpu_eager_ms=b * 1e3, ratio_numpy_over_torch=a / b)
         print(f"alternating blocks: numpy backend {a * 1e3:.2f} ms, PyTorch CPU eager {b * 1e3:.2f} ms "
               f"-> ratio numpy/torch = {a / b:.2f}x")
-    print("saved", save(result_name, result))
+    if "--save" in sys.argv[1:]:
+        print("saved", save(result_name, result))
+    else:
+        print("(not saved: pass --save to write benchmarks/results/" + result_name + ".json)")
     return result

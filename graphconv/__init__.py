@@ -1,6 +1,7 @@
 """graphconv: a symbolic graph compiler for convolutional networks."""
 from .builder import Graph
-from .errors import GraphConvError, GraphError, InputError, ShapeError
+from .errors import (CheckpointError, GraphConvError, GraphError, InputError, ResourceError, ShapeError,
+                     TrainingError)
 from .ir import Node, Tensor
 from .params import init_params
 from .ops.pointwise import define_activation, sigmoid, softplus
@@ -32,4 +33,5 @@ def compile(graph, backend="numpy", dtype=None, training=None):
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",
            "sigmoid", "softplus",
-           "GraphConvError", "GraphError", "ShapeError", "InputError"]
+           "GraphConvError", "GraphError", "ShapeError", "InputError", "CheckpointError", "TrainingError",
+           "ResourceError"]

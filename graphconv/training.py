@@ -168,7 +168,8 @@ class Trainer:
     def step(self, x, y):
         """One training step; returns (loss, scores)."""
         check_finite(self.input_name, x)
-        out = self.step_program.run({self.input_name: x, "y": y}, self.state)
+        with np.errstate(all="ignore"):   # overflow is checked below, and reported as a TrainingError
+            out = self.step_program.run({self.input_name: x, "y": y}, self.state)
         loss, scores = self.step_graph.outputs[:2]
         where = f"{self.model.name}, epoch {self.epoch + 1}, step {self.steps + 1}"
         if not np.isfinite(out[loss]):

@@ -170,7 +170,7 @@ def draw_layer_call(data, g, tensors):
         return f"g.linear({x!r}, {out_f!r}, **{kw!r})", lambda: g.linear(x, out_f, **kw)
     if op == "add":
         b = pick(data, st.sampled_from(tensors), BAD_OPERANDS, 5)
-        if data.draw(st.booleans()):
+        if isinstance(x, gc.Tensor) and data.draw(st.booleans()):
             return f"{x!r} + {b!r}", lambda: x + b
         return f"g.add({x!r}, {b!r}, **{kw!r})", lambda: g.add(x, b, **kw)
     if op == "concat":
@@ -250,7 +250,7 @@ def draw_array(data, rng, shape, dtype):
     elif variant == "extra_dim":
         arr = arr[None]
     elif variant == "dim_plus" and arr.ndim:
-        arr = np.concatenate([arr, arr[-1:]], axis=-1)
+        arr = np.concatenate([arr, arr[..., -1:]], axis=-1)
     elif variant == "batch0" and arr.ndim:
         arr = arr[:0]
     elif variant == "list":

@@ -103,7 +103,8 @@ class Pointwise(Op):
         return first
 
     def reference(self, xs, attrs):
-        with np.errstate(over="ignore", under="ignore"):
+        # numpy.where evaluates both branches of a Piecewise: 0/0 in the branch not taken is no error
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             y = np.asarray(self._fn(*xs, *attrs.values()))
         shape = np.broadcast_shapes(*(x.shape for x in xs))
         if y.shape != shape:  # an expression constant in some operand

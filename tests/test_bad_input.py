@@ -1,0 +1,557 @@
+"""Every case of the bad-input trial (issue "Every failure a GraphConvError"): each gets a
+GraphConvError with a message that names what was wrong and what to do, and the CLI prints it as
+one line and exits 2. The two wrong results of the foundation have regression tests here too."""
+import json
+import os
+import stat
+import zipfile
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from graphconv.cli import main
+from graphconv.training import Optimizer, Trainer, attach_loss, read_checkpoint
+
+from torch_oracle import torch
+
+TINY = """import graphconv as gc
+def build():
+    g = gc.Graph("tiny")
+    x = g.input("{input}", ("N", 1, 8, 8))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 4, 3, padding=1, name="conv")), 2)
+    g.output(g.linear(g.flatten(h), 10, name="fc"))
+    return g
+"""
+
+
+def tiny(input_name="x"):
+    g = gc.Graph("tiny")
+    x = g.input(input_name, ("N", 1, 8, 8))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 4, 3, padding=1, name="conv")), 2)
+    g.output(g.linear(g.flatten(h), 10, name="fc"))
+    return g
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY.format(input="x"))
+    return f"{path}:build"
+
+
+def cli(capsys, *argv):
+    """Run the CLI in-process; an error must be exactly one line on stderr."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    if code == 2:
+        assert err.startswith("graphconv: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return code, out, err
+
+
+def data_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n)
+
+
+# ---- the two wrong results ---------------------------------------------------------------------
+
+def test_a_parameter_the_loss_does_not_reach_trains_with_a_zero_gradient():
+    g = gc.Graph("u")
+    x = g.input("x", ("N", 4))
+    g.linear(x, 2, name="unused")
+    g.output(g.linear(x, 3, name="fc"))
+    trainer = Trainer(g, Optimizer("adam", lr=0.1))
+    before = {k: v.copy() for k, v in trainer.state.items()}
+    rng = np.random.default_rng(0)
+    trainer.step(rng.standard_normal((5, 4)).astype(np.float32), rng.integers(0, 3, 5))
+    # Adam with a zero gradient leaves the parameter where it was; the reached one moves
+    assert np.array_equal(trainer.state["unused.weight"], before["unused.weight"])
+    assert not np.array_equal(trainer.state["fc.weight"], before["fc.weight"])
+    grads = trainer.step_graph.meta["grads"]
+    zero = trainer.step_graph.node(grads["unused.weight"])
+    assert zero.op == "constant" and zero.attrs["value"] == 0.0
+
+
+def test_a_second_output_does_not_break_training():
+    g = gc.Graph("two")
+    x = g.input("x", ("N", 4))
+    g.output(g.linear(x, 3, name="fc"), g.linear(x, 2, name="aux"))
+    trainer = Trainer(g, Optimizer("sgd", lr=0.1, momentum=0.0, weight_decay=0.5))
+    w = trainer.state["aux.weight"].copy()
+    rng = np.random.default_rng(0)
+    trainer.step(rng.standard_normal((5, 4)).astype(np.float32), rng.integers(0, 3, 5))
+    # zero gradient plus weight decay: SGD shrinks it, as torch.optim.SGD does a zero-gradient tensor
+    np.testing.assert_allclose(trainer.state["aux.weight"], w - 0.1 * 0.5 * w, rtol=1e-6)
+
+
+def test_summary_totals_stay_symbolic_when_a_row_is():
+    g = gc.Graph("s")
+    x = g.input("x", ("N", 3, "H", "W"))
+    g.output(g.conv2d(x, 8, 3, padding=1, name="conv"))
+    s = json.loads(g.summary(fmt="json"))
+    assert s["layers"][1]["macs"] == "216*H*W"
+    assert s["total_macs"] == "216*H*W" and s["total_params"] == 224 and s["total_activation_bytes"] == "44*H*W"
+    table = g.summary()
+    assert table.splitlines()[-1].split("|")[6].strip() == "216*H*W"
+    assert "44*H*W B" in table.splitlines()[-1]
+
+
+def test_training_summary_of_a_symbolic_model(capsys, tmp_path):
+    path = tmp_path / "sym.py"
+    path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('sym')\n"
+                    "    x = g.input('x', ('N', 1, 'H', 'W'))\n"
+                    "    h = g.relu(g.conv2d(x, 10, 3, padding=1, name='conv'))\n"
+                    "    g.output(g.flatten(g.avg_pool2d(h, (8, 8)), name='scores_flat'))\n    return g\n")
+    code, out, _ = cli(capsys, "summary", f"{path}:build", "--stage", "train")
+    assert code == 0 and "total MACs" in out and "H*W" in out
+    code, out, _ = cli(capsys, "summary", f"{path}:build", "--stage", "train", "--dim", "H=8", "--dim", "W=8")
+    assert code == 0 and "H*W" not in out
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    trainer = Trainer(tiny(), Optimizer("adam"))
+    trainer.step(*data_batch())
+    trainer.epoch = 2
+    path = tmp_path / "ck.npz"
+    trainer.save(path)
+    return trainer, path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:len(b) // 2], "damaged .npz file"),
+    (lambda b: b[:200] + bytes([b[200] ^ 0xFF]) + b[201:], "damaged .npz file"),
+    (lambda b: b"", "the file is empty"),
+    (lambda b: b"epoch 3: weights follow\n", "not an .npz file"),
+])
+def test_corrupt_checkpoints_are_refused_by_trainer_load_and_resume(checkpoint, tmp_path, capsys, damage, message,
+                                                                     tiny_file):
+    trainer, path = checkpoint
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(gc.GraphConvError, match=message):
+        Trainer(tiny()).load(bad)
+    code, _, err = cli(capsys, "train", tiny_file, "--resume", bad, "--save", tmp_path / "new.npz")
+    assert code == 2 and message in err and "bad.npz" in err
+
+
+def test_a_byte_flipped_member_fails_its_crc(checkpoint, tmp_path):
+    _, path = checkpoint
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("state/fc.weight.npy")
+    data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF     # inside the stored array
+    bad = tmp_path / "flipped.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(gc.GraphConvError, match="damaged .npz file.*CRC"):
+        Trainer(tiny()).load(bad)
+
+
+def rewrite(path, out, **changes):
+    arrays = dict(np.load(path))
+    for key, value in changes.items():
+        key = key.replace("__", "/").replace("_dot_", ".")
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    np.savez(out, **arrays)
+    return out
+
+
+def test_checkpoint_contents_are_checked(checkpoint, tmp_path):
+    _, path = checkpoint
+    t = Trainer(tiny())
+    with pytest.raises(gc.GraphConvError, match="meta/epoch is missing"):
+        t.load(rewrite(path, tmp_path / "a.npz", meta__epoch=None))
+    with pytest.raises(gc.GraphConvError, match="meta/epoch must be a non-negative integer"):
+        t.load(rewrite(path, tmp_path / "b.npz", meta__epoch=np.array(-3)))
+    nan = np.load(path)["state/fc.weight"].copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(gc.GraphConvError, match="fc.weight: holds NaN or infinite values"):
+        t.load(rewrite(path, tmp_path / "c.npz", state__fc_dot_weight=nan))
+    with pytest.raises(gc.GraphConvError, match="extra: not part of a graphconv checkpoint"):
+        t.load(rewrite(path, tmp_path / "d.npz", extra=np.zeros(2)))
+    with pytest.raises(gc.GraphConvError, match="written by adam training; resume it with --optimizer adam"):
+        Trainer(tiny(), Optimizer("sgd")).load(path)
+
+
+def test_checkpoints_get_the_usual_file_mode(checkpoint):
+    _, path = checkpoint
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_resume_with_another_learning_rate_says_so(checkpoint, capsys, tmp_path, tiny_file):
+    _, path = checkpoint
+    code, out, _ = cli(capsys, "train", tiny_file, "--data", "digits", "--resume", path, "--save", path,
+                       "--lr", "0.01", "--epochs", "1", "--progress", "off")
+    assert code == 0
+    assert "note: resuming with a different setting: lr is 0.01 now, 0.001 in ck.npz" in out
+    assert read_checkpoint(path).epoch == 3 and read_checkpoint(path).optimizer["lr"] == 0.01
+
+
+def test_adam_checkpoint_resumed_with_sgd_names_the_optimizer(checkpoint, capsys, tiny_file, tmp_path):
+    _, path = checkpoint
+    code, _, err = cli(capsys, "train", tiny_file, "--optimizer", "sgd", "--resume", path,
+                       "--save", tmp_path / "x.npz")
+    assert code == 2 and "written by adam training; resume it with --optimizer adam" in err
+
+
+# ---- where checkpoints go -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("where, message", [
+    ("missing/dir/w.npz", "does not exist; create it first"),
+    (".", "is a directory"),
+])
+def test_bad_save_paths_are_refused_before_any_work(capsys, tmp_path, monkeypatch, where, message, tiny_file):
+    monkeypatch.setattr(Trainer, "step", lambda *a: pytest.fail("trained before checking --save"))
+    code, _, err = cli(capsys, "train", tiny_file, "--save", tmp_path / where)
+    assert code == 2 and message in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_folder_is_refused(capsys, tmp_path, tiny_file):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    code, _, err = cli(capsys, "train", tiny_file, "--save", folder / "w.npz")
+    assert code == 2 and "is not writable" in err
+
+
+def test_a_longer_run_is_not_overwritten_silently(checkpoint, capsys, tiny_file, tmp_path):
+    _, path = checkpoint                                      # a run after 2 epochs
+    before = path.read_bytes()
+    code, _, err = cli(capsys, "train", tiny_file, "--save", path, "--epochs", "1")
+    assert code == 2 and "holds a longer run (2 epochs; this one ends after 1)" in err and "--force" in err
+    assert path.read_bytes() == before
+    other = tmp_path / "notes.npz"
+    other.write_text("my notes")
+    code, _, err = cli(capsys, "train", tiny_file, "--save", other)
+    assert code == 2 and "exists and is not a graphconv checkpoint" in err and other.read_text() == "my notes"
+    code, out, _ = cli(capsys, "train", tiny_file, "--save", path, "--epochs", "2", "--progress", "off")
+    assert code == 0 and "will be overwritten" in out and read_checkpoint(path).epoch == 2
+    code, out, _ = cli(capsys, "train", tiny_file, "--save", path, "--epochs", "1", "--force", "--progress", "off")
+    assert code == 0 and read_checkpoint(path).epoch == 1
+
+
+# ---- seeds, optimizer settings, the Python API ---------------------------------------------------
+
+def test_negative_seeds_are_refused_everywhere(capsys, tiny_file):
+    with pytest.raises(gc.GraphConvError, match="seed must be a non-negative integer, got -1"):
+        gc.init_params(tiny(), seed=-1)
+    with pytest.raises(gc.GraphConvError, match="seed must be a non-negative integer"):
+        Trainer(tiny(), seed=-2)
+    for command in ("train", "run", "gradcheck"):
+        with pytest.raises(SystemExit) as e:
+            main([command, tiny_file, "--seed", "-1"])
+        assert e.value.code == 2
+        assert "--seed: must be a non-negative integer, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": "0.1"}, "optimizer lr must be a number, got '0.1'"),
+    ({"lr": -1.0}, "optimizer lr must be finite and positive"),
+    ({"lr": float("nan")}, "optimizer lr must be finite and positive"),
+    ({"momentum": -0.5}, "optimizer momentum must be finite and >= 0"),
+    ({"weight_decay": -1e-4}, "optimizer weight_decay must be finite and >= 0"),
+    ({"beta1": 1.0}, "optimizer beta1 must be finite and in [0, 1)"),
+    ({"eps": 0}, "optimizer eps must be finite and positive"),
+    ({"kind": "adagrad"}, "unknown optimizer 'adagrad'"),
+])
+def test_optimizer_settings_are_checked(kwargs, message):
+    kind = kwargs.pop("kind", "sgd")
+    with pytest.raises(gc.GraphConvError, match=message.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+        Optimizer(kind, **kwargs)
+
+
+def test_cli_optimizer_options(capsys, tiny_file):
+    code, _, err = cli(capsys, "train", tiny_file, "--momentum", "0.5")
+    assert code == 2 and "--momentum is an sgd setting; adam has none" in err
+    for option, value in (("--momentum", "-1"), ("--weight-decay", "-0.1"), ("--lr", "0"), ("--lr", "nan")):
+        with pytest.raises(SystemExit):
+            main(["train", tiny_file, "--optimizer", "sgd", option, value])
+        assert f"argument {option}: must be a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("not an expr", "is not a sympy expression"),
+    ("x**", "is not a sympy expression"),
+    ("x*y", "has several variables"),
+    (3, "does not depend on its input"),
+    ("f(x)", "cannot be evaluated by NumPy"),
+    ("floor(x)", "sympy cannot differentiate"),
+])
+def test_define_activation_refuses_what_it_cannot_use(expr, message):
+    with pytest.raises(gc.GraphConvError, match=message):
+        gc.define_activation("bad_act", expr)
+    from graphconv.ops import OPS
+    assert "bad_act" not in OPS
+
+
+def test_define_activation_registers_its_gradient_at_once():
+    from graphconv.ops import OPS
+    gc.define_activation("softsign_t", "x / (1 + Abs(x))")
+    assert "softsign_t_grad" in OPS
+    g = gc.Graph("d")
+    x, dy = g.input("x", (3,)), g.input("dy", (3,))
+    g.output(g.apply("softsign_t_grad", x, dy))
+    v = np.array([-2.0, 0.5, 3.0], np.float32)
+    np.testing.assert_allclose(gc.compile(g)(v, np.ones(3, np.float32)), 1 / (1 + np.abs(v)) ** 2, rtol=1e-6)
+
+
+def test_a_fresh_process_can_apply_gradient_ops():
+    import subprocess
+    import sys
+    code = ("import graphconv as gc; g = gc.Graph('t'); x = g.input('x', (2,)); d = g.input('d', (2,)); "
+            "g.output(g.apply('relu_grad', x, d), g.apply('swish_grad', x, d)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", "import graphconv.models; " + code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+# ---- models with symbolic dims, targets, input names, reserved names ---------------------------------
+
+SYMBOLIC = """import graphconv as gc
+def build():
+    g = gc.Graph("sym")
+    x = g.input("x", ("N", 1, "H", "W"))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 4, 3, padding=1, name="conv")), 2)
+    g.output(g.linear(g.flatten(h), 10, in_features=64, name="fc"))
+    return g
+"""
+
+
+def test_symbolic_spatial_dims_need_sizes_and_dim_gives_them(capsys, tmp_path):
+    path = tmp_path / "sym.py"
+    path.write_text(SYMBOLIC)
+    for command in ("run", "train", "gradcheck"):
+        code, _, err = cli(capsys, command, f"{path}:build", "--save" if command == "train" else "--batch",
+                           tmp_path / "s.npz" if command == "train" else "2")
+        assert code == 2 and "input dims H, W are symbolic" in err and "--dim H=SIZE --dim W=SIZE" in err
+    code, out, _ = cli(capsys, "run", f"{path}:build", "--dim", "H=8", "--dim", "W=8")
+    assert code == 0 and "fc: f32[N,10] -> float32[8, 10]" in out
+    code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "H=10", "--dim", "W=10")
+    assert code == 2 and "fc [linear]: input has 100 features, weight expects 64" in err
+    code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "C=3")
+    assert code == 2 and "sym has no dim named 'C' (its inputs' symbolic dims: H, N, W)" in err
+    with pytest.raises(SystemExit):
+        main(["run", f"{path}:build", "--dim", "H:8"])
+    assert "expected NAME=SIZE such as H=32" in capsys.readouterr().err
+
+
+def test_a_target_with_its_own_batch_symbol_is_refused_at_build_time():
+    for loss in ("cross_entropy", "hinge_loss"):
+        g = gc.Graph("l")
+        s = g.input("s", ("N", 10))
+        y = g.input("y", ("M",), dtype="int64")
+        with pytest.raises(gc.ShapeError, match=r"target has M entries but scores have N rows; give the target "
+                                                r"the scores' batch dim \[N\]"):
+            getattr(g, loss)(s, y)
+
+
+def test_any_single_image_input_name_trains(capsys, tmp_path):
+    trainer = Trainer(tiny("images"))
+    loss, _ = trainer.step(*data_batch())
+    assert np.isfinite(loss) and trainer.input_name == "images"
+    path = tmp_path / "named.py"
+    path.write_text(TINY.format(input="images"))
+    code, out, _ = cli(capsys, "train", f"{path}:build", "--epochs", "1", "--save", tmp_path / "n.npz",
+                       "--progress", "off")
+    assert code == 0 and "epoch   1" in out
+    g = gc.Graph("two")
+    a, b = g.input("a", ("N", 4)), g.input("b", ("N", 4))
+    g.output(g.linear(g.add(a, b), 3))
+    with pytest.raises(gc.GraphConvError, match="training needs exactly one float input .* found a, b"):
+        Trainer(g)
+
+
+@pytest.mark.parametrize("name, what", [("y", "the class-index input 'y'"), ("loss", "the node 'loss'"),
+                                        ("opt.step", "the adam optimizer's state")])
+def test_reserved_names_say_they_are_reserved(name, what):
+    g = gc.Graph("r")
+    x = g.input("x", ("N", 4))
+    h = g.relu(g.linear(x, 4, name="fc1"), name=name)
+    g.output(g.linear(h, 3, name="fc2"))
+    with pytest.raises(gc.GraphConvError, match=f"{name}: this name is reserved for .*{what}"):
+        Trainer(g)
+
+
+def test_derive_backward_without_outputs_says_what_to_do():
+    from graphconv.autodiff import derive_backward
+    g = gc.Graph("none")
+    g.input("x", ("N", 4))
+    with pytest.raises(gc.GraphConvError, match="none has no outputs; mark the scalar loss with g.output"):
+        derive_backward(g)
+
+
+# ---- data sets and models ---------------------------------------------------------------------
+
+def test_data_set_follows_the_model_and_a_mismatch_suggests_the_right_one(capsys, tmp_path):
+    from graphconv import data
+    from graphconv.models import MODELS
+    assert data.default_dataset(MODELS["conv1d_net"]().inputs[0].shape) == "mnist1d"
+    assert data.default_dataset(MODELS["conv3d_net"]().inputs[0].shape) == "digits3d"
+    assert data.default_dataset(MODELS["lenet5"]().inputs[0].shape) == "digits"
+    code, _, err = cli(capsys, "train", "conv1d_net", "--data", "digits", "--save", tmp_path / "c.npz")
+    assert code == 2 and "data digits has 2-D examples; conv1d_net takes input [N,1,40] (1-D); use --data mnist1d" in err
+
+
+def test_flat_inputs_take_square_images():
+    from graphconv import data
+    x = data.load("digits", ("N", 784), "mlp")[0]
+    assert x.shape == (1437, 784)
+    with pytest.raises(gc.GraphConvError, match=r"mlp takes a flat input \[N,700\]; digits examples are 2-D, so a "
+                                                r"flat input needs a square number of features"):
+        data.load("digits", ("N", 700), "mlp")
+
+
+def test_conv3d_net_trains_from_the_cli_on_generated_volumes(capsys, tmp_path):
+    code, out, _ = cli(capsys, "train", "conv3d_net", "--epochs", "1", "--save", tmp_path / "c3.npz",
+                       "--progress", "off")
+    assert code == 0 and "training conv3d_net on digits3d (1437 train / 360 test)" in out
+    acc = float(out.split("test acc")[1].split("%")[0])
+    assert acc > 50.0                                  # ten classes: chance is 10%
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import graphconv as gc\ndef helper():\n    return 1 / 0\ndef build():\n    return helper()\n",
+     "m.py:build failed: ZeroDivisionError: division by zero (at m.py:3 in helper: return 1 / 0 <- m.py:5 in build: "
+     "return helper())"),
+    ("def build(:\n    pass\n", "line 1: SyntaxError: invalid syntax"),
+    ("def build(width):\n    pass\n", "m.py:build: a model function is called with no arguments, but build needs width "
+                                      "(give it a default)"),
+    ("import no_such_module_here\n", "failed to import: ModuleNotFoundError: No module named 'no_such_module_here' "
+                                     "(at m.py:1 in <module>"),
+    ("def build():\n    return 3\n", "returned int, not a graphconv Graph"),
+    ("def other():\n    pass\n", "has no function 'build' (it defines: other)"),
+])
+def test_a_failing_model_file_names_the_function_and_only_user_frames(capsys, tmp_path, source, message):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    code, _, err = cli(capsys, "summary", f"{path}:build")
+    assert code == 2 and message in err and "graphconv/models.py" not in err
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+def test_runs_that_cannot_fit_are_refused_with_the_figure(capsys, monkeypatch):
+    code, _, err = cli(capsys, "run", "lenet5", "--batch", "200000")
+    assert code == 2 and "lenet5 at N=200000 (peak at conv2 [conv2d]): about" in err and "use a smaller batch" in err
+    g = gc.Graph("huge")
+    x = g.input("x", ("N", 100_000))
+    g.output(g.linear(x, 1_000_000, name="fc"))
+    with pytest.raises(gc.GraphConvError, match=r"the parameters of huge: about 372.5 GiB of memory needed"):
+        gc.init_params(g)
+
+
+def test_the_peak_estimate_bounds_what_a_run_holds():
+    """The estimate (live tensors plus im2col scratch) is at least what tracemalloc sees NumPy take."""
+    import tracemalloc
+    from graphconv.models import lenet5
+    g = lenet5()
+    program = gc.compile(g)
+    params = gc.init_params(g)
+    x = np.zeros((16, 1, 28, 28), np.float32)
+    peak, _ = program.peak_bytes(program.shapes({g.batch_symbol(): 16}))
+    tracemalloc.start()
+    program.run({"x": x}, params)
+    _, measured = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    held = sum(v.nbytes for v in params.values()) + x.nbytes
+    assert measured <= peak and peak < 4 * (measured + held)
+
+
+# ---- non-finite numbers -------------------------------------------------------------------------
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing_non_finite(capsys, tmp_path,
+                                                                                         tiny_file):
+    save = tmp_path / "d.npz"
+    code, out, err = cli(capsys, "train", tiny_file, "--optimizer", "sgd", "--lr", "1e6", "--epochs", "3",
+                         "--save", save, "--progress", "off")
+    assert code == 2 and "the step was not applied" in err and "a lower learning rate may help" in err
+    if save.exists():       # the epochs before the divergence were saved, finite
+        ckpt = read_checkpoint(save)                         # refuses non-finite values itself
+        assert f"the last checkpoint is {save} (after epoch {ckpt.epoch})" in err
+    else:
+        assert "no checkpoint was written" in err
+
+
+def test_non_finite_inputs_and_states_never_reach_the_weights(tmp_path):
+    trainer = Trainer(tiny())
+    before = {k: v.copy() for k, v in trainer.state.items()}
+    x, y = data_batch()
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(gc.InputError, match="x: 1 of 512 values are NaN or infinite; the step was not taken"):
+        trainer.step(x, y)
+    assert all(np.array_equal(before[k], trainer.state[k]) for k in before)
+    trainer.state["fc.weight"] = trainer.state["fc.weight"] * np.float32(np.inf)
+    with pytest.raises(gc.TrainingError, match="not saved"):
+        trainer.save(tmp_path / "inf.npz")
+    assert not (tmp_path / "inf.npz").exists()
+
+
+def test_a_nan_checkpoint_does_not_resume(checkpoint, tmp_path, capsys, tiny_file):
+    _, path = checkpoint
+    arrays = dict(np.load(path))
+    arrays["state/conv.weight"] = arrays["state/conv.weight"] * np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    code, _, err = cli(capsys, "train", tiny_file, "--resume", tmp_path / "nan.npz", "--save", tmp_path / "o.npz")
+    assert code == 2 and "conv.weight: holds NaN or infinite values" in err
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(capsys, tmp_path, monkeypatch, tiny_file):
+    save = tmp_path / "k.npz"
+    calls = {"n": 0}
+    real = Trainer.step
+
+    def interrupted(self, x, y):
+        calls["n"] += 1
+        if calls["n"] > 25:          # in the second epoch (23 steps an epoch at batch 64)
+            raise KeyboardInterrupt
+        return real(self, x, y)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    code, _, err = cli(capsys, "train", tiny_file, "--epochs", "3", "--save", save, "--progress", "off")
+    assert code == 130
+    assert f"interrupted in epoch 2; the last checkpoint is {save} (after epoch 1): continue with --resume {save}" in err
+
+
+# ---- help -------------------------------------------------------------------------------------
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    import argparse
+    from graphconv.cli import parser
+    p = parser()
+    subparsers = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "examples per training step (default: 64)" in text and "(default: 3)" in text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "batch size of the random inputs (default: 8)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    assert "List the bundled models." in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+def test_benchmarks_do_not_rewrite_committed_results(tmp_path, monkeypatch):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import common
+    results = os.path.join(os.path.dirname(common.__file__), "results")
+    before = {f: open(os.path.join(results, f), "rb").read() for f in os.listdir(results)}
+    monkeypatch.setattr(sys, "argv", ["bench"])
+    common.report("t", "forward_numpy_cpu", lambda: None, lambda: (lambda: None), repeats=1)
+    after = {f: open(os.path.join(results, f), "rb").read() for f in os.listdir(results)}
+    assert before == after
