@@ -38,7 +38,8 @@ class GradEmitter:
         provenance = {"grad_of": self.node.name, "rule": f"{self.node.op}.grad"}
         if wrt is not None:
             provenance["wrt"] = OPS[self.node.op].operand_name(wrt)
-        return self.graph.add_node(op, operands, attrs or {}, name=name, layer=self.node.layer, provenance=provenance)
+        return self.graph.add_node(op, operands, attrs or {}, name=name, layer=self.node.layer, provenance=provenance,
+                                   stage="backward")
 
 
 def unique(graph, name):
@@ -89,7 +90,7 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
     forward_nodes = [n for n in g.topo() if n.name in active]
     pending: dict = {loss: [g.add_node("constant", (), {"shape": (), "dtype": loss_node.dtype, "value": 1.0},
                                        name=unique(g, f"d{loss}"), layer=loss_node.layer,
-                                       provenance={"grad_of": loss, "rule": "seed"})]}
+                                       provenance={"grad_of": loss, "rule": "seed"}, stage="backward")]}
     grads = {}
     for node in reversed(forward_nodes):
         parts = pending.pop(node.name, [])
@@ -107,7 +108,8 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
                 seen[o] = seen.get(o, 0) + 1
                 base = f"d{o}" if users[o] == 1 else f"d{o}@{node.name}" + (f".{seen[o]}" if seen[o] > 1 else "")
                 names[i] = unique(g, base)
-        results = OPS[node.op].grad(GradEmitter(g, node, names), dy, needs)
+        with g.layer_errors(node.name, node.op, operands):   # e.g. an op without a gradient rule
+            results = OPS[node.op].grad(GradEmitter(g, node, names), dy, needs)
         if len(results) != len(operands):
             raise AssertionError(f"internal: {node.op}.grad returned {len(results)} entries for "
                                  f"{len(operands)} operands")
@@ -118,7 +120,8 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
         if t not in grads:  # the loss does not depend on it: its gradient is zero
             node = g.node(t)
             grads[t] = g.add_node("constant", (), {"shape": node.shape, "dtype": node.dtype, "value": 0.0},
-                                  name=unique(g, f"d{t}"), layer=node.layer, provenance={"grad_of": t, "rule": "zero"})
+                                  name=unique(g, f"d{t}"), layer=node.layer, provenance={"grad_of": t, "rule": "zero"},
+                                  stage="backward")
     g.outputs = [loss] + [o for o in graph.outputs if o != loss] + [grads[t].name for t in targets]
     g.meta["loss"] = loss
     g.meta["grads"] = {t: grads[t].name for t in targets}
@@ -133,7 +136,8 @@ def accumulate(g, name, parts):
     for k, part in enumerate(parts[1:], 1):
         last = k == len(parts) - 1
         total = g.add_node("add", [total, part], {}, name=unique(g, f"d{name}" if last else f"d{name}.sum{k}"),
-                           layer=g.node(name).layer, provenance={"grad_of": name, "rule": "accumulate"})
+                           layer=g.node(name).layer, provenance={"grad_of": name, "rule": "accumulate"},
+                           stage="backward")
     return total
 
 
@@ -153,9 +157,9 @@ def saved_tensors(graph) -> list:
     training step must keep from its forward pass."""
     saved = []
     for node in graph.topo():
-        if node.provenance or node.role in ("param", "buffer"):
+        if node.stage != "forward" or node.role in ("param", "buffer"):
             continue
-        if any(graph.node(u).provenance.get("grad_of") for u, _ in graph.users(node.name)):
+        if any(graph.node(u).stage == "backward" for u, _ in graph.users(node.name)):
             saved.append(node)
     return saved
 

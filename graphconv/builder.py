@@ -16,7 +16,9 @@ from .ir import GraphCore, Tensor
 from .ops.base import rank_error
 from .ops.linear import linear_rank_error
 from .ops.window import LAYOUT, per_axis
+from .printer import FORMATS
 from .shapes import fmt_dim, fmt_shape
+from .summary import format_json, format_table, summarize
 
 
 CONV_ARGS = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias", "padding_mode",
@@ -220,6 +222,21 @@ class Graph(GraphCore):
         """Multiclass SVM loss sum_{j != y} max(0, s_j - s_y + margin), mean over the batch."""
         return self.add_node("hinge_loss", [scores, target], {"margin": margin},
                              name=self._layer_name(name, "loss"))
+
+    # ---- reading ------------------------------------------------------------------------------
+    def dump(self, fmt="text") -> str:
+        """The graph as text (jaxpr-like), dot or json; str(graph) is the text form."""
+        if fmt not in FORMATS:
+            raise GraphError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return FORMATS[fmt](self)
+
+    def summary(self, batch=None, fmt="table") -> str:
+        """The layer table (see graphconv summary)."""
+        s = summarize(self, batch)
+        return format_json(s) if fmt == "json" else format_table(s)
+
+    def __str__(self):
+        return self.dump("text")
 
     # ---- helpers ------------------------------------------------------------------------------
     def _layer_name(self, name, prefix):

@@ -18,6 +18,9 @@ from .ops import OPS, TensorType, lookup
 from .shapes import fmt_shape
 
 
+STAGES = ("forward", "backward", "update")
+
+
 @dataclass
 class Node:
     name: str
@@ -26,7 +29,9 @@ class Node:
     type: TensorType
     layer: str                  # the user layer it belongs to: `conv1` for `conv1.weight`
     index: int                  # creation order
-    provenance: dict = field(default_factory=dict)  # e.g. the forward node a gradient came from
+    provenance: dict = field(default_factory=dict)  # for display: the forward node a gradient came from, the rule
+    stage: str = "forward"      # forward | backward | update: what part of a training step computes it
+    replaces: tuple = ()        # a fused node: the nodes it stands for, as (name, op, attrs) records
 
     @property
     def shape(self):
@@ -147,7 +152,8 @@ class GraphCore:
             if candidate not in self.nx:
                 return candidate
 
-    def add_node(self, op_name, operands=(), attrs=None, name=None, layer=None, provenance=None) -> Tensor:
+    def add_node(self, op_name, operands=(), attrs=None, name=None, layer=None, provenance=None,
+                 stage="forward") -> Tensor:
         """Add one node: validate op, operands and attributes, infer its type. Raises an error that
         names the layer, the op and the chain of layers behind the offending operand."""
         attrs = dict(attrs or {})
@@ -160,7 +166,9 @@ class GraphCore:
             op.check_arity(len(operand_names))
             attrs = op.check_attrs(attrs)
             out_type = op.infer([self.node(o).type for o in operand_names], attrs)
-        node = Node(name, op_name, attrs, out_type, layer or name, self._counter, dict(provenance or {}))
+        if stage not in STAGES:
+            raise GraphError(f"{name}: stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        node = Node(name, op_name, attrs, out_type, layer or name, self._counter, dict(provenance or {}), stage)
         self._counter += 1
         self.nx.add_node(name, node=node)
         for key, src in enumerate(operand_names):
@@ -263,22 +271,6 @@ class GraphCore:
             if out not in self.nx:
                 fail(f"output {out!r} is not a node")
         return self
-
-    def dump(self, fmt="text") -> str:
-        """The graph as text (jaxpr-like), dot or json; str(graph) is the text form."""
-        from .printer import FORMATS
-        if fmt not in FORMATS:
-            raise GraphError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        return FORMATS[fmt](self)
-
-    def summary(self, batch=None, fmt="table") -> str:
-        """The layer table (see graphconv summary)."""
-        from .summary import format_json, format_table, summarize
-        s = summarize(self, batch)
-        return format_json(s) if fmt == "json" else format_table(s)
-
-    def __str__(self):
-        return self.dump("text")
 
     def __repr__(self):
         return f"<Graph {self.name}: {self.nx.number_of_nodes()} nodes, outputs {self.outputs}>"

@@ -9,27 +9,15 @@ import json
 
 import sympy as sp
 
+from .autodiff import saved_bytes
 from .ops import OPS
 from .ops.base import ITEMSIZE
 from .shapes import numel
-
-GLOBAL_OPS = ("flatten", "reshape", "linear")
-
 
 def _value(expr, bindings):
     v = sp.sympify(expr).subs(bindings)
     v = sp.simplify(v)
     return int(v) if v.is_Integer else str(v).replace(" ", "")
-
-
-def _window(node, graph):
-    """(kernel, stride, dilation) of a conv/pool node, per spatial axis, or None."""
-    if node.op.startswith("conv"):
-        w = graph.node(graph.operands(node.name)[1])
-        return tuple(int(k) for k in w.shape[2:]), node.attrs["stride"], node.attrs["dilation"]
-    if "_pool" in node.op:
-        return node.attrs["kernel_size"], node.attrs["stride"], node.attrs.get("dilation", (1,) * len(node.attrs["stride"]))
-    return None
 
 
 def receptive_fields(graph) -> dict:
@@ -52,12 +40,13 @@ def receptive_fields(graph) -> dict:
             out[node.name] = None
             continue
         rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))
-        window = _window(node, graph)
+        op = OPS[node.op]
+        window = op.window([graph.node(o).shape for o in graph.operands(node.name)], node.attrs)
         if window:
             kernel, stride, dilation = window
             rf = tuple(r + d * (k - 1) * j for r, k, d, j in zip(rf, kernel, dilation, jump))
             jump = tuple(j * s for j, s in zip(jump, stride))
-        elif node.op in GLOBAL_OPS:
+        elif op.mixes_all:
             rf = tuple(max(r, e) for r, e in zip(rf, extent))
         out[node.name] = (rf, jump, extent)
     return out
@@ -147,16 +136,13 @@ def format_json(s: dict) -> str:
 def summarize_training(step_graph, batch=None) -> dict:
     """What one training step costs: multiply-adds of the forward, backward and update nodes, and the
     bytes it keeps: activations saved for the backward pass, parameters, gradients, optimizer state."""
-    from .autodiff import saved_bytes
     n = step_graph.batch_symbol()
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
     macs = {"forward": sp.Integer(0), "backward": sp.Integer(0), "update": sp.Integer(0)}
     for node in step_graph.topo():
         if node.role != "op":
             continue
-        part = ("update" if "update_of" in node.provenance else
-                "backward" if "grad_of" in node.provenance else "forward")
-        macs[part] += OPS[node.op].cost(step_graph.in_types(node.name), node.type, node.attrs).macs
+        macs[node.stage] += OPS[node.op].cost(step_graph.in_types(node.name), node.type, node.attrs).macs
 
     def size(nodes):
         return sum(numel(x.shape) * ITEMSIZE[x.dtype] for x in nodes)

@@ -99,7 +99,8 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
                 updates[buf] = g.add_node("batch_norm_update_stats", [x, buf],
                                           {"momentum": node.attrs["momentum"], "stat": stat},
                                           name=f"{buf}.next", layer=node.layer,
-                                          provenance={"update_of": buf, "rule": "batch_norm running statistic"})
+                                          provenance={"update_of": buf, "rule": "batch_norm running statistic"},
+                                          stage="update")
     opt = optimizer
     suffixes = ("velocity",) if opt.kind == "sgd" else ("adam_m", "adam_v")
     reserve(g, [f"{p}.{x}" for p in g.meta["grads"] for x in suffixes] + (["opt.step"] if opt.kind == "adam" else []),
@@ -109,7 +110,7 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
         step = g.param("opt.step", (), ("constant", 0.0), trainable=False, layer="opt")
         optimizer_state.append(step)
         updates[step.name] = g.add_node("increment", [step], {}, name="opt.step.next", layer="opt",
-                                        provenance={"update_of": step.name, "rule": "adam"})
+                                        provenance={"update_of": step.name, "rule": "adam"}, stage="update")
     for param, grad in g.meta["grads"].items():
         node = g.node(param)
         meta = {"layer": node.layer}
@@ -119,7 +120,8 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
             return optimizer_state[-1]
 
         def emit(op, operands, attrs, name, of):
-            return g.add_node(op, operands, attrs, name=name, provenance={"update_of": of, "rule": opt.kind}, **meta)
+            return g.add_node(op, operands, attrs, name=name, provenance={"update_of": of, "rule": opt.kind},
+                              stage="update", **meta)
 
         if opt.kind == "sgd":
             v = buffer("velocity")

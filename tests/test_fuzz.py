@@ -270,7 +270,7 @@ def draw_array(data, rng, shape, dtype):
     return arr
 
 
-@settings(max_examples=250, **FUZZ)
+@settings(max_examples=400, **FUZZ)
 @given(data=st.data())
 def test_fuzz_builder_compile_run(data):
     dtype = pick(data, st.sampled_from(["float32", "float64"]), ["float16", None, "int64", 3, np.float32], 5,
@@ -528,7 +528,7 @@ def corrupt_checkpoint(data, good, path):
     return kind
 
 
-@settings(max_examples=70, **FUZZ)
+@settings(max_examples=100, **FUZZ)
 @given(data=st.data())
 def test_fuzz_training_and_checkpoints(data, tmp_path):
     folder = tempfile.mkdtemp(dir=tmp_path)
@@ -655,6 +655,32 @@ def broken():
     g.conv2d(g.input("x", ("N", 1, 4, 4)), 2, 7, name="c")
     return g
 
+def flat():
+    g = gc.Graph("flat")
+    g.output(g.linear(g.input("x", ("N", 64)), 10, name="fc"))
+    return g
+
+def vol():
+    g = gc.Graph("vol")
+    g.output(g.linear(g.flatten(g.max_pool3d(g.input("x", ("N", 1, 4, 4, 4)), 2)), 10, name="fc"))
+    return g
+
+def sym():
+    g = gc.Graph("sym")
+    g.output(g.conv2d(g.input("x", ("N", 1, "H", "W")), 2, 3, padding=1, name="c"))
+    return g
+
+def named():
+    g = gc.Graph("named")
+    g.output(g.linear(g.flatten(g.input("img", ("N", 1, 8, 8))), 10, name="loss"))
+    return g
+
+def raises():
+    return 1 / 0
+
+def needs_args(width):
+    return width
+
 def notgraph():
     return 3
 
@@ -726,86 +752,101 @@ def cli_files(tmp_path_factory):
 
 def cli_model(data, d, command):
     m = str(d / "models.py")
-    cheap = [f"{m}:lin", f"{m}:bn", f"{m}:seq", f"{m}:gap", f"{m}:five", f"{m}:spatial", f"{m}:noout",
-             f"{m}:broken", f"{m}:notgraph", f"{m}:not_callable", f"{m}:missing", f"{m}:", "models.py:lin",
-             f"{d / 'nope.py'}:lin", f"{d / 'models.txt'}:lin", f"{d / 'lin_adam.npz'}:lin", f"{d}:lin",
-             f"{d / 'syntax.py'}:net", "lenet", "", ":", "a:b:c", "seed_conv"]
-    heavy = {"summary": ["lenet5", "lenet5_swish", "vgg_small", "resnet8", "conv1d_net", "conv3d_net"],
-             "dump": ["lenet5", "lenet5_swish", "vgg_small", "resnet8", "conv1d_net", "conv3d_net"],
-             "run": ["lenet5", "conv1d_net"], "gradcheck": ["conv1d_net"], "train": []}[command]
-    return data.draw(st.sampled_from(cheap + heavy), label="model")
+    good = {"summary": ["lenet5", "lenet5_swish", "vgg_small", "resnet8", "conv1d_net", "conv3d_net", "seed_conv"],
+            "dump": ["lenet5", "lenet5_swish", "vgg_small", "resnet8", "conv1d_net", "conv3d_net", "seed_conv"],
+            "run": ["lenet5", "conv1d_net", "seed_conv"], "gradcheck": ["conv1d_net"], "train": []}[command]
+    good += [f"{m}:lin", f"{m}:bn", f"{m}:seq", f"{m}:flat", f"{m}:vol", f"{m}:named", f"{m}:sym", f"{m}:gap",
+             "models.py:lin"]
+    bad = [f"{m}:five", f"{m}:spatial", f"{m}:noout", f"{m}:broken", f"{m}:notgraph", f"{m}:not_callable",
+           f"{m}:missing", f"{m}:", f"{m}:raises", f"{m}:needs_args", f"{d / 'nope.py'}:lin",
+           f"{d / 'models.txt'}:lin", f"{d / 'lin_adam.npz'}:lin", f"{d}:lin", f"{d / 'syntax.py'}:net", "lenet", "",
+           ":", "a:b:c"]
+    return pick(data, st.sampled_from(good), bad, 30, label="model")
 
 
-def opt_flag(data, argv, flag, values, p_give=40):
+def opt_flag(data, argv, flag, valid, bad=(), p_give=40, percent_bad=12):
+    """Maybe add `flag VALUE`: mostly a value argparse accepts, sometimes one it refuses."""
     if data.draw(st.integers(0, 99)) < p_give:
-        argv += [flag, data.draw(st.sampled_from(values), label=flag)]
+        argv += [flag, pick(data, st.sampled_from(valid), list(bad) or list(valid), percent_bad if bad else 0,
+                            label=flag)]
 
 
-NUMBERS = ["1", "2", "3", "8", "0", "-1", "abc", "1.5", "1e3", "", "1000000000000"]
-SEEDS = ["0", "1", "7", "-1", "abc", "99999999999999999999999"]
+BATCHES = (["1", "2", "3", "8", "1000000000000"], ["0", "-1", "abc", "1.5", "1e3", ""])
+SEEDS = (["0", "1", "7", "99999999999999999999999"], ["-1", "abc", "1.5"])
 
 
 def draw_argv(data, d, ck, out):
-    command = data.draw(st.sampled_from(["summary", "dump", "run", "gradcheck", "train", "train", "train",
+    command = data.draw(st.sampled_from(["summary", "dump", "run", "gradcheck", "train", "train", "train", "train",
                                          "models", "bogus"]), label="command")
     if command == "models":
-        return ["models"] + data.draw(st.sampled_from([[], ["extra"], ["--batch", "2"]]))
+        return ["models"] + data.draw(st.sampled_from([[], [], ["extra"], ["--batch", "2"]]))
     if command == "bogus":
         return data.draw(st.sampled_from([[], ["bogus"], ["--help-me"], ["summary"], ["train", "lenet5", "--lr"]]))
     argv = [command, cli_model(data, d, command)]
-    opt_flag(data, argv, "--dtype", ["float32", "float64", "float16"], 25)
+    opt_flag(data, argv, "--dtype", ["float32", "float64"], ["float16"], 25)
+    dims = [0, 2, 2, 1] if argv[1].endswith(":sym") else [0, 0, 0, 0, 0, 1]
+    for _ in range(data.draw(st.sampled_from(dims), label="dims")):
+        argv += ["--dim", pick(data, st.sampled_from(["H=4", "W=5", "H=1", "W=3", "N=3", "Q=2", "H=100000000"]),
+                               ["H=0", "H", "1=2", "H=x", "W=-1"], 10, label="--dim")]
     if command == "summary":
-        opt_flag(data, argv, "--batch", NUMBERS)
-        opt_flag(data, argv, "--format", ["table", "json", "xml"])
-        opt_flag(data, argv, "--stage", ["forward", "train", "backward"])
-        opt_flag(data, argv, "--loss", ["cross_entropy", "hinge", "mse"], 25)
-        opt_flag(data, argv, "--optimizer", ["adam", "sgd", "lbfgs"], 25)
+        opt_flag(data, argv, "--batch", *BATCHES)
+        opt_flag(data, argv, "--format", ["table", "json"], ["xml"])
+        opt_flag(data, argv, "--stage", ["forward", "train"], ["backward"])
+        opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"], ["mse"], 25)
+        opt_flag(data, argv, "--optimizer", ["adam", "sgd"], ["lbfgs"], 25)
     elif command == "dump":
-        opt_flag(data, argv, "--stage", ["forward", "backward", "train", "test"])
-        opt_flag(data, argv, "--format", ["text", "dot", "json", "svg"])
-        opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"], 25)
-        opt_flag(data, argv, "--optimizer", ["adam", "sgd"], 25)
-        opt_flag(data, argv, "--batch", NUMBERS)
+        opt_flag(data, argv, "--stage", ["forward", "backward", "train"], ["test"])
+        opt_flag(data, argv, "--format", ["text", "dot", "json"], ["svg"])
+        opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"], [], 25)
+        opt_flag(data, argv, "--optimizer", ["adam", "sgd"], [], 25)
+        opt_flag(data, argv, "--batch", *BATCHES)
     elif command == "run":
-        opt_flag(data, argv, "--batch", NUMBERS)
-        opt_flag(data, argv, "--seed", SEEDS)
-        opt_flag(data, argv, "--backend", ["numpy", "cuda"], 15)
+        opt_flag(data, argv, "--batch", *BATCHES)
+        opt_flag(data, argv, "--seed", *SEEDS)
+        opt_flag(data, argv, "--backend", ["numpy"], ["cuda"], 15)
     elif command == "gradcheck":
         opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"])
-        opt_flag(data, argv, "--seed", SEEDS)
-        opt_flag(data, argv, "--batch", ["1", "2", "3", "0", "-2", "x", "1000000000000"])
+        opt_flag(data, argv, "--seed", *SEEDS)
+        opt_flag(data, argv, "--batch", ["1", "2", "3", "1000000000000"], ["0", "-2", "x"])
     else:
-        opt_flag(data, argv, "--data", ["digits", "mnist1d", "cifar10"], 30)
-        argv += ["--epochs", data.draw(st.sampled_from(["1", "1", "1", "0", "-1", "x", "2.5"]), label="--epochs")]
-        opt_flag(data, argv, "--batch", ["64", "500", "100000", "1000000000000", "0", "-1", "x"], 30)
-        opt_flag(data, argv, "--optimizer", ["adam", "sgd", "rmsprop"])
-        opt_flag(data, argv, "--lr", ["0.001", "0.1", "0", "-1", "nan", "inf", "1e300", "abc", "1e-320"])
-        opt_flag(data, argv, "--momentum", ["0.9", "0", "-1", "nan", "inf", "1e10"], 30)
-        opt_flag(data, argv, "--weight-decay", ["0", "0.01", "-1", "nan", "inf", "1e10"], 30)
-        opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"], 30)
-        opt_flag(data, argv, "--seed", SEEDS, 30)
-        opt_flag(data, argv, "--backend", ["numpy", "cuda"], 10)
-        opt_flag(data, argv, "--progress", ["off", "off", "auto", "on", "sometimes"], 60)
-        save = data.draw(st.sampled_from(["ck.npz", "ck.npz", "ck", "", "nodir/ck.npz", ".", "sub"]), label="--save")
+        opt_flag(data, argv, "--data", ["digits", "mnist1d", "digits3d"], ["cifar10"], 30)
+        argv += ["--epochs", pick(data, st.just("1"), ["0", "-1", "x", "2.5"], 8, label="--epochs")]
+        opt_flag(data, argv, "--batch", ["64", "500", "100000", "1000000000000"], ["0", "-1", "x"], 30)
+        opt_flag(data, argv, "--optimizer", ["adam", "sgd"], ["rmsprop"])
+        opt_flag(data, argv, "--lr", ["0.001", "0.1", "10", "1e300", "1e-320"], ["0", "-1", "nan", "inf", "abc"])
+        opt_flag(data, argv, "--momentum", ["0.9", "0", "1e10"], ["-1", "nan", "inf"], 30)
+        opt_flag(data, argv, "--weight-decay", ["0", "0.01", "1e10"], ["-1", "nan", "inf"], 30)
+        opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"], [], 30)
+        opt_flag(data, argv, "--seed", *SEEDS, p_give=30)
+        opt_flag(data, argv, "--backend", ["numpy"], ["cuda"], 10)
+        opt_flag(data, argv, "--progress", ["off", "off", "auto", "on"], ["sometimes"], 60)
+        save = data.draw(st.sampled_from(["ck.npz", "ck.npz", "ck", "", "nodir/ck.npz", ".", "sub", "old.npz",
+                                          "old_long.npz", "text.txt"]), label="--save")
         if save != "":
             argv += ["--save", str(out / save) if save != "." else str(out)]
+        if data.draw(st.integers(0, 99)) < 20:
+            argv.append("--force")
         if data.draw(st.integers(0, 99)) < 45:
             argv += ["--resume", ck[data.draw(st.sampled_from(sorted(ck)), label="--resume")]]
     return argv
 
 
-@settings(max_examples=110, **FUZZ)
+@settings(max_examples=160, **FUZZ)
 @given(data=st.data())
 def test_fuzz_cli(data, cli_files, tmp_path, capsys, monkeypatch):
     d, ck = cli_files
     out = tmp_path / f"ex{len(os.listdir(tmp_path))}"
     out.mkdir()
     (out / "sub").mkdir()
-    monkeypatch.chdir(d)       # relative model paths resolve here; a default MODEL.npz lands in a scratch dir
+    (out / "models.py").write_text(USER_MODELS)
+    monkeypatch.chdir(out)     # relative model paths resolve here, and a default MODEL.npz lands here
+    import shutil
+    shutil.copy(ck["lin_adam"], out / "old.npz")           # epoch 0: a shorter run, replaced with a note
+    shutil.copy(ck["epoch_big.npz"], out / "old_long.npz")  # a longer run: needs --force or --resume
+    (out / "text.txt").write_text("not a checkpoint\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     argv = draw_argv(data, d, ck, out)
     note(f"graphconv {' '.join(repr(a) if not a or ' ' in a else a for a in argv)}")
-    if argv and argv[0] == "train":
-        monkeypatch.chdir(out)
     capsys.readouterr()
     try:
         code = main(argv)
@@ -828,9 +869,11 @@ def test_fuzz_cli(data, cli_files, tmp_path, capsys, monkeypatch):
     if code == 0:
         assert "graphconv: error" not in err
     if argv[0] == "train":
-        written = [p for p in out.rglob("*") if p.is_file()]
+        written = [p for p in out.rglob("*") if p.is_file() and before.get(p) != p.read_bytes()]
         assert not [p for p in written if p.name.startswith(".tmp-")], "a temporary checkpoint was left behind"
         for p in written:
             assert_finite_checkpoint(p)
         if code == 0:
             assert written, "train succeeded but wrote no checkpoint"
+            assert "--resume" in argv or "--force" in argv or out / "old_long.npz" not in written, \
+                "a longer run was replaced without --force"

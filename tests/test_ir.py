@@ -130,3 +130,38 @@ def test_dot_quotes_odd_names():
     g = gc.Graph('we"ird')
     g.output(g.relu(g.input("x", ("N", 3)), name='a"b'))
     assert '"a\\"b" [label="a\\"b\\nrelu\\nf32[N,3]"];' in g.dump("dot")
+
+
+def test_nodes_carry_a_typed_stage():
+    from graphconv.autodiff import saved_tensors
+    from graphconv.training import Optimizer, attach_loss, build_train_step
+    step = build_train_step(attach_loss(lenet5()), Optimizer("adam"))
+    stages = {n.name: n.stage for n in step.topo()}
+    assert stages["conv1"] == "forward" and stages["dconv1.weight"] == "backward"
+    assert stages["conv1.weight.next"] == "update" and stages["opt.step.next"] == "update"
+    # saved tensors are decided by stage, not by provenance: a forward node with a display record stays one
+    step.node("relu1").provenance["note"] = "display only"
+    assert "relu1" in [n.name for n in saved_tensors(step)]
+
+
+def test_gradient_ops_have_no_gradient_of_their_own():
+    from graphconv.autodiff import derive_backward
+    g = gc.Graph("second")
+    x, dy = g.input("x", ("N", 2, 4, 4)), g.input("dy", ("N", 2, 2, 2))
+    w = g.param("w", (1,), ("constant", 1.0))
+    h = g.apply("max_pool2d_backward", x, dy, kernel_size=2, name="unpool")
+    g.output(g.cross_entropy(g.flatten(h), g.input("y", ("N",), dtype="int64")))
+    with pytest.raises(gc.GraphError, match="unpool \\[max_pool2d_backward\\]: max_pool2d_backward is a gradient "
+                                            "op; graphconv derives first-order gradients only"):
+        derive_backward(g, wrt=["x"])
+    assert w.name == "w"
+
+
+def test_the_ir_imports_nothing_above_it():
+    """ir.py sits on the ground floor: ops and shapes below it; passes, printers, summaries, the
+    builder and the CLI above."""
+    import ast
+    import pathlib
+    source = pathlib.Path(gc.__file__).with_name("ir.py").read_text()
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level}
+    assert imported <= {"errors", "ops", "shapes"}, imported

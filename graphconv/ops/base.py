@@ -58,10 +58,15 @@ class Cost:
     bytes_written: sp.Expr
 
 
+KINDS = ("source", "elementwise", "injective", "reduction", "window", "out_elementwise", "opaque")
+
+
 class Op:
     name = ""
-    # Fusion class, after TVM: source | elementwise | injective | reduction | window | opaque
+    # Fusion class, after TVM: source | elementwise | injective | reduction | window |
+    # out_elementwise (a conv or matmul whose output can take an elementwise epilogue) | opaque
     kind = "opaque"
+    mixes_all = False             # every output element reads every input position (linear, flatten)
     operands: tuple = ("input",)
     optional: tuple = ()          # operand names that may be left out (always trailing)
     variadic = False              # one or more operands, all of the same role
@@ -149,6 +154,11 @@ class Op:
         the interpreter's estimate of a run's peak memory."""
         return 0
 
+    def window(self, in_shapes: list, attrs: dict):
+        """(kernel, stride, dilation) per spatial axis for a sliding-window op, else None: what
+        the receptive-field rule of the layer table needs."""
+        return None
+
     # ---- cost -------------------------------------------------------------------------------
     def macs(self, ins: list, out: TensorType, attrs: dict) -> sp.Expr:
         return sp.Integer(0)
@@ -169,3 +179,11 @@ class Op:
 def rank_error(op_name, want_rank, layout, t, operand=0):
     return OpError(f"{op_name} expects a {want_rank}-D {layout} input, got {len(t.shape)}-D "
                    f"{fmt_shape(t.shape)}", operand)
+
+
+class GradientOp(Op):
+    """An op that computes a gradient (conv backward-data, pool backward, ...). graphconv derives
+    first-order gradients, so a gradient op has no gradient rule of its own."""
+
+    def grad(self, e, dy, needs):
+        raise OpError(f"{self.name} is a gradient op; graphconv derives first-order gradients only", kind=GraphError)

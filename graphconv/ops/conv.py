@@ -9,7 +9,7 @@ import sympy as sp
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape, fmt_dim, fmt_shape, numel, provably_ne, provably_true
-from .base import REQUIRED, Op, register, rank_error
+from .base import REQUIRED, GradientOp, Op, register, rank_error
 from .window import (AXES, LAYOUT, offset_slices, pad_array, padding_pairs, per_axis, resolve_same, unpad_adjoint,
                      window_shape)
 
@@ -17,7 +17,7 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class Conv(Op):
-    kind = "opaque"
+    kind = "out_elementwise"
     operands = ("input", "weight", "bias")
     optional = ("bias",)
     param_operands = ("weight", "bias")
@@ -88,6 +88,9 @@ class Conv(Op):
 
     def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
         return im2col_bytes(in_shapes[0], in_shapes[1][2:], out_shape[2:], itemsize)
+
+    def window(self, in_shapes, attrs):
+        return self.kernel(in_shapes[1]), attrs["stride"], attrs["dilation"]
 
     def macs(self, ins, out, attrs):
         w = ins[1].shape
@@ -178,7 +181,7 @@ def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, pad
     return unpad_adjoint(dxp, pads, padding_mode, input_spatial)
 
 
-class ConvGradient(Op):
+class ConvGradient(GradientOp):
     """The two gradient ops of conv{nd}d share the forward's attributes, plus the one size the
     gradient cannot infer: the input's spatial size (data) or the kernel size (weight)."""
     suffix, extra = "", ""

@@ -23,6 +23,7 @@ def _axis(dim, rank, what):
 class Flatten(Op):
     name = "flatten"
     kind = "injective"
+    mixes_all = True      # for the receptive field: what follows sees the whole input
     attrs = {"start_dim": 1, "end_dim": -1}
 
     def span(self, rank, attrs):
@@ -50,6 +51,7 @@ class Flatten(Op):
 class Reshape(Op):
     name = "reshape"
     kind = "injective"
+    mixes_all = True
     attrs = {"shape": REQUIRED}
 
     def normalize(self, a):

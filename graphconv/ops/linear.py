@@ -16,6 +16,8 @@ def linear_rank_error(x):
 @register
 class Linear(Op):
     name = "linear"
+    kind = "out_elementwise"
+    mixes_all = True
     operands = ("input", "weight", "bias")
     optional = ("bias",)
     param_operands = ("weight", "bias")
@@ -54,6 +56,7 @@ class Linear(Op):
 class MatMul(Op):
     """2-D matrix product with optional transposes (the gradient of linear)."""
     name = "matmul"
+    kind = "out_elementwise"
     operands = ("a", "b")
     attrs = {"transpose_a": False, "transpose_b": False}
 

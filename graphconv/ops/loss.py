@@ -12,7 +12,7 @@ import sympy as sp
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, provably_ne
-from .base import FLOAT_DTYPES, Op, register
+from .base import FLOAT_DTYPES, GradientOp, Op, register
 
 
 def hinge_margins(s, y, margin):
@@ -83,7 +83,7 @@ class Hinge(ClassifierLoss):
         return [e.emit("hinge_loss_grad", [*e.inputs, dy], e.attrs, wrt=0) if needs[0] else None, None]
 
 
-class LossGrad(ClassifierLoss):
+class LossGrad(GradientOp, ClassifierLoss):
     """dL/d(scores) of a classifier loss, scaled by the upstream scalar gradient."""
     operands = ("scores", "target", "grad_output")
 

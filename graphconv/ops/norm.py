@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, numel, provably_ne
-from .base import REQUIRED, Op, register
+from .base import REQUIRED, GradientOp, Op, register
 
 
 @register
@@ -73,7 +73,7 @@ def normalized(x, mean, var, eps, training):
     return (x - mean.reshape(bshape)) * inv_std, inv_std
 
 
-class BatchNormGradBase(Op):
+class BatchNormGradBase(GradientOp):
     operands = ("input", "running_mean", "running_var", "grad_output")
     attrs = {"eps": REQUIRED, "training": REQUIRED}
 

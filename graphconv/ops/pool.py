@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape
-from .base import REQUIRED, Op, register, rank_error
+from .base import REQUIRED, GradientOp, Op, register, rank_error
 from .window import (LAYOUT, ceil_extra, offset_slices, pad_array, padding_pairs, per_axis, unpad_adjoint,
                      window_reduce, window_shape)
 
@@ -46,6 +46,9 @@ class Pool(Op):
 
     def dilation(self, attrs):
         return attrs.get("dilation", (1,) * self.nd)
+
+    def window(self, in_shapes, attrs):
+        return attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
 
     def shape(self, ins, attrs):
         x = ins[0]
@@ -92,7 +95,7 @@ class Pool(Op):
         return [e.emit(f"{self.name}_backward", [dy], {**e.attrs, "input_size": e.inputs[0].shape[2:]}, wrt=0)]
 
 
-class PoolBackward(Pool):
+class PoolBackward(GradientOp, Pool):
     """dL/d(input) of a pooling op. Max routes each gradient to the first maximum of its window
     (PyTorch's choice on ties) and takes operands (input, grad_output); avg spreads it evenly over
     the window and takes (grad_output) plus the input size."""
