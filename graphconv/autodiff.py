@@ -15,6 +15,7 @@ from .errors import GraphError
 from .ir import Tensor
 from .ops import OPS
 from .ops.base import ITEMSIZE
+from .passes import eliminate_dead_code
 from .shapes import numel
 
 
@@ -139,17 +140,6 @@ def accumulate(g, name, parts):
                            layer=g.node(name).layer, provenance={"grad_of": name, "rule": "accumulate"},
                            stage="backward")
     return total
-
-
-def eliminate_dead_code(graph):
-    """Drop every node that no output needs. Inputs and parameters stay: they are the graph's
-    signature, and a parameter the loss does not reach still has a (zero) gradient and an update."""
-    live = set(graph.outputs)
-    for out in graph.outputs:
-        live |= nx.ancestors(graph.nx, out)
-    dead = [n.name for n in graph.topo() if n.name not in live and n.op not in ("input", "param")]
-    graph.nx.remove_nodes_from(dead)
-    return graph.verify()
 
 
 def saved_tensors(graph) -> list:

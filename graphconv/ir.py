@@ -209,6 +209,51 @@ class GraphCore:
             self._prefix_counts = counts
             raise
 
+    # ---- editing (what passes use) -------------------------------------------------------------
+    def replace_uses(self, old: str, new: str):
+        """Make every user of `old` (and the outputs) read `new` instead, at the same operand index."""
+        for _, dst, key in list(self.nx.out_edges(old, keys=True)):
+            self.nx.remove_edge(old, dst, key=key)
+            self.nx.add_edge(new, dst, key=key)
+        self.outputs = [new if o == old else o for o in self.outputs]
+
+    def replace(self, nodes, op_name, operands, attrs=None, name=None, stage=None) -> Tensor:
+        """Replace the connected nodes `nodes` (in order; the last one's value is the one used
+        outside) by one node computing `op_name` over `operands`. The new node takes the last node's
+        name, layer, creation index and stage unless told otherwise, records what it replaced, and
+        every user of the last node reads it at the same operand index. Nothing else may use the
+        inner nodes."""
+        nodes = [self.node(n) if isinstance(n, str) else n for n in nodes]
+        root, inner = nodes[-1], {n.name for n in nodes[:-1]}
+        for n in nodes[:-1]:
+            outside = [u for u, _ in self.users(n.name) if u not in inner and u != root.name]
+            if outside or n.name in self.outputs:
+                raise GraphError(f"replace: {n.name} is used outside the replaced nodes "
+                                 f"({', '.join(outside) or 'a graph output'})")
+        operand_names = [self._operand_name(o, root.name, op_name) for o in operands]
+        if any(o in inner or o == root.name for o in operand_names):
+            raise GraphError(f"replace: an operand of the new {op_name} node is one of the nodes it replaces")
+        users = list(self.nx.out_edges(root.name, keys=True))
+        was_output = [i for i, o in enumerate(self.outputs) if o == root.name]
+        self.nx.remove_nodes_from([n.name for n in nodes])
+        name = name or root.name
+        with self.layer_errors(name, op_name, operand_names):
+            op = lookup(op_name)
+            op.check_arity(len(operand_names))
+            attrs = op.check_attrs(dict(attrs or {}))
+            out_type = op.infer([self.node(o).type for o in operand_names], attrs)
+        record = tuple((n.name, n.op, dict(n.attrs)) for n in nodes)
+        node = Node(name, op_name, attrs, out_type, root.layer, root.index, dict(root.provenance),
+                    stage or root.stage, record)
+        self.nx.add_node(name, node=node)
+        for key, src in enumerate(operand_names):
+            self.nx.add_edge(src, name, key=key)
+        for _, dst, key in users:
+            self.nx.add_edge(name, dst, key=key)
+        for i in was_output:
+            self.outputs[i] = name
+        return Tensor(self, name)
+
     def output(self, *tensors):
         """Mark the graph's outputs, in order."""
         if not tensors:

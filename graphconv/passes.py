@@ -1,6 +1,10 @@
-"""Graph -> Graph rewrites, each named with a verb. Every pass returns a new, verified graph."""
+"""Graph -> Graph rewrites, each named with a verb.
+
+The contract: a pass takes a graph and returns a new, verified graph; it never changes the graph it
+was given (it edits a copy, with Graph.replace / replace_uses / add_node)."""
 from __future__ import annotations
 
+import networkx as nx
 import sympy as sp
 
 from .errors import GraphError
@@ -10,10 +14,22 @@ from .ops.base import FLOAT_DTYPES
 
 def reinfer(graph):
     """Recompute every node's type from its operands, in topological order."""
-    for node in graph.topo():
-        with graph.layer_errors(node.name, node.op, graph.operands(node.name)):
-            node.type = OPS[node.op].infer(graph.in_types(node.name), node.attrs)
-    return graph.verify()
+    new = graph.copy()
+    for node in new.topo():
+        with new.layer_errors(node.name, node.op, new.operands(node.name)):
+            node.type = OPS[node.op].infer(new.in_types(node.name), node.attrs)
+    return new.verify()
+
+
+def eliminate_dead_code(graph):
+    """Drop every node that no output needs. Inputs and parameters stay: they are the graph's
+    signature, and a parameter the loss does not reach still has a (zero) gradient and an update."""
+    new = graph.copy()
+    live = set(new.outputs)
+    for out in new.outputs:
+        live |= nx.ancestors(new.nx, out)
+    new.nx.remove_nodes_from([n.name for n in new.topo() if n.name not in live and n.op not in ("input", "param")])
+    return new.verify()
 
 
 def cast(graph, dtype):
@@ -42,7 +58,7 @@ def bind_dims(graph, sizes: dict):
     ("N", 3, "H", "W"); every shape is re-inferred, so a size that does not fit a layer is refused
     by that layer's rule."""
     if not sizes:
-        return graph
+        return graph.copy()
     symbols = {str(s): s for n in graph.inputs for d in n.shape for s in sp.sympify(d).free_symbols}
     for name, size in sizes.items():
         if name not in symbols:

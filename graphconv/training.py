@@ -88,9 +88,16 @@ class Optimizer:
 
 
 def build_train_step(graph_with_loss, optimizer: Optimizer):
-    """The training-step graph. meta["updates"] maps each state tensor (parameter, running
-    statistic, optimizer buffer) to the node holding its value after the step."""
+    """The training-step graph: backward, then two passes. meta["updates"] maps each state tensor
+    (parameter, running statistic, optimizer buffer) to the node holding its value after the step."""
     g = derive_backward(set_training(graph_with_loss, True), name=f"{graph_with_loss.name}.train_step")
+    g = add_running_statistics(g)
+    return add_optimizer(g, optimizer)
+
+
+def add_running_statistics(graph):
+    """Pass: every training-mode batch norm's running mean and variance after the step, as outputs."""
+    g = graph.copy()
     updates = {}
     for node in g.topo():
         if node.op == "batch_norm" and node.attrs["training"]:
@@ -101,6 +108,16 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
                                           name=f"{buf}.next", layer=node.layer,
                                           provenance={"update_of": buf, "rule": "batch_norm running statistic"},
                                           stage="update")
+    g.outputs = g.outputs + [t.name for t in updates.values()]
+    g.meta["updates"] = {**g.meta.get("updates", {}), **{state: t.name for state, t in updates.items()}}
+    return g.verify()
+
+
+def add_optimizer(graph, optimizer: Optimizer):
+    """Pass: the optimizer's state buffers and each parameter's value after the step; the gradients
+    stop being outputs (the updates consume them)."""
+    g = graph.copy()
+    updates = {}
     opt = optimizer
     suffixes = ("velocity",) if opt.kind == "sgd" else ("adam_m", "adam_v")
     reserve(g, [f"{p}.{x}" for p in g.meta["grads"] for x in suffixes] + (["opt.step"] if opt.kind == "adam" else []),
@@ -139,8 +156,9 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
             updates[param] = emit("adam_param", [param, m_next, v_next, updates[step.name]],
                                   {"lr": opt.lr, "beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps},
                                   f"{param}.next", param)
-    g.outputs = g.outputs[:2] + [t.name for t in updates.values()]
-    g.meta["updates"] = {state: t.name for state, t in updates.items()}
+    grads = set(g.meta["grads"].values())
+    g.outputs = [o for o in g.outputs if o not in grads] + [t.name for t in updates.values()]
+    g.meta["updates"] = {**g.meta.get("updates", {}), **{state: t.name for state, t in updates.items()}}
     g.meta["optimizer_state"] = [t.name for t in optimizer_state]
     return g.verify()
 

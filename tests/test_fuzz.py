@@ -420,9 +420,9 @@ def batch_data(data, rng, n, dtype, classes=3):
     y = rng.integers(0, classes, n)
     xv = pick(data, st.just("ok"), ["nan", "inf", "huge", "dtype", "shape", "list", "none", "int"], 25, label="x")
     yv = pick(data, st.just("ok"), ["neg", "big", "float", "int32", "len", "2d", "list", "none"], 20, label="y")
-    if xv == "nan":
+    if xv == "nan" and n:
         x[0, 0, 0, 0] = np.nan
-    elif xv == "inf":
+    elif xv == "inf" and n:
         x[-1, -1, -1, -1] = np.inf
     elif xv == "huge":
         x = (x * 1e30).astype(dtype)
@@ -436,9 +436,9 @@ def batch_data(data, rng, n, dtype, classes=3):
         x = None
     elif xv == "int":
         x = x.astype(np.int64)
-    if yv == "neg":
+    if yv == "neg" and n:
         y[0] = -1
-    elif yv == "big":
+    elif yv == "big" and n:
         y[-1] = classes
     elif yv == "float":
         y = y.astype(np.float32)

@@ -165,3 +165,39 @@ def test_the_ir_imports_nothing_above_it():
     source = pathlib.Path(gc.__file__).with_name("ir.py").read_text()
     imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level}
     assert imported <= {"errors", "ops", "shapes"}, imported
+
+
+def test_replace_keeps_operand_order_users_outputs_and_records_what_it_replaced():
+    g = gc.Graph("r")
+    x = g.input("x", ("N", 4))
+    a = g.relu(x, name="a")
+    b = g.tanh(a, name="b")
+    g.output(g.add(x, b, name="sum"), b)
+    before = g.nx.nodes["b"]["node"].index
+    new = g.replace(["a", "b"], "sigmoid", [x])
+    assert new.name == "b" and g.node("b").op == "sigmoid" and g.node("b").index == before
+    assert g.operands("sum") == ["x", "b"] and g.outputs == ["sum", "b"] and "a" not in g
+    assert [r[:2] for r in g.node("b").replaces] == [("a", "relu"), ("b", "tanh")]
+    g.verify()
+    with pytest.raises(gc.GraphError, match="x is used outside the replaced nodes"):
+        g.replace(["x", "b"], "relu", [g.input("z", ("N", 4))])
+    g.replace_uses("b", "x")
+    assert g.operands("sum") == ["x", "x"] and g.outputs == ["sum", "x"]
+
+
+def test_passes_return_new_graphs_and_leave_their_argument_alone():
+    from graphconv.passes import bind_dims, cast, eliminate_dead_code, reinfer, set_training
+    from graphconv.training import Optimizer, add_optimizer, add_running_statistics, attach_loss
+    from graphconv.autodiff import derive_backward
+    g = MODELS["vgg_small"]()
+    text = str(g)
+    for p in (reinfer, eliminate_dead_code, lambda h: cast(h, "float64"), lambda h: set_training(h, False),
+              lambda h: bind_dims(h, {})):
+        out = p(g)
+        assert str(g) == text and out is not g
+    bwd = derive_backward(attach_loss(g))
+    bwd_text = str(bwd)
+    stats = add_running_statistics(bwd)
+    step = add_optimizer(stats, Optimizer("sgd"))
+    assert str(bwd) == bwd_text and stats is not bwd and step is not stats
+    assert len(step.meta["updates"]) == len(stats.meta["updates"]) + 2 * len(bwd.meta["grads"])
