@@ -14,11 +14,20 @@ import networkx as nx
 import sympy as sp
 
 from .errors import GraphError, OpError, ShapeError
-from .ops import OPS, TensorType, lookup
+from .ops import OPS, TensorType, TupleType, lookup
 from .shapes import fmt_shape
 
 
 STAGES = ("forward", "backward", "update")
+
+
+def same_type(a, b) -> bool:
+    """Equal tensor (or tuple) types, dims compared as expressions."""
+    if isinstance(a, TupleType) or isinstance(b, TupleType):
+        return (isinstance(a, TupleType) and isinstance(b, TupleType) and len(a.parts) == len(b.parts)
+                and all(same_type(x, y) for x, y in zip(a.parts, b.parts)))
+    return a.dtype == b.dtype and len(a.shape) == len(b.shape) and all(
+        sp.simplify(x - y) == 0 for x, y in zip(a.shape, b.shape))
 
 
 @dataclass
@@ -34,11 +43,19 @@ class Node:
     replaces: tuple = ()        # a fused node: the nodes it stands for, as (name, op, attrs) records
 
     @property
+    def is_tuple(self) -> bool:
+        return isinstance(self.type, TupleType)
+
+    @property
     def shape(self):
+        if self.is_tuple:
+            raise GraphError(f"{self.name} has {len(self.type.parts)} outputs {self.type}; read them through part nodes")
         return self.type.shape
 
     @property
     def dtype(self):
+        if self.is_tuple:
+            raise GraphError(f"{self.name} has {len(self.type.parts)} outputs {self.type}; read them through part nodes")
         return self.type.dtype
 
     @property
@@ -195,7 +212,9 @@ class GraphCore:
             if operand_names and e.operand < len(operand_names):
                 src = operand_names[e.operand]
                 role = OPS[op_name].operand_name(e.operand) if op_name in OPS else "operand"
-                where = f" ({role} {fmt_shape(self.node(src).shape)} from {self.chain(src)})"
+                src_type = self.node(src).type
+                shown = fmt_shape(src_type.shape) if isinstance(src_type, TensorType) else str(src_type)
+                where = f" ({role} {shown} from {self.chain(src)})"
             raise e.kind(f"{name} [{op_name}]: {e.message}{where}") from None
 
     @contextlib.contextmanager
@@ -309,8 +328,7 @@ class GraphCore:
                     again = op.infer(self.in_types(name), node.attrs)
             except (ShapeError, GraphError) as e:
                 fail(str(e))
-            if again.dtype != node.dtype or len(again.shape) != len(node.shape) or any(
-                    sp.simplify(a - b) != 0 for a, b in zip(again.shape, node.shape)):
+            if not same_type(again, node.type):
                 fail(f"{name}: stored type {node.type} but its rule gives {again}")
         for out in self.outputs:
             if out not in self.nx:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 
 from .errors import OpError
-from .ops import OPS, REQUIRED
+from .ops import OPS, REQUIRED, TupleType
 from .ops.window import fmt_padding
 from .shapes import fmt_shape
 
-SHORT = {"float32": "f32", "float64": "f64", "int64": "i64"}
+SHORT = {"float32": "f32", "float64": "f64", "int64": "i64", "uint8": "u8"}
 
 
 def fmt_type(t) -> str:
+    if isinstance(t, TupleType):
+        return "(" + ", ".join(fmt_type(p) for p in t.parts) + ")"
     return f"{SHORT[t.dtype]}{fmt_shape(t.shape)}"
 
 
@@ -95,10 +97,13 @@ def to_dot(graph) -> str:
 def to_json(graph) -> str:
     nodes = []
     for n in graph.topo():
-        nodes.append({"name": n.name, "op": n.op, "layer": n.layer, "dtype": n.dtype,
-                      "shape": [str(d) for d in n.shape],
+        types = n.type.parts if n.is_tuple else (n.type,)
+        nodes.append({"name": n.name, "op": n.op, "layer": n.layer, "stage": n.stage,
+                      **({"dtype": n.dtype, "shape": [str(d) for d in n.shape]} if not n.is_tuple else
+                         {"outputs": [{"dtype": t.dtype, "shape": [str(d) for d in t.shape]} for t in types]}),
                       "attrs": {k: fmt_attr(k, v) for k, v in n.attrs.items()},
-                      "operands": graph.operands(n.name), "provenance": n.provenance})
+                      "operands": graph.operands(n.name), "provenance": n.provenance,
+                      **({"replaces": [r[0] for r in n.replaces]} if n.replaces else {})})
     return json.dumps({"graph": graph.name, "dtype": graph.dtype, "outputs": graph.outputs, "nodes": nodes},
                       indent=2) + "\n"
 

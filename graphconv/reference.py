@@ -64,6 +64,20 @@ def concrete(shape, bindings, where="") -> tuple:
     return tuple(out)
 
 
+def concrete_type(node, bindings):
+    """The node's concrete shape, or a tuple of shapes for a node with several outputs."""
+    where = f"{node.name} [{node.op}]: "
+    if node.is_tuple:
+        return tuple(concrete(t.shape, bindings, where) for t in node.type.parts)
+    return concrete(node.shape, bindings, where)
+
+
+def check_result(node, y, shape, dtype):
+    if y.shape != shape or str(y.dtype) != dtype:
+        raise AssertionError(f"internal: {node.name} [{node.op}] produced {y.dtype}{fmt_shape(y.shape)}, "
+                             f"its rule says {dtype}{fmt_shape(shape)}")
+
+
 class NumpyProgram:
     """A graph ready to run on NumPy: `program(x, params=params)` or `program(x=x, params=params)`."""
 
@@ -87,7 +101,7 @@ class NumpyProgram:
         after checking that the run fits in memory."""
         key = tuple(sorted((str(k), v) for k, v in bindings.items()))
         if key not in self._shapes:
-            shapes = {n.name: concrete(n.shape, bindings, f"{n.name} [{n.op}]: ") for n in self.order}
+            shapes = {n.name: concrete_type(n, bindings) for n in self.order}
             peak, at = self.peak_bytes(shapes)
             bound = ", ".join(f"{k}={v}" for k, v in bindings.items())
             check_fits(peak, f"{self.graph.name}{f' at {bound}' if bound else ''} (peak at {at})", "use a smaller batch")
@@ -97,7 +111,12 @@ class NumpyProgram:
     def peak_bytes(self, shapes):
         """An estimate of the most memory one run holds at once: live tensors (freed after their last
         use, as run() does) plus the op's own scratch space; and the node where it peaks."""
-        size = {n.name: int(np.prod(shapes[n.name], dtype=np.int64)) * np.dtype(n.dtype).itemsize for n in self.order}
+        def size(node):
+            types = node.type.parts if node.is_tuple else (node.type,)
+            shape_list = shapes[node.name] if node.is_tuple else (shapes[node.name],)
+            return sum(int(np.prod(sh, dtype=np.int64)) * np.dtype(t.dtype).itemsize for t, sh in zip(types, shape_list))
+
+        size = {n.name: size(n) for n in self.order}
         live = sum(size[n.name] for n in self.order if n.role != "op")
         keep = set(self.graph.outputs)
         peak, at = live, self.order[0].name if self.order else ""
@@ -105,7 +124,8 @@ class NumpyProgram:
             if node.role != "op":
                 continue
             ins = [shapes[o] for o in self.operands[node.name]]
-            scratch = OPS[node.op].scratch_bytes(ins, shapes[node.name], node.attrs, np.dtype(node.dtype).itemsize)
+            itemsize = 8 if node.is_tuple else np.dtype(node.dtype).itemsize
+            scratch = OPS[node.op].scratch_bytes(ins, shapes[node.name], node.attrs, itemsize)
             live += size[node.name]
             if live + scratch > peak:
                 peak, at = live + scratch, f"{node.name} [{node.op}]"
@@ -145,10 +165,13 @@ class NumpyProgram:
                 raise ResourceError(f"{node.name} [{node.op}]: out of memory computing {node.dtype}"
                                     f"{fmt_shape(shape)} ({fmt_bytes(np.prod(shape) * np.dtype(node.dtype).itemsize)}); "
                                     f"use a smaller batch") from None
-            y = np.asarray(y)
-            if y.shape != shape or str(y.dtype) != node.dtype:
-                raise AssertionError(f"internal: {node.name} [{node.op}] produced {y.dtype}{fmt_shape(y.shape)}, "
-                                     f"its rule says {node.dtype}{fmt_shape(shape)}")
+            if node.is_tuple:
+                y = tuple(np.asarray(part) for part in y)
+                for part, t, sh in zip(y, node.type.parts, shape):
+                    check_result(node, part, sh, t.dtype)
+            else:
+                y = np.asarray(y)
+                check_result(node, y, shape, node.dtype)
             values[node.name] = y
             if not keep:
                 for operand in self.operands[node.name]:

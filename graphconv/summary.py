@@ -11,7 +11,7 @@ import sympy as sp
 
 from .autodiff import saved_bytes
 from .ops import OPS
-from .ops.base import ITEMSIZE
+from .ops.base import ITEMSIZE, nbytes
 from .shapes import numel
 
 def _value(expr, bindings):

@@ -201,3 +201,53 @@ def test_passes_return_new_graphs_and_leave_their_argument_alone():
     step = add_optimizer(stats, Optimizer("sgd"))
     assert str(bwd) == bwd_text and stats is not bwd and step is not stats
     assert len(step.meta["updates"]) == len(stats.meta["updates"]) + 2 * len(bwd.meta["grads"])
+
+
+def test_per_channel_operands_broadcast_along_dim_1_and_get_summed_gradients():
+    import sympy as sp
+    from graphconv.gradcheck import check_rule
+    from graphconv.ops import OPS, register
+    from graphconv.ops.pointwise import Pointwise
+    x, s, b = sp.symbols("x s b", real=True)
+    if "test_affine" not in OPS:
+        register(Pointwise("test_affine", x * s + b, ("x", "s", "b")))
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal((2, 3, 4, 4)), rng.standard_normal(3), rng.standard_normal(())]
+    g = gc.Graph("pc", "float64")
+    ins = [g.input(f"i{k}", v.shape) for k, v in enumerate(values)]
+    g.output(g.apply("test_affine", *ins))
+    y = gc.compile(g)(*values)
+    np.testing.assert_allclose(y, values[0] * values[1][None, :, None, None] + values[2], rtol=1e-12)
+    checks = check_rule("test_affine", values, {}, rng)
+    assert len(checks) == 3 and all(c.ok for c in checks), checks
+    with pytest.raises(gc.ShapeError, match=r"s has shape \[4\], expected \[N,3,4,4\] \(or \[3\] per channel"):
+        g.apply("test_affine", g.input("a", ("N", 3, 4, 4)), g.input("c", (4,)), g.input("d", ()))
+
+
+def test_nodes_with_several_outputs_are_read_through_part_nodes():
+    from graphconv.ops import OPS, Op, TensorType, TupleType, register
+
+    class MinMax(Op):
+        name = "test_minmax"
+
+        def infer(self, ins, attrs):
+            return TupleType((ins[0], TensorType(ins[0].shape, "uint8")))
+
+        def reference(self, xs, attrs):
+            return np.minimum(xs[0], 0), (xs[0] > 0).astype(np.uint8)
+
+    if "test_minmax" not in OPS:
+        register(MinMax())
+    g = gc.Graph("tuple")
+    x = g.input("x", ("N", 3))
+    both = g.apply("test_minmax", x, name="both")
+    g.output(g.apply("part", both, index=0, name="low"), g.apply("part", both, index=1, name="positive"))
+    assert "%both:(f32[N,3], u8[N,3]) = test_minmax %x" in str(g)
+    assert "%positive:u8[N,3] = part[index=1] %both" in str(g)
+    with pytest.raises(gc.GraphError, match=r"both has 2 outputs \(float32\[N,3\], uint8\[N,3\]\); read them"):
+        g.node("both").shape
+    with pytest.raises(gc.ShapeError, match="index 2 is out of range: the operand has 2 outputs"):
+        g.apply("part", both, index=2)
+    low, positive = gc.compile(g)(np.array([[-1.0, 2.0, 0.5]], np.float32))
+    assert positive.dtype == np.uint8 and positive.tolist() == [[0, 1, 1]] and low.tolist() == [[-1.0, 0, 0]]
+    g.verify()

@@ -19,8 +19,8 @@ OPS: dict = {}
 REQUIRED = object()  # attribute default meaning "must be given"
 
 FLOAT_DTYPES = ("float32", "float64")
-DTYPES = FLOAT_DTYPES + ("int64",)
-ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8}
+DTYPES = FLOAT_DTYPES + ("int64", "uint8")      # uint8: e.g. a max-pool window's argmax code
+ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "uint8": 1}
 
 
 def register(op):
@@ -47,6 +47,17 @@ class TensorType:
 
     def __str__(self):
         return f"{self.dtype}{fmt_shape(self.shape)}"
+
+
+@dataclass(frozen=True)
+class TupleType:
+    """The type of a node with several outputs (a fused conv-activation-maxpool gives its pooled
+    output and the argmax codes). Its parts are read through `part` nodes, XLA's get-tuple-element,
+    so every other node still has exactly one tensor type."""
+    parts: tuple
+
+    def __str__(self):
+        return "(" + ", ".join(map(str, self.parts)) + ")"
 
 
 @dataclass(frozen=True)
@@ -163,17 +174,24 @@ class Op:
     def macs(self, ins: list, out: TensorType, attrs: dict) -> sp.Expr:
         return sp.Integer(0)
 
-    def cost(self, ins: list, out: TensorType, attrs: dict) -> Cost:
+    def cost(self, ins: list, out, attrs: dict) -> Cost:
         params = sp.Integer(0)
         for i, t in enumerate(ins):
             if not self.variadic and i < len(self.operands) and self.operands[i] in self.param_operands:
                 params += numel(t.shape)
-        read = sum((numel(t.shape) * ITEMSIZE[t.dtype] for t in ins), sp.Integer(0))
-        written = numel(out.shape) * ITEMSIZE[out.dtype]
+        read = sum((nbytes(t) for t in ins), sp.Integer(0))
+        written = nbytes(out)
         return Cost(params, sp.sympify(self.macs(ins, out, attrs)), read, written)
 
     def __repr__(self):
         return f"<op {self.name}>"
+
+
+def nbytes(t) -> sp.Expr:
+    """Bytes of a tensor type, or of every part of a tuple type."""
+    if isinstance(t, TupleType):
+        return sum((nbytes(p) for p in t.parts), sp.Integer(0))
+    return numel(t.shape) * ITEMSIZE[t.dtype]
 
 
 def rank_error(op_name, want_rank, layout, t, operand=0):

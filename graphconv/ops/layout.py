@@ -8,7 +8,7 @@ import sympy as sp
 
 from ..errors import GraphError, OpError
 from ..shapes import as_dim, fmt_dim, fmt_shape, numel, provably_ne, provably_true
-from .base import REQUIRED, Op, register
+from .base import REQUIRED, Cost, Op, TupleType, register
 
 
 def _axis(dim, rank, what):
@@ -174,3 +174,32 @@ class ReduceSum(Op):
 
     def reference(self, xs, attrs):
         return xs[0].sum(axis=attrs["axes"])
+
+
+@register
+class Part(Op):
+    """Output `index` of a node with several outputs (XLA's get-tuple-element). It computes nothing:
+    code generation maps it to the buffer the producing kernel writes."""
+    name = "part"
+    kind = "injective"
+    attrs = {"index": REQUIRED}
+
+    def normalize(self, a):
+        if isinstance(a["index"], bool) or not isinstance(a["index"], numbers.Integral) or a["index"] < 0:
+            raise OpError(f"index must be a non-negative int, got {a['index']!r}", kind=GraphError)
+        return {"index": int(a["index"])}
+
+    def infer(self, ins, attrs):
+        t = ins[0]
+        if not isinstance(t, TupleType):
+            raise OpError(f"part reads a node with several outputs, got a single {t}")
+        if attrs["index"] >= len(t.parts):
+            raise OpError(f"index {attrs['index']} is out of range: the operand has {len(t.parts)} outputs")
+        return t.parts[attrs["index"]]
+
+    def reference(self, xs, attrs):
+        return xs[0][attrs["index"]]
+
+    def cost(self, ins, out, attrs):
+        zero = sp.Integer(0)
+        return Cost(zero, zero, zero, zero)    # a view of a buffer the producer wrote

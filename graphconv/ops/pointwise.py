@@ -13,7 +13,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from ..errors import GraphError, OpError
-from ..shapes import fmt_shape, provably_ne
+from ..shapes import fmt_dim, fmt_shape, provably_ne
 from .base import OPS, Op, register
 
 X = sp.Symbol("x", real=True)
@@ -64,6 +64,11 @@ class _WherePrinter(NumPyPrinter):
         return text
 
 
+def broadcasts_per_channel(shape, full) -> bool:
+    """A [C] operand beside an [N, C, ...] one."""
+    return len(shape) == 1 and len(full) >= 2 and not provably_ne(shape[0], full[1])
+
+
 class Pointwise(Op):
     kind = "elementwise"
 
@@ -91,18 +96,23 @@ class Pointwise(Op):
         return {k: float(v) for k, v in a.items()}
 
     def shape(self, ins, attrs):
-        """Operands of one shape; a scalar (shape ()) operand broadcasts."""
-        full = [t.shape for t in ins if t.shape != ()]
-        if not full:
-            return ()
-        first = full[0]
+        """Operands of one shape, except that a scalar (shape ()) broadcasts everywhere and a
+        per-channel vector [C] broadcasts along dim 1 of an [N, C, ...] operand (a bias, a batch-norm
+        scale: the epilogues of a fused node)."""
+        first = max((t.shape for t in ins), key=len)
         for i, t in enumerate(ins):
-            if t.shape != () and (len(t.shape) != len(first) or any(provably_ne(a, b) for a, b in zip(t.shape, first))):
-                raise OpError(f"{self.operands[i]} has shape {fmt_shape(t.shape)}, expected {fmt_shape(first)} "
+            if t.shape == () or broadcasts_per_channel(t.shape, first):
+                continue
+            if len(t.shape) != len(first) or any(provably_ne(a, b) for a, b in zip(t.shape, first)):
+                extra = f" (or [{fmt_dim(first[1])}] per channel, or a scalar)" if len(first) >= 2 else ""
+                raise OpError(f"{self.operands[i]} has shape {fmt_shape(t.shape)}, expected {fmt_shape(first)}{extra} "
                               f"like the other operands", i)
         return first
 
     def reference(self, xs, attrs):
+        rank = max(x.ndim for x in xs)
+        if rank >= 2:   # a per-channel [C] operand lines up with dim 1
+            xs = [x.reshape((1, -1) + (1,) * (rank - 2)) if x.ndim == 1 else x for x in xs]
         # numpy.where evaluates both branches of a Piecewise: 0/0 in the branch not taken is no error
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             y = np.asarray(self._fn(*xs, *attrs.values()))
@@ -128,8 +138,21 @@ class Pointwise(Op):
         return self._grads[i]
 
     def grad(self, e, dy, needs):
-        return [e.emit(self.derivative(i).name, [*e.inputs, dy], e.attrs, wrt=i) if need else None
-                for i, need in enumerate(needs)]
+        grads = []
+        full = e.output.shape
+        for i, need in enumerate(needs):
+            if not need:
+                grads.append(None)
+                continue
+            shape = e.inputs[i].shape
+            if shape == full:
+                grads.append(e.emit(self.derivative(i).name, [*e.inputs, dy], e.attrs, wrt=i))
+                continue
+            # a broadcast operand: its gradient sums the full-size one over the broadcast axes
+            whole = e.emit(self.derivative(i).name, [*e.inputs, dy], e.attrs)
+            axes = tuple(range(len(full))) if shape == () else (0, *range(2, len(full)))
+            grads.append(e.emit("reduce_sum", [whole], {"axes": axes}, wrt=i))
+        return grads
 
 
 def define_activation(name, expr, params=None, numpy=None):
