@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,21 +32,58 @@ def cmd_summary(args):
 
 
 def cmd_dump(args):
-    from .autodiff import derive_backward, saved_bytes, saved_tensors
+    from .autodiff import saved_bytes, saved_tensors
+    from .pipeline import build
     from .printer import FORMATS
-    from .training import Optimizer, attach_loss, build_train_step
-    graph = load_model(args, need_sizes=False)
-    if args.stage == "backward":
-        graph = derive_backward(attach_loss(graph, args.loss))
-    elif args.stage == "train":
-        graph = build_train_step(attach_loss(graph, args.loss), Optimizer(args.optimizer))
+    from .training import Optimizer
+    graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer), args.after)
     sys.stdout.write(FORMATS[args.format](graph))
-    if args.stage != "forward" and args.format == "text":
+    if any(n.stage == "backward" for n in graph.topo()) and args.format == "text":
         saved = saved_tensors(graph)
         size = int(saved_bytes(graph, args.batch or 1))
         per = f"at batch {args.batch}" if args.batch else "per example"
         print(f"# saved for the backward pass: {len(saved)} tensors, {size:,} bytes {per} "
               f"({', '.join(n.name for n in saved)})")
+
+
+def cmd_fuse(args):
+    from .fusion import format_report, report
+    from .pipeline import build, build_unfused
+    from .training import Optimizer
+    model = load_model(args, need_sizes=False)
+    opt = Optimizer(args.optimizer)
+    r = report(build_unfused(model, args.stage, args.loss, opt), build(model, args.stage, args.loss, opt), args.batch)
+    print(json.dumps(r, indent=2) if args.format == "json" else format_report(r))
+
+
+def cmd_check(args):
+    """The fused graph against the unfused one on the same random data, in float64."""
+    from . import compile as gc_compile
+    from .data import random_inputs
+    from .params import init_params
+    from .pipeline import build, build_unfused
+    from .training import Optimizer
+    model = load_model(args)
+    opt = Optimizer(args.optimizer)
+    unfused, fused = build_unfused(model, args.stage, args.loss, opt), build(model, args.stage, args.loss, opt)
+    params = init_params(unfused, seed=args.seed)
+    inputs = random_inputs(unfused, args.batch, args.seed)
+    want = gc_compile(unfused).run(inputs, params)
+    got = gc_compile(fused, backend=args.backend).run(inputs, {n.name: params[n.name] for n in fused.params})
+    print(f"check {model.name} --stage {args.stage}: {args.backend} backend against the unfused graph, "
+          f"{unfused.dtype}, batch {args.batch}, seed {args.seed}")
+    width = max(len(o) for o in want)
+    print(f"  {'output'.ljust(width)}  {'max abs diff':>12}  {'max rel diff':>12}  status")
+    failed = 0
+    for name, a in want.items():
+        b = got[name]
+        diff = float(np.abs(a - b).max()) if a.size else 0.0
+        rel = diff / max(float(np.abs(a).max()) if a.size else 0.0, 1e-30)
+        ok = np.allclose(b, a, rtol=args.rtol, atol=args.rtol * max(float(np.abs(a).max()) if a.size else 0, 1e-12))
+        failed += not ok
+        print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {'ok' if ok else 'MISMATCH'}")
+    print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
+    return 1 if failed else 0
 
 
 def cmd_gradcheck(args):
@@ -185,6 +223,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+STAGE_NAMES = ("forward", "backward", "train", "fused", "fused-train")
 LOSS_HELP = "cross_entropy: softmax cross-entropy; hinge: the lecture's multiclass SVM loss"
 
 
@@ -215,8 +254,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
     s.set_defaults(func=cmd_summary)
 
-    s = command("dump", "print the graph IR: forward, backward (with the loss) or a whole training step", dims=True)
-    s.add_argument("--stage", default="forward", choices=("forward", "backward", "train"), help="which graph")
+    s = command("dump", "print the graph IR of any stage: forward, backward, train, fused, fused-train", dims=True)
+    s.add_argument("--stage", default="forward", choices=STAGE_NAMES, help="which graph")
+    s.add_argument("--after", default=None, metavar="PASS", help="stop the stage after this pass (default: all)")
     s.add_argument("--format", default="text", choices=("text", "dot", "json"),
                    help="text (jaxpr-like), dot (graphviz) or json")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
@@ -224,6 +264,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_positive, default=None, help="batch size for the saved-bytes line "
                    "(default: per example)")
     s.set_defaults(func=cmd_dump)
+
+    s = command("fuse", "the fusion report: every candidate chain, the rule that fired or why not, bytes moved",
+                dims=True)
+    s.add_argument("--stage", default="fused", choices=("fused", "fused-train"), help="which fused graph")
+    s.add_argument("--format", default="text", choices=("text", "json"), help="output format")
+    s.add_argument("--batch", type=_positive, default=None, help="batch size for the byte counts "
+                   "(default: per example)")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
+    s.set_defaults(func=cmd_fuse)
+
+    s = command("check", "run a fused graph and its unfused original on the same random data and compare",
+                dtype=("float64", "float32"), dims=True)
+    s.add_argument("--stage", default="fused", choices=("fused", "fused-train"), help="which fused graph")
+    s.add_argument("--backend", default="numpy", choices=("numpy",), help="where the fused graph runs")
+    s.add_argument("--batch", type=_positive, default=4, help="batch size of the random data")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the data and parameters")
+    s.add_argument("--rtol", type=_positive_float, default=1e-9, help="relative tolerance")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
+    s.set_defaults(func=cmd_check)
 
     s = command("gradcheck", "check every gradient rule of the model's backward graph by finite differences",
                 dtype=("float64",), dims=True)

@@ -30,11 +30,19 @@ def fmt_attr(key, value) -> str:
     if key == "init":
         kind, v = value
         return f"uniform(+-{v:.6g})" if kind == "uniform" else f"{v:g}"
+    if key == "epilogue":     # (relu,add[$0]): the fused ops in order; $k reads extra operand k
+        return "(" + ",".join(op + fmt_attrs(dict(items)) + "".join(f"[${r}]" for r in refs if r >= 0)
+                              for op, items, refs in value) + ")"
+    if key == "pool":
+        return f"{value[0]}{fmt_attrs(dict(value[1]), skip=_POOL_DEFAULTS)}" if value else "none"
     if isinstance(value, tuple):
         return "(" + ",".join(str(v) for v in value) + ")"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+_POOL_DEFAULTS = ("ceil_mode", "count_include_pad", "divisor_override")
 
 
 def fmt_attrs(attrs, skip=()) -> str:

@@ -1,0 +1,131 @@
+"""Fused ops: one node standing for a chain the fusion pass found, with the chain's semantics.
+
+`fused_conv`: a convolution (+ bias), then an epilogue of elementwise ops applied to its output in
+order (relu, any sympy activation, a residual add, a per-channel scale), then optionally a pooling
+op. Its NumPy reference is literally the composition of the replaced ops' references, its shape rule
+is theirs applied in turn, and its cost reads the operands once and writes the final output once:
+the pre-activation and pre-pool tensors never exist in memory. That is the whole point.
+
+Attributes, all plain values so that dumps and kernel names can print them:
+  stride, padding, dilation, groups, padding_mode   the convolution's, normalised as conv{nd}d's
+  bias       whether operand 2 is the conv's bias
+  epilogue   ((op, ((attr, value), ...), refs), ...): refs name each operand of the op,
+             -1 for the running value, k >= 0 for extra operand k (after input, weight, bias)
+  pool       () or (op, ((attr, value), ...))
+"""
+from __future__ import annotations
+
+from ..errors import GraphError, OpError
+from ..shapes import numel
+from .base import OPS, REQUIRED, Cost, Op, TensorType, register
+from .conv import Conv
+
+
+def _items(attrs: dict) -> tuple:
+    return tuple(sorted(attrs.items()))
+
+
+def epilogue_step(op_name, attrs, refs) -> tuple:
+    return (op_name, _items(attrs), tuple(refs))
+
+
+def pool_spec(op_name, attrs) -> tuple:
+    return (op_name, _items(attrs))
+
+
+@register
+class FusedConv(Op):
+    name = "fused_conv"
+    kind = "opaque"
+    variadic = True
+    attrs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros", "bias": True,
+             "epilogue": (), "pool": (), "nd": REQUIRED}
+
+    def conv(self, attrs) -> Conv:
+        return OPS[f"conv{attrs['nd']}d"]
+
+    def normalize(self, a):
+        nd = a["nd"]
+        if nd not in (1, 2, 3):
+            raise OpError(f"nd must be 1, 2 or 3, got {nd!r}", kind=GraphError)
+        conv = Conv(nd).normalize({k: a[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")})
+        epilogue = []
+        for op, items, refs in a["epilogue"]:
+            if op not in OPS or OPS[op].kind != "elementwise":
+                raise OpError(f"epilogue op {op!r} is not an elementwise op", kind=GraphError)
+            epilogue.append(epilogue_step(op, OPS[op].check_attrs(dict(items)), refs))
+        epilogue = tuple(epilogue)
+        for op, items, refs in epilogue:
+            if refs.count(-1) != 1:
+                raise OpError(f"epilogue op {op} must read the running value exactly once, got refs {refs}",
+                              kind=GraphError)
+        pool = tuple(a["pool"])
+        if pool:
+            op, items = pool
+            if op not in OPS or OPS[op].kind != "window" or OPS[op].nd != nd or op.endswith("_backward"):
+                raise OpError(f"pool {op!r} is not a {nd}-D pooling op", kind=GraphError)
+            pool = pool_spec(op, OPS[op].check_attrs(dict(items)))
+        return {**conv, "bias": bool(a["bias"]), "epilogue": epilogue, "pool": pool, "nd": nd}
+
+    def split(self, xs, attrs):
+        """(conv operands, extra epilogue operands)."""
+        n = 3 if attrs["bias"] else 2
+        return xs[:n], xs[n:]
+
+    def conv_attrs(self, attrs):
+        return {k: attrs[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")}
+
+    def infer(self, ins, attrs):
+        conv_ins, extra = self.split(ins, attrs)
+        if len(conv_ins) < 2:
+            raise OpError("fused_conv needs an input and a weight", kind=GraphError)
+        t = self.conv(attrs).infer(conv_ins, self.conv_attrs(attrs))
+        for op, items, refs in attrs["epilogue"]:
+            operands = [t if r == -1 else self._extra(extra, r) for r in refs]
+            t = OPS[op].infer(operands, dict(items))
+        if attrs["pool"]:
+            op, items = attrs["pool"]
+            t = OPS[op].infer([t], dict(items))
+        return TensorType(tuple(t.shape), t.dtype)
+
+    @staticmethod
+    def _extra(extra, r):
+        if r >= len(extra):
+            raise OpError(f"the epilogue reads extra operand {r}, but only {len(extra)} are given", kind=GraphError)
+        return extra[r]
+
+    def operand_name(self, i):
+        return ("input", "weight", "bias")[i] if i < 3 else f"operand {i}"
+
+    def reference(self, xs, attrs):
+        conv_xs, extra = self.split(xs, attrs)
+        y = self.conv(attrs).reference(conv_xs, self.conv_attrs(attrs))
+        for op, items, refs in attrs["epilogue"]:
+            y = OPS[op].reference([y if r == -1 else extra[r] for r in refs], dict(items))
+        if attrs["pool"]:
+            op, items = attrs["pool"]
+            y = OPS[op].reference([y], dict(items))
+        return y
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        """The NumPy reference still builds the im2col columns and the pre-pool tensor."""
+        conv_shapes, _ = self.split(in_shapes, attrs)
+        conv = self.conv(attrs)
+        w = conv_shapes[1]
+        pre = list(in_shapes[0][:1]) + [w[0]] + [int(d) for d in conv.infer(
+            [TensorType(tuple(s), "float32") for s in conv_shapes], self.conv_attrs(attrs)).shape[2:]]
+        n = 1
+        for d in pre:
+            n *= int(d)
+        return conv.scratch_bytes(conv_shapes, tuple(pre), self.conv_attrs(attrs), itemsize) + 2 * n * itemsize
+
+    def macs(self, ins, out, attrs):
+        conv_ins, _ = self.split(ins, attrs)
+        conv_out = self.conv(attrs).infer(conv_ins, self.conv_attrs(attrs))
+        return self.conv(attrs).macs(conv_ins, conv_out, self.conv_attrs(attrs))
+
+    def cost(self, ins, out, attrs):
+        c = super().cost(ins, out, attrs)
+        conv_ins, _ = self.split(ins, attrs)
+        params = sum((numel(t.shape) for t in conv_ins[1:]), 0)
+        return Cost(params, c.macs, c.bytes_read, c.bytes_written)

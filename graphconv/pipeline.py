@@ -1,0 +1,69 @@
+"""The compile pipeline: per named stage, a flat list of Graph -> Graph passes, read top to bottom.
+Every command speaks these stage names (dump, summary, fuse, check), and `--after PASS` stops a
+stage after any of its passes.
+
+    forward      the model as declared
+    backward     loss attached, gradients derived
+    train        one training step: backward, batch-norm running statistics, optimizer updates
+    fused        inference: eval-mode batch norm, conv chains fused
+    fused-train  the training step with the fusion passes applied where their guards allow
+"""
+from __future__ import annotations
+
+from .autodiff import derive_backward
+from .errors import GraphError
+from .fusion import fuse_conv_chains
+from .passes import eliminate_dead_code, set_training
+from .training import Optimizer, add_optimizer, add_running_statistics, attach_loss
+
+STAGES = ("forward", "backward", "train", "fused", "fused-train")
+
+
+def passes(stage, loss="cross_entropy", optimizer=None):
+    """[(name, pass)] for a stage."""
+    optimizer = optimizer or Optimizer()
+    train = [
+        ("attach_loss", lambda g: attach_loss(g, loss)),                      # input y, node loss
+        ("set_training", lambda g: set_training(g, True)),                    # batch statistics
+        ("derive_backward", lambda g: derive_backward(g, name=f"{g.name}.train_step")),
+        ("add_running_statistics", add_running_statistics),                   # batch-norm buffers' next values
+        ("add_optimizer", lambda g: add_optimizer(g, optimizer)),             # parameters' next values
+    ]
+    fusion = [
+        ("fuse_conv_chains", fuse_conv_chains),                               # conv (+bias) -> act* -> pool?
+        ("eliminate_dead_code", eliminate_dead_code),
+    ]
+    table = {
+        "forward": [],
+        "backward": [("attach_loss", lambda g: attach_loss(g, loss)), ("derive_backward", derive_backward)],
+        "train": train,
+        "fused": [("set_training", lambda g: set_training(g, False))] + fusion,   # running statistics
+        "fused-train": train + fusion,
+    }
+    if stage not in table:
+        raise GraphError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return table[stage]
+
+
+def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=None):
+    """The graph of `stage` (stopping after the pass named `after`, if given)."""
+    steps = passes(stage, loss, optimizer)
+    if after is not None and after not in [name for name, _ in steps]:
+        names = ", ".join(name for name, _ in steps) or "none"
+        raise GraphError(f"stage {stage} has no pass {after!r}; its passes are: {names}")
+    graph = graph.verify()
+    for name, run in steps:
+        graph = run(graph)
+        if name == after:
+            break
+    return graph
+
+
+FUSION_PASSES = ("fuse_conv_chains",)
+
+
+def build_unfused(graph, stage="fused", loss="cross_entropy", optimizer=None):
+    """What a fused stage is checked against: the same stage, stopped before its first fusion pass."""
+    steps = [name for name, _ in passes(stage, loss, optimizer)]
+    before = [name for name in steps[:min((steps.index(f) for f in FUSION_PASSES if f in steps), default=len(steps))]]
+    return build(graph, stage, loss, optimizer, after=before[-1]) if before else graph.verify()
