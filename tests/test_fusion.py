@@ -1,0 +1,188 @@
+"""Fusion: every fused graph computes what its unfused original computes (float64, the same random
+data), the guards refuse what they must, and the ledger's byte counts match counts made by hand."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from graphconv.cli import main
+from graphconv.data import random_inputs
+from graphconv.fusion import fuse_conv_chains, report
+from graphconv.models import MODELS, lenet5
+from graphconv.pipeline import build, build_unfused
+from graphconv.training import Optimizer
+
+
+def run_both(model, stage, batch=3, seed=0, opt=None):
+    unfused = build_unfused(model, stage, optimizer=opt)
+    fused = build(model, stage, optimizer=opt)
+    params = gc.init_params(unfused, seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, value in params.items():           # running statistics away from 0 / 1, so eval mode matters
+        if name.endswith(("running_var", ".weight")) and value.ndim == 1:
+            params[name] = rng.uniform(0.5, 2.0, value.shape).astype(value.dtype)
+        elif name.endswith(("running_mean", ".bias")) and value.ndim == 1:
+            params[name] = rng.uniform(-0.5, 0.5, value.shape).astype(value.dtype)
+    inputs = random_inputs(unfused, batch, seed)
+    want = gc.compile(unfused).run(inputs, params)
+    got = gc.compile(fused).run(inputs, {n.name: params[n.name] for n in fused.params})
+    return unfused, fused, want, got
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("stage", ["fused", "fused-train"])
+def test_fused_graphs_equal_their_unfused_originals(name, stage):
+    if stage == "fused-train" and name == "seed_conv":
+        pytest.skip("seed_conv has no class scores to train on")
+    _, fused, want, got = run_both(MODELS[name]("float64"), stage)
+    assert set(want) == set(got)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12, err_msg=f"{name} {stage} {key}")
+    fused.verify()
+
+
+def test_lenet5_fused_has_both_conv_relu_pool_chains_as_single_nodes():
+    fused = build(lenet5(), "fused")
+    nodes = {n.name: n for n in fused.topo()}
+    for conv, relu, pool in (("conv1", "relu1", "pool1"), ("conv2", "relu2", "pool2")):
+        assert conv not in nodes and relu not in nodes
+        node = nodes[pool]
+        assert node.op == "fused_conv" and [r[0] for r in node.replaces] == [conv, relu, pool]
+        assert [r[1] for r in node.replaces] == ["conv2d", "relu", "max_pool2d"]
+        assert node.attrs["epilogue"] == (("relu", (), (-1,)),) and node.attrs["pool"][0] == "max_pool2d"
+    assert fused.operands("pool2") == ["pool1", "conv2.weight", "conv2.bias"]
+    assert "%pool1:f32[N,20,14,14] = fused_conv[" in str(fused)
+
+
+def test_ledger_bytes_for_lenet5_match_a_count_by_hand():
+    """Each kernel reads its inputs once and writes its output once; float32, batch 64."""
+    n, f = 64, 4
+    x, c1, p1 = n * 1 * 28 * 28 * f, n * 20 * 28 * 28 * f, n * 20 * 14 * 14 * f
+    c2, p2 = n * 50 * 14 * 14 * f, n * 50 * 7 * 7 * f
+    w1, b1, w2, b2 = 20 * 25 * f, 20 * f, 50 * 20 * 25 * f, 50 * f
+    conv1_chain = (x + w1 + b1 + c1) + (c1 + c1) + (c1 + p1)            # conv1, relu1, pool1 unfused
+    conv2_chain = (p1 + w2 + b2 + c2) + (c2 + c2) + (c2 + p2)
+    r = report(lenet5(), build(lenet5(), "fused"), batch=64)
+    one, two = r["groups"]
+    assert one["bytes_before"] == conv1_chain and one["bytes_after"] == x + w1 + b1 + p1
+    assert two["bytes_before"] == conv2_chain and two["bytes_after"] == p1 + w2 + b2 + p2
+    assert r["total_bytes_before"] - r["total_bytes_after"] == (conv1_chain - (x + w1 + b1 + p1)) + \
+        (conv2_chain - (p1 + w2 + b2 + p2))
+    assert (r["kernels_before"], r["kernels_after"]) == (10, 6)
+
+
+def net(build_tail):
+    g = gc.Graph("g", "float64")
+    x = g.input("x", ("N", 3, 8, 8))
+    outs = build_tail(g, x)
+    g.output(*outs)
+    return g
+
+
+def test_an_activation_with_two_users_is_not_fused_and_the_ledger_says_why():
+    def tail(g, x):
+        r = g.relu(g.conv2d(x, 4, 3, padding=1, name="conv1"), name="relu1")
+        return [g.add(g.max_pool2d(r, 2, name="pool1"), g.avg_pool2d(r, 2, name="pool2"), name="add3")]
+    g = net(tail)
+    fused = fuse_conv_chains(g)
+    decision = fused.meta["fusion"][0]
+    assert decision.reason == "relu1 has 2 users (pool1, pool2): not fused into conv1"
+    assert decision.fired and decision.nodes == ["conv1", "relu1"]   # conv + relu still fuse
+    assert fused.node("relu1").op == "fused_conv" and fused.node("pool1").op == "max_pool2d"
+
+
+def test_a_pool_input_that_is_a_graph_output_stays():
+    def tail(g, x):
+        r = g.relu(g.conv2d(x, 4, 3, padding=1, name="conv1"), name="relu1")
+        return [g.max_pool2d(r, 2, name="pool1"), r]
+    fused = fuse_conv_chains(net(tail))
+    decision = fused.meta["fusion"][0]
+    assert decision.reason == "relu1 is a graph output" and fused.node("pool1").op == "max_pool2d"
+    assert fused.node("relu1").op == "fused_conv" and fused.outputs == ["pool1", "relu1"]
+
+
+def test_a_training_graph_refuses_what_the_backward_pass_reads():
+    fused = build(lenet5(), "fused-train")
+    reasons = [d.reason for d in fused.meta["fusion"]]
+    assert reasons == ["conv1 has 2 users (relu1, dconv1): not fused into conv1",
+                       "conv2 has 2 users (relu2, dconv2): not fused into conv2"]
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_epilogues_with_residuals_per_channel_operands_and_sympy_activations(nd):
+    import sympy as sp
+    from graphconv.ops import OPS, register
+    from graphconv.ops.pointwise import Pointwise
+    if "scale_shift_t" not in OPS:
+        x, s = sp.symbols("x s", real=True)
+        register(Pointwise("scale_shift_t", x * s + 1, ("x", "s")))
+    gc.define_activation("swish", lambda v: v * gc.sigmoid(v))
+    g = gc.Graph("epi", "float64")
+    x = g.input("x", ("N", 4) + (6,) * nd)
+    scale = g.input("scale", (4,))
+    h = getattr(g, f"conv{nd}d")(x, 4, 3, padding=1, dilation=1, padding_mode="reflect", name="conv")
+    h = g.add(h, x, name="res")                                  # a residual: extra operand
+    h = g.apply("scale_shift_t", h, scale, name="affine")      # a per-channel extra operand
+    h = g.leaky_relu(h, 0.2, name="lrelu")
+    h = g.activation(h, "swish", name="sw")
+    g.output(getattr(g, f"avg_pool{nd}d")(h, 2, ceil_mode=True, name="pool"))
+    fused = fuse_conv_chains(g)
+    node = fused.node("pool")
+    assert node.op == "fused_conv" and [r[0] for r in node.replaces] == ["conv", "res", "affine", "lrelu", "sw", "pool"]
+    assert fused.operands("pool") == ["x", "conv.weight", "conv.bias", "x", "scale"]   # x twice: input, residual
+    rng = np.random.default_rng(nd)
+    feed = {"x": rng.standard_normal((2, 4) + (6,) * nd), "scale": rng.standard_normal(4)}
+    params = gc.init_params(g, seed=1)
+    np.testing.assert_allclose(gc.compile(fused).run(feed, params)["pool"], gc.compile(g).run(feed, params)["pool"],
+                               rtol=1e-12)
+
+
+def test_fused_dumps_are_deterministic(tmp_path):
+    import subprocess
+    import sys
+    code = "from graphconv.pipeline import build; from graphconv.models import resnet8, lenet5; " \
+           "print(build(lenet5(), 'fused')); print(build(resnet8(), 'fused-train').dump('json'))"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)]
+    assert runs[0] == runs[1] and "fused_conv" in runs[0]
+
+
+def test_cli_fuse_and_check(capsys, monkeypatch):
+    assert main(["fuse", "lenet5", "--batch", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "fused    conv1 -> relu1 -> pool1  =>  pool1 [fused_conv]   16.5 MiB -> 1.2 MiB" in out
+    assert main(["check", "lenet5", "--stage", "fused"]) == 0
+    assert "fc2" in capsys.readouterr().out
+    from graphconv.ops.fused import FusedConv
+    real = FusedConv.reference
+    monkeypatch.setattr(FusedConv, "reference", lambda self, xs, attrs: real(self, xs, attrs) * (1 + 1e-6))
+    assert main(["check", "lenet5", "--stage", "fused"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_dump_after_a_pass_and_unknown_passes(capsys):
+    assert main(["dump", "lenet5", "--stage", "fused", "--after", "set_training"]) == 0
+    assert "fused_conv" not in capsys.readouterr().out
+    assert main(["dump", "lenet5", "--stage", "fused", "--after", "nope"]) == 2
+    assert "stage fused has no pass 'nope'; its passes are: set_training, fuse_conv_chains" in capsys.readouterr().err
+
+
+def test_a_few_training_steps_on_the_fused_training_graph_reproduce_the_unfused_ones():
+    from graphconv.training import Trainer
+    model = MODELS["conv1d_net"]("float64")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 1, 40)), rng.integers(0, 10, 8)
+    unfused_step = build_unfused(model, "fused-train", optimizer=Optimizer("adam", lr=1e-2))
+    fused_step = build(model, "fused-train", optimizer=Optimizer("adam", lr=1e-2))
+    state = gc.init_params(unfused_step, seed=0)
+    states = []
+    for step_graph in (unfused_step, fused_step):
+        s = dict(state)
+        program = gc.compile(step_graph)
+        for _ in range(3):
+            out = program.run({"x": x, "y": y}, {n.name: s[n.name] for n in step_graph.params})
+            for k, v in step_graph.meta["updates"].items():
+                s[k] = out[v]
+        states.append(s)
+    for k in state:
+        np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-12, err_msg=k)
+    assert Trainer  # the Trainer runs the same step graphs
