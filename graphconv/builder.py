@@ -209,6 +209,8 @@ class Graph(GraphCore):
 
     @_layer
     def concat(self, tensors, dim=1, name=None) -> Tensor:
+        if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
+            raise GraphError(f"{name or 'concat'}: concat takes a list of tensors, got {type(tensors).__name__}")
         return self.add_node("concat", list(tensors), {"dim": dim}, name=self._layer_name(name, "concat"))
 
     # ---- losses -------------------------------------------------------------------------------

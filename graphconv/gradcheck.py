@@ -122,6 +122,8 @@ def check_graph(graph, seed=0, batch=2, directions=3):
     rng = np.random.default_rng(seed)
     graph64 = cast(graph, "float64")
     backward = derive_backward(graph64)
+    n = graph64.batch_symbol()
+    NumpyProgram(backward).shapes({n: batch} if n is not None else {})   # refuses a batch that cannot fit
     results = []
     for node in graph64.topo():
         if node.role != "op" or not any(b.provenance.get("grad_of") == node.name

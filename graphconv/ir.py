@@ -174,6 +174,10 @@ class GraphCore:
         """Add one node: validate op, operands and attributes, infer its type. Raises an error that
         names the layer, the op and the chain of layers behind the offending operand."""
         attrs = dict(attrs or {})
+        if name is not None and (not isinstance(name, str) or not name):
+            raise GraphError(f"node names must be non-empty strings, got {name!r}")
+        if not isinstance(op_name, str):
+            raise GraphError(f"an op is named by a string, got {op_name!r}")
         operand_names = [self._operand_name(o, name, op_name) for o in operands]
         name = name or self.fresh_name(op_name)
         if name in self.nx:
@@ -200,6 +204,8 @@ class GraphCore:
             return operand.name
         if isinstance(operand, str) and operand in self.nx:
             return operand
+        if isinstance(operand, (list, tuple)):
+            raise GraphError(f"{layer or op_name}: got a {type(operand).__name__} where one tensor belongs")
         raise GraphError(f"{layer or op_name}: operand {operand!r} is not a tensor of graph {self.name}")
 
     @contextlib.contextmanager

@@ -135,6 +135,8 @@ def load(spec: str, dtype="float32") -> Graph:
     path, func = spec.rsplit(":", 1)
     if not os.path.isfile(path):
         raise GraphError(f"model file {path!r} does not exist")
+    if not path.endswith(".py"):
+        raise GraphError(f"model file {path!r} is not a Python file (.py); give path/to/file.py:function")
     module_spec = importlib.util.spec_from_file_location(f"graphconv_user_{zlib.crc32(path.encode())}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:

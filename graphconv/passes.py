@@ -5,6 +5,7 @@ was given (it edits a copy, with Graph.replace / replace_uses / add_node)."""
 from __future__ import annotations
 
 import networkx as nx
+import numpy as np
 import sympy as sp
 
 from .errors import GraphError
@@ -46,6 +47,8 @@ def cast(graph, dtype):
 
 def set_training(graph, training: bool):
     """Switch every batch_norm between batch statistics (training) and running statistics (eval)."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise GraphError(f"training must be True or False, got {training!r}")
     new = graph.copy()
     for node in new.topo():
         if "training" in node.attrs:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .errors import GraphError, InputError, OpError, ResourceError
+from .errors import GraphError, InputError, OpError, ResourceError, ShapeError
 from .memory import check_fits, fmt_bytes
-from .ops import OPS
+from .ops import OPS, TensorType, TupleType
 from .params import check_params
 from .shapes import fmt_shape
 
 
 def bind_inputs(graph, inputs: dict) -> dict:
     """Check the input arrays against the graph; return {symbol: int} for the symbolic dims."""
+    if not isinstance(inputs, dict):
+        raise InputError(f"{graph.name}: inputs are a dict of arrays keyed by input name "
+                         f"({', '.join(n.name for n in graph.inputs)}), got {type(inputs).__name__}")
     wanted = {n.name: n for n in graph.inputs}
     extra = sorted(set(inputs) - set(wanted))
     if extra:
@@ -72,6 +75,14 @@ def concrete_type(node, bindings):
     return concrete(node.shape, bindings, where)
 
 
+def static_type(node, shape):
+    """A node's type with the bound sizes in place of its symbols."""
+    if node.is_tuple:
+        return TupleType(tuple(TensorType(tuple(sp.Integer(d) for d in sh), t.dtype)
+                               for t, sh in zip(node.type.parts, shape)))
+    return TensorType(tuple(sp.Integer(d) for d in shape), node.dtype)
+
+
 def check_result(node, y, shape, dtype):
     if y.shape != shape or str(y.dtype) != dtype:
         raise AssertionError(f"internal: {node.name} [{node.op}] produced {y.dtype}{fmt_shape(y.shape)}, "
@@ -102,11 +113,28 @@ class NumpyProgram:
         key = tuple(sorted((str(k), v) for k, v in bindings.items()))
         if key not in self._shapes:
             shapes = {n.name: concrete_type(n, bindings) for n in self.order}
+            if any(not d.is_Integer for n in self.graph.inputs for d in n.shape):
+                self.recheck(shapes, bindings)
             peak, at = self.peak_bytes(shapes)
             bound = ", ".join(f"{k}={v}" for k, v in bindings.items())
             check_fits(peak, f"{self.graph.name}{f' at {bound}' if bound else ''} (peak at {at})", "use a smaller batch")
             self._shapes[key] = shapes
         return self._shapes[key]
+
+    def recheck(self, shapes, bindings):
+        """Run every shape rule again on the bound sizes: with symbols a rule raises only what it can
+        prove, so what only the sizes decide (a reshape of N elements into 5, channels M = 1 where a
+        weight expects 2) is refused here, naming the layer, before any array is touched."""
+        bound = ", ".join(f"{k}={v}" for k, v in bindings.items())
+        for node in self.order:
+            if node.role != "op":
+                continue
+            ins = [static_type(self.graph.node(o), shapes[o]) for o in self.operands[node.name]]
+            try:
+                with self.graph.layer_errors(node.name, node.op, self.operands[node.name]):
+                    OPS[node.op].infer(ins, node.attrs)
+            except (ShapeError, GraphError) as e:
+                raise InputError(f"{e} [for these inputs: {bound}]") from None
 
     def peak_bytes(self, shapes):
         """An estimate of the most memory one run holds at once: live tensors (freed after their last

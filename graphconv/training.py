@@ -208,6 +208,14 @@ class Trainer:
 
     def evaluate(self, x, y, batch=256):
         """(mean loss, accuracy) with running statistics."""
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch <= 0:
+            raise InputError(f"evaluate: batch must be a positive integer, got {batch!r}")
+        for name, a in ((self.input_name, x), ("y", y)):
+            if not isinstance(a, np.ndarray) or a.ndim == 0:
+                raise InputError(f"evaluate: {name} must be a numpy array with one row per example, got "
+                                 f"{type(a).__name__}")
+        if len(x) != len(y) or len(x) == 0:
+            raise InputError(f"evaluate: {len(x)} examples but {len(y)} labels")
         losses, correct = [], 0
         params = {n.name: self.state[n.name] for n in self.eval_graph.params}
         for i in range(0, len(x), batch):
@@ -221,6 +229,7 @@ class Trainer:
         """Write parameters, buffers, the epoch count and the optimizer's settings to an .npz,
         atomically: a temporary file in the same folder, renamed over the target only when
         complete. Non-finite state is never written."""
+        path = checkpoint_path(path)
         for name, value in self.state.items():
             if not all_finite(value):
                 raise TrainingError(f"{path}: not saved: {name} holds non-finite values")
@@ -289,9 +298,15 @@ def _umask():
     return mask
 
 
+def checkpoint_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise CheckpointError(f"a checkpoint path is a non-empty string or path, got {path!r}")
+    return os.fspath(path)
+
+
 def check_writable(path):
     """Refuse, before any work, a checkpoint path that cannot be written."""
-    path = os.fspath(path)
+    path = checkpoint_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory; give a file path such as {os.path.join(path, 'model.npz')}")
@@ -316,7 +331,7 @@ NPZ_MAGIC = b"PK\x03\x04"
 def read_checkpoint(path) -> Checkpoint:
     """Read and check a checkpoint file without knowing the graph: a readable .npz of numeric
     arrays under state/, a non-negative integer meta/epoch, finite values."""
-    path = os.fspath(path)
+    path = checkpoint_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     if os.path.isdir(path):
@@ -349,7 +364,7 @@ def read_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: meta/epoch is missing, so the run's epoch count is unknown; "
                               f"not a complete checkpoint")
     epoch = arrays["meta/epoch"]
-    if epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
+    if not isinstance(epoch, np.ndarray) or epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
         raise CheckpointError(f"{path}: meta/epoch must be a non-negative integer, got {epoch!r}")
     optimizer = {}
     if "meta/optimizer" in arrays:
@@ -363,6 +378,8 @@ def read_checkpoint(path) -> Checkpoint:
         if not key.startswith("state/"):
             continue
         name = key[len("state/"):]
+        if not isinstance(value, np.ndarray):   # a zip member without the .npy suffix: raw bytes
+            raise CheckpointError(f"{path}: {name}: not a stored array; not a graphconv checkpoint")
         if value.dtype.kind != "f":
             raise CheckpointError(f"{path}: {name}: holds {value.dtype} values; parameters are floats")
         if not all_finite(value):

@@ -201,9 +201,13 @@ def test_verify_catches_broken_invariants():
 def test_bad_attribute_values_are_reported_not_crashed():
     g = gc.Graph("net")
     x = g.input("x", ("N", 3, 8, 8))
-    raises(gc.GraphError, lambda: g.batch_norm2d(x, eps="a", name="bn"), "bn [batch_norm]: invalid attribute value",
-           "eps='a'")
-    raises(gc.GraphError, lambda: g.leaky_relu(x, negative_slope=None, name="lr"), "lr [leaky_relu]", "negative_slope=None")
+    raises(gc.GraphError, lambda: g.batch_norm2d(x, eps="a", name="bn"), "bn [batch_norm]: eps must be a number, got 'a'")
+    raises(gc.GraphError, lambda: g.leaky_relu(x, negative_slope=None, name="lr"), "lr [leaky_relu]",
+           "negative_slope must be a number, got None")
+    raises(gc.GraphError, lambda: g.leaky_relu(x, negative_slope=float("nan"), name="lr"),
+           "negative_slope must be a finite number, got nan")
+    raises(gc.GraphError, lambda: g.max_pool2d(x, 2, ceil_mode="False", name="p"), "ceil_mode must be True or False")
+    raises(gc.ShapeError, lambda: g.batch_norm2d(x, eps=1e-50, name="bn"), "eps 1e-50 is 0 in float32")
     raises(gc.GraphError, lambda: g.conv2d(x, 4, "3", name="c"), "c [conv2d]", "kernel_size must be an int or a tuple")
     raises(gc.GraphError, lambda: g.max_pool2d(x, 2, stride=1.5, name="p"), "p [max_pool2d]", "got 1.5")
     raises(gc.ShapeError, lambda: g.reshape(x, ("N", 3, 64.0), name="r"), "r [reshape]", "64.0 is a float")

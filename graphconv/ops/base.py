@@ -7,8 +7,11 @@ its instance; `register` fills it.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
 from ..errors import GraphError, OpError
@@ -185,6 +188,24 @@ class Op:
 
     def __repr__(self):
         return f"<op {self.name}>"
+
+
+def as_bool(value, what) -> bool:
+    """A flag given as True/False (or 0/1); a string such as "False" is refused, not read as True."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise OpError(f"{what} must be True or False, got {value!r}", kind=GraphError)
+
+
+def as_float(value, what, positive=False) -> float:
+    """A finite float attribute (and > 0 when `positive`)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise OpError(f"{what} must be a number, got {value!r}", kind=GraphError)
+    v = float(value)
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise OpError(f"{what} must be a finite{' positive' if positive else ''} number, got {value!r}",
+                      kind=GraphError)
+    return v
 
 
 def nbytes(t) -> sp.Expr:

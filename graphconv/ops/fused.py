@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..errors import GraphError, OpError
 from ..shapes import numel
-from .base import OPS, REQUIRED, Cost, Op, TensorType, register
+from .base import OPS, REQUIRED, Cost, Op, TensorType, as_bool, register
 from .conv import Conv
 
 
@@ -65,7 +65,7 @@ class FusedConv(Op):
             if op not in OPS or OPS[op].kind != "window" or OPS[op].nd != nd or op.endswith("_backward"):
                 raise OpError(f"pool {op!r} is not a {nd}-D pooling op", kind=GraphError)
             pool = pool_spec(op, OPS[op].check_attrs(dict(items)))
-        return {**conv, "bias": bool(a["bias"]), "epilogue": epilogue, "pool": pool, "nd": nd}
+        return {**conv, "bias": as_bool(a["bias"], "bias"), "epilogue": epilogue, "pool": pool, "nd": nd}
 
     def split(self, xs, attrs):
         """(conv operands, extra epilogue operands)."""

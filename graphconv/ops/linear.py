@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, provably_ne
-from .base import Op, register
+from .base import Op, as_bool, register
 
 
 def linear_rank_error(x):
@@ -61,7 +61,7 @@ class MatMul(Op):
     attrs = {"transpose_a": False, "transpose_b": False}
 
     def normalize(self, a):
-        return {k: bool(v) for k, v in a.items()}
+        return {k: as_bool(v, k) for k, v in a.items()}
 
     def dims(self, ins, attrs):
         a, b = ins[0].shape, ins[1].shape

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, numel, provably_ne
-from .base import REQUIRED, GradientOp, Op, register
+from .base import REQUIRED, GradientOp, Op, as_bool, as_float, register
 
 
 @register
@@ -20,12 +20,12 @@ class BatchNorm(Op):
     attrs = {"eps": 1e-5, "momentum": 0.1, "training": True}
 
     def normalize(self, a):
-        if not float(a["eps"]) > 0:
-            raise OpError(f"eps must be positive, got {a['eps']!r}")
-        return {"eps": float(a["eps"]), "momentum": float(a["momentum"]), "training": bool(a["training"])}
+        return {"eps": as_float(a["eps"], "eps", positive=True), "momentum": as_float(a["momentum"], "momentum"),
+                "training": as_bool(a["training"], "training")}
 
     def shape(self, ins, attrs):
         x = ins[0]
+        check_eps(attrs["eps"], x.dtype)
         if len(x.shape) < 2:
             raise OpError(f"batch_norm expects an input [N, C, ...], got {len(x.shape)}-D {fmt_shape(x.shape)}")
         if len(ins) == 4:
@@ -63,6 +63,12 @@ class BatchNorm(Op):
         return grads
 
 
+def check_eps(eps, dtype):
+    """eps must survive the cast to the tensor's dtype (1e-50 is 0 in float32: 0/0 on a constant channel)."""
+    if dtype in ("float32", "float64") and np.dtype(dtype).type(eps) == 0:
+        raise OpError(f"eps {eps:g} is 0 in {dtype}; use at least {np.finfo(dtype).tiny:g}")
+
+
 def normalized(x, mean, var, eps, training):
     """(x_hat, 1/sqrt(var + eps)) broadcast over axis 1, with batch or running statistics."""
     axes = (0,) + tuple(range(2, x.ndim))
@@ -78,7 +84,7 @@ class BatchNormGradBase(GradientOp):
     attrs = {"eps": REQUIRED, "training": REQUIRED}
 
     def normalize(self, a):
-        return {"eps": float(a["eps"]), "training": bool(a["training"])}
+        return {"eps": as_float(a["eps"], "eps", positive=True), "training": as_bool(a["training"], "training")}
 
 
 @register

@@ -14,7 +14,7 @@ from sympy.printing.numpy import NumPyPrinter
 
 from ..errors import GraphError, OpError
 from ..shapes import fmt_dim, fmt_shape, provably_ne
-from .base import OPS, Op, register
+from .base import OPS, Op, as_float, register
 
 X = sp.Symbol("x", real=True)
 DY = sp.Symbol("dy", real=True)
@@ -93,7 +93,7 @@ class Pointwise(Op):
         self._grads: dict = {}
 
     def normalize(self, a):
-        return {k: float(v) for k, v in a.items()}
+        return {k: as_float(v, k) for k, v in a.items()}
 
     def shape(self, ins, attrs):
         """Operands of one shape, except that a scalar (shape ()) broadcasts everywhere and a

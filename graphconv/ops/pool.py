@@ -2,11 +2,13 @@
 kernel, padding, dilation for max, ceil_mode, count_include_pad for avg)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape
-from .base import REQUIRED, GradientOp, Op, register, rank_error
+from .base import REQUIRED, GradientOp, Op, as_bool, register, rank_error
 from .window import (LAYOUT, ceil_extra, offset_slices, pad_array, padding_pairs, per_axis, unpad_adjoint,
                      window_reduce, window_shape)
 
@@ -39,7 +41,9 @@ class Pool(Op):
             if max(lo, hi) > k // 2:
                 raise OpError(f"padding {max(lo, hi)} must be at most half the kernel size {k} (as in PyTorch)",
                               kind=GraphError)
-        out["ceil_mode"] = bool(a["ceil_mode"])
+        out["ceil_mode"] = as_bool(a["ceil_mode"], "ceil_mode")
+        if "count_include_pad" in a:
+            out["count_include_pad"] = as_bool(a["count_include_pad"], "count_include_pad")
         if a.get("divisor_override") is not None:
             out["divisor_override"] = per_axis(a["divisor_override"], 1, "divisor_override", 1)[0]
         return out
@@ -49,6 +53,14 @@ class Pool(Op):
 
     def window(self, in_shapes, attrs):
         return attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        """The padded copy of the input (ceil_mode may pad far past a huge kernel's input)."""
+        return self.padded_bytes(in_shapes[0], out_shape[2:], attrs, itemsize)
+
+    def padded_bytes(self, x_shape, pooled_spatial, attrs, itemsize):
+        pairs = self.padded_pairs(x_shape[2:], pooled_spatial, attrs)
+        return 2 * x_shape[0] * x_shape[1] * math.prod(s + lo + hi for s, (lo, hi) in zip(x_shape[2:], pairs)) * itemsize
 
     def shape(self, ins, attrs):
         x = ins[0]
@@ -109,6 +121,9 @@ class PoolBackward(GradientOp, Pool):
         else:
             self.operands = ("grad_output",)
             self.attrs = {**self.attrs, "input_size": REQUIRED}
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        return self.padded_bytes(out_shape, in_shapes[-1][2:], attrs, itemsize)
 
     def normalize(self, a):
         size = {"input_size": as_shape(a["input_size"], "input_size")} if "input_size" in a else {}

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape
-from .base import DTYPES, REQUIRED, Op, register
+from .base import DTYPES, REQUIRED, Op, as_bool, register
 
 # How a parameter is initialised, after PyTorch's defaults:
 #   ("uniform", bound)  U(-bound, bound); conv/linear weight and bias use bound = 1/sqrt(fan_in)
@@ -52,7 +52,7 @@ class Param(Source):
         init = tuple(a["init"])
         if len(init) != 2 or init[0] not in INIT_KINDS:
             raise OpError(f"init must be one of {INIT_KINDS} with a value, got {a['init']!r}", kind=GraphError)
-        return {**a, "init": (init[0], float(init[1])), "trainable": bool(a["trainable"])}
+        return {**a, "init": (init[0], float(init[1])), "trainable": as_bool(a["trainable"], "trainable")}
 
 
 @register
