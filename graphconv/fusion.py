@@ -86,13 +86,103 @@ def conv_chain(graph, conv):
         return nodes, extras, epilogue, pool, f"{user.name} [{user.op}] is neither elementwise nor a pool"
 
 
+def training_chain(graph, conv):
+    """In a training graph, conv -> act -> max pool whose only other readers are the backward pass's
+    act gradient (reading the conv output) and max-pool backward (reading the activation):
+    (act, pool, pool_backward, act_grad), or the reason it does not match."""
+    def users(node):
+        return [graph.node(u) for u, _ in graph.users(node.name)]
+
+    conv_users = users(conv)
+    fwd = [u for u in conv_users if u.stage == "forward"]
+    if len(conv_users) != 2 or len(fwd) != 1 or conv.name in graph.outputs:
+        return None
+    act = fwd[0]
+    act_op = OPS[act.op]
+    if act_op.kind != "elementwise" or len(graph.operands(act.name)) != 1 or act.op == "add":
+        return None
+    act_grad = next(u for u in conv_users if u is not act)
+    act_users = users(act)
+    pools = [u for u in act_users if u.op in POOLS and u.op.startswith("max_pool") and u.stage == "forward"]
+    averages = [u for u in act_users if u.op in POOLS and u.op.startswith("avg_pool")]
+    if averages:
+        return (f"{averages[0].name} is an average pool: the gradient of {act.name} needs {conv.name} at every "
+                f"position, not only at each window's maximum, so {conv.name} stays saved")
+    if (act_grad.op != f"{act.op}_grad" or graph.operands(act_grad.name)[0] != conv.name or len(act_users) != 2
+            or len(pools) != 1 or act.name in graph.outputs):
+        return f"{conv.name}: the backward pass reads {conv.name} and {act.name} in a way no pattern covers"
+    pool = pools[0]
+    pool_bwd = next(u for u in act_users if u is not pool)
+    if (pool_bwd.op != f"{pool.op}_backward" or graph.operands(pool_bwd.name)[0] != act.name
+            or [u.name for u in users(pool_bwd)] != [act_grad.name] or pool_bwd.name in graph.outputs
+            or graph.operands(act_grad.name)[1] != pool_bwd.name or pool_bwd.attrs != pool.attrs):
+        return f"{pool.name}: its backward node {pool_bwd.name} does not feed only {act_grad.name}"
+    if OPS[pool.op].nd != OPS[conv.op].nd:
+        return f"{pool.name} pools {OPS[pool.op].nd}-D after a {OPS[conv.op].nd}-D conv"
+    return act, pool, pool_bwd, act_grad
+
+
+def reads_sign_from_output(act):
+    """relu and leaky_relu with a positive slope: y > 0 exactly where x > 0, so their derivative can
+    be evaluated at the pooled output; others need the pre-activation."""
+    return act.op == "relu" or (act.op == "leaky_relu" and act.attrs["negative_slope"] > 0)
+
+
+def fuse_training_chain(g, conv, match):
+    """Rewrite conv -> act -> max pool (+ their backward nodes) into a fused forward node with
+    outputs (pooled, argmax codes[, pre-activation at the argmax]) and one pool_act_backward node.
+    The pooled output keeps the pool's name; the full-size conv and activation outputs are gone."""
+    act, pool, pool_bwd, act_grad = match
+    aux_from_output = reads_sign_from_output(act)
+    operands = g.operands(conv.name)
+    dpool = g.operands(pool_bwd.name)[1]
+    attrs = {**conv.attrs, "bias": len(operands) > 2, "epilogue": (epilogue_step(act.op, act.attrs, (-1,)),),
+             "pool": pool_spec(pool.op, pool.attrs), "nd": OPS[conv.op].nd,
+             "save": "argmax" if aux_from_output else "argmax_preact"}
+    forward, backward = [conv, act, pool], [pool_bwd, act_grad]
+    edges = g.remove([n.name for n in forward + backward])
+    record = tuple((n.name, n.op, dict(n.attrs)) for n in forward)
+    fused = g.add_node("fused_conv", operands, attrs, name=f"{pool.name}.fused", layer=conv.layer,
+                       index=conv.index, replaces=record)
+    parts = {}
+    for i, (suffix, index) in enumerate((("", pool.index), (".argmax", act.index), (".preact", None))):
+        if i == 2 and aux_from_output:
+            break
+        parts[i] = g.add_node("part", [fused], {"index": i}, name=pool.name + suffix, layer=pool.layer, index=index)
+    g.reconnect(parts[0].name, edges[pool.name])
+    aux = parts[0] if aux_from_output else parts[2]
+    spatial = g.node(operands[0]).shape[0:0] + tuple(act.shape[2:])
+    bwd = g.add_node("pool_act_backward", [dpool, parts[1], aux],
+                     {"act": (act.op, tuple(sorted(act.attrs.items()))), "pool": pool_spec(pool.op, pool.attrs),
+                      "input_size": spatial},
+                     name=act_grad.name, layer=act_grad.layer, provenance=dict(act_grad.provenance), stage="backward",
+                     index=pool_bwd.index, replaces=tuple((n.name, n.op, dict(n.attrs)) for n in backward))
+    g.reconnect(bwd.name, edges[act_grad.name])
+    return fused, bwd
+
+
 def fuse_conv_chains(graph):
-    """Pass: every conv (+bias) -> elementwise* -> pool? chain becomes one fused_conv node."""
+    """Pass: every conv (+bias) -> elementwise* -> pool? chain becomes one fused_conv node; in a
+    training graph, conv -> act -> max pool and its backward pair become a fused forward node that
+    saves the argmax codes and one pool_act_backward node."""
     g = graph.copy()
     ledger = list(g.meta.get("fusion", []))
     for conv in [n for n in graph.topo() if n.op in ("conv1d", "conv2d", "conv3d")]:
         conv = g.node(conv.name)
+        match = training_chain(g, conv) if conv.stage == "forward" else None
+        if isinstance(match, tuple):
+            act, pool, pool_bwd, act_grad = match
+            names = [conv.name, act.name, pool.name]
+            before = sum((node_bytes(g, n) for n in names + [pool_bwd.name, act_grad.name]), sp.Integer(0))
+            fused, bwd = fuse_training_chain(g, conv, match)
+            after = node_bytes(g, fused.name) + node_bytes(g, bwd.name)
+            ledger.append(Decision("conv_act_maxpool_train", conv.name, names + [pool_bwd.name, act_grad.name], True,
+                                   "saved for the backward pass: " + ", ".join(sorted(u for u, _ in g.users(fused.name))),
+                                   before, after, f"{fused.name} + {bwd.name}"))
+            continue
         nodes, extras, epilogue, pool, reason = conv_chain(g, conv)
+        if isinstance(match, str):
+            reason = match
         names = [n.name for n in nodes]
         before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
         if len(nodes) == 1:
@@ -138,8 +228,9 @@ def format_report(r: dict) -> str:
     for d in r["groups"]:
         chain = " -> ".join(d["nodes"])
         if d["fired"]:
-            lines.append(f"  fused    {chain}  =>  {d['into']} [fused_conv]   {b(d['bytes_before'])} -> "
-                         f"{b(d['bytes_after'])}" + (f"   (stopped: {d['reason']})" if d["reason"] else ""))
+            note = d["reason"] if d["rule"] != "conv_chain" else f"the chain stops: {d['reason']}" if d["reason"] else ""
+            lines.append(f"  fused    {chain}  =>  {d['into']}   {b(d['bytes_before'])} -> {b(d['bytes_after'])}"
+                         f"   [{d['rule']}]" + (f"\n           ({note})" if note else ""))
         else:
             lines.append(f"  refused  {d['anchor']}: {d['reason']}")
     lines.append(f"  total    {r['kernels_before']} kernels, {b(r['total_bytes_before'])}  ->  "

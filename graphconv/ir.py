@@ -170,7 +170,7 @@ class GraphCore:
                 return candidate
 
     def add_node(self, op_name, operands=(), attrs=None, name=None, layer=None, provenance=None,
-                 stage="forward") -> Tensor:
+                 stage="forward", index=None, replaces=()) -> Tensor:
         """Add one node: validate op, operands and attributes, infer its type. Raises an error that
         names the layer, the op and the chain of layers behind the offending operand."""
         attrs = dict(attrs or {})
@@ -189,8 +189,12 @@ class GraphCore:
             out_type = op.infer([self.node(o).type for o in operand_names], attrs)
         if stage not in STAGES:
             raise GraphError(f"{name}: stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        node = Node(name, op_name, attrs, out_type, layer or name, self._counter, dict(provenance or {}), stage)
-        self._counter += 1
+        if index is None:
+            index, self._counter = self._counter, self._counter + 1
+        elif any(self.nx.nodes[n]["node"].index == index for n in self.nx.nodes):
+            raise GraphError(f"{name}: creation index {index} is taken")
+        node = Node(name, op_name, attrs, out_type, layer or name, index, dict(provenance or {}), stage,
+                    tuple(replaces))
         self.nx.add_node(name, node=node)
         for key, src in enumerate(operand_names):
             self.nx.add_edge(src, name, key=key)
@@ -241,6 +245,23 @@ class GraphCore:
             self.nx.remove_edge(old, dst, key=key)
             self.nx.add_edge(new, dst, key=key)
         self.outputs = [new if o == old else o for o in self.outputs]
+
+    def remove(self, names) -> dict:
+        """Remove nodes; return, per removed node, its edges to nodes that stay ([(user, key)]) and
+        its positions among the outputs, for a rewrite to reconnect."""
+        names = set(names)
+        kept = {n: [(dst, key) for _, dst, key in self.nx.out_edges(n, keys=True) if dst not in names] for n in names}
+        outs = {n: [i for i, o in enumerate(self.outputs) if o == n] for n in names}
+        self.nx.remove_nodes_from(names)
+        return {n: (kept[n], outs[n]) for n in names}
+
+    def reconnect(self, new, edges):
+        """Make `new` feed the (user, key) edges and output positions that `remove` returned."""
+        users, positions = edges
+        for dst, key in users:
+            self.nx.add_edge(new, dst, key=key)
+        for i in positions:
+            self.outputs[i] = new
 
     def replace(self, nodes, op_name, operands, attrs=None, name=None, stage=None) -> Tensor:
         """Replace the connected nodes `nodes` (in order; the last one's value is the one used

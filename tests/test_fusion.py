@@ -100,11 +100,42 @@ def test_a_pool_input_that_is_a_graph_output_stays():
     assert fused.node("relu1").op == "fused_conv" and fused.outputs == ["pool1", "relu1"]
 
 
-def test_a_training_graph_refuses_what_the_backward_pass_reads():
-    fused = build(lenet5(), "fused-train")
-    reasons = [d.reason for d in fused.meta["fusion"]]
-    assert reasons == ["conv1 has 2 users (relu1, dconv1): not fused into conv1",
-                       "conv2 has 2 users (relu2, dconv2): not fused into conv2"]
+def test_lenet5_fused_train_saves_no_full_size_pre_pool_activation():
+    from graphconv.autodiff import saved_bytes, saved_tensors
+    unfused, fused = build_unfused(lenet5(), "fused-train"), build(lenet5(), "fused-train")
+    before = [n.name for n in saved_tensors(unfused)]
+    after = {n.name: n for n in saved_tensors(fused)}
+    assert {"conv1", "relu1", "conv2", "relu2"} <= set(before)
+    assert set(after) == {"x", "pool1", "pool1.argmax", "pool2", "pool2.argmax", "flatten1", "fc1", "relu3", "fc2", "y"}
+    assert after["pool1.argmax"].dtype == "uint8" and after["pool1.argmax"].shape == after["pool1"].shape
+    # batch 64, float32: x, conv1, relu1 (20x28x28), pool1, conv2, relu2 (50x14x14), flatten1, fc1, relu3, fc2, y
+    n = 64
+    unfused_bytes = n * 4 * (784 + 2 * 15680 + 3920 + 2 * 9800 + 2450 + 500 + 500 + 10) + n * 8
+    fused_bytes = n * 4 * (784 + 3920 + 2450 + 2450 + 500 + 500 + 10) + n * (3920 + 2450) + n * 8
+    assert saved_bytes(unfused, 64) == unfused_bytes == 15_136_256
+    assert saved_bytes(fused, 64) == fused_bytes == 3_125_376
+    nodes = {x.name: x for x in fused.topo()}
+    assert nodes["pool1.fused"].op == "fused_conv" and nodes["pool1.fused"].attrs["save"] == "argmax"
+    assert nodes["dconv1"].op == "pool_act_backward" and fused.operands("dconv1") == ["dpool1", "pool1.argmax", "pool1"]
+    assert [r[0] for r in nodes["dconv1"].replaces] == ["drelu1", "dconv1"]
+
+
+def test_activations_whose_derivative_needs_the_input_save_the_pre_activation_at_the_argmax():
+    fused = build(MODELS["lenet5_swish"](), "fused-train")
+    assert fused.node("pool1.fused").attrs["save"] == "argmax_preact"
+    assert fused.operands("dconv1") == ["dpool1", "pool1.argmax", "pool1.preact"]
+
+
+def test_training_patterns_refuse_what_they_cannot_cover():
+    def tail(g, x):
+        h = g.avg_pool2d(g.relu(g.conv2d(x, 4, 3, padding=1, name="conv1"), name="relu1"), 2, name="pool1")
+        return [g.linear(g.flatten(h), 3, name="fc")]
+    fused = build(net(tail), "fused-train")
+    assert [d.reason for d in fused.meta["fusion"]] == [
+        "pool1 is an average pool: the gradient of relu1 needs conv1 at every position, not only at each window's "
+        "maximum, so conv1 stays saved"]
+    vgg = build(MODELS["vgg_small"](), "fused-train")
+    assert vgg.meta["fusion"][0].reason.startswith("conv1_1 has 5 users (bn1_1, dconv1_1, dbn1_1.weight")
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -149,7 +180,7 @@ def test_fused_dumps_are_deterministic(tmp_path):
 def test_cli_fuse_and_check(capsys, monkeypatch):
     assert main(["fuse", "lenet5", "--batch", "64"]) == 0
     out = capsys.readouterr().out
-    assert "fused    conv1 -> relu1 -> pool1  =>  pool1 [fused_conv]   16.5 MiB -> 1.2 MiB" in out
+    assert "fused    conv1 -> relu1 -> pool1  =>  pool1   16.5 MiB -> 1.2 MiB   [conv_chain]" in out
     assert main(["check", "lenet5", "--stage", "fused"]) == 0
     assert "fc2" in capsys.readouterr().out
     from graphconv.ops.fused import FusedConv

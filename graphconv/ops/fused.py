@@ -12,13 +12,26 @@ Attributes, all plain values so that dumps and kernel names can print them:
   epilogue   ((op, ((attr, value), ...), refs), ...): refs name each operand of the op,
              -1 for the running value, k >= 0 for extra operand k (after input, weight, bias)
   pool       () or (op, ((attr, value), ...))
+  save       "" for inference; in a training graph "argmax" (outputs: pooled, argmax codes) or
+             "argmax_preact" (also the pre-activation at each argmax, for activations whose
+             derivative cannot be read off the output): what the backward pass needs, in place of the
+             full-size pre-pool tensors
+
+`pool_act_backward`: the matching backward node: the activation's derivative at each window's
+argmax times the pooled gradient, routed to the argmax position; one node for max-pool backward
+followed by the activation's gradient.
 """
 from __future__ import annotations
 
+import math
+
 from ..errors import GraphError, OpError
-from ..shapes import numel
-from .base import OPS, REQUIRED, Cost, Op, TensorType, as_bool, register
+from ..shapes import as_shape, fmt_shape, numel
+from .base import OPS, REQUIRED, Cost, GradientOp, Op, TensorType, TupleType, as_bool, register
 from .conv import Conv
+
+
+SAVES = ("", "argmax", "argmax_preact")
 
 
 def _items(attrs: dict) -> tuple:
@@ -39,7 +52,7 @@ class FusedConv(Op):
     kind = "opaque"
     variadic = True
     attrs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros", "bias": True,
-             "epilogue": (), "pool": (), "nd": REQUIRED}
+             "epilogue": (), "pool": (), "save": "", "nd": REQUIRED}
 
     def conv(self, attrs) -> Conv:
         return OPS[f"conv{attrs['nd']}d"]
@@ -65,7 +78,17 @@ class FusedConv(Op):
             if op not in OPS or OPS[op].kind != "window" or OPS[op].nd != nd or op.endswith("_backward"):
                 raise OpError(f"pool {op!r} is not a {nd}-D pooling op", kind=GraphError)
             pool = pool_spec(op, OPS[op].check_attrs(dict(items)))
-        return {**conv, "bias": as_bool(a["bias"], "bias"), "epilogue": epilogue, "pool": pool, "nd": nd}
+        save = a["save"]
+        if save not in SAVES:
+            raise OpError(f"save must be one of {SAVES}, got {save!r}", kind=GraphError)
+        if save:
+            if not pool or not pool[0].startswith("max_pool") or len(epilogue) != 1 or len(epilogue[0][2]) != 1:
+                raise OpError("save needs exactly one one-operand activation followed by a max pool", kind=GraphError)
+            if math.prod(dict(pool[1])["kernel_size"]) > 256:
+                raise OpError("save: a pooling window over 256 elements does not fit a uint8 argmax code",
+                              kind=GraphError)
+        return {**conv, "bias": as_bool(a["bias"], "bias"), "epilogue": epilogue, "pool": pool, "save": save,
+                "nd": nd}
 
     def split(self, xs, attrs):
         """(conv operands, extra epilogue operands)."""
@@ -86,7 +109,11 @@ class FusedConv(Op):
         if attrs["pool"]:
             op, items = attrs["pool"]
             t = OPS[op].infer([t], dict(items))
-        return TensorType(tuple(t.shape), t.dtype)
+        y = TensorType(tuple(t.shape), t.dtype)
+        if not attrs["save"]:
+            return y
+        parts = (y, TensorType(y.shape, "uint8")) + ((y,) if attrs["save"] == "argmax_preact" else ())
+        return TupleType(parts)
 
     @staticmethod
     def _extra(extra, r):
@@ -99,13 +126,20 @@ class FusedConv(Op):
 
     def reference(self, xs, attrs):
         conv_xs, extra = self.split(xs, attrs)
-        y = self.conv(attrs).reference(conv_xs, self.conv_attrs(attrs))
+        z = y = self.conv(attrs).reference(conv_xs, self.conv_attrs(attrs))
         for op, items, refs in attrs["epilogue"]:
             y = OPS[op].reference([y if r == -1 else extra[r] for r in refs], dict(items))
-        if attrs["pool"]:
-            op, items = attrs["pool"]
-            y = OPS[op].reference([y], dict(items))
-        return y
+        if not attrs["pool"]:
+            return y
+        op, items = attrs["pool"]
+        pool, pool_attrs = OPS[op], dict(items)
+        if not attrs["save"]:
+            return pool.reference([y], pool_attrs)
+        out_sp = pool.shape([TensorType(y.shape, str(y.dtype))], pool_attrs)[2:]
+        pooled, codes = pool.max_with_argmax(y, pool_attrs, tuple(int(o) for o in out_sp))
+        if attrs["save"] == "argmax":
+            return pooled, codes
+        return pooled, codes, pool.gather(z, codes, pool_attrs, tuple(int(o) for o in out_sp))
 
     def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
         """The NumPy reference still builds the im2col columns and the pre-pool tensor."""
@@ -129,3 +163,39 @@ class FusedConv(Op):
         conv_ins, _ = self.split(ins, attrs)
         params = sum((numel(t.shape) for t in conv_ins[1:]), 0)
         return Cost(params, c.macs, c.bytes_read, c.bytes_written)
+
+
+@register
+class PoolActBackward(GradientOp):
+    """dL/dz for z -> act -> max pool, from the pooled gradient, the argmax codes and `aux` (the
+    pooled output when the derivative can be read off it, as for relu; else the pre-activation at
+    each argmax): act'(z at argmax) * dy, routed to the argmax position. Operands (grad_output,
+    argmax, aux); output [N, C, *input_size]."""
+    name = "pool_act_backward"
+    kind = "window"
+    operands = ("grad_output", "argmax", "aux")
+    attrs = {"act": REQUIRED, "pool": REQUIRED, "input_size": REQUIRED}
+
+    def normalize(self, a):
+        op, items = a["act"]
+        if op not in OPS or OPS[op].kind != "elementwise" or len(OPS[op].operands) != 1:
+            raise OpError(f"act {op!r} is not a one-operand activation", kind=GraphError)
+        pool_op, pool_items = a["pool"]
+        if not pool_op.startswith("max_pool") or pool_op.endswith("_backward"):
+            raise OpError(f"pool {pool_op!r} is not a max pool", kind=GraphError)
+        return {"act": (op, tuple(sorted(OPS[op].check_attrs(dict(items)).items()))),
+                "pool": (pool_op, tuple(sorted(OPS[pool_op].check_attrs(dict(pool_items)).items()))),
+                "input_size": as_shape(a["input_size"], "input_size")}
+
+    def infer(self, ins, attrs):
+        dy, codes, aux = ins
+        if codes.dtype != "uint8" or tuple(codes.shape) != tuple(dy.shape) or tuple(aux.shape) != tuple(dy.shape):
+            raise OpError(f"argmax u8 and aux must have the pooled gradient's shape {fmt_shape(dy.shape)}", 1)
+        return TensorType((dy.shape[0], dy.shape[1], *attrs["input_size"]), dy.dtype)
+
+    def reference(self, xs, attrs):
+        dy, codes, aux = xs
+        op, items = attrs["act"]
+        g = OPS[op].derivative(0).reference([aux, dy], dict(items))
+        pool_op, pool_items = attrs["pool"]
+        return OPS[pool_op].route(g, codes, [int(d) for d in attrs["input_size"]], dict(pool_items))

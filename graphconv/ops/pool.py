@@ -88,6 +88,39 @@ class Pool(Op):
         total = window_reduce(pad_array(x, pairs), k, s, d, out_sp, np.add)
         return (total / self.divisor(x.shape[2:], out_sp, attrs)).astype(x.dtype)
 
+    # ---- the window index map, stated once: the max-pool backward, the fused training forward
+    #      (which saves the argmax codes) and the fused backward (which routes through them) use it
+    def max_with_argmax(self, x, attrs, out_sp):
+        """(pooled, code) where code is the kernel offset (row-major, 0..K-1) of each window's first
+        maximum: the element PyTorch routes the gradient to on ties."""
+        k, s, d = attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
+        xp = pad_array(x, self.padded_pairs(x.shape[2:], out_sp, attrs), value=-np.inf)
+        stacked = np.stack([xp[offset_slices(o, s, d, out_sp)] for o in np.ndindex(*k)])
+        codes = stacked.argmax(axis=0)
+        pooled = np.take_along_axis(stacked, codes[None], axis=0)[0]
+        return pooled, codes.astype(np.uint8 if stacked.shape[0] <= 256 else np.int64)
+
+    def gather(self, z, codes, attrs, out_sp):
+        """z (same size as the pooled input) at each window's argmax position."""
+        k, s, d = attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
+        zp = pad_array(z, self.padded_pairs(z.shape[2:], out_sp, attrs))
+        out = np.zeros(codes.shape, z.dtype)
+        for i, offset in enumerate(np.ndindex(*k)):
+            part = zp[offset_slices(offset, s, d, out_sp)]
+            np.copyto(out, part, where=codes == i)
+        return out
+
+    def route(self, g, codes, spatial, attrs):
+        """The adjoint of max pooling: each pooled gradient g added at its window's argmax position
+        (windows that overlap add), then folded back through the padding; full input size."""
+        k, s, d = attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
+        out_sp = g.shape[2:]
+        pairs = self.padded_pairs(spatial, out_sp, attrs)
+        dxp = np.zeros((*g.shape[:2], *[size + lo + hi for size, (lo, hi) in zip(spatial, pairs)]), g.dtype)
+        for i, offset in enumerate(np.ndindex(*k)):
+            dxp[offset_slices(offset, s, d, out_sp)] += np.where(codes == i, g, 0)
+        return unpad_adjoint(dxp, pairs, "zeros", spatial)
+
     def divisor(self, spatial, out_sp, attrs):
         """Elements each window averages over: padding counts iff count_include_pad; the ceil_mode
         overhang never does (PyTorch's rule); divisor_override replaces the count."""
@@ -142,13 +175,8 @@ class PoolBackward(GradientOp, Pool):
         spatial = xs[0].shape[2:] if self.mode == "max" else [int(v) for v in attrs["input_size"]]
         pairs = self.padded_pairs(spatial, out_sp, attrs)
         if self.mode == "max":
-            xp = pad_array(xs[0], pairs, value=-np.inf)
-            offsets = list(np.ndindex(*k))
-            # argmax returns the first maximum: the kernel offset PyTorch routes a tie to
-            arg = np.stack([xp[offset_slices(o, s, d, out_sp)] for o in offsets]).argmax(axis=0)
-            dxp = np.zeros(xp.shape, dy.dtype)
-            for i, offset in enumerate(offsets):
-                dxp[offset_slices(offset, s, d, out_sp)] += dy * (arg == i)
+            _, codes = self.max_with_argmax(xs[0], attrs, out_sp)
+            return self.route(dy, codes, spatial, attrs)
         else:
             share = (dy / self.divisor(spatial, out_sp, attrs)).astype(dy.dtype)
             padded = [size + lo + hi for size, (lo, hi) in zip(spatial, pairs)]
