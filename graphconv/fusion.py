@@ -5,7 +5,9 @@ candidate, fired or refused, with the bytes moved through memory before and afte
 Bytes count each kernel as reading its inputs once and writing its output once (op.cost), so a
 fused chain saves the writes and re-reads of the tensors between its nodes.
 
-Patterns so far:
+Patterns:
+  fold_batch_norm  (eval mode) conv -> batch_norm with running statistics -> one conv whose weight
+               and bias a fold_batch_norm node computes from both layers' parameters.
   conv_chain   conv (+bias) -> elementwise ops (activations, sympy-defined ones, residual add,
                per-channel affine) -> optionally one max/avg pool, 1-D/2-D/3-D -> fused_conv.
                Guards: each intermediate has exactly one user and is not a graph output; the next
@@ -60,7 +62,7 @@ def conv_chain(graph, conv):
         if len({u for u, _ in users}) != 1 or len(users) != 1:
             names = ", ".join(dict.fromkeys(u for u, _ in users)) or "none"
             return nodes, extras, epilogue, pool, (f"{current.name} has {len(users)} users ({names}): not fused into "
-                                                   f"{conv.name}")
+                                                   f"{layers(conv)[0]}")
         user = graph.node(users[0][0])
         op = OPS[user.op]
         if user.stage != conv.stage:
@@ -83,7 +85,15 @@ def conv_chain(graph, conv):
         if user.op in POOLS and op.nd == OPS[conv.op].nd:
             nodes.append(user)
             return nodes, extras, epilogue, pool_spec(user.op, user.attrs), ""
+        if user.op == "fused_conv":
+            return nodes, extras, epilogue, pool, (f"it feeds {user.name}, which already fused "
+                                                   f"{' -> '.join(layers(user))}")
         return nodes, extras, epilogue, pool, f"{user.name} [{user.op}] is neither elementwise nor a pool"
+
+
+def layers(node) -> list:
+    """The names a node stands for: itself, or what it replaced."""
+    return [r[0] for r in node.replaces] if node.replaces else [node.name]
 
 
 def training_chain(graph, conv):
@@ -167,7 +177,7 @@ def fuse_conv_chains(graph):
     saves the argmax codes and one pool_act_backward node."""
     g = graph.copy()
     ledger = list(g.meta.get("fusion", []))
-    for conv in [n for n in graph.topo() if n.op in ("conv1d", "conv2d", "conv3d")]:
+    for conv in [n for n in graph.topo() if n.op in CONVS]:
         conv = g.node(conv.name)
         match = training_chain(g, conv) if conv.stage == "forward" else None
         if isinstance(match, tuple):
@@ -184,17 +194,57 @@ def fuse_conv_chains(graph):
         if isinstance(match, str):
             reason = match
         names = [n.name for n in nodes]
+        shown = [name for n in nodes for name in layers(n)]       # a folded conv shows conv and bn
         before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
         if len(nodes) == 1:
-            ledger.append(Decision("conv_chain", conv.name, names, False, reason or "nothing follows it",
+            ledger.append(Decision("conv_chain", shown[0], shown, False, reason or "nothing follows it",
                                    before, before, conv.name))
             continue
         operands = g.operands(conv.name)
         attrs = {**conv.attrs, "bias": len(operands) > 2, "epilogue": tuple(epilogue), "pool": pool,
                  "nd": OPS[conv.op].nd}
         fused = g.replace(names, "fused_conv", [*operands, *extras], attrs)
-        ledger.append(Decision("conv_chain", conv.name, names, True, reason, before, node_bytes(g, fused.name),
+        ledger.append(Decision("conv_chain", shown[0], shown, True, reason, before, node_bytes(g, fused.name),
                                fused.name))
+    g.meta["fusion"] = ledger
+    return g.verify()
+
+
+CONVS = ("conv1d", "conv2d", "conv3d")
+
+
+def fold_batch_norm(graph):
+    """Pass (eval mode): a convolution followed by a batch norm using running statistics becomes one
+    convolution whose weight and bias a fold_batch_norm node computes from both layers' parameters.
+    Guards: the batch norm is in eval mode and reads the conv, which has no other user and is not a
+    graph output."""
+    g = graph.copy()
+    ledger = list(g.meta.get("fusion", []))
+    for bn in [n for n in graph.topo() if n.op == "batch_norm"]:
+        bn = g.node(bn.name)
+        conv = g.node(g.operands(bn.name)[0])
+        if conv.op not in CONVS:
+            continue
+        users = [u for u, _ in g.users(conv.name)]
+        reason = ("it uses batch statistics (training mode): they change with every batch" if bn.attrs["training"]
+                  else f"{conv.name} is a graph output" if conv.name in g.outputs
+                  else f"{conv.name} has {len(users)} users ({', '.join(users)})" if len(users) != 1 else "")
+        before = node_bytes(g, conv.name) + node_bytes(g, bn.name)
+        if reason:
+            ledger.append(Decision("fold_batch_norm", bn.name, [conv.name, bn.name], False,
+                                   f"{bn.name} not folded into {conv.name}: {reason}", before, before, bn.name))
+            continue
+        x, w, *b = g.operands(conv.name)
+        stats = g.operands(bn.name)[1:]
+        fold = g.add_node("fold_batch_norm", [w, *b, *stats],
+                          {"eps": bn.attrs["eps"], "conv_bias": bool(b), "affine": len(stats) == 4},
+                          name=f"{bn.name}.fold", layer=bn.layer, stage=bn.stage)
+        weight = g.add_node("part", [fold], {"index": 0}, name=f"{bn.name}.fold.weight", layer=bn.layer)
+        bias = g.add_node("part", [fold], {"index": 1}, name=f"{bn.name}.fold.bias", layer=bn.layer)
+        folded = g.replace([conv.name, bn.name], conv.op, [x, weight, bias], conv.attrs)
+        after = node_bytes(g, folded.name) + node_bytes(g, fold.name)
+        ledger.append(Decision("fold_batch_norm", bn.name, [conv.name, bn.name], True, "", before, after,
+                               folded.name))
     g.meta["fusion"] = ledger
     return g.verify()
 
@@ -229,6 +279,8 @@ def format_report(r: dict) -> str:
         chain = " -> ".join(d["nodes"])
         if d["fired"]:
             note = d["reason"] if d["rule"] != "conv_chain" else f"the chain stops: {d['reason']}" if d["reason"] else ""
+            if d["rule"] == "fold_batch_norm":
+                note = "weight and bias folded from both layers' parameters"
             lines.append(f"  fused    {chain}  =>  {d['into']}   {b(d['bytes_before'])} -> {b(d['bytes_after'])}"
                          f"   [{d['rule']}]" + (f"\n           ({note})" if note else ""))
         else:

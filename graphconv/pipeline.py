@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .autodiff import derive_backward
 from .errors import GraphError
-from .fusion import fuse_conv_chains
+from .fusion import fold_batch_norm, fuse_conv_chains
 from .passes import eliminate_dead_code, set_training
 from .training import Optimizer, add_optimizer, add_running_statistics, attach_loss
 
@@ -30,6 +30,7 @@ def passes(stage, loss="cross_entropy", optimizer=None):
         ("add_optimizer", lambda g: add_optimizer(g, optimizer)),             # parameters' next values
     ]
     fusion = [
+        ("fold_batch_norm", fold_batch_norm),                                 # eval-mode BN into the conv before it
         ("fuse_conv_chains", fuse_conv_chains),                               # conv (+bias) -> act* -> pool?
         ("eliminate_dead_code", eliminate_dead_code),
     ]
@@ -59,7 +60,7 @@ def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=No
     return graph
 
 
-FUSION_PASSES = ("fuse_conv_chains",)
+FUSION_PASSES = ("fold_batch_norm", "fuse_conv_chains")
 
 
 def build_unfused(graph, stage="fused", loss="cross_entropy", optimizer=None):

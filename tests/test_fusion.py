@@ -135,7 +135,8 @@ def test_training_patterns_refuse_what_they_cannot_cover():
         "pool1 is an average pool: the gradient of relu1 needs conv1 at every position, not only at each window's "
         "maximum, so conv1 stays saved"]
     vgg = build(MODELS["vgg_small"](), "fused-train")
-    assert vgg.meta["fusion"][0].reason.startswith("conv1_1 has 5 users (bn1_1, dconv1_1, dbn1_1.weight")
+    chains = [d for d in vgg.meta["fusion"] if d.rule == "conv_chain"]
+    assert chains[0].reason.startswith("conv1_1 has 5 users (bn1_1, dconv1_1, dbn1_1.weight")
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -194,7 +195,8 @@ def test_dump_after_a_pass_and_unknown_passes(capsys):
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "set_training"]) == 0
     assert "fused_conv" not in capsys.readouterr().out
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "nope"]) == 2
-    assert "stage fused has no pass 'nope'; its passes are: set_training, fuse_conv_chains" in capsys.readouterr().err
+    assert "stage fused has no pass 'nope'; its passes are: set_training, fold_batch_norm, fuse_conv_chains" in \
+        capsys.readouterr().err
 
 
 def test_a_few_training_steps_on_the_fused_training_graph_reproduce_the_unfused_ones():
@@ -217,3 +219,38 @@ def test_a_few_training_steps_on_the_fused_training_graph_reproduce_the_unfused_
     for k in state:
         np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-12, err_msg=k)
     assert Trainer  # the Trainer runs the same step graphs
+
+
+@pytest.mark.parametrize("bias, affine, groups", [(True, True, 1), (False, False, 2), (True, False, 4)])
+def test_batch_norm_folding_equals_the_unfolded_eval_graph(bias, affine, groups):
+    from graphconv.fusion import fold_batch_norm
+    g = gc.Graph("bn", "float64")
+    x = g.input("x", ("N", 4, 7, 7))
+    h = g.conv2d(x, 8, 3, padding=1, bias=bias, groups=groups, name="conv")
+    g.output(g.batch_norm2d(h, affine=affine, training=False, eps=1e-3, name="bn"))
+    folded = fold_batch_norm(g)
+    node = folded.node("bn")
+    assert node.op == "conv2d" and [r[0] for r in node.replaces] == ["conv", "bn"]
+    assert folded.operands("bn") == ["x", "bn.fold.weight", "bn.fold.bias"]
+    rng = np.random.default_rng(3)
+    params = gc.init_params(g, seed=2)
+    params["bn.running_mean"] = rng.standard_normal(8)
+    params["bn.running_var"] = rng.uniform(0.2, 3.0, 8)
+    if affine:
+        params["bn.weight"], params["bn.bias"] = rng.standard_normal(8), rng.standard_normal(8)
+    feed = {"x": rng.standard_normal((3, 4, 7, 7))}
+    np.testing.assert_allclose(gc.compile(folded).run(feed, params)["bn"], gc.compile(g).run(feed, params)["bn"],
+                               rtol=1e-11, atol=1e-12)
+
+
+def test_batch_norm_is_not_folded_in_training_mode_or_when_the_conv_has_other_users():
+    from graphconv.fusion import fold_batch_norm
+    g = gc.Graph("bn")
+    x = g.input("x", ("N", 4, 7, 7))
+    h = g.conv2d(x, 8, 3, name="conv")
+    c2 = g.conv2d(x, 8, 3, name="c2")
+    g.output(g.batch_norm2d(h, name="bn"), g.batch_norm2d(c2, training=False, name="bn2"), g.relu(c2, name="r2"))
+    ledger = fold_batch_norm(g).meta["fusion"]
+    assert [d.reason for d in ledger] == [
+        "bn not folded into conv: it uses batch statistics (training mode): they change with every batch",
+        "bn2 not folded into c2: c2 has 2 users (bn2, r2)"]

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..errors import GraphError, OpError
 from ..shapes import as_shape, fmt_shape, numel
 from .base import OPS, REQUIRED, Cost, GradientOp, Op, TensorType, TupleType, as_bool, register
@@ -199,3 +201,50 @@ class PoolActBackward(GradientOp):
         g = OPS[op].derivative(0).reference([aux, dy], dict(items))
         pool_op, pool_items = attrs["pool"]
         return OPS[pool_op].route(g, codes, [int(d) for d in attrs["input_size"]], dict(pool_items))
+
+
+@register
+class FoldBatchNorm(Op):
+    """An eval-mode batch norm folded into the convolution before it: from the conv's weight (and
+    bias) and the batch norm's running statistics (and affine weight and bias), the weight and bias of
+    one convolution computing both. scale = gamma / sqrt(var + eps); W' = W * scale per output
+    channel; b' = (b - mean) * scale + beta. Operands: weight, [bias], running_mean, running_var,
+    [bn_weight, bn_bias]; outputs (weight', bias')."""
+    name = "fold_batch_norm"
+    kind = "injective"
+    variadic = True
+    attrs = {"eps": REQUIRED, "conv_bias": REQUIRED, "affine": REQUIRED}
+
+    def normalize(self, a):
+        from .base import as_float
+        return {"eps": as_float(a["eps"], "eps", positive=True), "conv_bias": as_bool(a["conv_bias"], "conv_bias"),
+                "affine": as_bool(a["affine"], "affine")}
+
+    def split(self, xs, attrs):
+        w, rest = xs[0], list(xs[1:])
+        b = rest.pop(0) if attrs["conv_bias"] else None
+        mean, var = rest[0], rest[1]
+        gamma, beta = (rest[2], rest[3]) if attrs["affine"] else (None, None)
+        return w, b, mean, var, gamma, beta
+
+    def infer(self, ins, attrs):
+        want = 3 + attrs["conv_bias"] + 2 * attrs["affine"]
+        if len(ins) != want:
+            raise OpError(f"fold_batch_norm takes {want} operands here, got {len(ins)}", kind=GraphError)
+        w = ins[0]
+        c = w.shape[0]
+        for i, t in enumerate(ins[1:], 1):
+            if len(t.shape) != 1 or t.shape[0] != c:
+                raise OpError(f"operand {i} must have shape [{c}] (one value per output channel), got "
+                              f"{fmt_shape(t.shape)}", i)
+        return TupleType((w, TensorType((c,), w.dtype)))
+
+    def reference(self, xs, attrs):
+        w, b, mean, var, gamma, beta = self.split(xs, attrs)
+        scale = 1 / np.sqrt(var + w.dtype.type(attrs["eps"]))
+        if gamma is not None:
+            scale = gamma * scale
+        bias = (-mean if b is None else b - mean) * scale
+        if beta is not None:
+            bias = bias + beta
+        return (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype), bias.astype(w.dtype)
