@@ -12,6 +12,10 @@ Patterns:
                per-channel affine) -> optionally one max/avg pool, 1-D/2-D/3-D -> fused_conv.
                Guards: each intermediate has exactly one user and is not a graph output; the next
                node is of the same stage; an elementwise op reads the running value once.
+  conv_act_maxpool_train  (training graphs) conv -> act -> max pool with its backward pair ->
+               a fused forward node saving pooled output + uint8 argmax codes, one pool_act_backward.
+  pointwise_chain  elementwise ops, each the only user of the one before -> one fused_pointwise
+               node whose sympy expression is the composition.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import sympy as sp
 
 from .ops import OPS
 from .ops.base import nbytes
-from .ops.fused import epilogue_step, pool_spec
+from .ops.fused import compose, epilogue_step, pool_spec
 
 POOLS = {f"{mode}_pool{nd}d" for mode in ("max", "avg") for nd in (1, 2, 3)}
 
@@ -245,6 +249,64 @@ def fold_batch_norm(graph):
         after = node_bytes(g, folded.name) + node_bytes(g, fold.name)
         ledger.append(Decision("fold_batch_norm", bn.name, [conv.name, bn.name], True, "", before, after,
                                folded.name))
+    g.meta["fusion"] = ledger
+    return g.verify()
+
+
+def elementwise(node) -> bool:
+    return OPS[node.op].kind == "elementwise" and not node.is_tuple
+
+
+def fuse_pointwise_chains(graph):
+    """Pass: a chain of elementwise ops (activations, their gradients, residual adds, optimizer
+    updates), each link the only user of the one before and not a graph output, becomes one
+    fused_pointwise node whose expression is the composition (printed as one C expression)."""
+    g = graph.copy()
+    ledger = list(g.meta.get("fusion", []))
+    done = set()
+    for head in [n for n in graph.topo() if n.role == "op"]:
+        if head.name in done or head.name not in g or not elementwise(g.node(head.name)):
+            continue
+        head = g.node(head.name)
+        chain, reason = [head], ""
+        while True:
+            current = chain[-1]
+            users = g.users(current.name)
+            if current.name in g.outputs:
+                reason = f"{current.name} is a graph output"
+                break
+            if len(users) != 1:
+                reason = f"{current.name} has {len(users)} users" if users else ""
+                break
+            user = g.node(users[0][0])
+            if not elementwise(user) or user.stage != head.stage or user.dtype != head.dtype:
+                reason = f"{user.name} [{user.op}] is not elementwise" if not elementwise(user) else \
+                    f"{user.name} is a {user.stage} node" if user.stage != head.stage else f"{user.name} is {user.dtype}"
+                break
+            if g.operands(user.name).count(current.name) != 1:
+                reason = f"{user.name} reads {current.name} twice"
+                break
+            chain.append(user)
+        done.update(n.name for n in chain)
+        if len(chain) < 2:
+            continue
+        names = [n.name for n in chain]
+        externals, steps = [], []
+        for k, node in enumerate(chain):
+            refs = []
+            for o in g.operands(node.name):
+                if k and o == chain[k - 1].name:
+                    refs.append(-1)
+                    continue
+                if o not in externals:
+                    externals.append(o)
+                refs.append(externals.index(o))
+            steps.append((node.op, tuple(sorted(node.attrs.items())), tuple(refs)))
+        expr = compose(steps, len(externals))
+        before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
+        fused = g.replace(names, "fused_pointwise", externals, {"expr": str(expr)})
+        ledger.append(Decision("pointwise_chain", names[0], names, True, f"{fused.name} = {expr}" if len(str(expr)) < 120
+                               else "", before, node_bytes(g, fused.name), fused.name))
     g.meta["fusion"] = ledger
     return g.verify()
 

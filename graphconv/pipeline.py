@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .autodiff import derive_backward
 from .errors import GraphError
-from .fusion import fold_batch_norm, fuse_conv_chains
+from .fusion import fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains
 from .passes import eliminate_dead_code, set_training
 from .training import Optimizer, add_optimizer, add_running_statistics, attach_loss
 
@@ -32,6 +32,7 @@ def passes(stage, loss="cross_entropy", optimizer=None):
     fusion = [
         ("fold_batch_norm", fold_batch_norm),                                 # eval-mode BN into the conv before it
         ("fuse_conv_chains", fuse_conv_chains),                               # conv (+bias) -> act* -> pool?
+        ("fuse_pointwise_chains", fuse_pointwise_chains),                     # what elementwise chains remain
         ("eliminate_dead_code", eliminate_dead_code),
     ]
     table = {

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import sympy as sp
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape, fmt_shape, numel
@@ -38,6 +39,14 @@ SAVES = ("", "argmax", "argmax_preact")
 
 def _items(attrs: dict) -> tuple:
     return tuple(sorted(attrs.items()))
+
+
+def _fresh(graph, base):
+    name, k = base, 1
+    while name in graph:
+        k += 1
+        name = f"{base}.{k}"
+    return name
 
 
 def epilogue_step(op_name, attrs, refs) -> tuple:
@@ -142,6 +151,57 @@ class FusedConv(Op):
         if attrs["save"] == "argmax":
             return pooled, codes
         return pooled, codes, pool.gather(z, codes, pool_attrs, tuple(int(o) for o in out_sp))
+
+    def grad(self, e, dy, needs):
+        """Rematerialise: the replaced ops are emitted again (as backward nodes) from the fused node's
+        operands, and each one's own gradient rule runs in reverse order. A training graph is fused
+        after the backward pass instead (fuse_conv_chains), which keeps what the backward reads."""
+        if e.attrs["save"]:
+            raise OpError("a fused node that saves argmax codes is already part of a training graph",
+                          kind=GraphError)
+        attrs, graph = e.attrs, e.graph
+        conv_in, extra = self.split(e.inputs, attrs)
+        chain = [e.emit(self.conv(attrs).name, conv_in, self.conv_attrs(attrs))]
+        for op, items, refs in attrs["epilogue"]:
+            chain.append(e.emit(op, [chain[-1] if r == -1 else extra[r] for r in refs], dict(items)))
+        if attrs["pool"]:
+            chain.append(e.emit(attrs["pool"][0], [chain[-1]], dict(attrs["pool"][1])))
+        inner = {t.name for t in chain}
+        fused_operands = [t.name for t in e.inputs]
+        first_index = {name: fused_operands.index(name) for name in fused_operands}
+        wanted = {name for i, name in enumerate(fused_operands) if needs[i]}
+        readers = {}                      # external operand -> how many recomputed nodes read it
+        for t in chain:
+            for o in graph.operands(t.name):
+                if o not in inner and o in wanted:
+                    readers[o] = readers.get(o, 0) + 1
+        pending, parts = {chain[-1].name: dy}, {}
+        for t in reversed(chain):
+            operands = graph.operands(t.name)
+            names, sub_needs = {}, []
+            for j, o in enumerate(operands):
+                sub_needs.append(o in inner or o in wanted)
+                if o in inner:
+                    names[j] = _fresh(graph, f"d{o}")
+                elif o in wanted:
+                    single = readers[o] == 1 and operands.count(o) == 1
+                    names[j] = e.names[first_index[o]] if single else _fresh(graph, f"{e.names[first_index[o]]}.part")
+            sub = type(e)(graph, graph.node(t.name), names)
+            for o, r in zip(operands, OPS[graph.node(t.name).op].grad(sub, pending.pop(t.name), sub_needs)):
+                if r is None:
+                    continue
+                if o in inner:
+                    pending[o] = r
+                else:
+                    parts.setdefault(o, []).append(r)
+        results = [None] * len(fused_operands)
+        for name, contributions in parts.items():
+            i = first_index[name]
+            total = contributions[0]
+            for k, part in enumerate(contributions[1:], 1):
+                total = e.emit("add", [total, part], wrt=i if k == len(contributions) - 1 else None)
+            results[i] = total
+        return results
 
     def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
         """The NumPy reference still builds the im2col columns and the pre-pool tensor."""
@@ -248,3 +308,91 @@ class FoldBatchNorm(Op):
         if beta is not None:
             bias = bias + beta
         return (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype), bias.astype(w.dtype)
+
+
+@register
+class FusedPointwise(Op):
+    """A chain of elementwise ops as one: the composition of their sympy expressions, over operands
+    a0, a1, ... (`expr` is its text, parsed back with the same functions). The NumPy reference is
+    the lambdified composition and code generation prints it as one C expression; the gradient is
+    sympy's derivative of the composition, another fused_pointwise."""
+    name = "fused_pointwise"
+    kind = "elementwise"
+    variadic = True
+    attrs = {"expr": REQUIRED}
+    _cache: dict = {}
+
+    @staticmethod
+    def symbols(n):
+        return tuple(sp.Symbol(f"a{i}", real=True) for i in range(n))
+
+    def impl(self, expr_text, n):
+        """The Pointwise op of this expression (not registered: it lives in this node's attributes)."""
+        key = (expr_text, n)
+        if key not in self._cache:
+            from .pointwise import Pointwise, sigmoid, softplus
+            names = {f"a{i}": s for i, s in enumerate(self.symbols(n))}
+            try:
+                expr = sp.sympify(expr_text, locals={**names, "sigmoid": sigmoid, "softplus": softplus})
+            except (sp.SympifyError, SyntaxError, TypeError) as e:
+                raise OpError(f"expr {expr_text!r} is not a sympy expression ({e})", kind=GraphError) from None
+            self._cache[key] = Pointwise("fused_pointwise", expr, tuple(names))
+        return self._cache[key]
+
+    def normalize(self, a):
+        if not isinstance(a["expr"], str):
+            raise OpError(f"expr must be the text of a sympy expression, got {a['expr']!r}", kind=GraphError)
+        return {"expr": a["expr"]}
+
+    def infer(self, ins, attrs):
+        op = self.impl(attrs["expr"], len(ins))
+        return op.infer(ins, {})
+
+    def reference(self, xs, attrs):
+        return self.impl(attrs["expr"], len(xs)).reference(xs, {})
+
+    def grad(self, e, dy, needs):
+        n = len(e.inputs)
+        op = self.impl(e.attrs["expr"], n)
+        full = e.output.shape
+        grads = []
+        for i, need in enumerate(needs):
+            if not need:
+                grads.append(None)
+                continue
+            derivative = op.derivative(i, register_it=False).expr.subs(sp.Symbol("dy", real=True),
+                                                                           sp.Symbol(f"a{n}", real=True))
+            shape = e.inputs[i].shape
+            args = ([*e.inputs, dy], {"expr": str(derivative)})
+            if shape == full:
+                grads.append(e.emit("fused_pointwise", *args, wrt=i))
+                continue
+            whole = e.emit("fused_pointwise", *args)
+            axes = tuple(range(len(full))) if shape == () else (0, *range(2, len(full)))
+            grads.append(e.emit("reduce_sum", [whole], {"axes": axes}, wrt=i))
+        return grads
+
+
+def compose(steps, n_external):
+    """The expression of a chain of elementwise ops over external operands a0..a{n-1}: steps are
+    (op, attrs, refs) as in an epilogue, refs naming the running value (-1) or external operand k.
+    The first step reads only external operands."""
+    symbols = FusedPointwise.symbols(n_external)
+    value = None
+    for op_name, attrs, refs in steps:
+        args = [value if r == -1 else symbols[r] for r in refs]
+        value = expression_of(op_name, dict(attrs), args)
+    return value
+
+
+def expression_of(op_name, attrs, args):
+    """The sympy expression an elementwise op computes from argument expressions."""
+    op = OPS[op_name]
+    if op_name == "add":
+        return args[0] + args[1]
+    if op_name == "fused_pointwise":
+        inner = op.impl(attrs["expr"], len(args))
+        return inner.expr.subs(dict(zip(inner.symbols, args)), simultaneous=True)
+    subs = dict(zip(op.symbols, args))
+    subs.update({s: sp.Float(attrs[str(s)]) for s in op.param_symbols})
+    return op.expr.subs(subs, simultaneous=True)
