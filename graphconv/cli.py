@@ -36,7 +36,8 @@ def cmd_dump(args):
     from .pipeline import build
     from .printer import FORMATS
     from .training import Optimizer
-    graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer), args.after)
+    graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer), args.after,
+                  collapse=args.collapse_convs)
     sys.stdout.write(FORMATS[args.format](graph))
     if any(n.stage == "backward" for n in graph.topo()) and args.format == "text":
         saved = saved_tensors(graph)
@@ -52,7 +53,8 @@ def cmd_fuse(args):
     from .training import Optimizer
     model = load_model(args, need_sizes=False)
     opt = Optimizer(args.optimizer)
-    r = report(build_unfused(model, args.stage, args.loss, opt), build(model, args.stage, args.loss, opt), args.batch)
+    r = report(build_unfused(model, args.stage, args.loss, opt),
+               build(model, args.stage, args.loss, opt, collapse=args.collapse_convs), args.batch)
     print(json.dumps(r, indent=2) if args.format == "json" else format_report(r))
 
 
@@ -65,7 +67,8 @@ def cmd_check(args):
     from .training import Optimizer
     model = load_model(args)
     opt = Optimizer(args.optimizer)
-    unfused, fused = build_unfused(model, args.stage, args.loss, opt), build(model, args.stage, args.loss, opt)
+    unfused = build_unfused(model, args.stage, args.loss, opt)
+    fused = build(model, args.stage, args.loss, opt, collapse=args.collapse_convs)
     params = init_params(unfused, seed=args.seed)
     inputs = random_inputs(unfused, args.batch, args.seed)
     want = gc_compile(unfused).run(inputs, params)
@@ -257,6 +260,7 @@ def parser() -> argparse.ArgumentParser:
     s = command("dump", "print the graph IR of any stage: forward, backward, train, fused, fused-train", dims=True)
     s.add_argument("--stage", default="forward", choices=STAGE_NAMES, help="which graph")
     s.add_argument("--after", default=None, metavar="PASS", help="stop the stage after this pass (default: all)")
+    s.add_argument("--collapse-convs", action="store_true", help="fused stages: also collapse stacked convolutions")
     s.add_argument("--format", default="text", choices=("text", "dot", "json"),
                    help="text (jaxpr-like), dot (graphviz) or json")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
@@ -273,6 +277,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: per example)")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
+    s.add_argument("--collapse-convs", action="store_true",
+                   help="also collapse stacked convolutions into one where exact (multiply-adds may rise)")
     s.set_defaults(func=cmd_fuse)
 
     s = command("check", "run a fused graph and its unfused original on the same random data and compare",
@@ -284,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rtol", type=_positive_float, default=1e-9, help="relative tolerance")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
+    s.add_argument("--collapse-convs", action="store_true", help="also collapse stacked convolutions")
     s.set_defaults(func=cmd_check)
 
     s = command("gradcheck", "check every gradient rule of the model's backward graph by finite differences",

@@ -14,6 +14,8 @@ Patterns:
                node is of the same stage; an elementwise op reads the running value once.
   conv_act_maxpool_train  (training graphs) conv -> act -> max pool with its backward pair ->
                a fused forward node saving pooled output + uint8 argmax codes, one pool_act_backward.
+  collapse_convs   (opt-in) conv -> conv with nothing between -> one conv with the composed kernel,
+               where exact (the second conv does not pad, neither is grouped).
   pointwise_chain  elementwise ops, each the only user of the one before -> one fused_pointwise
                node whose sympy expression is the composition.
 """
@@ -41,6 +43,8 @@ class Decision:
     bytes_before: sp.Expr = field(default_factory=lambda: sp.Integer(0))
     bytes_after: sp.Expr = field(default_factory=lambda: sp.Integer(0))
     into: str = ""                 # the fused node's name
+    macs_before: sp.Expr = None    # for rules that change the arithmetic (collapse_convs)
+    macs_after: sp.Expr = None
 
 
 def node_bytes(graph, name) -> sp.Expr:
@@ -253,6 +257,60 @@ def fold_batch_norm(graph):
     return g.verify()
 
 
+def collapse_convs(graph):
+    """Pass (opt-in): conv1 -> conv2 with nothing between them becomes one convolution with the
+    composed kernel (compose_conv_weights). Exact, and applied, only where conv2 does not pad and
+    neither conv is grouped; conv1 may pad (the composed conv pads x the same way). The ledger gives
+    the multiply-adds before and after: a composed kernel can cost more than the two it replaces."""
+    g = graph.copy()
+    ledger = list(g.meta.get("fusion", []))
+    for conv2 in [n for n in graph.topo() if n.op in CONVS]:
+        if conv2.name not in g:
+            continue
+        conv2 = g.node(conv2.name)
+        conv1 = g.node(g.operands(conv2.name)[0])
+        if conv1.op != conv2.op or conv1.stage != conv2.stage:
+            continue
+        op = OPS[conv1.op]
+        users = [u for u, _ in g.users(conv1.name)]
+        pads2 = op.pads(conv2.attrs, g.node(g.operands(conv2.name)[1]).shape)
+        reason = (f"{conv1.name} has {len(users)} users ({', '.join(users)})" if len(users) != 1
+                  else f"{conv1.name} is a graph output" if conv1.name in g.outputs
+                  else f"{conv2.name} pads its input ({pads2}): those zeros are not {conv1.name}'s output, so no single "
+                       f"convolution equals the two" if any(lo or hi for lo, hi in pads2)
+                  else "grouped convolutions are not collapsed" if conv1.attrs["groups"] != 1 or conv2.attrs["groups"] != 1
+                  else "")
+        names = [conv1.name, conv2.name]
+        macs_before = sum((cost_of(g, n).macs for n in names), sp.Integer(0))
+        before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
+        if reason:
+            ledger.append(Decision("collapse_convs", conv1.name, names, False, f"not collapsed: {reason}", before,
+                                   before, conv2.name, macs_before, macs_before))
+            continue
+        x, w1, *b1 = g.operands(conv1.name)
+        _, w2, *b2 = g.operands(conv2.name)
+        compose = g.add_node("compose_conv_weights", [w1, *b1, w2, *b2],
+                             {"stride1": conv1.attrs["stride"], "dilation1": conv1.attrs["dilation"],
+                              "dilation2": conv2.attrs["dilation"], "bias1": bool(b1), "bias2": bool(b2)},
+                             name=f"{conv2.name}.compose", layer=conv2.layer, stage=conv2.stage)
+        weight = g.add_node("part", [compose], {"index": 0}, name=f"{conv2.name}.compose.weight", layer=conv2.layer)
+        bias = g.add_node("part", [compose], {"index": 1}, name=f"{conv2.name}.compose.bias", layer=conv2.layer)
+        attrs = {"stride": tuple(a * b for a, b in zip(conv1.attrs["stride"], conv2.attrs["stride"])),
+                 "padding": op.pads(conv1.attrs, g.node(w1).shape), "dilation": 1, "groups": 1,
+                 "padding_mode": conv1.attrs["padding_mode"]}
+        new = g.replace(names, conv2.op, [x, weight, bias], attrs)
+        ledger.append(Decision("collapse_convs", conv1.name, names, True, "", before,
+                               node_bytes(g, new.name) + node_bytes(g, compose.name), new.name,
+                               macs_before, cost_of(g, new.name).macs))
+    g.meta["fusion"] = ledger
+    return g.verify()
+
+
+def cost_of(graph, name):
+    node = graph.node(name)
+    return OPS[node.op].cost(graph.in_types(name), node.type, node.attrs)
+
+
 def elementwise(node) -> bool:
     return OPS[node.op].kind == "elementwise" and not node.is_tuple
 
@@ -321,7 +379,9 @@ def report(unfused, fused, batch=None) -> dict:
         return int(v) if v.is_Integer else str(v)
 
     groups = [{"rule": d.rule, "anchor": d.anchor, "nodes": d.nodes, "fired": d.fired, "reason": d.reason,
-               "into": d.into, "bytes_before": value(d.bytes_before), "bytes_after": value(d.bytes_after)}
+               "into": d.into, "bytes_before": value(d.bytes_before), "bytes_after": value(d.bytes_after),
+               **({"macs_before": value(d.macs_before), "macs_after": value(d.macs_after)}
+                  if d.macs_before is not None else {})}
               for d in fused.meta.get("fusion", [])]
     return {"model": unfused.name, "batch": batch, "groups": groups,
             "total_bytes_before": value(graph_bytes(unfused)), "total_bytes_after": value(graph_bytes(fused)),
@@ -343,6 +403,9 @@ def format_report(r: dict) -> str:
             note = d["reason"] if d["rule"] != "conv_chain" else f"the chain stops: {d['reason']}" if d["reason"] else ""
             if d["rule"] == "fold_batch_norm":
                 note = "weight and bias folded from both layers' parameters"
+            if "macs_before" in d:
+                note = f"multiply-adds {d['macs_before']:,} -> {d['macs_after']:,}" if isinstance(
+                    d["macs_before"], int) else f"multiply-adds {d['macs_before']} -> {d['macs_after']}"
             lines.append(f"  fused    {chain}  =>  {d['into']}   {b(d['bytes_before'])} -> {b(d['bytes_after'])}"
                          f"   [{d['rule']}]" + (f"\n           ({note})" if note else ""))
         else:

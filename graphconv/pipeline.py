@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from .autodiff import derive_backward
 from .errors import GraphError
-from .fusion import fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains
+from .fusion import collapse_convs, fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains
 from .passes import eliminate_dead_code, set_training
 from .training import Optimizer, add_optimizer, add_running_statistics, attach_loss
 
 STAGES = ("forward", "backward", "train", "fused", "fused-train")
 
 
-def passes(stage, loss="cross_entropy", optimizer=None):
-    """[(name, pass)] for a stage."""
+def passes(stage, loss="cross_entropy", optimizer=None, collapse=False):
+    """[(name, pass)] for a stage; `collapse` adds the opt-in collapse_convs to the fused stages."""
     optimizer = optimizer or Optimizer()
     train = [
         ("attach_loss", lambda g: attach_loss(g, loss)),                      # input y, node loss
@@ -29,7 +29,8 @@ def passes(stage, loss="cross_entropy", optimizer=None):
         ("add_running_statistics", add_running_statistics),                   # batch-norm buffers' next values
         ("add_optimizer", lambda g: add_optimizer(g, optimizer)),             # parameters' next values
     ]
-    fusion = [
+    fusion = [("collapse_convs", collapse_convs)] if collapse else []          # conv -> conv: one conv, if exact
+    fusion += [
         ("fold_batch_norm", fold_batch_norm),                                 # eval-mode BN into the conv before it
         ("fuse_conv_chains", fuse_conv_chains),                               # conv (+bias) -> act* -> pool?
         ("fuse_pointwise_chains", fuse_pointwise_chains),                     # what elementwise chains remain
@@ -47,9 +48,9 @@ def passes(stage, loss="cross_entropy", optimizer=None):
     return table[stage]
 
 
-def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=None):
+def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=None, collapse=False):
     """The graph of `stage` (stopping after the pass named `after`, if given)."""
-    steps = passes(stage, loss, optimizer)
+    steps = passes(stage, loss, optimizer, collapse)
     if after is not None and after not in [name for name, _ in steps]:
         names = ", ".join(name for name, _ in steps) or "none"
         raise GraphError(f"stage {stage} has no pass {after!r}; its passes are: {names}")
@@ -61,7 +62,7 @@ def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=No
     return graph
 
 
-FUSION_PASSES = ("fold_batch_norm", "fuse_conv_chains")
+FUSION_PASSES = ("collapse_convs", "fold_batch_norm", "fuse_conv_chains", "fuse_pointwise_chains")
 
 
 def build_unfused(graph, stage="fused", loss="cross_entropy", optimizer=None):

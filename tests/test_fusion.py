@@ -298,3 +298,51 @@ def test_the_fused_conv_node_has_a_gradient_rule():
     a, b = gc.compile(unfused_bwd).run(feed, params), gc.compile(fused_bwd).run(feed, params)
     for target, grad in unfused_bwd.meta["grads"].items():
         np.testing.assert_allclose(b[fused_bwd.meta["grads"][target]], a[grad], rtol=1e-12, err_msg=target)
+
+
+@pytest.mark.parametrize("first, second", [
+    (dict(kernel_size=3), dict(kernel_size=3)),
+    (dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect"), dict(kernel_size=2, dilation=2)),
+    (dict(kernel_size=5, dilation=2, padding=2, padding_mode="circular"), dict(kernel_size=3, stride=2)),
+    (dict(kernel_size=2, stride=3), dict(kernel_size=2, stride=2, dilation=3)),
+])
+def test_collapse_convs_equals_the_two_convolutions_where_it_applies(first, second):
+    from graphconv.fusion import collapse_convs
+    g = gc.Graph("cc", "float64")
+    x = g.input("x", ("N", 3, 17, 19))
+    g.output(g.conv2d(g.conv2d(x, 5, name="c1", **first), 4, name="c2", **second))
+    collapsed = collapse_convs(g)
+    assert [n.op for n in collapsed.topo() if n.op.startswith("conv")] == ["conv2d"]
+    decision = collapsed.meta["fusion"][0]
+    assert decision.fired and decision.macs_before != decision.macs_after
+    params = gc.init_params(g, seed=0)
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 17, 19))}
+    np.testing.assert_allclose(gc.compile(collapsed).run(feed, params)["c2"], gc.compile(g).run(feed, params)["c2"],
+                               rtol=1e-11, atol=1e-12)
+
+
+def test_collapse_convs_refuses_what_is_not_exact():
+    from graphconv.fusion import collapse_convs
+    g = gc.Graph("cc")
+    x = g.input("x", ("N", 4, 9, 9))
+    a = g.conv2d(g.conv2d(x, 4, 3, name="c1"), 4, 3, padding=1, name="c2")
+    b = g.conv2d(g.conv2d(x, 4, 3, groups=2, name="g1"), 4, 3, name="g2")
+    g.output(a, b)
+    reasons = [d.reason for d in collapse_convs(g).meta["fusion"]]
+    assert reasons == ["not collapsed: c2 pads its input (((1, 1), (1, 1))): those zeros are not c1's output, so no "
+                       "single convolution equals the two",
+                       "not collapsed: grouped convolutions are not collapsed"]
+
+
+def test_collapse_is_opt_in_on_the_command_line(capsys, tmp_path):
+    path = tmp_path / "two.py"
+    path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('two')\n"
+                    "    x = g.input('x', ('N', 1, 12, 12))\n"
+                    "    h = g.relu(g.conv2d(g.conv2d(x, 4, 3, name='c1'), 6, 3, name='c2'), name='r')\n"
+                    "    g.output(g.linear(g.flatten(h), 10, name='fc'))\n    return g\n")
+    assert main(["fuse", f"{path}:build"]) == 0
+    assert "collapse_convs" not in capsys.readouterr().out
+    assert main(["fuse", f"{path}:build", "--collapse-convs"]) == 0
+    out = capsys.readouterr().out
+    assert "c1 -> c2  =>  c2" in out and "multiply-adds 17,424 -> 9,600" in out   # 4x1x3x3 then 6x4x3x3 -> 6x1x5x5
+    assert main(["check", f"{path}:build", "--collapse-convs"]) == 0

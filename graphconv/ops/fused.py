@@ -396,3 +396,62 @@ def expression_of(op_name, attrs, args):
     subs = dict(zip(op.symbols, args))
     subs.update({s: sp.Float(attrs[str(s)]) for s in op.param_symbols})
     return op.expr.subs(subs, simultaneous=True)
+
+
+@register
+class ComposeConvWeights(Op):
+    """Two stacked convolutions with nothing between them are one convolution (the lecture: a
+    stack of convolutions is a convolution). conv2(conv1(x)) reads x at offsets j*d2*s1 + k*d1, so
+    the composed kernel spans d1(K1-1) + s1*d2(K2-1) + 1 per axis, with stride s1*s2:
+        W[o, i, t] = sum over m and j*d2*s1 + k*d1 = t of W2[o, m, j] W1[m, i, k]
+        b[o]       = b2[o] + sum over m, j of W2[o, m, j] b1[m]
+    Operands: w1, [b1], w2, [b2]; outputs (W, b). Exact only where conv2 does not pad (its zeros are
+    not conv1's output) and neither is grouped: the fusion pass checks that."""
+    name = "compose_conv_weights"
+    kind = "injective"
+    variadic = True
+    attrs = {"stride1": REQUIRED, "dilation1": REQUIRED, "dilation2": REQUIRED, "bias1": REQUIRED,
+             "bias2": REQUIRED}
+
+    def normalize(self, a):
+        return {"stride1": tuple(int(v) for v in a["stride1"]), "dilation1": tuple(int(v) for v in a["dilation1"]),
+                "dilation2": tuple(int(v) for v in a["dilation2"]), "bias1": as_bool(a["bias1"], "bias1"),
+                "bias2": as_bool(a["bias2"], "bias2")}
+
+    def split(self, xs, attrs):
+        rest = list(xs)
+        w1 = rest.pop(0)
+        b1 = rest.pop(0) if attrs["bias1"] else None
+        w2 = rest.pop(0)
+        b2 = rest.pop(0) if attrs["bias2"] else None
+        return w1, b1, w2, b2
+
+    def kernel(self, k1, k2, attrs):
+        return tuple(d1 * (a - 1) + s1 * d2 * (b - 1) + 1 for a, b, s1, d1, d2 in
+                     zip(k1, k2, attrs["stride1"], attrs["dilation1"], attrs["dilation2"]))
+
+    def infer(self, ins, attrs):
+        if len(ins) != 2 + attrs["bias1"] + attrs["bias2"]:
+            raise OpError(f"compose_conv_weights takes {2 + attrs['bias1'] + attrs['bias2']} operands here, "
+                          f"got {len(ins)}", kind=GraphError)
+        w1, _, w2, _ = self.split(ins, attrs)
+        if w2.shape[1] != w1.shape[0]:
+            raise OpError(f"conv2 expects {w2.shape[1]} channels, conv1 gives {w1.shape[0]}", 1)
+        k = self.kernel([int(d) for d in w1.shape[2:]], [int(d) for d in w2.shape[2:]], attrs)
+        return TupleType((TensorType((w2.shape[0], w1.shape[1], *[sp.Integer(v) for v in k]), w1.dtype),
+                          TensorType((w2.shape[0],), w1.dtype)))
+
+    def reference(self, xs, attrs):
+        w1, b1, w2, b2 = self.split(xs, attrs)
+        k = self.kernel(w1.shape[2:], w2.shape[2:], attrs)
+        out = np.zeros((w2.shape[0], w1.shape[1], *k), w1.dtype)
+        for j in np.ndindex(*w2.shape[2:]):
+            part = np.tensordot(w2[(slice(None), slice(None)) + j], w1, axes=(1, 0))        # O, I, K1...
+            start = [jj * d2 * s1 for jj, d2, s1 in zip(j, attrs["dilation2"], attrs["stride1"])]
+            index = tuple(slice(st, st + d1 * (kk - 1) + 1, d1)
+                          for st, d1, kk in zip(start, attrs["dilation1"], w1.shape[2:]))
+            out[(slice(None), slice(None)) + index] += part
+        bias = np.zeros(w2.shape[0], w1.dtype) if b2 is None else b2.copy()
+        if b1 is not None:
+            bias += w2.sum(axis=tuple(range(2, w2.ndim))) @ b1
+        return out, bias.astype(w1.dtype)
