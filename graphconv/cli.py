@@ -21,10 +21,11 @@ def cmd_models(args):
 
 def cmd_summary(args):
     from .summary import format_json, format_table, format_training, summarize, summarize_training
-    graph = load_model(args, need_sizes=False)
-    if args.stage == "train":
-        from .training import Optimizer, attach_loss, build_train_step
-        t = summarize_training(build_train_step(attach_loss(graph, args.loss), Optimizer(args.optimizer)), args.batch)
+    from .pipeline import build
+    from .training import Optimizer
+    graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer))
+    if args.stage in ("train", "fused-train"):
+        t = summarize_training(graph, args.batch)
         print(format_json(t) if args.format == "json" else format_training(t))
         return
     s = summarize(graph, batch=args.batch)
@@ -251,8 +252,8 @@ def parser() -> argparse.ArgumentParser:
     s = command("summary", "the layer table: sizes, parameters, multiply-adds, receptive fields", dims=True)
     s.add_argument("--batch", type=_positive, default=None, help="batch size (default: counts per example)")
     s.add_argument("--format", default="table", choices=("table", "json"), help="output format")
-    s.add_argument("--stage", default="forward", choices=("forward", "train"),
-                   help="train: what one training step computes and holds")
+    s.add_argument("--stage", default="forward", choices=("forward", "fused", "train", "fused-train"),
+                   help="forward/fused: the layer table; train/fused-train: what one training step computes and holds")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
     s.set_defaults(func=cmd_summary)

@@ -33,16 +33,21 @@ def fmt_attr(key, value) -> str:
     if key == "epilogue":     # (relu,add[$0]): the fused ops in order; $k reads extra operand k
         return "(" + ",".join(op + fmt_attrs(dict(items)) + "".join(f"[${r}]" for r in refs if r >= 0)
                               for op, items, refs in value) + ")"
-    if key == "pool":
-        return f"{value[0]}{fmt_attrs(dict(value[1]), skip=_POOL_DEFAULTS)}" if value else "none"
+    if key == "pool":             # the pool's attributes that differ from its defaults
+        if not value:
+            return "none"
+        given = dict(value[1])
+        defaults = OPS[value[0]].check_attrs({"kernel_size": given["kernel_size"]})
+        return value[0] + fmt_attrs({k: v for k, v in given.items() if k == "kernel_size" or defaults.get(k) != v})
+    if key == "save" and not value:
+        return "none"
+    if key == "act":
+        return value[0] + fmt_attrs(dict(value[1]))
     if isinstance(value, tuple):
         return "(" + ",".join(str(v) for v in value) + ")"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
-
-
-_POOL_DEFAULTS = ("ceil_mode", "count_include_pad", "divisor_override")
 
 
 def fmt_attrs(attrs, skip=()) -> str:
@@ -65,7 +70,10 @@ def to_text(graph) -> str:
             lines.append(f"  %{n.name}:{fmt_type(n.type)} = {kind}[init={fmt_attr('init', n.attrs['init'])}]")
             continue
         args = " ".join(f"%{o}" for o in graph.operands(n.name))
-        origin = "  # " + ", ".join(f"{k}={v}" for k, v in sorted(n.provenance.items())) if n.provenance else ""
+        notes = [f"{k}={v}" for k, v in sorted(n.provenance.items())]
+        if n.replaces:
+            notes.append("replaces=" + "+".join(r[0] for r in n.replaces))
+        origin = "  # " + ", ".join(notes) if notes else ""
         lines.append(f"  %{n.name}:{fmt_type(n.type)} = {n.op}{fmt_attrs(n.attrs)} {args}{origin}")
     lines.append("  return " + " ".join(f"%{o}" for o in graph.outputs))
     lines.append("}")

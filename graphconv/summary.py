@@ -41,14 +41,23 @@ def receptive_fields(graph) -> dict:
             continue
         rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))
         op = OPS[node.op]
-        window = op.window([graph.node(o).shape for o in graph.operands(node.name)], node.attrs)
-        if window:
-            kernel, stride, dilation = window
+        windows = op.windows([graph.node(o).type for o in graph.operands(node.name)], node.attrs)
+        for kernel, stride, dilation in windows:       # a fused node: its conv's window, then its pool's
             rf = tuple(r + d * (k - 1) * j for r, k, d, j in zip(rf, kernel, dilation, jump))
             jump = tuple(j * s for j, s in zip(jump, stride))
-        elif op.mixes_all:
+        if not windows and op.mixes_all:
             rf = tuple(max(r, e) for r, e in zip(rf, extent))
         out[node.name] = (rf, jump, extent)
+    return out
+
+
+def weight_computations(graph) -> set:
+    """Nodes computed from parameters alone (a folded batch norm's weights): not layers of the table."""
+    out = set()
+    for node in graph.topo():
+        if node.role == "op" and all(graph.node(o).role in ("param", "buffer") or o in out
+                                     for o in graph.operands(node.name)):
+            out.add(node.name)
     return out
 
 
@@ -57,14 +66,15 @@ def summarize(graph, batch=None) -> dict:
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
     rfs = receptive_fields(graph)
     rows, totals = [], {"params": sp.Integer(0), "macs": sp.Integer(0), "activation_bytes": sp.Integer(0)}
+    weights_only = weight_computations(graph)
     for node in graph.topo():
-        if node.role in ("param", "buffer"):
+        if node.role in ("param", "buffer") or node.name in weights_only:
             continue
         operands = graph.operands(node.name)
         op = OPS[node.op]
         cost = op.cost(graph.in_types(node.name), node.type, node.attrs)
-        weight = f"{node.name}.weight"
-        weight_shape = [int(d) for d in graph.node(weight).shape] if weight in operands else None
+        weights = [o for i, o in enumerate(operands) if op.operand_name(i) == "weight"]
+        weight_shape = [int(d) for d in graph.node(weights[0]).shape] if weights else None
         rf = rfs.get(node.name)
         shape = node.shape
         activation_bytes = numel(shape) * ITEMSIZE[node.dtype]

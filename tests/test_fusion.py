@@ -346,3 +346,20 @@ def test_collapse_is_opt_in_on_the_command_line(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "c1 -> c2  =>  c2" in out and "multiply-adds 17,424 -> 9,600" in out   # 4x1x3x3 then 6x4x3x3 -> 6x1x5x5
     assert main(["check", f"{path}:build", "--collapse-convs"]) == 0
+
+
+@pytest.mark.parametrize("name", ["lenet5", "vgg_small", "resnet8", "conv3d_net"])
+def test_the_layer_table_of_a_fused_graph_keeps_receptive_fields_and_counts(name):
+    import json
+    from graphconv.summary import summarize
+    model = MODELS[name]()
+    plain = {r["name"]: r for r in summarize(model)["layers"]}
+    fused = summarize(build(model, "fused"))
+    for row in fused["layers"]:
+        if row["name"] in plain:
+            assert row["receptive_field"] == plain[row["name"]]["receptive_field"], row["name"]
+            assert row["output_shape"] == plain[row["name"]]["output_shape"]
+    assert fused["total_macs"] <= summarize(model)["total_macs"]
+    if name == "lenet5":        # no batch norm to fold: the same parameters and multiply-adds
+        assert (fused["total_params"], fused["total_macs"]) == (1_256_080, 6_522_000)
+    assert json.dumps(fused)

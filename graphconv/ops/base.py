@@ -173,6 +173,11 @@ class Op:
         the receptive-field rule of the layer table needs."""
         return None
 
+    def windows(self, in_types: list, attrs: dict) -> list:
+        """The sliding windows the op applies in order (a fused node may apply two)."""
+        window = self.window([t.shape for t in in_types], attrs)
+        return [window] if window else []
+
     # ---- cost -------------------------------------------------------------------------------
     def macs(self, ins: list, out: TensorType, attrs: dict) -> sp.Expr:
         return sp.Integer(0)

@@ -152,6 +152,13 @@ class FusedConv(Op):
             return pooled, codes
         return pooled, codes, pool.gather(z, codes, pool_attrs, tuple(int(o) for o in out_sp))
 
+    def windows(self, in_types, attrs):
+        conv_in, _ = self.split(in_types, attrs)
+        out = [self.conv(attrs).window([t.shape for t in conv_in], self.conv_attrs(attrs))]
+        if attrs["pool"]:
+            out.append(OPS[attrs["pool"][0]].window([], dict(attrs["pool"][1])))
+        return out
+
     def grad(self, e, dy, needs):
         """Rematerialise: the replaced ops are emitted again (as backward nodes) from the fused node's
         operands, and each one's own gradient rule runs in reverse order. A training graph is fused
