@@ -44,11 +44,7 @@ class GradEmitter:
 
 
 def unique(graph, name):
-    candidate, k = name, 1
-    while candidate in graph:
-        k += 1
-        candidate = f"{name}.{k}"
-    return candidate
+    return graph.unique_name(name)
 
 
 def differentiable_targets(graph, wrt=()):

@@ -169,6 +169,14 @@ class GraphCore:
             if candidate not in self.nx:
                 return candidate
 
+    def unique_name(self, base: str) -> str:
+        """`base`, or `base.2`, `base.3`, ... whichever is free."""
+        name, k = base, 1
+        while name in self.nx:
+            k += 1
+            name = f"{base}.{k}"
+        return name
+
     def add_node(self, op_name, operands=(), attrs=None, name=None, layer=None, provenance=None,
                  stage="forward", index=None, replaces=()) -> Tensor:
         """Add one node: validate op, operands and attributes, infer its type. Raises an error that

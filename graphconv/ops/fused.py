@@ -41,14 +41,6 @@ def _items(attrs: dict) -> tuple:
     return tuple(sorted(attrs.items()))
 
 
-def _fresh(graph, base):
-    name, k = base, 1
-    while name in graph:
-        k += 1
-        name = f"{base}.{k}"
-    return name
-
-
 def epilogue_step(op_name, attrs, refs) -> tuple:
     return (op_name, _items(attrs), tuple(refs))
 
@@ -189,10 +181,10 @@ class FusedConv(Op):
             for j, o in enumerate(operands):
                 sub_needs.append(o in inner or o in wanted)
                 if o in inner:
-                    names[j] = _fresh(graph, f"d{o}")
+                    names[j] = graph.unique_name(f"d{o}")
                 elif o in wanted:
                     single = readers[o] == 1 and operands.count(o) == 1
-                    names[j] = e.names[first_index[o]] if single else _fresh(graph, f"{e.names[first_index[o]]}.part")
+                    names[j] = e.names[first_index[o]] if single else graph.unique_name(f"{e.names[first_index[o]]}.part")
             sub = type(e)(graph, graph.node(t.name), names)
             for o, r in zip(operands, OPS[graph.node(t.name).op].grad(sub, pending.pop(t.name), sub_needs)):
                 if r is None:
