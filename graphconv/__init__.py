@@ -1,6 +1,7 @@
 """graphconv: a symbolic graph compiler for convolutional networks."""
 from .builder import Graph
-from .errors import (CheckpointError, GraphConvError, GraphError, InputError, ResourceError, ShapeError,
+from .errors import (BackendError, CheckpointError, CompileError, GraphConvError, GraphError, InputError,
+                     ResourceError, ShapeError,
                      TrainingError)
 from .ir import Node, Tensor
 from .params import init_params

@@ -38,3 +38,13 @@ class OpError(Exception):
         self.message = message
         self.operand = operand
         self.kind = kind
+
+
+class CompileError(GraphConvError):
+    """Code generation could not turn a node into a kernel, or a compiler (NVRTC, g++) refused a
+    generated kernel; the message names the node, its layer, the template and the compiler's words."""
+
+
+class BackendError(GraphConvError):
+    """A backend cannot run here (no g++ for `host`, no GPU or driver for `cuda`); the message says
+    what to install or which backend to use instead."""

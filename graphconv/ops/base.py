@@ -24,6 +24,7 @@ REQUIRED = object()  # attribute default meaning "must be given"
 FLOAT_DTYPES = ("float32", "float64")
 DTYPES = FLOAT_DTYPES + ("int64", "uint8")      # uint8: e.g. a max-pool window's argmax code
 ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "uint8": 1}
+CTYPE = {"float32": "float", "float64": "double", "int64": "long long", "uint8": "unsigned char"}   # for codegen
 
 
 def register(op):

@@ -53,6 +53,15 @@ def _np_softplus(x):
 
 NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus}
 
+# The same two functions as CUDA device functions, the stable forms above: code generation prints
+# sigmoid(x) as gc_sigmoid(x) and puts these in the kernels that use them ({T}: float or double,
+# {f}: the math-function suffix, "f" for float).
+C_FUNCTIONS = {
+    "sigmoid": "__device__ __forceinline__ {T} gc_sigmoid({T} x) {{ const {T} e = exp{f}(-fabs{f}(x)); "
+               "return x >= 0 ? 1 / (1 + e) : e / (1 + e); }}",
+    "softplus": "__device__ __forceinline__ {T} gc_softplus({T} x) {{ return fmax{f}(x, 0) + log1p{f}(exp{f}(-fabs{f}(x))); }}",
+}
+
 
 class _WherePrinter(NumPyPrinter):
     """Prints Piecewise as nested numpy.where, several times faster than sympy's numpy.select."""

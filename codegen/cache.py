@@ -1,0 +1,43 @@
+"""On-disk caches for generated artefacts (NVRTC cubins, host shared libraries).
+
+Entries are named by `digest` of everything that determines them (source, flags, compiler version),
+so a hit never needs checking; writers go through a temporary file and `os.replace`, so processes
+sharing a cache never read half a file.
+"""
+import hashlib
+import os
+import pathlib
+import threading
+
+
+def cache_dir(kind: str) -> pathlib.Path:
+    """`$GRAPHCONV_CACHE/<kind>` or `~/.cache/graphconv/<kind>`, created if missing."""
+    root = os.environ.get("GRAPHCONV_CACHE") or pathlib.Path.home() / ".cache" / "graphconv"
+    path = pathlib.Path(root).expanduser() / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def digest(*parts) -> str:
+    """sha256 (24 hex chars) of the parts; each part is length-prefixed so ("ab","c") != ("a","bc")."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else bytes(part)
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:24]
+
+
+def temp_path(path: pathlib.Path) -> pathlib.Path:
+    """A name beside `path`, unique to this process and thread, to write before `os.replace`."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def write_atomic(path: pathlib.Path, data) -> None:
+    """Write `data` (str or bytes) to `path` so readers see the old file or the whole new one."""
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

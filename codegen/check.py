@@ -1,0 +1,104 @@
+"""Every kernel of a program against the NumPy reference of the node it computes: the operands are
+the reference's own values (so argmax codes, statistics and targets are real ones), the outputs
+and scratch are poisoned with NaN bytes first, so an element a kernel forgets to write fails."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphconv.reference import NumpyProgram
+
+from .runner import CompiledProgram
+
+
+@dataclass
+class KernelCheck:
+    node: str
+    op: str
+    kernels: tuple
+    max_abs: float
+    max_rel: float
+    ok: bool
+    note: str = ""
+
+
+def tolerance(dtype) -> float:
+    return 1e-4 if dtype == "float32" else 1e-10
+
+
+def compare(got, want, dtype, paired=None):
+    """(max abs error, max error relative to the tensor's largest magnitude, ok, note)."""
+    if got.shape != want.shape:
+        return np.inf, np.inf, False, f"shape {got.shape} != {want.shape}"
+    if got.dtype == np.uint8:          # argmax codes: exact, except at ties of the pooled value
+        bad = got != want
+        count = int(bad.sum())
+        if count == 0:
+            return 0.0, 0.0, True, ""
+        tie = paired is not None and count <= max(1, want.size // 1000)
+        return float(count), 0.0, tie, f"{count} codes differ{' (ties of equal maxima)' if tie else ''}"
+    unwritten = np.isnan(got) & ~np.isnan(want)
+    if unwritten.any():
+        return np.inf, np.inf, False, f"{int(unwritten.sum())} elements never written (still NaN poison)"
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
+    rel = diff / max(scale, 1e-30)
+    return diff, rel, diff <= tolerance(dtype) * max(scale, 1.0), ""
+
+
+def check_kernels(graph, inputs, params, backend="host") -> list:
+    """One KernelCheck per node that has kernels."""
+    compiled = CompiledProgram(graph, backend, poison=True)
+    ref = NumpyProgram(graph).run(inputs, params, keep=True)
+    program, runtime = compiled.program, compiled.runtime
+    batch = compiled.batch_of({graph.batch_symbol(): inputs[graph.inputs[0].name].shape[0]}
+                              if graph.batch_symbol() is not None else {})
+    by_node: dict = {}
+    for launch in program.launches:
+        by_node.setdefault(launch.node, []).append(launch.spec)
+    results = []
+    for node_name, specs in by_node.items():
+        node = graph.node(node_name)
+        owned = {}
+
+        def array(key):
+            if key in ref and key.split(":")[0] != node_name:
+                return np.ascontiguousarray(ref[key])
+            if key not in owned:
+                value = program.values[key]
+                owned[key] = runtime.view(runtime.alloc(value.nbytes(batch), True), value.dtype,
+                                          program.shape_of(key, batch))
+            return owned[key]
+
+        for spec in specs:
+            args = [np.int32(batch) if a.value is None else array(a.value) for a in spec.args]
+            grid, block = spec.launch_shape(batch)
+            runtime.launch(compiled.kernels[spec.name], grid, block, args)
+        wants = ref[node_name] if node.is_tuple else (ref[node_name],)
+        keys = [f"{node_name}:{i}" for i in range(len(wants))] if node.is_tuple else [node_name]
+        worst_abs = worst_rel = 0.0
+        ok, notes = True, []
+        for i, (key, want) in enumerate(zip(keys, wants)):
+            got = runtime.download(array(key))
+            a, r, good, note = compare(got, np.asarray(want), node.dtype if not node.is_tuple else
+                                       node.type.parts[0].dtype, paired=wants[0] if i else None)
+            if got.dtype != np.uint8:
+                worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
+            ok &= good
+            if note:
+                notes.append(note)
+        results.append(KernelCheck(node_name, node.op, tuple(s.name for s in specs), worst_abs, worst_rel, ok,
+                                   "; ".join(notes)))
+    return results
+
+
+def format_checks(results) -> str:
+    width = max([len(r.kernels[0]) for r in results] + [6])
+    lines = [f"  {'kernel'.ljust(width)}  {'node':<24} {'max abs err':>11} {'max rel err':>11}  status"]
+    for r in results:
+        for j, k in enumerate(r.kernels):
+            tail = (f"{r.max_abs:11.2e} {r.max_rel:11.2e}  {'ok' if r.ok else 'MISMATCH'}"
+                    f"{'  ' + r.note if r.note else ''}") if j == len(r.kernels) - 1 else ""
+            lines.append(f"  {k.ljust(width)}  {(r.node if j == 0 else ''):<24} {tail}")
+    return "\n".join(lines)

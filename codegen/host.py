@@ -1,0 +1,195 @@
+"""The `host` runtime: generated CUDA C kernels compiled by g++ (with runtime/gc_host.h) and run on the CPU.
+
+Each kernel becomes one cached shared library holding the kernel and a launcher
+`gc_host_launch(gx, gy, gz, bx, by, bz, void** args)`, where `args[i]` points at the i-th argument's
+value exactly as in cuLaunchKernel's kernelParams. Flags: `-O2 -ffp-contract=off -fno-math-errno`, no
+`-march=native`: the same IEEE single-precision operations on every CPU (no fused multiply-add where
+the source has none), portable libraries, and sqrtf inlined. `-fvisibility=hidden -fno-gnu-unique`:
+each library keeps its own threadIdx, fibre pool and helper functions (g++ would otherwise unify the
+header's inline variables across every loaded library); only the launcher is exported. Blocks run on
+all cores (OpenMP; set OMP_NUM_THREADS to use fewer).
+"""
+import concurrent.futures
+import ctypes
+import functools
+import operator
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import numpy as np
+
+from graphconv.errors import BackendError, CompileError
+
+from .cache import cache_dir, digest, temp_path
+
+HEADER = pathlib.Path(__file__).resolve().parent / "runtime" / "gc_host.h"
+FLAGS = ("-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", "-ffp-contract=off", "-fno-math-errno",
+         "-fvisibility=hidden", "-fno-gnu-unique")
+_INTEGERS = {  # C type (qualifiers dropped) -> numpy dtype, for scalar arguments and pointees
+    "int": np.int32, "unsigned int": np.uint32, "unsigned": np.uint32, "long long": np.int64,
+    "long long int": np.int64, "long": np.int64, "unsigned long long": np.uint64, "unsigned long": np.uint64,
+    "size_t": np.uint64, "short": np.int16, "unsigned short": np.uint16, "char": np.int8,
+    "signed char": np.int8, "unsigned char": np.uint8, "bool": np.bool_, "int8_t": np.int8, "uint8_t": np.uint8,
+    "int16_t": np.int16, "uint16_t": np.uint16, "int32_t": np.int32, "uint32_t": np.uint32,
+    "int64_t": np.int64, "uint64_t": np.uint64,
+}
+_DTYPES = {**_INTEGERS, "float": np.float32, "double": np.float64, "void": None}
+_QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict"}
+_ERROR = re.compile(r"^(.*?):(\d+):(\d+): (?:fatal )?error: (.*)$", re.M)
+
+
+def _parse_type(c_type):
+    """'const float* __restrict__' -> ('const float*', np.float32, True): the type to cast to (restrict
+    dropped), the value's or pointee's dtype, and whether it is a pointer (None: unknown type)."""
+    tokens = c_type.replace("*", " * ").split()
+    stars = tokens.count("*")
+    base = " ".join(t for t in tokens if t != "*" and t not in _QUALIFIERS)
+    cast = " ".join(t for t in tokens if t not in ("__restrict__", "__restrict", "restrict")).replace(" *", "*")
+    if stars > 1 or base not in _DTYPES or (base == "void" and not stars):
+        return None
+    return cast, (None if _DTYPES[base] is None else np.dtype(_DTYPES[base])), bool(stars)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler():
+    """(path of g++, its version), or BackendError when there is none."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        raise BackendError("the host backend needs g++ (apt-get install g++), or use backend='numpy'")
+    version = subprocess.run([gxx, "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
+    return gxx, version
+
+
+class HostKernel:
+    """One generated kernel compiled for the CPU: `HostKernel(source, name, params, barrier)`; `launch(grid, block, args)`.
+
+    params: [(c_type, arg_name)] in the kernel's order. barrier: the kernel calls __syncthreads()
+    (its threads then run as fibres; without it, as a plain loop). Attributes: `path` (the .so) and
+    `compiled` (False when it came from the cache)."""
+
+    def __init__(self, source: str, name: str, params: list[tuple[str, str]], barrier: bool):
+        self.name, self.params, self.barrier = name, list(params), bool(barrier)
+        self._types = []
+        for c_type, arg in self.params:
+            parsed = _parse_type(c_type)
+            if parsed is None:
+                raise CompileError(f"kernel {name}: parameter {arg!r} has type {c_type!r}, which the host runtime cannot pass")
+            self._types.append(parsed)
+        if not self.barrier and "__syncthreads" in source:
+            raise CompileError(f"kernel {name}: the source calls __syncthreads() but was declared barrier=False")
+        gxx, version = _compiler()
+        loads = "".join(f"    {cast} a{i} = *({cast}*)args[{i}];\n" for i, (cast, _, _) in enumerate(self._types))
+        call_args = ", ".join(f"a{i}" for i in range(len(self._types)))
+        launcher = (f'#line 1 "{name}.launcher.cpp"\n'
+                    'extern "C" __attribute__((visibility("default")))\n'
+                    'void gc_host_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,\n'
+                    '                    void** args) {\n'
+                    f"{loads}    auto call = [&]() {{ {name}({call_args}); }};\n"
+                    f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
+                    "}\n")
+        text = f'#include "{HEADER}"\n#line 1 "{name}.cu"\n{source}\n{launcher}'
+        key = digest(text, HEADER.read_text(), " ".join(FLAGS), gxx, version)
+        self.path = cache_dir("host") / f"{key}.so"
+        self.compiled = not self.path.exists()
+        if self.compiled:
+            self._compile(gxx, text, source)
+        self._lib = ctypes.CDLL(str(self.path))  # never unloaded: its OpenMP threads may outlive a launch
+        self._launch = self._lib.gc_host_launch
+        self._launch.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+        self._launch.restype = None
+
+    def _compile(self, gxx, text, source):
+        cpp = self.path.with_suffix(".cpp")
+        tmp_cpp, tmp_so = temp_path(cpp).with_suffix(".cpp"), temp_path(self.path)
+        try:
+            tmp_cpp.write_text(text)
+            proc = subprocess.run([gxx, *FLAGS, str(tmp_cpp), "-o", str(tmp_so)], capture_output=True, text=True,
+                                  env={**os.environ, "LC_ALL": "C"})  # plain ASCII quotes in messages
+            if proc.returncode:
+                raise CompileError(self._describe(proc.stderr, source, text))
+            os.replace(tmp_cpp, cpp)  # kept beside the .so for reading; the .so last makes the entry visible
+            os.replace(tmp_so, self.path)
+        finally:
+            tmp_cpp.unlink(missing_ok=True)
+            tmp_so.unlink(missing_ok=True)
+
+    def _describe(self, stderr, source, text):
+        """g++'s first error line and the source line it points at (kernel source numbering)."""
+        head = f"host backend: g++ could not compile kernel {self.name}"
+        m = _ERROR.search(stderr)
+        if not m:
+            return f"{head}: " + " | ".join(stderr.strip().splitlines()[:3])
+        file, line = os.path.basename(m.group(1)), int(m.group(2))
+        lines = {f"{self.name}.cu": source.splitlines(),
+                 f"{self.name}.launcher.cpp": text.split(f'#line 1 "{self.name}.launcher.cpp"\n', 1)[-1].splitlines()}
+        quoted = lines.get(file, [])
+        where = f"\n    {line} | {quoted[line - 1].strip()}" if 0 < line <= len(quoted) else ""
+        return f"{head}: {file}:{line}:{m.group(3)}: error: {m.group(4)}{where}"
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+        """Run the kernel over `grid` blocks of `block` threads; returns when every block is done."""
+        grid, block = self._dims(grid, "grid"), self._dims(block, "block")
+        if block[0] * block[1] * block[2] > 1024 or block[2] > 64:
+            raise CompileError(f"kernel {self.name}: block {block} has more than 1024 threads (or z > 64)")
+        if len(args) != len(self._types):
+            raise CompileError(f"kernel {self.name}: takes {len(self._types)} arguments, got {len(args)}")
+        slots = np.zeros(len(args) + 1, dtype=np.uint64)  # one 8-byte slot per argument's value
+        for i, (value, (cast, dtype, pointer), (c_type, arg)) in enumerate(zip(args, self._types, self.params)):
+            if pointer:
+                slots[i] = self._pointer(value, dtype, c_type, arg, cast.startswith("const"))
+            else:
+                slots[i:i + 1].view(dtype)[0] = self._scalar(value, dtype, c_type, arg)
+        pointers = slots.ctypes.data + 8 * np.arange(len(args), dtype=np.uint64)
+        self._launch(*grid, *block, pointers.ctypes.data)
+
+    def _dims(self, dims, what):
+        dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+        if len(dims) != 3 or min(dims) < 1 or max(dims) > 2**31 - 1:
+            raise CompileError(f"kernel {self.name}: bad {what} dimensions {dims}")
+        return dims
+
+    def _pointer(self, value, dtype, c_type, arg, const):
+        if value is None:
+            return 0
+        where = f"kernel {self.name}: argument {arg!r} ({c_type})"
+        if not isinstance(value, np.ndarray):
+            raise CompileError(f"{where} needs a numpy array, got {type(value).__name__}")
+        if dtype is not None and value.dtype != dtype:
+            raise CompileError(f"{where} needs a {dtype} array, got {value.dtype}")
+        if not value.flags.c_contiguous:
+            raise CompileError(f"{where} needs a C-contiguous array")
+        if not const and not value.flags.writeable:
+            raise CompileError(f"{where} is written by the kernel but the array is read-only")
+        return value.ctypes.data
+
+    def _scalar(self, value, dtype, c_type, arg):
+        where = f"kernel {self.name}: argument {arg!r} ({c_type})"
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value[()]
+        if dtype.kind == "f":
+            if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+                raise CompileError(f"{where} needs a real number, got {type(value).__name__}")
+            return float(value)
+        try:
+            value = operator.index(value)  # refuses floats: no silent truncation
+        except TypeError:
+            raise CompileError(f"{where} needs an integer, got {type(value).__name__}") from None
+        info = np.iinfo(dtype) if dtype.kind != "b" else None
+        if (info and not info.min <= value <= info.max) or (info is None and value not in (0, 1)):
+            raise CompileError(f"{where}: {value} does not fit in {c_type}")
+        return value
+
+
+def build_all(kernels: list[tuple[str, str, list, bool]], jobs: int | None = None) -> list[HostKernel]:
+    """Compile many kernels in parallel (subprocess g++ in a thread pool, os.cpu_count() jobs), each
+    cached. `kernels`: (source, name, params, barrier) tuples; results keep their order, and the first
+    failure in that order is raised."""
+    if not kernels:
+        return []
+    _compiler()  # one clear BackendError rather than one per thread
+    jobs = jobs or min(len(kernels), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda k: HostKernel(*k), kernels))

@@ -1,0 +1,115 @@
+"""Lowering: one graph node -> the kernels computing it (`Lowered`: KernelSpecs + shared scratch).
+
+Lowerings are registered per op (or per op family) in LOWERINGS by a decorator, as ops are in OPS;
+an elementwise op defined by a sympy expression needs no entry: it lowers through the pointwise
+family. Each family module sits beside its template and hands it C-ready values only.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from graphconv.errors import CompileError
+from graphconv.ops import OPS
+from graphconv.ops.base import CTYPE, TupleType
+
+from ..spec import BATCH, Arg, Lowered, Value
+
+LOWERINGS: dict = {}
+
+
+def lowering(*op_names):
+    def register(fn):
+        for name in op_names:
+            LOWERINGS[name] = fn
+        return fn
+    return register
+
+
+NB = sp.Symbol("nb", integer=True, positive=True)
+
+
+def c_int(expr) -> str:
+    """An integer size (sympy, in BATCH) as C text, `784` or `784*nb`: templates that use the batch
+    size declare `const long long nb = batch;` so that sizes are computed in 64 bits."""
+    expr = sp.sympify(expr)
+    return str(int(expr)) if expr.is_Integer else sp.ccode(expr.subs(BATCH, NB))
+
+
+def numel(shape):
+    n = sp.Integer(1)
+    for d in shape:
+        n *= d
+    return n
+
+
+class Context:
+    """What a lowering sees of its node: operand and result types in BATCH, keys to bind, names."""
+
+    def __init__(self, graph, node, batch_symbol):
+        self.graph, self.node = graph, node
+        self.op = OPS[node.op]
+        self.attrs = node.attrs
+        self.operands = graph.operands(node.name)
+        self._subs = {batch_symbol: BATCH} if batch_symbol is not None else {}
+        self.ins = [self.value_of(graph.node(o).type) for o in self.operands]
+        types = node.type.parts if isinstance(node.type, TupleType) else (node.type,)
+        self.outs = [self.value_of(t) for t in types]
+        self.dtype = self.outs[0].dtype if self.outs[0].dtype in CTYPE else node.dtype
+        self.T = CTYPE[self.dtype]
+        self.layer = node.layer or node.name
+
+    def value_of(self, t) -> Value | None:
+        if isinstance(t, TupleType):          # the operand of a `part`: read through its parts
+            return None
+        return Value(tuple(sp.sympify(d).subs(self._subs) for d in t.shape), t.dtype)
+
+    @property
+    def float_type(self) -> str:
+        """float or double: the type the node computes in."""
+        floats = [v.dtype for v in self.ins + self.outs if v.dtype in ("float32", "float64")]
+        return CTYPE[floats[0]] if floats else "float"
+
+    def out_key(self, i=0) -> str:
+        return f"{self.node.name}:{i}" if len(self.outs) > 1 else self.node.name
+
+    def scratch_key(self, what) -> str:
+        return f"{self.node.name}.{what}"
+
+    def arg_in(self, i, name) -> Arg:
+        return Arg(f"const {CTYPE[self.ins[i].dtype]}*", name, self.operands[i])
+
+    def arg_out(self, i, name) -> Arg:
+        return Arg(f"{CTYPE[self.outs[i].dtype]}*", name, self.out_key(i))
+
+    def where(self, template="") -> str:
+        t = f" template {template}" if template else ""
+        return f"{self.layer}: {self.node.name} [{self.node.op}]{t}: "
+
+    def shapes_text(self) -> str:
+        def fmt(v):
+            return f"{v.dtype}[{', '.join(str(d).replace('batch', 'N') for d in v.shape)}]"
+        ins = ", ".join(f"{o}: {fmt(v)}" for o, v in zip(self.operands, self.ins))
+        outs = ", ".join(fmt(v) for v in self.outs)
+        return f"({ins}) -> {outs}"
+
+    def fail(self, why) -> CompileError:
+        return CompileError(f"{self.where()}{why}")
+
+
+def short_dtype(dtype) -> str:
+    return {"float32": "f32", "float64": "f64", "uint8": "u8", "int64": "i64"}[dtype]
+
+
+def lower_node(ctx: Context) -> Lowered:
+    from . import families  # noqa: F401  (fills LOWERINGS)
+    fn = LOWERINGS.get(ctx.node.op)
+    if fn is None and ctx.op.kind == "elementwise" and hasattr(ctx.op, "expr"):
+        fn = LOWERINGS["<pointwise>"]
+    if fn is None:
+        raise ctx.fail(f"no kernel for op {ctx.node.op} yet; run this graph with backend='numpy'")
+    lowered = fn(ctx)
+    for k in lowered.kernels:
+        k.nodes = k.nodes or (ctx.node.name,)
+        k.layers = k.layers or (ctx.layer,)
+        k.shapes = k.shapes or ctx.shapes_text()
+    return lowered

@@ -1,0 +1,415 @@
+"""The GEMM family: one tiled template (gemm.cu.j2) for every op that is a matrix product,
+convolutions included, as implicit GEMMs whose operands are gathered on the fly:
+
+    op                      C[M, N]          M          N                       K
+    linear                  out[b, f]        batch      features                in_features
+    matmul                  out              rows       cols                    inner
+    conv / fused_conv       y[b, oc, q]      oc         batch x positions       c x kernel
+    conv backward-data      dx[b, c, h]      c          batch x input positions oc x kernel
+    conv backward-weight    dw[oc, c, r]     oc         c x kernel              batch x positions (split)
+
+A fused conv's columns run over (batch, pooled position, window offset), so each thread holds whole
+pooling windows and the bias, activation chain and pool happen in registers. A K that grows with the
+batch is split over blocks into partial sums that a second kernel adds in a fixed order.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from graphconv.ops import OPS
+from graphconv.ops.conv import Conv
+from graphconv.ops.fused import expression_of
+
+from ..cprinter import c_expression, c_function_prelude
+from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
+from . import c_int, lowering, numel, short_dtype
+
+def tile_config(M, N, G):
+    """Block tile, per-thread tile and thread grid. TX must divide BK*TM and TY must divide BK*TN,
+    so that every thread loads whole slots of both shared tiles; the k-step shrinks where a thread
+    would otherwise hold more than 8 load slots (their hoisted index arithmetic lives in registers)."""
+    TN = max(4, G)
+    if TN > 64:
+        raise ValueError(f"a pooling window of {G} elements is too large to pool in registers (at most 64)")
+    TM = 4 if TN <= 8 else (2 if TN <= 16 else 1)
+    M = sp.sympify(M)
+    BM = 64 if not M.is_Integer else next(b for b in (16, 32, 64, 64) if b >= min(int(M), 64))
+    BM = max(BM, TM)
+    if BM // TM < 8 and TM > 1:                  # small M: more threads along m, fewer rows each
+        TM = max(1, BM // 8)
+    TY = BM // TM
+    N = sp.sympify(N)
+    bn_target = 128 if not N.is_Integer else max(TN, min(128, 1 << max(0, (int(N) - 1).bit_length())))
+    TX = max(1, min(256 // TY, bn_target // TN))
+    BK = 16 if 16 * TN // TY <= 8 else 8
+    while (BK * TM) % TX:
+        TX -= 1
+    assert (BK * TN) % TY == 0, (TY, TN)
+    return {"BM": BM, "BN": TX * TN, "BK": BK, "TM": TM, "TN": TN, "TX": TX, "TY": TY, "G": G, "threads": TX * TY}
+
+
+def slots(fast, rows, cfg):
+    """Each thread's load slots of a BK x rows tile: (kk, rr) C expressions per slot."""
+    threads, BK = cfg["threads"], cfg["BK"]
+    total = BK * rows
+    out = []
+    for l in range(total // threads):
+        idx = f"(tid + {l * threads})" if l else "tid"
+        if fast == "k":
+            out.append((f"{idx} % {BK}", f"{idx} / {BK}"))
+        else:
+            out.append((f"{idx} / {rows}", f"{idx} % {rows}"))
+    return out
+
+
+def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, window_end, args, cfg,
+               groups=1, prelude="", a_desc="", b_desc="", split=False, scratch_args=()):
+    """The GEMM KernelSpec (and, when K is split, the reduce KernelSpec and its scratch)."""
+    T = ctx.float_type
+    ACC = T
+    params = dict(cfg, T=T, ACC=ACC, M=c_int(M), N=c_int(N), K=c_int(K), groups=groups, prelude=prelude,
+                  a_desc=a_desc, b_desc=b_desc, split=False, KCH=0,
+                  LA=0, a_kk=[], a_mm=[], a_setup=a["setup"], a_load=a["load"],
+                  LB=0, b_kk=[], b_nn=[], b_setup=b["setup"], b_load=b["load"],
+                  row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end)
+    a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)
+    params.update(LA=len(a_slots), a_kk=[s[0] for s in a_slots], a_mm=[s[1] for s in a_slots],
+                  LB=len(b_slots), b_kk=[s[0] for s in b_slots], b_nn=[s[1] for s in b_slots])
+    grid_xy = (sp.ceiling(sp.sympify(N) / cfg["BN"]), sp.ceiling(sp.sympify(M) / cfg["BM"]))
+    block = (cfg["threads"], 1, 1)
+    if not split:
+        spec = KernelSpec(name=name, template="gemm.cu.j2", params=params, args=args,
+                          grid=(*grid_xy, groups), block=block, barrier=True)
+        return Lowered(kernels=[spec])
+    # split K: the GEMM writes partial sums, the reduce kernel adds them and runs the epilogue
+    kch = cfg["BK"] * max(1, math.ceil(2048 / cfg["BK"]))
+    S = sp.ceiling(sp.sympify(K) / kch)
+    partial_key = ctx.scratch_key("partial")
+    total = groups * sp.sympify(M) * sp.sympify(N)
+    params.update(split=True, KCH=kch, row_setup=[], window_begin=[], window_end=[],
+                  element=[f"partial[((split * {groups} + grp) * M + m) * N + n] = c;"])
+    gemm_args = [a_ for a_ in args if not a_.writes and a_.value is not None] + \
+                [Arg(f"{T}*", "partial", partial_key), Arg("int", "batch")]
+    first = KernelSpec(name=name + "_partial", template="gemm.cu.j2", params=params, args=gemm_args,
+                       grid=(*grid_xy, groups * S), block=block, barrier=True)
+    reduce_args = [Arg(f"const {T}*", "partial", partial_key)] + [a_ for a_ in args if a_.writes] + \
+                  [Arg("int", "batch")]
+    second = KernelSpec(name=name + "_reduce", template="splitk_reduce.cu.j2",
+                        params={"M": c_int(M), "N": c_int(N), "K": c_int(K), "S": c_int(S), "groups": groups,
+                                "ACC": ACC, "threads": 256, "element": element},
+                        args=reduce_args, grid=(sp.Min(sp.ceiling(total / 256), 4096), 1, 1), block=(256, 1, 1))
+    return Lowered(kernels=[first, second], scratch={partial_key: Value((S * total,), ctx.dtype)})
+
+
+# ---- spatial index helpers (row-major over the spatial axes, C-ready text) -------------------------
+def unflatten(var, sizes, prefix):
+    """Lines defining prefix0, prefix1, ... = the row-major coordinates of flat index `var`."""
+    lines = []
+    for d, size in enumerate(sizes):
+        inner = math.prod(sizes[d + 1:])
+        text = f"{var} / {inner}" if inner != 1 else var
+        text = f"({text}) % {size}" if d else f"{text}" if len(sizes) == 1 else f"({text}) % {size}"
+        lines.append(f"const int {prefix}{d} = {text};")
+    return lines
+
+
+def flat(coords, sizes) -> str:
+    text = coords[0]
+    for c, s in zip(coords[1:], sizes[1:]):
+        text = f"({text}) * {s} + {c}"
+    return text
+
+
+def in_bounds(coords, sizes) -> str:
+    return " && ".join(f"{c} >= 0 && {c} < {s}" for c, s in zip(coords, sizes)) or "true"
+
+
+def ints(shape):
+    return [int(d) for d in shape]
+
+
+# ---- convolution, forward (plain and fused) ---------------------------------------------------------
+def conv_geometry(ctx, attrs, x, w):
+    conv = Conv(len(x.shape) - 2)
+    pads = conv.pads(attrs, w.shape)
+    if attrs["padding_mode"] != "zeros":
+        raise ctx.fail(f"padding_mode {attrs['padding_mode']!r} has no kernel yet (zeros only); run with backend='numpy'")
+    return {"nd": conv.nd, "C": int(x.shape[1]), "Si": ints(x.shape[2:]), "OC": int(w.shape[0]), "Cg": int(w.shape[1]),
+            "Kr": ints(w.shape[2:]), "stride": list(attrs["stride"]), "pad": [lo for lo, _ in pads],
+            "dil": list(attrs["dilation"]), "groups": int(attrs["groups"])}
+
+
+def epilogue_expr(steps, z):
+    value = z
+    for op, items, refs in steps:
+        value = expression_of(op, dict(items), [value if r == -1 else sp.Symbol(f"e{r}", real=True) for r in refs])
+    return value
+
+
+@lowering("conv1d", "conv2d", "conv3d", "fused_conv")
+def lower_conv(ctx):
+    fused = ctx.node.op == "fused_conv"
+    attrs = ctx.attrs
+    has_bias = attrs["bias"] if fused else len(ctx.operands) > 2
+    x, w = ctx.ins[0], ctx.ins[1]
+    geo = conv_geometry(ctx, attrs, x, w)
+    nd, C, Si, OC, Cg, Kr = geo["nd"], geo["C"], geo["Si"], geo["OC"], geo["Cg"], geo["Kr"]
+    groups = geo["groups"]
+    Mg = OC // groups
+    conv_out = OPS[f"conv{nd}d"].infer([ctx.graph.node(o).type for o in ctx.operands[:2]],
+                                       {k: attrs[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")})
+    So = ints(conv_out.shape[2:])
+    steps = attrs["epilogue"] if fused else ()
+    pool = attrs["pool"] if fused else ()
+    save = attrs["save"] if fused else ""
+    if pool:
+        pool_op, pool_items = pool
+        pa = dict(pool_items)
+        mode = "max" if pool_op.startswith("max") else "avg"
+        pk, ps = list(pa["kernel_size"]), list(pa["stride"])
+        ppad = [lo for lo, _ in pa["padding"]]
+        pdil = list(pa.get("dilation", (1,) * nd))
+        Sp = ints(ctx.outs[0].shape[2:])
+    else:
+        mode, pk, ps, ppad, pdil, Sp = None, [1] * nd, [1] * nd, [0] * nd, [1] * nd, So
+    G = math.prod(pk)
+    P, SiN, SoN, KK = math.prod(Sp), math.prod(Si), math.prod(So), math.prod(Kr)
+    n_extra = len(ctx.operands) - (3 if has_bias else 2) if fused else 0
+    extra_index = 3 if has_bias else 2
+    try:
+        cfg = tile_config(Mg, BATCH * P * G, G)
+    except ValueError as e:
+        raise ctx.fail(str(e)) from None
+    T = ctx.float_type
+    neg_inf = "-__int_as_float(0x7f800000)" if T == "float" else "-__longlong_as_double(0x7ff0000000000000LL)"
+    pool_may_leave = pool and (any(ppad) or any((o - 1) * s - p + (k - 1) * d >= so for o, s, p, k, d, so in
+                                                zip(Sp, ps, ppad, pk, pdil, So)))
+
+    def column_decode(var, suffix):
+        """Lines: from column `var`, the image, the pooled position, the window offset, the conv-output
+        position q{d} and whether it lies inside the conv output."""
+        lines = []
+        if G > 1:
+            lines += [f"const long long pn{suffix} = {var} / {G};", f"const int e{suffix} = {var} % {G};"]
+            pn = f"pn{suffix}"
+        else:
+            pn = var
+        lines += [f"const long long bimg{suffix} = {pn} / {P};", f"const int p{suffix} = {pn} % {P};"]
+        lines += unflatten(f"p{suffix}", Sp, f"p{suffix}_")
+        if G > 1:
+            lines += unflatten(f"e{suffix}", pk, f"e{suffix}_")
+            for d in range(nd):
+                lines.append(f"const int q{suffix}_{d} = p{suffix}_{d} * {ps[d]} - {ppad[d]} + e{suffix}_{d} * {pdil[d]};")
+        else:
+            for d in range(nd):
+                lines.append(f"const int q{suffix}_{d} = p{suffix}_{d};")
+        ok = in_bounds([f"q{suffix}_{d}" for d in range(nd)], So) if pool_may_leave else "true"
+        lines.append(f"const bool qok{suffix} = {ok};")
+        return lines
+
+    # B: the input gathered through the window (columns: image, position; rows: channel, kernel offset)
+    b_setup = column_decode("n@", "@")
+    b_setup += [f"const int i0_@_{d} = q@_{d} * {geo['stride'][d]} - {geo['pad'][d]};" for d in range(nd)]
+    b_setup.append(f"const long long xb@ = (bimg@ * {C} + grp * {Cg}) * {SiN}LL;")
+    b_load = [f"const int c = k / {KK};"] + unflatten(f"(int)(k % {KK})", Kr, "r")
+    b_load += [f"const int i{d} = i0_@_{d} + r{d} * {geo['dil'][d]};" for d in range(nd)]
+    idx = [f"i{d}" for d in range(nd)]
+    b_load.append(f"if (qok@ && {in_bounds(idx, Si)}) v = x[xb@ + (long long)c * {SiN} + {flat(idx, Si)}];")
+    # A: the weights, row = output channel, contiguous along k
+    a = {"fast": "k", "setup": [f"const long long wrow@ = (grp * {Mg} + m@) * {Cg * KK}LL;"],
+         "load": ["v = w[wrow@ + k];"]}
+    b = {"fast": "n", "setup": b_setup, "load": b_load}
+
+    # the epilogue: bias, the activation chain (extra operands per channel or full-size), the pool
+    z, sym = sp.Symbol("z", real=True), {}
+    expr = epilogue_expr(steps, z)
+    names = {"z": "z"}
+    loads = []
+    for r in range(n_extra):
+        ev = ctx.ins[extra_index + r]
+        names[f"e{r}"] = f"ex{r}"
+        if len(ev.shape) == 0:
+            loads.append(f"const {T} ex{r} = ep{r}[0];")
+        elif len(ev.shape) == 1:
+            loads.append(f"const {T} ex{r} = ep{r}[mg];")
+        else:
+            loads.append(f"const {T} ex{r} = qok ? ep{r}[(bimg * {OC} + mg) * {SoN}LL + "
+                         f"{flat([f'q_{d}' for d in range(nd)], So)}] : ({T})0;")
+    temps, result, used = c_expression(expr, ctx.dtype, names)
+    row_setup = [f"const long long mg = grp * {Mg} + m;"]
+    if has_bias:
+        row_setup.append(f"const {T} bias_m = bias[mg];")
+    element = column_decode("n", "") + [f"const {T} z = ({T})c{' + bias_m' if has_bias else ''};"] + loads + temps
+    element.append(f"const {T} v = {result};")
+    out_index = f"(bimg_w * {OC} + mg) * {P}LL + p_w"
+    if not pool:
+        window_begin, window_end = [], []
+        element.append(f"y[(bimg * {OC} + mg) * {P}LL + p] = v;")
+    elif mode == "max":
+        window_begin = [f"{T} best = {neg_inf};"] + (["int code = 0;"] if save else []) + \
+                       ([f"{T} best_z = 0;"] if save == "argmax_preact" else [])
+        track = (" code = e;" if save else "") + (" best_z = z;" if save == "argmax_preact" else "")
+        element.append(f"if (qok && v > best) {{ best = v;{track} }}   // the first maximum wins, as in the reference")
+        window_end = column_decode_end(G, P, Sp) + [f"y[{out_index}] = best;"]
+        if save:
+            window_end.append(f"code_out[{out_index}] = (unsigned char)code;")
+        if save == "argmax_preact":
+            window_end.append(f"preact[{out_index}] = best_z;")
+    else:
+        divisor = pa.get("divisor_override")
+        window_begin = [f"{T} sum = 0;", "int count = 0;"]
+        padded = in_bounds([f"q_{d}" for d in range(nd)], So)
+        if pa["count_include_pad"]:
+            lo = [f"q_{d} >= -{ppad[d]} && q_{d} < {So[d] + ppad[d]}" for d in range(nd)]
+            counted = " && ".join(lo)
+        else:
+            counted = padded
+        element.append(f"if (qok) sum += v;")
+        element.append(f"count += ({counted}) ? 1 : 0;")
+        window_end = column_decode_end(G, P, Sp) + [f"y[{out_index}] = sum / ({T}){divisor if divisor else 'count'};"]
+
+    args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "w")]
+    if has_bias:
+        args.append(ctx.arg_in(2, "bias"))
+    args += [ctx.arg_in(extra_index + r, f"ep{r}") for r in range(n_extra)]
+    args.append(ctx.arg_out(0, "y"))
+    if save:
+        args.append(ctx.arg_out(1, "code_out"))
+    if save == "argmax_preact":
+        args.append(ctx.arg_out(2, "preact"))
+    args.append(Arg("int", "batch"))
+    what = [f"conv{nd}d"] + [op for op, _, _ in steps] + ([pool[0]] if pool else []) + (["save"] if save else [])
+    dims = f"c{C}_k{OC}_r{'x'.join(map(str, Kr))}_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}"
+    dims += f"_i{'x'.join(map(str, Si))}" + (f"_g{groups}" if groups > 1 else "")
+    name = "_".join(what) + f"_{short_dtype(ctx.dtype)}_{dims}"
+    if n_extra or any(items for _, items, _ in steps):
+        from ..cache import digest
+        name += "_" + digest(repr(steps))[:6]
+    return gemm_specs(ctx, name, M=Mg, N=BATCH * P * G, K=Cg * KK, a=a, b=b, row_setup=row_setup,
+                      window_begin=window_begin, element=element, window_end=window_end, args=args, cfg=cfg,
+                      groups=groups, prelude=c_function_prelude(used, ctx.dtype),
+                      a_desc=f"w[oc, c, r]", b_desc=f"x[b, c, q*stride - pad + r*dilation] (0 outside)")
+
+
+def column_decode_end(G, P, Sp):
+    """The pooled output's image and position, from the window group's first column `nw`."""
+    return [f"const long long pn_w = nw / {G};", f"const long long bimg_w = pn_w / {P};", f"const int p_w = pn_w % {P};"]
+
+
+# ---- convolution, backward ----------------------------------------------------------------------
+@lowering("conv1d_backward_data", "conv2d_backward_data", "conv3d_backward_data")
+def lower_conv_backward_data(ctx):
+    """dx[b, c, h] = sum over (oc, r) of w[oc, c, r] * dy[b, oc, (h + pad - r*dil) / stride] where
+    that division is exact and inside dy: a GEMM over rows c, columns (b, h), depth (oc, r)."""
+    dy, w = ctx.ins
+    attrs = ctx.attrs
+    Si = ints(attrs["input_size"])
+    geo = conv_geometry(ctx, attrs, Value((dy.shape[0], int(w.shape[1]) * attrs["groups"], *Si), dy.dtype), w)
+    nd, OC, Cg, Kr, groups = geo["nd"], geo["OC"], geo["Cg"], geo["Kr"], geo["groups"]
+    C, So, OCg = Cg * groups, ints(dy.shape[2:]), OC // groups
+    SiN, SoN, KK = math.prod(Si), math.prod(So), math.prod(Kr)
+    cfg = tile_config(Cg, BATCH * SiN, 1)
+    a = {"fast": "k", "setup": [f"const long long wc@ = (long long)grp * {OCg * Cg * KK} + m@ * {KK};"],
+         "load": [f"const int oc = k / {KK};", f"const int r = k % {KK};", f"v = w[wc@ + oc * {Cg * KK}LL + r];"]}
+    b_setup = [f"const long long bimg@ = n@ / {SiN};", f"const int h@ = n@ % {SiN};"] + unflatten("h@", Si, "h@_")
+    b_setup.append(f"const long long dyb@ = (bimg@ * {OC} + grp * {OCg}) * {SoN}LL;")
+    b_load = [f"const int oc = k / {KK};"] + unflatten(f"(int)(k % {KK})", Kr, "r")
+    conds, coords = [], []
+    for d in range(nd):
+        s = geo["stride"][d]
+        b_load.append(f"const int t{d} = h@_{d} + {geo['pad'][d]} - r{d} * {geo['dil'][d]};")
+        conds.append(f"t{d} >= 0" + (f" && t{d} % {s} == 0" if s > 1 else "") + f" && t{d} / {s} < {So[d]}")
+        coords.append(f"t{d} / {s}" if s > 1 else f"t{d}")
+    b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
+    b = {"fast": "n", "setup": b_setup, "load": b_load}
+    element = [f"const long long bimg = n / {SiN};", f"const int h = n % {SiN};",
+               f"dx[(bimg * {C} + grp * {Cg} + m) * {SiN}LL + h] = c;"]
+    args = [ctx.arg_in(0, "dy"), ctx.arg_in(1, "w"), ctx.arg_out(0, "dx"), Arg("int", "batch")]
+    name = (f"conv{nd}d_backward_data_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
+            f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
+            + (f"_g{groups}" if groups > 1 else ""))
+    return gemm_specs(ctx, name, M=Cg, N=BATCH * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
+                      element=element, window_end=[], args=args, cfg=cfg, groups=groups,
+                      a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)")
+
+
+@lowering("conv1d_backward_weight", "conv2d_backward_weight", "conv3d_backward_weight")
+def lower_conv_backward_weight(ctx):
+    """dw[oc, c, r] = sum over (b, o) of dy[b, oc, o] * x[b, c, o*stride - pad + r*dil]: a GEMM over
+    rows oc, columns (c, r), depth (b, o), the depth split over blocks (it grows with the batch)."""
+    x, dy = ctx.ins
+    geo = conv_geometry(ctx, ctx.attrs, x, ctx.outs[0])
+    nd, C, Si, OC, Cg, Kr, groups = geo["nd"], geo["C"], geo["Si"], geo["OC"], geo["Cg"], geo["Kr"], geo["groups"]
+    So, OCg = ints(dy.shape[2:]), OC // groups
+    SiN, SoN, KK = math.prod(Si), math.prod(So), math.prod(Kr)
+    cfg = tile_config(OCg, Cg * KK, 1)
+    a = {"fast": "k", "setup": [f"const long long dyc@ = (grp * {OCg} + m@) * {SoN}LL;"],
+         "load": [f"const long long bi = k / {SoN};", f"const int o = k % {SoN};",
+                  f"v = dy[bi * {OC * SoN}LL + dyc@ + o];"]}
+    b_setup = [f"const int c@ = n@ / {KK};"] + unflatten(f"(int)(n@ % {KK})", Kr, "r@_")
+    b_setup.append(f"const long long xc@ = (grp * {Cg} + c@) * {SiN}LL;")
+    b_setup += [f"const int off@_{d} = r@_{d} * {geo['dil'][d]} - {geo['pad'][d]};" for d in range(nd)]
+    b_load = [f"const long long bi = k / {SoN};", f"const int o = k % {SoN};"] + unflatten("o", So, "o")
+    b_load += [f"const int i{d} = o{d} * {geo['stride'][d]} + off@_{d};" for d in range(nd)]
+    idx = [f"i{d}" for d in range(nd)]
+    b_load.append(f"if ({in_bounds(idx, Si)}) v = x[bi * {C * SiN}LL + xc@ + {flat(idx, Si)}];")
+    b = {"fast": "k", "setup": b_setup, "load": b_load}
+    element = [f"dw[(grp * {OCg} + m) * {Cg * KK}LL + n] = c;"]
+    args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "dy"), ctx.arg_out(0, "dw"), Arg("int", "batch")]
+    name = (f"conv{nd}d_backward_weight_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
+            f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
+            + (f"_g{groups}" if groups > 1 else ""))
+    return gemm_specs(ctx, name, M=OCg, N=Cg * KK, K=BATCH * SoN, a=a, b=b, row_setup=[], window_begin=[],
+                      element=element, window_end=[], args=args, cfg=cfg, groups=groups, split=True,
+                      a_desc="dy[b, oc, o]", b_desc="x[b, c, o*stride - pad + r*dilation] (0 outside)")
+
+
+# ---- dense products ---------------------------------------------------------------------------------
+def dense_operand(arr, rows, inner, transposed, which):
+    """A[m, k] (which='a', rows=M) or B[k, n] (which='b', rows=N) of a row-major matrix, transposed or not."""
+    if which == "a":
+        # stored [M, K] (k contiguous) or [K, M] (m contiguous)
+        return ({"fast": "m", "setup": [], "load": [f"v = {arr}[k * ({rows}) + m@];"]} if transposed else
+                {"fast": "k", "setup": [f"const long long arow@ = m@ * ({inner});"], "load": [f"v = {arr}[arow@ + k];"]})
+    return ({"fast": "k", "setup": [f"const long long brow@ = n@ * ({inner});"], "load": [f"v = {arr}[brow@ + k];"]}
+            if transposed else {"fast": "n", "setup": [], "load": [f"v = {arr}[k * ({rows}) + n@];"]})
+
+
+@lowering("linear")
+def lower_linear(ctx):
+    """out[b, f] = x[b, :] . w[:, f] + bias[f] (w is [in, out]): rows are examples, columns features (stores coalesced)."""
+    x, w = ctx.ins[0], ctx.ins[1]
+    In, F = int(w.shape[0]), int(w.shape[1])
+    M = numel(x.shape[:-1])
+    cfg = tile_config(M, F, 1)
+    a = dense_operand("x", "M", In, False, "a")
+    b = dense_operand("w", F, In, False, "b")
+    has_bias = len(ctx.operands) > 2
+    T = ctx.float_type
+    element = [f"out[m * {F}LL + n] = ({T})c{' + bias[n]' if has_bias else ''};"]
+    args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "w")] + ([ctx.arg_in(2, "bias")] if has_bias else [])
+    args += [ctx.arg_out(0, "out"), Arg("int", "batch")]
+    name = f"linear_{short_dtype(ctx.dtype)}_in{In}_out{F}" + ("" if has_bias else "_nobias")
+    return gemm_specs(ctx, name, M=M, N=F, K=In, a=a, b=b, row_setup=[], window_begin=[], element=element,
+                      window_end=[], args=args, cfg=cfg, a_desc="x[m, k]", b_desc="w[k, n]")
+
+
+@lowering("matmul")
+def lower_matmul(ctx):
+    A, B = ctx.ins
+    ta, tb = ctx.attrs["transpose_a"], ctx.attrs["transpose_b"]
+    M, K = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
+    N = B.shape[0] if tb else B.shape[1]
+    cfg = tile_config(M, N, 1)
+    a = dense_operand("a", c_int(M), c_int(K), ta, "a")
+    b = dense_operand("b", c_int(N), c_int(K), tb, "b")
+    element = [f"out[m * N + n] = c;"]
+    args = [ctx.arg_in(0, "a"), ctx.arg_in(1, "b"), ctx.arg_out(0, "out"), Arg("int", "batch")]
+    dims = lambda d: "N" if sp.sympify(d).has(BATCH) else str(d)   # noqa: E731
+    name = (f"matmul{'_ta' if ta else ''}{'_tb' if tb else ''}_{short_dtype(ctx.dtype)}_"
+            f"m{dims(M)}_n{dims(N)}_k{dims(K)}")
+    return gemm_specs(ctx, name, M=M, N=N, K=K, a=a, b=b, row_setup=[], window_begin=[], element=element,
+                      window_end=[], args=args, cfg=cfg, split=sp.sympify(K).has(BATCH),
+                      a_desc="a[k, m]" if ta else "a[m, k]", b_desc="b[n, k]" if tb else "b[k, n]")

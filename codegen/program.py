@@ -1,0 +1,149 @@
+"""A program: a graph lowered to its ordered kernel launches, plus a buffer plan by liveness. The
+runtimes (`host` now, `cuda` next) execute a Program and provide only allocation, copies, module
+loading and launches; everything here is shared."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from graphconv.errors import CompileError
+from graphconv.ops.base import TupleType
+
+from .lowering import Context, lower_node
+from .render import render
+from .spec import BATCH, Value
+
+
+@dataclass
+class Launch:
+    node: str
+    spec: object          # KernelSpec
+
+
+@dataclass
+class Plan:
+    """Where each value lives for one batch size: buffer index per value key, buffer sizes, and
+    the most bytes live at once."""
+    slot: dict
+    sizes: list
+    peak_bytes: int
+
+
+class Program:
+    def __init__(self, graph):
+        self.graph = graph.verify()
+        self.name = graph.name
+        batch = graph.batch_symbol()
+        self._check_static(batch)
+        self.values: dict = {}             # key -> Value (buffers the program owns)
+        self.external: dict = {}           # inputs and params: arrays the caller gives
+        self.alias: dict = {}              # view key -> the key it shares a buffer with
+        self.scratch_of: dict = {}         # node -> its scratch keys
+        self.launches: list = []
+        for node in graph.topo():
+            ctx = Context(graph, node, batch)
+            if node.role != "op":
+                self.external[node.name] = ctx.outs[0]
+                continue
+            lowered = lower_node(ctx)
+            if lowered.alias is not None:
+                self.alias[node.name] = lowered.alias
+                continue
+            for i, v in enumerate(ctx.outs):
+                self.values[ctx.out_key(i)] = v
+            self.values.update(lowered.scratch)
+            self.scratch_of[node.name] = list(lowered.scratch)
+            for spec in lowered.kernels:
+                render(spec)
+                self.launches.append(Launch(node.name, spec))
+        self.outputs = list(graph.outputs)
+        self._dedupe_names()
+
+    def _check_static(self, batch):
+        for node in self.graph.inputs:
+            for d in node.shape:
+                extra = sp.sympify(d).free_symbols - {batch}
+                if extra:
+                    names = ", ".join(sorted(map(str, extra)))
+                    raise CompileError(f"{self.graph.name}: input {node.name} has symbolic dims {names}; code generation "
+                                       f"bakes every size but the batch into the kernels: give them sizes "
+                                       f"(--dim {sorted(map(str, extra))[0]}=SIZE, or passes.bind_dims)")
+
+    def _dedupe_names(self):
+        """Equal names must mean equal code; a clash (two different kernels, one name) gets a suffix."""
+        seen: dict = {}
+        for launch in self.launches:
+            spec = launch.spec
+            base, k = spec.name, 1
+            while spec.name in seen and seen[spec.name] != spec.source.replace(spec.name, "@"):
+                k += 1
+                spec.name = f"{base}_{k}"
+            if spec.name != base:
+                render(spec)
+            seen[spec.name] = spec.source.replace(spec.name, "@")
+
+    # ---- values -------------------------------------------------------------------------------
+    def resolve(self, key: str) -> str:
+        while key in self.alias:
+            key = self.alias[key]
+        return key
+
+    def value(self, key) -> Value:
+        key = self.resolve(key)
+        return self.values.get(key) or self.external[key]
+
+    def shape_of(self, key, batch) -> tuple:
+        """The concrete shape of a graph tensor (a view has its own shape over its source's buffer)."""
+        node_key = key.split(":")[0]
+        if node_key in self.graph:
+            node = self.graph.node(node_key)
+            t = node.type.parts[int(key.split(":")[1])] if isinstance(node.type, TupleType) else node.type
+            b = self.graph.batch_symbol()
+            return tuple(int(sp.sympify(d).subs({b: batch}) if b is not None else d) for d in t.shape)
+        return tuple(int(sp.sympify(d).subs(BATCH, batch)) for d in self.values[key].shape)
+
+    @property
+    def kernels(self) -> list:
+        """The distinct kernels, in first-launch order."""
+        seen, out = set(), []
+        for launch in self.launches:
+            if launch.spec.name not in seen:
+                seen.add(launch.spec.name)
+                out.append(launch.spec)
+        return out
+
+    # ---- the buffer plan -----------------------------------------------------------------------
+    def plan(self, batch: int, reuse: bool = True) -> Plan:
+        """Assign every owned value a buffer, reusing the buffer of a value that is dead (its last
+        reader has run) when it is large enough: best fit, in launch order. Outputs are never reused."""
+        first, last = {}, {}
+        for step, launch in enumerate(self.launches):
+            for arg in launch.spec.args:
+                if arg.value is None:
+                    continue
+                key = self.resolve(arg.value)
+                if key in self.values:
+                    first.setdefault(key, step)
+                    last[key] = step
+        keep = {self.resolve(o) for o in self.outputs}
+        free, sizes, slot = [], [], {}
+        live = peak = 0
+        for step, launch in enumerate(self.launches):
+            for key in sorted((k for k, s in first.items() if s == step), key=lambda k: list(self.values).index(k)):
+                need = self.values[key].nbytes(batch)
+                fits = [b for b in free if sizes[b] >= need] if reuse else []
+                if fits:
+                    b = min(fits, key=lambda b: (sizes[b], b))
+                    free.remove(b)
+                else:
+                    b = len(sizes)
+                    sizes.append(need)
+                slot[key] = b
+                live += sizes[b]
+            peak = max(peak, live)
+            for key in [k for k, s in last.items() if s == step and k not in keep]:
+                if key in slot and slot[key] not in free:
+                    free.append(slot[key])
+                    live -= sizes[slot[key]]
+        return Plan(slot, sizes, peak)

@@ -1,0 +1,79 @@
+"""What a lowering produces: a KernelSpec per kernel (template, C-ready parameters, launch shape,
+typed argument list) and, per graph node, the kernels computing it plus the scratch buffers they share.
+
+Sizes are sympy expressions in the batch symbol `batch`: everything else is baked into the kernel as
+a constant, so one compiled program serves any batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+BATCH = sp.Symbol("batch", integer=True, positive=True)   # the kernels' one runtime size
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One kernel argument: its C type and name, and what the program binds to it: a value key
+    (a graph tensor, `node:i` for part i of a node with several outputs, or `node.scratch`), or
+    the batch size."""
+    ctype: str
+    name: str
+    value: str | None = None      # None: the batch size
+
+    @property
+    def is_pointer(self) -> bool:
+        return self.ctype.endswith("*")
+
+    @property
+    def writes(self) -> bool:
+        return self.is_pointer and not self.ctype.startswith("const")
+
+    def decl(self) -> str:
+        return f"{self.ctype} __restrict__ {self.name}" if self.is_pointer else f"{self.ctype} {self.name}"
+
+
+@dataclass
+class KernelSpec:
+    name: str                      # procedural: what it computes and its static shapes
+    template: str                  # codegen/templates/<template>
+    params: dict                   # C-ready values the template prints
+    args: list                     # [Arg], the typed argument list every runtime passes
+    grid: tuple                    # 3 sympy expressions in BATCH
+    block: tuple                   # 3 ints
+    nodes: tuple = ()              # graph nodes it computes
+    layers: tuple = ()             # the user layers they belong to
+    shapes: str = ""               # operand and result types, for the header
+    barrier: bool = False          # uses __syncthreads (the host runtime needs fibers then)
+    source: str = ""               # filled by render()
+
+    def launch_shape(self, batch: int) -> tuple:
+        grid = tuple(max(1, int(sp.sympify(g).subs(BATCH, batch))) for g in self.grid)
+        return grid, tuple(self.block)
+
+    def grid_text(self) -> str:
+        return "(" + ", ".join(str(g).replace("batch", "N") for g in self.grid) + ")"
+
+
+@dataclass
+class Value:
+    """A buffer-backed tensor of the program: shape (sympy, in BATCH) and dtype."""
+    shape: tuple
+    dtype: str
+
+    def nbytes(self, batch: int) -> int:
+        from graphconv.ops.base import ITEMSIZE
+        n = sp.Integer(1)
+        for d in self.shape:
+            n *= d
+        return int(sp.sympify(n).subs(BATCH, batch)) * ITEMSIZE[self.dtype]
+
+
+@dataclass
+class Lowered:
+    """A node after lowering: the kernels computing it in order, the scratch values they share, or
+    (for a view: flatten, reshape, part) the value it aliases."""
+    kernels: list = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)      # value key -> Value
+    alias: str | None = None

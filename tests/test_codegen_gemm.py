@@ -1,0 +1,108 @@
+"""The GEMM family (convolutions forward, fused, backward-data, backward-weight; linear; matmul):
+every kernel compiled by NVRTC for sm_90 and run on the host backend against the NumPy reference of
+its node, outputs poisoned first."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen import nvrtc
+from codegen.check import check_kernels
+from codegen.program import Program
+from graphconv.data import random_inputs
+from graphconv.pipeline import build
+
+
+def assert_kernels_match(graph, batch=3, seed=0, compile_nvrtc=True):
+    params = gc.init_params(graph, seed=seed)
+    results = check_kernels(graph, random_inputs(graph, batch, seed), params)
+    bad = [r for r in results if not r.ok]
+    assert not bad, "\n".join(f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}"
+                              for r in bad)
+    if compile_nvrtc and nvrtc.available():
+        for spec in Program(graph).kernels:
+            nvrtc.compile_kernel(spec.source, spec.name)      # raises on an error, a warning or a spill
+    return results
+
+
+def conv_net(nd, spatial, channels=3, out=4, pool=None, dtype="float32", **conv):
+    g = gc.Graph(f"conv{nd}", dtype)
+    x = g.input("x", ("N", channels, *spatial))
+    h = getattr(g, f"conv{nd}d")(x, out, conv.pop("kernel", 3), name="conv", **conv)
+    h = g.relu(h)
+    if pool:
+        kind, kw = pool
+        h = getattr(g, f"{kind}_pool{nd}d")(h, **kw)
+    g.output(h)
+    return g
+
+
+CASES = [
+    (2, (9, 9), {}, None),
+    (2, (11, 10), {"stride": 2, "padding": 1}, ("max", {"kernel_size": 2, "stride": 2})),
+    (2, (12, 12), {"dilation": 2, "padding": 2, "groups": 1}, ("max", {"kernel_size": 3, "stride": 2, "padding": 1})),
+    (2, (10, 10), {"padding": 1, "bias": False}, ("avg", {"kernel_size": 2})),
+    (2, (9, 9), {"padding": 1}, ("avg", {"kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False})),
+    (1, (17,), {"padding": 2, "kernel": 5}, ("max", {"kernel_size": 2})),
+    (3, (6, 7, 6), {"padding": 1}, ("max", {"kernel_size": 2})),
+]
+
+
+@pytest.mark.parametrize("nd,spatial,conv,pool", CASES)
+@pytest.mark.parametrize("stage", ["fused", "fused-train"])
+def test_conv_kernels_match_numpy(nd, spatial, conv, pool, stage):
+    g = conv_net(nd, spatial, pool=pool, **conv)
+    if stage == "fused-train":
+        g = conv_classifier(g)
+    built = build(g, stage)
+    results = assert_kernels_match(built)
+    ops = {r.op for r in results}
+    assert "fused_conv" in ops or "conv%dd" % nd in ops
+
+
+def conv_classifier(g):
+    """The graph with flatten + linear to 5 classes, so it can be trained."""
+    out = g.node(g.outputs[0])
+    g.outputs.clear()
+    from graphconv.ir import Tensor
+    h = g.flatten(Tensor(g, out.name))
+    g.output(g.linear(h, 5, name="fc"))
+    return g
+
+
+def test_grouped_strided_convolution_and_its_gradients():
+    g = gc.Graph("grouped")
+    x = g.input("x", ("N", 4, 9, 8))
+    h = g.relu(g.conv2d(x, 6, 3, stride=2, padding=1, groups=2, name="conv"))
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    assert_kernels_match(build(g, "train"))
+
+
+def test_float64_kernels():
+    g = conv_net(2, (8, 8), pool=("max", {"kernel_size": 2}), dtype="float64")
+    assert_kernels_match(build(conv_classifier(g), "fused-train"))
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_matmul_transposes_and_a_batch_sized_depth(ta, tb):
+    g = gc.Graph("mm")
+    a = g.input("a", ("N", 7) if not ta else ("N", 7))
+    b = g.param("b", (7, 5) if not tb else (5, 7), init=("uniform", 1.0))
+    if ta:    # depth = the batch: a^T [7, N] @ c [N, 5] (split over blocks, then reduced)
+        c = g.input("c", ("N", 5))
+        g.output(g.apply("matmul", a, c, transpose_a=True))
+    else:
+        g.output(g.apply("matmul", a, b, transpose_b=tb))
+    for batch in (1, 5, 300):
+        assert_kernels_match(g, batch=batch, compile_nvrtc=batch == 1)
+
+
+def test_one_program_serves_any_batch():
+    g = build(conv_net(2, (8, 8), pool=("max", {"kernel_size": 2})), "fused")
+    compiled = __import__("codegen.runner", fromlist=["x"]).CompiledProgram(g, "host", poison=True)
+    params = gc.init_params(g, seed=1)
+    for batch in (1, 2, 7):
+        inputs = random_inputs(g, batch, batch)
+        want = gc.compile(g).run(inputs, params)
+        got = compiled.run(inputs, params)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)

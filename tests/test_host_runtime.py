@@ -1,0 +1,265 @@
+"""The host runtime: hand-written CUDA kernels compiled by g++ with gc_host.h, checked against NumPy."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from graphconv.errors import BackendError, CompileError
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the host backend needs g++")
+
+AXPB = r'''
+extern "C" __global__ void __launch_bounds__(128) axpb(const float* __restrict__ x, float* __restrict__ y,
+                                                        float a, float b, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = fmaxf(a * x[i] + b, 0.0f) + __expf(-fabsf(x[i]));
+}'''
+
+REDUCE = r'''
+extern "C" __global__ void block_sum(const float* __restrict__ x, float* __restrict__ partial, int n) {
+    __shared__ float s[256];
+    const int t = threadIdx.x;
+    const int i = blockIdx.x * 256 + t;
+    s[t] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    for (int k = 128; k > 0; k >>= 1) {  // tree reduction: a barrier per level
+        if (t < k) s[t] += s[t + k];
+        __syncthreads();
+    }
+    if (t == 0) partial[blockIdx.x] = s[0];
+}'''
+
+EARLY_RETURN = r'''
+extern "C" __global__ void early_return(const float* x, float* out) {
+    __shared__ float s[64];
+    __shared__ float total;
+    const int t = threadIdx.x;
+    if (t >= 64) return;               // half the block leaves before any barrier
+    s[t] = x[blockIdx.x * 64 + t];
+    if (t == 0) total = 0.0f;
+    __syncthreads();
+    out[blockIdx.x * 128 + t] = s[63 - t];  // another thread's value: needs the barrier
+    if (t >= 32) return;               // a quarter more leaves between barriers
+    __syncthreads();
+    for (int r = 0; r < 3; ++r) {      // barriers in a loop with finished fibres around
+        if (t == r) total += s[t] + s[t + 32];
+        __syncthreads();
+    }
+    out[blockIdx.x * 128 + 64 + t] = total;
+}'''
+
+INDICES = r'''
+extern "C" __global__ void indices(int* out) {
+    const int bx = blockDim.x, by = blockDim.y, bz = blockDim.z;
+    const int block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const int thread = (threadIdx.z * by + threadIdx.y) * bx + threadIdx.x;
+    int* o = out + (block * bx * by * bz + thread) * 6;
+    o[0] = threadIdx.x; o[1] = threadIdx.y; o[2] = threadIdx.z;
+    o[3] = blockIdx.x; o[4] = blockIdx.y; o[5] = blockIdx.z;
+}'''
+
+TILE_2D = r'''
+extern "C" __global__ void transpose_tile(const float* __restrict__ x, float* __restrict__ y, int n) {
+    __shared__ float tile[16][17];  // 2-D block with a barrier: fibres indexed in x, y
+    const int r = blockIdx.y * 16 + threadIdx.y, c = blockIdx.x * 16 + threadIdx.x;
+    tile[threadIdx.y][threadIdx.x] = x[r * n + c];
+    __syncthreads();
+    y[(blockIdx.x * 16 + threadIdx.y) * n + blockIdx.y * 16 + threadIdx.x] = tile[threadIdx.x][threadIdx.y];
+}'''
+
+ATOMICS = r'''
+extern "C" __global__ void count(int* counter, float* fsum, int* biggest, unsigned* u) {
+    atomicAdd(counter, 1);
+    atomicAdd(fsum, 0.5f);
+    atomicMax(biggest, (int)(blockIdx.x * blockDim.x + threadIdx.x));
+    atomicAdd(u, 2);
+}'''
+
+DOUBLES = r'''
+extern "C" __global__ void doubles(const double* __restrict__ x, double* __restrict__ y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = sqrt(x[i]) * exp(-x[i]) + log1p(x[i]) + max(x[i], 0.5);
+}'''
+
+INTEGERS = r'''
+extern "C" __global__ void integers(const unsigned char* __restrict__ code, long long* __restrict__ wide,
+                                    unsigned char* __restrict__ code_out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    wide[i] = (long long)code[i] * 4000000000LL + i;
+    code_out[i] = (unsigned char)(code[i] + 7);  // wraps at 256
+}'''
+
+SCALARS = r'''
+extern "C" __global__ void scalars(double* out, int i, unsigned int u, long long ll, float f, double d,
+                                   unsigned char c) {
+    out[0] = i; out[1] = u; out[2] = (double)ll; out[3] = f; out[4] = d; out[5] = c;
+    out[6] = min(i, -3); out[7] = max(u, 5u);
+}'''
+
+P_AXPB = [("const float* __restrict__", "x"), ("float* __restrict__", "y"), ("float", "a"), ("float", "b"),
+          ("long long", "n")]
+P_REDUCE = [("const float*", "x"), ("float*", "partial"), ("int", "n")]
+P_EARLY = [("const float*", "x"), ("float*", "out")]
+P_TILE = [("const float*", "x"), ("float*", "y"), ("int", "n")]
+P_ATOMICS = [("int*", "counter"), ("float*", "fsum"), ("int*", "biggest"), ("unsigned int*", "u")]
+P_DOUBLES = [("const double*", "x"), ("double*", "y"), ("int", "n")]
+P_INTEGERS = [("const unsigned char*", "code"), ("long long*", "wide"), ("unsigned char*", "code_out"), ("int", "n")]
+P_SCALARS = [("double*", "out"), ("int", "i"), ("unsigned int", "u"), ("long long", "ll"), ("float", "f"),
+             ("double", "d"), ("unsigned char", "c")]
+
+SPECS = {
+    "axpb": (AXPB, P_AXPB, False), "block_sum": (REDUCE, P_REDUCE, True),
+    "early_return": (EARLY_RETURN, P_EARLY, True), "indices": (INDICES, [("int*", "out")], False),
+    "transpose_tile": (TILE_2D, P_TILE, True), "count": (ATOMICS, P_ATOMICS, False),
+    "doubles": (DOUBLES, P_DOUBLES, False), "integers": (INTEGERS, P_INTEGERS, False),
+    "scalars": (SCALARS, P_SCALARS, False),
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("GRAPHCONV_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def k(cache):
+    from codegen.host import build_all
+    built = build_all([(src, name, params, barrier) for name, (src, params, barrier) in SPECS.items()])
+    return dict(zip(SPECS, built))
+
+
+def test_grid_stride_elementwise(k):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(10_000).astype(np.float32)
+    y = np.zeros_like(x)
+    k["axpb"].launch((7, 1, 1), (128, 1, 1), [x, y, np.float32(1.5), -0.25, x.size])  # fewer threads than n
+    want = np.maximum(np.float32(1.5) * x + np.float32(-0.25), 0) + np.exp(-np.abs(x))
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_memory_tree_reduction(k):
+    x = np.random.default_rng(1).random(300 * 256 - 17).astype(np.float32)
+    partial = np.zeros(300, np.float32)
+    k["block_sum"].launch((300, 1, 1), (256, 1, 1), [x, partial, x.size])
+    want = np.pad(x, (0, 17)).reshape(300, 256).astype(np.float64).sum(axis=1)
+    np.testing.assert_allclose(partial, want, rtol=1e-5)
+
+
+def test_threads_returning_before_a_barrier(k):
+    blocks = 40
+    x = np.random.default_rng(2).random(blocks * 64).astype(np.float32)
+    out = np.full(blocks * 128, -1.0, np.float32)
+    k["early_return"].launch((blocks, 1, 1), (128, 1, 1), [x, out])
+    out = out.reshape(blocks, 128)
+    xs = x.reshape(blocks, 64)
+    np.testing.assert_array_equal(out[:, :64], xs[:, ::-1])
+    total = sum(xs[:, r] + xs[:, r + 32] for r in range(3))
+    np.testing.assert_allclose(out[:, 64:96], np.repeat(total[:, None], 32, axis=1), rtol=1e-6)
+    assert (out[:, 96:] == -1).all()
+
+
+def test_2d_and_3d_indices(k):
+    grid, block = (3, 2, 2), (4, 3, 2)
+    out = np.full(np.prod(grid) * np.prod(block) * 6, -1, np.int32)
+    k["indices"].launch(grid, block, [out])
+    bz, by, bx, tz, ty, tx = np.meshgrid(*(np.arange(d) for d in grid[::-1] + block[::-1]), indexing="ij")
+    want = np.stack([tx, ty, tz, bx, by, bz], axis=-1).reshape(-1)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_2d_block_with_barrier(k):
+    n = 64
+    x = np.random.default_rng(3).random((n, n)).astype(np.float32)
+    y = np.zeros_like(x)
+    k["transpose_tile"].launch((n // 16, n // 16, 1), (16, 16, 1), [x, y, n])
+    np.testing.assert_array_equal(y, x.T)
+
+
+def test_atomics_across_blocks(k):
+    counter, fsum, biggest, u = np.zeros(1, np.int32), np.zeros(1, np.float32), np.full(1, -5, np.int32), np.zeros(1, np.uint32)
+    k["count"].launch((500, 1, 1), (96, 1, 1), [counter, fsum, biggest, u])
+    assert counter[0] == 500 * 96 and u[0] == 2 * 500 * 96
+    assert fsum[0] == 0.5 * 500 * 96  # exact: every partial sum is representable
+    assert biggest[0] == 500 * 96 - 1
+
+
+def test_double_kernel(k):
+    x = np.random.default_rng(4).random(1000) * 10
+    y = np.zeros_like(x)
+    k["doubles"].launch((8, 1, 1), (128, 1, 1), [x, y, x.size])
+    np.testing.assert_allclose(y, np.sqrt(x) * np.exp(-x) + np.log1p(x) + np.maximum(x, 0.5), rtol=1e-14)
+
+
+def test_uint8_and_int64_pointers(k):
+    code = np.arange(300).astype(np.uint8)
+    wide, code_out = np.zeros(300, np.int64), np.zeros(300, np.uint8)
+    k["integers"].launch((3, 1, 1), (128, 1, 1), [code, wide, code_out, 300])
+    np.testing.assert_array_equal(wide, code.astype(np.int64) * 4_000_000_000 + np.arange(300))
+    np.testing.assert_array_equal(code_out, (code.astype(np.int64) + 7) % 256)
+
+
+def test_scalar_arguments_of_each_type(k):
+    out = np.zeros(8)
+    k["scalars"].launch((1, 1, 1), (1, 1, 1), [out, -7, np.uint32(4_000_000_000), -(2**40) - 3, 0.1, 1 / 3, 200])
+    assert out.tolist() == [-7, 4e9, -(2**40) - 3, float(np.float32(0.1)), 1 / 3, 200, -7, 4e9]
+
+
+def test_wrong_arguments_are_refused(k):
+    x, y = np.zeros(10, np.float32), np.zeros(10, np.float32)
+    with pytest.raises(CompileError, match=r"axpb.*'x'.*float32.*float64"):
+        k["axpb"].launch((1, 1, 1), (32, 1, 1), [x.astype(np.float64), y, 1.0, 0.0, 10])
+    with pytest.raises(CompileError, match="C-contiguous"):
+        k["axpb"].launch((1, 1, 1), (32, 1, 1), [np.zeros(20, np.float32)[::2], y, 1.0, 0.0, 10])
+    with pytest.raises(CompileError, match="takes 5 arguments"):
+        k["axpb"].launch((1, 1, 1), (32, 1, 1), [x, y, 1.0])
+    with pytest.raises(CompileError, match="needs an integer"):
+        k["axpb"].launch((1, 1, 1), (32, 1, 1), [x, y, 1.0, 0.0, 10.0])
+    with pytest.raises(CompileError, match="does not fit"):
+        k["scalars"].launch((1, 1, 1), (1, 1, 1), [np.zeros(8), 2**31, 0, 0, 0.0, 0.0, 0])
+    with pytest.raises(CompileError, match="read-only"):
+        ro = np.zeros(10, np.float32)
+        ro.flags.writeable = False
+        k["axpb"].launch((1, 1, 1), (32, 1, 1), [x, ro, 1.0, 0.0, 10])
+    with pytest.raises(CompileError, match="1024"):
+        k["axpb"].launch((1, 1, 1), (2048, 1, 1), [x, y, 1.0, 0.0, 10])
+
+
+def test_compile_error_names_kernel_and_line(cache):
+    from codegen.host import HostKernel
+    src = 'extern "C" __global__ void broken(float* y) {\n    int i = threadIdx.x;\n    y[i] = undefined_thing * 2.0f;\n}\n'
+    with pytest.raises(CompileError) as e:
+        HostKernel(src, "broken", [("float*", "y")], False)
+    msg = str(e.value)
+    assert "broken" in msg and "broken.cu:3:" in msg and "undefined_thing" in msg
+    assert "y[i] = undefined_thing * 2.0f;" in msg
+
+
+def test_barrier_flag_must_match_the_source(cache):
+    from codegen.host import HostKernel
+    with pytest.raises(CompileError, match="__syncthreads"):
+        HostKernel(REDUCE, "block_sum", P_REDUCE, False)
+
+
+def test_second_build_comes_from_the_cache(k):
+    from codegen.host import HostKernel
+    first = k["block_sum"]
+    mtime = os.stat(first.path).st_mtime_ns
+    again = HostKernel(REDUCE, "block_sum", P_REDUCE, True)
+    assert first.compiled and not again.compiled
+    assert again.path == first.path and os.stat(again.path).st_mtime_ns == mtime
+
+
+def test_missing_compiler_is_a_backend_error(cache, monkeypatch):
+    from codegen import host
+    host._compiler.cache_clear()
+    monkeypatch.setenv("PATH", "")
+    try:
+        with pytest.raises(BackendError, match=r"needs g\+\+.*backend='numpy'"):
+            host.HostKernel(AXPB, "axpb", P_AXPB, False)
+    finally:
+        host._compiler.cache_clear()
