@@ -16,6 +16,9 @@ BACKENDS = ("numpy", "host", "cuda")
 def compile(graph, backend="numpy", dtype=None, training=None):
     """Compile a graph into a callable: `run = gc.compile(g); y = run(x, params=params)`.
 
+    backend  numpy: the reference interpreter; host: the generated CUDA kernels, built with g++ and
+             run on the CPU; cuda: the same kernels on an NVIDIA GPU (next)
+
     dtype   cast the graph to float32 / float64 first
     training  set every batch_norm to batch statistics (True) or running statistics (False)
     """
@@ -28,8 +31,11 @@ def compile(graph, backend="numpy", dtype=None, training=None):
     if backend == "numpy":
         from .reference import NumpyProgram
         return NumpyProgram(graph)
-    raise GraphError(f"backend {backend!r} is not built yet: code generation comes after the foundation; "
-                     f"use backend='numpy'")
+    if backend == "cuda":
+        raise BackendError("backend 'cuda' (CuPy on an NVIDIA GPU) is not built yet; use backend='host' to run "
+                           "the same generated kernels on the CPU, or backend='numpy'")
+    from codegen.runner import CompiledProgram   # codegen sits above the IR: imported only here
+    return CompiledProgram(graph, backend)
 
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",

@@ -67,13 +67,25 @@ def cmd_check(args):
     from .pipeline import build, build_unfused
     from .training import Optimizer
     model = load_model(args)
+    if args.rtol is None:
+        args.rtol = 1e-9 if model.dtype == "float64" else 1e-4
     opt = Optimizer(args.optimizer)
     unfused = build_unfused(model, args.stage, args.loss, opt)
     fused = build(model, args.stage, args.loss, opt, collapse=args.collapse_convs)
     params = init_params(unfused, seed=args.seed)
     inputs = random_inputs(unfused, args.batch, args.seed)
+    fused_params = {n.name: params[n.name] for n in fused.params}
+    kernel_failures = 0
+    if args.backend == "host":
+        from codegen.check import check_kernels, format_checks
+        results = check_kernels(fused, inputs, fused_params)
+        kernel_failures = sum(not r.ok for r in results)
+        print(f"check {model.name} --stage {args.stage}: every kernel against the NumPy reference of its node "
+              f"(host backend, outputs poisoned with NaN first), {fused.dtype}, batch {args.batch}, seed {args.seed}")
+        print(format_checks(results))
+        print(f"{sum(len(r.kernels) for r in results)} kernels for {len(results)} nodes, {kernel_failures} mismatched\n")
     want = gc_compile(unfused).run(inputs, params)
-    got = gc_compile(fused, backend=args.backend).run(inputs, {n.name: params[n.name] for n in fused.params})
+    got = gc_compile(fused, backend=args.backend).run(inputs, fused_params)
     print(f"check {model.name} --stage {args.stage}: {args.backend} backend against the unfused graph, "
           f"{unfused.dtype}, batch {args.batch}, seed {args.seed}")
     width = max(len(o) for o in want)
@@ -87,7 +99,29 @@ def cmd_check(args):
         failed += not ok
         print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {'ok' if ok else 'MISMATCH'}")
     print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
-    return 1 if failed else 0
+    return 1 if failed or kernel_failures else 0
+
+
+def cmd_emit(args):
+    """The generated kernels of a stage as .cu files and a manifest, each compiled by NVRTC for sm_90."""
+    from codegen.emit import emit
+    from .pipeline import build
+    from .training import Optimizer
+    graph = build(load_model(args), args.stage, args.loss, Optimizer(args.optimizer))
+    manifest = emit(graph, args.output, check_nvrtc=not args.no_nvrtc)
+    rows = manifest["kernels"]
+    print(f"{graph.name} --stage {args.stage}: {len(rows)} kernels, {len(manifest['launches'])} launches -> "
+          f"{args.output}/")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        res = r.get("nvrtc_sm_90")
+        usage = (f"{res['registers']:3d} regs {res['shared_bytes']:6d} B smem {res['spill_stores']} spills"
+                 if res else "")
+        print(f"  {r['name'].ljust(width)}  {', '.join(r['nodes'])[:28]:<28}  {usage}")
+    plan = manifest["buffer_plan"]
+    print(f"buffer plan at batch {plan['batch']}: {plan['buffers']} buffers, {plan['allocated_bytes']:,} bytes "
+          f"allocated, peak {plan['peak_live_bytes']:,} bytes live")
+    return 0
 
 
 def cmd_gradcheck(args):
@@ -228,6 +262,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 STAGE_NAMES = ("forward", "backward", "train", "fused", "fused-train")
+BACKEND_CHOICES = ("numpy", "host", "cuda")
+BACKEND_HELP = ("numpy: the reference interpreter; host: the generated CUDA kernels built with g++ and run on the "
+                "CPU; cuda: on an NVIDIA GPU")
 LOSS_HELP = "cross_entropy: softmax cross-entropy; hinge: the lecture's multiclass SVM loss"
 
 
@@ -285,14 +322,26 @@ def parser() -> argparse.ArgumentParser:
     s = command("check", "run a fused graph and its unfused original on the same random data and compare",
                 dtype=("float64", "float32"), dims=True)
     s.add_argument("--stage", default="fused", choices=("fused", "fused-train"), help="which fused graph")
-    s.add_argument("--backend", default="numpy", choices=("numpy",), help="where the fused graph runs")
+    s.add_argument("--backend", default="numpy", choices=("numpy", "host"),
+                   help="numpy: the fused graph against the unfused one; host: also every generated kernel against "
+                        "the NumPy reference of its node, outputs poisoned first")
     s.add_argument("--batch", type=_positive, default=4, help="batch size of the random data")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the data and parameters")
-    s.add_argument("--rtol", type=_positive_float, default=1e-9, help="relative tolerance")
+    s.add_argument("--rtol", type=_positive_float, default=None,
+                   help="relative tolerance of the outputs (default: 1e-9 in float64, 1e-4 in float32)")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
     s.add_argument("--collapse-convs", action="store_true", help="also collapse stacked convolutions")
     s.set_defaults(func=cmd_check)
+
+    s = command("emit", "write the generated CUDA kernels of a stage (.cu files + manifest.json), NVRTC-checked",
+                dims=True)
+    s.add_argument("--stage", default="fused", choices=STAGE_NAMES, help="which graph")
+    s.add_argument("-o", "--output", required=True, help="folder for the .cu files and manifest.json")
+    s.add_argument("--no-nvrtc", action="store_true", help="skip the NVRTC compile (and the resource columns)")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
+    s.set_defaults(func=cmd_emit)
 
     s = command("gradcheck", "check every gradient rule of the model's backward graph by finite differences",
                 dtype=("float64",), dims=True)
@@ -313,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="L2 penalty added to the gradient")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the batch order")
-    s.add_argument("--backend", default="numpy", choices=("numpy",), help="where the steps run")
+    s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--save", default=None, help="checkpoint path, written after every epoch (default: MODEL.npz)")
     s.add_argument("--resume", default=None, help="continue from a checkpoint written by --save")
     s.add_argument("--force", action="store_true", help="overwrite an existing --save file that holds a longer run")
@@ -324,7 +373,7 @@ def parser() -> argparse.ArgumentParser:
     s = command("run", "run a model on random inputs and print its outputs", dims=True)
     s.add_argument("--batch", type=_positive, default=8, help="batch size of the random inputs")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and parameters")
-    s.add_argument("--backend", default="numpy", choices=("numpy",), help="where it runs")
+    s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.set_defaults(func=cmd_run)
     return p
 

@@ -175,8 +175,13 @@ class Trainer:
         self.with_loss = attach_loss(graph, loss)
         self.step_graph = build_train_step(self.with_loss, self.optimizer)
         self.eval_graph = set_training(self.with_loss, False)
-        self.step_program = gc_compile(self.step_graph, backend=backend)
-        self.eval_program = gc_compile(self.eval_graph, backend=backend)
+        if backend == "numpy":
+            self.step_program = gc_compile(self.step_graph, backend=backend)
+            self.eval_program = gc_compile(self.eval_graph, backend=backend)
+        else:   # the kernel backends run the fused graphs: one kernel per fused node
+            from .pipeline import fuse
+            self.step_program = gc_compile(fuse(self.step_graph), backend=backend)
+            self.eval_program = gc_compile(fuse(self.eval_graph), backend=backend)
         self.state = init_params(self.step_graph, seed=check_seed(seed))   # parameters, running statistics, buffers
         self.epoch = 0
         self.steps = 0
