@@ -17,7 +17,7 @@ PLAN_BATCH = 64
 def manifest_of(program: Program, resources: dict | None = None) -> dict:
     kernels = []
     for spec in program.kernels:
-        row = {"name": spec.name, "file": f"{spec.name}.cu", "nodes": list(spec.nodes), "layers": list(spec.layers),
+        row = {"name": spec.name, "file": f"{spec.name}.cu", "nodes": list(spec.nodes), "replaces": list(spec.replaces), "layers": list(spec.layers),
                "template": spec.template, "grid": spec.grid_text(), "block": list(spec.block),
                "barrier": spec.barrier,
                "arguments": [{"type": a.ctype, "name": a.name, "binds": a.value or "batch size"} for a in spec.args],
@@ -26,7 +26,9 @@ def manifest_of(program: Program, resources: dict | None = None) -> dict:
             row["nvrtc_sm_90"] = resources[spec.name]
         kernels.append(row)
     plan = program.plan(PLAN_BATCH)
-    return {"graph": program.name, "kernels": kernels,
+    from . import nvrtc
+    version = ".".join(map(str, nvrtc.version())) if resources is not None else None
+    return {"graph": program.name, "nvrtc": version, "kernels": kernels,
             "launches": [{"node": l.node, "kernel": l.spec.name} for l in program.launches],
             "buffer_plan": {"batch": PLAN_BATCH, "buffers": len(plan.sizes), "allocated_bytes": sum(plan.sizes),
                             "peak_live_bytes": plan.peak_bytes}}
@@ -62,3 +64,25 @@ def where_of(program, kernel_name) -> str:
             s = launch.spec
             return f"{', '.join(s.layers)}: {launch.node} [{program.graph.node(launch.node).op}] template {s.template}: "
     return ""
+
+
+BUNDLED = {"lenet5": ("fused", "fused-train"), "vgg_small": ("fused", "fused-train"),
+           "resnet8": ("fused", "fused-train")}
+
+
+def regenerate_bundled(root) -> list:
+    """kernels_generated/<model>/<stage>/ for the bundled models; returns the folders written."""
+    from graphconv.models import MODELS
+    from graphconv.pipeline import build
+    folders = []
+    for model, stages in BUNDLED.items():
+        for stage in stages:
+            folder = pathlib.Path(root) / model / stage
+            emit(build(MODELS[model](), stage), folder)
+            folders.append(folder)
+    return folders
+
+
+if __name__ == "__main__":     # python -m codegen.emit: rewrite kernels_generated/
+    for f in regenerate_bundled(pathlib.Path(__file__).resolve().parent.parent / "kernels_generated"):
+        print("wrote", f)

@@ -23,9 +23,9 @@ from .cache import cache_dir, digest
 
 _MISSING = "NVRTC is not installed: pip install nvidia-cuda-nvrtc (the 'cuda' extra)"
 # --ptxas-options=-v (and -Xptxas=-v, both accepted by NVRTC 13.5) puts the resource report in the log.
-# --maxrregcount=255: NVRTC otherwise caps a kernel at 128 registers and spills a register-blocked
-# GEMM tile; each kernel's __launch_bounds__ is what keeps its block within the register file.
-_BASE_OPTIONS = ("--ptxas-options=-v", "--std=c++17", "--fmad=true", "--maxrregcount=255")
+# Register limits are each kernel's own business: its __launch_bounds__ (a global --maxrregcount
+# made ptxas spill register-blocked GEMM tiles at 64 registers).
+_BASE_OPTIONS = ("--ptxas-options=-v", "--std=c++17", "--fmad=true")
 
 
 @dataclass(frozen=True)

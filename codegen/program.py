@@ -3,6 +3,7 @@ runtimes (`host` now, `cuda` next) execute a Program and provide only allocation
 loading and launches; everything here is shared."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy as sp
@@ -13,6 +14,8 @@ from graphconv.ops.base import TupleType
 from .lowering import Context, lower_node
 from .render import render
 from .spec import BATCH, Value
+
+_HEADER_FIELDS = re.compile(r"^//   (computes|shapes): .*$", re.M)     # what names the nodes a kernel is for
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Program:
         self.alias: dict = {}              # view key -> the key it shares a buffer with
         self.scratch_of: dict = {}         # node -> its scratch keys
         self.launches: list = []
+        self.inlined: set = set()          # nodes computed inside their readers' kernels, never stored
         for node in graph.topo():
             ctx = Context(graph, node, batch)
             if node.role != "op":
@@ -49,6 +53,9 @@ class Program:
             lowered = lower_node(ctx)
             if lowered.alias is not None:
                 self.alias[node.name] = lowered.alias
+                continue
+            if not lowered.kernels:          # gathered by its readers' kernels (lowering/prologue.py)
+                self.inlined.add(node.name)
                 continue
             for i, v in enumerate(ctx.outs):
                 self.values[ctx.out_key(i)] = v
@@ -71,17 +78,31 @@ class Program:
                                        f"(--dim {sorted(map(str, extra))[0]}=SIZE, or passes.bind_dims)")
 
     def _dedupe_names(self):
-        """Equal names must mean equal code; a clash (two different kernels, one name) gets a suffix."""
-        seen: dict = {}
+        """One kernel per distinct code: launches whose kernels differ only in the nodes they are for
+        (resnet's repeated blocks) share one kernel, whose header lists every node; two different
+        kernels that got one procedural name are told apart by a suffix."""
+        groups: dict = {}
         for launch in self.launches:
             spec = launch.spec
-            base, k = spec.name, 1
-            while spec.name in seen and seen[spec.name] != spec.source.replace(spec.name, "@"):
-                k += 1
-                spec.name = f"{base}_{k}"
-            if spec.name != base:
-                render(spec)
-            seen[spec.name] = spec.source.replace(spec.name, "@")
+            body = _HEADER_FIELDS.sub("", spec.source)
+            variants = groups.setdefault(spec.name, [])
+            for variant_body, members in variants:
+                if variant_body == body:
+                    members.append(spec)
+                    break
+            else:
+                variants.append((body, [spec]))
+        for base, variants in groups.items():
+            for k, (_, members) in enumerate(variants):
+                first = members[0]
+                if k:
+                    first.name = f"{base}_{k + 1}"
+                first.nodes = tuple(dict.fromkeys(n for m in members for n in m.nodes))
+                first.layers = tuple(dict.fromkeys(n for m in members for n in m.layers))
+                if len(members) > 1 or k:
+                    render(first)
+                for m in members[1:]:
+                    m.name, m.nodes, m.layers, m.source = first.name, first.nodes, first.layers, first.source
 
     # ---- values -------------------------------------------------------------------------------
     def resolve(self, key: str) -> str:

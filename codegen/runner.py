@@ -107,7 +107,7 @@ class CompiledProgram:
             args = [np.int32(batch) if a.value is None else array(a.value) for a in spec.args]
             grid, block = spec.launch_shape(batch)
             self.runtime.launch(self.kernels[spec.name], grid, block, args)
-        names = [n.name for n in self.graph.topo()] if keep else self.graph.outputs
+        names = [n.name for n in self.graph.topo() if n.name not in self.program.inlined] if keep else self.graph.outputs
         return {name: self._value(name, array) for name in names}
 
     def _value(self, name, array):

@@ -43,6 +43,7 @@ class KernelSpec:
     grid: tuple                    # 3 sympy expressions in BATCH
     block: tuple                   # 3 ints
     nodes: tuple = ()              # graph nodes it computes
+    replaces: tuple = ()           # for a fused node: the nodes of the user's graph it stands for
     layers: tuple = ()             # the user layers they belong to
     shapes: str = ""               # operand and result types, for the header
     barrier: bool = False          # uses __syncthreads (the host runtime needs fibers then)

@@ -7,6 +7,7 @@ family. Each family module sits beside its template and hands it C-ready values 
 from __future__ import annotations
 
 import sympy as sp
+import sympy.printing.c  # noqa: F401  (IntegerPrinter's base)
 
 from graphconv.errors import CompileError
 from graphconv.ops import OPS
@@ -28,11 +29,25 @@ def lowering(*op_names):
 NB = sp.Symbol("nb", integer=True, positive=True)
 
 
+class IntegerPrinter(sp.printing.c.C99CodePrinter):
+    """Integer arithmetic only: ceiling(p/q) as (p + q - 1) / q, Min as min; never a float."""
+
+    def _print_ceiling(self, expr):
+        num, den = sp.fraction(sp.together(expr.args[0]))
+        return f"(({self._print(num)} + {self._print(den - 1)}) / {self._print(den)})"
+
+    def _print_Min(self, expr):
+        text = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            text = f"min({text}, {self._print(a)})"
+        return text
+
+
 def c_int(expr) -> str:
     """An integer size (sympy, in BATCH) as C text, `784` or `784*nb`: templates that use the batch
     size declare `const long long nb = batch;` so that sizes are computed in 64 bits."""
     expr = sp.sympify(expr)
-    return str(int(expr)) if expr.is_Integer else sp.ccode(expr.subs(BATCH, NB))
+    return str(int(expr)) if expr.is_Integer else IntegerPrinter().doprint(expr.subs(BATCH, NB))
 
 
 def numel(shape):
@@ -110,6 +125,7 @@ def lower_node(ctx: Context) -> Lowered:
     lowered = fn(ctx)
     for k in lowered.kernels:
         k.nodes = k.nodes or (ctx.node.name,)
+        k.replaces = k.replaces or tuple(r[0] for r in ctx.node.replaces)
         k.layers = k.layers or (ctx.layer,)
         k.shapes = k.shapes or ctx.shapes_text()
     return lowered

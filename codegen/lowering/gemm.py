@@ -25,42 +25,46 @@ from graphconv.ops.fused import expression_of
 from ..cprinter import c_expression, c_function_prelude
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, numel, short_dtype
+from .prologue import gather_lines, gathered_gradient
 
 def tile_config(M, N, G):
-    """Block tile, per-thread tile and thread grid. TX must divide BK*TM and TY must divide BK*TN,
-    so that every thread loads whole slots of both shared tiles; the k-step shrinks where a thread
-    would otherwise hold more than 8 load slots (their hoisted index arithmetic lives in registers)."""
+    """Block tile, per-thread tile (TM x TN), thread grid (TY x TX) and k-step BK. A thread holds
+    whole pooling windows (TN >= G); narrow products put more threads along m (at least 128 threads
+    where the tile allows); BK is the deepest step with at most 8 load slots per thread and operand
+    (their hoisted index arithmetic lives in registers)."""
     TN = max(4, G)
     if TN > 64:
         raise ValueError(f"a pooling window of {G} elements is too large to pool in registers (at most 64)")
     TM = 4 if TN <= 8 else (2 if TN <= 16 else 1)
-    M = sp.sympify(M)
+    M, N = sp.sympify(M), sp.sympify(N)
     BM = 64 if not M.is_Integer else next(b for b in (16, 32, 64, 64) if b >= min(int(M), 64))
-    BM = max(BM, TM)
-    if BM // TM < 8 and TM > 1:                  # small M: more threads along m, fewer rows each
-        TM = max(1, BM // 8)
-    TY = BM // TM
-    N = sp.sympify(N)
     bn_target = 128 if not N.is_Integer else max(TN, min(128, 1 << max(0, (int(N) - 1).bit_length())))
-    TX = max(1, min(256 // TY, bn_target // TN))
-    BK = 16 if 16 * TN // TY <= 8 else 8
-    while (BK * TM) % TX:
-        TX -= 1
-    assert (BK * TN) % TY == 0, (TY, TN)
+    while True:
+        TM = min(TM, BM)
+        TY = BM // TM
+        TX = max(1, min(256 // TY, bn_target // TN))
+        if TX * TY >= 128 or TM == 1:
+            break
+        TM //= 2
+    threads = TX * TY
+    BK = next(bk for bk in (16, 8, 4, 2, 1)
+              if -(-bk * BM // threads) <= 8 and -(-bk * TX * TN // threads) <= 8)
     return {"BM": BM, "BN": TX * TN, "BK": BK, "TM": TM, "TN": TN, "TX": TX, "TY": TY, "G": G, "threads": TX * TY}
 
 
 def slots(fast, rows, cfg):
-    """Each thread's load slots of a BK x rows tile: (kk, rr) C expressions per slot."""
+    """Each thread's load slots of a BK x rows tile: (kk, rr, guard) C expressions per slot; the
+    guard (or "") keeps the last slot inside the tile when threads do not divide it."""
     threads, BK = cfg["threads"], cfg["BK"]
     total = BK * rows
     out = []
-    for l in range(total // threads):
+    for l in range(-(-total // threads)):
         idx = f"(tid + {l * threads})" if l else "tid"
+        guard = f"{idx} < {total}" if (l + 1) * threads > total else ""
         if fast == "k":
-            out.append((f"{idx} % {BK}", f"{idx} / {BK}"))
+            out.append((f"{idx} % {BK}", f"{idx} / {BK}", guard))
         else:
-            out.append((f"{idx} / {rows}", f"{idx} % {rows}"))
+            out.append((f"{idx} / {rows}", f"{idx} % {rows}", guard))
     return out
 
 
@@ -76,7 +80,9 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                   row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end)
     a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)
     params.update(LA=len(a_slots), a_kk=[s[0] for s in a_slots], a_mm=[s[1] for s in a_slots],
-                  LB=len(b_slots), b_kk=[s[0] for s in b_slots], b_nn=[s[1] for s in b_slots])
+                  a_guard=[s[2] for s in a_slots],
+                  LB=len(b_slots), b_kk=[s[0] for s in b_slots], b_nn=[s[1] for s in b_slots],
+                  b_guard=[s[2] for s in b_slots])
     grid_xy = (sp.ceiling(sp.sympify(N) / cfg["BN"]), sp.ceiling(sp.sympify(M) / cfg["BM"]))
     block = (cfg["threads"], 1, 1)
     if not split:
@@ -192,16 +198,16 @@ def lower_conv(ctx):
         position q{d} and whether it lies inside the conv output."""
         lines = []
         if G > 1:
-            lines += [f"const long long pn{suffix} = {var} / {G};", f"const int e{suffix} = {var} % {G};"]
+            lines += [f"const long long pn{suffix} = {var} / {G};", f"const int woff{suffix} = {var} % {G};"]
             pn = f"pn{suffix}"
         else:
             pn = var
         lines += [f"const long long bimg{suffix} = {pn} / {P};", f"const int p{suffix} = {pn} % {P};"]
         lines += unflatten(f"p{suffix}", Sp, f"p{suffix}_")
         if G > 1:
-            lines += unflatten(f"e{suffix}", pk, f"e{suffix}_")
+            lines += unflatten(f"woff{suffix}", pk, f"woff{suffix}_")
             for d in range(nd):
-                lines.append(f"const int q{suffix}_{d} = p{suffix}_{d} * {ps[d]} - {ppad[d]} + e{suffix}_{d} * {pdil[d]};")
+                lines.append(f"const int q{suffix}_{d} = p{suffix}_{d} * {ps[d]} - {ppad[d]} + woff{suffix}_{d} * {pdil[d]};")
         else:
             for d in range(nd):
                 lines.append(f"const int q{suffix}_{d} = p{suffix}_{d};")
@@ -250,7 +256,7 @@ def lower_conv(ctx):
     elif mode == "max":
         window_begin = [f"{T} best = {neg_inf};"] + (["int code = 0;"] if save else []) + \
                        ([f"{T} best_z = 0;"] if save == "argmax_preact" else [])
-        track = (" code = e;" if save else "") + (" best_z = z;" if save == "argmax_preact" else "")
+        track = (" code = woff;" if save else "") + (" best_z = z;" if save == "argmax_preact" else "")
         element.append(f"if (qok && v > best) {{ best = v;{track} }}   // the first maximum wins, as in the reference")
         window_end = column_decode_end(G, P, Sp) + [f"y[{out_index}] = best;"]
         if save:
@@ -322,16 +328,23 @@ def lower_conv_backward_data(ctx):
         b_load.append(f"const int t{d} = h@_{d} + {geo['pad'][d]} - r{d} * {geo['dil'][d]};")
         conds.append(f"t{d} >= 0" + (f" && t{d} % {s} == 0" if s > 1 else "") + f" && t{d} / {s} < {So[d]}")
         coords.append(f"t{d} / {s}" if s > 1 else f"t{d}")
-    b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
+    gathered = gathered_gradient(ctx.graph, ctx.operands[0])
+    used = set()
+    if gathered:   # dy is a pool/activation gradient: gather it from the pooled gradient and the codes
+        lines, used = gather_lines(gathered, ctx.dtype, f"bimg@ * {OC} + grp * {OCg} + oc", coords)
+        b_load += [f"if ({' && '.join(conds)}) {{"] + [f"    {line}" for line in lines] + ["}"]
+    else:
+        b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
     b = {"fast": "n", "setup": b_setup, "load": b_load}
     element = [f"const long long bimg = n / {SiN};", f"const int h = n % {SiN};",
                f"dx[(bimg * {C} + grp * {Cg} + m) * {SiN}LL + h] = c;"]
-    args = [ctx.arg_in(0, "dy"), ctx.arg_in(1, "w"), ctx.arg_out(0, "dx"), Arg("int", "batch")]
-    name = (f"conv{nd}d_backward_data_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
+    args = gather_args(ctx, gathered, 0) + [ctx.arg_in(1, "w"), ctx.arg_out(0, "dx"), Arg("int", "batch")]
+    name = (f"conv{nd}d_backward_data{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
     return gemm_specs(ctx, name, M=Cg, N=BATCH * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups,
+                      prelude=c_function_prelude(used, ctx.dtype),
                       a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)")
 
 
@@ -345,9 +358,17 @@ def lower_conv_backward_weight(ctx):
     So, OCg = ints(dy.shape[2:]), OC // groups
     SiN, SoN, KK = math.prod(Si), math.prod(So), math.prod(Kr)
     cfg = tile_config(OCg, Cg * KK, 1)
-    a = {"fast": "k", "setup": [f"const long long dyc@ = (grp * {OCg} + m@) * {SoN}LL;"],
-         "load": [f"const long long bi = k / {SoN};", f"const int o = k % {SoN};",
-                  f"v = dy[bi * {OC * SoN}LL + dyc@ + o];"]}
+    gathered = gathered_gradient(ctx.graph, ctx.operands[1])
+    used = set()
+    a_load = [f"const long long bi = k / {SoN};", f"const int o = k % {SoN};"]
+    if gathered:   # dy is a pool/activation gradient: gather it from the pooled gradient and the codes
+        a_load += unflatten("o", So, "o")
+        lines, used = gather_lines(gathered, ctx.dtype, f"bi * {OC} + grp * {OCg} + m@",
+                                   [f"o{d}" for d in range(nd)])
+        a_load += lines
+    else:
+        a_load.append(f"v = dy[bi * {OC * SoN}LL + dyc@ + o];")
+    a = {"fast": "k", "setup": [f"const long long dyc@ = (grp * {OCg} + m@) * {SoN}LL;"], "load": a_load}
     b_setup = [f"const int c@ = n@ / {KK};"] + unflatten(f"(int)(n@ % {KK})", Kr, "r@_")
     b_setup.append(f"const long long xc@ = (grp * {Cg} + c@) * {SiN}LL;")
     b_setup += [f"const int off@_{d} = r@_{d} * {geo['dil'][d]} - {geo['pad'][d]};" for d in range(nd)]
@@ -357,13 +378,29 @@ def lower_conv_backward_weight(ctx):
     b_load.append(f"if ({in_bounds(idx, Si)}) v = x[bi * {C * SiN}LL + xc@ + {flat(idx, Si)}];")
     b = {"fast": "k", "setup": b_setup, "load": b_load}
     element = [f"dw[(grp * {OCg} + m) * {Cg * KK}LL + n] = c;"]
-    args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "dy"), ctx.arg_out(0, "dw"), Arg("int", "batch")]
-    name = (f"conv{nd}d_backward_weight_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
+    args = [ctx.arg_in(0, "x")] + gather_args(ctx, gathered, 1) + [ctx.arg_out(0, "dw"), Arg("int", "batch")]
+    name = (f"conv{nd}d_backward_weight{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
     return gemm_specs(ctx, name, M=OCg, N=Cg * KK, K=BATCH * SoN, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups, split=True,
+                      prelude=c_function_prelude(used, ctx.dtype),
                       a_desc="dy[b, oc, o]", b_desc="x[b, c, o*stride - pad + r*dilation] (0 outside)")
+
+
+def gather_args(ctx, gathered, i):
+    """The gradient operand: dy itself, or what a gathered pool/activation gradient is made from."""
+    if not gathered:
+        return [ctx.arg_in(i, "dy")]
+    T = ctx.float_type
+    return [Arg(f"const {T}*", "gdy", gathered["dpool"]), Arg("const unsigned char*", "gcode", gathered["codes"]),
+            Arg(f"const {T}*", "gaux", gathered["aux"])]
+
+
+def gather_tag(gathered) -> str:
+    if not gathered:
+        return ""
+    return f"_{gathered['act'][0]}_maxpool{'x'.join(map(str, gathered['k']))}_gathered"
 
 
 # ---- dense products ---------------------------------------------------------------------------------

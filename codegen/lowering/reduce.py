@@ -1,1 +1,261 @@
-"""(being written)"""
+"""The reduction family: reduce_sum and batch norm (training statistics, normalisation, gradients,
+running-statistics updates), all built on one deterministic two-pass scheme.
+
+A tensor is seen as [A, K, B]: K the kept values (channels), A and B the reduced axes before and
+after them. The first kernel adds, per k, a few terms (x, x*x, dy, dy*x, ...) over one chunk of the
+A*B reduced positions per block, in double, and writes per-block partial sums to scratch; the second
+kernel adds each k's partials in a fixed order and runs an epilogue (a mean, a variance, the
+coefficients of a normalisation). No float atomics: the same bits on every run. Where B > 1 the
+threads of a block run along B (contiguous) for one k; where B == 1 ([N, F] summed over N) they run
+along K instead, one column each, so every row read is coalesced either way.
+
+What remains elementwise (normalising with the statistics, eval mode) is the pointwise family's
+kernel over per-channel [C] vectors, with the expression written here in sympy.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from ..cprinter import c_function_prelude
+from ..spec import Arg, KernelSpec, Lowered, Value
+from . import c_int, lowering, numel, short_dtype
+from .prologue import derivative_c, gathered_gradient
+from .pointwise import MAX_BLOCKS, pointwise_kernel
+from .window import literal
+
+THREADS = 256
+CHUNK = THREADS * 16     # reduced positions per block (B > 1): 16 per thread before the tree
+ROWS = 64                # rows per block (B == 1)
+
+
+def dims_text(shape) -> str:
+    return "x".join(str(d) for d in shape[1:]) or "1"
+
+
+def c_ceil_div(num, den: int) -> str:
+    """ceil(num / den) as C integer arithmetic (sympy's printer would give a floating-point ceil)."""
+    num = sp.sympify(num)
+    return str(-(-int(num) // den)) if num.is_Integer else f"({c_int(num)} + {den - 1}) / {den}"
+
+
+def view_of(ctx, x, axes):
+    """(A, K, B) for reducing `axes` of x: the kept axes must be one contiguous run."""
+    kept = [i for i in range(len(x.shape)) if i not in axes]
+    if kept and kept != list(range(kept[0], kept[-1] + 1)):
+        raise ctx.fail(f"reduce_sum over axes {tuple(axes)} of a {len(x.shape)}-D tensor keeps axes {tuple(kept)}, "
+                       f"which are not contiguous; only reductions whose kept axes form one run have a kernel")
+    lo, hi = (kept[0], kept[-1] + 1) if kept else (0, 0)
+    return numel(x.shape[:lo]), numel(x.shape[lo:hi]), numel(x.shape[hi:])
+
+
+def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_args, scratch=None):
+    """The two kernels (partial sums, finish) adding `terms` per k of a tensor seen as [A, K, B].
+
+    loads:    lines reading element `idx` (and per-channel values of `k`), double or T
+    terms:    double C expressions of the loaded values, summed as tot0, tot1, ...
+    epilogue: lines of the finish kernel, per k, from tot0.. and the count `m` of reduced values
+    in_args / out_args: the arguments of the partial / finish kernel besides the scratch
+    """
+    NT = len(terms)
+    A, K, B = sp.sympify(A), sp.sympify(K), sp.sympify(B)
+    partial_key = ctx.scratch_key("partial")
+    if B == 1:
+        lanes = THREADS if not K.is_Integer else max(32, min(THREADS, 1 << (int(K) - 1).bit_length()))
+        S, S_text = sp.ceiling(A / ROWS), c_ceil_div(A, ROWS)
+        template, grid, block = "column_partial.cu.j2", (sp.ceiling(K / lanes), S, 1), (lanes, 1, 1)
+        params = {"threads": lanes, "rows": ROWS, "A": c_int(A)}
+        barrier = False
+    else:
+        S, S_text = sp.ceiling(A * B / CHUNK), c_ceil_div(A * B, CHUNK)
+        template, grid, block = "channel_partial.cu.j2", (S, K, 1), (THREADS, 1, 1)
+        params = {"threads": THREADS, "chunk": CHUNK, "M": c_int(A * B), "B": c_int(B)}
+        barrier = True
+    params.update(prelude="", K=c_int(K), NT=NT, loads=loads, terms=terms, what=", ".join(terms), view=f"[{c_int(A)}, {c_int(K)}, {c_int(B)}]")
+    partial = KernelSpec(name=name + "_partial", template=template, params=params,
+                         args=in_args + [Arg("double*", "partial", partial_key), Arg("int", "batch")],
+                         grid=grid, block=block, barrier=barrier)
+    finish = KernelSpec(name=name + "_finish", template="channel_finish.cu.j2",
+                        params={"threads": THREADS, "K": c_int(K), "S": S_text, "NT": NT, "m": c_int(A * B),
+                                "epilogue": epilogue},
+                        args=[Arg("const double*", "partial", partial_key)] + out_args + [Arg("int", "batch")],
+                        grid=(sp.Min(sp.ceiling(K / THREADS), MAX_BLOCKS), 1, 1), block=(THREADS, 1, 1))
+    values = {partial_key: Value((S * K * NT,), "float64"), **(scratch or {})}
+    return [partial, finish], values
+
+
+# ---- reduce_sum -------------------------------------------------------------------------------------
+@lowering("reduce_sum")
+def lower_reduce_sum(ctx):
+    x = ctx.ins[0]
+    axes = ctx.attrs["axes"]
+    T = ctx.float_type
+    gathered = gathered_gradient(ctx.graph, ctx.operands[0])
+    if gathered:
+        # the bias gradient of a fused conv-activation-maxpool: each pooled gradient lands on exactly
+        # one position of its window, so the channel's sum is the sum of act'(aux) * dy over the
+        # pooled tensor; the full-size gradient is never read (it is never written either)
+        P = sp.Integer(math.prod(gathered["Sp"]))
+        temps, result, used = derivative_c(gathered, ctx.dtype)
+        loads = [f"const {T} ga = gaux[idx], gd = gdy[idx];"] + temps + [f"const double xv = {result};"]
+        name = f"reduce_sum_{gathered['act'][0]}_grad_gathered_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}"
+        kernels, scratch = channel_sums(ctx, name, A=x.shape[0], K=x.shape[1], B=P, loads=loads, terms=["xv"],
+                                        in_args=[Arg(f"const {T}*", "gdy", gathered["dpool"]),
+                                                 Arg(f"const {T}*", "gaux", gathered["aux"])],
+                                        epilogue=[f"out[k] = ({T})tot0;"], out_args=[ctx.arg_out(0, "out")])
+        kernels[0].params["prelude"] = c_function_prelude(used, ctx.dtype)
+        return Lowered(kernels=kernels, scratch=scratch)
+    A, K, B = view_of(ctx, x, axes)
+    name = f"reduce_sum_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}_a{''.join(map(str, axes))}"
+    kernels, scratch = channel_sums(ctx, name, A=A, K=K, B=B, loads=["const double xv = x[idx];"], terms=["xv"],
+                                    in_args=[ctx.arg_in(0, "x")], epilogue=[f"out[k] = ({T})tot0;"],
+                                    out_args=[ctx.arg_out(0, "out")])
+    return Lowered(kernels=kernels, scratch=scratch)
+
+
+# ---- batch norm -----------------------------------------------------------------------------------------
+def bn_view(x):
+    """(A, C, B) of an [N, C, ...] tensor, statistics per channel."""
+    return x.shape[0], x.shape[1], numel(x.shape[2:])
+
+
+def bn_name(ctx, what):
+    x = ctx.ins[0]
+    return f"{what}_{short_dtype(ctx.dtype)}_c{c_int(x.shape[1])}" + \
+        (f"_i{'x'.join(str(d) for d in x.shape[2:])}" if len(x.shape) > 2 else "")
+
+
+STATS = ["const double xv = x[idx];"]
+MEAN_VAR = ["const double mean = tot0 / m;",
+            "const double var = fmax(tot1 / m - mean * mean, 0.0);   // biased; sums in double: no cancellation to speak of"]
+
+
+def vectors(ctx, *names):
+    """Per-channel scratch vectors [C] of the node's float type: {name: key}, and their Values."""
+    C = ctx.ins[0].shape[1]
+    keys = {n: ctx.scratch_key(n) for n in names}
+    return keys, {k: Value((C,), ctx.dtype) for k in keys.values()}
+
+
+def a(i):
+    return sp.Symbol(f"a{i}", real=True)
+
+
+@lowering("batch_norm")
+def lower_batch_norm(ctx):
+    """Training: statistics (two-pass), then y = (x - mean) * scale + bias with scale = inv_std * w.
+    Eval: one pointwise kernel with the running statistics."""
+    x = ctx.ins[0]
+    T = ctx.float_type
+    eps = ctx.attrs["eps"]
+    affine = len(ctx.operands) == 5
+    if not ctx.attrs["training"]:
+        expr = (a(0) - a(1)) / sp.sqrt(a(2) + sp.Float(eps))
+        if affine:
+            expr = expr * a(3) + a(4)
+        shapes = [v.shape for v in ctx.ins]
+        k = pointwise_kernel(ctx, expr, shapes, ctx.operands, ctx.out_key(), x.shape, "batch_norm_eval",
+                             f"_eps{eps:g}".replace("-", "m").replace(".", "p"))
+        return Lowered(kernels=[k])
+    A, C, B = bn_view(x)
+    keys, vecs = vectors(ctx, "mean", "scale")
+    epilogue = MEAN_VAR + [f"const double inv_std = 1.0 / sqrt(var + (double)({literal(eps, T)}));",
+                           f"mean_out[k] = ({T})mean;",
+                           f"scale_out[k] = ({T})(inv_std{' * w[k]' if affine else ''});"]
+    out_args = ([ctx.arg_in(3, "w")] if affine else []) + [Arg(f"{T}*", "mean_out", keys["mean"]),
+                                                           Arg(f"{T}*", "scale_out", keys["scale"])]
+    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_stats"), A=A, K=C, B=B, loads=STATS,
+                                    terms=["xv", "xv * xv"], in_args=[ctx.arg_in(0, "x")], epilogue=epilogue,
+                                    out_args=out_args, scratch=vecs)
+    expr = (a(0) - a(1)) * a(2) + (a(3) if affine else 0)
+    operands = [ctx.operands[0], keys["mean"], keys["scale"]] + ([ctx.operands[4]] if affine else [])
+    shapes = [x.shape, (C,), (C,)] + ([(C,)] if affine else [])
+    kernels.append(pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_apply",
+                                    "" if affine else "_noaffine"))
+    return Lowered(kernels=kernels, scratch=scratch)
+
+
+GRAD_LOADS = ["const double xv = x[idx];", "const double gv = dy[idx];"]
+GRAD_TERMS = ["xv", "xv * xv", "gv", "gv * xv"]
+
+
+@lowering("batch_norm_grad_input")
+def lower_batch_norm_grad_input(ctx):
+    """Training: dx = w * inv_std * (dy - sum(dy)/m - (x - mean) * inv_std^2 * sum(dy * (x - mean))/m),
+    the four sums (x, x^2, dy, dy*x) in one pass. Eval: dx = dy * w / sqrt(running_var + eps)."""
+    x = ctx.ins[0]
+    T = ctx.float_type
+    eps = ctx.attrs["eps"]
+    affine = len(ctx.operands) == 5
+    if not ctx.attrs["training"]:
+        expr = a(0) / sp.sqrt(a(1) + sp.Float(eps)) * (a(2) if affine else 1)
+        operands = [ctx.operands[3], ctx.operands[2]] + ([ctx.operands[4]] if affine else [])
+        shapes = [x.shape, (x.shape[1],)] + ([(x.shape[1],)] if affine else [])
+        k = pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_grad_input_eval",
+                             f"_eps{eps:g}".replace("-", "m").replace(".", "p"))
+        return Lowered(kernels=[k])
+    A, C, B = bn_view(x)
+    keys, vecs = vectors(ctx, "mean", "gain", "shift", "slope")
+    epilogue = MEAN_VAR + [
+        f"const double inv_std = 1.0 / sqrt(var + (double)({literal(eps, T)}));",
+        "const double sum_dy_xc = tot3 - mean * tot2;   // sum of dy * (x - mean)",
+        f"mean_out[k] = ({T})mean;",
+        f"gain_out[k] = ({T})(inv_std{' * w[k]' if affine else ''});",
+        f"shift_out[k] = ({T})(tot2 / m);",
+        f"slope_out[k] = ({T})(inv_std * inv_std * sum_dy_xc / m);"]
+    out_args = ([ctx.arg_in(4, "w")] if affine else []) + \
+        [Arg(f"{T}*", f"{n}_out", keys[n]) for n in ("mean", "gain", "shift", "slope")]
+    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_grad_stats"), A=A, K=C, B=B, loads=GRAD_LOADS,
+                                    terms=GRAD_TERMS, in_args=[ctx.arg_in(0, "x"), ctx.arg_in(3, "dy")],
+                                    epilogue=epilogue, out_args=out_args, scratch=vecs)
+    # a0 = dy, a1 = x, a2 = mean, a3 = gain, a4 = shift, a5 = slope
+    expr = a(3) * (a(0) - a(4) - (a(1) - a(2)) * a(5))
+    operands = [ctx.operands[3], ctx.operands[0]] + [keys[n] for n in ("mean", "gain", "shift", "slope")]
+    shapes = [x.shape, x.shape] + [(C,)] * 4
+    kernels.append(pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_grad_input_apply"))
+    return Lowered(kernels=kernels, scratch=scratch)
+
+
+@lowering("batch_norm_grad_weight")
+def lower_batch_norm_grad_weight(ctx):
+    """sum over N and space of dy * (x - mean) * inv_std, with the batch's statistics (training) or
+    the running ones (eval): sum(dy * x) - mean * sum(dy), in double."""
+    x = ctx.ins[0]
+    T = ctx.float_type
+    eps = ctx.attrs["eps"]
+    A, C, B = bn_view(x)
+    if ctx.attrs["training"]:
+        terms, stats = GRAD_TERMS, MEAN_VAR
+        dy_sum, dyx_sum = "tot2", "tot3"
+        out_args = []
+    else:
+        terms, dy_sum, dyx_sum = ["gv", "gv * xv"], "tot0", "tot1"
+        stats = ["const double mean = running_mean[k];", "const double var = running_var[k];"]
+        out_args = [ctx.arg_in(1, "running_mean"), ctx.arg_in(2, "running_var")]
+    epilogue = stats + [f"const double inv_std = 1.0 / sqrt(var + (double)({literal(eps, T)}));",
+                        f"out[k] = ({T})(inv_std * ({dyx_sum} - mean * {dy_sum}));"]
+    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_grad_weight" + ("" if ctx.attrs["training"] else "_eval")),
+                                    A=A, K=C, B=B, loads=GRAD_LOADS,
+                                    terms=terms, in_args=[ctx.arg_in(0, "x"), ctx.arg_in(3, "dy")], epilogue=epilogue,
+                                    out_args=out_args + [ctx.arg_out(0, "out")])
+    return Lowered(kernels=kernels, scratch=scratch)
+
+
+@lowering("batch_norm_update_stats")
+def lower_batch_norm_update_stats(ctx):
+    """(1 - momentum) * running + momentum * the batch's mean or unbiased variance."""
+    x = ctx.ins[0]
+    T = ctx.float_type
+    mom, stat = ctx.attrs["momentum"], ctx.attrs["stat"]
+    A, C, B = bn_view(x)
+    if stat == "mean":
+        terms, value = ["xv"], ["const double value = tot0 / m;"]
+    else:
+        terms, value = ["xv", "xv * xv"], MEAN_VAR + ["const double value = var * (m / fmax(m - 1.0, 1.0));   // unbiased"]
+    epilogue = value + [f"out[k] = ({T})((1.0 - {float(mom)!r}) * running[k] + {float(mom)!r} * value);"]
+    name = bn_name(ctx, f"batch_norm_update_{stat}") + f"_m{mom:g}".replace(".", "p").replace("-", "m")
+    kernels, scratch = channel_sums(ctx, name, A=A, K=C, B=B, loads=STATS, terms=terms,
+                                    in_args=[ctx.arg_in(0, "x")], epilogue=epilogue,
+                                    out_args=[ctx.arg_in(1, "running"), ctx.arg_out(0, "out")])
+    return Lowered(kernels=kernels, scratch=scratch)

@@ -1,1 +1,284 @@
-"""(being written)"""
+"""The window family: pooling forward (max, avg), its backward passes (max, avg, and the fused
+activation + max-pool backward that routes through saved argmax codes), and fold_batch_norm.
+
+Every kernel is one thread per element of the tensor it writes, looping over a small window. The
+backward passes are gathers: each input element visits the windows that can contain it, in the
+order of the window's kernel offsets (row-major), and adds what each routes to it. That is the
+order in which the NumPy reference (Pool.route) adds them, so no atomics are needed and the sums
+come out the same on every run.
+
+The window index map is the reference's (ops/pool.py): output o of an axis reads input
+o*stride - pad_lo + r*dilation for kernel offset r, anything outside [0, size) being padding (-inf
+for max, 0 for avg), the ceil_mode overhang included.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from graphconv.ops import OPS
+from graphconv.ops.fused import expression_of
+
+from ..cprinter import c_expression, c_function_prelude
+from ..spec import Arg, KernelSpec, Lowered
+from .prologue import gathered_gradient
+from . import c_int, lowering, numel, short_dtype
+from .gemm import flat, in_bounds, ints, unflatten
+from .pointwise import MAX_BLOCKS, THREADS
+
+FULL_UNROLL = 64     # windows up to this many offsets are unrolled completely
+
+
+def neg_inf(T) -> str:
+    return "-__int_as_float(0x7f800000)" if T == "float" else "-__longlong_as_double(0x7ff0000000000000LL)"
+
+
+def literal(value, T) -> str:
+    return repr(float(value)) + ("f" if T == "float" else "")
+
+
+class Window:
+    """The geometry of one pooling op, as plain ints per spatial axis."""
+
+    def __init__(self, pool_op, attrs, Si, So):
+        nd = OPS[pool_op].nd
+        self.mode = "max" if pool_op.startswith("max") else "avg"
+        self.nd, self.Si, self.So = nd, list(Si), list(So)
+        self.k, self.s = list(attrs["kernel_size"]), list(attrs["stride"])
+        self.lo = [lo for lo, _ in attrs["padding"]]
+        self.hi = [hi for _, hi in attrs["padding"]]
+        self.d = list(attrs.get("dilation", (1,) * nd))
+        self.ceil = attrs["ceil_mode"]
+        self.count_include_pad = attrs.get("count_include_pad", True)
+        self.divisor_override = attrs.get("divisor_override")
+        self.G = math.prod(self.k)
+
+    def leaves(self, axis) -> bool:
+        """Whether some window reaches outside the input along `axis` (padding or ceil overhang)."""
+        last = (self.So[axis] - 1) * self.s[axis] - self.lo[axis] + (self.k[axis] - 1) * self.d[axis]
+        return self.lo[axis] > 0 or last >= self.Si[axis]
+
+    def tag(self) -> str:
+        """The kernel-name suffix for what differs from a plain window."""
+        j = "x".join
+        t = f"_k{j(map(str, self.k))}_s{j(map(str, self.s))}"
+        if any(self.lo) or any(self.hi):
+            same = self.lo == self.hi
+            t += f"_p{j(map(str, self.lo))}" + ("" if same else f"-{j(map(str, self.hi))}")
+        if any(d != 1 for d in self.d):
+            t += f"_d{j(map(str, self.d))}"
+        if self.ceil:
+            t += "_ceil"
+        if self.mode == "avg" and not self.count_include_pad:
+            t += "_nopad"
+        if self.mode == "avg" and self.divisor_override:
+            t += f"_div{self.divisor_override}"
+        return t
+
+    def text(self) -> str:
+        return (f"kernel {self.k}, stride {self.s}, padding lo {self.lo} hi {self.hi}, dilation {self.d}"
+                f"{', ceil_mode' if self.ceil else ''}")
+
+    # ---- C text -------------------------------------------------------------------------------
+    def origin(self, out, prefix) -> list:
+        """Lines: the window of output coordinates out[d] starts at input prefix{d}."""
+        return [f"const int {prefix}{d} = {times(out[d], self.s[d])}{f' - {self.lo[d]}' if self.lo[d] else ''};"
+                for d in range(self.nd)]
+
+    def offset(self, var, origin, prefix) -> tuple:
+        """(lines, inside): input coordinates prefix{d} of window offset `var` from `origin`, and the C
+        test that they lie inside the input."""
+        lines = unflatten(var, self.k, f"{prefix}r")
+        lines += [f"const int {prefix}{d} = {origin}{d} + {times(f'{prefix}r{d}', self.d[d])};" for d in range(self.nd)]
+        coords = [f"{prefix}{d}" for d in range(self.nd)]
+        inside = in_bounds([coords[d] for d in range(self.nd) if self.leaves(d)],
+                           [self.Si[d] for d in range(self.nd) if self.leaves(d)])
+        return lines, inside, flat(coords, self.Si)
+
+    def divisor(self, origin) -> tuple:
+        """(lines, C divisor) of the avg window starting at `origin`: the padding counts iff
+        count_include_pad, the ceil_mode overhang never (Pool.divisor)."""
+        if self.divisor_override:
+            return [], str(self.divisor_override)
+        lines, factors = [], []
+        for d in range(self.nd):
+            lo, hi = (-self.lo[d], self.Si[d] + self.hi[d]) if self.count_include_pad else (0, self.Si[d])
+            lines.append(f"const int n{d} = min({origin}{d} + {self.k[d]}, {hi}) - max({origin}{d}, {lo});")
+            factors.append(f"n{d}")
+        return lines, " * ".join(factors)
+
+    def first_max(self, origin, src, T) -> list:
+        """Lines: best and code = the value and kernel offset of the first maximum of the window at
+        `origin` in `src` (NaN wins, as NumPy's argmax; padding is -inf)."""
+        lines, inside, index = self.offset("f", origin, "m")
+        load = f"{src}[{index}]" if inside == "true" else f"{inside} ? {src}[{index}] : {neg_inf(T)}"
+        return [f"{T} best = {neg_inf(T)};", "int code = 0;", unroll(self.G), f"for (int f = 0; f < {self.G}; ++f) {{"] + \
+               ["    " + line for line in lines] + \
+               [f"    const {T} v = {load};",
+                "    if (v > best || (v != v && best == best)) { best = v; code = f; }", "}"]
+
+
+def times(var, factor) -> str:
+    return var if factor == 1 else f"{var} * {factor}"
+
+
+def unroll(G) -> str:
+    return "#pragma unroll" if G <= FULL_UNROLL else "#pragma unroll 4"
+
+
+def grid_for(total):
+    return (sp.Min(sp.ceiling(total / THREADS), MAX_BLOCKS), 1, 1)
+
+
+def dims(sizes) -> str:
+    return "x".join(str(s) for s in sizes)
+
+
+# ---- forward ------------------------------------------------------------------------------------
+@lowering(*[f"{mode}_pool{nd}d" for mode in ("max", "avg") for nd in (1, 2, 3)])
+def lower_pool(ctx):
+    x, y = ctx.ins[0], ctx.outs[0]
+    T = ctx.float_type
+    w = Window(ctx.node.op, ctx.attrs, ints(x.shape[2:]), ints(y.shape[2:]))
+    SiN, SoN = math.prod(w.Si), math.prod(w.So)
+    out_coords = unflatten("p", w.So, "o") + w.origin([f"o{d}" for d in range(w.nd)], "w")
+    offset, inside, index = w.offset("e", "w", "i")
+    if w.mode == "max":
+        init = [f"{T} best = {neg_inf(T)};"]
+        load = f"src[{index}]" if inside == "true" else f"{inside} ? src[{index}] : {neg_inf(T)}"
+        element = [f"const {T} v = {load};",
+                   "if (v > best || (v != v && best == best)) best = v;   // NaN wins, as in np.maximum"]
+        finish = ["y[i] = best;"]
+    else:
+        init = [f"{T} sum = 0;"]
+        element = [f"sum += src[{index}];" if inside == "true" else f"if ({inside}) sum += src[{index}];"]
+        lines, divisor = w.divisor("w")
+        finish = lines + [f"y[i] = sum / ({T})({divisor});"]
+    name = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(x.shape[1])}_i{dims(w.Si)}{w.tag()}"
+    total = numel(y.shape)
+    spec = KernelSpec(name=name, template="pool.cu.j2",
+                      params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
+                              "out_coords": out_coords, "init": init, "G": w.G, "unroll": unroll(w.G),
+                              "offset": offset, "element": element, "finish": finish,
+                              "what": f"{w.mode} over each window ({w.text()})",
+                              "pad_value": "-inf" if w.mode == "max" else "0"},
+                      args=[ctx.arg_in(0, "x"), ctx.arg_out(0, "y"), Arg("int", "batch")],
+                      grid=grid_for(total), block=(THREADS, 1, 1))
+    return Lowered(kernels=[spec])
+
+
+# ---- backward: gathers ----------------------------------------------------------------------------
+def gather_spec(ctx, w, name, bases, contribution, args, what, prelude="", outer_unroll=None):
+    """One thread per input element: for every kernel offset r (row-major), the window o with
+    o*stride - pad + r*dilation == h, if it exists, adds `contribution` (lines reading window q)."""
+    T = ctx.float_type
+    SiN, SoN = math.prod(w.Si), math.prod(w.So)
+    total = numel(ctx.outs[0].shape)
+    visit = unflatten("e", w.k, "r")
+    hit = []
+    for d in range(w.nd):
+        visit.append(f"const int t{d} = h{d}{f' + {w.lo[d]}' if w.lo[d] else ''} - {times(f'r{d}', w.d[d])};")
+        if w.s[d] > 1:
+            visit.append(f"const int o{d} = t{d} / {w.s[d]};")
+            hit.append(f"t{d} >= 0 && t{d} % {w.s[d]} == 0 && o{d} < {w.So[d]}")
+        else:
+            visit.append(f"const int o{d} = t{d};")
+            hit.append(f"t{d} >= 0 && o{d} < {w.So[d]}")
+    visit.append(f"const bool hit = {' && '.join(hit)};")
+    window = [f"const int q = {flat([f'o{d}' for d in range(w.nd)], w.So)};"] + contribution
+    return KernelSpec(name=name, template="pool_backward.cu.j2",
+                      params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
+                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G,
+                              "unroll": outer_unroll or unroll(w.G), "visit": visit, "window": window, "what": what,
+                              "window_text": w.text(), "prelude": prelude},
+                      args=args, grid=grid_for(total), block=(THREADS, 1, 1))
+
+
+@lowering(*[f"{mode}_pool{nd}d_backward" for mode in ("max", "avg") for nd in (1, 2, 3)])
+def lower_pool_backward(ctx):
+    T = ctx.float_type
+    dx, dy = ctx.outs[0], ctx.ins[-1]
+    pool_op = ctx.node.op[:-len("_backward")]
+    w = Window(pool_op, ctx.attrs, ints(dx.shape[2:]), ints(dy.shape[2:]))
+    SiN, SoN = math.prod(w.Si), math.prod(w.So)
+    bases = [f"const {T}* g = dy + nc * {SoN};"]
+    if w.mode == "max":
+        bases.append(f"const {T}* src = x + nc * {SiN};")
+        contribution = w.origin([f"o{d}" for d in range(w.nd)], "w") + w.first_max("w", "src", T)
+        contribution.append("if (code == e) acc += g[q];   // this element is the window's first maximum")
+        args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "dy")]
+        what = "dy routed to each window's first maximum (recomputed from x)"
+    else:
+        lines, divisor = w.divisor("w")
+        contribution = w.origin([f"o{d}" for d in range(w.nd)], "w") + lines + \
+            [f"acc += g[q] / ({T})({divisor});"]
+        args = [ctx.arg_in(0, "dy")]
+        what = "dy / divisor spread over each window"
+    args += [ctx.arg_out(0, "dx"), Arg("int", "batch")]
+    name = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(dx.shape[1])}_i{dims(w.Si)}{w.tag()}"
+    # the max gather searches a whole window per offset: unrolling both loops (G x G bodies) only
+    # bloats the code (and makes ptxas spill), so the outer loop stays a loop
+    outer = "#pragma unroll 1" if w.mode == "max" else None
+    return Lowered(kernels=[gather_spec(ctx, w, name, bases, contribution, args, what, outer_unroll=outer)])
+
+
+@lowering("pool_act_backward")
+def lower_pool_act_backward(ctx):
+    """act'(aux) * dy at each window's saved argmax, routed to that position (Pool.route); no kernel
+    when every reader gathers it while loading its own tiles (lowering/prologue.py)."""
+    if gathered_gradient(ctx.graph, ctx.node.name):
+        return Lowered()
+    T = ctx.float_type
+    dx, dy = ctx.outs[0], ctx.ins[0]
+    act, act_items = ctx.attrs["act"]
+    pool_op, pool_items = ctx.attrs["pool"]
+    w = Window(pool_op, dict(pool_items), ints(dx.shape[2:]), ints(dy.shape[2:]))
+    derivative = OPS[act].derivative(0)
+    expr = expression_of(derivative.name, dict(act_items),
+                         [sp.Symbol("av", real=True), sp.Symbol("gv", real=True)])
+    temps, result, used = c_expression(expr, ctx.dtype, {})
+    SoN = math.prod(w.So)
+    bases = [f"const {T}* g = dy + nc * {SoN};", f"const unsigned char* codes = argmax + nc * {SoN};",
+             f"const {T}* a = aux + nc * {SoN};"]
+    contribution = ["if (codes[q] == e) {   // the saved argmax of window q is this element",
+                    f"    const {T} av = a[q];", f"    const {T} gv = g[q];"] + \
+                   ["    " + t for t in temps] + [f"    acc += {result};", "}"]
+    args = [ctx.arg_in(0, "dy"), ctx.arg_in(1, "argmax"), ctx.arg_in(2, "aux"), ctx.arg_out(0, "dx"),
+            Arg("int", "batch")]
+    name = f"pool_act_backward_{act}_{pool_op}_{short_dtype(ctx.dtype)}_c{c_int(dx.shape[1])}_i{dims(w.Si)}{w.tag()}"
+    if act_items:
+        from ..cache import digest
+        name += "_" + digest(repr(act_items))[:6]
+    what = f"{derivative.expr} (x = aux, dy) at each window's saved argmax, routed there"
+    return Lowered(kernels=[gather_spec(ctx, w, name, bases, contribution, args, what,
+                                        prelude=c_function_prelude(used, ctx.dtype))])
+
+
+# ---- fold_batch_norm ------------------------------------------------------------------------------
+@lowering("fold_batch_norm")
+def lower_fold_batch_norm(ctx):
+    """W' = W * scale[c], b' = (b - mean) * scale + beta, scale = gamma / sqrt(var + eps): one thread
+    per weight element; the first element of each output channel also writes its bias."""
+    T = ctx.float_type
+    attrs = ctx.attrs
+    names = ["w"] + (["b"] if attrs["conv_bias"] else []) + ["mean", "var"] + \
+            (["gamma", "beta"] if attrs["affine"] else [])
+    weight = ctx.ins[0]
+    C = int(weight.shape[0])
+    inner = int(numel(weight.shape[1:]))
+    sqrt = "sqrtf" if T == "float" else "sqrt"
+    scale = f"({T})1 / {sqrt}(var[c] + {literal(attrs['eps'], T)})"
+    if attrs["affine"]:
+        scale = f"gamma[c] * ({scale})"
+    bias = ("(b[c] - mean[c])" if attrs["conv_bias"] else "(-mean[c])") + " * scale" + \
+           (" + beta[c]" if attrs["affine"] else "")
+    args = [ctx.arg_in(i, n) for i, n in enumerate(names)] + [ctx.arg_out(0, "w_out"), ctx.arg_out(1, "b_out"),
+                                                               Arg("int", "batch")]
+    name = (f"fold_batch_norm_{short_dtype(ctx.dtype)}_k{C}_r{inner}" + ("" if attrs["conv_bias"] else "_nobias")
+            + ("" if attrs["affine"] else "_noaffine"))
+    spec = KernelSpec(name=name, template="fold_batch_norm.cu.j2",
+                      params={"T": T, "threads": THREADS, "total": C * inner, "inner": inner, "scale": scale,
+                              "bias": bias, "eps": attrs["eps"]},
+                      args=args, grid=(math.ceil(C * inner / THREADS), 1, 1), block=(THREADS, 1, 1))
+    return Lowered(kernels=[spec])

@@ -1,0 +1,82 @@
+"""Prologue fusion at the kernel level: the gradient a fused conv-activation-maxpool sends back
+(pool_act_backward: act'(z at the argmax) * dy, routed to the argmax position) is never written at
+full size when every reader can gather it on the fly from the pooled gradient, the uint8 argmax
+codes and `aux`: the conv backward-data and backward-weight GEMMs (and the bias gradient's
+reduction) compute
+
+    g[b, c, o] = code[b, c, o / k] == (o % k) ? act'(aux[b, c, o / k]) * dy[b, c, o / k] : 0
+
+while loading their tiles. With non-overlapping windows (stride = kernel, no padding, dilation 1)
+every pre-pool position belongs to at most one window, so this is exact. The pool_act_backward node
+then gets no kernel and no buffer."""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from graphconv.ops import OPS
+
+from ..cprinter import c_expression
+
+GATHERERS = {**{f"conv{nd}d_backward_data": 0 for nd in (1, 2, 3)},
+             **{f"conv{nd}d_backward_weight": 1 for nd in (1, 2, 3)}}
+
+
+def gathered_gradient(graph, name):
+    """For a pool_act_backward node every user of which can gather it: what the gather needs."""
+    node = graph.node(name)
+    if node.op != "pool_act_backward":
+        return None
+    pool_op, items = node.attrs["pool"]
+    pa = dict(items)
+    k = list(pa["kernel_size"])
+    if (list(pa["stride"]) != k or any(lo or hi for lo, hi in pa["padding"])
+            or any(d != 1 for d in pa.get("dilation", (1,) * len(k)))):
+        return None
+    users = graph.users(name)
+    rank = len(node.shape)
+    whole_channel = (0, *range(2, rank))          # a bias gradient: everything but the channel summed
+
+    def gathers(user, i):
+        op = graph.node(user)
+        if op.op == "reduce_sum":                 # the sum of g over a channel is the sum of act' * dy
+            return tuple(op.attrs["axes"]) == whole_channel
+        return GATHERERS.get(op.op) == i
+    if not users or not all(gathers(u, i) for u, i in users):
+        return None
+    dpool, codes, aux = graph.operands(name)
+    return {"node": name, "dpool": dpool, "codes": codes, "aux": aux, "act": node.attrs["act"], "k": k,
+            "Sp": [int(d) for d in graph.node(dpool).shape[2:]], "So": [int(d) for d in node.shape[2:]],
+            "C": int(node.shape[1])}
+
+
+def gather_lines(info, dtype, plane, coords) -> tuple[list, set]:
+    """Lines setting `v` to g at (plane = b * C + c, spatial coords), and the device functions used."""
+    k, Sp = info["k"], info["Sp"]
+    P = math.prod(Sp)
+    lines, conds = [], []
+    for d, c in enumerate(coords):
+        lines.append(f"const int gp{d} = ({c}) / {k[d]};")
+        conds.append(f"gp{d} < {Sp[d]}")
+    offset = " + ".join(f"(({c}) % {k[d]}) * {math.prod(k[d + 1:])}" for d, c in enumerate(coords))
+    flat = "gp0"
+    for d in range(1, len(coords)):
+        flat = f"({flat}) * {Sp[d]} + gp{d}"
+    temps, result, used = derivative_c(info, dtype)
+    T = "float" if dtype == "float32" else "double"
+    lines.append(f"const long long gi = ({plane}) * {P}LL + {flat};")
+    lines.append(f"if ({' && '.join(conds)} && gcode[gi] == {offset}) {{")
+    lines.append(f"    const {T} ga = gaux[gi], gd = gdy[gi];")
+    lines += [f"    {t}" for t in temps]
+    lines.append(f"    v = {result};")
+    lines.append("}")
+    return lines, used
+
+
+def derivative_c(info, dtype, x="ga", dy="gd"):
+    """act'(x) * dy as C (temporaries, expression, device functions used)."""
+    op, items = info["act"]
+    derivative = OPS[op].derivative(0)
+    expr = derivative.expr.subs({s: sp.Float(v) for s, v in zip(derivative.param_symbols, dict(items).values())})
+    return c_expression(expr, dtype, {"x": x, "dy": dy})

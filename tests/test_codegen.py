@@ -1,0 +1,173 @@
+"""Code generation end to end: every kernel of every bundled model and stage compiled by NVRTC for
+sm_90 (no error, warning or spill) and run on the host backend against the NumPy reference of its
+node with poisoned outputs; determinism; the committed kernels_generated/; the buffer plan; errors."""
+import json
+import re
+import pathlib
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen import nvrtc
+from codegen.check import check_kernels
+from codegen.emit import BUNDLED, emit, regenerate_bundled
+from codegen.program import Program
+from graphconv.data import random_inputs
+from graphconv.errors import BackendError, CompileError
+from graphconv.models import MODELS
+from graphconv.pipeline import STAGES, build
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CASES = [(m, s) for m in MODELS for s in STAGES if not (m == "seed_conv" and s in ("backward", "train", "fused-train"))]
+
+
+def realistic_params(graph, seed=0):
+    """Parameters with running statistics away from 0 / 1, so eval-mode batch norm matters."""
+    params = gc.init_params(graph, seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, value in params.items():
+        if name.endswith("running_var"):
+            params[name] = rng.uniform(0.5, 2.0, value.shape).astype(value.dtype)
+        elif name.endswith("running_mean"):
+            params[name] = rng.uniform(-0.5, 0.5, value.shape).astype(value.dtype)
+    return params
+
+
+@pytest.mark.parametrize("model,stage", CASES)
+def test_every_kernel_compiles_for_sm90_and_matches_numpy_on_the_host(model, stage):
+    graph = build(MODELS[model](), stage)
+    program = Program(graph)
+    if nvrtc.available():
+        compiled = nvrtc.compile_many([(s.source, s.name) for s in program.kernels])
+        assert all(c.spill_stores == 0 and c.spill_loads == 0 for c in compiled)
+    results = check_kernels(graph, random_inputs(graph, 2, 0), realistic_params(graph))
+    bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
+           if not r.ok]
+    assert not bad, "\n".join(bad)
+    launched = {launch.node for launch in program.launches}
+    computed = {n.name for n in graph.topo() if n.role == "op"} - set(program.alias) - program.inlined
+    assert computed == launched        # every node that computes something has a kernel
+
+
+def test_the_same_graph_gives_byte_identical_kernels(tmp_path):
+    graph = build(MODELS["lenet5"](), "fused-train")
+    first = [(s.name, s.source) for s in Program(graph).kernels]
+    second = [(s.name, s.source) for s in Program(build(MODELS["lenet5"](), "fused-train")).kernels]
+    assert first == second
+    emit(graph, tmp_path, check_nvrtc=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    emit(graph, tmp_path, check_nvrtc=False)      # nothing changed: nothing rewritten
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+
+
+@pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed")
+def test_kernels_generated_is_what_the_generator_writes_today(tmp_path):
+    regenerate_bundled(tmp_path)
+    for model, stages in BUNDLED.items():
+        for stage in stages:
+            ours, committed = tmp_path / model / stage, ROOT / "kernels_generated" / model / stage
+            assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in committed.iterdir()), \
+                f"{model}/{stage}: run `python -m codegen.emit` and commit kernels_generated/"
+            for path in ours.glob("*.cu"):
+                assert path.read_text() == (committed / path.name).read_text(), f"{model}/{stage}/{path.name} differs"
+            new, old = json.loads((ours / "manifest.json").read_text()), json.loads((committed / "manifest.json").read_text())
+            if new["nvrtc"] != old["nvrtc"]:       # another NVRTC may count registers differently
+                for m in (new, old):
+                    m["nvrtc"] = None
+                    for k in m["kernels"]:
+                        k.pop("nvrtc_sm_90", None)
+            assert new == old, f"{model}/{stage}/manifest.json differs"
+
+
+def test_generated_file_header_names_kernel_nodes_layers_shapes_template_and_launch():
+    spec = Program(build(MODELS["lenet5"](), "fused")).kernels[0]
+    head = spec.source.splitlines()[:7]
+    assert head[0] == f"// {spec.name}"
+    assert "template gemm.cu.j2" in head[1]
+    assert "pool1" in head[2] and "conv1.weight" in head[3] and "float32[N, 20, 14, 14]" in head[3]
+    assert head[4].startswith("//   launch:    grid (") and "block (" in head[4]
+    assert spec.name.startswith("conv2d_relu_max_pool2d_f32_c1_k20_r5x5")
+
+
+def test_buffer_plan_reuses_dead_buffers_and_never_shares_live_ones():
+    program = Program(build(MODELS["vgg_small"](), "fused-train"))
+    plan = program.plan(8)
+    unshared = program.plan(8, reuse=False)
+    assert sum(plan.sizes) < sum(unshared.sizes)
+    first, last = {}, {}
+    for step, launch in enumerate(program.launches):
+        for arg in launch.spec.args:
+            if arg.value is not None and program.resolve(arg.value) in program.values:
+                key = program.resolve(arg.value)
+                first.setdefault(key, step)
+                last[key] = step
+    keep = {program.resolve(o) for o in program.outputs}
+    for a in plan.slot:
+        for b in plan.slot:
+            if a < b and plan.slot[a] == plan.slot[b]:
+                end_a = len(program.launches) if a in keep else last[a]
+                end_b = len(program.launches) if b in keep else last[b]
+                assert end_a < first[b] or end_b < first[a], f"{a} and {b} share a buffer while both live"
+
+
+def test_one_compiled_program_serves_every_batch_size():
+    graph = build(MODELS["lenet5"](), "fused")
+    run = gc.compile(graph, backend="host")
+    params = gc.init_params(graph, seed=3)
+    for batch in (1, 5, 33):
+        inputs = random_inputs(graph, batch, batch)
+        np.testing.assert_allclose(run.run(inputs, params)["fc2"], gc.compile(graph).run(inputs, params)["fc2"],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed")
+def test_a_kernel_that_does_not_compile_is_reported_with_node_layer_template_and_line(tmp_path, monkeypatch):
+    program = Program(build(MODELS["lenet5"](), "fused"))
+    spec = program.kernels[0]
+    spec.source = spec.source.replace("const long long nb = batch;", "const long long nb = batch", 1)
+    from codegen.emit import where_of
+    with pytest.raises(CompileError) as err:
+        nvrtc.compile_kernel(spec.source, spec.name, where=where_of(program, spec.name))
+    text = str(err.value)
+    assert text.startswith(f"pool1: pool1 [fused_conv] template gemm.cu.j2: {spec.name}: NVRTC failed")
+    assert "error: expected a \";\"" in text
+    assert re.search(r"\n  line \d+: const long long M = 20", text)      # the line NVRTC points at, quoted
+
+
+def test_cuda_backend_without_a_gpu_says_what_to_use_instead():
+    with pytest.raises(BackendError, match="backend='host'"):
+        gc.compile(MODELS["lenet5"](), backend="cuda")
+
+
+def test_a_symbolic_spatial_dim_must_be_given_a_size():
+    g = gc.Graph("free")
+    x = g.input("x", ("N", 3, "H", "W"))
+    g.output(g.relu(g.conv2d(x, 4, 3, name="conv")))
+    with pytest.raises(CompileError, match="--dim H=SIZE"):
+        Program(g)
+
+
+def test_an_op_without_a_kernel_is_refused_with_the_layer_and_the_way_out():
+    g = gc.Graph("cat")
+    x = g.input("x", ("N", 3, 4, 4))
+    g.output(g.concat([x, x], name="both"))
+    with pytest.raises(CompileError, match=r"both.*concat.*backend='numpy'"):
+        Program(g)
+
+
+def test_lenet5_trains_on_the_host_backend_as_on_numpy():
+    """A short run of the README's training on both backends: the same batches, the same seed; the
+    host backend runs the fused training step's kernels and must land where the numpy backend does."""
+    from graphconv import data
+    from graphconv.training import Optimizer, Trainer, batches
+    graph = MODELS["lenet5"]()
+    x_tr, y_tr, x_te, y_te = data.load("digits", graph.inputs[0].shape)
+    results = {}
+    for backend in ("numpy", "host"):
+        trainer = Trainer(graph, Optimizer("adam", lr=1e-3), backend=backend, seed=0)
+        losses = [trainer.step(x_tr[idx], y_tr[idx])[0] for idx in list(batches(len(x_tr), 64, 0, 0))[:12]]
+        results[backend] = (losses, trainer.evaluate(x_te, y_te)[1])
+    np.testing.assert_allclose(results["host"][0], results["numpy"][0], rtol=2e-3)
+    assert abs(results["host"][1] - results["numpy"][1]) <= 0.01, results
+    assert results["host"][1] > 0.5

@@ -1,0 +1,316 @@
+"""The window, reduction and loss families (pooling and its gathers, fold_batch_norm, reduce_sum,
+batch norm, classifier losses): every kernel compiled by NVRTC for sm_90 and run on the host backend
+against the NumPy reference, node by node, outputs poisoned with NaN bytes first."""
+import shutil
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen import nvrtc
+from codegen.check import check_kernels
+from codegen.program import Program
+from codegen.runner import CompiledProgram
+from graphconv.data import random_inputs
+from graphconv.errors import CompileError
+from graphconv.models import MODELS
+from graphconv.pipeline import STAGES, build
+from graphconv.reference import NumpyProgram
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="the host backend needs g++")
+RNG = np.random.default_rng(7)
+
+
+def compile_all(graph):
+    if nvrtc.available():
+        for spec in Program(graph).kernels:
+            nvrtc.compile_kernel(spec.source, spec.name)      # raises on an error, a warning or a spill
+
+
+def assert_program_matches(graph, inputs, params=None, rtol=1e-5, atol=1e-6):
+    """Every node's value from the compiled program equals the reference's (uint8 codes exactly)."""
+    params = gc.init_params(graph, seed=0) if params is None else params
+    got = CompiledProgram(graph, "host", poison=True).run(inputs, params, keep=True)
+    want = NumpyProgram(graph).run(inputs, params, keep=True)
+    for name, w in want.items():
+        for g_, w_ in zip(got[name] if isinstance(w, tuple) else (got[name],), w if isinstance(w, tuple) else (w,)):
+            w_ = np.asarray(w_)
+            if w_.dtype == np.uint8 or w_.dtype == np.int64:
+                np.testing.assert_array_equal(g_, w_, err_msg=name)
+            else:
+                np.testing.assert_allclose(g_, w_, rtol=rtol, atol=atol, err_msg=name)
+    compile_all(graph)
+    return got
+
+
+def inputs_of(graph, batch, **given):
+    out = random_inputs(graph, batch, 0)
+    out.update(given)
+    return out
+
+
+# ---- pooling forward -------------------------------------------------------------------------------
+POOLS = [
+    # mode, nd, spatial, kernel, attrs
+    ("max", 1, (9,), 3, {"stride": 2, "padding": 1}),
+    ("max", 1, (10,), 3, {"stride": 2, "padding": 1, "dilation": 2, "ceil_mode": True}),
+    ("max", 2, (28, 28), 2, {}),
+    ("max", 2, (9, 9), 3, {"stride": 2, "padding": 1, "ceil_mode": True}),
+    ("max", 2, (9, 9), (3, 2), {"stride": (2, 3), "padding": (1, 1), "dilation": (2, 1), "ceil_mode": True}),
+    ("max", 2, (7, 8), 3, {"stride": 1}),                                   # overlapping windows
+    ("max", 3, (5, 6, 7), 2, {"stride": 2, "ceil_mode": True}),
+    ("avg", 1, (9,), 3, {"stride": 2, "padding": 1, "ceil_mode": True}),
+    ("avg", 2, (7, 7), 3, {"stride": 2, "padding": 1}),
+    ("avg", 2, (7, 7), 3, {"stride": 2, "padding": 1, "count_include_pad": False}),
+    ("avg", 2, (8, 7), 3, {"stride": 2, "padding": 1, "ceil_mode": True}),
+    ("avg", 2, (8, 7), 3, {"stride": 2, "padding": 1, "ceil_mode": True, "count_include_pad": False}),
+    ("avg", 2, (6, 6), 2, {"divisor_override": 3}),
+    ("avg", 2, (8, 8), 8, {}),                                              # global average
+    ("avg", 3, (5, 5, 6), (3, 2, 2), {"stride": 2, "padding": (1, 0, 1), "ceil_mode": True}),
+]
+
+
+def pool_graph(mode, nd, spatial, kernel, attrs, channels=3, dtype="float32"):
+    g = gc.Graph("pool", dtype)
+    x = g.input("x", ("N", channels, *spatial))
+    g.output(getattr(g, f"{mode}_pool{nd}d")(x, kernel, name="p", **attrs))
+    return g
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", POOLS, ids=lambda c: f"{c[0]}{c[1]}d-{c[2]}-{sorted(c[4])}")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pool_forward(case, batch):
+    g = pool_graph(*case)
+    assert_program_matches(g, inputs_of(g, batch), rtol=1e-6, atol=0)
+
+
+def pool_backward_graph(mode, nd, spatial, kernel, attrs, dtype="float32"):
+    """x -> pool -> backward op of the pool, fed an independent dy."""
+    g = gc.Graph("poolb", dtype)
+    x = g.input("x", ("N", 3, *spatial))
+    y = getattr(g, f"{mode}_pool{nd}d")(x, kernel, name="p", **attrs)
+    node = g.node(y.name)
+    dy = g.input("dy", tuple(node.shape))
+    pool_attrs = dict(node.attrs)
+    if mode == "max":
+        dx = g.apply(f"max_pool{nd}d_backward", x, dy, name="dx", **pool_attrs)
+    else:
+        dx = g.apply(f"avg_pool{nd}d_backward", dy, name="dx", input_size=spatial, **pool_attrs)
+    g.output(y, dx)
+    return g
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", POOLS, ids=lambda c: f"{c[0]}{c[1]}d-{c[2]}-{sorted(c[4])}")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pool_backward_gathers(case, batch):
+    g = pool_backward_graph(*case)
+    assert_program_matches(g, inputs_of(g, batch), rtol=1e-6, atol=1e-7)
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", [POOLS[3], POOLS[5], POOLS[6]], ids=["pad-ceil", "overlap", "3d"])
+def test_max_pool_backward_routes_ties_to_the_first_maximum(case):
+    """Integer-valued inputs: many windows hold several equal maxima; the gradient must go to the
+    first in row-major order, exactly as the reference (and PyTorch) route it."""
+    g = pool_backward_graph(*case)
+    inputs = inputs_of(g, 2)
+    inputs["x"] = RNG.integers(0, 3, inputs["x"].shape).astype(np.float32)
+    assert_program_matches(g, inputs, rtol=0, atol=0)
+
+
+@needs_gxx
+def test_max_pool_propagates_nan_and_minus_infinity():
+    g = pool_backward_graph("max", 2, (6, 6), 3, {"stride": 2, "padding": 1, "ceil_mode": True})
+    inputs = inputs_of(g, 2)
+    x = inputs["x"]
+    x[0, 0, 1, 1] = np.nan
+    x[0, 1] = -np.inf
+    x[1, 2, :3, :3] = -np.inf
+    assert_program_matches(g, inputs)
+
+
+@needs_gxx
+def test_float64_pools():
+    g = pool_backward_graph("avg", 2, (7, 7), 3, {"stride": 2, "padding": 1, "count_include_pad": False},
+                            dtype="float64")
+    assert_program_matches(g, inputs_of(g, 2), rtol=1e-12, atol=1e-14)
+    g = pool_backward_graph("max", 3, (5, 6, 7), 2, {"stride": 2, "ceil_mode": True}, dtype="float64")
+    assert_program_matches(g, inputs_of(g, 2), rtol=1e-12, atol=1e-14)
+
+
+# ---- pool_act_backward and fold_batch_norm -----------------------------------------------------------
+@needs_gxx
+@pytest.mark.parametrize("act,attrs", [("relu", ()), ("sigmoid", ()), ("leaky_relu", (("negative_slope", 0.2),))])
+@pytest.mark.parametrize("pool", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}])
+def test_pool_act_backward_routes_through_saved_codes(act, attrs, pool):
+    spatial = (9, 8)
+    probe = pool_graph("max", 2, spatial, pool["kernel_size"], {k: v for k, v in pool.items() if k != "kernel_size"})
+    pooled = [int(d) for d in probe.node("p").shape[2:]]
+    g = gc.Graph("pab")
+    dy = g.input("dy", ("N", 4, *pooled))
+    codes = g.input("codes", ("N", 4, *pooled), dtype="uint8")
+    aux = g.input("aux", ("N", 4, *pooled))
+    g.output(g.apply("pool_act_backward", dy, codes, aux, name="dz", act=(act, attrs),
+                     pool=("max_pool2d", tuple(sorted(pool.items()))), input_size=spatial))
+    window = (pool["kernel_size"]) ** 2
+    inputs = inputs_of(g, 3, codes=RNG.integers(0, window, (3, 4, *pooled)).astype(np.uint8))
+    assert_program_matches(g, inputs)
+
+
+@needs_gxx
+@pytest.mark.parametrize("conv_bias,affine", [(True, True), (False, True), (True, False), (False, False)])
+def test_fold_batch_norm(conv_bias, affine):
+    g = gc.Graph("fold")
+    ops = [g.input("w", (6, 3, 3, 3))]
+    if conv_bias:
+        ops.append(g.input("b", (6,)))
+    ops += [g.input("mean", (6,)), g.input("var", (6,))]
+    if affine:
+        ops += [g.input("gamma", (6,)), g.input("beta", (6,))]
+    g.output(g.apply("fold_batch_norm", *ops, name="fold", eps=1e-3, conv_bias=conv_bias, affine=affine))
+    inputs = {n.name: RNG.standard_normal([int(d) for d in n.shape]).astype(np.float32) for n in g.inputs}
+    inputs["var"] = RNG.uniform(0.5, 2.0, 6).astype(np.float32)
+    assert_program_matches(g, inputs, rtol=1e-6, atol=1e-7)
+
+
+# ---- reduce_sum -------------------------------------------------------------------------------------
+REDUCE_CASES = [
+    (("N", 5, 7, 7), (0, 2, 3)),       # a conv bias gradient: B > 1, threads along space
+    (("N", 5, 40, 40), (0, 2, 3)),     # several chunks per channel
+    (("N", 300), (0,)),                # a linear bias gradient: B == 1, threads along features
+    (("N", 4, 3), (0, 1, 2)),          # to a scalar
+    (("N", 6), (1,)),                  # keeps the batch axis
+    (("N", 3, 5, 5), (2, 3)),          # keeps [N, C]
+    (("N", 2, 3, 4, 5), (0, 2, 3, 4)),
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("shape,axes", REDUCE_CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("batch", [1, 3, 130])
+def test_reduce_sum(shape, axes, batch):
+    if batch == 130 and np.prod([d for d in shape if d != "N"]) > 1000:
+        batch = 7
+    g = gc.Graph("r")
+    x = g.input("x", shape)
+    g.output(g.apply("reduce_sum", x, axes=axes, name="s"))
+    assert_program_matches(g, inputs_of(g, batch), rtol=1e-5, atol=1e-4)
+
+
+def test_reduce_sum_refuses_a_non_contiguous_kept_set():
+    g = gc.Graph("r")
+    x = g.input("x", ("N", 3, 4))
+    g.output(g.apply("reduce_sum", x, axes=(1,), name="s"))
+    with pytest.raises(CompileError, match="not contiguous"):
+        Program(g)
+
+
+# ---- batch norm -------------------------------------------------------------------------------------------
+BN_SHAPES = [("N", 4, 5, 5), ("N", 7), ("N", 3, 40, 40), ("N", 2, 3, 4, 5)]
+
+
+def bn_graph(shape, training, affine, dtype="float32"):
+    """batch_norm, its input and weight gradients and running-statistics updates, fed independent dy."""
+    g = gc.Graph("bn", dtype)
+    x = g.input("x", shape)
+    stats = [g.param("bn.running_mean", (shape[1],), ("uniform", 0.5), trainable=False),
+             g.param("bn.running_var", (shape[1],), ("constant", 1.5), trainable=False)]
+    wb = [g.param("bn.weight", (shape[1],), ("uniform", 2.0)), g.param("bn.bias", (shape[1],), ("uniform", 1.0))]
+    y = g.apply("batch_norm", x, *stats, *(wb if affine else []), name="y", eps=1e-3, training=training)
+    dy = g.input("dy", shape)
+    flags = {"eps": 1e-3, "training": training}
+    dx = g.apply("batch_norm_grad_input", x, *stats, dy, *(wb[:1] if affine else []), name="dx", **flags)
+    dw = g.apply("batch_norm_grad_weight", x, *stats, dy, name="dw", **flags)
+    outs = [y, dx, dw]
+    if training:
+        outs += [g.apply("batch_norm_update_stats", x, stats[0], name="new_mean", momentum=0.1, stat="mean"),
+                 g.apply("batch_norm_update_stats", x, stats[1], name="new_var", momentum=0.3, stat="var")]
+    g.output(*outs)
+    return g
+
+
+@needs_gxx
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_batch_norm_and_its_gradients(shape, training, affine):
+    g = bn_graph(shape, training, affine)
+    for batch in (3, 70) if len(shape) == 2 else (1 if len(shape) > 2 else 2, 3):
+        inputs = inputs_of(g, batch)
+        inputs["x"] = (inputs["x"] * 2 + 5).astype(np.float32)     # a mean far from 0: cancellation matters
+        assert_program_matches(g, inputs, rtol=2e-4, atol=2e-4)
+
+
+@needs_gxx
+def test_batch_norm_float64():
+    g = bn_graph(("N", 4, 5, 5), True, True, dtype="float64")
+    assert_program_matches(g, inputs_of(g, 3), rtol=1e-10, atol=1e-10)
+
+
+# ---- losses ----------------------------------------------------------------------------------------------
+def loss_graph(loss, classes, dtype="float32", **attrs):
+    g = gc.Graph("loss", dtype)
+    s = g.input("s", ("N", classes))
+    y = g.input("y", ("N",), dtype="int64")
+    dl = g.input("dl", ())
+    g.output(g.apply(loss, s, y, name="L", **attrs), g.apply(f"{loss}_grad", s, y, dl, name="dS", **attrs))
+    return g
+
+
+@needs_gxx
+@pytest.mark.parametrize("loss,attrs", [("softmax_cross_entropy", {}), ("hinge_loss", {}),
+                                        ("hinge_loss", {"margin": 0.5})])
+@pytest.mark.parametrize("batch", [1, 3, 300])
+def test_classifier_losses(loss, attrs, batch):
+    g = loss_graph(loss, 10, **attrs)
+    inputs = inputs_of(g, batch, dl=np.array(0.7, np.float32))
+    inputs["s"] *= 4
+    assert_program_matches(g, inputs, rtol=1e-5, atol=1e-6)
+
+
+@needs_gxx
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "hinge_loss"])
+def test_a_target_out_of_range_gives_nan_rows(loss):
+    g = loss_graph(loss, 5)
+    inputs = inputs_of(g, 3, dl=np.array(1, np.float32), y=np.array([0, 7, 2]))
+    got = CompiledProgram(g, "host").run(inputs, {}, keep=True)
+    assert np.isnan(got["L"]) and np.isnan(got["dS"][1]).all() and not np.isnan(got["dS"][[0, 2]]).any()
+
+
+# ---- every bundled model and stage -----------------------------------------------------------------------
+FAMILY_OPS = ("pool", "reduce_sum", "batch_norm", "softmax_cross_entropy", "hinge_loss")
+
+
+@needs_gxx
+@pytest.mark.parametrize("name", [m for m in MODELS])
+@pytest.mark.parametrize("stage", STAGES)
+def test_bundled_models_family_kernels_match(name, stage):
+    if name == "seed_conv" and stage not in ("forward", "fused"):
+        pytest.skip("seed_conv has no class scores to train on")
+    graph = build(MODELS[name](), stage)
+    program = Program(graph)                            # every node lowers
+    results = check_kernels(graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0))
+    ours = [r for r in results if any(op in r.op for op in FAMILY_OPS)]
+    bad = [r for r in ours if not r.ok]
+    assert not bad, "\n".join(f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}"
+                              for r in bad)
+    if nvrtc.available():
+        for launch in program.launches:
+            if any(op in graph.node(launch.node).op for op in FAMILY_OPS):
+                nvrtc.compile_kernel(launch.spec.source, launch.spec.name)
+
+
+@needs_gxx
+def test_reductions_are_bitwise_deterministic():
+    """Two-pass sums in a fixed order: the same inputs give the same bits, run after run."""
+    g = bn_graph(("N", 3, 40, 40), True, True)
+    compiled = CompiledProgram(g, "host", poison=True)
+    inputs = inputs_of(g, 5)
+    params = gc.init_params(g, seed=0)
+    first = compiled.run(inputs, params)
+    for _ in range(3):
+        again = compiled.run(inputs, params)
+        for key in first:
+            assert first[key].tobytes() == again[key].tobytes(), key
