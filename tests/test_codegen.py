@@ -84,10 +84,10 @@ def test_generated_file_header_names_kernel_nodes_layers_shapes_template_and_lau
     spec = Program(build(MODELS["lenet5"](), "fused")).kernels[0]
     head = spec.source.splitlines()[:7]
     assert head[0] == f"// {spec.name}"
-    assert "template gemm.cu.j2" in head[1]
+    assert "template direct_conv.cu.j2" in head[1]
     assert "pool1" in head[2] and "conv1.weight" in head[3] and "float32[N, 20, 14, 14]" in head[3]
     assert head[4].startswith("//   launch:    grid (") and "block (" in head[4]
-    assert spec.name.startswith("conv2d_relu_max_pool2d_f32_c1_k20_r5x5")
+    assert spec.name.startswith("conv2d_direct_relu_max_pool2d_f32_c1_k20_r5x5")
 
 
 def test_buffer_plan_reuses_dead_buffers_and_never_shares_live_ones():
@@ -125,14 +125,15 @@ def test_one_compiled_program_serves_every_batch_size():
 def test_a_kernel_that_does_not_compile_is_reported_with_node_layer_template_and_line(tmp_path, monkeypatch):
     program = Program(build(MODELS["lenet5"](), "fused"))
     spec = program.kernels[0]
-    spec.source = spec.source.replace("const long long nb = batch;", "const long long nb = batch", 1)
+    spec.source = spec.source.replace("const int tid = threadIdx.x;", "const int tid = threadIdx.x", 1)
     from codegen.emit import where_of
     with pytest.raises(CompileError) as err:
         nvrtc.compile_kernel(spec.source, spec.name, where=where_of(program, spec.name))
     text = str(err.value)
-    assert text.startswith(f"pool1: pool1 [fused_conv] template gemm.cu.j2: {spec.name}: NVRTC failed")
+    assert text.startswith(f"pool1: pool1 [fused_conv] template direct_conv.cu.j2: {spec.name}: NVRTC failed")
     assert "error: expected a \";\"" in text
-    assert re.search(r"\n  line \d+: const long long M = 20", text)      # the line NVRTC points at, quoted
+    number, quoted = re.search(r"\n  line (\d+): (.*)$", text).groups()     # the line NVRTC points at, quoted
+    assert spec.source.splitlines()[int(number) - 1].strip() == quoted
 
 
 def test_cuda_backend_without_a_gpu_says_what_to_use_instead():

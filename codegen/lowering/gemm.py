@@ -25,6 +25,7 @@ from graphconv.ops.fused import expression_of
 from ..cprinter import c_expression, c_function_prelude
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, numel, short_dtype
+from . import direct
 from .prologue import gather_lines, gathered_gradient
 
 def tile_config(M, N, G):
@@ -147,6 +148,10 @@ def conv_geometry(ctx, attrs, x, w):
             "dil": list(attrs["dilation"]), "groups": int(attrs["groups"])}
 
 
+def padding_zeros(attrs) -> bool:
+    return attrs["padding_mode"] == "zeros"
+
+
 def epilogue_expr(steps, z):
     value = z
     for op, items, refs in steps:
@@ -247,8 +252,8 @@ def lower_conv(ctx):
     row_setup = [f"const long long mg = grp * {Mg} + m;"]
     if has_bias:
         row_setup.append(f"const {T} bias_m = bias[mg];")
-    element = column_decode("n", "") + [f"const {T} z = ({T})c{' + bias_m' if has_bias else ''};"] + loads + temps
-    element.append(f"const {T} v = {result};")
+    core = [f"const {T} z = ({T})c{' + bias_m' if has_bias else ''};"] + loads + temps + [f"const {T} v = {result};"]
+    element = list(core)
     out_index = f"(bimg_w * {OC} + mg) * {P}LL + p_w"
     if not pool:
         window_begin, window_end = [], []
@@ -258,7 +263,7 @@ def lower_conv(ctx):
                        ([f"{T} best_z = 0;"] if save == "argmax_preact" else [])
         track = (" code = woff;" if save else "") + (" best_z = z;" if save == "argmax_preact" else "")
         element.append(f"if (qok && v > best) {{ best = v;{track} }}   // the first maximum wins, as in the reference")
-        window_end = column_decode_end(G, P, Sp) + [f"y[{out_index}] = best;"]
+        window_end = [f"y[{out_index}] = best;"]
         if save:
             window_end.append(f"code_out[{out_index}] = (unsigned char)code;")
         if save == "argmax_preact":
@@ -274,8 +279,10 @@ def lower_conv(ctx):
             counted = padded
         element.append(f"if (qok) sum += v;")
         element.append(f"count += ({counted}) ? 1 : 0;")
-        window_end = column_decode_end(G, P, Sp) + [f"y[{out_index}] = sum / ({T}){divisor if divisor else 'count'};"]
+        window_end = [f"y[{out_index}] = sum / ({T}){divisor if divisor else 'count'};"]
 
+    stores = window_end
+    window_end = (column_decode_end(G, P, Sp) + stores) if pool else []
     args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "w")]
     if has_bias:
         args.append(ctx.arg_in(2, "bias"))
@@ -293,6 +300,15 @@ def lower_conv(ctx):
     if n_extra or any(items for _, items, _ in steps):
         from ..cache import digest
         name += "_" + digest(repr(steps))[:6]
+    if direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None) and padding_zeros(attrs):
+        return direct.direct_spec(
+            ctx, name.replace(f"conv{nd}d", f"conv{nd}d_direct", 1), C=C, M=OC, K=Kr, pad=geo["pad"], in_size=Si,
+            out_size=So, cell=tuple(pk) if pool else (2, 2), pooled=bool(pool),
+            in_load=[f"v = x[((bimg * {C} + c) * {Si[0]}LL + iy) * {Si[1]} + ix];"],
+            w_load=[f"v = w[((m * {C} + c) * {Kr[0]} + r) * {Kr[1]} + s];"], row_setup=row_setup,
+            window_begin=window_begin, element=core + element[len(core):], window_end=stores, args=args,
+            prelude=c_function_prelude(used, ctx.dtype), in_desc="in = x", w_desc="w[m, c, r, s]")
+    element = column_decode("n", "") + element
     return gemm_specs(ctx, name, M=Mg, N=BATCH * P * G, K=Cg * KK, a=a, b=b, row_setup=row_setup,
                       window_begin=window_begin, element=element, window_end=window_end, args=args, cfg=cfg,
                       groups=groups, prelude=c_function_prelude(used, ctx.dtype),
@@ -342,6 +358,20 @@ def lower_conv_backward_data(ctx):
     name = (f"conv{nd}d_backward_data{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
+    if direct.eligible(geo):
+        # stride 1: a direct convolution of dy with the flipped filter, padded by K - 1 - pad
+        if gathered:
+            in_load, used = gather_lines(gathered, ctx.dtype, f"bimg * {OC} + c", ["iy", "ix"])
+        else:
+            in_load = [f"v = dy[((bimg * {OC} + c) * {So[0]}LL + iy) * {So[1]} + ix];"]
+        return direct.direct_spec(
+            ctx, name.replace("backward_data", "backward_data_direct", 1), C=OC, M=C, K=Kr,
+            pad=[k - 1 - p for k, p in zip(Kr, geo["pad"])], in_size=So, out_size=Si, cell=(2, 2), pooled=False,
+            in_load=in_load, w_load=[f"v = w[((c * {C} + m) * {Kr[0]} + ({Kr[0] - 1} - r)) * {Kr[1]} + ({Kr[1] - 1} - s)];"],
+            row_setup=[], window_begin=[], element=[f"dx[(bimg * {C} + m) * {SiN}LL + p] = c;"], window_end=[],
+            args=args, prelude=c_function_prelude(used, ctx.dtype),
+            in_desc=("in = act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes"
+                     if gathered else "in = dy"), w_desc="w[c, m, K-1-r, K-1-s] (the flipped filter)")
     return gemm_specs(ctx, name, M=Cg, N=BATCH * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups,
                       prelude=c_function_prelude(used, ctx.dtype),

@@ -1,0 +1,60 @@
+"""Direct 2-D convolutions (stride 1, dilation 1, one group, zero padding): the input tile with its
+halo and the filter slice staged in shared memory, a register tile of channels x positions per
+thread, and the same epilogues as the GEMM family (bias, activation chain, a non-overlapping pool
+with its argmax codes). Backward-data of such a convolution is one too: a direct convolution of the
+output gradient with the flipped filter, which gathers a fused pool/activation gradient while
+staging its input tile. Other convolutions go through the implicit GEMM (gemm.py)."""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from ..spec import KernelSpec, Lowered
+
+SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
+
+
+def eligible(geo, pool_window=None) -> bool:
+    """Stride 1, dilation 1, one group, 2-D; a pool, if any, tiles the output without overlap."""
+    if geo["nd"] != 2 or geo["groups"] != 1 or any(s != 1 for s in geo["stride"]) or any(d != 1 for d in geo["dil"]):
+        return False
+    if pool_window is not None:
+        k, s, pad, dil = pool_window
+        if list(s) != list(k) or any(pad) or any(d != 1 for d in dil) or math.prod(k) > 16:
+            return False
+    return True
+
+
+def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_load, w_load, row_setup,
+                window_begin, element, window_end, args, prelude="", in_desc="", w_desc=""):
+    """The KernelSpec of one direct convolution. `cell` = (CH, CW): a pooling window, or 2 x 2."""
+    KH, KW = K
+    IH, IW = in_size
+    OH, OW = out_size
+    CH, CW = cell
+    NCY, NCX = (OH // CH, OW // CW) if pooled else (-(-OH // CH), -(-OW // CW))
+    TCY, TCX = min(8, NCY), min(8, NCX)
+    CELLS = TCY * TCX
+    TOC = 8 if M >= 16 and CH * CW <= 4 else 4
+    # channel groups of threads: at least 128 threads where the channels allow, at most 256, and
+    # the fewest padded channels (ties: more threads)
+    most = max(1, min(-(-M // TOC), 256 // CELLS))
+    least = min(most, max(1, -(-128 // CELLS)))
+    CG = min(range(least, most + 1), key=lambda g: (-(-M // (TOC * g)) * TOC * g, -g))
+    OCB = TOC * CG
+    HH, HW = TCY * CH + KH - 1, TCX * CW + KW - 1
+    itemsize = 4 if ctx.float_type == "float" else 8
+    CC = max(1, min(C, SHARED_BUDGET // itemsize // (HH * HW + KH * KW * OCB)))
+    tiles_x, tiles = -(-NCX // TCX), -(-NCX // TCX) * -(-NCY // TCY)
+    params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "KH": KH, "KW": KW, "PAD_T": pad[0],
+              "PAD_L": pad[1], "IH": IH, "IW": IW, "OH": OH, "OW": OW, "CH": CH, "CW": CW, "NCY": NCY, "NCX": NCX,
+              "TCY": TCY, "TCX": TCX, "CELLS": CELLS, "TOC": TOC, "OCB": OCB, "HH": HH, "HW": HW, "CC": CC,
+              "TILES": tiles, "TILES_X": tiles_x, "threads": CELLS * CG, "pooled": pooled, "prelude": prelude,
+              "in_load": in_load, "w_load": w_load, "row_setup": row_setup, "window_begin": window_begin,
+              "element": element, "window_end": window_end, "in_desc": in_desc, "w_desc": w_desc}
+    from ..spec import BATCH
+    spec = KernelSpec(name=name, template="direct_conv.cu.j2", params=params, args=args,
+                      grid=(BATCH * tiles, sp.ceiling(sp.Integer(M) / OCB), 1), block=(CELLS * CG, 1, 1),
+                      barrier=True)
+    return Lowered(kernels=[spec])
