@@ -413,3 +413,12 @@ def format_report(r: dict) -> str:
     lines.append(f"  total    {r['kernels_before']} kernels, {b(r['total_bytes_before'])}  ->  "
                  f"{r['kernels_after']} kernels, {b(r['total_bytes_after'])}")
     return "\n".join(lines)
+
+
+def fuse(graph):
+    """The default fusion passes on a graph built elsewhere (a Trainer's step graph), as the fused
+    stages run them: what the kernel backends compile, one kernel per fused node."""
+    from .passes import eliminate_dead_code
+    for run in (fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains):
+        graph = run(graph)
+    return eliminate_dead_code(graph)

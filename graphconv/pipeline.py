@@ -65,15 +65,6 @@ def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=No
 FUSION_PASSES = ("collapse_convs", "fold_batch_norm", "fuse_conv_chains", "fuse_pointwise_chains")
 
 
-def fuse(graph):
-    """The fusion passes of the fused stages on a graph built elsewhere (a Trainer's step graph):
-    what the kernel backends run, one kernel per fused node."""
-    for name, run in passes("fused-train"):
-        if name in FUSION_PASSES or name == "eliminate_dead_code":
-            graph = run(graph)
-    return graph
-
-
 def build_unfused(graph, stage="fused", loss="cross_entropy", optimizer=None):
     """What a fused stage is checked against: the same stage, stopped before its first fusion pass."""
     steps = [name for name, _ in passes(stage, loss, optimizer)]

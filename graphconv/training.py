@@ -179,7 +179,7 @@ class Trainer:
             self.step_program = gc_compile(self.step_graph, backend=backend)
             self.eval_program = gc_compile(self.eval_graph, backend=backend)
         else:   # the kernel backends run the fused graphs: one kernel per fused node
-            from .pipeline import fuse
+            from .fusion import fuse
             self.step_program = gc_compile(fuse(self.step_graph), backend=backend)
             self.eval_program = gc_compile(fuse(self.eval_graph), backend=backend)
         self.state = init_params(self.step_graph, seed=check_seed(seed))   # parameters, running statistics, buffers

@@ -172,3 +172,14 @@ def test_lenet5_trains_on_the_host_backend_as_on_numpy():
     np.testing.assert_allclose(results["host"][0], results["numpy"][0], rtol=2e-3)
     assert abs(results["host"][1] - results["numpy"][1]) <= 0.01, results
     assert results["host"][1] > 0.5
+
+
+def test_training_step_kernels_are_bitwise_deterministic():
+    """No float atomics anywhere: two runs of a training step give the same bits (blocks run in
+    parallel on the host backend, in any order)."""
+    graph = build(MODELS["vgg_small"](), "fused-train")
+    run = gc.compile(graph, backend="host")
+    params, inputs = realistic_params(graph), random_inputs(graph, 4, 1)
+    first, second = run.run(inputs, params), run.run(inputs, params)
+    for key in first:
+        assert first[key].tobytes() == second[key].tobytes(), key
