@@ -183,3 +183,34 @@ def test_training_step_kernels_are_bitwise_deterministic():
     first, second = run.run(inputs, params), run.run(inputs, params)
     for key in first:
         assert first[key].tobytes() == second[key].tobytes(), key
+
+
+def cli(capsys, *argv):
+    from graphconv.cli import main
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_emit_writes_kernels_and_a_manifest(capsys, tmp_path):
+    code, out, _ = cli(capsys, "emit", "lenet5", "--stage", "fused", "-o", str(tmp_path))
+    assert code == 0 and "lenet5 --stage fused: 5 kernels, 5 launches" in out
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    first = manifest["kernels"][0]
+    assert first["nodes"] == ["pool1"] and first["replaces"] == ["conv1", "relu1", "pool1"]
+    assert [a["type"] for a in first["arguments"]] == ["const float*", "const float*", "const float*", "float*", "int"]
+    assert first["arguments"][0]["binds"] == "x" and first["arguments"][-1]["binds"] == "batch size"
+    source = (tmp_path / first["file"]).read_text()
+    assert __import__("hashlib").sha256(source.encode()).hexdigest() == first["sha256"]
+    if nvrtc.available():
+        assert first["nvrtc_sm_90"]["spill_stores"] == 0 and first["nvrtc_sm_90"]["registers"] > 0
+    assert manifest["buffer_plan"]["peak_live_bytes"] > 0
+
+
+def test_cli_check_run_and_backend_errors(capsys):
+    code, out, _ = cli(capsys, "check", "lenet5", "--backend", "host", "--dtype", "float32")
+    assert code == 0 and "5 kernels for 5 nodes, 0 mismatched" in out and "1 outputs, 0 mismatched" in out
+    code, out, _ = cli(capsys, "run", "lenet5", "--backend", "host", "--batch", "3")
+    assert code == 0 and "lenet5 on host: batch 3" in out and "fc2: f32[N,10] -> float32[3, 10]" in out
+    code, out, err = cli(capsys, "run", "lenet5", "--backend", "cuda")
+    assert code == 2 and "backend='host'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
