@@ -64,7 +64,7 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
 
         def array(key):
             if key in ref and key.split(":")[0] != node_name:
-                return np.ascontiguousarray(ref[key])
+                return runtime.upload(np.ascontiguousarray(ref[key]))
             if key not in owned:
                 value = program.values[key]
                 owned[key] = runtime.view(runtime.alloc(value.nbytes(batch), True), value.dtype,
@@ -75,6 +75,7 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
             args = [np.int32(batch) if a.value is None else array(a.value) for a in spec.args]
             grid, block = spec.launch_shape(batch)
             runtime.launch(compiled.kernels[spec.name], grid, block, args)
+        runtime.synchronize()
         wants = ref[node_name] if node.is_tuple else (ref[node_name],)
         keys = [f"{node_name}:{i}" for i in range(len(wants))] if node.is_tuple else [node_name]
         worst_abs = worst_rel = 0.0

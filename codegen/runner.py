@@ -15,6 +15,7 @@ from .program import Program
 class HostRuntime:
     """Buffers are NumPy byte arrays; kernels are g++-built shared libraries (codegen/host.py)."""
     name = "host"
+    array_types = (np.ndarray,)
 
     def load(self, specs):
         from .host import build_all
@@ -40,22 +41,42 @@ class HostRuntime:
         return np.array(arr, copy=True)
 
     @staticmethod
+    def copy_into(dst, src):
+        np.copyto(dst, src)
+
+    @staticmethod
     def launch(kernel, grid, block, args):
         kernel.launch(grid, block, args)
 
+    def capture(self, launches):
+        """No graphs on the CPU: a replay is the launches in order (the bookkeeping is the same)."""
+        def replay():
+            for kernel, grid, block, args in launches:
+                self.launch(kernel, grid, block, args)
+        return replay
 
-RUNTIMES = {"host": HostRuntime}
+    def synchronize(self):
+        pass
+
+
+def cuda_runtime():
+    from .cuda import CudaRuntime
+    return CudaRuntime()
+
+
+RUNTIMES = {"host": HostRuntime, "cuda": cuda_runtime}
 
 
 class CompiledProgram:
     """A graph compiled to kernels for a runtime; called like the numpy backend's program:
-    `program(x, params=params)` or `program.run(inputs, params)`."""
+    `program(x, params=params)` or `program.run(inputs, params)`. Results come back as NumPy arrays
+    (`to_numpy=False`: the runtime's own arrays, CuPy on cuda)."""
 
     def __init__(self, graph, backend="host", poison=False):
         self.backend = backend
+        self.runtime = RUNTIMES[backend]()            # first: a backend that cannot run here says so at once
         self.program = Program(graph)
         self.graph = self.program.graph
-        self.runtime = RUNTIMES[backend]()
         self.kernels = self.runtime.load(self.program.kernels)
         self.poison = poison
         self.input_names = [n.name for n in self.graph.inputs]
@@ -77,23 +98,14 @@ class CompiledProgram:
         symbol = self.graph.batch_symbol()
         return int(bindings.get(symbol, 1)) if symbol is not None else 1
 
-    def run(self, inputs: dict, params=None, keep=False) -> dict:
-        """Run every launch; return the outputs (every graph value when keep=True, the buffers
-        then not being reused)."""
-        bindings = bind_inputs(self.graph, inputs)
-        batch = self.batch_of(bindings)
+    def _buffers(self, batch, keep):
         key = (batch, keep)
         if key not in self._plans:
             plan = self.program.plan(batch, reuse=not keep)
             self._plans[key] = (plan, [self.runtime.alloc(size, self.poison) for size in plan.sizes])
-        plan, buffers = self._plans[key]
-        if self.poison:
-            for buf in buffers:
-                buf.fill(0xFF)
-        arrays = {}
-        for name, arr in {**inputs, **check_params(self.graph, params)}.items():
-            arrays[name] = self.runtime.upload(arr)
+        return self._plans[key]
 
+    def _array_of(self, arrays, buffers, plan, batch):
         def array(key):
             real = self.program.resolve(key)
             if real in arrays:
@@ -101,17 +113,87 @@ class CompiledProgram:
                 return base.reshape(self.program.shape_of(key, batch)) if key != real else base
             value = self.program.values[real]
             return self.runtime.view(buffers[plan.slot[real]], value.dtype, self.program.shape_of(key, batch))
+        return array
 
+    def _launches(self, array, batch):
+        out = []
         for launch in self.program.launches:
             spec = launch.spec
             args = [np.int32(batch) if a.value is None else array(a.value) for a in spec.args]
             grid, block = spec.launch_shape(batch)
-            self.runtime.launch(self.kernels[spec.name], grid, block, args)
-        names = [n.name for n in self.graph.topo() if n.name not in self.program.inlined] if keep else self.graph.outputs
-        return {name: self._value(name, array) for name in names}
+            out.append((self.kernels[spec.name], grid, block, args))
+        return out
 
-    def _value(self, name, array):
+    def run(self, inputs: dict, params=None, keep=False, to_numpy=True) -> dict:
+        """Run every launch; return the outputs (every graph value when keep=True, the buffers
+        then not being reused)."""
+        types = self.runtime.array_types
+        bindings = bind_inputs(self.graph, inputs, types)
+        batch = self.batch_of(bindings)
+        plan, buffers = self._buffers(batch, keep)
+        if self.poison:
+            for buf in buffers:
+                buf.fill(0xFF)
+        arrays = {name: self.runtime.upload(arr)
+                  for name, arr in {**inputs, **check_params(self.graph, params, types)}.items()}
+        array = self._array_of(arrays, buffers, plan, batch)
+        for kernel, grid, block, args in self._launches(array, batch):
+            self.runtime.launch(kernel, grid, block, args)
+        self.runtime.synchronize()
+        names = [n.name for n in self.graph.topo() if n.name not in self.program.inlined] if keep else self.graph.outputs
+        return {name: self._value(name, array, to_numpy) for name in names}
+
+    def _value(self, name, array, to_numpy=True):
+        get = self.runtime.download if to_numpy else (lambda a: a.copy())
         node = self.graph.node(name)
         if node.is_tuple:
-            return tuple(self.runtime.download(array(f"{name}:{i}")) for i in range(len(node.type.parts)))
-        return self.runtime.download(array(name))
+            return tuple(get(array(f"{name}:{i}")) for i in range(len(node.type.parts)))
+        return get(array(name))
+
+    def bind(self, batch: int) -> "BoundStep":
+        """Every launch for one batch size with every argument bound, over static buffers: what a
+        CUDA graph captures (a training step is then one graph launch per step)."""
+        return BoundStep(self, batch)
+
+
+class BoundStep:
+    """A program bound to one batch size: the inputs and parameters live in static buffers that
+    `__call__` refills, every kernel argument is fixed, and the launches are captured once (a CUDA
+    graph on the cuda runtime; a plain replay on the host) and replayed on every call. The buffers
+    never move, as a captured graph requires. Outputs are views of static buffers, valid until the
+    next call; `run` copies them out."""
+
+    def __init__(self, compiled, batch):
+        self.compiled, self.batch = compiled, batch
+        program, runtime = compiled.program, compiled.runtime
+        plan = program.plan(batch)
+        buffers = [runtime.alloc(size, compiled.poison) for size in plan.sizes]
+        self.static = {}
+        for node in compiled.graph.topo():
+            if node.role != "op":
+                shape = program.shape_of(node.name, batch)
+                nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(node.dtype).itemsize
+                self.static[node.name] = runtime.view(runtime.alloc(nbytes, False), node.dtype, shape)
+        self.array = compiled._array_of(self.static, buffers, plan, batch)
+        self.launches = compiled._launches(self.array, batch)
+        self.buffers = buffers           # kept alive as long as the captured launches refer to them
+        self.replay = None
+
+    def __call__(self, inputs: dict, params=None) -> dict:
+        compiled = self.compiled
+        types = compiled.runtime.array_types
+        bindings = bind_inputs(compiled.graph, inputs, types)
+        if compiled.batch_of(bindings) != self.batch:
+            raise InputError(f"{compiled.graph.name}: this step is bound to batch {self.batch}, got "
+                             f"{compiled.batch_of(bindings)} (bind another with .bind(batch))")
+        for name, arr in {**inputs, **check_params(compiled.graph, params, types)}.items():
+            compiled.runtime.copy_into(self.static[name], arr)
+        if self.replay is None:
+            self.replay = compiled.runtime.capture(self.launches)
+        self.replay()
+        return {name: self.array(name) for name in compiled.graph.outputs}
+
+    def run(self, inputs: dict, params=None, to_numpy=True) -> dict:
+        views = self(inputs, params)
+        get = self.compiled.runtime.download if to_numpy else (lambda a: a.copy())
+        return {name: get(v) for name, v in views.items()}

@@ -17,7 +17,7 @@ def compile(graph, backend="numpy", dtype=None, training=None):
     """Compile a graph into a callable: `run = gc.compile(g); y = run(x, params=params)`.
 
     backend  numpy: the reference interpreter; host: the generated CUDA kernels, built with g++ and
-             run on the CPU; cuda: the same kernels on an NVIDIA GPU (next)
+             run on the CPU; cuda: the same kernels on an NVIDIA GPU through CuPy
 
     dtype   cast the graph to float32 / float64 first
     training  set every batch_norm to batch statistics (True) or running statistics (False)
@@ -31,9 +31,6 @@ def compile(graph, backend="numpy", dtype=None, training=None):
     if backend == "numpy":
         from .reference import NumpyProgram
         return NumpyProgram(graph)
-    if backend == "cuda":
-        raise BackendError("backend 'cuda' (CuPy on an NVIDIA GPU) is not built yet; use backend='host' to run "
-                           "the same generated kernels on the CPU, or backend='numpy'")
     from codegen.runner import CompiledProgram   # codegen sits above the IR: imported only here
     return CompiledProgram(graph, backend)
 

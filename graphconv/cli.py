@@ -76,12 +76,13 @@ def cmd_check(args):
     inputs = random_inputs(unfused, args.batch, args.seed)
     fused_params = {n.name: params[n.name] for n in fused.params}
     kernel_failures = 0
-    if args.backend == "host":
+    if args.backend in ("host", "cuda"):
         from codegen.check import check_kernels, format_checks
-        results = check_kernels(fused, inputs, fused_params)
+        results = check_kernels(fused, inputs, fused_params, backend=args.backend)
         kernel_failures = sum(not r.ok for r in results)
         print(f"check {model.name} --stage {args.stage}: every kernel against the NumPy reference of its node "
-              f"(host backend, outputs poisoned with NaN first), {fused.dtype}, batch {args.batch}, seed {args.seed}")
+              f"({args.backend} backend, outputs poisoned with NaN first), {fused.dtype}, batch {args.batch}, "
+              f"seed {args.seed}")
         print(format_checks(results))
         print(f"{sum(len(r.kernels) for r in results)} kernels for {len(results)} nodes, {kernel_failures} mismatched\n")
     want = gc_compile(unfused).run(inputs, params)
@@ -322,9 +323,9 @@ def parser() -> argparse.ArgumentParser:
     s = command("check", "run a fused graph and its unfused original on the same random data and compare",
                 dtype=("float64", "float32"), dims=True)
     s.add_argument("--stage", default="fused", choices=("fused", "fused-train"), help="which fused graph")
-    s.add_argument("--backend", default="numpy", choices=("numpy", "host"),
-                   help="numpy: the fused graph against the unfused one; host: also every generated kernel against "
-                        "the NumPy reference of its node, outputs poisoned first")
+    s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES,
+                   help="numpy: the fused graph against the unfused one; host (CPU) or cuda (GPU): also every "
+                        "generated kernel against the NumPy reference of its node, outputs poisoned first")
     s.add_argument("--batch", type=_positive, default=4, help="batch size of the random data")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the data and parameters")
     s.add_argument("--rtol", type=_positive_float, default=None,

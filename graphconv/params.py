@@ -41,8 +41,9 @@ def param_bytes(node) -> int:
     return int(math.prod(int(d) for d in node.shape)) * np.dtype(node.dtype).itemsize
 
 
-def check_params(graph, params) -> dict:
-    """The params the graph needs, each checked for presence, shape and dtype."""
+def check_params(graph, params, array_types=(np.ndarray,)) -> dict:
+    """The params the graph needs, each checked for presence, shape and dtype (`array_types`: what
+    counts as an array; a device backend adds its own)."""
     if params is None:
         params = {}
     if not hasattr(params, "keys"):
@@ -58,7 +59,7 @@ def check_params(graph, params) -> dict:
         if name not in params:
             raise InputError(f"{name}: missing from params (use gc.init_params(graph) for fresh values)")
         arr = params[name]
-        if not isinstance(arr, np.ndarray):
+        if not isinstance(arr, array_types):
             raise InputError(f"{name}: expected a numpy array, got {type(arr).__name__}")
         shape = tuple(int(d) for d in node.shape)
         if arr.shape != shape:

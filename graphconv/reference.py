@@ -16,8 +16,9 @@ from .params import check_params
 from .shapes import fmt_shape
 
 
-def bind_inputs(graph, inputs: dict) -> dict:
-    """Check the input arrays against the graph; return {symbol: int} for the symbolic dims."""
+def bind_inputs(graph, inputs: dict, array_types=(np.ndarray,)) -> dict:
+    """Check the input arrays against the graph; return {symbol: int} for the symbolic dims.
+    `array_types`: what counts as an array (a device backend adds its own)."""
     if not isinstance(inputs, dict):
         raise InputError(f"{graph.name}: inputs are a dict of arrays keyed by input name "
                          f"({', '.join(n.name for n in graph.inputs)}), got {type(inputs).__name__}")
@@ -30,7 +31,7 @@ def bind_inputs(graph, inputs: dict) -> dict:
         if name not in inputs:
             raise InputError(f"{name}: missing input {node.type}")
         arr = inputs[name]
-        if not isinstance(arr, np.ndarray):
+        if not isinstance(arr, array_types):
             raise InputError(f"{name}: expected a numpy array, got {type(arr).__name__}")
         if str(arr.dtype) != node.dtype:
             raise InputError(f"{name}: expected {node.dtype}, got {arr.dtype} (convert with .astype(np.{node.dtype}))")

@@ -1,0 +1,113 @@
+"""The `cuda` runtime: the same Program on an NVIDIA GPU through CuPy. It provides only what a
+runtime provides (allocation, copies, module loading, launches) plus CUDA-graph capture of a bound
+step; everything above it is shared with the host runtime and tested there.
+
+Cubins come from NVRTC for the device's own architecture (never PTX: see DESIGN.md) and are loaded
+once per kernel; scalar arguments are NumPy scalars of their declared C types (CuPy would pass a
+Python int as 64 bits). Without CuPy, a driver or a GPU, every entry point raises one BackendError
+line that says what to use instead."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphconv.errors import BackendError
+
+INSTEAD = "use backend='host' (the same kernels on the CPU) or backend='numpy'"
+SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+
+
+def cupy_or_fail():
+    """CuPy, once a device answers; else BackendError naming what is missing."""
+    try:
+        import cupy
+    except ImportError:
+        raise BackendError(f"backend 'cuda' needs CuPy and an NVIDIA GPU: pip install '.[cuda]' on a GPU machine; "
+                           f"here {INSTEAD}") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - CUDARuntimeError: no driver, or one too old
+        reason = str(e).split(":")[0] if str(e) else type(e).__name__
+        raise BackendError(f"backend 'cuda' found no usable NVIDIA GPU ({reason}); {INSTEAD}") from None
+    if count == 0:
+        raise BackendError(f"backend 'cuda' found no NVIDIA GPU; {INSTEAD}")
+    return cupy
+
+
+def available() -> bool:
+    try:
+        cupy_or_fail()
+    except BackendError:
+        return False
+    return True
+
+
+class CudaKernel:
+    def __init__(self, name, module, function, scalar_types):
+        self.name, self.module, self.function, self.scalar_types = name, module, function, scalar_types
+
+
+class CudaRuntime:
+    """Buffers are CuPy byte arrays; kernels are cubins loaded with cupy.cuda.function.Module."""
+    name = "cuda"
+
+    def __init__(self):
+        self.cp = cupy_or_fail()
+        self.array_types = (np.ndarray, self.cp.ndarray)
+        self.arch = "sm_" + self.cp.cuda.Device().compute_capability      # e.g. sm_90 on an H100
+
+    def load(self, specs):
+        from . import nvrtc
+        compiled = nvrtc.compile_many([(s.source, s.name) for s in specs], arch=self.arch)
+        kernels = {}
+        for spec, c in zip(specs, compiled):
+            module = self.cp.cuda.function.Module()
+            module.load(c.cubin)
+            scalars = [None if a.is_pointer else SCALARS[a.ctype] for a in spec.args]
+            kernels[spec.name] = CudaKernel(spec.name, module, module.get_function(spec.name), scalars)
+        return kernels
+
+    def alloc(self, nbytes, poison):
+        buf = self.cp.empty(max(nbytes, 1), self.cp.uint8)
+        buf.fill(0xFF if poison else 0)
+        return buf
+
+    @staticmethod
+    def view(buf, dtype, shape):
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return buf[:n].view(dtype).reshape(shape)
+
+    def upload(self, arr):
+        return self.cp.ascontiguousarray(self.cp.asarray(arr))
+
+    def download(self, arr):
+        return self.cp.asnumpy(arr)
+
+    def copy_into(self, dst, src):
+        if isinstance(src, np.ndarray):
+            dst.set(np.ascontiguousarray(src))
+        else:
+            self.cp.copyto(dst, src)
+
+    @staticmethod
+    def launch(kernel, grid, block, args, stream=None):
+        typed = tuple(a if t is None else t(a) for a, t in zip(args, kernel.scalar_types))
+        kernel.function(tuple(grid), tuple(block), typed, stream=stream)
+
+    def capture(self, launches):
+        """The launches as one CUDA graph (captured on a non-default stream; every buffer they touch
+        was allocated before, so replays see the same addresses). Returns a function replaying it."""
+        stream = self.cp.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            for kernel, grid, block, args in launches:
+                self.launch(kernel, grid, block, args, stream=stream)
+            graph = stream.end_capture()
+
+        def replay():
+            graph.launch(stream)
+            stream.synchronize()
+        replay.graph, replay.stream = graph, stream
+        return replay
+
+    def synchronize(self):
+        self.cp.cuda.Stream.null.synchronize()

@@ -1,0 +1,70 @@
+"""The cuda backend's parts that need no GPU: its one-line refusals, the scalar typing of its
+launches, and the bound step (static buffers, every argument fixed, launches captured once and
+replayed: a CUDA graph on the GPU), exercised through the host runtime, which shares it."""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen import cuda
+from codegen.runner import CompiledProgram
+from graphconv.data import random_inputs
+from graphconv.errors import BackendError, InputError
+from graphconv.models import MODELS
+from graphconv.pipeline import build
+
+
+def test_without_cupy_the_cuda_backend_says_what_to_install_and_what_to_use(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)          # import cupy -> ImportError
+    with pytest.raises(BackendError) as err:
+        gc.compile(MODELS["lenet5"](), backend="cuda")
+    text = str(err.value)
+    assert "pip install '.[cuda]'" in text and "backend='host'" in text and "\n" not in text
+
+
+def test_without_a_driver_the_cuda_backend_says_so_in_one_line(monkeypatch):
+    class NoDriver(Exception):
+        pass
+
+    def count():
+        raise NoDriver("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(BackendError) as err:
+        CompiledProgram(MODELS["lenet5"](), "cuda")
+    assert str(err.value) == ("backend 'cuda' found no usable NVIDIA GPU (cudaErrorInsufficientDriver); "
+                              "use backend='host' (the same kernels on the CPU) or backend='numpy'")
+    assert not cuda.available()
+
+
+def test_scalar_arguments_go_to_the_device_as_their_declared_c_types():
+    seen = []
+    kernel = cuda.CudaKernel("k", None, lambda grid, block, args, stream=None: seen.append(args),
+                             [None, np.int32, np.float32, np.int64])
+    buffer = object()
+    cuda.CudaRuntime.launch(kernel, (1, 1, 1), (32, 1, 1), [buffer, 7, 0.5, 2**40])
+    args = seen[0]
+    assert args[0] is buffer
+    assert [type(a) for a in args[1:]] == [np.int32, np.float32, np.int64] and args[3] == 2**40
+
+
+def test_a_bound_step_replays_over_static_buffers_and_equals_a_plain_run():
+    graph = build(MODELS["lenet5"](), "fused-train")
+    program = CompiledProgram(graph, "host")
+    step = program.bind(6)
+    params = gc.init_params(graph, seed=0)
+    addresses = None
+    for seed in range(3):                                   # new data each call, the same buffers
+        inputs = random_inputs(graph, 6, seed)
+        views = step(inputs, params)
+        now = {k: v.ctypes.data for k, v in views.items()}
+        assert addresses is None or now == addresses
+        addresses = now
+        want = program.run(inputs, params)
+        for key in want:
+            assert np.array_equal(views[key], want[key]), key
+    assert step.replay is not None and len(step.launches) == len(program.program.launches)
+    with pytest.raises(InputError, match="bound to batch 6, got 5"):
+        step(random_inputs(graph, 5, 0), params)

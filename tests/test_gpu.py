@@ -1,0 +1,80 @@
+"""The GPU suite: the cuda backend on a real device (skipped without one; run it with
+`python -m pytest -m gpu`). Every kernel of every bundled model and stage against NumPy, the
+captured training step against plain launches, training to the numpy backend's accuracy with
+bitwise-reproducible weights, and compute-sanitizer on LeNet-5's kernels where the tool exists."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen.check import check_kernels
+from graphconv.data import random_inputs
+from graphconv.models import MODELS
+from graphconv.pipeline import build
+from test_codegen import CASES, realistic_params
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("model,stage", CASES)
+def test_every_kernel_matches_numpy_on_the_device(model, stage):
+    graph = build(MODELS[model](), stage)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), realistic_params(graph), backend="cuda")
+    bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
+           if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
+def test_a_captured_training_step_equals_plain_launches(model):
+    graph = build(MODELS[model](), "fused-train")
+    program = gc.compile(graph, backend="cuda")
+    step = program.bind(32)
+    params = realistic_params(graph)
+    for seed in range(2):
+        inputs = random_inputs(graph, 32, seed)
+        got, want = step.run(inputs, params), program.run(inputs, params)
+        for key in want:
+            assert np.array_equal(got[key], want[key]), key
+
+
+def test_lenet5_trains_on_cuda_as_on_numpy_and_reproducibly():
+    from graphconv import data
+    from graphconv.training import Optimizer, Trainer, batches
+    graph = MODELS["lenet5"]()
+    x_tr, y_tr, x_te, y_te = data.load("digits", graph.inputs[0].shape)
+    runs = {}
+    for name, backend in (("numpy", "numpy"), ("cuda", "cuda"), ("cuda again", "cuda")):
+        trainer = Trainer(graph, Optimizer("adam", lr=1e-3), backend=backend, seed=0)
+        for epoch in range(2):
+            for idx in batches(len(x_tr), 64, 0, epoch):
+                trainer.step(x_tr[idx], y_tr[idx])
+        runs[name] = (trainer.evaluate(x_te, y_te)[1], trainer.params)
+    assert abs(runs["cuda"][0] - runs["numpy"][0]) <= 0.01, runs
+    for key, value in runs["cuda"][1].items():
+        assert value.tobytes() == runs["cuda again"][1][key].tobytes(), key
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_finds_nothing_in_lenet5s_kernels(tool):
+    script = textwrap.dedent("""
+        import graphconv as gc
+        from graphconv.data import random_inputs
+        from graphconv.models import lenet5
+        from graphconv.pipeline import build
+        for stage in ("fused", "fused-train"):
+            graph = build(lenet5(), stage)
+            gc.compile(graph, backend="cuda").run(random_inputs(graph, 4, 0), gc.init_params(graph, seed=0))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", sys.executable, "-c", script],
+                          cwd=root, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in done.stdout + done.stderr
