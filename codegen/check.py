@@ -56,14 +56,13 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
                               if graph.batch_symbol() is not None else {})
     by_node: dict = {}
     for launch in program.launches:
-        by_node.setdefault(launch.node, []).append(launch.spec)
+        by_node.setdefault(launch.computes, []).append(launch.spec)
     results = []
-    for node_name, specs in by_node.items():
-        node = graph.node(node_name)
+    for members, specs in by_node.items():
         owned = {}
 
         def array(key):
-            if key in ref and key.split(":")[0] != node_name:
+            if key in ref and key.split(":")[0] not in members:
                 return runtime.upload(np.ascontiguousarray(ref[key]))
             if key not in owned:
                 value = program.values[key]
@@ -76,21 +75,24 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
             grid, block = spec.launch_shape(batch)
             runtime.launch(compiled.kernels[spec.name], grid, block, args)
         runtime.synchronize()
-        wants = ref[node_name] if node.is_tuple else (ref[node_name],)
-        keys = [f"{node_name}:{i}" for i in range(len(wants))] if node.is_tuple else [node_name]
         worst_abs = worst_rel = 0.0
         ok, notes = True, []
-        for i, (key, want) in enumerate(zip(keys, wants)):
-            got = runtime.download(array(key))
-            a, r, good, note = compare(got, np.asarray(want), node.dtype if not node.is_tuple else
-                                       node.type.parts[0].dtype, paired=wants[0] if i else None)
-            if got.dtype != np.uint8:
-                worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
-            ok &= good
-            if note:
-                notes.append(note)
-        results.append(KernelCheck(node_name, node.op, tuple(s.name for s in specs), worst_abs, worst_rel, ok,
-                                   "; ".join(notes)))
+        for node_name in members:
+            node = graph.node(node_name)
+            wants = ref[node_name] if node.is_tuple else (ref[node_name],)
+            keys = [f"{node_name}:{i}" for i in range(len(wants))] if node.is_tuple else [node_name]
+            for i, (key, want) in enumerate(zip(keys, wants)):
+                got = runtime.download(array(key))
+                a, r, good, note = compare(got, np.asarray(want), node.dtype if not node.is_tuple else
+                                           node.type.parts[0].dtype, paired=wants[0] if i else None)
+                if got.dtype != np.uint8:
+                    worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
+                ok &= good
+                if note:
+                    notes.append(f"{node_name}: {note}" if len(members) > 1 else note)
+        last = graph.node(members[-1])
+        results.append(KernelCheck(", ".join(members), last.op if len(members) == 1 else "pointwise group",
+                                   tuple(s.name for s in specs), worst_abs, worst_rel, ok, "; ".join(notes)))
     return results
 
 

@@ -44,6 +44,10 @@ class CudaPrinter(C99CodePrinter):
         if expr.exp == 2 and not expr.base.is_Number:     # x*x, not powf(x, 2)
             base = self._print(expr.base)
             return f"(({base})*({base}))"
+        if expr.base.is_Number and expr.base > 0 and not expr.exp.is_Number:
+            # c**t (Adam's bias corrections) as exp(t*log(c)): the general pow() would drag in its
+            # slow path's stack frame (local memory) for an exponent that is never negative zero
+            return self._print(sp.exp(expr.exp * sp.log(expr.base).evalf(17)))
         return super()._print_Pow(expr)
 
 
@@ -53,13 +57,14 @@ def c_function_prelude(names, dtype) -> str:
     return "\n".join(C_FUNCTIONS[n].format(T=T, f=f) for n in sorted(names))
 
 
-def c_expression(expr, dtype, names: dict, result="r") -> tuple[list[str], str, set]:
+def c_expression(expr, dtype, names: dict, prefix="_t") -> tuple[list[str], str, set]:
     """(temporaries, final expression, device functions used): `expr` with common subexpressions
-    pulled out as `const T _t0 = ...;` lines and its symbols renamed by `names` {symbol name: C}."""
+    pulled out as `const T _t0 = ...;` lines (named by `prefix`) and its symbols renamed by `names`
+    {symbol name: C}."""
     expr = expr.subs({s: sp.Symbol(names[s.name], real=True) for s in expr.free_symbols if s.name in names},
                      simultaneous=True)
     printer = CudaPrinter(dtype)
     T = "float" if dtype == "float32" else "double"
-    temps, reduced = sp.cse(expr, symbols=sp.numbered_symbols("_t"), optimizations="basic")
+    temps, reduced = sp.cse(expr, symbols=sp.numbered_symbols(prefix), optimizations="basic")
     lines = [f"const {T} {s} = {printer.doprint(e)};" for s, e in temps]
     return lines, printer.doprint(reduced[0]), printer.functions_used

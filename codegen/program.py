@@ -12,6 +12,7 @@ from graphconv.errors import CompileError
 from graphconv.ops.base import TupleType
 
 from .lowering import Context, lower_node
+from .lowering.pointwise import lower_pointwise_group, pointwise_groups
 from .render import render
 from .spec import BATCH, Value
 
@@ -22,6 +23,11 @@ _HEADER_FIELDS = re.compile(r"^//   (computes|shapes): .*$", re.M)     # what na
 class Launch:
     node: str
     spec: object          # KernelSpec
+    members: tuple = ()   # the nodes whose values it writes, when more than `node` (a pointwise group)
+
+    @property
+    def computes(self) -> tuple:
+        return self.members or (self.node,)
 
 
 @dataclass
@@ -45,10 +51,23 @@ class Program:
         self.scratch_of: dict = {}         # node -> its scratch keys
         self.launches: list = []
         self.inlined: set = set()          # nodes computed inside their readers' kernels, never stored
+        groups = pointwise_groups(graph)   # {last member: members}: elementwise nodes one kernel computes
+        grouped = {m: last for last, members in groups.items() for m in members}
+        contexts = {}
         for node in graph.topo():
             ctx = Context(graph, node, batch)
             if node.role != "op":
                 self.external[node.name] = ctx.outs[0]
+                continue
+            if node.name in grouped:
+                contexts[node.name] = ctx
+                self.values[ctx.out_key()] = ctx.outs[0]
+                if node.name != grouped[node.name]:
+                    continue                 # its kernel is the group's, launched with the last member
+                lowered = lower_pointwise_group([contexts[m] for m in groups[node.name]])
+                for spec in lowered.kernels:
+                    render(spec)
+                    self.launches.append(Launch(node.name, spec, groups[node.name]))
                 continue
             lowered = lower_node(ctx)
             if lowered.alias is not None:

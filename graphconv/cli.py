@@ -84,7 +84,8 @@ def cmd_check(args):
               f"({args.backend} backend, outputs poisoned with NaN first), {fused.dtype}, batch {args.batch}, "
               f"seed {args.seed}")
         print(format_checks(results))
-        print(f"{sum(len(r.kernels) for r in results)} kernels for {len(results)} nodes, {kernel_failures} mismatched\n")
+        nodes = sum(r.node.count(",") + 1 for r in results)
+        print(f"{sum(len(r.kernels) for r in results)} kernels for {nodes} nodes, {kernel_failures} mismatched\n")
     want = gc_compile(unfused).run(inputs, params)
     got = gc_compile(fused, backend=args.backend).run(inputs, fused_params)
     print(f"check {model.name} --stage {args.stage}: {args.backend} backend against the unfused graph, "

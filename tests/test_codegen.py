@@ -45,7 +45,7 @@ def test_every_kernel_compiles_for_sm90_and_matches_numpy_on_the_host(model, sta
     bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
            if not r.ok]
     assert not bad, "\n".join(bad)
-    launched = {launch.node for launch in program.launches}
+    launched = {n for launch in program.launches for n in launch.computes}
     computed = {n.name for n in graph.topo() if n.role == "op"} - set(program.alias) - program.inlined
     assert computed == launched        # every node that computes something has a kernel
 
@@ -214,3 +214,16 @@ def test_cli_check_run_and_backend_errors(capsys):
     assert code == 0 and "lenet5 on host: batch 3" in out and "fc2: f32[N,10] -> float32[3, 10]" in out
     code, out, err = cli(capsys, "run", "lenet5", "--backend", "cuda")
     assert code == 2 and "backend='host'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_optimizers_updates_of_one_parameter_are_one_kernel():
+    """Adam's m', v' and p' for one parameter: one kernel that reads g, p, m, v once, hands m' and v'
+    on in registers and stores all three (each is a graph output)."""
+    graph = build(MODELS["lenet5"](), "fused-train")
+    program = Program(graph)
+    groups = [l for l in program.launches if l.members]
+    assert len(groups) == 8 and all(l.spec.name.startswith("adam_moment1_adam_moment2_adam_param") for l in groups)
+    fc1 = next(l for l in groups if l.node == "fc1.weight.next")
+    assert fc1.members == ("fc1.weight.adam_m.next", "fc1.weight.adam_v.next", "fc1.weight.next")
+    assert [a.value for a in fc1.spec.args if a.writes] == list(fc1.members)
+    assert len(program.launches) == 38

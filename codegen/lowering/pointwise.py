@@ -29,22 +29,34 @@ def operand_index(shape, out_shape) -> str:
 
 def pointwise_kernel(ctx, expr, operand_shapes, arg_values, out_value, out_shape, what, tag=""):
     """A KernelSpec computing `expr` (sympy, in symbols a0, a1, ...) elementwise."""
+    return pointwise_steps(ctx, [(expr, out_value)], operand_shapes, arg_values, out_shape, what, tag)
+
+
+def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag=""):
+    """A KernelSpec computing several results elementwise in one loop: `steps` are (expr, output
+    value key) in order, each expr in the operands a0, a1, ... and the earlier results r0, r1, ..."""
     dtype = ctx.outs[0].dtype
     T = "float" if dtype == "float32" else "double"
     names = {f"a{i}": f"v{i}" for i in range(len(operand_shapes))}
-    temps, result, used = c_expression(expr, dtype, names)
+    names.update({f"r{j}": f"r{j}" for j in range(len(steps))})
+    used, printed = set(), []
+    for j, (expr, out_value) in enumerate(steps):
+        temps, result, functions = c_expression(expr, dtype, names, prefix=f"_t{j}_" if len(steps) > 1 else "_t")
+        used |= functions
+        out = "out" if len(steps) == 1 else f"out{j}"
+        printed.append({"temps": temps, "result": result, "out": out, "expression": str(expr),
+                        "var": f"r{j}" if len(steps) > 1 else None})
     loads = [{"var": f"v{i}", "expr": f"a{i}[{operand_index(s, out_shape)}]"}
              for i, s in enumerate(operand_shapes)]
     args = [Arg(f"const {T}*", f"a{i}", v) for i, v in enumerate(arg_values)]
-    args += [Arg(f"{T}*", "out", out_value), Arg("int", "batch")]
+    args += [Arg(f"{T}*", step["out"], value) for step, (_, value) in zip(printed, steps)] + [Arg("int", "batch")]
     total = numel(out_shape)
     dims = "x".join(str(d) for d in out_shape if d != BATCH) or "1"
     name = f"{what}_{short_dtype(dtype)}_{dims}{tag}"
     grid = (sp.Min(sp.ceiling(total / THREADS), MAX_BLOCKS), 1, 1)
     return KernelSpec(name=name, template="pointwise.cu.j2",
-                      params={"T": T, "threads": THREADS, "total": c_int(total), "loads": loads, "temps": temps,
-                              "result": result, "prelude": c_function_prelude(used, dtype),
-                              "expression": str(expr)},
+                      params={"T": T, "threads": THREADS, "total": c_int(total), "loads": loads, "steps": printed,
+                              "prelude": c_function_prelude(used, dtype)},
                       args=args, grid=grid, block=(THREADS, 1, 1))
 
 
@@ -69,4 +81,71 @@ def lower_pointwise(ctx):
 def lower_constant(ctx):
     kernel = pointwise_kernel(ctx, sp.Float(ctx.attrs["value"]), [], [], ctx.out_key(), ctx.outs[0].shape,
                               "fill", "_" + str(ctx.attrs["value"]).replace(".", "p").replace("-", "m"))
+    return Lowered(kernels=[kernel])
+
+
+# ---- several elementwise nodes, one kernel ---------------------------------------------------------
+def is_pointwise(graph, name) -> bool:
+    node = graph.node(name)
+    return node.role == "op" and node.op != "constant" and node.op in LOWERINGS_POINTWISE(node)
+
+
+def LOWERINGS_POINTWISE(node):   # noqa: N802 - the ops this family lowers
+    from graphconv.ops import OPS
+    op = OPS[node.op]
+    return (node.op,) if (node.op in ("add", "fused_pointwise") or (op.kind == "elementwise" and hasattr(op, "expr"))) \
+        else ()
+
+
+def pointwise_groups(graph) -> dict:
+    """{last member: members} for elementwise nodes one kernel computes together: a node joins the
+    group of every elementwise producer of its shape (Adam's two moment updates and its parameter
+    update: g and p are read once, m' and v' handed on in registers). A group stands only where
+    nothing outside it reads a member before the group's last member has run."""
+    order = [n.name for n in graph.topo()]
+    position = {name: i for i, name in enumerate(order)}
+    group_of: dict = {}
+    for name in order:
+        if not is_pointwise(graph, name):
+            continue
+        shape = graph.node(name).shape
+        joined = {group_of[o] for o in graph.operands(name) if o in group_of and graph.node(o).shape == shape}
+        group = frozenset().union(*joined) | {name}
+        for member in group:
+            group_of[member] = group
+    groups = {}
+    for group in set(group_of.values()):
+        if len(group) < 2:
+            continue
+        members = sorted(group, key=position.get)
+        last = position[members[-1]]
+        if all(position[user] >= last or user in group for m in members[:-1] for user, _ in graph.users(m)):
+            groups[members[-1]] = tuple(members)
+    return groups
+
+
+def lower_pointwise_group(ctxs):
+    """One kernel for the members (in order): operands outside the group are loaded once."""
+    members = {ctx.node.name: j for j, ctx in enumerate(ctxs)}
+    externals, shapes = [], []
+    steps = []
+    for ctx in ctxs:
+        args = []
+        for operand, value in zip(ctx.operands, ctx.ins):
+            if operand in members:
+                args.append(sp.Symbol(f"r{members[operand]}", real=True))
+                continue
+            if operand not in externals:
+                externals.append(operand)
+                shapes.append(value.shape)
+            args.append(FusedPointwise.symbols(len(externals))[externals.index(operand)])
+        steps.append((expression_of(ctx.node.op, ctx.attrs, args), ctx.out_key()))
+    last = ctxs[-1]
+    from ..cache import digest
+    tag = "_" + digest(repr([(c.node.op, sorted(c.attrs.items())) for c in ctxs]))[:6]
+    what = "_".join(dict.fromkeys(c.node.op for c in ctxs))
+    kernel = pointwise_steps(last, steps, shapes, externals, last.outs[0].shape, what, tag)
+    kernel.nodes = tuple(members)
+    kernel.layers = tuple(dict.fromkeys(c.layer for c in ctxs))
+    kernel.shapes = "; ".join(c.shapes_text() for c in ctxs)
     return Lowered(kernels=[kernel])

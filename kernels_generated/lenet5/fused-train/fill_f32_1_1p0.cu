@@ -4,10 +4,10 @@
 //   shapes:    () -> float32[]
 //   launch:    grid (1, 1, 1) x block (256, 1, 1)
 //   arguments: float*, int
-//   computes:  out = 1.00000000000000
+//   out = 1.00000000000000
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the op's sympy expression printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256) fill_f32_1_1p0(float* __restrict__ out, int batch)
+// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+extern "C" __global__ void __launch_bounds__(256, 1) fill_f32_1_1p0(float* __restrict__ out, int batch)
 {
     const long long total = 1;
     for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += (long long)gridDim.x * 256) {

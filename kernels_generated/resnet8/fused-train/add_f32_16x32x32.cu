@@ -4,10 +4,10 @@
 //   shapes:    (block1.bn2: float32[N, 16, 32, 32], relu1: float32[N, 16, 32, 32]) -> float32[N, 16, 32, 32]
 //   launch:    grid (Min(4096, 64*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, const float*, float*, int
-//   computes:  out = a0 + a1
+//   out = a0 + a1
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the op's sympy expression printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256) add_f32_16x32x32(const float* __restrict__ a0, const float* __restrict__ a1, float* __restrict__ out, int batch)
+// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+extern "C" __global__ void __launch_bounds__(256, 1) add_f32_16x32x32(const float* __restrict__ a0, const float* __restrict__ a1, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long total = 16384*nb;

@@ -4,10 +4,10 @@
 //   shapes:    (block3.conv1: float32[N, 64, 8, 8], block3.bn1.running_mean: float32[64], block3.bn1.running_var: float32[64], block3.bn1.weight: float32[64], block3.bn1.bias: float32[64]) -> float32[N, 64, 8, 8]
 //   launch:    grid (Min(4096, 16*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, const float*, const float*, const float*, float*, int
-//   computes:  out = a2*(a0 - a1) + a3
+//   out = a2*(a0 - a1) + a3
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the op's sympy expression printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256) batch_norm_apply_f32_64x8x8(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, const float* __restrict__ a3, float* __restrict__ out, int batch)
+// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_apply_f32_64x8x8(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, const float* __restrict__ a3, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long total = 4096*nb;

@@ -4,10 +4,10 @@
 //   shapes:    (block1.conv2: float32[N, 16, 32, 32], block1.bn2.running_mean: float32[16], block1.bn2.running_var: float32[16], dblock1.add: float32[N, 16, 32, 32], block1.bn2.weight: float32[16]) -> float32[N, 16, 32, 32]
 //   launch:    grid (Min(4096, 64*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, const float*, const float*, const float*, const float*, const float*, float*, int
-//   computes:  out = a3*(a0 - a4 - a5*(a1 - a2))
+//   out = a3*(a0 - a4 - a5*(a1 - a2))
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the op's sympy expression printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256) batch_norm_grad_input_apply_f32_16x32x32(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, const float* __restrict__ a3, const float* __restrict__ a4, const float* __restrict__ a5, float* __restrict__ out, int batch)
+// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_grad_input_apply_f32_16x32x32(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, const float* __restrict__ a3, const float* __restrict__ a4, const float* __restrict__ a5, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long total = 16384*nb;

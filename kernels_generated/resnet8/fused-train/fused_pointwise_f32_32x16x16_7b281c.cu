@@ -4,10 +4,10 @@
 //   shapes:    (dblock2.relu2@block3.down: float32[N, 32, 16, 16], dblock2.relu2@block3.conv1: float32[N, 32, 16, 16], block2.add: float32[N, 32, 16, 16]) -> float32[N, 32, 16, 16]
 //   launch:    grid (Min(4096, 32*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, const float*, const float*, float*, int
-//   computes:  out = Piecewise((a0 + a1, a2 > 0), (0, True))
+//   out = Piecewise((a0 + a1, a2 > 0), (0, True))
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the op's sympy expression printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256) fused_pointwise_f32_32x16x16_7b281c(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, float* __restrict__ out, int batch)
+// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+extern "C" __global__ void __launch_bounds__(256, 1) fused_pointwise_f32_32x16x16_7b281c(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long total = 8192*nb;

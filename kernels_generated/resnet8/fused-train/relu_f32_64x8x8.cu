@@ -4,10 +4,10 @@
 //   shapes:    (block3.bn1: float32[N, 64, 8, 8]) -> float32[N, 64, 8, 8]
 //   launch:    grid (Min(4096, 16*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, float*, int
-//   computes:  out = Piecewise((a0, a0 > 0), (0, True))
+//   out = Piecewise((a0, a0 > 0), (0, True))
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the op's sympy expression printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256) relu_f32_64x8x8(const float* __restrict__ a0, float* __restrict__ out, int batch)
+// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+extern "C" __global__ void __launch_bounds__(256, 1) relu_f32_64x8x8(const float* __restrict__ a0, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long total = 4096*nb;
