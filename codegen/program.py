@@ -37,6 +37,7 @@ class Plan:
     slot: dict
     sizes: list
     peak_bytes: int
+    inplace: list = None      # (operand, result) pairs where an elementwise kernel writes in place
 
 
 class Program:
@@ -167,13 +168,25 @@ class Program:
                     first.setdefault(key, step)
                     last[key] = step
         keep = {self.resolve(o) for o in self.outputs}
-        free, sizes, slot = [], [], {}
+        order = {k: i for i, k in enumerate(self.values)}
+        free, sizes, slot, inplace = [], [], {}, []
         live = peak = 0
         for step, launch in enumerate(self.launches):
-            for key in sorted((k for k, s in first.items() if s == step), key=lambda k: list(self.values).index(k)):
+            # an elementwise kernel may write a result into the buffer of an operand of the same
+            # type that it reads for the last time: each thread loads element i before storing it
+            dying = [k for k, s in last.items() if s == step and k not in keep and k in slot and first[k] < step]
+            in_place = list(dying) if reuse and launch.spec.template == "pointwise.cu.j2" else []
+            for key in sorted((k for k, s in first.items() if s == step), key=order.get):
                 need = self.values[key].nbytes(batch)
+                same = [k for k in in_place if self.values[k] == self.values[key]]
                 fits = [b for b in free if sizes[b] >= need] if reuse else []
-                if fits:
+                if same:
+                    b = slot[same[0]]
+                    in_place.remove(same[0])
+                    dying.remove(same[0])
+                    inplace.append((same[0], key))
+                    live -= sizes[b]
+                elif fits:
                     b = min(fits, key=lambda b: (sizes[b], b))
                     free.remove(b)
                 else:
@@ -182,8 +195,10 @@ class Program:
                 slot[key] = b
                 live += sizes[b]
             peak = max(peak, live)
-            for key in [k for k, s in last.items() if s == step and k not in keep]:
-                if key in slot and slot[key] not in free:
+            for key in dying + [k for k, s in last.items() if s == step and k not in keep and k in slot
+                                and first[k] == step]:
+                if slot[key] not in free and all(slot[key] != slot[k] for k in slot if last.get(k, -1) > step
+                                                 or k in keep):
                     free.append(slot[key])
                     live -= sizes[slot[key]]
-        return Plan(slot, sizes, peak)
+        return Plan(slot, sizes, peak, inplace)

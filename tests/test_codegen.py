@@ -103,9 +103,14 @@ def test_buffer_plan_reuses_dead_buffers_and_never_shares_live_ones():
                 first.setdefault(key, step)
                 last[key] = step
     keep = {program.resolve(o) for o in program.outputs}
+    in_place = set(plan.inplace)
+    assert in_place     # Adam's updates, relu gradients: results written over a dying operand
+    for operand, result in in_place:
+        assert program.launches[first[result]].spec.template == "pointwise.cu.j2"
+        assert last[operand] == first[result] and program.values[operand] == program.values[result]
     for a in plan.slot:
         for b in plan.slot:
-            if a < b and plan.slot[a] == plan.slot[b]:
+            if a < b and plan.slot[a] == plan.slot[b] and (a, b) not in in_place and (b, a) not in in_place:
                 end_a = len(program.launches) if a in keep else last[a]
                 end_b = len(program.launches) if b in keep else last[b]
                 assert end_a < first[b] or end_b < first[a], f"{a} and {b} share a buffer while both live"
