@@ -190,11 +190,22 @@ class Trainer:
     def params(self):
         return {n.name: self.state[n.name] for n in self.model.params}
 
+    def _step_runner(self, batch):
+        """How one step runs: the program itself on numpy; on the kernel backends a step bound to
+        this batch size (static buffers, every launch fixed: one CUDA graph replay per step on cuda)."""
+        if not hasattr(self.step_program, "bind"):
+            return self.step_program.run
+        bound = getattr(self, "_bound", {})
+        self._bound = bound
+        if batch not in bound:
+            bound[batch] = self.step_program.bind(batch)
+        return bound[batch].run
+
     def step(self, x, y):
         """One training step; returns (loss, scores)."""
         check_finite(self.input_name, x)
         with np.errstate(all="ignore"):   # overflow is checked below, and reported as a TrainingError
-            out = self.step_program.run({self.input_name: x, "y": y}, self.state)
+            out = self._step_runner(len(x))({self.input_name: x, "y": y}, self.state)
         loss, scores = self.step_graph.outputs[:2]
         where = f"{self.model.name}, epoch {self.epoch + 1}, step {self.steps + 1}"
         if not np.isfinite(out[loss]):
