@@ -211,7 +211,7 @@ def fuse_conv_chains(graph):
         operands = g.operands(conv.name)
         attrs = {**conv.attrs, "bias": len(operands) > 2, "epilogue": tuple(epilogue), "pool": pool,
                  "nd": OPS[conv.op].nd}
-        fused = g.replace(names, "fused_conv", [*operands, *extras], attrs)
+        fused = g.replace(names, "fused_conv", [*operands, *extras], attrs, layer=g.node(names[0]).layer)   # the conv's layer
         ledger.append(Decision("conv_chain", shown[0], shown, True, reason, before, node_bytes(g, fused.name),
                                fused.name))
     g.meta["fusion"] = ledger

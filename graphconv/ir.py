@@ -271,7 +271,7 @@ class GraphCore:
         for i in positions:
             self.outputs[i] = new
 
-    def replace(self, nodes, op_name, operands, attrs=None, name=None, stage=None) -> Tensor:
+    def replace(self, nodes, op_name, operands, attrs=None, name=None, stage=None, layer=None) -> Tensor:
         """Replace the connected nodes `nodes` (in order; the last one's value is the one used
         outside) by one node computing `op_name` over `operands`. The new node takes the last node's
         name, layer, creation index and stage unless told otherwise, records what it replaced, and
@@ -297,7 +297,7 @@ class GraphCore:
             attrs = op.check_attrs(dict(attrs or {}))
             out_type = op.infer([self.node(o).type for o in operand_names], attrs)
         record = tuple((n.name, n.op, dict(n.attrs)) for n in nodes)
-        node = Node(name, op_name, attrs, out_type, root.layer, root.index, dict(root.provenance),
+        node = Node(name, op_name, attrs, out_type, layer or root.layer, root.index, dict(root.provenance),
                     stage or root.stage, record)
         self.nx.add_node(name, node=node)
         for key, src in enumerate(operand_names):

@@ -135,7 +135,7 @@ def test_a_kernel_that_does_not_compile_is_reported_with_node_layer_template_and
     with pytest.raises(CompileError) as err:
         nvrtc.compile_kernel(spec.source, spec.name, where=where_of(program, spec.name))
     text = str(err.value)
-    assert text.startswith(f"pool1: pool1 [fused_conv] template direct_conv.cu.j2: {spec.name}: NVRTC failed")
+    assert text.startswith(f"conv1: pool1 [fused_conv] template direct_conv.cu.j2: {spec.name}: NVRTC failed")
     assert "error: expected a \";\"" in text
     number, quoted = re.search(r"\n  line (\d+): (.*)$", text).groups()     # the line NVRTC points at, quoted
     assert spec.source.splitlines()[int(number) - 1].strip() == quoted
