@@ -15,7 +15,7 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefi
 
 
 def render(spec) -> str:
-    signature = ", ".join(a.decl() for a in spec.args)
+    signature = ", ".join(a.decl(spec.restrict) for a in spec.args)
     text = _env.get_template(spec.template).render(spec=spec, signature=signature, **spec.params)
     spec.source = drop_unused(text)
     return spec.source
@@ -37,7 +37,8 @@ def drop_unused(text: str) -> str:
         keep = []
         for line in lines:
             m = _DECL.match(line)
-            if m and counts.get(m.group(1), 0) <= 1 and not line.lstrip().startswith("//"):
+            single = line.split("//")[0].count("=") == 1     # one declarator: `const T a = ..., b = ...` is kept
+            if m and single and counts.get(m.group(1), 0) <= 1 and not line.lstrip().startswith("//"):
                 continue
             keep.append(line)
         if len(keep) == len(lines):

@@ -130,6 +130,7 @@ class CompiledProgram:
         types = self.runtime.array_types
         bindings = bind_inputs(self.graph, inputs, types)
         batch = self.batch_of(bindings)
+        self.check_batch(batch)
         plan, buffers = self._buffers(batch, keep)
         if self.poison:
             for buf in buffers:
@@ -150,6 +151,16 @@ class CompiledProgram:
             return tuple(get(array(f"{name}:{i}")) for i in range(len(node.type.parts)))
         return get(array(name))
 
+    def check_batch(self, batch):
+        """What the NumPy references refuse for a size and a kernel would silently compute: batch
+        statistics over one value per channel."""
+        for node in self.graph.topo():
+            if node.op == "batch_norm" and node.attrs["training"]:
+                shape = self.program.shape_of(node.name, batch)
+                if int(np.prod(shape, dtype=np.int64)) == shape[1]:
+                    raise InputError(f"{node.name} [batch_norm]: batch statistics need more than one value per "
+                                     f"channel, got {list(shape)} (as in PyTorch; use eval mode or a larger batch)")
+
     def bind(self, batch: int) -> "BoundStep":
         """Every launch for one batch size with every argument bound, over static buffers: what a
         CUDA graph captures (a training step is then one graph launch per step)."""
@@ -164,6 +175,7 @@ class BoundStep:
     next call; `run` copies them out."""
 
     def __init__(self, compiled, batch):
+        compiled.check_batch(batch)
         self.compiled, self.batch = compiled, batch
         program, runtime = compiled.program, compiled.runtime
         plan = program.plan(batch)

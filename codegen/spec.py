@@ -30,8 +30,8 @@ class Arg:
     def writes(self) -> bool:
         return self.is_pointer and not self.ctype.startswith("const")
 
-    def decl(self) -> str:
-        return f"{self.ctype} __restrict__ {self.name}" if self.is_pointer else f"{self.ctype} {self.name}"
+    def decl(self, restrict=True) -> str:
+        return f"{self.ctype} __restrict__ {self.name}" if self.is_pointer and restrict else f"{self.ctype} {self.name}"
 
 
 @dataclass
@@ -47,10 +47,17 @@ class KernelSpec:
     layers: tuple = ()             # the user layers they belong to
     shapes: str = ""               # operand and result types, for the header
     barrier: bool = False          # uses __syncthreads (the host runtime needs fibers then)
+    restrict: bool = True          # pointers __restrict__; not where the buffer plan may write in place
     source: str = ""               # filled by render()
 
     def launch_shape(self, batch: int) -> tuple:
+        """(grid, block) for a batch size; a grid past CUDA's limits (x < 2^31, y and z <= 65535) is
+        refused here, on every backend, rather than by the GPU."""
         grid = tuple(max(1, int(sp.sympify(g).subs(BATCH, batch))) for g in self.grid)
+        if grid[0] >= 2**31 or grid[1] > 65535 or grid[2] > 65535:
+            from graphconv.errors import InputError
+            raise InputError(f"{', '.join(self.nodes)}: batch {batch} needs a grid of {grid} blocks for kernel "
+                             f"{self.name}, past CUDA's limits (x < 2^31, y and z <= 65535); use a smaller batch")
         return grid, tuple(self.block)
 
     def grid_text(self) -> str:

@@ -21,6 +21,7 @@ Patterns:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -90,6 +91,10 @@ def conv_chain(graph, conv):
             nodes.append(user)
             current = user
             continue
+        if user.op in POOLS and op.nd == OPS[conv.op].nd and math.prod(user.attrs["kernel_size"]) > max_window(user):
+            return nodes, extras, epilogue, pool, (f"{user.name}'s window has {math.prod(user.attrs['kernel_size'])} "
+                                                   f"elements, more than the {max_window(user)} a fused kernel pools "
+                                                   f"in registers")
         if user.op in POOLS and op.nd == OPS[conv.op].nd:
             nodes.append(user)
             return nodes, extras, epilogue, pool_spec(user.op, user.attrs), ""
@@ -102,6 +107,12 @@ def conv_chain(graph, conv):
 def layers(node) -> list:
     """The names a node stands for: itself, or what it replaced."""
     return [r[0] for r in node.replaces] if node.replaces else [node.name]
+
+
+def max_window(pool) -> int:
+    """The largest pooling window a fused conv takes: its kernel holds a window's results in
+    registers, one per element (64 floats, 32 doubles)."""
+    return 64 if pool.dtype == "float32" else 32
 
 
 def training_chain(graph, conv):

@@ -44,6 +44,9 @@ CASES = [
     (2, (9, 9), {"padding": 1}, ("avg", {"kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False})),
     (1, (17,), {"padding": 2, "kernel": 5}, ("max", {"kernel_size": 2})),
     (3, (6, 7, 6), {"padding": 1}, ("max", {"kernel_size": 2})),
+    (2, (5, 5), {"padding": 1}, ("max", {"kernel_size": 2, "ceil_mode": True})),    # overhang: not direct
+    (1, (60,), {"padding": 1}, ("max", {"kernel_size": 3})),                         # window of 3 columns
+    (2, (9, 9), {"padding": 1}, ("max", {"kernel_size": (1, 3)})),
 ]
 
 
@@ -106,3 +109,72 @@ def test_one_program_serves_any_batch():
         got = compiled.run(inputs, params)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_launch_shapes_stay_within_cuda_grid_limits_and_refuse_beyond():
+    from graphconv.errors import InputError
+    g = gc.Graph("dw")
+    x = g.input("x", ("N", 64, 56, 56))
+    h = g.relu(g.conv2d(x, 64, 3, padding=1, groups=64, name="dw"))
+    g.output(g.linear(g.flatten(g.avg_pool2d(h, 56)), 3, name="fc"))
+    program = Program(build(g, "train"))
+    for spec in program.kernels:                 # depthwise weight gradients split over many chunks
+        grid, _ = spec.launch_shape(1000)
+        assert grid[1] <= 65535 and grid[2] <= 65535, (spec.name, grid)
+    r = gc.Graph("r")
+    x = r.input("x", ("N", 64, 8, 8))
+    r.output(r.apply("reduce_sum", x, axes=(2, 3)))
+    assert all(s.launch_shape(1100)[0][1] <= 65535 for s in Program(r).kernels)
+    linear = next(s for s in program.kernels if s.name.startswith("linear"))
+    with pytest.raises(InputError, match="past CUDA's limits"):
+        linear.launch_shape(5_000_000)           # rows on grid y: ceil(N / 64) > 65535
+
+
+def test_a_derivative_that_does_not_read_its_input_gathers_only_dy():
+    from graphconv.ops.pointwise import X, define_activation
+    define_activation("twice", 2 * X)
+    g = gc.Graph("lin")
+    x = g.input("x", ("N", 3, 8, 8))
+    h = g.max_pool2d(g.activation(g.conv2d(x, 4, 3, padding=1, name="conv"), "twice"), 2)
+    h = g.max_pool2d(g.activation(g.conv2d(h, 4, 3, padding=1, name="conv2"), "twice"), 2)
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    assert_kernels_match(build(g, "fused-train"))
+
+
+def test_float64_training_and_inference_kernels_compile_without_spills():
+    from graphconv.models import MODELS
+    if not nvrtc.available():
+        pytest.skip("NVRTC not installed")
+    for model, stage in (("lenet5", "fused-train"), ("resnet8", "fused")):
+        for spec in Program(build(MODELS[model]("float64"), stage)).kernels:
+            nvrtc.compile_kernel(spec.source, spec.name)
+
+
+def test_a_kernel_too_large_for_shared_memory_goes_through_the_gemm():
+    g = gc.Graph("big")
+    x = g.input("x", ("N", 3, 24, 24))
+    g.output(g.relu(g.conv2d(x, 64, 19, padding=9, name="conv")))
+    kernels = Program(build(g, "fused")).kernels
+    assert kernels[0].template == "gemm.cu.j2"
+    assert_kernels_match(build(g, "fused"), batch=2)
+
+
+def test_a_pool_window_too_large_for_registers_is_left_unfused():
+    from graphconv.fusion import report
+    g = gc.Graph("gap")
+    x = g.input("x", ("N", 3, 16, 16))
+    g.output(g.avg_pool2d(g.relu(g.conv2d(x, 8, 3, padding=1, name="c")), 16))
+    fused = build(g, "fused")
+    assert [n.op for n in fused.topo() if n.role == "op"] == ["fused_conv", "avg_pool2d"]
+    assert "256 elements, more than the 64" in str(report(g.verify(), fused))
+    assert_kernels_match(fused)
+
+
+def test_batch_statistics_over_one_value_are_refused_as_on_numpy():
+    from graphconv.errors import InputError
+    g = gc.Graph("bn1")
+    x = g.input("x", ("N", 4))
+    g.output(g.batch_norm1d(x, name="bn"))
+    run = gc.compile(g, backend="host")
+    with pytest.raises(InputError, match="more than one value per channel"):
+        run.run({"x": np.ones((1, 4), np.float32)}, gc.init_params(g, seed=0))

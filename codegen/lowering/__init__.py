@@ -30,7 +30,8 @@ NB = sp.Symbol("nb", integer=True, positive=True)
 
 
 class IntegerPrinter(sp.printing.c.C99CodePrinter):
-    """Integer arithmetic only: ceiling(p/q) as (p + q - 1) / q, Min as min; never a float."""
+    """Integer arithmetic only: ceiling(p/q) as (p + q - 1) / q, Min / Max as min / max of long longs
+    (one overload, whatever the operands' types); never a float."""
 
     def _print_ceiling(self, expr):
         num, den = sp.fraction(sp.together(expr.args[0]))
@@ -39,7 +40,13 @@ class IntegerPrinter(sp.printing.c.C99CodePrinter):
     def _print_Min(self, expr):
         text = self._print(expr.args[0])
         for a in expr.args[1:]:
-            text = f"min({text}, {self._print(a)})"
+            text = f"min((long long)({text}), (long long)({self._print(a)}))"
+        return text
+
+    def _print_Max(self, expr):
+        text = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            text = f"max((long long)({text}), (long long)({self._print(a)}))"
         return text
 
 

@@ -15,20 +15,26 @@ from ..spec import KernelSpec, Lowered
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
 
 
-def eligible(geo, pool_window=None) -> bool:
-    """Stride 1, dilation 1, one group, 2-D; a pool, if any, tiles the output without overlap."""
+def eligible(geo, pool_window=None, out_size=None, pooled_size=None) -> bool:
+    """Stride 1, dilation 1, one group, 2-D; a pool, if any, tiles the output exactly: windows that
+    do not overlap, no padding, and no ceil_mode overhang (every pooled output a whole window)."""
     if geo["nd"] != 2 or geo["groups"] != 1 or any(s != 1 for s in geo["stride"]) or any(d != 1 for d in geo["dil"]):
         return False
     if pool_window is not None:
         k, s, pad, dil = pool_window
         if list(s) != list(k) or any(pad) or any(d != 1 for d in dil) or math.prod(k) > 16:
             return False
+        if pooled_size is not None and list(pooled_size) != [o // kk for o, kk in zip(out_size, k)]:
+            return False
+        if any(p == 0 for p in pooled_size or [1]):
+            return False
     return True
 
 
 def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_load, w_load, row_setup,
                 window_begin, element, window_end, args, prelude="", in_desc="", w_desc=""):
-    """The KernelSpec of one direct convolution. `cell` = (CH, CW): a pooling window, or 2 x 2."""
+    """The KernelSpec of one direct convolution (`cell` = (CH, CW): a pooling window, or 2 x 2),
+    or None when its tiles do not fit in shared memory (the caller then uses the GEMM)."""
     KH, KW = K
     IH, IW = in_size
     OH, OW = out_size
@@ -45,7 +51,10 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
     OCB = TOC * CG
     HH, HW = TCY * CH + KH - 1, TCX * CW + KW - 1
     itemsize = 4 if ctx.float_type == "float" else 8
-    CC = max(1, min(C, SHARED_BUDGET // itemsize // (HH * HW + KH * KW * OCB)))
+    per_channel = (HH * HW + KH * KW * OCB) * itemsize
+    if per_channel > SHARED_BUDGET:          # a huge kernel: even one channel's tile does not fit
+        return None
+    CC = max(1, min(C, SHARED_BUDGET // per_channel))
     tiles_x, tiles = -(-NCX // TCX), -(-NCX // TCX) * -(-NCY // TCY)
     params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "KH": KH, "KW": KW, "PAD_T": pad[0],
               "PAD_L": pad[1], "IH": IH, "IW": IW, "OH": OH, "OW": OW, "CH": CH, "CW": CW, "NCY": NCY, "NCX": NCX,

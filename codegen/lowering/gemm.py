@@ -33,7 +33,7 @@ def tile_config(M, N, G):
     whole pooling windows (TN >= G); narrow products put more threads along m (at least 128 threads
     where the tile allows); BK is the deepest step with at most 8 load slots per thread and operand
     (their hoisted index arithmetic lives in registers)."""
-    TN = max(4, G)
+    TN = G * -(-max(4, G) // G)        # whole windows per thread, at least 4 columns (G = 3: 6)
     if TN > 64:
         raise ValueError(f"a pooling window of {G} elements is too large to pool in registers (at most 64)")
     TM = 4 if TN <= 8 else (2 if TN <= 16 else 1)
@@ -91,11 +91,13 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                           grid=(*grid_xy, groups), block=block, barrier=True)
         return Lowered(kernels=[spec])
     # split K: the GEMM writes partial sums, the reduce kernel adds them and runs the epilogue
-    kch = cfg["BK"] * max(1, math.ceil(2048 / cfg["BK"]))
+    # chunks of 2048 terms, grown where the batch would need more than 65535 / groups of them (grid z)
+    bk = cfg["BK"]
+    kch = sp.Max(bk * max(1, math.ceil(2048 / bk)), bk * sp.ceiling(sp.ceiling(sp.sympify(K) / (65535 // groups)) / bk))
     S = sp.ceiling(sp.sympify(K) / kch)
     partial_key = ctx.scratch_key("partial")
     total = groups * sp.sympify(M) * sp.sympify(N)
-    params.update(split=True, KCH=kch, row_setup=[], window_begin=[], window_end=[],
+    params.update(split=True, KCH=c_int(kch), row_setup=[], window_begin=[], window_end=[],
                   element=[f"partial[((split * {groups} + grp) * M + m) * N + n] = c;"])
     gemm_args = [a_ for a_ in args if not a_.writes and a_.value is not None] + \
                 [Arg(f"{T}*", "partial", partial_key), Arg("int", "batch")]
@@ -300,14 +302,17 @@ def lower_conv(ctx):
     if n_extra or any(items for _, items, _ in steps):
         from ..cache import digest
         name += "_" + digest(repr(steps))[:6]
-    if direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None) and padding_zeros(attrs):
-        return direct.direct_spec(
+    direct_kernel = None
+    if direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
+        direct_kernel = direct.direct_spec(
             ctx, name.replace(f"conv{nd}d", f"conv{nd}d_direct", 1), C=C, M=OC, K=Kr, pad=geo["pad"], in_size=Si,
             out_size=So, cell=tuple(pk) if pool else (2, 2), pooled=bool(pool),
             in_load=[f"v = x[((bimg * {C} + c) * {Si[0]}LL + iy) * {Si[1]} + ix];"],
             w_load=[f"v = w[((m * {C} + c) * {Kr[0]} + r) * {Kr[1]} + s];"], row_setup=row_setup,
             window_begin=window_begin, element=core + element[len(core):], window_end=stores, args=args,
             prelude=c_function_prelude(used, ctx.dtype), in_desc="in = x", w_desc="w[m, c, r, s]")
+    if direct_kernel is not None:
+        return direct_kernel
     element = column_decode("n", "") + element
     return gemm_specs(ctx, name, M=Mg, N=BATCH * P * G, K=Cg * KK, a=a, b=b, row_setup=row_setup,
                       window_begin=window_begin, element=element, window_end=window_end, args=args, cfg=cfg,
@@ -361,17 +366,19 @@ def lower_conv_backward_data(ctx):
     if direct.eligible(geo):
         # stride 1: a direct convolution of dy with the flipped filter, padded by K - 1 - pad
         if gathered:
-            in_load, used = gather_lines(gathered, ctx.dtype, f"bimg * {OC} + c", ["iy", "ix"])
+            in_load, direct_used = gather_lines(gathered, ctx.dtype, f"bimg * {OC} + c", ["iy", "ix"])
         else:
-            in_load = [f"v = dy[((bimg * {OC} + c) * {So[0]}LL + iy) * {So[1]} + ix];"]
-        return direct.direct_spec(
+            in_load, direct_used = [f"v = dy[((bimg * {OC} + c) * {So[0]}LL + iy) * {So[1]} + ix];"], set()
+        direct_kernel = direct.direct_spec(
             ctx, name.replace("backward_data", "backward_data_direct", 1), C=OC, M=C, K=Kr,
             pad=[k - 1 - p for k, p in zip(Kr, geo["pad"])], in_size=So, out_size=Si, cell=(2, 2), pooled=False,
             in_load=in_load, w_load=[f"v = w[((c * {C} + m) * {Kr[0]} + ({Kr[0] - 1} - r)) * {Kr[1]} + ({Kr[1] - 1} - s)];"],
             row_setup=[], window_begin=[], element=[f"dx[(bimg * {C} + m) * {SiN}LL + p] = c;"], window_end=[],
-            args=args, prelude=c_function_prelude(used, ctx.dtype),
+            args=args, prelude=c_function_prelude(direct_used, ctx.dtype),
             in_desc=("in = act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes"
                      if gathered else "in = dy"), w_desc="w[c, m, K-1-r, K-1-s] (the flipped filter)")
+        if direct_kernel is not None:
+            return direct_kernel
     return gemm_specs(ctx, name, M=Cg, N=BATCH * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups,
                       prelude=c_function_prelude(used, ctx.dtype),

@@ -57,7 +57,7 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
     return KernelSpec(name=name, template="pointwise.cu.j2",
                       params={"T": T, "threads": THREADS, "total": c_int(total), "loads": loads, "steps": printed,
                               "prelude": c_function_prelude(used, dtype)},
-                      args=args, grid=grid, block=(THREADS, 1, 1))
+                      args=args, grid=grid, block=(THREADS, 1, 1), restrict=False)   # may run in place
 
 
 def tag_of(ctx) -> str:

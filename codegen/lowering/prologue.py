@@ -12,6 +12,7 @@ then gets no kernel and no buffer."""
 from __future__ import annotations
 
 import math
+import re
 
 import sympy as sp
 
@@ -67,7 +68,7 @@ def gather_lines(info, dtype, plane, coords) -> tuple[list, set]:
     T = "float" if dtype == "float32" else "double"
     lines.append(f"const long long gi = ({plane}) * {P}LL + {flat};")
     lines.append(f"if ({' && '.join(conds)} && gcode[gi] == {offset}) {{")
-    lines.append(f"    const {T} ga = gaux[gi], gd = gdy[gi];")
+    lines += [f"    {line}" for line in operand_loads(temps, result, T, "gi")]
     lines += [f"    {t}" for t in temps]
     lines.append(f"    v = {result};")
     lines.append("}")
@@ -80,3 +81,11 @@ def derivative_c(info, dtype, x="ga", dy="gd"):
     derivative = OPS[op].derivative(0)
     expr = derivative.expr.subs({s: sp.Float(v) for s, v in zip(derivative.param_symbols, dict(items).values())})
     return c_expression(expr, dtype, {"x": x, "dy": dy})
+
+
+def operand_loads(temps, result, T, index):
+    """The loads of aux and dy at `index` that the derivative's C text reads (a derivative such as
+    that of 2*x reads no aux), one declaration per line."""
+    text = " ".join(temps) + " " + result
+    return [f"const {T} {var} = {array}[{index}];" for var, array in (("ga", "gaux"), ("gd", "gdy"))
+            if re.search(rf"\b{var}\b", text)]

@@ -21,7 +21,7 @@ import sympy as sp
 from ..cprinter import c_function_prelude
 from ..spec import Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, numel, short_dtype
-from .prologue import derivative_c, gathered_gradient
+from .prologue import derivative_c, gathered_gradient, operand_loads
 from .pointwise import MAX_BLOCKS, pointwise_kernel
 from .window import literal
 
@@ -69,8 +69,9 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
         barrier = False
     else:
         S, S_text = sp.ceiling(A * B / CHUNK), c_ceil_div(A * B, CHUNK)
-        template, grid, block = "channel_partial.cu.j2", (S, K, 1), (THREADS, 1, 1)
-        params = {"threads": THREADS, "chunk": CHUNK, "M": c_int(A * B), "B": c_int(B)}
+        # one block per (k, chunk), both on grid x: k can grow with the batch past grid y's 65535
+        template, grid, block = "channel_partial.cu.j2", (S * K, 1, 1), (THREADS, 1, 1)
+        params = {"threads": THREADS, "chunk": CHUNK, "M": c_int(A * B), "B": c_int(B), "S": S_text}
         barrier = True
     params.update(prelude="", K=c_int(K), NT=NT, loads=loads, terms=terms, what=", ".join(terms), view=f"[{c_int(A)}, {c_int(K)}, {c_int(B)}]")
     partial = KernelSpec(name=name + "_partial", template=template, params=params,
@@ -98,7 +99,7 @@ def lower_reduce_sum(ctx):
         # pooled tensor; the full-size gradient is never read (it is never written either)
         P = sp.Integer(math.prod(gathered["Sp"]))
         temps, result, used = derivative_c(gathered, ctx.dtype)
-        loads = [f"const {T} ga = gaux[idx], gd = gdy[idx];"] + temps + [f"const double xv = {result};"]
+        loads = operand_loads(temps, result, T, "idx") + temps + [f"const double xv = {result};"]
         name = f"reduce_sum_{gathered['act'][0]}_grad_gathered_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}"
         kernels, scratch = channel_sums(ctx, name, A=x.shape[0], K=x.shape[1], B=P, loads=loads, terms=["xv"],
                                         in_args=[Arg(f"const {T}*", "gdy", gathered["dpool"]),

@@ -12,7 +12,7 @@
 // One kernel for 3 elementwise nodes of one shape where each later one reads the
 // earlier ones (an optimizer's moment and parameter updates): every operand is read once and every
 // intermediate is handed on in registers, though each result is still stored.
-extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_adam_param_f32_2450x500_dc90fb(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, const float* __restrict__ a3, const float* __restrict__ a4, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_adam_param_f32_2450x500_dc90fb(const float* a0, const float* a1, const float* a2, const float* a3, const float* a4, float* out0, float* out1, float* out2, int batch)
 {
     const long long total = 1225000;
     for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += (long long)gridDim.x * 256) {

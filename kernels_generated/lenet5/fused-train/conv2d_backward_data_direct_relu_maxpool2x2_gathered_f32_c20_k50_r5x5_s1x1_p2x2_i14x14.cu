@@ -45,7 +45,8 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                 const int gp1 = (ix) / 2;
                 const long long gi = (bimg * 50 + c) * 49LL + (gp0) * 7 + gp1;
                 if (gp0 < 7 && gp1 < 7 && gcode[gi] == ((iy) % 2) * 2 + ((ix) % 2) * 1) {
-                    const float ga = gaux[gi], gd = gdy[gi];
+                    const float ga = gaux[gi];
+                    const float gd = gdy[gi];
                     v = ((ga > 0) ? (gd) : (0));
                 }
             }

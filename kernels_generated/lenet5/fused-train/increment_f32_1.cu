@@ -7,7 +7,7 @@
 //   out = a0 + 1
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
 // is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256, 1) increment_f32_1(const float* __restrict__ a0, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) increment_f32_1(const float* a0, float* out, int batch)
 {
     const long long total = 1;
     for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += (long long)gridDim.x * 256) {

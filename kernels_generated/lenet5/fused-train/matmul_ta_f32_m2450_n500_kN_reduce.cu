@@ -8,10 +8,10 @@
 // Why two passes: the reduction (nb terms) is too long for one block and too short in outputs
 // to fill the GPU, so the first kernel splits it over blocks that write partial sums, and this one
 // adds them in a fixed order: no float atomics, so the result is the same bit for bit on every run.
-extern "C" __global__ void __launch_bounds__(256) matmul_ta_f32_m2450_n500_kN_reduce(const float* __restrict__ partial, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) matmul_ta_f32_m2450_n500_kN_reduce(const float* __restrict__ partial, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
-    const long long M = 2450, N = 500, S = ((nb + 2047) / 2048);
+    const long long M = 2450, N = 500, S = ((nb + max((long long)(2048), (long long)(16*((((nb + 65534) / 65535) + 15) / 16))) - 1) / max((long long)(2048), (long long)(16*((((nb + 65534) / 65535) + 15) / 16))));
     const long long total = 1 * M * N;
     for (long long idx = (long long)blockIdx.x * 256 + threadIdx.x; idx < total; idx += (long long)gridDim.x * 256) {
         const long long mn = idx % (M * N);

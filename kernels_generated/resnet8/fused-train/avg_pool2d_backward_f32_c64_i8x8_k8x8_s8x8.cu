@@ -13,7 +13,7 @@
 // offset, and adds that window's contribution. The order is the NumPy reference's, the result is
 // the same on every run, and every input element is written exactly once (zero where no window
 // routes to it). Consecutive threads take consecutive input elements; no shared memory, no barrier.
-extern "C" __global__ void __launch_bounds__(256) avg_pool2d_backward_f32_c64_i8x8_k8x8_s8x8(const float* __restrict__ dy, float* __restrict__ dx, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) avg_pool2d_backward_f32_c64_i8x8_k8x8_s8x8(const float* __restrict__ dy, float* __restrict__ dx, int batch)
 {
     const long long nb = batch;
     const long long total = 4096*nb;

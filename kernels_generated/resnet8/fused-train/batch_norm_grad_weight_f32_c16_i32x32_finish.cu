@@ -13,7 +13,7 @@
 // Why a separate kernel: the first pass's blocks cannot see each other's sums without atomics or a
 // grid-wide barrier; a second launch adds them in chunk order, so the result never depends on which
 // block finished first. One thread per k: only (1024*nb + 4095) / 4096 values each.
-extern "C" __global__ void __launch_bounds__(256) batch_norm_grad_weight_f32_c16_i32x32_finish(const double* __restrict__ partial, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_grad_weight_f32_c16_i32x32_finish(const double* __restrict__ partial, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long K = 16, S = (1024*nb + 4095) / 4096;

@@ -13,7 +13,7 @@
 // Why a separate kernel: the first pass's blocks cannot see each other's sums without atomics or a
 // grid-wide barrier; a second launch adds them in chunk order, so the result never depends on which
 // block finished first. One thread per k: only (256*nb + 4095) / 4096 values each.
-extern "C" __global__ void __launch_bounds__(256) batch_norm_update_var_f32_c32_i16x16_m0p1_finish(const double* __restrict__ partial, const float* __restrict__ running, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_update_var_f32_c32_i16x16_m0p1_finish(const double* __restrict__ partial, const float* __restrict__ running, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long K = 32, S = (256*nb + 4095) / 4096;

@@ -7,7 +7,7 @@
 //   out = Piecewise((a0 + a1, a2 > 0), (0, True))
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
 // is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256, 1) fused_pointwise_f32_32x16x16_7b281c(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) fused_pointwise_f32_32x16x16_7b281c(const float* a0, const float* a1, const float* a2, float* out, int batch)
 {
     const long long nb = batch;
     const long long total = 8192*nb;

@@ -7,7 +7,7 @@
 //   out = Piecewise((a1, a0 > 0), (0, True))
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
 // is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256, 1) relu_grad_f32_64x8x8(const float* __restrict__ a0, const float* __restrict__ a1, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) relu_grad_f32_64x8x8(const float* a0, const float* a1, float* out, int batch)
 {
     const long long nb = batch;
     const long long total = 4096*nb;

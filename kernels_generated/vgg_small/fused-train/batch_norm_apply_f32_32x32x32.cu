@@ -7,7 +7,7 @@
 //   out = a2*(a0 - a1) + a3
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
 // is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_apply_f32_32x32x32(const float* __restrict__ a0, const float* __restrict__ a1, const float* __restrict__ a2, const float* __restrict__ a3, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_apply_f32_32x32x32(const float* a0, const float* a1, const float* a2, const float* a3, float* out, int batch)
 {
     const long long nb = batch;
     const long long total = 32768*nb;

@@ -14,7 +14,7 @@
 // Why a separate kernel: the first pass's blocks cannot see each other's sums without atomics or a
 // grid-wide barrier; a second launch adds them in chunk order, so the result never depends on which
 // block finished first. One thread per k: only (256*nb + 4095) / 4096 values each.
-extern "C" __global__ void __launch_bounds__(256) batch_norm_stats_f32_c64_i16x16_finish(const double* __restrict__ partial, const float* __restrict__ w, float* __restrict__ mean_out, float* __restrict__ scale_out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_stats_f32_c64_i16x16_finish(const double* __restrict__ partial, const float* __restrict__ w, float* __restrict__ mean_out, float* __restrict__ scale_out, int batch)
 {
     const long long nb = batch;
     const long long K = 64, S = (256*nb + 4095) / 4096;

@@ -11,7 +11,7 @@
 // in the reference's row-major order). Consecutive threads take consecutive outputs along the last
 // axis, so the windows they read share cache lines. Padding is never read: an offset outside the
 // input counts as -inf. No shared memory, no barrier.
-extern "C" __global__ void __launch_bounds__(256) max_pool2d_f32_c64_i16x16_k2x2_s2x2(const float* __restrict__ x, float* __restrict__ y, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) max_pool2d_f32_c64_i16x16_k2x2_s2x2(const float* __restrict__ x, float* __restrict__ y, int batch)
 {
     const long long nb = batch;
     const long long total = 4096*nb;

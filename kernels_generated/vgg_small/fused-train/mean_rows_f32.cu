@@ -9,7 +9,7 @@
 // Why one block: the rows are few (the batch); 256 threads each add a strided share in
 // double, then a shared-memory tree adds the 256 partial sums. The order of every addition
 // is fixed by the launch shape, so the loss is the same bit for bit on every run (no atomics).
-extern "C" __global__ void __launch_bounds__(256) mean_rows_f32(const float* __restrict__ row_loss, float* __restrict__ loss, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) mean_rows_f32(const float* __restrict__ row_loss, float* __restrict__ loss, int batch)
 {
     const long long nb = batch;
     const long long rows = nb;

@@ -11,7 +11,7 @@
 // and the threads of a block read consecutive addresses of each row (coalesced), with no shared
 // memory; the rows grow with the batch, so blockIdx.y splits them into chunks whose sums (in double)
 // the finish kernel adds in a fixed order: no float atomics, the same bits on every run.
-extern "C" __global__ void __launch_bounds__(32) reduce_sum_f32_10_a0_partial(const float* __restrict__ x, double* __restrict__ partial, int batch)
+extern "C" __global__ void __launch_bounds__(32, 1) reduce_sum_f32_10_a0_partial(const float* __restrict__ x, double* __restrict__ partial, int batch)
 {
     const long long nb = batch;
     const long long A = nb;

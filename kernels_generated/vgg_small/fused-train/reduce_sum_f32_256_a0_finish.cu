@@ -10,7 +10,7 @@
 // Why a separate kernel: the first pass's blocks cannot see each other's sums without atomics or a
 // grid-wide barrier; a second launch adds them in chunk order, so the result never depends on which
 // block finished first. One thread per k: only (nb + 63) / 64 values each.
-extern "C" __global__ void __launch_bounds__(256) reduce_sum_f32_256_a0_finish(const double* __restrict__ partial, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_f32_256_a0_finish(const double* __restrict__ partial, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
     const long long K = 256, S = (nb + 63) / 64;

@@ -7,7 +7,7 @@
 //   out = Piecewise((a0, a0 > 0), (0, True))
 // One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
 // is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
-extern "C" __global__ void __launch_bounds__(256, 1) relu_f32_32x32x32(const float* __restrict__ a0, float* __restrict__ out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) relu_f32_32x32x32(const float* a0, float* out, int batch)
 {
     const long long nb = batch;
     const long long total = 32768*nb;

@@ -10,7 +10,7 @@
 // the max (for a stable exp), the sum of exponentials and the row's gradient, in registers,
 // with no communication between threads. A target outside 0..9 gives a NaN row (the
 // reference raises; a kernel cannot, and NaN cannot pass unnoticed).
-extern "C" __global__ void __launch_bounds__(256) softmax_cross_entropy_grad_f32_c10(const float* __restrict__ scores, const long long* __restrict__ target, const float* __restrict__ grad_output, float* __restrict__ dscores, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) softmax_cross_entropy_grad_f32_c10(const float* __restrict__ scores, const long long* __restrict__ target, const float* __restrict__ grad_output, float* __restrict__ dscores, int batch)
 {
     const long long nb = batch;
     const long long rows = nb;

@@ -10,7 +10,7 @@
 // Why this shape: it runs once per set of weights, on 9216 elements: one thread per weight
 // element, its output channel's scale recomputed in registers (cheaper than a second launch); the
 // first element of each channel also writes the bias.
-extern "C" __global__ void __launch_bounds__(256) fold_batch_norm_f32_k32_r288_nobias(const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ w_out, float* __restrict__ b_out, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) fold_batch_norm_f32_k32_r288_nobias(const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ w_out, float* __restrict__ b_out, int batch)
 {
     for (int i = blockIdx.x * 256 + threadIdx.x; i < 9216; i += gridDim.x * 256) {
         const int c = i / 288;
