@@ -35,11 +35,25 @@ def cmd_summary(args):
 def cmd_dump(args):
     from .autodiff import saved_bytes, saved_tensors
     from .pipeline import build
-    from .printer import FORMATS
+    from .printer import FORMATS, PICTURES, to_picture
     from .training import Optimizer
     graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer), args.after,
                   collapse=args.collapse_convs)
-    sys.stdout.write(FORMATS[args.format](graph))
+    if args.format in PICTURES:
+        picture = to_picture(graph, args.format)
+        if args.output:
+            with open(args.output, "wb") as f:
+                f.write(picture)
+            print(f"wrote {args.output} ({len(picture):,} bytes, {graph.name} --stage {args.stage})")
+        else:
+            sys.stdout.buffer.write(picture)
+        return 0
+    text = FORMATS[args.format](graph)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     if any(n.stage == "backward" for n in graph.topo()) and args.format == "text":
         saved = saved_tensors(graph)
         size = int(saved_bytes(graph, args.batch or 1))
@@ -301,8 +315,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", default="forward", choices=STAGE_NAMES, help="which graph")
     s.add_argument("--after", default=None, metavar="PASS", help="stop the stage after this pass (default: all)")
     s.add_argument("--collapse-convs", action="store_true", help="fused stages: also collapse stacked convolutions")
-    s.add_argument("--format", default="text", choices=("text", "dot", "json"),
-                   help="text (jaxpr-like), dot (graphviz) or json")
+    s.add_argument("--format", default="text", choices=("text", "dot", "json", "svg", "png"),
+                   help="text (jaxpr-like), dot (graphviz), json, or a picture drawn by graphviz (svg, png): one "
+                        "cluster per layer, gradient nodes orange, fused nodes green")
+    s.add_argument("-o", "--output", default=None, help="write to this file instead of standard output")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
     s.add_argument("--batch", type=_positive, default=None, help="batch size for the saved-bytes line "

@@ -96,16 +96,40 @@ def _q(text) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+ROLE_STYLE = {"input": ', style=filled, fillcolor="#dfe9f5"', "param": ", style=dashed", "buffer": ", style=dotted"}
+STAGE_STYLE = {"backward": ', style=filled, fillcolor="#fbe3cf"', "update": ', style=filled, fillcolor="#ececec"'}
+FUSED_STYLE = ', style="filled,bold", fillcolor="#d9f2d9"'
+
+
 def to_dot(graph) -> str:
-    lines = [f"digraph {_q(graph.name)} {{", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
-    for n in graph.topo():
-        style = {"input": ', style=filled, fillcolor="#dfe9f5"', "param": ', style=dashed',
-                 "buffer": ', style=dotted'}.get(n.role, "")
-        attrs = fmt_attrs(non_default_attrs(n), skip=("init", "shape", "dtype", "trainable"))
-        label = _q(f"{n.name}\n{n.op}{attrs}\n{fmt_type(n.type)}").replace("\n", "\\n")
-        lines.append(f"  {_q(n.name)} [label={label}{style}];")
+    """Graphviz: one cluster per user layer (its parameters and forward nodes), gradient nodes
+    filled orange, updates grey, fused nodes green and bold with the nodes they replace; each edge
+    labelled with the operand index and the tensor's type."""
+    lines = [f"digraph {_q(graph.name)} {{", "  rankdir=TB; newrank=true;", '  node [shape=box, fontname="monospace"];',
+             '  edge [fontname="monospace", fontsize=9];']
+    by_layer: dict = {}
+    for n in graph.topo():     # gradient nodes stay outside the clusters (dot cannot rank clusters that
+        key = n.layer or n.name   # hold a layer's forward and backward nodes: its edges go both ways)
+        by_layer.setdefault(key if n.stage == "forward" else f"{n.stage}:{n.name}", []).append(n)
+    for layer, nodes in by_layer.items():
+        fused = [n for n in nodes if n.replaces]
+        cluster = len(nodes) > 1 or fused
+        indent = "    " if cluster else "  "
+        if cluster:
+            title = layer + "".join(f" (fused: {' -> '.join(r[0] for r in f.replaces)})" for f in fused[:1])
+            lines.append(f"  subgraph {_q('cluster_' + layer)} {{")
+            lines.append(f"    label={_q(title)}; fontname=\"monospace\"; style=rounded; color=\"#9aa5b1\";")
+        for n in nodes:
+            style = FUSED_STYLE if n.replaces else ROLE_STYLE.get(n.role, "") or STAGE_STYLE.get(n.stage, "")
+            attrs = fmt_attrs(non_default_attrs(n), skip=("init", "shape", "dtype", "trainable", "epilogue", "pool",
+                                                          "act", "expr"))
+            replaced = f"\n= {' -> '.join(r[0] for r in n.replaces)}" if n.replaces else ""
+            label = _q(f"{n.name}\n{n.op}{attrs}{replaced}\n{fmt_type(n.type)}").replace("\n", "\\n")
+            lines.append(f"{indent}{_q(n.name)} [label={label}{style}];")
+        if cluster:
+            lines.append("  }")
     for src, dst, key in sorted(graph.nx.edges(keys=True), key=lambda e: (graph.node(e[1]).index, e[2])):
-        lines.append(f'  {_q(src)} -> {_q(dst)} [label="{key}"];')
+        lines.append(f"  {_q(src)} -> {_q(dst)} [label={_q(f'{key}: {fmt_type(graph.node(src).type)}')}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -125,3 +149,19 @@ def to_json(graph) -> str:
 
 
 FORMATS = {"text": to_text, "dot": to_dot, "json": to_json}
+PICTURES = ("svg", "png")
+
+
+def to_picture(graph, fmt) -> bytes:
+    """The DOT dump rendered by graphviz's `dot` (svg or png)."""
+    import shutil
+    import subprocess
+    from .errors import GraphConvError
+    dot = shutil.which("dot")
+    if dot is None:
+        raise GraphConvError(f"--format {fmt} needs graphviz's `dot`: apt-get install graphviz (or brew install "
+                             f"graphviz), or use --format dot and render it elsewhere")
+    done = subprocess.run([dot, f"-T{fmt}"], input=to_dot(graph).encode(), capture_output=True)
+    if done.returncode:
+        raise GraphConvError(f"graphviz could not draw {graph.name}: {done.stderr.decode().strip().splitlines()[0]}")
+    return done.stdout

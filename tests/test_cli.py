@@ -33,7 +33,7 @@ def test_dump_formats(capsys):
     assert code == 0 and "%block1.add:f32[N,16,32,32] = add %block1.bn2 %block1.relu1" not in out
     assert "= add %block1.bn2 %relu1" in out
     code, out, _ = run(capsys, "dump", "lenet5", "--format", "dot")
-    assert out.startswith('digraph "lenet5"') and '"conv1" -> "relu1" [label="0"];' in out
+    assert out.startswith('digraph "lenet5"') and '"conv1" -> "relu1" [label="0: f32[N,20,28,28]"];' in out
     code, out, _ = run(capsys, "dump", "lenet5", "--format", "json")
     assert json.loads(out)["outputs"] == ["fc2"]
 
@@ -139,3 +139,21 @@ def test_train_refuses_a_model_whose_classes_do_not_match_the_data(capsys, tmp_p
                    "    return g\n")
     code, _, err = run(capsys, "train", f"{src}:net", "--epochs", "1", "--save", str(tmp_path / "f.npz"))
     assert code == 2 and "five outputs 5 scores per example; digits has 10 classes" in err
+
+
+def test_dump_pictures_cluster_layers_and_need_graphviz(capsys, tmp_path, monkeypatch):
+    import shutil as _shutil
+    import pytest
+    if _shutil.which("dot") is None:
+        pytest.skip("graphviz not installed (.ci/run installs it)")
+    code, out, _ = run(capsys, "dump", "lenet5", "--stage", "fused", "--format", "svg", "-o", str(tmp_path / "g.svg"))
+    svg = (tmp_path / "g.svg").read_text()
+    assert code == 0 and "wrote" in out and svg.count('class="cluster"') == 4     # conv1, conv2, fc1, fc2
+    assert "conv1 (fused: conv1 &#45;&gt; relu1 &#45;&gt; pool1)" in svg
+    code, out, _ = run(capsys, "dump", "lenet5", "--stage", "train", "--format", "png", "-o", str(tmp_path / "g.png"))
+    assert code == 0 and (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dot = main(["dump", "lenet5", "--stage", "backward", "--format", "dot"]) or capsys.readouterr().out
+    assert 'fillcolor="#fbe3cf"' in dot and '"conv1" -> "relu1" [label="0: f32[N,20,28,28]"];' in dot
+    monkeypatch.setattr(_shutil, "which", lambda name: None)
+    code, _, err = run(capsys, "dump", "lenet5", "--format", "svg")
+    assert code == 2 and "apt-get install graphviz" in err and len(err.strip().splitlines()) == 1

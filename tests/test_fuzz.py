@@ -811,7 +811,7 @@ def draw_argv(data, d, ck, out):
         opt_flag(data, argv, "--optimizer", ["adam", "sgd"], ["lbfgs"], 25)
     elif command == "dump":
         opt_flag(data, argv, "--stage", ["forward", "backward", "train"], ["test"])
-        opt_flag(data, argv, "--format", ["text", "dot", "json"], ["svg"])
+        opt_flag(data, argv, "--format", ["text", "dot", "json"], ["xml"])
         opt_flag(data, argv, "--loss", ["cross_entropy", "hinge"], [], 25)
         opt_flag(data, argv, "--optimizer", ["adam", "sgd"], [], 25)
         opt_flag(data, argv, "--batch", *BATCHES)
