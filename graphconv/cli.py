@@ -140,6 +140,20 @@ def cmd_emit(args):
     return 0
 
 
+def cmd_filters(args):
+    """The learned filters of a conv layer as a picture."""
+    from .pictures import filters_png
+    from .training import read_checkpoint
+    graph = load_model(args, need_sizes=False)
+    checkpoint = read_checkpoint(args.weights)
+    layer, png = filters_png(graph, checkpoint.state, args.layer)
+    output = args.output or f"{graph.name}-{layer}-filters.png"
+    with open(output, "wb") as f:
+        f.write(png)
+    print(f"wrote {output}: the filters of {layer} after {checkpoint.epoch} epochs ({len(png):,} bytes)")
+    return 0
+
+
 def cmd_gradcheck(args):
     from .gradcheck import check_graph, format_table
     from .training import attach_loss
@@ -360,6 +374,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
     s.set_defaults(func=cmd_emit)
+
+    s = command("filters", "draw the learned filters of a conv layer as a PNG grid (e.g. after graphconv train)")
+    s.add_argument("--weights", required=True, help="a checkpoint written by graphconv train --save")
+    s.add_argument("--layer", default=None, help="the conv layer (default: the first)")
+    s.add_argument("-o", "--output", default=None, help="the PNG to write (default: MODEL-LAYER-filters.png)")
+    s.set_defaults(func=cmd_filters)
 
     s = command("gradcheck", "check every gradient rule of the model's backward graph by finite differences",
                 dtype=("float64",), dims=True)

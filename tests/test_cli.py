@@ -157,3 +157,29 @@ def test_dump_pictures_cluster_layers_and_need_graphviz(capsys, tmp_path, monkey
     monkeypatch.setattr(_shutil, "which", lambda name: None)
     code, _, err = run(capsys, "dump", "lenet5", "--format", "svg")
     assert code == 2 and "apt-get install graphviz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_filters_draws_each_conv_filter_around_mid_grey(capsys, tmp_path):
+    import zlib
+    import numpy as np
+    from graphconv.models import lenet5
+    from graphconv.training import Trainer
+    trainer = Trainer(lenet5(), seed=0)
+    w = np.zeros((20, 1, 5, 5), np.float32)
+    w[0, 0, 0, 0], w[1, 0, 4, 4] = 0.5, -2.0           # white top-left of filter 0, black bottom-right of 1
+    trainer.state["conv1.weight"] = w
+    trainer.save(tmp_path / "w.npz")
+    code, out, _ = run(capsys, "filters", "lenet5", "--weights", str(tmp_path / "w.npz"), "-o", str(tmp_path / "f.png"))
+    assert code == 0 and "the filters of conv1" in out
+    data = (tmp_path / "f.png").read_bytes()
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
+    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)[:, 1:].reshape(height, width, 3)
+    scale, gap = 36 // 5, 3                      # 7 pixels a weight, 3-pixel gaps, 10 filters a row
+    assert (width, height) == (gap + 10 * (5 * scale + gap), gap + 2 * (5 * scale + gap))
+    assert rows[gap, gap].tolist() == [255, 255, 255]                       # filter 0, weight (0, 0)
+    assert rows[gap + 5 * scale - 1, gap + 5 * scale - 1].tolist() == [127, 127, 127]   # filter 0 elsewhere: 0
+    second = gap + (5 * scale + gap)
+    assert rows[gap + 5 * scale - 1, second + 5 * scale - 1].tolist() == [0, 0, 0]      # filter 1, weight (4, 4)
+    code, _, err = run(capsys, "filters", "lenet5", "--weights", str(tmp_path / "w.npz"), "--layer", "fc1")
+    assert code == 2 and "no conv layer 'fc1' (its conv layers: conv1, conv2)" in err
