@@ -154,6 +154,11 @@ def cmd_filters(args):
     return 0
 
 
+def cmd_demo(args):
+    from .demo import run_demo
+    return run_demo(args.output, args.epochs, args.backend, args.seed, args.progress)
+
+
 def cmd_gradcheck(args):
     from .gradcheck import check_graph, format_table
     from .training import attach_loss
@@ -312,6 +317,17 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--dim", action="append", type=_dim, metavar="NAME=SIZE",
                            help="the size of a symbolic input dim such as H in (N, 3, H, W); repeat for each")
         return s
+
+    s = command("demo", "the whole tool on LeNet-5: layer table, fused training graph, CUDA kernels (NVRTC-checked), "
+                "every kernel checked against NumPy, training on the digits, filter and graph pictures", model=False)
+    s.add_argument("-o", "--output", default="graphconv-demo", help="folder for the kernels, weights and pictures")
+    s.add_argument("--epochs", type=_positive, default=3, help="training epochs")
+    s.add_argument("--backend", default="auto", choices=("auto", "host", "cuda"),
+                   help="auto: cuda where a GPU answers, else host (the same kernels on the CPU)")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the weights, data order and check inputs")
+    s.add_argument("--progress", default="auto", choices=("auto", "on", "off"),
+                   help="progress bar on stderr (auto: when stderr is a terminal)")
+    s.set_defaults(func=cmd_demo)
 
     s = command("models", "list the bundled models", model=False)
     s.set_defaults(func=cmd_models)

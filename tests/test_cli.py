@@ -183,3 +183,20 @@ def test_filters_draws_each_conv_filter_around_mid_grey(capsys, tmp_path):
     assert rows[gap + 5 * scale - 1, second + 5 * scale - 1].tolist() == [0, 0, 0]      # filter 1, weight (4, 4)
     code, _, err = run(capsys, "filters", "lenet5", "--weights", str(tmp_path / "w.npz"), "--layer", "fc1")
     assert code == 2 and "no conv layer 'fc1' (its conv layers: conv1, conv2)" in err
+
+
+def test_demo_runs_the_whole_tool_and_says_where_everything_is(capsys, tmp_path):
+    import json as _json
+    out_dir = tmp_path / "demo"
+    code, out, _ = run(capsys, "demo", "-o", str(out_dir), "--epochs", "1", "--backend", "host", "--progress", "off")
+    assert code == 0
+    for step in ("[1] LeNet-5", "[2] one training step", "[3] code generation", "[4] every kernel against NumPy",
+                 "[5] training", "[6] pictures", "[7] done"):
+        assert step in out
+    assert "38 kernels checked, 0 mismatched" in out
+    manifest = _json.loads((out_dir / "kernels" / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == 38 and all((out_dir / "kernels" / k["file"]).exists() for k in manifest["kernels"])
+    assert (out_dir / "lenet5.npz").exists() and (out_dir / "conv1-filters.png").read_bytes()[:4] == b"\x89PNG"
+    accuracy = float(out.split("test accuracy")[1].split("%")[0])
+    assert accuracy > 80, out
+    assert f"weights   {out_dir / 'lenet5.npz'}" in out
