@@ -159,6 +159,20 @@ def cmd_demo(args):
     return run_demo(args.output, args.epochs, args.backend, args.seed, args.progress)
 
 
+def cmd_report(args):
+    """One self-contained HTML page linking layers, nodes, fusion decisions and kernels."""
+    from codegen.report import build_report
+    from .training import Optimizer, read_checkpoint
+    model = load_model(args)
+    weights = read_checkpoint(args.weights).state if args.weights else None
+    page = build_report(model, args.stage, weights, args.loss, Optimizer(args.optimizer))
+    output = args.output or f"{model.name}-report.html"
+    with open(output, "w") as f:
+        f.write(page)
+    print(f"wrote {output} ({len(page):,} bytes; open it in a browser, no network needed)")
+    return 0
+
+
 def cmd_gradcheck(args):
     from .gradcheck import check_graph, format_table
     from .training import attach_loss
@@ -390,6 +404,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
     s.set_defaults(func=cmd_emit)
+
+    s = command("report", "one self-contained HTML page: layer table, graph picture, and per layer its nodes, "
+                "gradient nodes, fusion decisions and generated kernels", dims=True)
+    s.add_argument("--stage", default="fused-train", choices=STAGE_NAMES, help="which graph")
+    s.add_argument("-o", "--output", default=None, help="the HTML file (default: MODEL-report.html)")
+    s.add_argument("--weights", default=None, help="a checkpoint: the page then shows conv1's learned filters")
+    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
+    s.set_defaults(func=cmd_report)
 
     s = command("filters", "draw the learned filters of a conv layer as a PNG grid (e.g. after graphconv train)")
     s.add_argument("--weights", required=True, help="a checkpoint written by graphconv train --save")

@@ -1,7 +1,7 @@
 """`graphconv demo`: the whole tool on LeNet-5 in one command. It builds the model, prints its layer
 table, derives and fuses the training step, emits its CUDA kernels (NVRTC-checked for sm_90),
 checks every kernel against NumPy on the host backend, trains on the digits, and writes the learned
-filters and the graph as pictures; then says where everything is."""
+filters and the graph as pictures and the HTML report; then says where everything is."""
 from __future__ import annotations
 
 import os
@@ -106,11 +106,18 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
         print(f"  (no graph picture: {e})")
         graph_picture = None
 
+    from codegen.report import build_report
+    report_path = os.path.join(out_dir, "report.html")
+    with open(report_path, "w") as f:
+        f.write(build_report(model, "fused-train", trainer.state, optimizer=opt))
+    print(f"  {report_path}: layers, nodes, gradients, fusion decisions and kernels, linked (open it in a browser)")
+
     say(7, f"done in {time.perf_counter() - start:.0f} s. Where things are:")
     print(f"  kernels   {kernels_dir}/  (read one: {os.path.join(kernels_dir, rows[0]['file'])})")
     print(f"  manifest  {os.path.join(kernels_dir, 'manifest.json')}")
     print(f"  weights   {weights}  (test accuracy {acc:.2%})")
     print(f"  filters   {filters}")
+    print(f"  report    {report_path}")
     if graph_picture:
         print(f"  graph     {graph_picture}")
     print("  next: graphconv dump lenet5 --stage fused-train | less;  graphconv check lenet5 --backend host")

@@ -197,6 +197,8 @@ def test_demo_runs_the_whole_tool_and_says_where_everything_is(capsys, tmp_path)
     manifest = _json.loads((out_dir / "kernels" / "manifest.json").read_text())
     assert len(manifest["kernels"]) == 38 and all((out_dir / "kernels" / k["file"]).exists() for k in manifest["kernels"])
     assert (out_dir / "lenet5.npz").exists() and (out_dir / "conv1-filters.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out_dir / "report.html").read_text()
+    assert report.startswith("<!DOCTYPE html>") and "What conv1's filters learned" in report
     accuracy = float(out.split("test accuracy")[1].split("%")[0])
     assert accuracy > 80, out
     assert f"weights   {out_dir / 'lenet5.npz'}" in out
