@@ -301,8 +301,9 @@ def load_model(args, need_sizes=True):
     return graph
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default after its help text (not for flags and options without one)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help text (not for flags and options without one) and the
+    examples as written."""
 
     def _get_help_string(self, action):
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
@@ -317,13 +318,32 @@ BACKEND_HELP = ("numpy: the reference interpreter; host: the generated CUDA kern
 LOSS_HELP = "cross_entropy: softmax cross-entropy; hinge: the lecture's multiclass SVM loss"
 
 
+EXAMPLES = {
+    "demo": ["graphconv demo", "graphconv demo --epochs 6 -o my-demo"],
+    "models": ["graphconv models"],
+    "summary": ["graphconv summary lenet5", "graphconv summary vgg_small --batch 64 --stage train"],
+    "dump": ["graphconv dump lenet5 --stage fused-train", "graphconv dump lenet5 --stage train --format svg -o train.svg"],
+    "fuse": ["graphconv fuse lenet5 --stage fused-train --batch 64"],
+    "check": ["graphconv check lenet5 --stage fused-train", "graphconv check vgg_small --backend host --dtype float32"],
+    "emit": ["graphconv emit lenet5 --stage fused-train -o lenet5-kernels"],
+    "report": ["graphconv report lenet5 -o lenet5.html", "graphconv report lenet5 --weights lenet5.npz"],
+    "filters": ["graphconv filters lenet5 --weights lenet5.npz -o conv1.png",
+                "graphconv filters lenet5 --weights lenet5.npz --layer conv2"],
+    "gradcheck": ["graphconv gradcheck lenet5", "graphconv gradcheck examples/custom_net.py:build"],
+    "train": ["graphconv train lenet5 --epochs 6", "graphconv train lenet5 --backend host --save run.npz",
+              "graphconv train lenet5 --resume run.npz --epochs 2"],
+    "run": ["graphconv run lenet5 --batch 8", "graphconv run lenet5 --backend host"],
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphconv", description="A symbolic graph compiler for CNNs.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_, model=True, dtype=("float32", "float64"), dims=False):
+        examples = "\n".join(f"  {line}" for line in EXAMPLES[name])
         s = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
-                           formatter_class=HelpFormatter)
+                           formatter_class=HelpFormatter, epilog=f"examples:\n{examples}")
         if model:
             s.add_argument("model", help="a bundled model name (see `graphconv models`) or path/to/file.py:function")
             s.add_argument("--dtype", default=dtype[0], choices=dtype, help="the float type to compute in")

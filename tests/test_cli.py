@@ -202,3 +202,20 @@ def test_demo_runs_the_whole_tool_and_says_where_everything_is(capsys, tmp_path)
     accuracy = float(out.split("test accuracy")[1].split("%")[0])
     assert accuracy > 80, out
     assert f"weights   {out_dir / 'lenet5.npz'}" in out
+
+
+def test_every_command_has_help_with_examples_that_parse(capsys):
+    import shlex
+    from graphconv.cli import EXAMPLES, parser
+    p = parser()
+    commands = set(p._subparsers._group_actions[0].choices)
+    assert commands == set(EXAMPLES)
+    for name in commands:
+        try:
+            main([name, "--help"])
+        except SystemExit as e:
+            assert e.code == 0
+        out = capsys.readouterr().out
+        assert "examples:\n  graphconv " + name in out, name
+        for line in EXAMPLES[name]:
+            p.parse_args(shlex.split(line)[1:])
