@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from .progressbar import progress
 from .errors import GraphConvError
 
 
@@ -255,17 +256,6 @@ def refuse_overwrite(save, args, final_epoch, read_checkpoint):
         raise GraphConvError(f"{save} holds a longer run ({existing} epochs; this one ends after {final_epoch}); "
                              f"continue it with --resume {save}, choose another --save path, or pass --force")
     print(f"note: {save} (a checkpoint after {existing} epochs) will be overwritten")
-
-
-def progress(items, desc, mode):
-    """A tqdm progress bar on stderr when tqdm is installed and stderr is a terminal (or forced)."""
-    if mode == "off":
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, leave=False, disable=None if mode == "auto" else False, file=sys.stderr)
 
 
 def cmd_run(args):

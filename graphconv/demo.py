@@ -79,7 +79,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
     say(5, f"training on scikit-learn's digits for {epochs} epochs on the {backend} backend (the fused kernels)")
     trainer = Trainer(model, opt, backend=backend, seed=seed)
     x_tr, y_tr, x_te, y_te = data.load("digits", model.inputs[0].shape, model.name)
-    from .cli import progress
+    from .progressbar import progress
     weights = os.path.join(out_dir, "lenet5.npz")
     for _ in range(epochs):
         t = time.perf_counter()
