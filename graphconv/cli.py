@@ -43,16 +43,14 @@ def cmd_dump(args):
     if args.format in PICTURES:
         picture = to_picture(graph, args.format)
         if args.output:
-            with open(args.output, "wb") as f:
-                f.write(picture)
+            write_file(args.output, picture)
             print(f"wrote {args.output} ({len(picture):,} bytes, {graph.name} --stage {args.stage})")
         else:
             sys.stdout.buffer.write(picture)
         return 0
     text = FORMATS[args.format](graph)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        write_file(args.output, text)
     else:
         sys.stdout.write(text)
     if any(n.stage == "backward" for n in graph.topo()) and args.format == "text":
@@ -141,6 +139,15 @@ def cmd_emit(args):
     return 0
 
 
+def write_file(path, data):
+    """Text or bytes to a file the user named; a path that cannot be written is one line."""
+    try:
+        with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    except OSError as e:
+        raise GraphConvError(f"{path}: cannot be written ({e.strerror})") from None
+
+
 def cmd_filters(args):
     """The learned filters of a conv layer as a picture."""
     from .pictures import filters_png
@@ -149,8 +156,7 @@ def cmd_filters(args):
     checkpoint = read_checkpoint(args.weights)
     layer, png = filters_png(graph, checkpoint.state, args.layer)
     output = args.output or f"{graph.name}-{layer}-filters.png"
-    with open(output, "wb") as f:
-        f.write(png)
+    write_file(output, png)
     print(f"wrote {output}: the filters of {layer} after {checkpoint.epoch} epochs ({len(png):,} bytes)")
     return 0
 
@@ -168,8 +174,7 @@ def cmd_report(args):
     weights = read_checkpoint(args.weights).state if args.weights else None
     page = build_report(model, args.stage, weights, args.loss, Optimizer(args.optimizer))
     output = args.output or f"{model.name}-report.html"
-    with open(output, "w") as f:
-        f.write(page)
+    write_file(output, page)
     print(f"wrote {output} ({len(page):,} bytes; open it in a browser, no network needed)")
     return 0
 
