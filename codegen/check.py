@@ -27,8 +27,10 @@ def tolerance(dtype) -> float:
     return 1e-4 if dtype == "float32" else 1e-10
 
 
-def compare(got, want, dtype, paired=None):
-    """(max abs error, max error relative to the tensor's largest magnitude, ok, note)."""
+def compare(got, want, dtype, codes_of_checked_values=False):
+    """(max abs error, max error relative to the tensor's largest magnitude, ok, note). Argmax codes
+    beside pooled values that are checked too may differ at a few windows whose two largest values
+    tie within rounding (the pooled value is the same either way)."""
     if got.shape != want.shape:
         return np.inf, np.inf, False, f"shape {got.shape} != {want.shape}"
     if got.dtype == np.uint8:          # argmax codes: exact, except at ties of the pooled value
@@ -36,7 +38,7 @@ def compare(got, want, dtype, paired=None):
         count = int(bad.sum())
         if count == 0:
             return 0.0, 0.0, True, ""
-        tie = paired is not None and count <= max(1, want.size // 1000)
+        tie = codes_of_checked_values and count <= max(1, want.size // 1000)
         return float(count), 0.0, tie, f"{count} codes differ{' (ties of equal maxima)' if tie else ''}"
     unwritten = np.isnan(got) & ~np.isnan(want)
     if unwritten.any():
@@ -84,7 +86,7 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
             for i, (key, want) in enumerate(zip(keys, wants)):
                 got = runtime.download(array(key))
                 a, r, good, note = compare(got, np.asarray(want), node.dtype if not node.is_tuple else
-                                           node.type.parts[0].dtype, paired=wants[0] if i else None)
+                                           node.type.parts[0].dtype, codes_of_checked_values=i > 0)
                 if got.dtype != np.uint8:
                     worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
                 ok &= good

@@ -14,12 +14,23 @@ from graphconv.ops.pointwise import C_FUNCTIONS
 FLOAT_TYPES = {"float32": float32, "float64": float64}
 
 
+def c_nan(T) -> str:
+    """A quiet NaN of C type T (NVRTC has no NAN macro)."""
+    return "__int_as_float(0x7fc00000)" if T == "float" else "__longlong_as_double(0x7ff8000000000000LL)"
+
+
+def c_neg_inf(T) -> str:
+    """Minus infinity of C type T (NVRTC has no INFINITY macro)."""
+    return "-__int_as_float(0x7f800000)" if T == "float" else "-__longlong_as_double(0x7ff0000000000000LL)"
+
+
 class CudaPrinter(C99CodePrinter):
     """C99 with the kernel's float type: expf/fabsf and 1.0F for float32, exp/fabs and 1.0 for
     float64; sigmoid and softplus as calls to gc_sigmoid / gc_softplus."""
 
     def __init__(self, dtype="float32"):
         super().__init__({"type_aliases": {real: FLOAT_TYPES[dtype]}})
+        self.T = "float" if dtype == "float32" else "double"
         self.functions_used: set = set()
 
     def _print_Function(self, expr):
@@ -33,7 +44,7 @@ class CudaPrinter(C99CodePrinter):
         """One line of nested ternaries (sympy's C printer breaks them over lines)."""
         pieces = list(expr.args)
         last = pieces.pop()
-        text = self._print(last.expr) if last.cond == sp.true else "__int_as_float(0x7fc00000)"  # NaN, as NumPy
+        text = self._print(last.expr) if last.cond == sp.true else c_nan(self.T)  # no branch taken: NaN, as NumPy
         if last.cond != sp.true:
             pieces.append(last)
         for piece in reversed(pieces):

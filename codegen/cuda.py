@@ -73,8 +73,8 @@ class CudaRuntime:
 
     @staticmethod
     def view(buf, dtype, shape):
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        return buf[:n].view(dtype).reshape(shape)
+        from .runner import byte_view
+        return byte_view(buf, dtype, shape)
 
     def upload(self, arr):
         return self.cp.ascontiguousarray(self.cp.asarray(arr))

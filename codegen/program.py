@@ -10,6 +10,7 @@ import sympy as sp
 
 from graphconv.errors import CompileError
 from graphconv.ops.base import TupleType
+from graphconv.passes import unbound_dims
 
 from .lowering import Context, lower_node
 from .lowering.pointwise import lower_pointwise_group, pointwise_groups
@@ -45,11 +46,10 @@ class Program:
         self.graph = graph.verify()
         self.name = graph.name
         batch = graph.batch_symbol()
-        self._check_static(batch)
+        self._check_static()
         self.values: dict = {}             # key -> Value (buffers the program owns)
         self.external: dict = {}           # inputs and params: arrays the caller gives
         self.alias: dict = {}              # view key -> the key it shares a buffer with
-        self.scratch_of: dict = {}         # node -> its scratch keys
         self.launches: list = []
         self.inlined: set = set()          # nodes computed inside their readers' kernels, never stored
         groups = pointwise_groups(graph)   # {last member: members}: elementwise nodes one kernel computes
@@ -80,22 +80,19 @@ class Program:
             for i, v in enumerate(ctx.outs):
                 self.values[ctx.out_key(i)] = v
             self.values.update(lowered.scratch)
-            self.scratch_of[node.name] = list(lowered.scratch)
             for spec in lowered.kernels:
                 render(spec)
                 self.launches.append(Launch(node.name, spec))
         self.outputs = list(graph.outputs)
         self._dedupe_names()
 
-    def _check_static(self, batch):
-        for node in self.graph.inputs:
-            for d in node.shape:
-                extra = sp.sympify(d).free_symbols - {batch}
-                if extra:
-                    names = ", ".join(sorted(map(str, extra)))
-                    raise CompileError(f"{self.graph.name}: input {node.name} has symbolic dims {names}; code generation "
-                                       f"bakes every size but the batch into the kernels: give them sizes "
-                                       f"(--dim {sorted(map(str, extra))[0]}=SIZE, or passes.bind_dims)")
+    def _check_static(self):
+        missing = unbound_dims(self.graph)
+        if missing:
+            names = ", ".join(map(str, missing))
+            raise CompileError(f"{self.graph.name}: its input dims {names} are symbolic; code generation bakes every "
+                               f"size but the batch into the kernels: give them sizes (--dim {missing[0]}=SIZE, or "
+                               f"passes.bind_dims)")
 
     def _dedupe_names(self):
         """One kernel per distinct code: launches whose kernels differ only in the nodes they are for

@@ -12,6 +12,12 @@ from graphconv.reference import bind_inputs
 from .program import Program
 
 
+def byte_view(buf, dtype, shape):
+    """A typed tensor over the front of a byte buffer (NumPy or CuPy alike)."""
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return buf[:n].view(dtype).reshape(shape)
+
+
 class HostRuntime:
     """Buffers are NumPy byte arrays; kernels are g++-built shared libraries (codegen/host.py)."""
     name = "host"
@@ -29,8 +35,7 @@ class HostRuntime:
 
     @staticmethod
     def view(buf, dtype, shape):
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        return buf[:n].view(dtype).reshape(shape)
+        return byte_view(buf, dtype, shape)
 
     @staticmethod
     def upload(arr):

@@ -33,7 +33,7 @@ class GradEmitter:
     def emit(self, op, operands, attrs=None, wrt=None) -> Tensor:
         if wrt is None:
             self.count += 1
-            name = unique(self.graph, f"{self.node.name}.bwd{self.count}")
+            name = self.graph.unique_name(f"{self.node.name}.bwd{self.count}")
         else:
             name = self.names[wrt]
         provenance = {"grad_of": self.node.name, "rule": f"{self.node.op}.grad"}
@@ -41,10 +41,6 @@ class GradEmitter:
             provenance["wrt"] = OPS[self.node.op].operand_name(wrt)
         return self.graph.add_node(op, operands, attrs or {}, name=name, layer=self.node.layer, provenance=provenance,
                                    stage="backward")
-
-
-def unique(graph, name):
-    return graph.unique_name(name)
 
 
 def differentiable_targets(graph, wrt=()):
@@ -86,7 +82,7 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
 
     forward_nodes = [n for n in g.topo() if n.name in active]
     pending: dict = {loss: [g.add_node("constant", (), {"shape": (), "dtype": loss_node.dtype, "value": 1.0},
-                                       name=unique(g, f"d{loss}"), layer=loss_node.layer,
+                                       name=g.unique_name(f"d{loss}"), layer=loss_node.layer,
                                        provenance={"grad_of": loss, "rule": "seed"}, stage="backward")]}
     grads = {}
     for node in reversed(forward_nodes):
@@ -104,7 +100,7 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
             if needs[i]:
                 seen[o] = seen.get(o, 0) + 1
                 base = f"d{o}" if users[o] == 1 else f"d{o}@{node.name}" + (f".{seen[o]}" if seen[o] > 1 else "")
-                names[i] = unique(g, base)
+                names[i] = g.unique_name(base)
         with g.layer_errors(node.name, node.op, operands):   # e.g. an op without a gradient rule
             results = OPS[node.op].grad(GradEmitter(g, node, names), dy, needs)
         if len(results) != len(operands):
@@ -117,7 +113,7 @@ def derive_backward(graph, loss=None, wrt=(), name=None):
         if t not in grads:  # the loss does not depend on it: its gradient is zero
             node = g.node(t)
             grads[t] = g.add_node("constant", (), {"shape": node.shape, "dtype": node.dtype, "value": 0.0},
-                                  name=unique(g, f"d{t}"), layer=node.layer, provenance={"grad_of": t, "rule": "zero"},
+                                  name=g.unique_name(f"d{t}"), layer=node.layer, provenance={"grad_of": t, "rule": "zero"},
                                   stage="backward")
     g.outputs = [loss] + [o for o in graph.outputs if o != loss] + [grads[t].name for t in targets]
     g.meta["loss"] = loss
@@ -132,7 +128,7 @@ def accumulate(g, name, parts):
     total = parts[0]
     for k, part in enumerate(parts[1:], 1):
         last = k == len(parts) - 1
-        total = g.add_node("add", [total, part], {}, name=unique(g, f"d{name}" if last else f"d{name}.sum{k}"),
+        total = g.add_node("add", [total, part], {}, name=g.unique_name(f"d{name}" if last else f"d{name}.sum{k}"),
                            layer=g.node(name).layer, provenance={"grad_of": name, "rule": "accumulate"},
                            stage="backward")
     return total

@@ -185,6 +185,7 @@ class Trainer:
         self.state = init_params(self.step_graph, seed=check_seed(seed))   # parameters, running statistics, buffers
         self.epoch = 0
         self.steps = 0
+        self._bound: dict = {}      # batch size -> bound step (kernel backends)
 
     @property
     def params(self):
@@ -195,11 +196,9 @@ class Trainer:
         this batch size (static buffers, every launch fixed: one CUDA graph replay per step on cuda)."""
         if not hasattr(self.step_program, "bind"):
             return self.step_program.run
-        bound = getattr(self, "_bound", {})
-        self._bound = bound
-        if batch not in bound:
-            bound[batch] = self.step_program.bind(batch)
-        return bound[batch].run
+        if batch not in self._bound:
+            self._bound[batch] = self.step_program.bind(batch)
+        return self._bound[batch].run
 
     def step(self, x, y):
         """One training step; returns (loss, scores)."""

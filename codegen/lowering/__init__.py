@@ -122,11 +122,19 @@ def short_dtype(dtype) -> str:
     return {"float32": "f32", "float64": "f64", "uint8": "u8", "int64": "i64"}[dtype]
 
 
-def lower_node(ctx: Context) -> Lowered:
+def lowering_of(op_name):
+    """The lowering of an op: its own entry, else the pointwise family's for an elementwise op
+    defined by a sympy expression (a user's activation needs no entry); None if there is none."""
     from . import families  # noqa: F401  (fills LOWERINGS)
-    fn = LOWERINGS.get(ctx.node.op)
-    if fn is None and ctx.op.kind == "elementwise" and hasattr(ctx.op, "expr"):
+    op = OPS[op_name]
+    fn = LOWERINGS.get(op_name)
+    if fn is None and op.kind == "elementwise" and hasattr(op, "expr"):
         fn = LOWERINGS["<pointwise>"]
+    return fn
+
+
+def lower_node(ctx: Context) -> Lowered:
+    fn = lowering_of(ctx.node.op)
     if fn is None:
         raise ctx.fail(f"no kernel for op {ctx.node.op} yet; run this graph with backend='numpy'")
     lowered = fn(ctx)

@@ -22,7 +22,7 @@ from graphconv.ops import OPS
 from graphconv.ops.conv import Conv
 from graphconv.ops.fused import expression_of
 
-from ..cprinter import c_expression, c_function_prelude
+from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, numel, short_dtype
 from . import direct
@@ -196,7 +196,7 @@ def lower_conv(ctx):
     except ValueError as e:
         raise ctx.fail(str(e)) from None
     T = ctx.float_type
-    neg_inf = "-__int_as_float(0x7f800000)" if T == "float" else "-__longlong_as_double(0x7ff0000000000000LL)"
+    neg_inf = c_neg_inf(T)
     pool_may_leave = pool and (any(ppad) or any((o - 1) * s - p + (k - 1) * d >= so for o, s, p, k, d, so in
                                                 zip(Sp, ps, ppad, pk, pdil, So)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from ..cprinter import c_nan
 from ..spec import Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, short_dtype
 from .pointwise import MAX_BLOCKS
@@ -18,17 +19,13 @@ THREADS = 256
 MEAN_THREADS = 256
 
 
-def nan(T) -> str:
-    return "__int_as_float(0x7fc00000)" if T == "float" else "__longlong_as_double(0x7ff8000000000000LL)"
-
-
 def loss_specs(ctx, template, params, grad):
     """The row kernel (and for a loss, the mean kernel and the rows' scratch)."""
     s = ctx.ins[0]
     T = ctx.float_type
     N, F = s.shape[0], int(s.shape[1])
     base = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{F}" + params.pop("tag", "")
-    params = dict(params, T=T, threads=THREADS, rows=c_int(N), F=F, nan=nan(T), grad=grad)
+    params = dict(params, T=T, threads=THREADS, rows=c_int(N), F=F, nan=c_nan(T), grad=grad)
     grid = (sp.Min(sp.ceiling(sp.sympify(N) / THREADS), MAX_BLOCKS), 1, 1)
     args = [ctx.arg_in(0, "scores"), ctx.arg_in(1, "target")]
     if grad:

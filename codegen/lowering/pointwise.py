@@ -86,15 +86,10 @@ def lower_constant(ctx):
 
 # ---- several elementwise nodes, one kernel ---------------------------------------------------------
 def is_pointwise(graph, name) -> bool:
+    """A node this family lowers (a constant aside: it reads nothing to share)."""
+    from . import lowering_of
     node = graph.node(name)
-    return node.role == "op" and node.op != "constant" and node.op in LOWERINGS_POINTWISE(node)
-
-
-def LOWERINGS_POINTWISE(node):   # noqa: N802 - the ops this family lowers
-    from graphconv.ops import OPS
-    op = OPS[node.op]
-    return (node.op,) if (node.op in ("add", "fused_pointwise") or (op.kind == "elementwise" and hasattr(op, "expr"))) \
-        else ()
+    return node.role == "op" and node.op != "constant" and lowering_of(node.op) is lower_pointwise
 
 
 def pointwise_groups(graph) -> dict:

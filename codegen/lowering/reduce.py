@@ -34,12 +34,6 @@ def dims_text(shape) -> str:
     return "x".join(str(d) for d in shape[1:]) or "1"
 
 
-def c_ceil_div(num, den: int) -> str:
-    """ceil(num / den) as C integer arithmetic (sympy's printer would give a floating-point ceil)."""
-    num = sp.sympify(num)
-    return str(-(-int(num) // den)) if num.is_Integer else f"({c_int(num)} + {den - 1}) / {den}"
-
-
 def view_of(ctx, x, axes):
     """(A, K, B) for reducing `axes` of x: the kept axes must be one contiguous run."""
     kept = [i for i in range(len(x.shape)) if i not in axes]
@@ -63,12 +57,14 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
     partial_key = ctx.scratch_key("partial")
     if B == 1:
         lanes = THREADS if not K.is_Integer else max(32, min(THREADS, 1 << (int(K) - 1).bit_length()))
-        S, S_text = sp.ceiling(A / ROWS), c_ceil_div(A, ROWS)
+        S = sp.ceiling(A / ROWS)
+        S_text = c_int(S)
         template, grid, block = "column_partial.cu.j2", (sp.ceiling(K / lanes), S, 1), (lanes, 1, 1)
         params = {"threads": lanes, "rows": ROWS, "A": c_int(A)}
         barrier = False
     else:
-        S, S_text = sp.ceiling(A * B / CHUNK), c_ceil_div(A * B, CHUNK)
+        S = sp.ceiling(A * B / CHUNK)
+        S_text = c_int(S)
         # one block per (k, chunk), both on grid x: k can grow with the batch past grid y's 65535
         template, grid, block = "channel_partial.cu.j2", (S * K, 1, 1), (THREADS, 1, 1)
         params = {"threads": THREADS, "chunk": CHUNK, "M": c_int(A * B), "B": c_int(B), "S": S_text}

@@ -20,7 +20,7 @@ import sympy as sp
 from graphconv.ops import OPS
 from graphconv.ops.fused import expression_of
 
-from ..cprinter import c_expression, c_function_prelude
+from ..cprinter import c_expression, c_function_prelude, c_neg_inf as neg_inf
 from ..spec import Arg, KernelSpec, Lowered
 from .prologue import gathered_gradient
 from . import c_int, lowering, numel, short_dtype
@@ -28,10 +28,6 @@ from .gemm import flat, in_bounds, ints, unflatten
 from .pointwise import MAX_BLOCKS, THREADS
 
 FULL_UNROLL = 64     # windows up to this many offsets are unrolled completely
-
-
-def neg_inf(T) -> str:
-    return "-__int_as_float(0x7f800000)" if T == "float" else "-__longlong_as_double(0x7ff0000000000000LL)"
 
 
 def literal(value, T) -> str:

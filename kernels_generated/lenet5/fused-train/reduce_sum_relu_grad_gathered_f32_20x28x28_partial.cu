@@ -18,7 +18,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gather
     const long long M = 196*nb;
     const long long K = 20;
     const long long B = 196;
-    const long long S = (196*nb + 4095) / 4096;
+    const long long S = ((49*nb + 1023) / 1024);
     const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
     const long long begin = chunk * 4096;
     const long long end = min(M, begin + 4096);

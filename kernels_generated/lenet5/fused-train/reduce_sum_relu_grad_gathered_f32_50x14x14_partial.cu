@@ -18,7 +18,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gather
     const long long M = 49*nb;
     const long long K = 50;
     const long long B = 49;
-    const long long S = (49*nb + 4095) / 4096;
+    const long long S = ((49*nb + 4095) / 4096);
     const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
     const long long begin = chunk * 4096;
     const long long end = min(M, begin + 4096);

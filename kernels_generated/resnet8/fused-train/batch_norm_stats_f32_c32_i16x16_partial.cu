@@ -18,7 +18,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_stats_f32_c32_i1
     const long long M = 256*nb;
     const long long K = 32;
     const long long B = 256;
-    const long long S = (256*nb + 4095) / 4096;
+    const long long S = ((nb + 15) / 16);
     const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
     const long long begin = chunk * 4096;
     const long long end = min(M, begin + 4096);

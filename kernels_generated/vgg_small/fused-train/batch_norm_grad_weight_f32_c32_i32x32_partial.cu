@@ -18,7 +18,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_grad_weight_f32_
     const long long M = 1024*nb;
     const long long K = 32;
     const long long B = 1024;
-    const long long S = (1024*nb + 4095) / 4096;
+    const long long S = ((nb + 3) / 4);
     const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
     const long long begin = chunk * 4096;
     const long long end = min(M, begin + 4096);

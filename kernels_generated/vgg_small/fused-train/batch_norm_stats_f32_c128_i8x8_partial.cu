@@ -18,7 +18,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_stats_f32_c128_i
     const long long M = 64*nb;
     const long long K = 128;
     const long long B = 64;
-    const long long S = (64*nb + 4095) / 4096;
+    const long long S = ((nb + 63) / 64);
     const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
     const long long begin = chunk * 4096;
     const long long end = min(M, begin + 4096);
