@@ -4,6 +4,11 @@ torch.backends.cudnn.allow_tf32 = False and torch.backends.cuda.matmul.allow_tf3
 
     python benchmarks/bench_gpu.py [--save] [--repeats 50]          # on a GPU machine, from the source tree
     python benchmarks/bench_gpu.py --smoke                         # the plumbing on the host backend, no GPU
+    python benchmarks/bench_gpu.py --save --out $OUT --budget-s 240  # a lease: torch.compile rows last, in budget
+
+torch.compile rows are measured in a second pass after every graphconv/eager row, and skipped once
+`--budget-s` seconds have passed (each compile takes seconds); the JSON is rewritten after each part, so
+a run cut short keeps what it measured.
 
 Measured:
   1. every conv-ReLU-max-pool layer of lenet5 and vgg_small (its shapes, without vgg's batch norm) at
@@ -43,10 +48,11 @@ FP32_PEAK = {"H100 80GB HBM3": 66.9e12, "H100 PCIe": 51.2e12, "H200": 66.9e12, "
 
 
 class Timer:
-    """Median milliseconds of fn over `repeats` after `warmup` calls: CUDA events on the GPU."""
+    """Median milliseconds of one call of fn: `repeats` samples after `warmup` calls, each sample `inner`
+    back-to-back calls between two CUDA events (so event overhead does not swamp microsecond kernels)."""
 
-    def __init__(self, backend, repeats, warmup=5):
-        self.backend, self.repeats, self.warmup = backend, repeats, warmup
+    def __init__(self, backend, repeats, warmup=5, inner=10):
+        self.backend, self.repeats, self.warmup, self.inner = backend, repeats, warmup, inner
         if backend == "cuda":
             import cupy
             self.cp = cupy
@@ -59,10 +65,11 @@ class Timer:
             if self.backend == "cuda":
                 start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
                 start.record()
-                fn()
+                for _ in range(self.inner):
+                    fn()
                 end.record()
                 end.synchronize()
-                times.append(self.cp.cuda.get_elapsed_time(start, end))
+                times.append(self.cp.cuda.get_elapsed_time(start, end) / self.inner)
             else:
                 t = time.perf_counter()
                 fn()
@@ -142,17 +149,19 @@ def torch_model(name):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 16, 256), nn.ReLU(), nn.Linear(256, 10)), (3, 32, 32)
 
 
-def training_steps(args, name, batch, timer, with_torch):
+def graphconv_step(args, name, batch, timer):
     graph = build(MODELS[name](), "fused-train")
     program = gc.compile(graph, backend=args.backend)
     step = program.bind(batch)
     inputs, params = random_inputs(graph, batch, 0), gc.init_params(graph, seed=0)
     step(inputs, params)
-    result = {"graphconv_graph_ms": timer(step.replay), "launches": len(step.launches)}
-    if not with_torch:
-        return result
+    return {"graphconv_graph_ms": timer(step.replay), "launches": len(step.launches)}
+
+
+def torch_steps(name, batch, timer, modes):
     import torch
-    for mode in ("eager", "eager_cuda_graph", "compile"):
+    result = {}
+    for mode in modes:
         model, shape = torch_model(name)
         model = model.cuda()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=mode == "eager_cuda_graph")
@@ -229,77 +238,154 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--smoke", action="store_true", help="host backend, batch 4, no PyTorch: the plumbing only")
-    ap.add_argument("--save", action="store_true")
+    ap.add_argument("--save", action="store_true", help="write benchmarks/results/gpu-<device>.json and .md")
+    ap.add_argument("--out", help="also write the JSON, the table and the log lines into this folder")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="skip the torch.compile rows that would start after this many seconds")
     args = ap.parse_args()
     args.backend = "host" if args.smoke else "cuda"
     with_torch = not args.smoke
+    started = time.time()
     if with_torch:
         import torch
         torch.backends.cudnn.allow_tf32 = False          # FP32 against FP32 (PyTorch's default is TF32 convs)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
-    timer = Timer(args.backend, 3 if args.smoke else args.repeats, 1 if args.smoke else 10)
-    result = {"device": device_info(args.backend), "precision": "fp32 (tf32 off on both sides)", "layers": [],
-              "steps": []}
-    speedups = {"eager": [], "compile": []}
+    timer = Timer(args.backend, 3 if args.smoke else args.repeats, 1 if args.smoke else 10, 1 if args.smoke else 10)
+    result = {"device": device_info(args.backend), "precision": "fp32 (tf32 off on both sides)",
+              "timing": f"median of {timer.repeats} samples of {timer.inner} back-to-back calls, CUDA events",
+              "layers": [], "steps": [], "errors": []}
+    log = []
+
+    def say(text):
+        print(text, flush=True)
+        log.append(text)
+
+    def attempt(what, fn, default=None):
+        """Run one measurement; a failure is recorded and reported, and the run goes on."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports every failure and keeps measuring
+            say(f"FAILED {what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            result["errors"].append({"what": what, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            return default
+
+    def in_budget(what):
+        if time.time() - started < args.budget_s:
+            return True
+        result["errors"].append({"what": what, "error": "skipped: over --budget-s"})
+        return False
+
+    batches = (4,) if args.smoke else (64, 128, 256)
+    # pass 1: graphconv and eager, every layer and step
+    for model, layer, c_in, c_out, size, k, pad in LAYERS:
+        for batch in batches:
+            input_grad = layer != "conv1"
+            ours = attempt(f"graphconv {layer} batch {batch}",
+                           lambda: graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer))
+            eager = attempt(f"eager {layer} batch {batch}", lambda: torch_layer(
+                c_in, c_out, size, k, pad, batch, input_grad, timer, False), {}) if with_torch else {}
+            for phase in ("forward", "backward"):
+                row = {"model": model, "layer": layer, "batch": batch, "phase": phase, "input_grad": input_grad,
+                       "flops": 2 * batch * c_out * size * size * c_in * k * k * (1 if phase == "forward" else 1 + input_grad),
+                       "graphconv_ms": ours[phase]["ms"] if ours else None,
+                       "kernels": ours[phase]["kernels"] if ours else None,
+                       "eager_ms": (eager or {}).get(phase, {}).get("ms"), "compile_ms": None}
+                result["layers"].append(row)
+            say(f"{model} {layer} batch {batch}: " + ", ".join(
+                f"{r['phase']} {r['graphconv_ms'] or 0:.4f} ms (eager {r['eager_ms'] or 0:.4f})"
+                for r in result["layers"][-2:]))
+    steps = {"lenet5": (64, 256), "vgg_small": (64, 256)} if not args.smoke else {"lenet5": (4,), "vgg_small": (4,)}
+    for name, sizes in steps.items():
+        for batch in sizes:
+            row = {"model": name, "batch": batch}
+            row.update(attempt(f"graphconv step {name} {batch}", lambda: graphconv_step(args, name, batch, timer), {}))
+            if with_torch:
+                row.update(attempt(f"eager step {name} {batch}",
+                                   lambda: torch_steps(name, batch, timer, ("eager", "eager_cuda_graph")), {}))
+            result["steps"].append(row)
+            say(f"step {name} batch {batch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
+    if with_torch:
+        result["bandwidth"] = attempt("bandwidth", lambda: bandwidth(args, timer), {"copy_GB_s": None, "kernels": []})
+        write(args, result, log)
+        # pass 2: torch.compile, as far as the budget goes
+        for i, (model, layer, c_in, c_out, size, k, pad) in enumerate(LAYERS):
+            for batch in batches:
+                if not in_budget(f"compile {layer} {batch}"):
+                    continue
+                comp = attempt(f"compile {layer} batch {batch}", lambda: torch_layer(
+                    c_in, c_out, size, k, pad, batch, layer != "conv1", timer, True), {})
+                for row in result["layers"]:
+                    if (row["layer"], row["batch"]) == (layer, batch):
+                        row["compile_ms"] = comp.get(row["phase"], {}).get("ms")
+        for row in result["steps"]:
+            if in_budget(f"compile step {row['model']} {row['batch']}"):
+                row.update(attempt(f"compile step {row['model']} {row['batch']}",
+                                   lambda: torch_steps(row["model"], row["batch"], timer, ("compile",)), {}))
+    report(args, result, say)
+    write(args, result, log)
+
+
+def report(args, result, say):
     lines = ["| layer | batch | phase | graphconv ms | eager ms | compile ms | vs eager | vs compile | TFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for model, layer, c_in, c_out, size, k, pad in LAYERS:
-        for batch in ((4,) if args.smoke else (64, 128, 256)):
-            input_grad = layer != "conv1"
-            ours = graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer)
-            eager = torch_layer(c_in, c_out, size, k, pad, batch, input_grad, timer, False) if with_torch else {}
-            comp = torch_layer(c_in, c_out, size, k, pad, batch, input_grad, timer, True) if with_torch else {}
-            flops = 2 * batch * c_out * size * size * c_in * k * k
-            for phase in ("forward", "backward"):
-                ms = ours[phase]["ms"]
-                e, c = eager.get(phase, {}).get("ms"), comp.get(phase, {}).get("ms")
-                if e:
-                    speedups["eager"].append(e / ms)
-                    speedups["compile"].append(c / ms)
-                work = flops * (1 if phase == "forward" else 1 + input_grad)
-                row = {"model": model, "layer": layer, "batch": batch, "phase": phase, "graphconv_ms": ms,
-                       "eager_ms": e, "compile_ms": c, "tflops": work / ms / 1e9, "kernels": ours[phase]["kernels"]}
-                result["layers"].append(row)
-                lines.append(f"| {model} {layer} | {batch} | {phase} | {ms:.4f} | {e or 0:.4f} | {c or 0:.4f} | "
-                             f"{ratio_text(ms, e)} | {ratio_text(ms, c)} | {row['tflops']:.2f} |")
-    for name in ("lenet5", "vgg_small"):
-        for batch in ((4,) if args.smoke else (64, 256)):
-            row = {"model": name, "batch": batch, **training_steps(args, name, batch, timer, with_torch)}
-            result["steps"].append(row)
-    print("\n".join(lines))
+    speedups = {"eager": [], "compile": []}
+    for row in result["layers"]:
+        ms, e, c = row["graphconv_ms"], row["eager_ms"], row["compile_ms"]
+        row["tflops"] = row["flops"] / ms / 1e9 if ms else None
+        if ms and e:
+            speedups["eager"].append(e / ms)
+        if ms and c:
+            speedups["compile"].append(c / ms)
+        lines.append(f"| {row['model']} {row['layer']} | {row['batch']} | {row['phase']} | {ms or 0:.4f} | "
+                     f"{e or 0:.4f} | {c or 0:.4f} | {ratio_text(ms, e)} | {ratio_text(ms, c)} | "
+                     f"{row['tflops'] or 0:.2f} |")
+    result["table"] = lines
+    for line in lines:
+        say(line)
     for row in result["steps"]:
+        ours = row.get("graphconv_graph_ms")
         others = {k: v for k, v in row.items() if k.startswith("torch_")}
-        text = ", ".join(f"{k[6:-3]} {v:.3f} ms ({v / row['graphconv_graph_ms']:.2f}x)" for k, v in others.items())
-        print(f"training step {row['model']} batch {row['batch']}: graphconv (one graph, {row['launches']} kernels) "
-              f"{row['graphconv_graph_ms']:.3f} ms" + (f"; {text}" if text else ""))
-    if speedups["eager"]:
-        geo = {k: math.exp(statistics.mean(math.log(v) for v in vals)) for k, vals in speedups.items()}
-        worst = min(speedups["eager"] + speedups["compile"])
-        result["targets"] = {"geomean_vs_eager": geo["eager"], "geomean_vs_compile": geo["compile"], "worst": worst}
-        print(f"fused layers: geomean {geo['eager']:.2f}x over eager (target 1.3x), {geo['compile']:.2f}x over "
-              f"torch.compile (target 1.15x), worst {worst:.2f}x (target >= 0.95x)")
-        lenet = [r for r in result["steps"] if r["model"] == "lenet5" and r["batch"] == 256]
-        if lenet and "torch_eager_ms" in lenet[0]:
-            r = lenet[0]["torch_eager_ms"] / lenet[0]["graphconv_graph_ms"]
-            print(f"LeNet-5 training step at batch 256: {r:.2f}x eager (target 3x)")
-        result["bandwidth"] = bandwidth(args, timer)
-        bw = result["bandwidth"]
-        print(f"device-to-device copy: {bw['copy_GB_s']:.0f} GB/s")
+        text = ", ".join(f"{k[6:-3]} {v:.3f} ms ({v / ours:.2f}x)" for k, v in others.items() if ours)
+        say(f"training step {row['model']} batch {row['batch']}: graphconv (one graph, {row.get('launches')} "
+            f"kernels) {ours or 0:.3f} ms" + (f"; {text}" if text else ""))
+    geo = {k: math.exp(statistics.mean(math.log(v) for v in vals)) for k, vals in speedups.items() if vals}
+    every = speedups["eager"] + speedups["compile"]
+    if every:
+        worst = min(every)
+        result["targets"] = {"geomean_vs_eager": geo.get("eager"), "geomean_vs_compile": geo.get("compile"),
+                             "worst": worst}
+        say(f"fused layers: geomean {geo.get('eager', 0):.2f}x over eager (target 1.3x), "
+            f"{geo.get('compile', 0):.2f}x over torch.compile (target 1.15x; {len(speedups['compile'])} rows), "
+            f"worst {worst:.2f}x (target >= 0.95x)")
+    lenet = [r for r in result["steps"] if r["model"] == "lenet5" and r["batch"] == 256]
+    if lenet and lenet[0].get("torch_eager_ms") and lenet[0].get("graphconv_graph_ms"):
+        r = lenet[0]["torch_eager_ms"] / lenet[0]["graphconv_graph_ms"]
+        say(f"LeNet-5 training step at batch 256: {r:.2f}x eager (target 3x)")
+    bw = result.get("bandwidth")
+    if bw and bw.get("copy_GB_s"):
+        say(f"device-to-device copy: {bw['copy_GB_s']:.0f} GB/s")
         for row in bw["kernels"]:
-            print(f"  {row['kernel']}: {row['GB_s']:.0f} GB/s = {row['of_copy'] * 100:.0f}% of the copy (target 80%)")
-        peak = next((v for k, v in FP32_PEAK.items() if k in result["device"].get("device", "")), None)
-        if peak:
-            best = max(r["tflops"] for r in result["layers"]) * 1e12
-            print(f"best convolution layer: {best / 1e12:.1f} TFLOP/s = {best / peak * 100:.0f}% of the FP32 peak")
-    if args.save:
-        device = result["device"].get("device", "host").replace(" ", "-")
-        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gpu-{device}")
+            say(f"  {row['kernel']}: {row['GB_s']:.0f} GB/s = {row['of_copy'] * 100:.0f}% of the copy (target 80%)")
+    peak = next((v for k, v in FP32_PEAK.items() if k in result["device"].get("device", "")), None)
+    flops = [r["tflops"] for r in result["layers"] if r.get("tflops")]
+    if peak and flops:
+        say(f"best convolution layer: {max(flops):.1f} TFLOP/s = {max(flops) * 1e12 / peak * 100:.0f}% of the FP32 peak")
+    for err in result["errors"]:
+        say(f"not measured: {err['what']}: {err['error'].splitlines()[0]}")
+
+
+def write(args, result, log):
+    device = result["device"].get("device", "host").replace(" ", "-")
+    folders = ([os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] if args.save else []) + \
+        ([args.out] if args.out else [])
+    for folder in folders:
+        base = os.path.join(folder, f"gpu-{device}")
         with open(base + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(base + ".md", "w") as f:
-            f.write(f"# GPU benchmark, {result['device']}\n\n" + "\n".join(lines) + "\n")
-        print("saved", base + ".json", base + ".md")
+            f.write(f"# GPU benchmark\n\n{json.dumps(result['device'])}\n\nprecision: {result['precision']}; "
+                    f"timing: {result['timing']}\n\n```\n" + "\n".join(log) + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,12 @@ class CudaRuntime:
         kernel.function(tuple(grid), tuple(block), typed, stream=stream)
 
     def capture(self, launches):
-        """The launches as one CUDA graph (captured on a non-default stream; every buffer they touch
-        was allocated before, so replays see the same addresses). Returns a function replaying it."""
-        stream = self.cp.cuda.Stream(non_blocking=True)
+        """The launches as one CUDA graph (captured on a non-blocking stream; every buffer they touch
+        was allocated before, so replays see the same addresses). Returns a function replaying it,
+        asynchronously but ordered with the default stream both ways: the graph waits for the uploads
+        issued before it, and whatever is issued after it (downloads, the next uploads) waits for the graph."""
+        cp = self.cp
+        stream = cp.cuda.Stream(non_blocking=True)
         with stream:
             stream.begin_capture()
             for kernel, grid, block, args in launches:
@@ -104,8 +107,9 @@ class CudaRuntime:
             graph = stream.end_capture()
 
         def replay():
+            stream.wait_event(cp.cuda.Stream.null.record())
             graph.launch(stream)
-            stream.synchronize()
+            cp.cuda.Stream.null.wait_event(stream.record())
         replay.graph, replay.stream = graph, stream
         return replay
 
