@@ -36,7 +36,7 @@ for step in $STEPS; do
         | tee "$OUT/sanitizer.log"; s=${PIPESTATUS[0]} ;;
     exported)
       if [ -d "${GRAPHCONV_EXPORTED:-.gpucache}" ]; then
-        GRAPHCONV_CACHE=${GRAPHCONV_EXPORTED:-.gpucache} timeout 300 $PY benchmarks/device_check.py verify 2>&1 \
+        GRAPHCONV_CACHE=${GRAPHCONV_EXPORTED:-.gpucache} timeout "${EXPORTED_S:-300}" $PY benchmarks/device_check.py verify 2>&1 \
           | tee "$OUT/exported.log"; s=${PIPESTATUS[0]}
       else echo "no exported cubins"; s=0; fi ;;
     *) echo "unknown step $step"; s=2 ;;
