@@ -117,6 +117,8 @@ def torch_layer(c_in, c_out, size, k, pad, batch, input_grad, timer, compiled):
     module = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, k, padding=pad), torch.nn.ReLU(),
                                  torch.nn.MaxPool2d(2)).cuda()
     x = torch.randn(batch, c_in, size, size, device="cuda", requires_grad=input_grad)
+    if compiled:
+        torch._dynamo.reset()       # a fresh compile per layer (else dynamo's recompile limit falls back to eager)
     fn = torch.compile(module) if compiled else module
     y = fn(x)
     dy = torch.randn_like(y)
@@ -167,6 +169,8 @@ def torch_steps(name, batch, timer, modes):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=mode == "eager_cuda_graph")
         x = torch.randn(batch, *shape, device="cuda")
         y = torch.randint(0, 10, (batch,), device="cuda")
+        if mode == "compile":
+            torch._dynamo.reset()
         fwd = torch.compile(model) if mode == "compile" else model
 
         def train_step():

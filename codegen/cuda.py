@@ -84,7 +84,7 @@ class CudaRuntime:
 
     def copy_into(self, dst, src):
         if isinstance(src, np.ndarray):
-            dst.set(np.ascontiguousarray(src))
+            dst.set(np.ascontiguousarray(src).reshape(dst.shape))  # ascontiguousarray makes 0-d 1-d
         else:
             self.cp.copyto(dst, src)
 
