@@ -217,6 +217,45 @@ def bandwidth(args, timer):
     return {"copy_GB_s": copy_gbs, "kernels": rows}
 
 
+def profile(args, name, batch, repeats=20):
+    """Each kernel of a model's bound training step, timed alone (median of `repeats` x 5 launches):
+    where the step's time goes."""
+    graph = build(MODELS[name](), "fused-train")
+    program = gc.compile(graph, backend=args.backend)
+    step = program.bind(batch)
+    step(random_inputs(graph, batch, 0), gc.init_params(graph, seed=0))
+    timer = Timer(args.backend, repeats, 3, 5)
+    rows = []
+    for launch, (kernel, grid, block, kargs) in zip(program.program.launches, step.launches):
+        ms = timer(lambda: program.runtime.launch(kernel, grid, block, kargs))
+        node = graph.node(launch.node)
+        rows.append({"kernel": launch.spec.name, "node": launch.node, "layer": node.layer, "stage": node.stage,
+                     "ms": ms, "grid": [int(g) for g in grid], "block": [int(b) for b in block]})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def variants(args, timer, say):
+    """The layers at batch 64 and 256 with split-K's rule before the first GPU run (chunks of at least
+    2048 terms however few blocks that made) against the current one."""
+    from codegen.lowering import gemm
+    saved = gemm.SPLIT_BLOCKS, gemm.SPLIT_LEAST
+    rows = []
+    try:
+        for model, layer, c_in, c_out, size, k, pad in LAYERS:
+            for batch in (64, 256):
+                row = {"layer": layer, "batch": batch}
+                for label, rule in (("before", (0, 2048)), ("now", saved)):
+                    gemm.SPLIT_BLOCKS, gemm.SPLIT_LEAST = rule
+                    ours = graphconv_layer(args, c_in, c_out, size, k, pad, batch, layer != "conv1", timer)
+                    row.update({f"{label}_forward_ms": ours["forward"]["ms"], f"{label}_backward_ms": ours["backward"]["ms"]})
+                rows.append(row)
+                say(f"split-K rule {layer} batch {batch}: forward {row['before_forward_ms']:.4f} -> "
+                    f"{row['now_forward_ms']:.4f} ms, backward {row['before_backward_ms']:.4f} -> {row['now_backward_ms']:.4f} ms")
+    finally:
+        gemm.SPLIT_BLOCKS, gemm.SPLIT_LEAST = saved
+    return rows
+
+
 def device_info(backend):
     info = {"date": date.today().isoformat(), "backend": backend}
     if backend == "cuda":
@@ -246,6 +285,8 @@ def main():
     ap.add_argument("--out", help="also write the JSON, the table and the log lines into this folder")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="skip the torch.compile rows that would start after this many seconds")
+    ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
+    ap.add_argument("--variants", action="store_true", help="the layers with the earlier split-K rule too")
     args = ap.parse_args()
     args.backend = "host" if args.smoke else "cuda"
     with_torch = not args.smoke
@@ -312,6 +353,19 @@ def main():
     if with_torch:
         result["bandwidth"] = attempt("bandwidth", lambda: bandwidth(args, timer), {"copy_GB_s": None, "kernels": []})
         write(args, result, log)
+    if args.profile:
+        for name in ("lenet5", "vgg_small"):
+            rows = attempt(f"profile {name}", lambda: profile(args, name, 4 if args.smoke else 256), [])
+            result.setdefault("profile", {})[name] = rows
+            total = sum(r["ms"] for r in rows)
+            say(f"kernels of the {name} step at batch {4 if args.smoke else 256}, each alone (sum {total:.3f} ms):")
+            for r in rows[:12]:
+                say(f"  {r['ms']:.4f} ms {r['ms'] / total * 100:4.1f}%  {r['kernel'][:72]}  grid {r['grid']} block {r['block'][0]}")
+        write(args, result, log)
+    if args.variants:
+        result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])
+        write(args, result, log)
+    if with_torch:
         # pass 2: torch.compile, as far as the budget goes
         for i, (model, layer, c_in, c_out, size, k, pad) in enumerate(LAYERS):
             for batch in batches:

@@ -29,7 +29,7 @@ for step in $STEPS; do
     tests)
       timeout "${TESTS_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k "not sanitizer" $PAR -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"; s=${PIPESTATUS[0]} ;;
     bench)
-      timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" \
+      timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log"; s=${PIPESTATUS[0]} ;;
     sanitizer)
       timeout "${SANITIZER_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k sanitizer -p no:cacheprovider 2>&1 \

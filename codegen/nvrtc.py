@@ -6,7 +6,6 @@ Why ctypes: `cuda-bindings` is not installed everywhere, and NVRTC's C API is ei
 The project's policy: NVRTC warnings (front end or ptxas) and register spills are errors.
 """
 import concurrent.futures
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -111,41 +110,6 @@ def _nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, byt
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-class _Turns:
-    """Compiles run side by side (`together`); one that must be alone waits until none is in flight
-    and keeps new ones out (`alone`). NVRTC 13.0 (the GPU machines' own) can drop the ptxas report of
-    a program compiled while other threads compile: seen there for about half of 38 kernels."""
-
-    def __init__(self):
-        self.cond, self.active, self.solo = threading.Condition(), 0, False
-
-    @contextlib.contextmanager
-    def together(self):
-        with self.cond:
-            self.cond.wait_for(lambda: not self.solo)
-            self.active += 1
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.active -= 1
-                self.cond.notify_all()
-
-    @contextlib.contextmanager
-    def alone(self):
-        with self.cond:
-            self.cond.wait_for(lambda: not self.solo)
-            self.solo = True
-            self.cond.wait_for(lambda: self.active == 0)
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.solo = False
-                self.cond.notify_all()
-
-
-_TURNS = _Turns()
 _DIAG = re.compile(r"^(?:.*?\((\d+)\): )?(?:nvrtc: |ptxas )?(?:catastrophic )?(error|warning)\b.*$", re.M)
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -199,16 +163,14 @@ def compile_kernel(source: str, name: str, arch: str = "sm_90", options: tuple =
     except (OSError, ValueError, TypeError):
         pass  # not cached (or a torn/old entry): compile
     entry = f"Compiling entry function '{name}'"
-    with _TURNS.together():
-        status, cubin, log = _nvrtc_compile(source, name, argv)
-    if status == 0 and entry not in log:
-        with _TURNS.alone():
-            status, cubin, log = _nvrtc_compile(source, name, argv)
+    status, cubin, log = _nvrtc_compile(source, name, argv)
     if status:
         _refuse("error", log, source, prefix)
     if _DIAG.search(log):
         _refuse("warning", log, source, prefix)
     res, spills = _resources(log, name)
+    # NVRTC 13.0 (the GPU machines' own) can return an empty log: seen there for a program compiled a
+    # second time in one process. Then the cubin itself must hold the kernel; its resources are unknown.
     if entry not in log and name.encode() not in cubin:
         raise CompileError(f"{prefix}: NVRTC compiled no kernel named {name!r} (is it extern \"C\" __global__?)")
     for fn, (stores, loads) in spills.items():

@@ -550,8 +550,9 @@ def test_benchmarks_do_not_rewrite_committed_results(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import common
     results = os.path.join(os.path.dirname(common.__file__), "results")
-    before = {f: open(os.path.join(results, f), "rb").read() for f in os.listdir(results)}
+    files = [f for f in os.listdir(results) if os.path.isfile(os.path.join(results, f))]
+    before = {f: open(os.path.join(results, f), "rb").read() for f in files}
     monkeypatch.setattr(sys, "argv", ["bench"])
     common.report("t", "forward_numpy_cpu", lambda: None, lambda: (lambda: None), repeats=1)
-    after = {f: open(os.path.join(results, f), "rb").read() for f in os.listdir(results)}
+    after = {f: open(os.path.join(results, f), "rb").read() for f in files}
     assert before == after

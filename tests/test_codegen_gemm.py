@@ -163,10 +163,11 @@ def test_a_pool_window_too_large_for_registers_is_left_unfused():
     from graphconv.fusion import report
     g = gc.Graph("gap")
     x = g.input("x", ("N", 3, 16, 16))
-    g.output(g.avg_pool2d(g.relu(g.conv2d(x, 8, 3, padding=1, name="c")), 16))
+    # 8 x 8 windows: 64 registers of results took all 255 registers and NVRTC 13.0 spilled (H200)
+    g.output(g.avg_pool2d(g.relu(g.conv2d(x, 8, 3, padding=1, name="c")), 8))
     fused = build(g, "fused")
     assert [n.op for n in fused.topo() if n.role == "op"] == ["fused_conv", "avg_pool2d"]
-    assert "256 elements, more than the 64" in str(report(g.verify(), fused))
+    assert "64 elements, more than the 32" in str(report(g.verify(), fused))
     assert_kernels_match(fused)
 
 

@@ -28,6 +28,12 @@ from . import c_int, lowering, numel, short_dtype
 from . import direct
 from .prologue import gather_lines, gathered_gradient
 
+# split K (backward-weight): blocks wanted in all (four per multiprocessor of an H100/H200) and the
+# fewest terms per chunk (H200: LeNet-5 conv1's backward-weight, 98 blocks of 2048 terms, ran at 1 TFLOP/s)
+SPLIT_BLOCKS = 4 * 132
+SPLIT_LEAST = 512
+
+
 def tile_config(M, N, G):
     """Block tile, per-thread tile (TM x TN), thread grid (TY x TX) and k-step BK. A thread holds
     whole pooling windows (TN >= G); narrow products put more threads along m (at least 128 threads
@@ -91,9 +97,16 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                           grid=(*grid_xy, groups), block=block, barrier=True)
         return Lowered(kernels=[spec])
     # split K: the GEMM writes partial sums, the reduce kernel adds them and runs the epilogue
-    # chunks of 2048 terms, grown where the batch would need more than 65535 / groups of them (grid z)
+    # chunks of at least SPLIT_LEAST terms; more of them where the output tile grid alone would leave
+    # the multiprocessors idle (about SPLIT_BLOCKS blocks in all), fewer where the batch would need
+    # more than 65535 / groups of them (grid z)
     bk = cfg["BK"]
-    kch = sp.Max(bk * max(1, math.ceil(2048 / bk)), bk * sp.ceiling(sp.ceiling(sp.sympify(K) / (65535 // groups)) / bk))
+    tiles_xy = sp.sympify(grid_xy[0] * grid_xy[1] * groups)
+    splits = max(1, math.ceil(SPLIT_BLOCKS / int(tiles_xy))) if tiles_xy.is_Integer else 1
+    terms = [bk * max(1, math.ceil(SPLIT_LEAST / bk)), bk * sp.ceiling(sp.ceiling(sp.sympify(K) / (65535 // groups)) / bk)]
+    if splits > 1:
+        terms.append(bk * sp.ceiling(sp.ceiling(sp.sympify(K) / splits) / bk))
+    kch = sp.Max(*terms)
     S = sp.ceiling(sp.sympify(K) / kch)
     partial_key = ctx.scratch_key("partial")
     total = groups * sp.sympify(M) * sp.sympify(N)
