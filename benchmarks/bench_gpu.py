@@ -10,6 +10,7 @@ torch.compile rows are measured in a second pass after every graphconv/eager row
 `--budget-s` seconds have passed (each compile takes seconds); the JSON is rewritten after each part, so
 a run cut short keeps what it measured.
 
+With --tf32: graphconv's TF32 tensor-core kernels against PyTorch with TF32 allowed.
 Measured:
   1. every conv-ReLU-max-pool layer of lenet5 and vgg_small (its shapes, without vgg's batch norm) at
      batch 64, 128, 256: forward (the fused kernel) and backward (backward-data, backward-weight and the
@@ -45,6 +46,7 @@ LAYERS = [("lenet5", "conv1", 1, 20, 28, 5, 2), ("lenet5", "conv2", 20, 50, 14, 
           ("vgg_small", "conv1_2", 32, 32, 32, 3, 1), ("vgg_small", "conv2_2", 64, 64, 16, 3, 1),
           ("vgg_small", "conv3_2", 128, 128, 8, 3, 1)]
 FP32_PEAK = {"H100 80GB HBM3": 66.9e12, "H100 PCIe": 51.2e12, "H200": 66.9e12, "H100": 66.9e12}
+TF32_PEAK = {"H100 80GB HBM3": 494.7e12, "H100 PCIe": 378e12, "H200": 494.7e12, "H100": 494.7e12}   # dense, datasheet
 
 
 class Timer:
@@ -91,7 +93,7 @@ def layer_graph(c_in, c_out, size, k, pad, input_grad):
 
 def graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer):
     graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
-    program = gc.compile(graph, backend=args.backend)
+    program = gc.compile(graph, backend=args.backend, tf32=args.tf32)
     step = program.bind(batch)
     step(random_inputs(graph, batch, 0), gc.init_params(graph, seed=0))        # real codes, real gradients
     layer_of = {launch.node: graph.node(launch.node) for launch in program.program.launches}
@@ -153,7 +155,7 @@ def torch_model(name):
 
 def graphconv_step(args, name, batch, timer):
     graph = build(MODELS[name](), "fused-train")
-    program = gc.compile(graph, backend=args.backend)
+    program = gc.compile(graph, backend=args.backend, tf32=args.tf32)
     step = program.bind(batch)
     inputs, params = random_inputs(graph, batch, 0), gc.init_params(graph, seed=0)
     step(inputs, params)
@@ -221,7 +223,7 @@ def profile(args, name, batch, repeats=20):
     """Each kernel of a model's bound training step, timed alone (median of `repeats` x 5 launches):
     where the step's time goes."""
     graph = build(MODELS[name](), "fused-train")
-    program = gc.compile(graph, backend=args.backend)
+    program = gc.compile(graph, backend=args.backend, tf32=args.tf32)
     step = program.bind(batch)
     step(random_inputs(graph, batch, 0), gc.init_params(graph, seed=0))
     timer = Timer(args.backend, repeats, 3, 5)
@@ -285,6 +287,7 @@ def main():
     ap.add_argument("--out", help="also write the JSON, the table and the log lines into this folder")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="skip the torch.compile rows that would start after this many seconds")
+    ap.add_argument("--tf32", action="store_true", help="TF32 on both sides: compile(tf32=True), PyTorch allow_tf32")
     ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
     ap.add_argument("--variants", action="store_true", help="the layers with the earlier split-K rule too")
     args = ap.parse_args()
@@ -293,11 +296,12 @@ def main():
     started = time.time()
     if with_torch:
         import torch
-        torch.backends.cudnn.allow_tf32 = False          # FP32 against FP32 (PyTorch's default is TF32 convs)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = args.tf32      # matched precision (PyTorch's default is TF32 convs)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = True
     timer = Timer(args.backend, 3 if args.smoke else args.repeats, 1 if args.smoke else 10, 1 if args.smoke else 10)
-    result = {"device": device_info(args.backend), "precision": "fp32 (tf32 off on both sides)",
+    precision = "tf32 (tensor cores on both sides)" if args.tf32 else "fp32 (tf32 off on both sides)"
+    result = {"device": device_info(args.backend), "precision": precision,
               "timing": f"median of {timer.repeats} samples of {timer.inner} back-to-back calls, CUDA events",
               "layers": [], "steps": [], "errors": []}
     log = []
@@ -425,16 +429,17 @@ def report(args, result, say):
         say(f"device-to-device copy: {bw['copy_GB_s']:.0f} GB/s")
         for row in bw["kernels"]:
             say(f"  {row['kernel']}: {row['GB_s']:.0f} GB/s = {row['of_copy'] * 100:.0f}% of the copy (target 80%)")
-    peak = next((v for k, v in FP32_PEAK.items() if k in result["device"].get("device", "")), None)
+    peaks, kind = (TF32_PEAK, "TF32 tensor-core") if args.tf32 else (FP32_PEAK, "FP32")
+    peak = next((v for k, v in peaks.items() if k in result["device"].get("device", "")), None)
     flops = [r["tflops"] for r in result["layers"] if r.get("tflops")]
     if peak and flops:
-        say(f"best convolution layer: {max(flops):.1f} TFLOP/s = {max(flops) * 1e12 / peak * 100:.0f}% of the FP32 peak")
+        say(f"best convolution layer: {max(flops):.1f} TFLOP/s = {max(flops) * 1e12 / peak * 100:.0f}% of the {kind} peak")
     for err in result["errors"]:
         say(f"not measured: {err['what']}: {err['error'].splitlines()[0]}")
 
 
 def write(args, result, log):
-    device = result["device"].get("device", "host").replace(" ", "-")
+    device = result["device"].get("device", "host").replace(" ", "-") + ("-tf32" if args.tf32 else "")
     folders = ([os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] if args.save else []) + \
         ([args.out] if args.out else [])
     for folder in folders:

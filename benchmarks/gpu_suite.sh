@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, from the source tree, with only what the GPU machines have:
-#   bash benchmarks/gpu_suite.sh [tests] [bench] [sanitizer] [exported]     (no argument: all four)
+#   bash benchmarks/gpu_suite.sh [tests] [bench] [bench-tf32] [sanitizer] [exported]   (no argument: all)
 # tests:     every test marked gpu except compute-sanitizer (pytest -m gpu), in 8 processes
 # bench:     benchmarks/bench_gpu.py --save (torch.compile rows within BENCH_BUDGET_S seconds)
+# bench-tf32: the same with TF32 on both sides
 # sanitizer: the compute-sanitizer memcheck and racecheck tests, where the tool is installed
 # exported:  cubins compiled elsewhere by NVRTC 13.5 (GRAPHCONV_EXPORTED, see device_check.py) checked here
 # Logs and results go to $OUT (default benchmarks/results/logs); each step has a time limit.
@@ -12,7 +13,7 @@ OUT=${OUT:-benchmarks/results/logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STEPS=${*:-tests bench sanitizer exported}
+STEPS=${*:-tests bench bench-tf32 sanitizer exported}
 PAR=""  # pytest-xdist and pytest-timeout where installed (the GPU machines have both)
 $PY -c "import xdist" 2>/dev/null && PAR="-n ${JOBS:-8}"
 $PY -c "import pytest_timeout" 2>/dev/null && PAR="$PAR --timeout 240"
@@ -31,6 +32,9 @@ for step in $STEPS; do
     bench)
       timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log"; s=${PIPESTATUS[0]} ;;
+    bench-tf32)
+      timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save --tf32 --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-tf32.log"; s=${PIPESTATUS[0]} ;;
     sanitizer)
       timeout "${SANITIZER_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k sanitizer -p no:cacheprovider 2>&1 \
         | tee "$OUT/sanitizer.log"; s=${PIPESTATUS[0]} ;;

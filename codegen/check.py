@@ -23,11 +23,18 @@ class KernelCheck:
     note: str = ""
 
 
-def tolerance(dtype) -> float:
+# TF32 kernels (opt-in): inputs rounded to 10 mantissa bits (2^-11 relative), FP32 accumulation
+TF32_TOLERANCE = 5e-3
+TF32_CODE_TIES = 100       # argmax codes may differ at 1 window in this many (near-ties within TF32 rounding)
+
+
+def tolerance(dtype, tf32=False) -> float:
+    if tf32 and dtype == "float32":
+        return TF32_TOLERANCE
     return 1e-4 if dtype == "float32" else 1e-10
 
 
-def compare(got, want, dtype, codes_of_checked_values=False):
+def compare(got, want, dtype, codes_of_checked_values=False, tf32=False):
     """(max abs error, max error relative to the tensor's largest magnitude, ok, note). Argmax codes
     beside pooled values that are checked too may differ at a few windows whose two largest values
     tie within rounding (the pooled value is the same either way)."""
@@ -38,7 +45,7 @@ def compare(got, want, dtype, codes_of_checked_values=False):
         count = int(bad.sum())
         if count == 0:
             return 0.0, 0.0, True, ""
-        tie = codes_of_checked_values and count <= max(1, want.size // 1000)
+        tie = codes_of_checked_values and count <= max(1, want.size // (TF32_CODE_TIES if tf32 else 1000))
         return float(count), 0.0, tie, f"{count} codes differ{' (ties of equal maxima)' if tie else ''}"
     unwritten = np.isnan(got) & ~np.isnan(want)
     if unwritten.any():
@@ -46,12 +53,13 @@ def compare(got, want, dtype, codes_of_checked_values=False):
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     diff = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
     rel = diff / max(scale, 1e-30)
-    return diff, rel, diff <= tolerance(dtype) * max(scale, 1.0), ""
+    return diff, rel, diff <= tolerance(dtype, tf32) * max(scale, 1.0), ""
 
 
-def check_kernels(graph, inputs, params, backend="host") -> list:
-    """One KernelCheck per node that has kernels."""
-    compiled = CompiledProgram(graph, backend, poison=True)
+def check_kernels(graph, inputs, params, backend="host", tf32=False) -> list:
+    """One KernelCheck per node that has kernels (a node computed on TF32 tensor cores is held to
+    TF32_TOLERANCE)."""
+    compiled = CompiledProgram(graph, backend, poison=True, tf32=tf32)
     ref = NumpyProgram(graph).run(inputs, params, keep=True)
     program, runtime = compiled.program, compiled.runtime
     batch = compiled.batch_of({graph.batch_symbol(): inputs[graph.inputs[0].name].shape[0]}
@@ -72,6 +80,7 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
                                           program.shape_of(key, batch))
             return owned[key]
 
+        on_tf32 = any(spec.params.get("tf32") for spec in specs)
         for spec in specs:
             args = [np.int32(batch) if a.value is None else array(a.value) for a in spec.args]
             grid, block = spec.launch_shape(batch)
@@ -86,7 +95,7 @@ def check_kernels(graph, inputs, params, backend="host") -> list:
             for i, (key, want) in enumerate(zip(keys, wants)):
                 got = runtime.download(array(key))
                 a, r, good, note = compare(got, np.asarray(want), node.dtype if not node.is_tuple else
-                                           node.type.parts[0].dtype, codes_of_checked_values=i > 0)
+                                           node.type.parts[0].dtype, codes_of_checked_values=i > 0, tf32=on_tf32)
                 if got.dtype != np.uint8:
                     worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
                 ok &= good

@@ -34,10 +34,10 @@ def manifest_of(program: Program, resources: dict | None = None) -> dict:
                             "peak_live_bytes": plan.peak_bytes}}
 
 
-def emit(graph, out_dir, check_nvrtc=True) -> dict:
+def emit(graph, out_dir, check_nvrtc=True, tf32=False) -> dict:
     """Write the kernels of `graph` under out_dir; returns the manifest. With check_nvrtc, every
     kernel is compiled for sm_90 first (an error, a warning or a spill raises CompileError)."""
-    program = Program(graph)
+    program = Program(graph, tf32=tf32)
     resources = None
     if check_nvrtc:
         from . import nvrtc

@@ -42,8 +42,9 @@ class Plan:
 
 
 class Program:
-    def __init__(self, graph):
+    def __init__(self, graph, tf32=False):
         self.graph = graph.verify()
+        self.tf32 = tf32
         self.name = graph.name
         batch = graph.batch_symbol()
         self._check_static()
@@ -56,7 +57,7 @@ class Program:
         grouped = {m: last for last, members in groups.items() for m in members}
         contexts = {}
         for node in graph.topo():
-            ctx = Context(graph, node, batch)
+            ctx = Context(graph, node, batch, tf32)
             if node.role != "op":
                 self.external[node.name] = ctx.outs[0]
                 continue

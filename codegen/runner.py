@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphconv.errors import InputError
+from graphconv.errors import GraphError, InputError
 from graphconv.params import check_params
 from graphconv.reference import bind_inputs
 
@@ -77,10 +77,12 @@ class CompiledProgram:
     `program(x, params=params)` or `program.run(inputs, params)`. Results come back as NumPy arrays
     (`to_numpy=False`: the runtime's own arrays, CuPy on cuda)."""
 
-    def __init__(self, graph, backend="host", poison=False):
+    def __init__(self, graph, backend="host", poison=False, tf32=False):
+        if tf32 and graph.dtype != "float32":
+            raise GraphError(f"tf32=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
         self.backend = backend
         self.runtime = RUNTIMES[backend]()            # first: a backend that cannot run here says so at once
-        self.program = Program(graph)
+        self.program = Program(graph, tf32=tf32)
         self.graph = self.program.graph
         self.kernels = self.runtime.load(self.program.kernels)
         self.poison = poison

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 BACKENDS = ("numpy", "host", "cuda")
 
 
-def compile(graph, backend="numpy", dtype=None, training=None):
+def compile(graph, backend="numpy", dtype=None, training=None, tf32=False):
     """Compile a graph into a callable: `run = gc.compile(g); y = run(x, params=params)`.
 
     backend  numpy: the reference interpreter; host: the generated CUDA kernels, built with g++ and
@@ -21,6 +21,8 @@ def compile(graph, backend="numpy", dtype=None, training=None):
 
     dtype   cast the graph to float32 / float64 first
     training  set every batch_norm to batch statistics (True) or running statistics (False)
+    tf32    host/cuda: convolutions and matrix products on TF32 tensor cores (inputs rounded to 10
+            mantissa bits, FP32 sums; about 1e-3 relative error); float32 graphs only
     """
     if backend not in BACKENDS:
         raise GraphError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -28,11 +30,14 @@ def compile(graph, backend="numpy", dtype=None, training=None):
         graph = cast(graph, dtype)
     if training is not None:
         graph = set_training(graph, training)
+    if tf32 and backend == "numpy":
+        raise GraphError("tf32=True is for the kernel backends ('host', 'cuda'); the numpy backend computes "
+                         "in the graph's own precision")
     if backend == "numpy":
         from .reference import NumpyProgram
         return NumpyProgram(graph)
     from codegen.runner import CompiledProgram   # codegen sits above the IR: imported only here
-    return CompiledProgram(graph, backend)
+    return CompiledProgram(graph, backend, tf32=bool(tf32))
 
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",

@@ -167,7 +167,7 @@ class Trainer:
     """Runs training steps and evaluations of one model on one backend, holding its state. A step
     that would make the loss or any state non-finite is refused and leaves the state as it was."""
 
-    def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0):
+    def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False):
         from . import compile as gc_compile
         self.model = graph
         self.optimizer = optimizer or Optimizer()
@@ -176,12 +176,12 @@ class Trainer:
         self.step_graph = build_train_step(self.with_loss, self.optimizer)
         self.eval_graph = set_training(self.with_loss, False)
         if backend == "numpy":
-            self.step_program = gc_compile(self.step_graph, backend=backend)
-            self.eval_program = gc_compile(self.eval_graph, backend=backend)
+            self.step_program = gc_compile(self.step_graph, backend=backend, tf32=tf32)
+            self.eval_program = gc_compile(self.eval_graph, backend=backend, tf32=tf32)
         else:   # the kernel backends run the fused graphs: one kernel per fused node
             from .fusion import fuse
-            self.step_program = gc_compile(fuse(self.step_graph), backend=backend)
-            self.eval_program = gc_compile(fuse(self.eval_graph), backend=backend)
+            self.step_program = gc_compile(fuse(self.step_graph), backend=backend, tf32=tf32)
+            self.eval_program = gc_compile(fuse(self.eval_graph), backend=backend, tf32=tf32)
         self.state = init_params(self.step_graph, seed=check_seed(seed))   # parameters, running statistics, buffers
         self.epoch = 0
         self.steps = 0

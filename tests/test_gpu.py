@@ -31,6 +31,18 @@ def test_every_kernel_matches_numpy_on_the_device(model, stage):
 
 
 @pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
+@pytest.mark.parametrize("stage", ["fused", "fused-train"])
+def test_every_tf32_kernel_matches_numpy_on_the_device(model, stage):
+    """The tensor cores' mma.sync against NumPy (never run on a GPU before this test: the host backend
+    emulates the instruction, so the fragment layouts are checked only here)."""
+    graph = gc.cast(build(MODELS[model](), stage), "float32")
+    results = check_kernels(graph, random_inputs(graph, 3, 0), realistic_params(graph), backend="cuda", tf32=True)
+    bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
+           if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
 def test_a_captured_training_step_equals_plain_launches(model):
     graph = build(MODELS[model](), "fused-train")
     program = gc.compile(graph, backend="cuda")

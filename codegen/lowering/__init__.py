@@ -67,8 +67,9 @@ def numel(shape):
 class Context:
     """What a lowering sees of its node: operand and result types in BATCH, keys to bind, names."""
 
-    def __init__(self, graph, node, batch_symbol):
+    def __init__(self, graph, node, batch_symbol, tf32=False):
         self.graph, self.node = graph, node
+        self.tf32 = tf32                      # GEMM-family kernels on TF32 tensor cores (opt-in)
         self.op = OPS[node.op]
         self.attrs = node.attrs
         self.operands = graph.operands(node.name)

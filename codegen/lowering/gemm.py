@@ -59,6 +59,19 @@ def tile_config(M, N, G):
     return {"BM": BM, "BN": TX * TN, "BK": BK, "TM": TM, "TN": TN, "TX": TX, "TY": TY, "G": G, "threads": TX * TY}
 
 
+def tf32_params(ctx, cfg) -> dict:
+    """The tensor-core variant's parameters, where the program asked for TF32 and the tile takes it:
+    float32, a block tile of whole 16 x 8 mma tiles, k-steps of 8, whole warps, and the results' staging
+    tile within the 48 KiB of static shared memory. Otherwise {"tf32": False}: the FP32 path."""
+    BM, BN, BK, threads = cfg["BM"], cfg["BN"], cfg["BK"], cfg["threads"]
+    shared = 4 * (BK * (BM + 1) + BK * (BN + 1) + BM * (BN + 4))
+    if not (ctx.tf32 and ctx.float_type == "float" and BM % 16 == 0 and BN % 8 == 0 and BK % 8 == 0
+            and threads % 32 == 0 and shared <= 48 * 1024):
+        return {"tf32": False}
+    subtiles, warps = (BM // 16) * (BN // 8), threads // 32
+    return {"tf32": True, "SUBTILES": subtiles, "NT": BN // 8, "WARPS": warps, "SPW": -(-subtiles // warps)}
+
+
 def slots(fast, rows, cfg):
     """Each thread's load slots of a BK x rows tile: (kk, rr, guard) C expressions per slot; the
     guard (or "") keeps the last slot inside the tile when threads do not divide it."""
@@ -85,6 +98,9 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                   LA=0, a_kk=[], a_mm=[], a_setup=a["setup"], a_load=a["load"],
                   LB=0, b_kk=[], b_nn=[], b_setup=b["setup"], b_load=b["load"],
                   row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end)
+    params.update(tf32_params(ctx, cfg))
+    if params["tf32"]:
+        name += "_tf32"
     a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)
     params.update(LA=len(a_slots), a_kk=[s[0] for s in a_slots], a_mm=[s[1] for s in a_slots],
                   a_guard=[s[2] for s in a_slots],
@@ -316,7 +332,7 @@ def lower_conv(ctx):
         from ..cache import digest
         name += "_" + digest(repr(steps))[:6]
     direct_kernel = None
-    if direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
+    if not ctx.tf32 and direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
         direct_kernel = direct.direct_spec(
             ctx, name.replace(f"conv{nd}d", f"conv{nd}d_direct", 1), C=C, M=OC, K=Kr, pad=geo["pad"], in_size=Si,
             out_size=So, cell=tuple(pk) if pool else (2, 2), pooled=bool(pool),
@@ -376,7 +392,7 @@ def lower_conv_backward_data(ctx):
     name = (f"conv{nd}d_backward_data{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
-    if direct.eligible(geo):
+    if not ctx.tf32 and direct.eligible(geo):
         # stride 1: a direct convolution of dy with the flipped filter, padded by K - 1 - pad
         if gathered:
             in_load, direct_used = gather_lines(gathered, ctx.dtype, f"bimg * {OC} + c", ["iy", "ix"])
