@@ -75,7 +75,8 @@ RUNTIMES = {"host": HostRuntime, "cuda": cuda_runtime}
 class CompiledProgram:
     """A graph compiled to kernels for a runtime; called like the numpy backend's program:
     `program(x, params=params)` or `program.run(inputs, params)`. Results come back as NumPy arrays
-    (`to_numpy=False`: the runtime's own arrays, CuPy on cuda)."""
+    for NumPy inputs and as the runtime's own arrays (CuPy on cuda) where an input was one;
+    `to_numpy=True | False` decides explicitly."""
 
     def __init__(self, graph, backend="host", poison=False, tf32=False):
         if tf32 and graph.dtype != "float32":
@@ -131,9 +132,11 @@ class CompiledProgram:
             out.append((self.kernels[spec.name], grid, block, args))
         return out
 
-    def run(self, inputs: dict, params=None, keep=False, to_numpy=True) -> dict:
+    def run(self, inputs: dict, params=None, keep=False, to_numpy=None) -> dict:
         """Run every launch; return the outputs (every graph value when keep=True, the buffers
-        then not being reused)."""
+        then not being reused): NumPy arrays, or the runtime's own (CuPy on cuda) where an input
+        was one (`to_numpy` decides explicitly)."""
+        to_numpy = self.wants_numpy(inputs, to_numpy)
         types = self.runtime.array_types
         bindings = bind_inputs(self.graph, inputs, types)
         batch = self.batch_of(bindings)
@@ -150,6 +153,13 @@ class CompiledProgram:
         self.runtime.synchronize()
         names = [n.name for n in self.graph.topo() if n.name not in self.program.inlined] if keep else self.graph.outputs
         return {name: self._value(name, array, to_numpy) for name in names}
+
+    def wants_numpy(self, inputs: dict, to_numpy=None) -> bool:
+        """`to_numpy` if given; else NumPy unless some input is a device array of the runtime."""
+        if to_numpy is not None:
+            return bool(to_numpy)
+        device = tuple(t for t in self.runtime.array_types if t is not np.ndarray)
+        return not any(isinstance(a, device) for a in inputs.values()) if device else True
 
     def _value(self, name, array, to_numpy=True):
         get = self.runtime.download if to_numpy else (lambda a: a.copy())
@@ -212,7 +222,7 @@ class BoundStep:
         self.replay()
         return {name: self.array(name) for name in compiled.graph.outputs}
 
-    def run(self, inputs: dict, params=None, to_numpy=True) -> dict:
+    def run(self, inputs: dict, params=None, to_numpy=None) -> dict:
         views = self(inputs, params)
-        get = self.compiled.runtime.download if to_numpy else (lambda a: a.copy())
+        get = self.compiled.runtime.download if self.compiled.wants_numpy(inputs, to_numpy) else (lambda a: a.copy())
         return {name: get(v) for name, v in views.items()}

@@ -68,3 +68,23 @@ def test_a_bound_step_replays_over_static_buffers_and_equals_a_plain_run():
     assert step.replay is not None and len(step.launches) == len(program.program.launches)
     with pytest.raises(InputError, match="bound to batch 6, got 5"):
         step(random_inputs(graph, 5, 0), params)
+
+
+def test_outputs_come_back_as_the_kind_of_array_that_went_in():
+    """NumPy in, NumPy out; a device array in (CuPy on cuda), device arrays out; to_numpy decides
+    when given. The rule is the shared layer's, exercised with a stand-in device array type."""
+    class DeviceArray(np.ndarray):
+        pass
+    graph = MODELS["lenet5"]()
+    program = CompiledProgram(graph, "host")
+    program.runtime.array_types = (np.ndarray, DeviceArray)
+    x = random_inputs(graph, 2, 0)["x"]
+    assert program.wants_numpy({"x": x}) is True
+    assert program.wants_numpy({"x": x.view(DeviceArray)}) is False
+    assert program.wants_numpy({"x": x.view(DeviceArray)}, to_numpy=True) is True
+    assert program.wants_numpy({"x": x}, to_numpy=False) is False
+    params = gc.init_params(graph, seed=0)
+    plain = program.run({"x": x}, params)
+    again = program.run({"x": x.view(DeviceArray)}, params, to_numpy=True)
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], again[name])
