@@ -236,25 +236,32 @@ def profile(args, name, batch, repeats=20):
     return sorted(rows, key=lambda r: -r["ms"])
 
 
+# earlier rules of the GEMM lowering, each timed against the current one by --variants
+VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
+            "no register prefetch": {"PREFETCH": False}}
+
+
 def variants(args, timer, say):
-    """The layers at batch 64 and 256 with split-K's rule before the first GPU run (chunks of at least
-    2048 terms however few blocks that made) against the current one."""
+    """The layers at batch 64 and 256 under each rule of VARIANTS and under the current rules."""
     from codegen.lowering import gemm
-    saved = gemm.SPLIT_BLOCKS, gemm.SPLIT_LEAST
     rows = []
-    try:
-        for model, layer, c_in, c_out, size, k, pad in LAYERS:
-            for batch in (64, 256):
-                row = {"layer": layer, "batch": batch}
-                for label, rule in (("before", (0, 2048)), ("now", saved)):
-                    gemm.SPLIT_BLOCKS, gemm.SPLIT_LEAST = rule
+    for model, layer, c_in, c_out, size, k, pad in LAYERS:
+        for batch in (64, 256):
+            row = {"layer": layer, "batch": batch}
+            for label, rule in [("now", {})] + list(VARIANTS.items()):
+                saved = {name: getattr(gemm, name) for name in rule}
+                try:
+                    for name, value in rule.items():
+                        setattr(gemm, name, value)
                     ours = graphconv_layer(args, c_in, c_out, size, k, pad, batch, layer != "conv1", timer)
-                    row.update({f"{label}_forward_ms": ours["forward"]["ms"], f"{label}_backward_ms": ours["backward"]["ms"]})
-                rows.append(row)
-                say(f"split-K rule {layer} batch {batch}: forward {row['before_forward_ms']:.4f} -> "
-                    f"{row['now_forward_ms']:.4f} ms, backward {row['before_backward_ms']:.4f} -> {row['now_backward_ms']:.4f} ms")
-    finally:
-        gemm.SPLIT_BLOCKS, gemm.SPLIT_LEAST = saved
+                finally:
+                    for name, value in saved.items():
+                        setattr(gemm, name, value)
+                row[label] = {phase: ours[phase]["ms"] for phase in ("forward", "backward")}
+            rows.append(row)
+            now = row["now"]
+            say(f"variants {layer} batch {batch}: now forward {now['forward']:.4f} backward {now['backward']:.4f} ms; "
+                + "; ".join(f"{label}: {row[label]['forward']:.4f} / {row[label]['backward']:.4f}" for label in VARIANTS))
     return rows
 
 
@@ -289,7 +296,7 @@ def main():
                     help="skip the torch.compile rows that would start after this many seconds")
     ap.add_argument("--tf32", action="store_true", help="TF32 on both sides: compile(tf32=True), PyTorch allow_tf32")
     ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
-    ap.add_argument("--variants", action="store_true", help="the layers with the earlier split-K rule too")
+    ap.add_argument("--variants", action="store_true", help="the layers under the earlier GEMM rules too (VARIANTS)")
     args = ap.parse_args()
     args.backend = "host" if args.smoke else "cuda"
     with_torch = not args.smoke

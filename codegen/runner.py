@@ -83,6 +83,9 @@ class CompiledProgram:
             raise GraphError(f"tf32=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
         self.backend = backend
         self.runtime = RUNTIMES[backend]()            # first: a backend that cannot run here says so at once
+        arch = getattr(self.runtime, "arch", None)     # the device's sm_XY (cuda)
+        if tf32 and arch and int(arch.split("_")[1]) < 80:
+            raise GraphError(f"tf32=True needs TF32 tensor cores (compute capability 8.0 or newer); this GPU is {arch}")
         self.program = Program(graph, tf32=tf32)
         self.graph = self.program.graph
         self.kernels = self.runtime.load(self.program.kernels)

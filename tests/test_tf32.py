@@ -24,9 +24,10 @@ def tf32_round(x):
     as cvt.rna.tf32.f32 does: through frexp, in float64."""
     x = np.asarray(x, np.float64)
     mant, exp = np.frexp(x)                       # x = mant * 2**exp, 0.5 <= |mant| < 1
-    scaled = mant * 2.0 ** 11                     # 11 significant bits: the implicit one and 10 stored
+    exp = np.maximum(exp, -125)                   # subnormals: TF32 keeps float32's exponent range, so
+    scaled = np.ldexp(x, 11 - exp)                # their grid is fixed at 2**-136 (10 bits below 2**-126)
     rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
-    return np.ldexp(rounded / 2.0 ** 11, exp)
+    return np.ldexp(rounded, exp - 11)
 
 
 def linear_graph(n_in, n_out):
@@ -43,6 +44,7 @@ def test_the_reference_rounding_is_the_tensor_cores_rounding():
     assert tf32_round(one + 2.0 ** -12) == one                       # below half an ulp: down
     assert tf32_round(one + 3 * 2.0 ** -12) == one + 2.0 ** -10      # above half: up
     assert tf32_round(0.0) == 0.0
+    assert tf32_round(2.0 ** -140) == 0.0 and tf32_round(3 * 2.0 ** -137) == 2.0 ** -135   # subnormal grid
 
 
 def test_a_tf32_product_equals_numpy_on_tf32_rounded_operands():
@@ -65,16 +67,45 @@ def test_a_tf32_product_equals_numpy_on_tf32_rounded_operands():
 def test_ties_and_exact_values_pass_through_an_identity_product():
     g = linear_graph(16, 16)
     ties = np.array([1 + 2.0 ** -11, -(1 + 2.0 ** -11), 1 + 2.0 ** -12, 3.0, 0.0, -2.5, 1e-30, 65504.0,
-                     1 + 3 * 2.0 ** -12, 0.1, -0.1, 7.0, 2.0 ** -126, 1e20, -1e-20, 0.5], np.float32)
+                     1 + 3 * 2.0 ** -12, 0.1, -0.1, 7.0, 2.0 ** -126, 1e20, 3 * 2.0 ** -137, 0.5], np.float32)
     params = {"fc.weight": np.eye(16, dtype=np.float32), "fc.bias": np.zeros(16, np.float32)}
     got = gc.compile(g, backend="host", tf32=True).run({"x": ties[None, :]}, params)["fc"][0]
     np.testing.assert_array_equal(got.astype(np.float64), tf32_round(ties))
 
 
-@pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8", "conv1d_net", "conv3d_net"])
+def odd_tiles(name):
+    """Graphs whose TF32 tiles leave warps without a 16 x 8 tile in some rounds (3 x 3 pools: a block
+    tile 72 wide, 5 rounds for 8 warps; 2 x 2 x 2 pools in 3-D: 8 rounds)."""
+    g = gc.Graph(name, "float32")
+    if name == "pool3x3":
+        x = g.input("x", ("N", 3, 12, 12))
+        h = g.max_pool2d(g.relu(g.conv2d(x, 64, 3, padding=1, name="conv")), 3)
+    else:
+        x = g.input("x", ("N", 2, 6, 6, 6))
+        h = g.max_pool3d(g.relu(g.conv3d(x, 64, 3, padding=1, name="conv")), 2)
+    g.output(g.linear(g.flatten(h), 10, name="fc"))
+    return g
+
+
+TF32_GRAPHS = ["lenet5", "vgg_small", "resnet8", "conv1d_net", "conv3d_net", "pool3x3", "pool2x2x2"]
+
+
+def tf32_graph(name, stage):
+    return gc.cast(build(MODELS[name]() if name in MODELS else odd_tiles(name), stage), "float32")
+
+
+def test_the_odd_graphs_reach_the_tile_shapes_the_bundled_models_do_not():
+    shapes = {name: [(s.params["SPW"], s.params["WARPS"], s.params["SUBTILES"])
+                     for s in Program(tf32_graph(name, "fused"), tf32=True).kernels if s.params.get("tf32")]
+              for name in ("pool3x3", "pool2x2x2")}
+    assert any(spw * warps > subtiles for spw, warps, subtiles in shapes["pool3x3"]), shapes   # idle rounds
+    assert any(spw == 8 for spw, _, _ in shapes["pool2x2x2"]), shapes                         # 8 per warp
+
+
+@pytest.mark.parametrize("model", TF32_GRAPHS)
 @pytest.mark.parametrize("stage", ["fused", "fused-train"])
 def test_every_tf32_kernel_compiles_for_sm90_and_matches_numpy_on_the_host(model, stage):
-    graph = gc.cast(build(MODELS[model](), stage), "float32")
+    graph = tf32_graph(model, stage)
     program = Program(graph, tf32=True)
     tf32 = [s for s in program.kernels if s.params.get("tf32")]
     assert tf32, "no kernel took the TF32 path"

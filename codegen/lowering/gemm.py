@@ -32,6 +32,9 @@ from .prologue import gather_lines, gathered_gradient
 # fewest terms per chunk (H200: LeNet-5 conv1's backward-weight, 98 blocks of 2048 terms, ran at 1 TFLOP/s)
 SPLIT_BLOCKS = 4 * 132
 SPLIT_LEAST = 512
+# the next k-step's operands are loaded into registers while the current one computes (not yet timed
+# on a GPU; `bench_gpu.py --variants` compares it with loading after the barrier)
+PREFETCH = True
 
 
 def tile_config(M, N, G):
@@ -64,12 +67,13 @@ def tf32_params(ctx, cfg) -> dict:
     float32, a block tile of whole 16 x 8 mma tiles, k-steps of 8, whole warps, and the results' staging
     tile within the 48 KiB of static shared memory. Otherwise {"tf32": False}: the FP32 path."""
     BM, BN, BK, threads = cfg["BM"], cfg["BN"], cfg["BK"], cfg["threads"]
-    shared = 4 * (BK * (BM + 1) + BK * (BN + 1) + BM * (BN + 4))
+    shared = 4 * (BK * (BM + 8) + BK * (BN + 8) + BM * (BN + 4))
     if not (ctx.tf32 and ctx.float_type == "float" and BM % 16 == 0 and BN % 8 == 0 and BK % 8 == 0
             and threads % 32 == 0 and shared <= 48 * 1024):
-        return {"tf32": False}
+        return {"tf32": False, "PAD": 1}
     subtiles, warps = (BM // 16) * (BN // 8), threads // 32
-    return {"tf32": True, "SUBTILES": subtiles, "NT": BN // 8, "WARPS": warps, "SPW": -(-subtiles // warps)}
+    return {"tf32": True, "PAD": 8, "SUBTILES": subtiles, "NT": BN // 8, "WARPS": warps,
+            "SPW": -(-subtiles // warps)}
 
 
 def slots(fast, rows, cfg):
@@ -98,7 +102,7 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                   LA=0, a_kk=[], a_mm=[], a_setup=a["setup"], a_load=a["load"],
                   LB=0, b_kk=[], b_nn=[], b_setup=b["setup"], b_load=b["load"],
                   row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end)
-    params.update(tf32_params(ctx, cfg))
+    params.update(tf32_params(ctx, cfg), prefetch=PREFETCH)
     if params["tf32"]:
         name += "_tf32"
     a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)

@@ -14,8 +14,8 @@
 // registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
 // rows are strided by 4 and its columns by 32, which keeps shared-memory
 // reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The row of 16 is padded by one word in
-// shared memory so that column-wise stores do not collide in one bank.
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
+// word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_data_f32_c16_k32_r3x3_s2x2_p1x1_i32x32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int batch)
@@ -106,122 +106,252 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_data_f32_c1
     const int h7_1 = (h7) % 32;
     const long long dyb7 = (bimg7 * 32 + grp * 32) * 256LL;
 
+    // the operands' next k-step travels in registers: fetched from global memory while the
+    // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
+    float ra0 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0, rb4 = 0, rb5 = 0, rb6 = 0, rb7 = 0;
+    {
+        const long long k = k_begin + a_kk0;
+        float v = 0;
+        if (a_ok0 && k < k_end) {
+            const int oc = k / 9;
+            const int r = k % 9;
+            v = w[wc0 + oc * 144LL + r];
+        }
+        ra0 = v;
+    }
+    {
+        const long long k = k_begin + b_kk0;
+        float v = 0;
+        if (b_ok0 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h0_0 + 1 - r0 * 1;
+            const int t1 = h0_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb0 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb0 = v;
+    }
+    {
+        const long long k = k_begin + b_kk1;
+        float v = 0;
+        if (b_ok1 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h1_0 + 1 - r0 * 1;
+            const int t1 = h1_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb1 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb1 = v;
+    }
+    {
+        const long long k = k_begin + b_kk2;
+        float v = 0;
+        if (b_ok2 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h2_0 + 1 - r0 * 1;
+            const int t1 = h2_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb2 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb2 = v;
+    }
+    {
+        const long long k = k_begin + b_kk3;
+        float v = 0;
+        if (b_ok3 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h3_0 + 1 - r0 * 1;
+            const int t1 = h3_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb3 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb3 = v;
+    }
+    {
+        const long long k = k_begin + b_kk4;
+        float v = 0;
+        if (b_ok4 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h4_0 + 1 - r0 * 1;
+            const int t1 = h4_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb4 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb4 = v;
+    }
+    {
+        const long long k = k_begin + b_kk5;
+        float v = 0;
+        if (b_ok5 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h5_0 + 1 - r0 * 1;
+            const int t1 = h5_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb5 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb5 = v;
+    }
+    {
+        const long long k = k_begin + b_kk6;
+        float v = 0;
+        if (b_ok6 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h6_0 + 1 - r0 * 1;
+            const int t1 = h6_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb6 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb6 = v;
+    }
+    {
+        const long long k = k_begin + b_kk7;
+        float v = 0;
+        if (b_ok7 && k < k_end) {
+            const int oc = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int t0 = h7_0 + 1 - r0 * 1;
+            const int t1 = h7_1 + 1 - r1 * 1;
+            if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb7 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+        }
+        rb7 = v;
+    }
+
     for (long long kt = k_begin; kt < k_end; kt += 8) {
-{
-            const long long k = kt + a_kk0;
-            float v = 0;
-            if (a_ok0 && k < k_end) {
-                const int oc = k / 9;
-                const int r = k % 9;
-                v = w[wc0 + oc * 144LL + r];
-            }
-            As[a_kk0][a_mm0] = v;
-        }
-{
-            const long long k = kt + b_kk0;
-            float v = 0;
-            if (b_ok0 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h0_0 + 1 - r0 * 1;
-                const int t1 = h0_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb0 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk0][b_nn0] = v;
-        }
-{
-            const long long k = kt + b_kk1;
-            float v = 0;
-            if (b_ok1 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h1_0 + 1 - r0 * 1;
-                const int t1 = h1_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb1 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk1][b_nn1] = v;
-        }
-{
-            const long long k = kt + b_kk2;
-            float v = 0;
-            if (b_ok2 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h2_0 + 1 - r0 * 1;
-                const int t1 = h2_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb2 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk2][b_nn2] = v;
-        }
-{
-            const long long k = kt + b_kk3;
-            float v = 0;
-            if (b_ok3 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h3_0 + 1 - r0 * 1;
-                const int t1 = h3_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb3 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk3][b_nn3] = v;
-        }
-{
-            const long long k = kt + b_kk4;
-            float v = 0;
-            if (b_ok4 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h4_0 + 1 - r0 * 1;
-                const int t1 = h4_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb4 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk4][b_nn4] = v;
-        }
-{
-            const long long k = kt + b_kk5;
-            float v = 0;
-            if (b_ok5 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h5_0 + 1 - r0 * 1;
-                const int t1 = h5_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb5 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk5][b_nn5] = v;
-        }
-{
-            const long long k = kt + b_kk6;
-            float v = 0;
-            if (b_ok6 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h6_0 + 1 - r0 * 1;
-                const int t1 = h6_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb6 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk6][b_nn6] = v;
-        }
-{
-            const long long k = kt + b_kk7;
-            float v = 0;
-            if (b_ok7 && k < k_end) {
-                const int oc = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int t0 = h7_0 + 1 - r0 * 1;
-                const int t1 = h7_1 + 1 - r1 * 1;
-                if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb7 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
-            }
-            Bs[b_kk7][b_nn7] = v;
-        }
+        As[a_kk0][a_mm0] = ra0;
+        Bs[b_kk0][b_nn0] = rb0;
+        Bs[b_kk1][b_nn1] = rb1;
+        Bs[b_kk2][b_nn2] = rb2;
+        Bs[b_kk3][b_nn3] = rb3;
+        Bs[b_kk4][b_nn4] = rb4;
+        Bs[b_kk5][b_nn5] = rb5;
+        Bs[b_kk6][b_nn6] = rb6;
+        Bs[b_kk7][b_nn7] = rb7;
         __syncthreads();
+        if (kt + 8 < k_end) {
+            {
+                const long long k = kt + 8 + a_kk0;
+                float v = 0;
+                if (a_ok0 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r = k % 9;
+                    v = w[wc0 + oc * 144LL + r];
+                }
+                ra0 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk0;
+                float v = 0;
+                if (b_ok0 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h0_0 + 1 - r0 * 1;
+                    const int t1 = h0_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb0 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb0 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk1;
+                float v = 0;
+                if (b_ok1 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h1_0 + 1 - r0 * 1;
+                    const int t1 = h1_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb1 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb1 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk2;
+                float v = 0;
+                if (b_ok2 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h2_0 + 1 - r0 * 1;
+                    const int t1 = h2_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb2 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb2 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk3;
+                float v = 0;
+                if (b_ok3 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h3_0 + 1 - r0 * 1;
+                    const int t1 = h3_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb3 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb3 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk4;
+                float v = 0;
+                if (b_ok4 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h4_0 + 1 - r0 * 1;
+                    const int t1 = h4_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb4 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb4 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk5;
+                float v = 0;
+                if (b_ok5 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h5_0 + 1 - r0 * 1;
+                    const int t1 = h5_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb5 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb5 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk6;
+                float v = 0;
+                if (b_ok6 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h6_0 + 1 - r0 * 1;
+                    const int t1 = h6_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb6 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb6 = v;
+            }
+            {
+                const long long k = kt + 8 + b_kk7;
+                float v = 0;
+                if (b_ok7 && k < k_end) {
+                    const int oc = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int t0 = h7_0 + 1 - r0 * 1;
+                    const int t1 = h7_1 + 1 - r1 * 1;
+                    if (t0 >= 0 && t0 % 2 == 0 && t0 / 2 < 16 && t1 >= 0 && t1 % 2 == 0 && t1 / 2 < 16) v = dy[dyb7 + (long long)oc * 256 + (t0 / 2) * 16 + t1 / 2];
+                }
+                rb7 = v;
+            }
+
+        }
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
             float a[4], b[4];

@@ -14,8 +14,8 @@
 // registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
 // rows are strided by 8 and its columns by 32, which keeps shared-memory
 // reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The row of 32 is padded by one word in
-// shared memory so that column-wise stores do not collide in one bank.
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
+// word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_relu_f32_c16_k32_r3x3_s2x2_p1x1_i32x32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ y, int batch)
@@ -150,128 +150,265 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_relu_f32_c16_k32_r3x
     const int i0_7_1 = q7_1 * 2 - 1;
     const long long xb7 = (bimg7 * 16 + grp * 16) * 1024LL;
 
+    // the operands' next k-step travels in registers: fetched from global memory while the
+    // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
+    float ra0 = 0, ra1 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0, rb4 = 0, rb5 = 0, rb6 = 0, rb7 = 0;
+    {
+        const long long k = k_begin + a_kk0;
+        float v = 0;
+        if (a_ok0 && k < k_end) {
+            v = w[wrow0 + k];
+        }
+        ra0 = v;
+    }
+    {
+        const long long k = k_begin + a_kk1;
+        float v = 0;
+        if (a_ok1 && k < k_end) {
+            v = w[wrow1 + k];
+        }
+        ra1 = v;
+    }
+    {
+        const long long k = k_begin + b_kk0;
+        float v = 0;
+        if (b_ok0 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_0_0 + r0 * 1;
+            const int i1 = i0_0_1 + r1 * 1;
+            if (qok0 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb0 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb0 = v;
+    }
+    {
+        const long long k = k_begin + b_kk1;
+        float v = 0;
+        if (b_ok1 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_1_0 + r0 * 1;
+            const int i1 = i0_1_1 + r1 * 1;
+            if (qok1 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb1 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb1 = v;
+    }
+    {
+        const long long k = k_begin + b_kk2;
+        float v = 0;
+        if (b_ok2 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_2_0 + r0 * 1;
+            const int i1 = i0_2_1 + r1 * 1;
+            if (qok2 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb2 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb2 = v;
+    }
+    {
+        const long long k = k_begin + b_kk3;
+        float v = 0;
+        if (b_ok3 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_3_0 + r0 * 1;
+            const int i1 = i0_3_1 + r1 * 1;
+            if (qok3 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb3 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb3 = v;
+    }
+    {
+        const long long k = k_begin + b_kk4;
+        float v = 0;
+        if (b_ok4 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_4_0 + r0 * 1;
+            const int i1 = i0_4_1 + r1 * 1;
+            if (qok4 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb4 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb4 = v;
+    }
+    {
+        const long long k = k_begin + b_kk5;
+        float v = 0;
+        if (b_ok5 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_5_0 + r0 * 1;
+            const int i1 = i0_5_1 + r1 * 1;
+            if (qok5 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb5 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb5 = v;
+    }
+    {
+        const long long k = k_begin + b_kk6;
+        float v = 0;
+        if (b_ok6 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_6_0 + r0 * 1;
+            const int i1 = i0_6_1 + r1 * 1;
+            if (qok6 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb6 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb6 = v;
+    }
+    {
+        const long long k = k_begin + b_kk7;
+        float v = 0;
+        if (b_ok7 && k < k_end) {
+            const int c = k / 9;
+            const int r0 = ((int)(k % 9) / 3) % 3;
+            const int r1 = ((int)(k % 9)) % 3;
+            const int i0 = i0_7_0 + r0 * 1;
+            const int i1 = i0_7_1 + r1 * 1;
+            if (qok7 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb7 + (long long)c * 1024 + (i0) * 32 + i1];
+        }
+        rb7 = v;
+    }
+
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-{
-            const long long k = kt + a_kk0;
-            float v = 0;
-            if (a_ok0 && k < k_end) {
-                v = w[wrow0 + k];
-            }
-            As[a_kk0][a_mm0] = v;
-        }
-{
-            const long long k = kt + a_kk1;
-            float v = 0;
-            if (a_ok1 && k < k_end) {
-                v = w[wrow1 + k];
-            }
-            As[a_kk1][a_mm1] = v;
-        }
-{
-            const long long k = kt + b_kk0;
-            float v = 0;
-            if (b_ok0 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_0_0 + r0 * 1;
-                const int i1 = i0_0_1 + r1 * 1;
-                if (qok0 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb0 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk0][b_nn0] = v;
-        }
-{
-            const long long k = kt + b_kk1;
-            float v = 0;
-            if (b_ok1 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_1_0 + r0 * 1;
-                const int i1 = i0_1_1 + r1 * 1;
-                if (qok1 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb1 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk1][b_nn1] = v;
-        }
-{
-            const long long k = kt + b_kk2;
-            float v = 0;
-            if (b_ok2 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_2_0 + r0 * 1;
-                const int i1 = i0_2_1 + r1 * 1;
-                if (qok2 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb2 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk2][b_nn2] = v;
-        }
-{
-            const long long k = kt + b_kk3;
-            float v = 0;
-            if (b_ok3 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_3_0 + r0 * 1;
-                const int i1 = i0_3_1 + r1 * 1;
-                if (qok3 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb3 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk3][b_nn3] = v;
-        }
-{
-            const long long k = kt + b_kk4;
-            float v = 0;
-            if (b_ok4 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_4_0 + r0 * 1;
-                const int i1 = i0_4_1 + r1 * 1;
-                if (qok4 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb4 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk4][b_nn4] = v;
-        }
-{
-            const long long k = kt + b_kk5;
-            float v = 0;
-            if (b_ok5 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_5_0 + r0 * 1;
-                const int i1 = i0_5_1 + r1 * 1;
-                if (qok5 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb5 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk5][b_nn5] = v;
-        }
-{
-            const long long k = kt + b_kk6;
-            float v = 0;
-            if (b_ok6 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_6_0 + r0 * 1;
-                const int i1 = i0_6_1 + r1 * 1;
-                if (qok6 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb6 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk6][b_nn6] = v;
-        }
-{
-            const long long k = kt + b_kk7;
-            float v = 0;
-            if (b_ok7 && k < k_end) {
-                const int c = k / 9;
-                const int r0 = ((int)(k % 9) / 3) % 3;
-                const int r1 = ((int)(k % 9)) % 3;
-                const int i0 = i0_7_0 + r0 * 1;
-                const int i1 = i0_7_1 + r1 * 1;
-                if (qok7 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb7 + (long long)c * 1024 + (i0) * 32 + i1];
-            }
-            Bs[b_kk7][b_nn7] = v;
-        }
+        As[a_kk0][a_mm0] = ra0;
+        As[a_kk1][a_mm1] = ra1;
+        Bs[b_kk0][b_nn0] = rb0;
+        Bs[b_kk1][b_nn1] = rb1;
+        Bs[b_kk2][b_nn2] = rb2;
+        Bs[b_kk3][b_nn3] = rb3;
+        Bs[b_kk4][b_nn4] = rb4;
+        Bs[b_kk5][b_nn5] = rb5;
+        Bs[b_kk6][b_nn6] = rb6;
+        Bs[b_kk7][b_nn7] = rb7;
         __syncthreads();
+        if (kt + 16 < k_end) {
+            {
+                const long long k = kt + 16 + a_kk0;
+                float v = 0;
+                if (a_ok0 && k < k_end) {
+                    v = w[wrow0 + k];
+                }
+                ra0 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk1;
+                float v = 0;
+                if (a_ok1 && k < k_end) {
+                    v = w[wrow1 + k];
+                }
+                ra1 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk0;
+                float v = 0;
+                if (b_ok0 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_0_0 + r0 * 1;
+                    const int i1 = i0_0_1 + r1 * 1;
+                    if (qok0 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb0 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb0 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk1;
+                float v = 0;
+                if (b_ok1 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_1_0 + r0 * 1;
+                    const int i1 = i0_1_1 + r1 * 1;
+                    if (qok1 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb1 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb1 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk2;
+                float v = 0;
+                if (b_ok2 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_2_0 + r0 * 1;
+                    const int i1 = i0_2_1 + r1 * 1;
+                    if (qok2 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb2 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb2 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk3;
+                float v = 0;
+                if (b_ok3 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_3_0 + r0 * 1;
+                    const int i1 = i0_3_1 + r1 * 1;
+                    if (qok3 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb3 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb3 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk4;
+                float v = 0;
+                if (b_ok4 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_4_0 + r0 * 1;
+                    const int i1 = i0_4_1 + r1 * 1;
+                    if (qok4 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb4 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb4 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk5;
+                float v = 0;
+                if (b_ok5 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_5_0 + r0 * 1;
+                    const int i1 = i0_5_1 + r1 * 1;
+                    if (qok5 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb5 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb5 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk6;
+                float v = 0;
+                if (b_ok6 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_6_0 + r0 * 1;
+                    const int i1 = i0_6_1 + r1 * 1;
+                    if (qok6 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb6 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb6 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk7;
+                float v = 0;
+                if (b_ok7 && k < k_end) {
+                    const int c = k / 9;
+                    const int r0 = ((int)(k % 9) / 3) % 3;
+                    const int r1 = ((int)(k % 9)) % 3;
+                    const int i0 = i0_7_0 + r0 * 1;
+                    const int i1 = i0_7_1 + r1 * 1;
+                    if (qok7 && i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb7 + (long long)c * 1024 + (i0) * 32 + i1];
+                }
+                rb7 = v;
+            }
+
+        }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[4], b[4];

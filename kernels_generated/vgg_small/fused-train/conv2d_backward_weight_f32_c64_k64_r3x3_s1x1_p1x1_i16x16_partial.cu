@@ -14,8 +14,8 @@
 // registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
 // rows are strided by 16 and its columns by 16, which keeps shared-memory
 // reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The row of 64 is padded by one word in
-// shared memory so that column-wise stores do not collide in one bank.
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
+// word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_f32_c64_k64_r3x3_s1x1_p1x1_i16x16_partial(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ partial, int batch)
@@ -92,104 +92,215 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_f32_
     const int off3_0 = r3_0 * 1 - 1;
     const int off3_1 = r3_1 * 1 - 1;
 
+    // the operands' next k-step travels in registers: fetched from global memory while the
+    // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
+    float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0;
+    {
+        const long long k = k_begin + a_kk0;
+        float v = 0;
+        if (a_ok0 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            v = dy[bi * 16384LL + dyc0 + o];
+        }
+        ra0 = v;
+    }
+    {
+        const long long k = k_begin + a_kk1;
+        float v = 0;
+        if (a_ok1 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            v = dy[bi * 16384LL + dyc1 + o];
+        }
+        ra1 = v;
+    }
+    {
+        const long long k = k_begin + a_kk2;
+        float v = 0;
+        if (a_ok2 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            v = dy[bi * 16384LL + dyc2 + o];
+        }
+        ra2 = v;
+    }
+    {
+        const long long k = k_begin + a_kk3;
+        float v = 0;
+        if (a_ok3 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            v = dy[bi * 16384LL + dyc3 + o];
+        }
+        ra3 = v;
+    }
+    {
+        const long long k = k_begin + b_kk0;
+        float v = 0;
+        if (b_ok0 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            const int o0 = (o / 16) % 16;
+            const int o1 = (o) % 16;
+            const int i0 = o0 * 1 + off0_0;
+            const int i1 = o1 * 1 + off0_1;
+            if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc0 + (i0) * 16 + i1];
+        }
+        rb0 = v;
+    }
+    {
+        const long long k = k_begin + b_kk1;
+        float v = 0;
+        if (b_ok1 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            const int o0 = (o / 16) % 16;
+            const int o1 = (o) % 16;
+            const int i0 = o0 * 1 + off1_0;
+            const int i1 = o1 * 1 + off1_1;
+            if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc1 + (i0) * 16 + i1];
+        }
+        rb1 = v;
+    }
+    {
+        const long long k = k_begin + b_kk2;
+        float v = 0;
+        if (b_ok2 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            const int o0 = (o / 16) % 16;
+            const int o1 = (o) % 16;
+            const int i0 = o0 * 1 + off2_0;
+            const int i1 = o1 * 1 + off2_1;
+            if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc2 + (i0) * 16 + i1];
+        }
+        rb2 = v;
+    }
+    {
+        const long long k = k_begin + b_kk3;
+        float v = 0;
+        if (b_ok3 && k < k_end) {
+            const long long bi = k / 256;
+            const int o = k % 256;
+            const int o0 = (o / 16) % 16;
+            const int o1 = (o) % 16;
+            const int i0 = o0 * 1 + off3_0;
+            const int i1 = o1 * 1 + off3_1;
+            if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc3 + (i0) * 16 + i1];
+        }
+        rb3 = v;
+    }
+
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-{
-            const long long k = kt + a_kk0;
-            float v = 0;
-            if (a_ok0 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                v = dy[bi * 16384LL + dyc0 + o];
-            }
-            As[a_kk0][a_mm0] = v;
-        }
-{
-            const long long k = kt + a_kk1;
-            float v = 0;
-            if (a_ok1 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                v = dy[bi * 16384LL + dyc1 + o];
-            }
-            As[a_kk1][a_mm1] = v;
-        }
-{
-            const long long k = kt + a_kk2;
-            float v = 0;
-            if (a_ok2 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                v = dy[bi * 16384LL + dyc2 + o];
-            }
-            As[a_kk2][a_mm2] = v;
-        }
-{
-            const long long k = kt + a_kk3;
-            float v = 0;
-            if (a_ok3 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                v = dy[bi * 16384LL + dyc3 + o];
-            }
-            As[a_kk3][a_mm3] = v;
-        }
-{
-            const long long k = kt + b_kk0;
-            float v = 0;
-            if (b_ok0 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                const int o0 = (o / 16) % 16;
-                const int o1 = (o) % 16;
-                const int i0 = o0 * 1 + off0_0;
-                const int i1 = o1 * 1 + off0_1;
-                if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc0 + (i0) * 16 + i1];
-            }
-            Bs[b_kk0][b_nn0] = v;
-        }
-{
-            const long long k = kt + b_kk1;
-            float v = 0;
-            if (b_ok1 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                const int o0 = (o / 16) % 16;
-                const int o1 = (o) % 16;
-                const int i0 = o0 * 1 + off1_0;
-                const int i1 = o1 * 1 + off1_1;
-                if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc1 + (i0) * 16 + i1];
-            }
-            Bs[b_kk1][b_nn1] = v;
-        }
-{
-            const long long k = kt + b_kk2;
-            float v = 0;
-            if (b_ok2 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                const int o0 = (o / 16) % 16;
-                const int o1 = (o) % 16;
-                const int i0 = o0 * 1 + off2_0;
-                const int i1 = o1 * 1 + off2_1;
-                if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc2 + (i0) * 16 + i1];
-            }
-            Bs[b_kk2][b_nn2] = v;
-        }
-{
-            const long long k = kt + b_kk3;
-            float v = 0;
-            if (b_ok3 && k < k_end) {
-                const long long bi = k / 256;
-                const int o = k % 256;
-                const int o0 = (o / 16) % 16;
-                const int o1 = (o) % 16;
-                const int i0 = o0 * 1 + off3_0;
-                const int i1 = o1 * 1 + off3_1;
-                if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc3 + (i0) * 16 + i1];
-            }
-            Bs[b_kk3][b_nn3] = v;
-        }
+        As[a_kk0][a_mm0] = ra0;
+        As[a_kk1][a_mm1] = ra1;
+        As[a_kk2][a_mm2] = ra2;
+        As[a_kk3][a_mm3] = ra3;
+        Bs[b_kk0][b_nn0] = rb0;
+        Bs[b_kk1][b_nn1] = rb1;
+        Bs[b_kk2][b_nn2] = rb2;
+        Bs[b_kk3][b_nn3] = rb3;
         __syncthreads();
+        if (kt + 16 < k_end) {
+            {
+                const long long k = kt + 16 + a_kk0;
+                float v = 0;
+                if (a_ok0 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    v = dy[bi * 16384LL + dyc0 + o];
+                }
+                ra0 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk1;
+                float v = 0;
+                if (a_ok1 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    v = dy[bi * 16384LL + dyc1 + o];
+                }
+                ra1 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk2;
+                float v = 0;
+                if (a_ok2 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    v = dy[bi * 16384LL + dyc2 + o];
+                }
+                ra2 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk3;
+                float v = 0;
+                if (a_ok3 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    v = dy[bi * 16384LL + dyc3 + o];
+                }
+                ra3 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk0;
+                float v = 0;
+                if (b_ok0 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    const int o0 = (o / 16) % 16;
+                    const int o1 = (o) % 16;
+                    const int i0 = o0 * 1 + off0_0;
+                    const int i1 = o1 * 1 + off0_1;
+                    if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc0 + (i0) * 16 + i1];
+                }
+                rb0 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk1;
+                float v = 0;
+                if (b_ok1 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    const int o0 = (o / 16) % 16;
+                    const int o1 = (o) % 16;
+                    const int i0 = o0 * 1 + off1_0;
+                    const int i1 = o1 * 1 + off1_1;
+                    if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc1 + (i0) * 16 + i1];
+                }
+                rb1 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk2;
+                float v = 0;
+                if (b_ok2 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    const int o0 = (o / 16) % 16;
+                    const int o1 = (o) % 16;
+                    const int i0 = o0 * 1 + off2_0;
+                    const int i1 = o1 * 1 + off2_1;
+                    if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc2 + (i0) * 16 + i1];
+                }
+                rb2 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk3;
+                float v = 0;
+                if (b_ok3 && k < k_end) {
+                    const long long bi = k / 256;
+                    const int o = k % 256;
+                    const int o0 = (o / 16) % 16;
+                    const int o1 = (o) % 16;
+                    const int i0 = o0 * 1 + off3_0;
+                    const int i1 = o1 * 1 + off3_1;
+                    if (i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[bi * 16384LL + xc3 + (i0) * 16 + i1];
+                }
+                rb3 = v;
+            }
+
+        }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[4], b[4];

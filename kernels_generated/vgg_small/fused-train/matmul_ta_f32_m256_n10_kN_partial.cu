@@ -14,8 +14,8 @@
 // registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's
 // rows are strided by 32 and its columns by 4, which keeps shared-memory
 // reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The row of 64 is padded by one word in
-// shared memory so that column-wise stores do not collide in one bank.
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
+// word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m256_n10_kN_partial(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ partial, int batch)
@@ -70,88 +70,185 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m256_n10_kN_p
     const long long n1 = n_base + b_nn1;
     const bool b_ok1 = n1 < N;
 
+    // the operands' next k-step travels in registers: fetched from global memory while the
+    // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
+    float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, ra4 = 0, ra5 = 0, ra6 = 0, ra7 = 0, rb0 = 0, rb1 = 0;
+    {
+        const long long k = k_begin + a_kk0;
+        float v = 0;
+        if (a_ok0 && k < k_end) {
+            v = a[k * (256) + m0];
+        }
+        ra0 = v;
+    }
+    {
+        const long long k = k_begin + a_kk1;
+        float v = 0;
+        if (a_ok1 && k < k_end) {
+            v = a[k * (256) + m1];
+        }
+        ra1 = v;
+    }
+    {
+        const long long k = k_begin + a_kk2;
+        float v = 0;
+        if (a_ok2 && k < k_end) {
+            v = a[k * (256) + m2];
+        }
+        ra2 = v;
+    }
+    {
+        const long long k = k_begin + a_kk3;
+        float v = 0;
+        if (a_ok3 && k < k_end) {
+            v = a[k * (256) + m3];
+        }
+        ra3 = v;
+    }
+    {
+        const long long k = k_begin + a_kk4;
+        float v = 0;
+        if (a_ok4 && k < k_end) {
+            v = a[k * (256) + m4];
+        }
+        ra4 = v;
+    }
+    {
+        const long long k = k_begin + a_kk5;
+        float v = 0;
+        if (a_ok5 && k < k_end) {
+            v = a[k * (256) + m5];
+        }
+        ra5 = v;
+    }
+    {
+        const long long k = k_begin + a_kk6;
+        float v = 0;
+        if (a_ok6 && k < k_end) {
+            v = a[k * (256) + m6];
+        }
+        ra6 = v;
+    }
+    {
+        const long long k = k_begin + a_kk7;
+        float v = 0;
+        if (a_ok7 && k < k_end) {
+            v = a[k * (256) + m7];
+        }
+        ra7 = v;
+    }
+    {
+        const long long k = k_begin + b_kk0;
+        float v = 0;
+        if (b_ok0 && k < k_end) {
+            v = b[k * (10) + n0];
+        }
+        rb0 = v;
+    }
+    {
+        const long long k = k_begin + b_kk1;
+        float v = 0;
+        if (b_ok1 && k < k_end) {
+            v = b[k * (10) + n1];
+        }
+        rb1 = v;
+    }
+
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-{
-            const long long k = kt + a_kk0;
-            float v = 0;
-            if (a_ok0 && k < k_end) {
-                v = a[k * (256) + m0];
-            }
-            As[a_kk0][a_mm0] = v;
-        }
-{
-            const long long k = kt + a_kk1;
-            float v = 0;
-            if (a_ok1 && k < k_end) {
-                v = a[k * (256) + m1];
-            }
-            As[a_kk1][a_mm1] = v;
-        }
-{
-            const long long k = kt + a_kk2;
-            float v = 0;
-            if (a_ok2 && k < k_end) {
-                v = a[k * (256) + m2];
-            }
-            As[a_kk2][a_mm2] = v;
-        }
-{
-            const long long k = kt + a_kk3;
-            float v = 0;
-            if (a_ok3 && k < k_end) {
-                v = a[k * (256) + m3];
-            }
-            As[a_kk3][a_mm3] = v;
-        }
-{
-            const long long k = kt + a_kk4;
-            float v = 0;
-            if (a_ok4 && k < k_end) {
-                v = a[k * (256) + m4];
-            }
-            As[a_kk4][a_mm4] = v;
-        }
-{
-            const long long k = kt + a_kk5;
-            float v = 0;
-            if (a_ok5 && k < k_end) {
-                v = a[k * (256) + m5];
-            }
-            As[a_kk5][a_mm5] = v;
-        }
-{
-            const long long k = kt + a_kk6;
-            float v = 0;
-            if (a_ok6 && k < k_end) {
-                v = a[k * (256) + m6];
-            }
-            As[a_kk6][a_mm6] = v;
-        }
-{
-            const long long k = kt + a_kk7;
-            float v = 0;
-            if (a_ok7 && k < k_end) {
-                v = a[k * (256) + m7];
-            }
-            As[a_kk7][a_mm7] = v;
-        }
-{
-            const long long k = kt + b_kk0;
-            float v = 0;
-            if (b_ok0 && k < k_end) {
-                v = b[k * (10) + n0];
-            }
-            Bs[b_kk0][b_nn0] = v;
-        }
-{
-            const long long k = kt + b_kk1;
-            float v = 0;
-            if (b_ok1 && k < k_end) {
-                v = b[k * (10) + n1];
-            }
-            Bs[b_kk1][b_nn1] = v;
-        }
+        As[a_kk0][a_mm0] = ra0;
+        As[a_kk1][a_mm1] = ra1;
+        As[a_kk2][a_mm2] = ra2;
+        As[a_kk3][a_mm3] = ra3;
+        As[a_kk4][a_mm4] = ra4;
+        As[a_kk5][a_mm5] = ra5;
+        As[a_kk6][a_mm6] = ra6;
+        As[a_kk7][a_mm7] = ra7;
+        Bs[b_kk0][b_nn0] = rb0;
+        Bs[b_kk1][b_nn1] = rb1;
         __syncthreads();
+        if (kt + 16 < k_end) {
+            {
+                const long long k = kt + 16 + a_kk0;
+                float v = 0;
+                if (a_ok0 && k < k_end) {
+                    v = a[k * (256) + m0];
+                }
+                ra0 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk1;
+                float v = 0;
+                if (a_ok1 && k < k_end) {
+                    v = a[k * (256) + m1];
+                }
+                ra1 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk2;
+                float v = 0;
+                if (a_ok2 && k < k_end) {
+                    v = a[k * (256) + m2];
+                }
+                ra2 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk3;
+                float v = 0;
+                if (a_ok3 && k < k_end) {
+                    v = a[k * (256) + m3];
+                }
+                ra3 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk4;
+                float v = 0;
+                if (a_ok4 && k < k_end) {
+                    v = a[k * (256) + m4];
+                }
+                ra4 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk5;
+                float v = 0;
+                if (a_ok5 && k < k_end) {
+                    v = a[k * (256) + m5];
+                }
+                ra5 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk6;
+                float v = 0;
+                if (a_ok6 && k < k_end) {
+                    v = a[k * (256) + m6];
+                }
+                ra6 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk7;
+                float v = 0;
+                if (a_ok7 && k < k_end) {
+                    v = a[k * (256) + m7];
+                }
+                ra7 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk0;
+                float v = 0;
+                if (b_ok0 && k < k_end) {
+                    v = b[k * (10) + n0];
+                }
+                rb0 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk1;
+                float v = 0;
+                if (b_ok1 && k < k_end) {
+                    v = b[k * (10) + n1];
+                }
+                rb1 = v;
+            }
+
+        }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[2], b[4];

@@ -14,8 +14,8 @@
 // registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
 // rows are strided by 16 and its columns by 16, which keeps shared-memory
 // reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The row of 64 is padded by one word in
-// shared memory so that column-wise stores do not collide in one bank.
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
+// word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2048_out256(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ out, int batch)
@@ -65,72 +65,151 @@ extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2048_out256(co
     const long long n3 = n_base + b_nn3;
     const bool b_ok3 = n3 < N;
 
+    // the operands' next k-step travels in registers: fetched from global memory while the
+    // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
+    float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0;
+    {
+        const long long k = k_begin + a_kk0;
+        float v = 0;
+        if (a_ok0 && k < k_end) {
+            v = x[arow0 + k];
+        }
+        ra0 = v;
+    }
+    {
+        const long long k = k_begin + a_kk1;
+        float v = 0;
+        if (a_ok1 && k < k_end) {
+            v = x[arow1 + k];
+        }
+        ra1 = v;
+    }
+    {
+        const long long k = k_begin + a_kk2;
+        float v = 0;
+        if (a_ok2 && k < k_end) {
+            v = x[arow2 + k];
+        }
+        ra2 = v;
+    }
+    {
+        const long long k = k_begin + a_kk3;
+        float v = 0;
+        if (a_ok3 && k < k_end) {
+            v = x[arow3 + k];
+        }
+        ra3 = v;
+    }
+    {
+        const long long k = k_begin + b_kk0;
+        float v = 0;
+        if (b_ok0 && k < k_end) {
+            v = w[k * (256) + n0];
+        }
+        rb0 = v;
+    }
+    {
+        const long long k = k_begin + b_kk1;
+        float v = 0;
+        if (b_ok1 && k < k_end) {
+            v = w[k * (256) + n1];
+        }
+        rb1 = v;
+    }
+    {
+        const long long k = k_begin + b_kk2;
+        float v = 0;
+        if (b_ok2 && k < k_end) {
+            v = w[k * (256) + n2];
+        }
+        rb2 = v;
+    }
+    {
+        const long long k = k_begin + b_kk3;
+        float v = 0;
+        if (b_ok3 && k < k_end) {
+            v = w[k * (256) + n3];
+        }
+        rb3 = v;
+    }
+
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-{
-            const long long k = kt + a_kk0;
-            float v = 0;
-            if (a_ok0 && k < k_end) {
-                v = x[arow0 + k];
-            }
-            As[a_kk0][a_mm0] = v;
-        }
-{
-            const long long k = kt + a_kk1;
-            float v = 0;
-            if (a_ok1 && k < k_end) {
-                v = x[arow1 + k];
-            }
-            As[a_kk1][a_mm1] = v;
-        }
-{
-            const long long k = kt + a_kk2;
-            float v = 0;
-            if (a_ok2 && k < k_end) {
-                v = x[arow2 + k];
-            }
-            As[a_kk2][a_mm2] = v;
-        }
-{
-            const long long k = kt + a_kk3;
-            float v = 0;
-            if (a_ok3 && k < k_end) {
-                v = x[arow3 + k];
-            }
-            As[a_kk3][a_mm3] = v;
-        }
-{
-            const long long k = kt + b_kk0;
-            float v = 0;
-            if (b_ok0 && k < k_end) {
-                v = w[k * (256) + n0];
-            }
-            Bs[b_kk0][b_nn0] = v;
-        }
-{
-            const long long k = kt + b_kk1;
-            float v = 0;
-            if (b_ok1 && k < k_end) {
-                v = w[k * (256) + n1];
-            }
-            Bs[b_kk1][b_nn1] = v;
-        }
-{
-            const long long k = kt + b_kk2;
-            float v = 0;
-            if (b_ok2 && k < k_end) {
-                v = w[k * (256) + n2];
-            }
-            Bs[b_kk2][b_nn2] = v;
-        }
-{
-            const long long k = kt + b_kk3;
-            float v = 0;
-            if (b_ok3 && k < k_end) {
-                v = w[k * (256) + n3];
-            }
-            Bs[b_kk3][b_nn3] = v;
-        }
+        As[a_kk0][a_mm0] = ra0;
+        As[a_kk1][a_mm1] = ra1;
+        As[a_kk2][a_mm2] = ra2;
+        As[a_kk3][a_mm3] = ra3;
+        Bs[b_kk0][b_nn0] = rb0;
+        Bs[b_kk1][b_nn1] = rb1;
+        Bs[b_kk2][b_nn2] = rb2;
+        Bs[b_kk3][b_nn3] = rb3;
         __syncthreads();
+        if (kt + 16 < k_end) {
+            {
+                const long long k = kt + 16 + a_kk0;
+                float v = 0;
+                if (a_ok0 && k < k_end) {
+                    v = x[arow0 + k];
+                }
+                ra0 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk1;
+                float v = 0;
+                if (a_ok1 && k < k_end) {
+                    v = x[arow1 + k];
+                }
+                ra1 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk2;
+                float v = 0;
+                if (a_ok2 && k < k_end) {
+                    v = x[arow2 + k];
+                }
+                ra2 = v;
+            }
+            {
+                const long long k = kt + 16 + a_kk3;
+                float v = 0;
+                if (a_ok3 && k < k_end) {
+                    v = x[arow3 + k];
+                }
+                ra3 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk0;
+                float v = 0;
+                if (b_ok0 && k < k_end) {
+                    v = w[k * (256) + n0];
+                }
+                rb0 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk1;
+                float v = 0;
+                if (b_ok1 && k < k_end) {
+                    v = w[k * (256) + n1];
+                }
+                rb1 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk2;
+                float v = 0;
+                if (b_ok2 && k < k_end) {
+                    v = w[k * (256) + n2];
+                }
+                rb2 = v;
+            }
+            {
+                const long long k = kt + 16 + b_kk3;
+                float v = 0;
+                if (b_ok3 && k < k_end) {
+                    v = w[k * (256) + n3];
+                }
+                rb3 = v;
+            }
+
+        }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[4], b[4];
