@@ -7,6 +7,7 @@ from .ir import Node, Tensor
 from .params import init_params
 from .ops.pointwise import define_activation, sigmoid, softplus
 from .passes import cast, set_training
+from .weights import load_state_dict, load_weights, predict, save_weights, state_dict
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False):
 
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",
+           "load_weights", "save_weights", "predict", "load_state_dict", "state_dict",
            "sigmoid", "softplus",
            "GraphConvError", "GraphError", "ShapeError", "InputError", "CheckpointError", "TrainingError",
            "ResourceError"]

@@ -43,6 +43,9 @@ class Graph(GraphCore):
     @_layer
     def input(self, name, shape, dtype=None) -> Tensor:
         """A graph input; a string dim ("N") stays a symbol until arrays are bound."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise GraphError(f"{self.name}: input names are identifiers (letters, digits and _, as in "
+                             f"run(x=...)); got {name!r}")
         return self.add_node("input", (), {"shape": shape, "dtype": dtype or self.dtype}, name=name)
 
     @_layer
@@ -234,6 +237,8 @@ class Graph(GraphCore):
 
     def summary(self, batch=None, fmt="table") -> str:
         """The layer table (see graphconv summary)."""
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0):
+            raise GraphError(f"{self.name}: summary(batch=...) takes a positive integer, got {batch!r}")
         s = summarize(self, batch)
         return format_json(s) if fmt == "json" else format_table(s)
 

@@ -200,6 +200,73 @@ def cmd_gradcheck(args):
     return 0 if all(r.ok for r in results) else 1
 
 
+def cmd_predict(args):
+    """Classify a data set split or an .npy file of inputs with trained weights."""
+    from . import data
+    from .weights import confusion, load_weights, predict
+    graph = load_model(args)
+    params = load_weights(args.weights, graph)
+    shape = tuple(int(d) for d in graph.inputs[0].shape[1:])
+    if args.input:
+        x = read_inputs(args.input, shape, graph)
+        labels, source = None, f"{args.input} ({len(x)} examples)"
+    else:
+        dataset = args.data or data.default_dataset(graph.inputs[0].shape)
+        x_tr, y_tr, x_te, y_te = data.load(dataset, graph.inputs[0].shape, graph.name, args.dtype)
+        x, labels = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
+        source = f"{dataset}, {args.split} split ({len(x)} examples)"
+    predicted, scores = predict(graph, params, x, backend=args.backend, batch=args.batch)
+    classes = scores.shape[1]
+    print(f"predict {graph.name} with {args.weights} on {source}, {args.backend} backend")
+    if labels is None:
+        counts = np.bincount(predicted, minlength=classes)
+        print("predicted classes: " + " ".join(str(int(c)) for c in predicted[:40]) + (" ..." if len(x) > 40 else ""))
+        print("count per class:   " + "  ".join(f"{c}: {int(n)}" for c, n in enumerate(counts)))
+        return 0
+    right = int((predicted == labels).sum())
+    print(f"accuracy {right / len(x):.2%} ({right} of {len(x)})")
+    counts = confusion(labels, predicted, classes)
+    width = max(4, len(str(int(counts.max()))) + 1)
+    print("confusion (rows: true class, columns: predicted)")
+    print("     " + "".join(f"{c:>{width}}" for c in range(classes)))
+    for c in range(classes):
+        print(f"{c:>4} " + "".join(f"{int(n):>{width}}" for n in counts[c]))
+    return 0
+
+
+def read_inputs(path, shape, graph):
+    """An .npy of inputs shaped (N, *shape), as the model takes them (standardised like the data
+    graphconv train uses), cast to the model's dtype."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise GraphConvError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise GraphConvError(f"{path}: not a .npy array of numbers ({str(e).splitlines()[0]})") from None
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu":
+        raise GraphConvError(f"{path}: holds {getattr(x, 'dtype', type(x).__name__)} values; inputs are numbers")
+    if x.shape[1:] != shape:
+        if x.shape == shape:
+            x = x[None]
+        else:
+            raise GraphConvError(f"{path}: shape {list(x.shape)}; {graph.name} takes [N, {', '.join(map(str, shape))}]")
+    from .training import check_finite
+    check_finite(path, x)
+    return x.astype(graph.dtype)
+
+
+def cmd_export(args):
+    """The weights of a checkpoint (optimizer state dropped) as a plain weights file."""
+    from .weights import load_weights, save_weights
+    graph = load_model(args, need_sizes=False)
+    params = load_weights(args.weights, graph)
+    save_weights(args.output, params)
+    values = sum(int(v.size) for v in params.values())
+    print(f"wrote {args.output}: {len(params)} arrays of {graph.name} ({values:,} values, {graph.dtype}) from "
+          f"{args.weights}")
+    return 0
+
+
 def cmd_train(args):
     from . import data
     from .training import Optimizer, Trainer, batches, check_writable, read_checkpoint
@@ -343,6 +410,9 @@ EXAMPLES = {
     "train": ["graphconv train lenet5 --epochs 6", "graphconv train lenet5 --backend host --save run.npz",
               "graphconv train lenet5 --resume run.npz --epochs 2"],
     "run": ["graphconv run lenet5 --batch 8", "graphconv run lenet5 --backend host"],
+    "predict": ["graphconv predict lenet5 --weights lenet5.npz", "graphconv predict lenet5 --weights lenet5.npz "
+                "--split train --backend host", "graphconv predict lenet5 --weights model.npz --input images.npy"],
+    "export": ["graphconv export lenet5 --weights lenet5.npz -o lenet5-weights.npz"],
 }
 
 
@@ -480,6 +550,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", default="auto", choices=("auto", "on", "off"),
                    help="progress bar on stderr (auto: when stderr is a terminal)")
     s.set_defaults(func=cmd_train)
+
+    s = command("predict", "classify a data set split or an .npy of inputs with trained weights (accuracy and "
+                "confusion matrix where labels exist)", dims=True)
+    s.add_argument("--weights", required=True, help="a checkpoint (graphconv train --save) or weights file (export)")
+    s.add_argument("--data", default=None, choices=("digits", "mnist1d", "digits3d"),
+                   help="data set (default: by the model's input, as graphconv train chooses)")
+    s.add_argument("--split", default="test", choices=("test", "train"), help="which part of the data set")
+    s.add_argument("--input", default=None, help="an .npy of inputs [N, ...] instead of a data set (standardised "
+                                                   "as the training data)")
+    s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
+    s.add_argument("--batch", type=_positive, default=256, help="examples per run")
+    s.set_defaults(func=cmd_predict)
+
+    s = command("export", "write the weights of a checkpoint as a plain weights file (optimizer state dropped)",
+                dims=True)
+    s.add_argument("--weights", required=True, help="a checkpoint written by graphconv train --save")
+    s.add_argument("-o", "--output", required=True, help="the weights file to write (.npz)")
+    s.set_defaults(func=cmd_export)
 
     s = command("run", "run a model on random inputs and print its outputs", dims=True)
     s.add_argument("--batch", type=_positive, default=8, help="batch size of the random inputs")

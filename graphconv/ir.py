@@ -5,6 +5,7 @@ Topological order breaks ties by creation index, so every dump and generated fil
 """
 from __future__ import annotations
 
+
 import contextlib
 import copy
 import dataclasses
@@ -309,10 +310,17 @@ class GraphCore:
         return Tensor(self, name)
 
     def output(self, *tensors):
-        """Mark the graph's outputs, in order."""
+        """Mark the graph's outputs, in order (all of them in one call)."""
         if not tensors:
             raise GraphError(f"{self.name}: output() needs at least one tensor")
-        self.outputs = [self._operand_name(t, "output", "output") for t in tensors]
+        names = [self._operand_name(t, "output", "output") for t in tensors]
+        dropped = [o for o in self.outputs if o not in names]
+        if self.__dict__.get("_marked") and dropped:   # a second call on this graph object (a copy may re-mark)
+            raise GraphError(f"{self.name}: output() again would drop the outputs already marked "
+                             f"({', '.join(dropped)}); mark every output in one call, g.output(a, b), or assign "
+                             f"g.outputs = [...] to replace them")
+        self._marked = True
+        self.outputs = names
         return tensors[0] if len(tensors) == 1 else tensors
 
     # ---- copying and checking ---------------------------------------------------------------
@@ -325,6 +333,7 @@ class GraphCore:
             new.nx.add_node(n.name, node=dataclasses.replace(n, attrs=dict(n.attrs), provenance=dict(n.provenance)))
         new.nx.add_edges_from(self.nx.edges(keys=True))
         new.outputs = list(self.outputs)
+        new._marked = False
         new.meta = copy.deepcopy(self.meta)
         new._prefix_counts = dict(self._prefix_counts)
         return new

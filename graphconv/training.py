@@ -8,7 +8,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -41,7 +40,7 @@ def attach_loss(graph, kind="cross_entropy", target="y"):
         scores = g.flatten(scores, name="scores").name
     y = g.input(target, (g.node(scores).shape[0],), dtype="int64")
     loss = getattr(g, LOSSES[kind])(scores, y, name="loss")
-    g.output(loss, scores)
+    g.output(loss, scores)          # the copy's outputs: the model's give way to (loss, scores)
     return g.verify()
 
 
@@ -168,24 +167,29 @@ class Trainer:
     that would make the loss or any state non-finite is refused and leaves the state as it was."""
 
     def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False):
-        from . import compile as gc_compile
         self.model = graph
         self.optimizer = optimizer or Optimizer()
         self.input_name = image_input(graph)
         self.with_loss = attach_loss(graph, loss)
         self.step_graph = build_train_step(self.with_loss, self.optimizer)
         self.eval_graph = set_training(self.with_loss, False)
-        if backend == "numpy":
-            self.step_program = gc_compile(self.step_graph, backend=backend, tf32=tf32)
-            self.eval_program = gc_compile(self.eval_graph, backend=backend, tf32=tf32)
-        else:   # the kernel backends run the fused graphs: one kernel per fused node
-            from .fusion import fuse
-            self.step_program = gc_compile(fuse(self.step_graph), backend=backend, tf32=tf32)
-            self.eval_program = gc_compile(fuse(self.eval_graph), backend=backend, tf32=tf32)
+        self.backend, self.tf32 = backend, tf32
+        self.step_program = self._compile(self.step_graph)
+        self.eval_program = self._compile(self.eval_graph)
+        self._predict_program = None
         self.state = init_params(self.step_graph, seed=check_seed(seed))   # parameters, running statistics, buffers
         self.epoch = 0
         self.steps = 0
         self._bound: dict = {}      # batch size -> bound step (kernel backends)
+
+    def _compile(self, graph):
+        """A program of `graph` on this trainer's backend (the kernel backends run the fused graph:
+        one kernel per fused node)."""
+        from . import compile as gc_compile
+        if self.backend != "numpy":
+            from .fusion import fuse
+            graph = fuse(graph)
+        return gc_compile(graph, backend=self.backend, tf32=self.tf32)
 
     @property
     def params(self):
@@ -239,6 +243,15 @@ class Trainer:
             correct += int((out[self.eval_graph.outputs[1]].argmax(axis=1) == y[i:i + batch]).sum())
         return sum(losses) / len(x), correct / len(x)
 
+    def predict(self, x, batch=256):
+        """The class of each example of `x` (eval mode: running statistics), with the current weights."""
+        from .weights import predict
+        if not isinstance(x, np.ndarray) or x.ndim == 0:
+            raise InputError(f"predict: x must be a numpy array with one row per example, got {type(x).__name__}")
+        if getattr(self, "_predict_program", None) is None:
+            self._predict_program = self._compile(set_training(self.model, False))
+        return predict(self.model, self.params, x, batch=batch, program=self._predict_program)[0]
+
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self, path):
         """Write parameters, buffers, the epoch count and the optimizer's settings to an .npz,
@@ -251,20 +264,8 @@ class Trainer:
         arrays = {f"state/{k}": v for k, v in self.state.items()}
         arrays["meta/epoch"] = np.array(self.epoch)
         arrays["meta/optimizer"] = np.array(json.dumps(asdict(self.optimizer), sort_keys=True))
-        check_writable(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a checkpoint is an ordinary file
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from .weights import write_npz
+        write_npz(path, arrays)
 
     def load(self, path):
         """Restore a checkpoint written by save(); every name, shape and dtype must match this
@@ -307,7 +308,7 @@ def check_finite(name, a):
         raise InputError(f"{name}: {bad} of {a.size} values are NaN or infinite; the step was not taken")
 
 
-def _umask():
+def umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -343,9 +344,10 @@ class Checkpoint:
 NPZ_MAGIC = b"PK\x03\x04"
 
 
-def read_checkpoint(path) -> Checkpoint:
+def read_checkpoint(path, plain_ok=False) -> Checkpoint:
     """Read and check a checkpoint file without knowing the graph: a readable .npz of numeric
-    arrays under state/, a non-negative integer meta/epoch, finite values."""
+    arrays under state/, a non-negative integer meta/epoch, finite values. With plain_ok, a plain
+    weights file (names as keys, no state/ or meta/) reads as a checkpoint at epoch 0."""
     path = checkpoint_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -371,6 +373,10 @@ def read_checkpoint(path) -> Checkpoint:
                               f"checkpoint holds numeric arrays only") from None
     except Exception as e:  # a damaged zip raises BadZipFile, zlib.error, EOFError, ...
         raise CheckpointError(f"{path}: damaged .npz file, cannot be read ({type(e).__name__}: {e})") from None
+    plain = plain_ok and not any(k.startswith(("state/", "meta/")) for k in arrays)
+    if plain:
+        arrays = {f"state/{k}": v for k, v in arrays.items()}
+        arrays["meta/epoch"] = np.array(0)
     unknown = sorted(k for k in arrays if not k.startswith("state/") and k not in ("meta/epoch", "meta/optimizer"))
     if unknown:
         raise CheckpointError(f"{path}: {unknown[0]}: not part of a graphconv checkpoint (a weights file? it holds "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import graphconv as gc
+from graphconv.models import MODELS
 from graphconv.cli import main
 from graphconv.training import Optimizer, Trainer, attach_loss, read_checkpoint
 
@@ -556,3 +557,23 @@ def test_benchmarks_do_not_rewrite_committed_results(tmp_path, monkeypatch):
     common.report("t", "forward_numpy_cpu", lambda: None, lambda: (lambda: None), repeats=1)
     after = {f: open(os.path.join(results, f), "rb").read() for f in files}
     assert before == after
+
+
+def _output_twice():
+    g = gc.Graph("twice")
+    x = g.input("x", ("N", 3))
+    g.output(g.relu(x))
+    g.output(g.relu(x))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: gc.define_activation("b", "not an expr"), "'not an expr' is not a sympy expression"),
+    (lambda: gc.init_params(MODELS["lenet5"](), seed=-1), "seed must be a non-negative integer, got -1"),
+    (lambda: Optimizer("sgd", lr="0.1"), "optimizer lr must be a number, got '0.1'"),
+    (lambda: MODELS["lenet5"]().summary(batch=-3), r"summary\(batch=...\) takes a positive integer, got -3"),
+    (_output_twice, r"output\(\) again would drop the outputs already marked \(relu1\)"),
+    (lambda: gc.Graph("names").input("x y%", ("N", 3)), "input names are identifiers .* got 'x y%'"),
+])
+def test_the_python_apis_bad_input_is_one_graphconv_error(call, message):
+    with pytest.raises(gc.GraphConvError, match=message):
+        call()

@@ -1,0 +1,214 @@
+"""Weights in and out: a training checkpoint or a plain weights file into any graph of the same model
+(forward, fused, eval mode), predictions with them, and PyTorch state dicts both ways.
+
+A plain weights file (`graphconv export`, `save_weights`) is an .npz whose keys are the graph's
+parameter and buffer names (`conv1.weight`, `bn1.running_mean`, ...); a checkpoint (`graphconv
+train --save`) holds the same under `state/` plus the optimizer's state and `meta/`. Loading either
+keeps what the graph needs and drops the optimizer's state; every other name must match.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .errors import CheckpointError, GraphConvError, InputError
+
+OPTIMIZER_SUFFIXES = (".adam_m", ".adam_v", ".velocity")
+
+
+def is_optimizer_state(name: str) -> bool:
+    return name == "opt.step" or name.endswith(OPTIMIZER_SUFFIXES)
+
+
+def write_npz(path, arrays: dict):
+    """Write arrays to an .npz atomically (a temporary file in the same folder, renamed over the
+    target when complete), with the ordinary file mode the user's umask gives."""
+    from .training import check_writable, checkpoint_path, umask
+    path = checkpoint_path(path)
+    check_writable(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())   # mkstemp makes 0600
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_weights(path) -> dict:
+    """name -> array from a checkpoint (its state, optimizer state dropped) or a plain weights file."""
+    from .training import read_checkpoint
+    ckpt = read_checkpoint(path, plain_ok=True)
+    return {k: v for k, v in ckpt.state.items() if not is_optimizer_state(k)}
+
+
+def weights_for(graph, weights: dict, where="weights") -> dict:
+    """The parameters and buffers `graph` needs, from `weights`, checked by name, shape and dtype."""
+    from .training import check_state
+    wanted = {n.name for n in graph.params}
+    extra = sorted(k for k in weights if k not in wanted)
+    if extra:
+        raise CheckpointError(f"{where}: {extra[0]}: {graph.name} has no parameter or buffer of that name "
+                              f"(weights of another model?)")
+    dtypes = {str(v.dtype) for v in weights.values()}
+    if dtypes and dtypes != {graph.dtype}:
+        raise CheckpointError(f"{where}: holds {', '.join(sorted(dtypes))} weights and {graph.name} computes in "
+                              f"{graph.dtype}; build it in {sorted(dtypes)[0]} (--dtype {sorted(dtypes)[0]})")
+    return check_state(where, weights, graph)
+
+
+def load_weights(path, graph) -> dict:
+    """The parameters and buffers of `graph` from a checkpoint or weights file."""
+    return weights_for(graph, read_weights(path), os.fspath(path))
+
+
+def save_weights(path, params: dict):
+    """A plain weights file: one array per parameter or buffer name, nothing else."""
+    from .training import all_finite
+    for name, value in params.items():
+        if is_optimizer_state(name):
+            continue
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+            raise InputError(f"{name}: weights are float arrays, got {type(value).__name__}")
+        if not all_finite(value):
+            raise CheckpointError(f"{path}: not written: {name} holds NaN or infinite values")
+    write_npz(path, {k: v for k, v in params.items() if not is_optimizer_state(k)})
+
+
+def predict(graph, params, x, backend="numpy", batch=256, program=None):
+    """(class per example, scores) of `graph` (eval mode: running statistics) on `x`, `batch` rows at
+    a time. `program`: a compiled eval-mode program of the graph to reuse."""
+    from . import compile as gc_compile
+    from .passes import set_training
+    if not isinstance(x, np.ndarray) or x.ndim < 1 or len(x) == 0:
+        raise InputError(f"predict: x must be a non-empty numpy array with one row per example, got "
+                         f"{type(x).__name__}{list(np.shape(x))}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
+        raise InputError(f"predict: batch must be a positive integer, got {batch!r}")
+    if program is None:
+        eval_graph = set_training(graph, False)
+        if backend != "numpy":
+            from .fusion import fuse
+            eval_graph = fuse(eval_graph)
+        program = gc_compile(eval_graph, backend=backend)
+    from .training import image_input
+    name, output = image_input(graph), graph.outputs[0]
+    scores = np.concatenate([program.run({name: x[i:i + batch]}, params)[output] for i in range(0, len(x), batch)])
+    return scores.argmax(axis=1), scores
+
+
+def confusion(labels, predicted, classes) -> np.ndarray:
+    """counts[true, predicted]."""
+    counts = np.zeros((classes, classes), np.int64)
+    np.add.at(counts, (labels, predicted), 1)
+    return counts
+
+
+# ---- PyTorch state dicts ------------------------------------------------------------------------------
+def _layers(graph):
+    """[(layer prefix, op of the node using its weight, [param names])] in graph order."""
+    users = {}
+    for node in graph.topo():
+        if node.role == "op":
+            for operand in graph.operands(node.name):
+                users.setdefault(operand, node.op)
+    layers, index = [], {}
+    for p in graph.params:
+        prefix = p.name.rsplit(".", 1)[0]
+        if prefix not in index:
+            index[prefix] = len(layers)
+            layers.append((prefix, users.get(p.name), []))
+        layers[index[prefix]][2].append(p.name)
+    return [(prefix, next((users.get(n) for n in names if n.endswith(".weight")), op), names)
+            for prefix, op, names in layers]
+
+
+def _numpy(value):
+    if hasattr(value, "detach"):                     # a torch tensor; torch itself stays optional
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _torch_modules(state_dict):
+    """[(module prefix, {suffix: key})] in the state dict's order, without BN's num_batches_tracked."""
+    modules, index = [], {}
+    for key in state_dict:
+        if key.endswith("num_batches_tracked"):
+            continue
+        prefix, suffix = key.rsplit(".", 1) if "." in key else ("", key)
+        if prefix not in index:
+            index[prefix] = len(modules)
+            modules.append((prefix, {}))
+        modules[index[prefix]][1][suffix] = key
+    return modules
+
+
+def _match(graph, state_dict):
+    """graphconv name -> (torch key, transposed) for every parameter and buffer: by layer name where
+    every graphconv layer has a PyTorch module of its name, else by order of the layers."""
+    ours, theirs = _layers(graph), _torch_modules(state_dict)
+    by_name = {prefix: suffixes for prefix, suffixes in theirs}
+    if all(prefix in by_name for prefix, _, _ in ours):
+        pairs = [(layer, by_name[layer[0]], layer[0]) for layer in ours]
+    elif len(ours) == len(theirs):
+        pairs = [(layer, suffixes, prefix) for layer, (prefix, suffixes) in zip(ours, theirs)]
+    else:
+        raise GraphConvError(f"{graph.name} has {len(ours)} layers with parameters "
+                             f"({', '.join(p for p, _, _ in ours)}) and the state dict {len(theirs)} modules "
+                             f"({', '.join(p or '(root)' for p, _ in theirs)}): neither their names nor their "
+                             f"count match")
+    mapping = {}
+    for (prefix, op, names), suffixes, torch_prefix in pairs:
+        mine = {name.rsplit(".", 1)[1]: name for name in names}
+        for suffix, name in mine.items():
+            if suffix not in suffixes:
+                raise GraphConvError(f"{name}: the PyTorch module {torch_prefix or '(root)'} has no {suffix} "
+                                     f"(it has {', '.join(sorted(suffixes))})")
+            mapping[name] = (suffixes[suffix], op == "linear" and suffix == "weight")
+        extra = sorted(set(suffixes) - set(mine))
+        if extra:         # e.g. a conv bias graphconv's layer was built without: dropping it would change outputs
+            raise GraphConvError(f"{prefix}: PyTorch's {suffixes[extra[0]]} has no counterpart in {graph.name}'s "
+                                 f"{prefix} (it has {', '.join(sorted(mine))})")
+    return mapping
+
+
+def load_state_dict(graph, state_dict) -> dict:
+    """graphconv parameters from a PyTorch state dict of the same architecture (tensors or arrays):
+    names mapped by layer name, else by layer order; linear weights transposed (PyTorch stores
+    [out, in], graphconv [in, out]); shapes and the graph's dtype checked."""
+    mapping = _match(graph, state_dict)
+    params = {}
+    for node in graph.params:
+        key, transposed = mapping[node.name]
+        value = _numpy(state_dict[key])
+        value = value.T if transposed else value
+        shape = tuple(int(d) for d in node.shape)
+        if value.shape != shape:
+            raise GraphConvError(f"{node.name}: PyTorch's {key} has shape {list(value.shape)}"
+                                 f"{' (transposed)' if transposed else ''}, {graph.name} needs {list(shape)}")
+        params[node.name] = np.ascontiguousarray(value, dtype=node.dtype)
+    return params
+
+
+def state_dict(graph, params, like=None) -> dict:
+    """A PyTorch state dict of graphconv parameters: graphconv's names, or the names of `like` (a
+    torch module or its state dict, mapped as load_state_dict maps), linear weights transposed.
+    Values are NumPy arrays, or torch tensors when `like` is given."""
+    if like is None:
+        return {name: (params[name].T.copy() if transposed else params[name].copy())
+                for name, (_, transposed) in _match(graph, {n.name: None for n in graph.params}).items()}
+    reference = like.state_dict() if hasattr(like, "state_dict") else like
+    import torch
+    out = {}
+    for name, (key, transposed) in _match(graph, reference).items():
+        value = np.ascontiguousarray(params[name].T if transposed else params[name])
+        out[key] = torch.from_numpy(value.copy()).to(reference[key].dtype)
+    return out

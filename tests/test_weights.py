@@ -1,0 +1,178 @@
+"""Using what was trained: weights from a checkpoint or a weights file into any graph of the model,
+predictions (Trainer.predict, graphconv predict) that reproduce training's test accuracy, export,
+and PyTorch state dicts both ways (checked against torch.nn modules where torch is installed)."""
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import graphconv as gc
+from graphconv import data
+from graphconv.errors import CheckpointError, GraphConvError, InputError
+from graphconv.fusion import fuse
+from graphconv.models import MODELS
+from graphconv.passes import set_training
+from graphconv.training import Optimizer, Trainer, batches
+from torch_oracle import torch
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """LeNet-5 trained one epoch on the digits, saved as a checkpoint; its reported test accuracy."""
+    graph = MODELS["lenet5"]()
+    trainer = Trainer(graph, Optimizer("adam", lr=1e-3), seed=0)
+    x_tr, y_tr, x_te, y_te = data.load("digits", graph.inputs[0].shape)
+    for idx in batches(len(x_tr), 64, 0, 0):
+        trainer.step(x_tr[idx], y_tr[idx])
+    trainer.epoch = 1
+    path = tmp_path_factory.mktemp("ckpt") / "lenet5.npz"
+    trainer.save(path)
+    return trainer, path, trainer.evaluate(x_te, y_te)[1], (x_te, y_te)
+
+
+def test_a_checkpoint_loads_into_the_forward_fused_and_eval_graphs(trained):
+    trainer, path, _, (x_te, _) = trained
+    graph = MODELS["lenet5"]()
+    params = gc.load_weights(path, graph)
+    assert set(params) == {n.name for n in graph.params}          # Adam's m, v and opt.step dropped
+    want = gc.compile(graph).run({"x": x_te[:8]}, params)["fc2"]
+    for other in (set_training(graph, False), fuse(set_training(graph, False))):
+        assert set(gc.load_weights(path, other)) == set(params)
+        np.testing.assert_allclose(gc.compile(other).run({"x": x_te[:8]}, params)["fc2"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_reproduces_the_accuracy_training_reported_on_numpy_and_host(trained):
+    trainer, path, accuracy, (x_te, y_te) = trained
+    assert np.mean(trainer.predict(x_te) == y_te) == accuracy
+    graph = MODELS["lenet5"]()
+    params = gc.load_weights(path, graph)
+    for backend in ("numpy", "host"):
+        predicted, scores = gc.predict(graph, params, x_te, backend=backend, batch=100)
+        assert scores.shape == (len(x_te), 10) and np.mean(predicted == y_te) == accuracy, backend
+
+
+def test_predict_and_export_on_the_command_line(trained, tmp_path):
+    _, path, accuracy, (_, y_te) = trained
+    run = lambda *a: subprocess.run([sys.executable, "-m", "graphconv.cli", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600, cwd=tmp_path)
+    done = run("predict", "lenet5", "--weights", str(path))
+    assert done.returncode == 0, done.stderr
+    right = round(accuracy * len(y_te))
+    assert f"accuracy {accuracy:.2%} ({right} of {len(y_te)})" in done.stdout
+    matrix = [line.split()[1:] for line in done.stdout.splitlines()[-10:]]
+    assert sum(int(row[i]) for i, row in enumerate(matrix)) == right               # the diagonal
+    assert sum(int(v) for row in matrix for v in row) == len(y_te)
+    done = run("export", "lenet5", "--weights", str(path), "-o", "w.npz")
+    assert done.returncode == 0, done.stderr
+    with np.load(tmp_path / "w.npz") as f:
+        assert sorted(f.files) == sorted(n.name for n in MODELS["lenet5"]().params)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "w.npz").st_mode) == 0o666 & ~mask            # not mkstemp's 0600
+    np.save(tmp_path / "x.npy", data.load("digits", MODELS["lenet5"]().inputs[0].shape)[2][:5])
+    done = run("predict", "lenet5", "--weights", "w.npz", "--input", "x.npy", "--backend", "host")
+    assert done.returncode == 0 and "count per class" in done.stdout, done.stderr
+    for args, message in ((("--input", "nope.npy"), "nope.npy: no such file"),
+                          (("--dtype", "float64"), "build it in float32 (--dtype float32)")):
+        done = run("predict", "lenet5", "--weights", "w.npz", *args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_weights_of_another_model_are_refused_by_name(trained):
+    _, path, _, _ = trained
+    with pytest.raises(CheckpointError, match="conv1.bias: vgg_small has no parameter or buffer of that name"):
+        gc.load_weights(path, MODELS["vgg_small"]())
+
+
+def test_saving_weights_refuses_what_is_not_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        gc.save_weights(tmp_path / "w.npz", {"a.weight": np.array([np.nan], np.float32)})
+    with pytest.raises(InputError, match="weights are float arrays"):
+        gc.save_weights(tmp_path / "w.npz", {"a.weight": [1.0]})
+    assert not (tmp_path / "w.npz").exists()
+
+
+# ---- PyTorch state dicts --------------------------------------------------------------------------
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+
+
+def torch_lenet5():
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 20, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5, padding=2),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2450, 500), nn.ReLU(), nn.Linear(500, 10))
+
+
+class TorchVGG(torch.nn.Module if torch is not None else object):
+    """vgg_small with graphconv's layer names (convs without bias before batch norm)."""
+
+    def __init__(self):
+        super().__init__()
+        nn, c = torch.nn, 3
+        for block, width in enumerate((32, 64, 128), 1):
+            for i in (1, 2):
+                setattr(self, f"conv{block}_{i}", nn.Conv2d(c, width, 3, padding=1, bias=False))
+                setattr(self, f"bn{block}_{i}", nn.BatchNorm2d(width))
+                c = width
+        self.fc1, self.fc2 = nn.Linear(128 * 16, 256), nn.Linear(256, 10)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        for block in (1, 2, 3):
+            for i in (1, 2):
+                x = F.relu(getattr(self, f"bn{block}_{i}")(getattr(self, f"conv{block}_{i}")(x)))
+            x = F.max_pool2d(x, 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def randomise_statistics(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+
+
+@needs_torch
+@pytest.mark.parametrize("name,make", [("lenet5", torch_lenet5), ("vgg_small", TorchVGG)])
+def test_a_pytorch_state_dict_loads_and_gives_the_same_outputs_both_ways(name, make):
+    torch.manual_seed(0)
+    module = make().double().eval()
+    randomise_statistics(module)
+    graph = set_training(MODELS[name]("float64"), False)
+    x = np.random.default_rng(0).standard_normal((3, *[int(d) for d in graph.inputs[0].shape[1:]]))
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    params = gc.load_state_dict(graph, module.state_dict())          # Sequential: by order; the VGG: by name
+    got = gc.compile(graph).run({"x": x}, params)[graph.outputs[0]]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # and back: graphconv's own weights into a fresh module of the same architecture
+    ours = gc.init_params(graph, seed=3)
+    fresh = make().double().eval()
+    fresh.load_state_dict(gc.state_dict(graph, ours, like=fresh), strict=False)
+    with torch.no_grad():
+        theirs = fresh(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, gc.compile(graph).run({"x": x}, ours)[graph.outputs[0]], rtol=1e-10, atol=1e-12)
+    plain = gc.state_dict(graph, ours)
+    assert plain["fc1.weight"].shape == ours["fc1.weight"].shape[::-1]       # PyTorch's [out, in]
+
+
+@needs_torch
+def test_a_state_dict_of_another_architecture_is_refused_naming_the_layer():
+    nn = torch.nn
+    graph = MODELS["vgg_small"]()
+    with_bias = TorchVGG()
+    with_bias.conv1_1 = nn.Conv2d(3, 32, 3, padding=1)                     # a bias graphconv's conv1_1 lacks
+    with pytest.raises(GraphConvError, match="conv1_1: PyTorch's conv1_1.bias has no counterpart"):
+        gc.load_state_dict(graph, with_bias.state_dict())
+    with pytest.raises(GraphConvError, match="neither their names nor their count match"):
+        gc.load_state_dict(graph, torch_lenet5().state_dict())
+    small = torch_lenet5()
+    small[7] = nn.Linear(2450, 400)
+    small[9] = nn.Linear(400, 10)
+    with pytest.raises(GraphConvError, match=r"fc1.weight: PyTorch's 7.weight has shape \[2450, 400\] \(transposed\)"):
+        gc.load_state_dict(MODELS["lenet5"](), small.state_dict())
