@@ -63,7 +63,7 @@ class Optimizer:
     eps: float = 1e-8
 
     # (attribute, lowest allowed, highest allowed, is the lowest itself allowed)
-    LIMITS = (("lr", 0.0, math.inf, False), ("momentum", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, True),
+    LIMITS = (("lr", 0.0, math.inf, False), ("momentum", 0.0, 1.0, True), ("weight_decay", 0.0, math.inf, True),
               ("beta1", 0.0, 1.0, True), ("beta2", 0.0, 1.0, True), ("eps", 0.0, math.inf, False))
 
     def __post_init__(self):
@@ -76,7 +76,8 @@ class Optimizer:
             value = float(value)
             ok = math.isfinite(value) and (value >= low if closed else value > low) and value < high
             if not ok:
-                want = {"lr": "positive", "eps": "positive", "beta1": "in [0, 1)", "beta2": "in [0, 1)"}.get(key, ">= 0")
+                want = {"lr": "positive", "eps": "positive", "beta1": "in [0, 1)", "beta2": "in [0, 1)",
+                        "momentum": "in [0, 1)"}.get(key, ">= 0")
                 raise GraphError(f"optimizer {key} must be finite and {want}, got {value!r}")
             setattr(self, key, value)
 
