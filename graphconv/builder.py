@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import keyword
 import math
 import numbers
 
@@ -43,7 +44,7 @@ class Graph(GraphCore):
     @_layer
     def input(self, name, shape, dtype=None) -> Tensor:
         """A graph input; a string dim ("N") stays a symbol until arrays are bound."""
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise GraphError(f"{self.name}: input names are identifiers (letters, digits and _, as in "
                              f"run(x=...)); got {name!r}")
         return self.add_node("input", (), {"shape": shape, "dtype": dtype or self.dtype}, name=name)
@@ -237,7 +238,7 @@ class Graph(GraphCore):
 
     def summary(self, batch=None, fmt="table") -> str:
         """The layer table (see graphconv summary)."""
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0):
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch <= 0):
             raise GraphError(f"{self.name}: summary(batch=...) takes a positive integer, got {batch!r}")
         s = summarize(self, batch)
         return format_json(s) if fmt == "json" else format_table(s)

@@ -208,15 +208,22 @@ def cmd_predict(args):
     params = load_weights(args.weights, graph)
     shape = tuple(int(d) for d in graph.inputs[0].shape[1:])
     if args.input:
+        if args.data or args.split:
+            raise GraphConvError("--input classifies the arrays in a file; --data and --split choose a data set "
+                                 "instead: give one or the other")
         x = read_inputs(args.input, shape, graph)
-        labels, source = None, f"{args.input} ({len(x)} examples)"
+        labels, source = None, f"{args.input} ({len(x)} example{'s' if len(x) != 1 else ''})"
     else:
+        args.split = args.split or "test"
         dataset = args.data or data.default_dataset(graph.inputs[0].shape)
         x_tr, y_tr, x_te, y_te = data.load(dataset, graph.inputs[0].shape, graph.name, args.dtype)
         x, labels = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
         source = f"{dataset}, {args.split} split ({len(x)} examples)"
     predicted, scores = predict(graph, params, x, backend=args.backend, batch=args.batch)
     classes = scores.shape[1]
+    if labels is not None and int(labels.max()) >= classes:
+        raise GraphConvError(f"{graph.name} outputs {classes} scores per example; {dataset} has "
+                             f"{int(labels.max()) + 1} classes")
     print(f"predict {graph.name} with {args.weights} on {source}, {args.backend} backend")
     if labels is None:
         counts = np.bincount(predicted, minlength=classes)
@@ -241,18 +248,22 @@ def read_inputs(path, shape, graph):
         x = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise GraphConvError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GraphConvError(f"{path}: is a directory; give a .npy file") from None
     except (ValueError, OSError) as e:
-        raise GraphConvError(f"{path}: not a .npy array of numbers ({str(e).splitlines()[0]})") from None
-    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu":
+        raise GraphConvError(f"{path}: not a .npy array of numbers (np.save writes one)") from None
+    if not isinstance(x, np.ndarray):       # an .npz archive
+        x.close()
+        raise GraphConvError(f"{path}: an .npz archive; --input takes one array in a .npy file (np.save)")
+    if x.dtype.kind not in "fiu":
         raise GraphConvError(f"{path}: holds {getattr(x, 'dtype', type(x).__name__)} values; inputs are numbers")
     if x.shape[1:] != shape:
         if x.shape == shape:
             x = x[None]
         else:
             raise GraphConvError(f"{path}: shape {list(x.shape)}; {graph.name} takes [N, {', '.join(map(str, shape))}]")
-    from .training import check_finite
-    check_finite(path, x)
-    return x.astype(graph.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(graph.dtype)        # predict() refuses what is not finite after the cast
 
 
 def cmd_export(args):
@@ -556,7 +567,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", required=True, help="a checkpoint (graphconv train --save) or weights file (export)")
     s.add_argument("--data", default=None, choices=("digits", "mnist1d", "digits3d"),
                    help="data set (default: by the model's input, as graphconv train chooses)")
-    s.add_argument("--split", default="test", choices=("test", "train"), help="which part of the data set")
+    s.add_argument("--split", default=None, choices=("test", "train"), help="which part of the data set "
+                                                                            "(default: test)")
     s.add_argument("--input", default=None, help="an .npy of inputs [N, ...] instead of a data set (standardised "
                                                    "as the training data)")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)

@@ -105,6 +105,16 @@ class GraphCore:
         self.outputs: list[str] = []
         self.meta: dict = {}            # what passes record: the loss, gradient names, state updates
         self._counter = 0
+
+    @property
+    def outputs(self) -> list:
+        return self.__dict__.get("_outputs", [])
+
+    @outputs.setter
+    def outputs(self, names):
+        """Assigning the outputs replaces them (and allows output() to mark them afresh)."""
+        self.__dict__["_outputs"] = names
+        self.__dict__["_marked"] = False
         self._prefix_counts: dict[str, int] = {}
 
     # ---- reading ----------------------------------------------------------------------------
@@ -319,8 +329,8 @@ class GraphCore:
             raise GraphError(f"{self.name}: output() again would drop the outputs already marked "
                              f"({', '.join(dropped)}); mark every output in one call, g.output(a, b), or assign "
                              f"g.outputs = [...] to replace them")
-        self._marked = True
         self.outputs = names
+        self._marked = True
         return tensors[0] if len(tensors) == 1 else tensors
 
     # ---- copying and checking ---------------------------------------------------------------
@@ -333,7 +343,6 @@ class GraphCore:
             new.nx.add_node(n.name, node=dataclasses.replace(n, attrs=dict(n.attrs), provenance=dict(n.provenance)))
         new.nx.add_edges_from(self.nx.edges(keys=True))
         new.outputs = list(self.outputs)
-        new._marked = False
         new.meta = copy.deepcopy(self.meta)
         new._prefix_counts = dict(self._prefix_counts)
         return new

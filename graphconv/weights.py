@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import CheckpointError, GraphConvError, InputError
+from .errors import CheckpointError, GraphConvError, GraphError, InputError
 
 OPTIMIZER_SUFFIXES = (".adam_m", ".adam_v", ".velocity")
 
@@ -50,29 +50,50 @@ def read_weights(path) -> dict:
     return {k: v for k, v in ckpt.state.items() if not is_optimizer_state(k)}
 
 
+def need_graph(graph, what):
+    from .ir import GraphCore
+    if not isinstance(graph, GraphCore):
+        raise InputError(f"{what}: takes a graph (gc.Graph, or MODELS[name]()), got {type(graph).__name__} "
+                         f"{graph!r:.40}")
+
+
 def weights_for(graph, weights: dict, where="weights") -> dict:
     """The parameters and buffers `graph` needs, from `weights`, checked by name, shape and dtype."""
     from .training import check_state
+    need_graph(graph, "load_weights")
     wanted = {n.name for n in graph.params}
+    if any(is_optimizer_state(n) for n in wanted):
+        raise CheckpointError(f"{where}: {graph.name} is a training-step graph (it holds the optimizer's state); "
+                              f"weights go into forward, fused or eval graphs; resume training with Trainer.load "
+                              f"or graphconv train --resume")
     extra = sorted(k for k in weights if k not in wanted)
     if extra:
         raise CheckpointError(f"{where}: {extra[0]}: {graph.name} has no parameter or buffer of that name "
                               f"(weights of another model?)")
-    dtypes = {str(v.dtype) for v in weights.values()}
-    if dtypes and dtypes != {graph.dtype}:
-        raise CheckpointError(f"{where}: holds {', '.join(sorted(dtypes))} weights and {graph.name} computes in "
-                              f"{graph.dtype}; build it in {sorted(dtypes)[0]} (--dtype {sorted(dtypes)[0]})")
+    dtypes = sorted({str(v.dtype) for v in weights.values()})
+    if len(dtypes) > 1:
+        raise CheckpointError(f"{where}: holds weights of several float types ({', '.join(dtypes)}); a model's "
+                              f"weights share one")
+    if dtypes and dtypes != [graph.dtype]:
+        hint = (f"build it in {dtypes[0]} (--dtype {dtypes[0]})" if dtypes[0] in ("float32", "float64") else
+                f"convert them to {graph.dtype}")
+        raise CheckpointError(f"{where}: holds {dtypes[0]} weights and {graph.name} computes in {graph.dtype}; "
+                              f"{hint}")
     return check_state(where, weights, graph)
 
 
 def load_weights(path, graph) -> dict:
     """The parameters and buffers of `graph` from a checkpoint or weights file."""
+    need_graph(graph, "load_weights")
     return weights_for(graph, read_weights(path), os.fspath(path))
 
 
 def save_weights(path, params: dict):
     """A plain weights file: one array per parameter or buffer name, nothing else."""
     from .training import all_finite
+    if not isinstance(params, dict) or not params or not all(isinstance(k, str) for k in params):
+        raise InputError(f"save_weights: params is a non-empty dict of name -> array, got {type(params).__name__}"
+                         f"{' (empty)' if isinstance(params, dict) and not params else ''}")
     for name, value in params.items():
         if is_optimizer_state(name):
             continue
@@ -88,20 +109,33 @@ def predict(graph, params, x, backend="numpy", batch=256, program=None):
     a time. `program`: a compiled eval-mode program of the graph to reuse."""
     from . import compile as gc_compile
     from .passes import set_training
+    from .training import all_finite, image_input
+    need_graph(graph, "predict")
     if not isinstance(x, np.ndarray) or x.ndim < 1 or len(x) == 0:
         raise InputError(f"predict: x must be a non-empty numpy array with one row per example, got "
                          f"{type(x).__name__}{list(np.shape(x))}")
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
         raise InputError(f"predict: batch must be a positive integer, got {batch!r}")
+    if x.dtype.kind == "f" and not all_finite(x):
+        raise InputError(f"predict: {int(x.size - np.isfinite(x).sum())} of {x.size} input values are NaN or "
+                         f"infinite; nothing was predicted")
+    bad = [k for k, v in (params or {}).items() if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not all_finite(v)]
+    if bad:
+        raise InputError(f"predict: {bad[0]}: holds NaN or infinite values")
+    output = graph.outputs[0] if graph.outputs else None
+    shape = graph.node(output).shape if output else ()
+    if len(shape) < 2 or any(d != 1 for d in shape[2:]):
+        raise GraphError(f"predict: {graph.name}'s first output {output} is {list(shape)}; predicting takes class "
+                         f"scores [N, classes] (or [N, classes, 1, ...] after a global pool)")
     if program is None:
         eval_graph = set_training(graph, False)
         if backend != "numpy":
             from .fusion import fuse
             eval_graph = fuse(eval_graph)
         program = gc_compile(eval_graph, backend=backend)
-    from .training import image_input
-    name, output = image_input(graph), graph.outputs[0]
+    name = image_input(graph)
     scores = np.concatenate([program.run({name: x[i:i + batch]}, params)[output] for i in range(0, len(x), batch)])
+    scores = scores.reshape(len(x), -1)
     return scores.argmax(axis=1), scores
 
 
@@ -122,7 +156,7 @@ def _layers(graph):
                 users.setdefault(operand, node.op)
     layers, index = [], {}
     for p in graph.params:
-        prefix = p.name.rsplit(".", 1)[0]
+        prefix = p.name.rsplit(".", 1)[0] if "." in p.name else ""
         if prefix not in index:
             index[prefix] = len(layers)
             layers.append((prefix, users.get(p.name), []))
@@ -141,6 +175,8 @@ def _torch_modules(state_dict):
     """[(module prefix, {suffix: key})] in the state dict's order, without BN's num_batches_tracked."""
     modules, index = [], {}
     for key in state_dict:
+        if not isinstance(key, str):
+            raise InputError(f"a state dict's keys are parameter names (strings), got {key!r}")
         if key.endswith("num_batches_tracked"):
             continue
         prefix, suffix = key.rsplit(".", 1) if "." in key else ("", key)
@@ -158,6 +194,10 @@ def _match(graph, state_dict):
     by_name = {prefix: suffixes for prefix, suffixes in theirs}
     if all(prefix in by_name for prefix, _, _ in ours):
         pairs = [(layer, by_name[layer[0]], layer[0]) for layer in ours]
+        unclaimed = [prefix for prefix, _ in theirs if prefix not in {p for p, _, _ in ours}]
+        if unclaimed:                # a layer graphconv's graph does not have: its outputs would differ
+            raise GraphConvError(f"the state dict's module {unclaimed[0]} has no layer of that name in {graph.name} "
+                                 f"(its layers: {', '.join(p for p, _, _ in ours)})")
     elif len(ours) == len(theirs):
         pairs = [(layer, suffixes, prefix) for layer, (prefix, suffixes) in zip(ours, theirs)]
     else:
@@ -167,7 +207,7 @@ def _match(graph, state_dict):
                              f"count match")
     mapping = {}
     for (prefix, op, names), suffixes, torch_prefix in pairs:
-        mine = {name.rsplit(".", 1)[1]: name for name in names}
+        mine = {name.rsplit(".", 1)[-1]: name for name in names}
         for suffix, name in mine.items():
             if suffix not in suffixes:
                 raise GraphConvError(f"{name}: the PyTorch module {torch_prefix or '(root)'} has no {suffix} "
@@ -181,14 +221,24 @@ def _match(graph, state_dict):
 
 
 def load_state_dict(graph, state_dict) -> dict:
-    """graphconv parameters from a PyTorch state dict of the same architecture (tensors or arrays):
-    names mapped by layer name, else by layer order; linear weights transposed (PyTorch stores
-    [out, in], graphconv [in, out]); shapes and the graph's dtype checked."""
+    """graphconv parameters from a PyTorch state dict (or module) of the same architecture, tensors or
+    arrays: names mapped by layer name, else by layer order; linear weights transposed (PyTorch stores
+    [out, in], graphconv [in, out]); shapes checked, values finite floats, cast to the graph's dtype."""
+    need_graph(graph, "load_state_dict")
+    if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+        state_dict = state_dict.state_dict()              # a module: its state dict
+    if not hasattr(state_dict, "keys"):
+        raise InputError(f"load_state_dict: takes a state dict (module.state_dict()), got {type(state_dict).__name__}")
+    from .training import all_finite
     mapping = _match(graph, state_dict)
     params = {}
     for node in graph.params:
         key, transposed = mapping[node.name]
         value = _numpy(state_dict[key])
+        if value.dtype.kind != "f" or not all_finite(value):
+            raise GraphConvError(f"{node.name}: PyTorch's {key} holds "
+                                 f"{'NaN or infinite values' if value.dtype.kind == 'f' else str(value.dtype) + ' values'}"
+                                 f"; weights are finite floats")
         value = value.T if transposed else value
         shape = tuple(int(d) for d in node.shape)
         if value.shape != shape:
@@ -202,6 +252,11 @@ def state_dict(graph, params, like=None) -> dict:
     """A PyTorch state dict of graphconv parameters: graphconv's names, or the names of `like` (a
     torch module or its state dict, mapped as load_state_dict maps), linear weights transposed.
     Values are NumPy arrays, or torch tensors when `like` is given."""
+    need_graph(graph, "state_dict")
+    missing = [n.name for n in graph.params if not isinstance(params, dict) or n.name not in params]
+    if missing:
+        raise InputError(f"state_dict: {missing[0]}: missing from params (gc.init_params(graph) or "
+                         f"gc.load_weights(path, graph) give them all)")
     if like is None:
         return {name: (params[name].T.copy() if transposed else params[name].copy())
                 for name, (_, transposed) in _match(graph, {n.name: None for n in graph.params}).items()}

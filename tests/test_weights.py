@@ -176,3 +176,57 @@ def test_a_state_dict_of_another_architecture_is_refused_naming_the_layer():
     small[9] = nn.Linear(400, 10)
     with pytest.raises(GraphConvError, match=r"fc1.weight: PyTorch's 7.weight has shape \[2450, 400\] \(transposed\)"):
         gc.load_state_dict(MODELS["lenet5"](), small.state_dict())
+
+
+def test_predict_takes_scores_after_a_global_pool_and_refuses_other_outputs(trained):
+    g = gc.Graph("gap")
+    x = g.input("x", ("N", 1, 28, 28))
+    g.output(g.avg_pool2d(g.conv2d(x, 10, 3, padding=1, name="conv"), 28))      # [N, 10, 1, 1]
+    params = gc.init_params(g, seed=0)
+    images = trained[3][0][:7]
+    predicted, scores = gc.predict(g, params, images)
+    want = gc.compile(g).run({"x": images}, params)[g.outputs[0]].reshape(7, 10)
+    assert predicted.shape == (7,) and np.array_equal(predicted, want.argmax(axis=1))
+    seed = MODELS["seed_conv"]()                                               # [N, 10, 32, 32]: not scores
+    with pytest.raises(GraphConvError, match=r"seed_conv's first output conv is \[N, 10, 32, 32\]; predicting"):
+        gc.predict(seed, gc.init_params(seed, seed=0), np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_predict_refuses_non_finite_inputs_and_weights(trained):
+    trainer, path, _, (x_te, _) = trained
+    graph = MODELS["lenet5"]()
+    params = gc.load_weights(path, graph)
+    bad = x_te[:3].copy()
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="1 of 2352 input values are NaN or infinite; nothing was predicted"):
+        gc.predict(graph, params, bad)
+    with pytest.raises(InputError, match="conv1.weight: holds NaN or infinite values"):
+        gc.predict(graph, {**params, "conv1.weight": params["conv1.weight"] * np.nan}, x_te[:3])
+
+
+def test_the_api_refuses_what_is_not_a_graph_params_or_a_state_dict(trained, tmp_path):
+    _, path, _, _ = trained
+    graph = MODELS["lenet5"]()
+    with pytest.raises(InputError, match="load_weights: takes a graph"):
+        gc.load_weights(path, "lenet5")
+    with pytest.raises(InputError, match="save_weights: params is a non-empty dict"):
+        gc.save_weights(tmp_path / "e.npz", {})
+    with pytest.raises(InputError, match="state_dict: conv1.weight: missing from params"):
+        gc.state_dict(graph, {})
+    with pytest.raises(InputError, match="load_state_dict: takes a state dict"):
+        gc.load_state_dict(graph, 3)
+    with pytest.raises(CheckpointError, match="training-step graph .* resume training with Trainer.load"):
+        gc.load_weights(path, trained[0].step_graph)
+
+
+@needs_torch
+def test_a_pytorch_module_of_a_larger_architecture_is_refused_by_name():
+    nn = torch.nn
+    module = TorchVGG()
+    module.extra = nn.Linear(10, 10)                  # a layer graphconv's vgg_small does not have
+    with pytest.raises(GraphConvError, match="module extra has no layer of that name in vgg_small"):
+        gc.load_state_dict(MODELS["vgg_small"](), module)
+    sd = TorchVGG().state_dict()
+    sd["bn1_1.running_var"] = sd["bn1_1.running_var"] * float("nan")
+    with pytest.raises(GraphConvError, match="bn1_1.running_var: PyTorch's bn1_1.running_var holds NaN"):
+        gc.load_state_dict(MODELS["vgg_small"](), sd)
