@@ -285,7 +285,8 @@ def cmd_train(args):
     dataset = args.data or data.default_dataset(graph.inputs[0].shape)
     if args.momentum is not None and args.optimizer != "sgd":
         raise GraphConvError(f"--momentum is an sgd setting; adam has none (use --optimizer sgd, or drop --momentum)")
-    opt = Optimizer(args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+    opt = Optimizer(args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                    step_size=args.step_size, gamma=args.gamma, epochs=args.epochs,
                     **({"momentum": args.momentum} if args.momentum is not None else {}))
     save = args.save or f"{graph.name}.npz"
     check_writable(save)   # before any work: a bad path is found now, not after the first epoch
@@ -294,6 +295,7 @@ def cmd_train(args):
         for note in trainer.load(args.resume):
             print(f"note: resuming with a different setting: {note}")
         print(f"resumed from {args.resume} after epoch {trainer.epoch}")
+    trainer.optimizer.epochs = trainer.epoch + args.epochs     # cosine: the whole run, resumed or not
     refuse_overwrite(save, args, trainer.epoch + args.epochs, read_checkpoint)
     x_tr, y_tr, x_te, y_te = data.load(dataset, trainer.model.node(trainer.input_name).shape, graph.name, args.dtype)
     classes = int(trainer.with_loss.node(trainer.with_loss.outputs[1]).shape[1])
@@ -308,6 +310,7 @@ def cmd_train(args):
             start = time.perf_counter()
             order = batches(len(x_tr), args.batch, args.seed, trainer.epoch)
             losses, correct = [], 0
+            lr = trainer.optimizer.lr_at(trainer.epoch)
             for idx in progress(order, f"epoch {trainer.epoch + 1}", args.progress):
                 loss, scores = trainer.step(x_tr[idx], y_tr[idx])
                 losses.append(loss * len(idx))
@@ -317,7 +320,9 @@ def cmd_train(args):
             trainer.save(save)
             saved_epoch = trainer.epoch
             print(f"epoch {trainer.epoch:3d}  loss {sum(losses) / len(x_tr):.4f}  train acc {correct / len(x_tr):6.2%}  "
-                  f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}  ({time.perf_counter() - start:.1f} s)",
+                  f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}  "
+                  + (f"lr {lr:.3g}  " if opt.schedule != "constant" else "")
+                  + f"({time.perf_counter() - start:.1f} s)",
                   flush=True)
     except KeyboardInterrupt:
         print(f"graphconv: interrupted in epoch {trainer.epoch + 1}; {last_checkpoint(save, args, saved_epoch)}",
@@ -419,6 +424,7 @@ EXAMPLES = {
                 "graphconv filters lenet5 --weights lenet5.npz --layer conv2"],
     "gradcheck": ["graphconv gradcheck lenet5", "graphconv gradcheck examples/custom_net.py:build"],
     "train": ["graphconv train lenet5 --epochs 6", "graphconv train lenet5 --backend host --save run.npz",
+              "graphconv train lenet5 --epochs 6 --schedule cosine",
               "graphconv train lenet5 --resume run.npz --epochs 2"],
     "run": ["graphconv run lenet5 --batch 8", "graphconv run lenet5 --backend host"],
     "predict": ["graphconv predict lenet5 --weights lenet5.npz", "graphconv predict lenet5 --weights lenet5.npz "
@@ -551,6 +557,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
     s.add_argument("--momentum", type=_non_negative_float, default=None, help="sgd momentum (default 0.9)")
     s.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="L2 penalty added to the gradient")
+    s.add_argument("--schedule", default="constant", choices=("constant", "step", "cosine"),
+                   help="learning rate per epoch: step multiplies it by --gamma every --step-size epochs; cosine "
+                        "anneals it to 0 over the whole run (resumed runs included)")
+    s.add_argument("--step-size", type=_positive, default=10, help="epochs between the step schedule's decays")
+    s.add_argument("--gamma", type=_positive_float, default=0.1, help="the step schedule's factor, in (0, 1]")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the batch order")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)

@@ -61,7 +61,12 @@ class Optimizer:
     beta1: float = 0.9          # adam
     beta2: float = 0.999
     eps: float = 1e-8
+    schedule: str = "constant"  # the learning rate per epoch: constant, step (x gamma every step_size
+    step_size: int = 10         # epochs: PyTorch's StepLR) or cosine (from lr to 0 over `epochs`:
+    gamma: float = 0.1          # CosineAnnealingLR with eta_min 0)
+    epochs: int = 0
 
+    SCHEDULES = ("constant", "step", "cosine")
     # (attribute, lowest allowed, highest allowed, is the lowest itself allowed)
     LIMITS = (("lr", 0.0, math.inf, False), ("momentum", 0.0, 1.0, True), ("weight_decay", 0.0, math.inf, True),
               ("beta1", 0.0, 1.0, True), ("beta2", 0.0, 1.0, True), ("eps", 0.0, math.inf, False))
@@ -80,11 +85,33 @@ class Optimizer:
                         "momentum": "in [0, 1)"}.get(key, ">= 0")
                 raise GraphError(f"optimizer {key} must be finite and {want}, got {value!r}")
             setattr(self, key, value)
+        if self.schedule not in self.SCHEDULES:
+            raise GraphError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(self.SCHEDULES)}")
+        for key in ("step_size", "epochs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (1 if key == "step_size" else 0):
+                raise GraphError(f"schedule {key} must be a {'positive' if key == 'step_size' else 'non-negative'} "
+                                 f"integer, got {value!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, numbers.Real) or not 0 < float(self.gamma) <= 1:
+            raise GraphError(f"schedule gamma must be in (0, 1], got {self.gamma!r}")
+        self.gamma = float(self.gamma)
+        if self.schedule == "cosine" and self.epochs < 1:
+            raise GraphError("the cosine schedule needs the run's length: Optimizer(..., schedule='cosine', epochs=E)")
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of the steps of epoch `epoch` (0-based)."""
+        if self.schedule == "step":
+            return self.lr * self.gamma ** (epoch // self.step_size)
+        if self.schedule == "cosine":
+            return self.lr * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs)) / 2
+        return self.lr
 
     def describe(self) -> str:
+        sched = {"constant": "", "step": f", x{self.gamma:g} every {self.step_size} epochs",
+                 "cosine": f", cosine to 0 over {self.epochs} epochs"}[self.schedule]
         if self.kind == "sgd":
-            return f"sgd lr {self.lr:g} momentum {self.momentum:g} weight decay {self.weight_decay:g}"
-        return f"adam lr {self.lr:g} betas ({self.beta1:g}, {self.beta2:g}) weight decay {self.weight_decay:g}"
+            return f"sgd lr {self.lr:g}{sched} momentum {self.momentum:g} weight decay {self.weight_decay:g}"
+        return f"adam lr {self.lr:g}{sched} betas ({self.beta1:g}, {self.beta2:g}) weight decay {self.weight_decay:g}"
 
 
 def build_train_step(graph_with_loss, optimizer: Optimizer):
@@ -120,9 +147,12 @@ def add_optimizer(graph, optimizer: Optimizer):
     updates = {}
     opt = optimizer
     suffixes = ("velocity",) if opt.kind == "sgd" else ("adam_m", "adam_v")
-    reserve(g, [f"{p}.{x}" for p in g.meta["grads"] for x in suffixes] + (["opt.step"] if opt.kind == "adam" else []),
-            f"the {opt.kind} optimizer's state")
-    step, optimizer_state = None, []
+    reserve(g, [f"{p}.{x}" for p in g.meta["grads"] for x in suffixes] + ["opt.lr"] +
+            (["opt.step"] if opt.kind == "adam" else []), f"the {opt.kind} optimizer's state")
+    # the learning rate is a scalar buffer the Trainer sets before each step (a schedule), not a constant
+    # in the kernels: a captured step follows it
+    lr = g.param("opt.lr", (), ("constant", opt.lr), trainable=False, layer="opt")
+    step, optimizer_state = None, [lr]
     if opt.kind == "adam":
         step = g.param("opt.step", (), ("constant", 0.0), trainable=False, layer="opt")
         optimizer_state.append(step)
@@ -145,7 +175,7 @@ def add_optimizer(graph, optimizer: Optimizer):
             v_next = emit("sgd_velocity", [v, grad, param], {"momentum": opt.momentum, "weight_decay": opt.weight_decay},
                           f"{v.name}.next", v.name)
             updates[v.name] = v_next
-            updates[param] = emit("sgd_param", [param, v_next], {"lr": opt.lr}, f"{param}.next", param)
+            updates[param] = emit("sgd_param", [param, v_next, lr], {}, f"{param}.next", param)
         else:
             m, v = buffer("adam_m"), buffer("adam_v")
             m_next = emit("adam_moment1", [m, grad, param], {"beta1": opt.beta1, "weight_decay": opt.weight_decay},
@@ -153,8 +183,8 @@ def add_optimizer(graph, optimizer: Optimizer):
             v_next = emit("adam_moment2", [v, grad, param], {"beta2": opt.beta2, "weight_decay": opt.weight_decay},
                           f"{v.name}.next", v.name)
             updates[m.name], updates[v.name] = m_next, v_next
-            updates[param] = emit("adam_param", [param, m_next, v_next, updates[step.name]],
-                                  {"lr": opt.lr, "beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps},
+            updates[param] = emit("adam_param", [param, m_next, v_next, updates[step.name], lr],
+                                  {"beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps},
                                   f"{param}.next", param)
     grads = set(g.meta["grads"].values())
     g.outputs = [o for o in g.outputs if o not in grads] + [t.name for t in updates.values()]
@@ -208,6 +238,7 @@ class Trainer:
     def step(self, x, y):
         """One training step; returns (loss, scores)."""
         check_finite(self.input_name, x)
+        self.state["opt.lr"] = np.array(self.optimizer.lr_at(self.epoch), dtype=self.state["opt.lr"].dtype)
         with np.errstate(all="ignore"):   # overflow is checked below, and reported as a TrainingError
             out = self._step_runner(len(x))({self.input_name: x, "y": y}, self.state)
         loss, scores = self.step_graph.outputs[:2]
@@ -276,7 +307,9 @@ class Trainer:
         if ckpt.optimizer and ckpt.optimizer.get("kind") != self.optimizer.kind:
             raise CheckpointError(f"{path}: written by {ckpt.optimizer.get('kind')} training; resume it with "
                                   f"--optimizer {ckpt.optimizer.get('kind')} (Optimizer({ckpt.optimizer.get('kind')!r}))")
-        self.state = check_state(path, ckpt.state, self.step_graph, self.optimizer.kind)
+        state = dict(ckpt.state)
+        state.setdefault("opt.lr", self.state["opt.lr"])   # checkpoints from before the learning rate was state
+        self.state = check_state(path, state, self.step_graph, self.optimizer.kind)
         self.epoch = ckpt.epoch
         notes = []
         for key, value in sorted((ckpt.optimizer or {}).items()):

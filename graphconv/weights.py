@@ -19,7 +19,7 @@ OPTIMIZER_SUFFIXES = (".adam_m", ".adam_v", ".velocity")
 
 
 def is_optimizer_state(name: str) -> bool:
-    return name == "opt.step" or name.endswith(OPTIMIZER_SUFFIXES)
+    return name in ("opt.step", "opt.lr") or name.endswith(OPTIMIZER_SUFFIXES)
 
 
 def write_npz(path, arrays: dict):

@@ -144,7 +144,7 @@ def test_training_step_summary():
     assert t["macs"]["backward"] == 2 * 4_900_000 + 392_000 + 2 * 1_225_000 + 2 * 5_000
     params = 4 * 1_256_080
     assert t["bytes"]["parameters"] == t["bytes"]["gradients"] == params
-    assert t["bytes"]["optimizer state"] == 2 * params + 4          # Adam's m and v, and the step count
+    assert t["bytes"]["optimizer state"] == 2 * params + 8          # Adam's m and v, the step count, the lr
     assert t["bytes"]["saved activations"] == 236_504
     t64 = summarize_training(step, batch=64)
     assert t64["macs"]["backward"] == 64 * t["macs"]["backward"] and t64["bytes"]["parameters"] == params

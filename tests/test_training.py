@@ -63,6 +63,59 @@ def test_training_steps_match_pytorch(opt):
     np.testing.assert_allclose(s["bn.running_var"], net[1].running_var.numpy(), rtol=1e-10)
 
 
+@needs_torch
+@pytest.mark.parametrize("opt", [Optimizer("sgd", lr=0.1, momentum=0.9, schedule="step", step_size=2, gamma=0.5),
+                                 Optimizer("adam", lr=1e-2, schedule="cosine", epochs=4)], ids=["sgd-step", "adam-cosine"])
+def test_learning_rate_schedules_match_pytorch(opt):
+    """Three steps an epoch for five epochs against torch.optim with StepLR / CosineAnnealingLR; the
+    learning rate is the graph's scalar buffer opt.lr, set by the Trainer before each step."""
+    rng = np.random.default_rng(1)
+    trainer = Trainer(small_net(), opt, seed=3)
+    net = torch_small(trainer.params)
+    if opt.kind == "sgd":
+        topt = torch.optim.SGD(net.parameters(), lr=opt.lr, momentum=opt.momentum)
+        sched = torch.optim.lr_scheduler.StepLR(topt, step_size=opt.step_size, gamma=opt.gamma)
+    else:
+        topt = torch.optim.Adam(net.parameters(), lr=opt.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, T_max=opt.epochs)
+    for epoch in range(5):
+        for _ in range(3):
+            x, y = rng.standard_normal((5, 2, 6, 6)), rng.integers(0, 4, 5)
+            trainer.step(x, y)
+            topt.zero_grad()
+            torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+            topt.step()
+        assert float(trainer.state["opt.lr"]) == pytest.approx(topt.param_groups[0]["lr"], rel=1e-12)
+        trainer.epoch += 1
+        sched.step()
+    np.testing.assert_allclose(trainer.state["conv.weight"], net[0].weight.detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(trainer.state["fc.weight"], net[5].weight.detach().numpy().T, rtol=1e-9, atol=1e-12)
+
+
+def test_a_captured_step_on_the_host_follows_the_schedule():
+    """The kernels read the learning rate from opt.lr, so the bound (captured) step of the host
+    backend follows a schedule as the numpy backend does."""
+    opt = Optimizer("sgd", lr=0.1, momentum=0.0, schedule="step", step_size=1, gamma=0.1)
+    graph = gc.cast(small_net(), "float32")
+    runs = {}
+    for backend in ("numpy", "host"):
+        trainer = Trainer(graph, opt, backend=backend, seed=3)
+        rng = np.random.default_rng(2)
+        for epoch in range(3):
+            for _ in range(2):
+                trainer.step(rng.standard_normal((5, 2, 6, 6)).astype(np.float32), rng.integers(0, 4, 5))
+            trainer.epoch += 1
+        runs[backend] = trainer.state
+    np.testing.assert_allclose(runs["host"]["fc.weight"], runs["numpy"]["fc.weight"], rtol=1e-4, atol=1e-6)
+    frozen = Trainer(graph, Optimizer("sgd", lr=0.1, momentum=0.0), backend="host", seed=3)
+    rng = np.random.default_rng(2)
+    for epoch in range(3):
+        for _ in range(2):
+            frozen.step(rng.standard_normal((5, 2, 6, 6)).astype(np.float32), rng.integers(0, 4, 5))
+        frozen.epoch += 1
+    assert np.abs(frozen.state["fc.weight"] - runs["host"]["fc.weight"]).max() > 1e-3    # the schedule mattered
+
+
 def test_train_step_graph_records_updates():
     g = build_train_step(attach_loss(MODELS["resnet8"]()), Optimizer("adam"))
     updates = g.meta["updates"]
@@ -70,7 +123,7 @@ def test_train_step_graph_records_updates():
     assert updates["stem_bn.running_var"] == "stem_bn.running_var.next"
     assert updates["opt.step"] == "opt.step.next"
     assert g.node("fc.weight.next").op == "adam_param"
-    assert g.operands("fc.weight.next") == ["fc.weight", "fc.weight.adam_m.next", "fc.weight.adam_v.next", "opt.step.next"]
+    assert g.operands("fc.weight.next") == ["fc.weight", "fc.weight.adam_m.next", "fc.weight.adam_v.next", "opt.step.next", "opt.lr"]
     assert set(g.outputs[2:]) == set(updates.values())
 
 

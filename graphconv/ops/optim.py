@@ -3,6 +3,8 @@
 SGD:  v' = momentum * v + (g + weight_decay * p);  p' = p - lr * v'
 Adam: m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2  (g = grad + weight_decay * p);
       p' = p - lr * (m' / (1 - b1^t)) / (sqrt(v' / (1 - b2^t)) + eps),  t the step count after this step
+The learning rate is an operand (the scalar buffer opt.lr), not an attribute: a schedule changes it
+between steps without changing the graph or its kernels, so a captured step follows it.
 """
 import sympy as sp
 
@@ -14,10 +16,10 @@ lr, momentum, wd, b1, b2, eps = (sp.Symbol(n, real=True) for n in ("lr", "moment
                                                                      "beta2", "eps"))
 
 register(Pointwise("sgd_velocity", momentum * v + g + wd * p, ("v", "g", "p"), {"momentum": 0.0, "weight_decay": 0.0}))
-register(Pointwise("sgd_param", p - lr * v, ("p", "v"), {"lr": 0.01}))
+register(Pointwise("sgd_param", p - lr * v, ("p", "v", "lr")))
 register(Pointwise("adam_moment1", b1 * m + (1 - b1) * (g + wd * p), ("m", "g", "p"), {"beta1": 0.9, "weight_decay": 0.0}))
 register(Pointwise("adam_moment2", b2 * v + (1 - b2) * (g + wd * p) ** 2, ("v", "g", "p"),
                    {"beta2": 0.999, "weight_decay": 0.0}))
-register(Pointwise("adam_param", p - lr * (m / (1 - b1 ** t)) / (sp.sqrt(v / (1 - b2 ** t)) + eps), ("p", "m", "v", "t"),
-                   {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}))
+register(Pointwise("adam_param", p - lr * (m / (1 - b1 ** t)) / (sp.sqrt(v / (1 - b2 ** t)) + eps),
+                   ("p", "m", "v", "t", "lr"), {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}))
 register(Pointwise("increment", t + 1, ("t",)))
