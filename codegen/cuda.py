@@ -12,6 +12,8 @@ import numpy as np
 
 from graphconv.errors import BackendError
 
+from .buffers import byte_view
+
 INSTEAD = "use backend='host' (the same kernels on the CPU) or backend='numpy'"
 SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
 
@@ -73,7 +75,6 @@ class CudaRuntime:
 
     @staticmethod
     def view(buf, dtype, shape):
-        from .runner import byte_view
         return byte_view(buf, dtype, shape)
 
     def upload(self, arr):

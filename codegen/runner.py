@@ -9,13 +9,8 @@ from graphconv.errors import GraphError, InputError
 from graphconv.params import check_params
 from graphconv.reference import bind_inputs
 
+from .buffers import byte_view
 from .program import Program
-
-
-def byte_view(buf, dtype, shape):
-    """A typed tensor over the front of a byte buffer (NumPy or CuPy alike)."""
-    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return buf[:n].view(dtype).reshape(shape)
 
 
 class HostRuntime:

@@ -9,43 +9,31 @@ keeps what the graph needs and drops the optimizer's state; every other name mus
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
+from .checkpoint import all_finite, check_state, read_checkpoint, write_npz
 from .errors import CheckpointError, GraphConvError, GraphError, InputError
 
 OPTIMIZER_SUFFIXES = (".adam_m", ".adam_v", ".velocity")
+
+
+def image_input(graph):
+    """The name of the model's one float input (the images a Trainer feeds)."""
+    floats = [n.name for n in graph.inputs if n.dtype != "int64"]
+    if len(floats) != 1:
+        found = ", ".join(floats) if floats else "none"
+        raise GraphError(f"{graph.name}: training needs exactly one float input (the examples), found {found}")
+    return floats[0]
+
 
 
 def is_optimizer_state(name: str) -> bool:
     return name in ("opt.step", "opt.lr") or name.endswith(OPTIMIZER_SUFFIXES)
 
 
-def write_npz(path, arrays: dict):
-    """Write arrays to an .npz atomically (a temporary file in the same folder, renamed over the
-    target when complete), with the ordinary file mode the user's umask gives."""
-    from .training import check_writable, checkpoint_path, umask
-    path = checkpoint_path(path)
-    check_writable(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~umask())   # mkstemp makes 0600
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_weights(path) -> dict:
     """name -> array from a checkpoint (its state, optimizer state dropped) or a plain weights file."""
-    from .training import read_checkpoint
     ckpt = read_checkpoint(path, plain_ok=True)
     return {k: v for k, v in ckpt.state.items() if not is_optimizer_state(k)}
 
@@ -59,7 +47,6 @@ def need_graph(graph, what):
 
 def weights_for(graph, weights: dict, where="weights") -> dict:
     """The parameters and buffers `graph` needs, from `weights`, checked by name, shape and dtype."""
-    from .training import check_state
     need_graph(graph, "load_weights")
     wanted = {n.name for n in graph.params}
     if any(is_optimizer_state(n) for n in wanted):
@@ -90,7 +77,6 @@ def load_weights(path, graph) -> dict:
 
 def save_weights(path, params: dict):
     """A plain weights file: one array per parameter or buffer name, nothing else."""
-    from .training import all_finite
     if not isinstance(params, dict) or not params or not all(isinstance(k, str) for k in params):
         raise InputError(f"save_weights: params is a non-empty dict of name -> array, got {type(params).__name__}"
                          f"{' (empty)' if isinstance(params, dict) and not params else ''}")
@@ -109,7 +95,6 @@ def predict(graph, params, x, backend="numpy", batch=256, program=None):
     a time. `program`: a compiled eval-mode program of the graph to reuse."""
     from . import compile as gc_compile
     from .passes import set_training
-    from .training import all_finite, image_input
     need_graph(graph, "predict")
     if not isinstance(x, np.ndarray) or x.ndim < 1 or len(x) == 0:
         raise InputError(f"predict: x must be a non-empty numpy array with one row per example, got "
@@ -229,7 +214,6 @@ def load_state_dict(graph, state_dict) -> dict:
         state_dict = state_dict.state_dict()              # a module: its state dict
     if not hasattr(state_dict, "keys"):
         raise InputError(f"load_state_dict: takes a state dict (module.state_dict()), got {type(state_dict).__name__}")
-    from .training import all_finite
     mapping = _match(graph, state_dict)
     params = {}
     for node in graph.params:

@@ -1,0 +1,181 @@
+"""Checkpoint and weight files: reading and checking them without knowing the graph, checking their
+state against a graph, writing .npz files atomically; the finiteness checks training and loading share.
+Below training.py (the Trainer) and weights.py (weights into graphs), which both use it."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CheckpointError, InputError
+
+
+def all_finite(a) -> bool:
+    """True when every element is finite. A sum is one fast pass; it can only overflow to inf where
+    elements near the dtype's maximum are present, and then the exact check decides."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(a)
+    return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
+
+
+def check_finite(name, a):
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not all_finite(a):
+        bad = int(np.size(a) - np.isfinite(a).sum())
+        raise InputError(f"{name}: {bad} of {a.size} values are NaN or infinite; the step was not taken")
+
+
+def umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def checkpoint_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise CheckpointError(f"a checkpoint path is a non-empty string or path, got {path!r}")
+    return os.fspath(path)
+
+
+def check_writable(path):
+    """Refuse, before any work, a checkpoint path that cannot be written."""
+    path = checkpoint_path(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory; give a file path such as {os.path.join(path, 'model.npz')}")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{path}: the folder {folder} does not exist; create it first or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{path}: the folder {folder} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CheckpointError(f"{path}: the file exists and is not writable")
+
+
+@dataclass
+class Checkpoint:
+    state: dict
+    epoch: int
+    optimizer: dict       # the settings it was trained with ({} for checkpoints that predate them)
+
+
+NPZ_MAGIC = b"PK\x03\x04"
+
+
+def read_checkpoint(path, plain_ok=False) -> Checkpoint:
+    """Read and check a checkpoint file without knowing the graph: a readable .npz of numeric
+    arrays under state/, a non-negative integer meta/epoch, finite values. With plain_ok, a plain
+    weights file (names as keys, no state/ or meta/) reads as a checkpoint at epoch 0."""
+    path = checkpoint_path(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted copy?); it is not a checkpoint")
+    if head != NPZ_MAGIC:
+        raise CheckpointError(f"{path}: not an .npz file; a checkpoint is written by `graphconv train --save` "
+                              f"or Trainer.save")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise CheckpointError(f"{path}: damaged .npz file, cannot be read (ValueError: {e})") from None
+        raise CheckpointError(f"{path}: holds Python objects (pickled data), which graphconv never loads; a "
+                              f"checkpoint holds numeric arrays only") from None
+    except Exception as e:  # a damaged zip raises BadZipFile, zlib.error, EOFError, ...
+        raise CheckpointError(f"{path}: damaged .npz file, cannot be read ({type(e).__name__}: {e})") from None
+    plain = plain_ok and not any(k.startswith(("state/", "meta/")) for k in arrays)
+    if plain:
+        arrays = {f"state/{k}": v for k, v in arrays.items()}
+        arrays["meta/epoch"] = np.array(0)
+    unknown = sorted(k for k in arrays if not k.startswith("state/") and k not in ("meta/epoch", "meta/optimizer"))
+    if unknown:
+        raise CheckpointError(f"{path}: {unknown[0]}: not part of a graphconv checkpoint (a weights file? it holds "
+                              f"{', '.join(sorted(arrays)[:4])}{', ...' if len(arrays) > 4 else ''})")
+    if "meta/epoch" not in arrays:
+        raise CheckpointError(f"{path}: meta/epoch is missing, so the run's epoch count is unknown; "
+                              f"not a complete checkpoint")
+    epoch = arrays["meta/epoch"]
+    if not isinstance(epoch, np.ndarray) or epoch.shape != () or epoch.dtype.kind not in "iu" or int(epoch) < 0:
+        raise CheckpointError(f"{path}: meta/epoch must be a non-negative integer, got {epoch!r}")
+    optimizer = {}
+    if "meta/optimizer" in arrays:
+        try:
+            optimizer = json.loads(str(arrays["meta/optimizer"]))
+            assert isinstance(optimizer, dict)
+        except (ValueError, AssertionError):
+            raise CheckpointError(f"{path}: meta/optimizer is not the optimizer record graphconv writes") from None
+    state = {}
+    for key, value in arrays.items():
+        if not key.startswith("state/"):
+            continue
+        name = key[len("state/"):]
+        if not isinstance(value, np.ndarray):   # a zip member without the .npy suffix: raw bytes
+            raise CheckpointError(f"{path}: {name}: not a stored array; not a graphconv checkpoint")
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{path}: {name}: holds {value.dtype} values; parameters are floats")
+        if not all_finite(value):
+            raise CheckpointError(f"{path}: {name}: holds NaN or infinite values; this checkpoint cannot be "
+                                  f"trained from (an earlier run diverged?)")
+        state[name] = value
+    return Checkpoint(state, int(epoch), optimizer)
+
+
+def check_state(path, state, graph, optimizer_kind=None):
+    """The checkpoint's state, checked name by name against the graph's parameters and buffers."""
+    wanted = {n.name: n for n in graph.params}
+    for name in state:
+        if name not in wanted:
+            hint = ""
+            if name == "opt.step" or name.endswith((".adam_m", ".adam_v")):
+                hint = "; it was written by adam training: resume with --optimizer adam"
+            elif name.endswith(".velocity"):
+                hint = "; it was written by sgd training: resume with --optimizer sgd"
+            raise CheckpointError(f"{path}: {name}: {graph.name} has no parameter or buffer of that name{hint}")
+    for name, node in wanted.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: {name}: missing from the checkpoint")
+        shape = tuple(int(d) for d in node.shape)
+        if state[name].shape != shape:
+            raise CheckpointError(f"{path}: {name}: shape {list(state[name].shape)} in the checkpoint, "
+                                  f"{list(shape)} in {graph.name}")
+        if str(state[name].dtype) != node.dtype:
+            raise CheckpointError(f"{path}: {name}: {state[name].dtype} in the checkpoint, {node.dtype} in "
+                                  f"{graph.name}")
+    return dict(state)
+
+
+def load_checkpoint(path, graph):
+    """(state, epoch) of a checkpoint, checked against `graph`."""
+    ckpt = read_checkpoint(path)
+    return check_state(path, ckpt.state, graph), ckpt.epoch
+
+
+
+
+def write_npz(path, arrays: dict):
+    """Write arrays to an .npz atomically (a temporary file in the same folder, renamed over the
+    target when complete), with the ordinary file mode the user's umask gives."""
+    path = checkpoint_path(path)
+    check_writable(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())   # mkstemp makes 0600
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
