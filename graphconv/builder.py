@@ -212,6 +212,11 @@ class Graph(GraphCore):
         return self.add_node("add", [a, b], {}, name=self._layer_name(name, "add"))
 
     @_layer
+    def mul(self, a, b, name=None) -> Tensor:
+        """Elementwise product (a gate, a learned scale): b may be a scalar [] or per channel [C]."""
+        return self.add_node("mul", [a, b], {}, name=self._layer_name(name, "mul"))
+
+    @_layer
     def concat(self, tensors, dim=1, name=None) -> Tensor:
         if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
             raise GraphError(f"{name or 'concat'}: concat takes a list of tensors, got {type(tensors).__name__}")

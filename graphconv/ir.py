@@ -90,6 +90,9 @@ class Tensor:
     def __add__(self, other):
         return self.graph.add(self, other)
 
+    def __mul__(self, other):
+        return self.graph.mul(self, other)
+
     def __repr__(self):
         return f"Tensor({self.name}: {self.node.type})"
 

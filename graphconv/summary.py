@@ -5,6 +5,7 @@ Without a batch size, counts are per example (N = 1) and sizes are shown without
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import sympy as sp
@@ -73,6 +74,9 @@ def summarize(graph, batch=None) -> dict:
         operands = graph.operands(node.name)
         op = OPS[node.op]
         cost = op.cost(graph.in_types(node.name), node.type, node.attrs)
+        if op.kind == "elementwise":   # a parameter an elementwise op reads (a learned scale): its row's
+            free = {o for o in operands if graph.node(o).op == "param" and graph.node(o).attrs.get("trainable")}
+            cost = dataclasses.replace(cost, params=cost.params + sum(numel(graph.node(o).shape) for o in free))
         weights = [o for i, o in enumerate(operands) if op.operand_name(i) == "weight"]
         weight_shape = [int(d) for d in graph.node(weights[0]).shape] if weights else None
         rf = rfs.get(node.name)

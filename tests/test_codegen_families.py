@@ -314,3 +314,19 @@ def test_reductions_are_bitwise_deterministic():
         again = compiled.run(inputs, params)
         for key in first:
             assert first[key].tobytes() == again[key].tobytes(), key
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])
+def test_mul_full_per_channel_and_scalar_kernels_match(stage):
+    """mul of two activations, by a learned per-channel scale and by a learned scalar: its kernels and
+    its gradients' (with the reductions over broadcast axes), each against its node's NumPy reference."""
+    g = gc.Graph("gate", "float32")
+    h = g.conv2d(g.input("x", ("N", 3, 6, 6)), 4, 3, padding=1, name="c")
+    y = g.mul(g.mul(g.sigmoid(h, name="sg"), h, name="gated"), g.param("scale", (4,), ("uniform", 1.0)), name="scaled")
+    g.output(g.linear(g.flatten(g.mul(y, g.param("k", (), ("constant", 0.5)), name="k_scaled")), 10, name="fc"))
+    graph = build(g, stage)
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    present = {n.name for n in graph.topo()} | {r[0] for n in graph.topo() for r in n.replaces}
+    assert {"gated", "scaled", "k_scaled"} <= present          # computed, alone or inside a fused node

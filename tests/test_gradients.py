@@ -264,3 +264,12 @@ def test_gradcheck_catches_a_wrong_rule(monkeypatch):
     results = check_graph(with_loss("lenet5"), seed=0)
     failed = {r.rule for r in results if not r.ok}
     assert "linear.grad[input]" in failed and "model (end to end)" in failed
+
+
+def test_mul_gradients_full_per_channel_and_scalar():
+    """mul's gradients (sympy's dy * b and dy * a), summed over the broadcast axes of a per-channel or
+    scalar operand, against finite differences."""
+    a = RNG.standard_normal((2, 3, 4))
+    assert_rule("mul", [a, RNG.standard_normal((2, 3, 4))], {})
+    assert_rule("mul", [a, RNG.standard_normal(3)], {})
+    assert_rule("mul", [a, RNG.standard_normal(())], {})

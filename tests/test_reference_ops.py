@@ -191,3 +191,19 @@ def test_avg_pool_divisor_override_and_batch_norm_single_value():
     b.output(b.batch_norm1d(b.input("x", ("N", 4)), name="bn1"))
     with pytest.raises(gc.InputError, match=r"bn1 \[batch_norm\]: batch statistics need more than one value per channel"):
         gc.compile(b)(np.ones((1, 4), np.float32), params=gc.init_params(b))
+
+
+def test_mul_against_numpy_and_torch():
+    g = gc.Graph("gate")
+    x = g.input("x", (2, 3, 4, 4))
+    h = g.conv2d(x, 4, 3, padding=1, name="c")
+    s = g.param("scale", (4,), ("uniform", 1.0))
+    y = g.mul(g.mul(g.sigmoid(h, name="sg"), h, name="gated"), s, name="scaled")
+    g64, inputs, params, v = run_single(g, y)
+    sig = 1 / (1 + np.exp(-v["c"]))
+    want = sig * v["c"] * params["scale"].reshape(1, 4, 1, 1)
+    np.testing.assert_allclose(v["scaled"], want, rtol=1e-12)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["scaled"], want, rtol=1e-12)
+    rows = {line.split("|")[1].strip(): line.split("|") for line in g.summary().splitlines() if line.startswith("|")}
+    assert rows["scaled"][5].strip() == "4" and rows["Total"][5].strip() == "116"   # the scale's 4 params count

@@ -90,6 +90,11 @@ def eval_node(node, xs):
         return F.mish(xs[0])
     if op == "add":
         return xs[0] + xs[1]
+    if op == "mul":
+        a, b = xs
+        if b.dim() == 1 and a.dim() >= 2:          # per channel: lines up with dim 1
+            b = b.reshape(1, -1, *[1] * (a.dim() - 2))
+        return a * b
     if op == "concat":
         return torch.cat(xs, dim=a["dim"])
     if op == "flatten":

@@ -219,6 +219,14 @@ define_activation("sigmoid", sigmoid(X))
 define_activation("tanh", sp.tanh(X))
 
 
+# the elementwise product: a gate, an attention weight, a learned scale; a scalar or per-channel [C]
+# operand broadcasts; its gradients (dy * b, dy * a, summed over broadcast axes) come from sympy
+_A, _B = sp.Symbol("a", real=True), sp.Symbol("b", real=True)
+MUL = Pointwise("mul", _A * _B, ("a", "b"), doc="elementwise product")
+register(MUL)
+MUL.derivative(0), MUL.derivative(1)
+
+
 @register
 class Add(Op):
     name = "add"
