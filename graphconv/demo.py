@@ -120,5 +120,6 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
     print(f"  report    {report_path}")
     if graph_picture:
         print(f"  graph     {graph_picture}")
-    print("  next: graphconv dump lenet5 --stage fused-train | less;  graphconv check lenet5 --backend host")
+    print(f"  next: graphconv predict lenet5 --weights {weights};  graphconv dump lenet5 --stage fused-train | less;"
+          f"  graphconv check lenet5 --backend host")
     return 0

@@ -202,6 +202,10 @@ def test_demo_runs_the_whole_tool_and_says_where_everything_is(capsys, tmp_path)
     accuracy = float(out.split("test accuracy")[1].split("%")[0])
     assert accuracy > 80, out
     assert f"weights   {out_dir / 'lenet5.npz'}" in out
+    nxt = [line for line in out.splitlines() if line.strip().startswith("next:")][0]
+    command = nxt.split("next:")[1].split(";")[0].split()                # the suggested predict works
+    assert command[:2] == ["graphconv", "predict"] and main(command[1:] + ["--backend", "host"]) == 0
+    assert f"accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
 def test_every_command_has_help_with_examples_that_parse(capsys):
