@@ -12,6 +12,8 @@ import keyword
 import math
 import numbers
 
+import sympy as sp
+
 from .errors import GraphError, OpError
 from .ir import GraphCore, Tensor
 from .ops.base import rank_error
@@ -169,6 +171,59 @@ class Graph(GraphCore):
     @_layer
     def avg_pool3d(self, x, kernel_size, **kw) -> Tensor:
         return self._pool("avg", 3, x, kernel_size, **kw)
+
+    @_layer
+    def adaptive_avg_pool1d(self, x, output_size, name=None) -> Tensor:
+        return self._adaptive("avg", 1, x, output_size, name)
+
+    @_layer
+    def adaptive_avg_pool2d(self, x, output_size, name=None) -> Tensor:
+        return self._adaptive("avg", 2, x, output_size, name)
+
+    @_layer
+    def adaptive_avg_pool3d(self, x, output_size, name=None) -> Tensor:
+        return self._adaptive("avg", 3, x, output_size, name)
+
+    @_layer
+    def adaptive_max_pool1d(self, x, output_size, name=None) -> Tensor:
+        return self._adaptive("max", 1, x, output_size, name)
+
+    @_layer
+    def adaptive_max_pool2d(self, x, output_size, name=None) -> Tensor:
+        return self._adaptive("max", 2, x, output_size, name)
+
+    @_layer
+    def adaptive_max_pool3d(self, x, output_size, name=None) -> Tensor:
+        return self._adaptive("max", 3, x, output_size, name)
+
+    @_layer
+    def global_avg_pool(self, x, name=None) -> Tensor:
+        """The mean over every spatial position: [N, C, *S] -> [N, C, 1, ...] (then g.flatten)."""
+        x = self._tensor(x, name or "global_avg_pool", "global_avg_pool")
+        return self._adaptive("avg", len(x.shape) - 2, x, 1, name)
+
+    def _adaptive(self, mode, nd, x, output_size, name):
+        """PyTorch's adaptive pooling where each output takes an equal window (the input size a
+        multiple of the output size): a plain pool with kernel = stride = input // output. Other sizes
+        have overlapping windows of two sizes, which graphconv refuses rather than approximates."""
+        layer = name or f"adaptive_{mode}_pool{nd}d"
+        x = self._tensor(x, layer, f"adaptive_{mode}_pool{nd}d")
+        out = (output_size,) * nd if isinstance(output_size, int) and not isinstance(output_size, bool) else output_size
+        if not isinstance(out, (tuple, list)) or len(out) != nd or not all(
+                isinstance(o, int) and not isinstance(o, bool) and o > 0 for o in out):
+            raise GraphError(f"{layer}: output_size is a positive int or {nd} of them, got {output_size!r}")
+        if len(x.shape) != nd + 2:
+            raise GraphError(f"{layer}: expects an input [N, C, {', '.join('S' * nd)}], got {list(x.shape)}")
+        sizes = []
+        for d, o in zip(x.shape[2:], out):
+            if not getattr(sp.sympify(d), "is_Integer", False):
+                raise GraphError(f"{layer}: the spatial size {d} is symbolic; adaptive pooling needs it known "
+                                 f"(bind it with --dim or pools of a fixed kernel)")
+            if int(d) % o:
+                raise GraphError(f"{layer}: input size {int(d)} is not a multiple of output size {o}; graphconv "
+                                 f"pools equal windows only (PyTorch's windows would overlap here)")
+            sizes.append(int(d) // o)
+        return self._pool(mode, nd, x, tuple(sizes), name=name, stride=tuple(sizes))
 
     def _pool(self, mode, nd, x, kernel_size, name=None, **attrs):
         return self.add_node(f"{mode}_pool{nd}d", [x], {"kernel_size": kernel_size, **attrs},

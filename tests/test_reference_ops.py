@@ -207,3 +207,31 @@ def test_mul_against_numpy_and_torch():
         np.testing.assert_allclose(run_torch(g64, inputs, params)["scaled"], want, rtol=1e-12)
     rows = {line.split("|")[1].strip(): line.split("|") for line in g.summary().splitlines() if line.startswith("|")}
     assert rows["scaled"][5].strip() == "4" and rows["Total"][5].strip() == "116"   # the scale's 4 params count
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+@pytest.mark.parametrize("nd,spatial,out", [(1, (12,), 3), (2, (12, 8), (3, 2)), (2, (6, 6), 1), (3, (4, 6, 8), (2, 3, 4))])
+def test_adaptive_and_global_pools_equal_pytorchs(nd, spatial, out):
+    F = torch.nn.functional
+    g = gc.Graph("adaptive", "float64")
+    x = g.input("x", ("N", 3, *spatial))
+    g.output(getattr(g, f"adaptive_avg_pool{nd}d")(x, out, name="aa"), getattr(g, f"adaptive_max_pool{nd}d")(x, out, name="am"),
+             g.global_avg_pool(x, name="gap"))
+    xv = np.random.default_rng(nd).standard_normal((2, 3, *spatial))
+    got = gc.compile(g).run({"x": xv}, {})
+    t = torch.from_numpy(xv)
+    np.testing.assert_allclose(got["aa"], getattr(F, f"adaptive_avg_pool{nd}d")(t, out).numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(got["am"], getattr(F, f"adaptive_max_pool{nd}d")(t, out).numpy())
+    np.testing.assert_allclose(got["gap"], getattr(F, f"adaptive_avg_pool{nd}d")(t, 1).numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_adaptive_pools_refuse_what_they_would_approximate():
+    g = gc.Graph("adaptive")
+    x = g.input("x", ("N", 3, 12, "W"))
+    with pytest.raises(gc.GraphError, match="input size 12 is not a multiple of output size 5"):
+        g.adaptive_avg_pool2d(x, (5, 1))
+    with pytest.raises(gc.GraphError, match="the spatial size W is symbolic"):
+        g.adaptive_max_pool2d(x, 2)
+    with pytest.raises(gc.GraphError, match=r"output_size is a positive int or 2 of them, got \(2, 0\)"):
+        g.adaptive_avg_pool2d(x, (2, 0))
+    assert len(list(g.topo())) == 1                      # nothing was added
