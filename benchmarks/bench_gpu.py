@@ -91,11 +91,18 @@ def layer_graph(c_in, c_out, size, k, pad, input_grad):
     return g
 
 
+def bound_step(graph, backend, batch, tf32=False):
+    """(program, step): `graph` compiled, bound to `batch` and run once on random data, so every
+    buffer holds real values (argmax codes, gradients) before anything is timed."""
+    program = gc.compile(graph, backend=backend, tf32=tf32)
+    step = program.bind(batch)
+    step(random_inputs(graph, batch, 0), gc.init_params(graph, seed=0))
+    return program, step
+
+
 def graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer):
     graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
-    program = gc.compile(graph, backend=args.backend, tf32=args.tf32)
-    step = program.bind(batch)
-    step(random_inputs(graph, batch, 0), gc.init_params(graph, seed=0))        # real codes, real gradients
+    program, step = bound_step(graph, args.backend, batch, args.tf32)
     layer_of = {launch.node: graph.node(launch.node) for launch in program.program.launches}
     picked = {"forward": [], "backward": []}
     for launch, bound in zip(program.program.launches, step.launches):
@@ -154,11 +161,7 @@ def torch_model(name):
 
 
 def graphconv_step(args, name, batch, timer):
-    graph = build(MODELS[name](), "fused-train")
-    program = gc.compile(graph, backend=args.backend, tf32=args.tf32)
-    step = program.bind(batch)
-    inputs, params = random_inputs(graph, batch, 0), gc.init_params(graph, seed=0)
-    step(inputs, params)
+    _, step = bound_step(build(MODELS[name](), "fused-train"), args.backend, batch, args.tf32)
     return {"graphconv_graph_ms": timer(step.replay), "launches": len(step.launches)}
 
 
@@ -202,10 +205,7 @@ def bandwidth(args, timer):
     n = 1 << 28
     a, b = cp.ones(n // 4, cp.float32), cp.empty(n // 4, cp.float32)
     copy_gbs = 2 * n / timer(lambda: cp.copyto(b, a)) / 1e6
-    graph = build(MODELS["lenet5"](), "fused-train")
-    program = gc.compile(graph, backend="cuda")
-    step = program.bind(256)
-    step(random_inputs(graph, 256, 0), gc.init_params(graph, seed=0))
+    program, step = bound_step(build(MODELS["lenet5"](), "fused-train"), "cuda", 256)
     rows = []
     for launch, (kernel, grid, block, kargs) in zip(program.program.launches, step.launches):
         if launch.spec.template not in ("pointwise.cu.j2", "pool.cu.j2", "pool_backward.cu.j2", "channel_partial.cu.j2"):
@@ -223,9 +223,7 @@ def profile(args, name, batch, repeats=20):
     """Each kernel of a model's bound training step, timed alone (median of `repeats` x 5 launches):
     where the step's time goes."""
     graph = build(MODELS[name](), "fused-train")
-    program = gc.compile(graph, backend=args.backend, tf32=args.tf32)
-    step = program.bind(batch)
-    step(random_inputs(graph, batch, 0), gc.init_params(graph, seed=0))
+    program, step = bound_step(graph, args.backend, batch, args.tf32)
     timer = Timer(args.backend, repeats, 3, 5)
     rows = []
     for launch, (kernel, grid, block, kargs) in zip(program.program.launches, step.launches):

@@ -29,12 +29,10 @@ for step in $STEPS; do
   case $step in
     tests)
       timeout "${TESTS_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k "not sanitizer" $PAR -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"; s=${PIPESTATUS[0]} ;;
-    bench)
-      timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} \
-        2>&1 | tee "$OUT/bench.log"; s=${PIPESTATUS[0]} ;;
-    bench-tf32)
-      timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save --tf32 --out "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" \
-        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-tf32.log"; s=${PIPESTATUS[0]} ;;
+    bench|bench-tf32)
+      precision=""; [ "$step" = bench-tf32 ] && precision="--tf32"
+      timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save $precision --out "$OUT" \
+        --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.log"; s=${PIPESTATUS[0]} ;;
     sanitizer)
       timeout "${SANITIZER_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k sanitizer -p no:cacheprovider 2>&1 \
         | tee "$OUT/sanitizer.log"; s=${PIPESTATUS[0]} ;;

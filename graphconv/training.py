@@ -19,7 +19,7 @@ from .errors import CheckpointError, GraphError, InputError, TrainingError
 from .params import check_seed, init_params
 from .shapes import fmt_shape
 from .passes import set_training
-from .weights import image_input, predict, write_npz
+from .weights import image_input, predict, program_for, write_npz
 
 LOSSES = {"cross_entropy": "cross_entropy", "hinge": "hinge_loss"}
 
@@ -217,13 +217,8 @@ class Trainer:
         self._bound: dict = {}      # batch size -> bound step (kernel backends)
 
     def _compile(self, graph):
-        """A program of `graph` on this trainer's backend (the kernel backends run the fused graph:
-        one kernel per fused node)."""
-        from . import compile as gc_compile
-        if self.backend != "numpy":
-            from .fusion import fuse
-            graph = fuse(graph)
-        return gc_compile(graph, backend=self.backend, tf32=self.tf32)
+        """A program of `graph` on this trainer's backend (the kernel backends run the fused graph)."""
+        return program_for(graph, self.backend, self.tf32)
 
     @property
     def params(self):

@@ -90,10 +90,19 @@ def save_weights(path, params: dict):
     write_npz(path, {k: v for k, v in params.items() if not is_optimizer_state(k)})
 
 
+def program_for(graph, backend="numpy", tf32=False):
+    """`graph` compiled for a backend the way training and prediction run it: the graph itself on
+    numpy, its fused form (one kernel per fused node) on the kernel backends."""
+    from . import compile as gc_compile
+    if backend != "numpy":
+        from .fusion import fuse
+        graph = fuse(graph)
+    return gc_compile(graph, backend=backend, tf32=tf32)
+
+
 def predict(graph, params, x, backend="numpy", batch=256, program=None):
     """(class per example, scores) of `graph` (eval mode: running statistics) on `x`, `batch` rows at
     a time. `program`: a compiled eval-mode program of the graph to reuse."""
-    from . import compile as gc_compile
     from .passes import set_training
     need_graph(graph, "predict")
     if not isinstance(x, np.ndarray) or x.ndim < 1 or len(x) == 0:
@@ -113,11 +122,7 @@ def predict(graph, params, x, backend="numpy", batch=256, program=None):
         raise GraphError(f"predict: {graph.name}'s first output {output} is {list(shape)}; predicting takes class "
                          f"scores [N, classes] (or [N, classes, 1, ...] after a global pool)")
     if program is None:
-        eval_graph = set_training(graph, False)
-        if backend != "numpy":
-            from .fusion import fuse
-            eval_graph = fuse(eval_graph)
-        program = gc_compile(eval_graph, backend=backend)
+        program = program_for(set_training(graph, False), backend)
     name = image_input(graph)
     scores = np.concatenate([program.run({name: x[i:i + batch]}, params)[output] for i in range(0, len(x), batch)])
     scores = scores.reshape(len(x), -1)

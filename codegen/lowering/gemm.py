@@ -135,8 +135,9 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
     total = groups * sp.sympify(M) * sp.sympify(N)
     params.update(split=True, KCH=c_int(kch), row_setup=[], window_begin=[], window_end=[],
                   element=[f"partial[((split * {groups} + grp) * M + m) * N + n] = c;"])
-    gemm_args = [a_ for a_ in args if not a_.writes and a_.value is not None] + \
-                [Arg(f"{T}*", "partial", partial_key), Arg("int", "batch")]
+    loads = set(re.findall(r"\w+", " ".join(a["setup"] + a["load"] + b["setup"] + b["load"] + [prelude])))
+    gemm_args = [a_ for a_ in args if not a_.writes and a_.value is not None and a_.name in loads] + \
+                [Arg(f"{T}*", "partial", partial_key), Arg("int", "batch")]     # the epilogue's reads go to the reduce
     first = KernelSpec(name=name + "_partial", template="gemm.cu.j2", params=params, args=gemm_args,
                        grid=(*grid_xy, groups * S), block=block, barrier=True)
     used = set(re.findall(r"\w+", " ".join(element)))     # the epilogue's reads (a bias) go to the reduce too

@@ -3,7 +3,7 @@
 //   computes:  fc1   (layer fc1)
 //   shapes:    (flatten1: float32[N, 2450], fc1.weight: float32[2450, 500], fc1.bias: float32[500]) -> float32[N, 500]
 //   launch:    grid (8, ceiling(N/64), ceiling(2450/Max(256, 16*ceiling(ceiling(2450/ceiling(66/ceiling(N/64)))/16)))) x block (256, 1, 1), __syncthreads
-//   arguments: const float*, const float*, const float*, float*, int
+//   arguments: const float*, const float*, float*, int
 //   as a GEMM: C[M, N] = A[M, K] x B[K, N] with M = nb, N = 500, K = 2450
 //   A[m, k] = x[m, k];  B[k, n] = w[k, n]
 //   tile: 64 x 64 per block, k-step 16, 4 x 4 results per thread, K split in chunks of max((long long)(256), (long long)(16*((((2450 + ((66 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((66 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16))) (blockIdx.z)
@@ -18,7 +18,7 @@
 // word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
-extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2450_out500_partial(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ partial, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2450_out500_partial(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ partial, int batch)
 {
     const long long nb = batch;
     const long long M = nb, N = 500, K = 2450;

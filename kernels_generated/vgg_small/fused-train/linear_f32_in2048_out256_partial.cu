@@ -3,7 +3,7 @@
 //   computes:  fc1   (layer fc1)
 //   shapes:    (flatten1: float32[N, 2048], fc1.weight: float32[2048, 256], fc1.bias: float32[256]) -> float32[N, 256]
 //   launch:    grid (4, ceiling(N/64), ceiling(2048/Max(256, 16*ceiling(ceiling(2048/ceiling(132/ceiling(N/64)))/16)))) x block (256, 1, 1), __syncthreads
-//   arguments: const float*, const float*, const float*, float*, int
+//   arguments: const float*, const float*, float*, int
 //   as a GEMM: C[M, N] = A[M, K] x B[K, N] with M = nb, N = 256, K = 2048
 //   A[m, k] = x[m, k];  B[k, n] = w[k, n]
 //   tile: 64 x 64 per block, k-step 16, 4 x 4 results per thread, K split in chunks of max((long long)(256), (long long)(16*((((2048 + ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16))) (blockIdx.z)
@@ -18,7 +18,7 @@
 // word in shared memory so that column-wise stores do not collide in one bank.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
-extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2048_out256_partial(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ partial, int batch)
+extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2048_out256_partial(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ partial, int batch)
 {
     const long long nb = batch;
     const long long M = nb, N = 256, K = 2048;
