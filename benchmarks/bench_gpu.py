@@ -448,6 +448,7 @@ def write(args, result, log):
     folders = ([os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")] if args.save else []) + \
         ([args.out] if args.out else [])
     for folder in folders:
+        os.makedirs(folder, exist_ok=True)
         base = os.path.join(folder, f"gpu-{device}")
         with open(base + ".json", "w") as f:
             json.dump(result, f, indent=1)
