@@ -236,7 +236,8 @@ def profile(args, name, batch, repeats=20):
 
 # earlier rules of the GEMM lowering, each timed against the current one by --variants
 VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
-            "no register prefetch": {"PREFETCH": False}}
+            "no register prefetch": {"PREFETCH": False},
+            "implicit GEMM, no direct conv": {"DIRECT": False}}
 
 
 def variants(args, timer, say):

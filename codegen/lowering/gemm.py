@@ -36,6 +36,13 @@ SPLIT_LEAST = 512
 # the next k-step's operands are loaded into registers while the current one computes (not yet timed
 # on a GPU; `bench_gpu.py --variants` compares it with loading after the barrier)
 PREFETCH = True
+# stride-1 2-D convolutions (forward, backward-data) as direct convolutions where eligible; False: the GEMM.
+# They stay direct (FP32) under tf32=True: on the H200 the TF32 implicit GEMM ran 1.3-3.5x slower than
+# the FP32 direct kernels (gpu-notes.md, session 2). A forward convolution whose output plane has at most
+# GEMM_PLANE_MOST pixels runs as the GEMM instead (vgg conv3_2, 8 x 8: GEMM 0.100 ms against direct
+# 0.154 at batch 64, 0.298 against 0.277 at batch 256).
+DIRECT = True
+GEMM_PLANE_MOST = 64
 # a static depth (linear's in_features) is split in chunks of at least this many terms
 STATIC_SPLIT_LEAST = 256
 
@@ -341,7 +348,7 @@ def lower_conv(ctx):
         from ..cache import digest
         name += "_" + digest(repr(steps))[:6]
     direct_kernel = None
-    if not ctx.tf32 and direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
+    if DIRECT and math.prod(So) > GEMM_PLANE_MOST and direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
         direct_kernel = direct.direct_spec(
             ctx, name.replace(f"conv{nd}d", f"conv{nd}d_direct", 1), C=C, M=OC, K=Kr, pad=geo["pad"], in_size=Si,
             out_size=So, cell=tuple(pk) if pool else (2, 2), pooled=bool(pool),
@@ -401,7 +408,7 @@ def lower_conv_backward_data(ctx):
     name = (f"conv{nd}d_backward_data{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
-    if not ctx.tf32 and direct.eligible(geo):
+    if DIRECT and direct.eligible(geo):
         # stride 1: a direct convolution of dy with the flipped filter, padded by K - 1 - pad
         if gathered:
             in_load, direct_used = gather_lines(gathered, ctx.dtype, f"bimg * {OC} + c", ["iy", "ix"])
