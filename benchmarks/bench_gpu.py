@@ -281,6 +281,10 @@ def device_info(backend):
     return info
 
 
+def ms_text(ms):
+    return f"{ms:.4f}" if ms else "-"
+
+
 def ratio_text(ours, theirs):
     return f"{theirs / ours:.2f}x" if ours and theirs else "-"
 
@@ -405,8 +409,8 @@ def report(args, result, say):
             speedups["eager"].append(e / ms)
         if ms and c:
             speedups["compile"].append(c / ms)
-        lines.append(f"| {row['model']} {row['layer']} | {row['batch']} | {row['phase']} | {ms or 0:.4f} | "
-                     f"{e or 0:.4f} | {c or 0:.4f} | {ratio_text(ms, e)} | {ratio_text(ms, c)} | "
+        lines.append(f"| {row['model']} {row['layer']} | {row['batch']} | {row['phase']} | {ms_text(ms)} | "
+                     f"{ms_text(e)} | {ms_text(c)} | {ratio_text(ms, e)} | {ratio_text(ms, c)} | "
                      f"{row['tflops'] or 0:.2f} |")
     result["table"] = lines
     for line in lines:
@@ -423,8 +427,9 @@ def report(args, result, say):
         worst = min(every)
         result["targets"] = {"geomean_vs_eager": geo.get("eager"), "geomean_vs_compile": geo.get("compile"),
                              "worst": worst}
-        say(f"fused layers: geomean {geo.get('eager', 0):.2f}x over eager (target 1.3x), "
-            f"{geo.get('compile', 0):.2f}x over torch.compile (target 1.15x; {len(speedups['compile'])} rows), "
+        versus_compile = (f"{geo['compile']:.2f}x over torch.compile (target 1.15x; {len(speedups['compile'])} rows)"
+                          if "compile" in geo else "torch.compile not measured")
+        say(f"fused layers: geomean {geo.get('eager', 0):.2f}x over eager (target 1.3x), {versus_compile}, "
             f"worst {worst:.2f}x (target >= 0.95x)")
     lenet = [r for r in result["steps"] if r["model"] == "lenet5" and r["batch"] == 256]
     if lenet and lenet[0].get("torch_eager_ms") and lenet[0].get("graphconv_graph_ms"):
