@@ -272,6 +272,16 @@ class Graph(GraphCore):
         return self.add_node("mul", [a, b], {}, name=self._layer_name(name, "mul"))
 
     @_layer
+    def softmax(self, x, dim=1, name=None) -> Tensor:
+        """exp(x) / sum exp(x) along `dim` (computed from x - max: no overflow); for a model's output."""
+        return self.add_node("softmax", [x], {"dim": dim}, name=self._layer_name(name, "softmax"))
+
+    @_layer
+    def log_softmax(self, x, dim=1, name=None) -> Tensor:
+        """x - log(sum exp(x)) along `dim`, stable for large scores (the log of softmax, without its underflow)."""
+        return self.add_node("log_softmax", [x], {"dim": dim}, name=self._layer_name(name, "log_softmax"))
+
+    @_layer
     def concat(self, tensors, dim=1, name=None) -> Tensor:
         if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
             raise GraphError(f"{name or 'concat'}: concat takes a list of tensors, got {type(tensors).__name__}")

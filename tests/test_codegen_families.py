@@ -330,3 +330,35 @@ def test_mul_full_per_channel_and_scalar_kernels_match(stage):
     assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
     present = {n.name for n in graph.topo()} | {r[0] for n in graph.topo() for r in n.replaces}
     assert {"gated", "scaled", "k_scaled"} <= present          # computed, alone or inside a fused node
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])
+def test_softmax_kernels_per_thread_and_per_block_rows(stage):
+    """softmax over the channels of a map (rows 16 apart, one thread each), log_softmax over 100 classes
+    (one block per row, shared-memory tree), softmax over 10 (one thread per contiguous row), and
+    their gradients, each against its node's NumPy reference with outputs poisoned."""
+    g = gc.Graph("sm", "float32")
+    x = g.input("x", ("N", 3, 4, 4))
+    attn = g.softmax(g.conv2d(x, 4, 3, padding=1, name="c"), dim=1, name="attn")
+    h = g.linear(g.flatten(g.mul(attn, g.relu(g.conv2d(x, 4, 3, padding=1, name="c2")))), 100, name="fc")
+    g.output(g.linear(g.softmax(g.log_softmax(h, name="lsm"), name="sm10"), 10, name="fc2"))
+    graph = build(g, stage)
+    program = Program(graph)
+    modes = {s.name: s.params["per_block"] for s in program.kernels if s.template == "softmax.cu.j2"}
+    assert True in modes.values() and False in modes.values(), modes
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 5, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    ops = {r.op for r in results}
+    assert {"softmax", "log_softmax"} <= ops
+    if "train" in stage:
+        assert {"softmax_grad", "log_softmax_grad"} <= ops
+
+
+def test_softmax_over_the_batch_axis_is_refused_by_the_kernel_backends():
+    g = gc.Graph("sm", "float32")
+    g.output(g.softmax(g.input("x", ("N", 7)), dim=0, name="p"))
+    with pytest.raises(CompileError, match=r"p \[softmax\]: softmax along dim 0 of \[N, 7\]: .*backend='numpy'"):
+        gc.compile(g, backend="host")
+    out = gc.compile(g).run({"x": np.zeros((3, 7), np.float32)}, {})
+    np.testing.assert_allclose(out["p"], 1 / 3)

@@ -273,3 +273,10 @@ def test_mul_gradients_full_per_channel_and_scalar():
     assert_rule("mul", [a, RNG.standard_normal((2, 3, 4))], {})
     assert_rule("mul", [a, RNG.standard_normal(3)], {})
     assert_rule("mul", [a, RNG.standard_normal(())], {})
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape, dim", [((3, 5), 1), ((2, 3, 4), 1), ((2, 3, 4), -1), ((2, 70), 1)])
+def test_softmax_gradients(op, shape, dim):
+    """Written with the forward's output y: softmax y * (dy - sum(dy y)), log_softmax dy - exp(y) sum(dy)."""
+    assert_rule(op, [3 * RNG.standard_normal(shape)], {"dim": dim})

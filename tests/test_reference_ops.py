@@ -235,3 +235,40 @@ def test_adaptive_pools_refuse_what_they_would_approximate():
     with pytest.raises(gc.GraphError, match=r"output_size is a positive int or 2 of them, got \(2, 0\)"):
         g.adaptive_avg_pool2d(x, (2, 0))
     assert len(list(g.topo())) == 1                      # nothing was added
+
+
+@pytest.mark.parametrize("shape, dim", [((4, 10), 1), ((2, 3, 5, 4), 1), ((2, 3, 5, 4), -1), ((6,), 0)])
+def test_softmax_and_log_softmax_against_numpy_and_torch(shape, dim):
+    g = gc.Graph("sm")
+    x = g.input("x", shape)
+    p = g.softmax(x, dim=dim, name="p")
+    g64, inputs, params, v = run_single(g, g.log_softmax(x, dim=dim, name="lp"), inputs={"x": 30 * RNG.standard_normal(shape)})
+    xv = inputs["x"]
+    e = np.exp(xv - xv.max(axis=dim, keepdims=True))    # scores of +-60: a naive exp(x) / sum would still fit; shifted here
+    want = e / e.sum(axis=dim, keepdims=True)
+    np.testing.assert_allclose(v["p"], want, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(v["lp"], np.log(want), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v["p"].sum(axis=dim), 1.0, rtol=1e-12)
+    if torch is not None:
+        t = run_torch(g64, inputs, params)
+        np.testing.assert_allclose(t["p"], v["p"], rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(t["lp"], v["lp"], rtol=1e-12, atol=1e-12)
+
+
+def test_log_softmax_stays_finite_where_softmax_underflows():
+    g = gc.Graph("sm")
+    x = g.input("x", (1, 3))
+    p = g.softmax(x, name="p")
+    _, _, _, v = run_single(g, g.log_softmax(x, name="lp"), inputs={"x": np.array([[0.0, -800.0, 800.0]])})
+    assert v["p"][0, 1] == 0.0 and v["p"][0, 2] == 1.0
+    np.testing.assert_allclose(v["lp"][0], [-800.0, -1600.0, 0.0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim=2), r"s \[softmax\]: dim 2 is out of range for a 2-D input \(valid: -2\.\.1\)"),
+    (dict(dim=1.0), r"s \[softmax\]: dim must be an int, got 1\.0"),
+])
+def test_softmax_bad_dim_names_the_layer(bad, message):
+    g = gc.Graph("sm")
+    with pytest.raises(gc.GraphConvError, match=message):
+        g.softmax(g.input("x", ("N", 4)), name="s", **bad)

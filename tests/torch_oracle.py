@@ -95,6 +95,10 @@ def eval_node(node, xs):
         if b.dim() == 1 and a.dim() >= 2:          # per channel: lines up with dim 1
             b = b.reshape(1, -1, *[1] * (a.dim() - 2))
         return a * b
+    if op == "softmax":
+        return F.softmax(xs[0], dim=a["dim"])
+    if op == "log_softmax":
+        return F.log_softmax(xs[0], dim=a["dim"])
     if op == "concat":
         return torch.cat(xs, dim=a["dim"])
     if op == "flatten":
