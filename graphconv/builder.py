@@ -20,7 +20,7 @@ from .ops.base import rank_error
 from .ops.linear import linear_rank_error
 from .ops.window import LAYOUT, per_axis
 from .printer import FORMATS
-from .shapes import fmt_dim, fmt_shape
+from .shapes import fmt_dim, fmt_shape, provably_ne
 from .summary import format_json, format_table, summarize
 
 
@@ -270,6 +270,29 @@ class Graph(GraphCore):
     def mul(self, a, b, name=None) -> Tensor:
         """Elementwise product (a gate, a learned scale): b may be a scalar [] or per channel [C]."""
         return self.add_node("mul", [a, b], {}, name=self._layer_name(name, "mul"))
+
+    @_layer
+    def sub(self, a, b, name=None) -> Tensor:
+        """Elementwise difference a - b: b may be a scalar [] or per channel [C]."""
+        return self.add_node("sub", [a, b], {}, name=self._layer_name(name, "sub"))
+
+    @_layer
+    def mean(self, x, dim=None, keepdim=False, name=None) -> Tensor:
+        """The mean over `dim` (an int or a tuple; None: every element, a scalar), as torch.mean."""
+        return self.add_node("mean", [x], {"dim": dim, "keepdim": keepdim}, name=self._layer_name(name, "mean"))
+
+    @_layer
+    def mse_loss(self, pred, target, name=None) -> Tensor:
+        """mean((pred - target)^2) over every element (nn.MSELoss, reduction='mean'): a scalar loss;
+        `target` is a float input of pred's shape. Three nodes of one layer: sub, mul, mean."""
+        layer = self._layer_name(name, "mse_loss")
+        pred, target = self._tensor(pred, layer, "mse_loss"), self._tensor(target, layer, "mse_loss")
+        if len(pred.shape) != len(target.shape) or any(provably_ne(a, b) for a, b in zip(pred.shape, target.shape)):
+            raise GraphError(f"{layer}: target has shape {fmt_shape(target.shape)} but the prediction "
+                             f"{fmt_shape(pred.shape)}; mse_loss compares them element by element (no broadcasting)")
+        diff = self.add_node("sub", [pred, target], {}, name=self.unique_name(f"{layer}.diff"), layer=layer)
+        square = self.add_node("mul", [diff, diff], {}, name=self.unique_name(f"{layer}.square"), layer=layer)
+        return self.add_node("mean", [square], {"dim": None, "keepdim": False}, name=layer, layer=layer)
 
     @_layer
     def softmax(self, x, dim=1, name=None) -> Tensor:

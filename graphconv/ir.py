@@ -93,6 +93,9 @@ class Tensor:
     def __mul__(self, other):
         return self.graph.mul(self, other)
 
+    def __sub__(self, other):
+        return self.graph.sub(self, other)
+
     def __repr__(self):
         return f"Tensor({self.name}: {self.node.type})"
 

@@ -26,7 +26,8 @@ LOSSES = {"cross_entropy": "cross_entropy", "hinge": "hinge_loss"}
 
 def attach_loss(graph, kind="cross_entropy", target="y"):
     """The graph with an int64 class-index input `target` and a scalar loss on its first output
-    (flattened if needed). Outputs: (loss, scores)."""
+    (flattened if needed). Outputs: (loss, scores). A graph whose first output is already a scalar
+    carries its own loss (its inputs feed the targets): it comes back as it is."""
     if kind not in LOSSES:
         raise GraphError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     g = graph.copy()
@@ -34,6 +35,8 @@ def attach_loss(graph, kind="cross_entropy", target="y"):
         raise GraphError(f"{g.name}: no outputs to put a loss on; mark the class scores with g.output(...)")
     scores = g.outputs[0]
     shape = g.node(scores).shape
+    if shape == ():                 # the graph's own scalar loss (g.mse_loss, g.cross_entropy, g.mean)
+        return g.verify()
     if len(shape) < 2 or any(d != 1 for d in shape[2:]):
         raise GraphError(f"{g.name}: a loss needs class scores [N, classes], but the output {scores} is "
                          f"{fmt_shape(shape)}")

@@ -362,3 +362,26 @@ def test_softmax_over_the_batch_axis_is_refused_by_the_kernel_backends():
         gc.compile(g, backend="host")
     out = gc.compile(g).run({"x": np.zeros((3, 7), np.float32)}, {})
     np.testing.assert_allclose(out["p"], 1 / 3)
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])
+def test_mean_and_mse_loss_kernels_every_stage(stage):
+    """mean over the spatial axes (kept [N, C]), over the batch (kept [C, H, W]) and over everything,
+    mse_loss as the graph's own scalar loss (training keeps it: no classifier loss added), and their
+    gradients, each against its node's NumPy reference."""
+    g = gc.Graph("reg", "float32")
+    x = g.input("x", ("N", 3, 6, 6))
+    t = g.input("t", ("N", 4))
+    h = g.relu(g.conv2d(x, 4, 3, padding=1, name="c"))
+    bmean = g.mean(h, dim=0, keepdim=True, name="bmean")
+    y = g.linear(g.mean(h, dim=(2, 3), name="gap"), 4, name="fc") - g.mean(bmean, name="all")
+    g.output(g.mse_loss(y, t, name="loss"))
+    graph = build(g, stage)
+    if "train" in stage:
+        assert graph.outputs[0] == "loss" and "y" not in graph      # the user's loss, no class input added
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    assert {"mean"} <= {r.op for r in results}
+    if "train" in stage:
+        assert "mean_grad" in {r.op for r in results}

@@ -280,3 +280,14 @@ def test_mul_gradients_full_per_channel_and_scalar():
 def test_softmax_gradients(op, shape, dim):
     """Written with the forward's output y: softmax y * (dy - sum(dy y)), log_softmax dy - exp(y) sum(dy)."""
     assert_rule(op, [3 * RNG.standard_normal(shape)], {"dim": dim})
+
+
+@pytest.mark.parametrize("attrs", [{"dim": None}, {"dim": (2, 3)}, {"dim": 1, "keepdim": True}, {"dim": 0}])
+def test_mean_gradients(attrs):
+    assert_rule("mean", [RNG.standard_normal((2, 3, 4, 5))], attrs)
+
+
+def test_sub_gradients_full_per_channel_and_scalar():
+    a = RNG.standard_normal((2, 3, 4))
+    for b in (RNG.standard_normal((2, 3, 4)), RNG.standard_normal(3), RNG.standard_normal(())):
+        assert_rule("sub", [a, b], {})

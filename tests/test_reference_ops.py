@@ -5,6 +5,7 @@ import pytest
 
 import graphconv as gc
 from naive import batch_norm_naive, conv_naive, cross_entropy_naive, hinge_naive, pool_naive
+from graphconv.autodiff import derive_backward
 from graphconv.gradcheck import check_rule
 from torch_oracle import run_torch, torch
 
@@ -272,3 +273,56 @@ def test_softmax_bad_dim_names_the_layer(bad, message):
     g = gc.Graph("sm")
     with pytest.raises(gc.GraphConvError, match=message):
         g.softmax(g.input("x", ("N", 4)), name="s", **bad)
+
+
+@pytest.mark.parametrize("dim, keepdim", [(None, False), ((2, 3), False), (1, True), (0, False), (-1, True)])
+def test_mean_against_numpy_and_torch(dim, keepdim):
+    g = gc.Graph("m")
+    x = g.input("x", (2, 3, 4, 5))
+    g64, inputs, params, v = run_single(g, g.mean(x, dim=dim, keepdim=keepdim, name="m"))
+    want = inputs["x"].mean(axis=dim if not isinstance(dim, int) else (dim,), keepdims=keepdim)
+    np.testing.assert_allclose(v["m"], want, rtol=1e-13)
+    assert v["m"].shape == want.shape == tuple(int(d) for d in g64.node("m").shape)
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["m"], want, rtol=1e-13)
+
+
+def test_mse_loss_against_numpy_and_torch_forward_and_gradients():
+    g = gc.Graph("reg")
+    x = g.input("x", ("N", 3, 6, 6))
+    t = g.input("t", ("N", 4))
+    pooled = g.mean(g.relu(g.conv2d(x, 4, 3, padding=1, name="c")), dim=(2, 3), name="gap")
+    g.output(g.mse_loss(g.linear(pooled, 4, name="fc") - t * g.param("k", (), ("constant", 0.5)), t, name="loss"))
+    g64 = gc.cast(g, "float64")
+    params = gc.init_params(g64, seed=3)
+    feed = {"x": RNG.standard_normal((3, 3, 6, 6)), "t": RNG.standard_normal((3, 4))}
+    bwd = derive_backward(g64)
+    ours = gc.compile(bwd).run(feed, params)
+    v = gc.compile(g64).run(feed, params, keep=True)
+    np.testing.assert_allclose(ours["loss"], np.mean((v["fc"] - 0.5 * feed["t"] - feed["t"]) ** 2), rtol=1e-13)
+    if torch is not None:
+        tensors = {k: torch.tensor(a, requires_grad=True) for k, a in params.items()}
+        tensors.update({k: torch.tensor(a) for k, a in feed.items()})
+        c = torch.nn.functional.conv2d(tensors["x"], tensors["c.weight"], tensors["c.bias"], padding=1)
+        fc = torch.relu(c).mean(dim=(2, 3)) @ tensors["fc.weight"] + tensors["fc.bias"]
+        loss = torch.nn.functional.mse_loss(fc - tensors["t"] * tensors["k"], tensors["t"])
+        loss.backward()
+        np.testing.assert_allclose(ours["loss"], loss.item(), rtol=1e-13)
+        for name, grad in bwd.meta["grads"].items():
+            np.testing.assert_allclose(ours[grad], tensors[name].grad.numpy(), rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+@pytest.mark.parametrize("build_it, message", [
+    (lambda g, x: g.mean(x, dim=4, name="m"), r"m \[mean\]: dim=4 is out of range for a 4-D input"),
+    (lambda g, x: g.mean(x, dim=(1, -3), name="m"), r"m \[mean\]: dim \(1, -3\) names an axis twice"),
+    (lambda g, x: g.mean(x, dim=1.5, name="m"), r"m \[mean\]: dim must be None, an int or a tuple of ints, got 1\.5"),
+    (lambda g, x: g.mean(x, dim=(), name="m"), r"m \[mean\]: dim=\(\) reduces nothing"),
+    (lambda g, x: g.mse_loss(x, g.input("t", ("N", 3)), name="l"),
+     r"l: target has shape \[N,3\] but the prediction \[N,3,4,5\]; mse_loss compares them element by element"),
+])
+def test_mean_and_mse_loss_bad_input_names_the_layer(build_it, message):
+    g = gc.Graph("m")
+    x = g.input("x", ("N", 3, 4, 5))
+    with pytest.raises(gc.GraphConvError, match=message):
+        build_it(g, x)
+    assert [n.name for n in g.topo()] == ["x"] or "t" in g     # nothing of the failed layer was left

@@ -95,6 +95,14 @@ def eval_node(node, xs):
         if b.dim() == 1 and a.dim() >= 2:          # per channel: lines up with dim 1
             b = b.reshape(1, -1, *[1] * (a.dim() - 2))
         return a * b
+    if op == "sub":
+        a, b = xs
+        if b.dim() == 1 and a.dim() >= 2:
+            b = b.reshape(1, -1, *[1] * (a.dim() - 2))
+        return a - b
+    if op == "mean":
+        dims = a["dim"] if a["dim"] is not None else tuple(range(xs[0].dim()))
+        return torch.mean(xs[0], dim=dims, keepdim=a["keepdim"])
     if op == "softmax":
         return F.softmax(xs[0], dim=a["dim"])
     if op == "log_softmax":

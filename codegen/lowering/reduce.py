@@ -111,6 +111,40 @@ def lower_reduce_sum(ctx):
     return Lowered(kernels=kernels, scratch=scratch)
 
 
+# ---- mean -------------------------------------------------------------------------------------------
+@lowering("mean")
+def lower_mean(ctx):
+    """reduce_sum's two kernels with the finish dividing by the count of reduced values."""
+    from graphconv.ops.layout import mean_axes
+    x = ctx.ins[0]
+    axes = mean_axes(ctx.attrs, len(x.shape))
+    T = ctx.float_type
+    A, K, B = view_of(ctx, x, axes)
+    name = f"mean_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}_a{''.join(map(str, axes))}"
+    kernels, scratch = channel_sums(ctx, name, A=A, K=K, B=B, loads=["const double xv = x[idx];"], terms=["xv"],
+                                    in_args=[ctx.arg_in(0, "x")], epilogue=[f"out[k] = ({T})(tot0 / (double)m);"],
+                                    out_args=[ctx.arg_out(0, "out")])
+    return Lowered(kernels=kernels, scratch=scratch)
+
+
+@lowering("mean_grad")
+def lower_mean_grad(ctx):
+    """dy / count broadcast over the reduced axes: element i of the [A, K, B] result reads dy[(i / B) % K]."""
+    from graphconv.ops.layout import mean_axes
+    x = ctx.ins[0]
+    axes = mean_axes(ctx.attrs, len(x.shape))
+    A, K, B = view_of(ctx, x, axes)
+    a0 = sp.Symbol("a0", real=True)
+    spec = pointwise_kernel(ctx, a0 / (A * B) if (A * B).is_Integer else a0 * sp.Symbol("inv_count", real=True),
+                            [(K,)], [ctx.operands[1]], ctx.out_key(), x.shape,
+                            f"mean_grad_a{''.join(map(str, axes))}")
+    index = "0" if K == 1 else (f"(i / ({c_int(B)})) % ({c_int(K)})" if B != 1 else f"i % ({c_int(K)})")
+    spec.params["loads"][0]["expr"] = f"a0[{index}]"
+    if not (A * B).is_Integer:       # a count that grows with the batch: computed in the kernel
+        spec.params["loads"].append({"var": "inv_count", "expr": f"(({spec.params['T']})1 / ({spec.params['T']})({c_int(A * B)}))"})
+    return Lowered(kernels=[spec])
+
+
 # ---- batch norm -----------------------------------------------------------------------------------------
 def bn_view(x):
     """(A, C, B) of an [N, C, ...] tensor, statistics per channel."""

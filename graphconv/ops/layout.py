@@ -1,4 +1,4 @@
-"""Ops that only move elements: flatten, reshape, concat."""
+"""Ops that move elements (flatten, reshape, concat, slice, part) and the sums over axes (reduce_sum, mean)."""
 from __future__ import annotations
 
 import numbers
@@ -8,7 +8,7 @@ import sympy as sp
 
 from ..errors import GraphError, OpError
 from ..shapes import as_dim, fmt_dim, fmt_shape, numel, provably_ne, provably_true
-from .base import REQUIRED, Cost, Op, TupleType, register
+from .base import REQUIRED, Cost, GradientOp, Op, TupleType, as_bool, nbytes, register
 
 
 def _axis(dim, rank, what):
@@ -174,6 +174,79 @@ class ReduceSum(Op):
 
     def reference(self, xs, attrs):
         return xs[0].sum(axis=attrs["axes"])
+
+
+def mean_axes(attrs, rank) -> tuple:
+    """The axes a mean reduces: all for dim=None, else each dim in -rank..rank-1, once."""
+    if attrs["dim"] is None:
+        return tuple(range(rank))
+    axes = tuple(_axis(d, rank, "dim") for d in attrs["dim"])
+    if len(set(axes)) != len(axes):
+        raise OpError(f"dim {attrs['dim']} names an axis twice")
+    return tuple(sorted(axes))
+
+
+class MeanBase(Op):
+    attrs = {"dim": None, "keepdim": False}
+
+    def normalize(self, a):
+        dim = a["dim"]
+        if dim is not None:
+            dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+            for d in dims:
+                if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+                    raise OpError(f"dim must be None, an int or a tuple of ints, got {dim!r}", kind=GraphError)
+            dim = tuple(int(d) for d in dims)
+            if not dim:
+                raise OpError("dim=() reduces nothing; give None for the mean of every element", kind=GraphError)
+        return {"dim": dim, "keepdim": as_bool(a["keepdim"], "keepdim")}
+
+    def reduced_shape(self, s, attrs):
+        axes = mean_axes(attrs, len(s))
+        if attrs["keepdim"]:
+            return tuple(sp.Integer(1) if i in axes else d for i, d in enumerate(s))
+        return tuple(d for i, d in enumerate(s) if i not in axes)
+
+
+@register
+class Mean(MeanBase):
+    """The mean over `dim` (all elements when None), as torch.mean."""
+    name = "mean"
+    kind = "reduction"
+
+    def shape(self, ins, attrs):
+        return self.reduced_shape(ins[0].shape, attrs)
+
+    def reference(self, xs, attrs):
+        x = xs[0]
+        return np.asarray(x.mean(axis=mean_axes(attrs, x.ndim), keepdims=attrs["keepdim"]), dtype=x.dtype)
+
+    def grad(self, e, dy, needs):
+        return [e.emit("mean_grad", [e.inputs[0], dy], e.attrs, wrt=0) if needs[0] else None]
+
+
+@register
+class MeanGrad(GradientOp, MeanBase):
+    """dy / count, broadcast back over the reduced axes (the input is read for its shape only)."""
+    name = "mean_grad"
+    operands = ("input", "grad_output")
+
+    def shape(self, ins, attrs):
+        want = self.reduced_shape(ins[0].shape, attrs)
+        if len(ins[1].shape) != len(want) or any(provably_ne(a, b) for a, b in zip(ins[1].shape, want)):
+            raise OpError(f"grad_output {fmt_shape(ins[1].shape)} must have the mean's shape {fmt_shape(want)}", 1)
+        return ins[0].shape
+
+    def reference(self, xs, attrs):
+        x, dy = xs
+        axes = mean_axes(attrs, x.ndim)
+        count = int(np.prod([x.shape[a] for a in axes]))
+        kept = dy.reshape([1 if i in axes else n for i, n in enumerate(x.shape)])
+        return np.ascontiguousarray(np.broadcast_to(kept / count, x.shape)).astype(x.dtype)
+
+    def cost(self, ins, out, attrs):
+        zero = sp.Integer(0)
+        return Cost(zero, zero, nbytes(ins[1]), nbytes(out))
 
 
 @register

@@ -225,6 +225,10 @@ _A, _B = sp.Symbol("a", real=True), sp.Symbol("b", real=True)
 MUL = Pointwise("mul", _A * _B, ("a", "b"), doc="elementwise product")
 register(MUL)
 MUL.derivative(0), MUL.derivative(1)
+# the difference (a residual, a regression error); b broadcasts as mul's does
+SUB = Pointwise("sub", _A - _B, ("a", "b"), doc="elementwise difference")
+register(SUB)
+SUB.derivative(0), SUB.derivative(1)
 
 
 @register
