@@ -295,6 +295,38 @@ class Graph(GraphCore):
         return self.add_node("mean", [square], {"dim": None, "keepdim": False}, name=layer, layer=layer)
 
     @_layer
+    def upsample(self, x, size=None, scale_factor=None, mode="nearest", align_corners=None, name=None) -> Tensor:
+        """F.interpolate of an [N, C, *S] input to `size`, or to S * scale_factor (whole numbers):
+        mode nearest (1-3 spatial axes), linear (1), bilinear (2) or trilinear (3)."""
+        layer = self._layer_name(name, "upsample")
+        x = self._tensor(x, layer, "upsample")
+        nd = len(x.shape) - 2
+        if nd < 1:
+            raise GraphError(f"{layer}: upsample expects an input [N, C, *spatial], got {fmt_shape(x.shape)}")
+        if (size is None) == (scale_factor is None):
+            raise GraphError(f"{layer}: give exactly one of size and scale_factor")
+        if size is not None:
+            out = (size,) * nd if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
+            if not isinstance(out, (tuple, list)) or len(out) != nd:
+                raise GraphError(f"{layer}: size is a positive int or {nd} of them, got {size!r}")
+        else:
+            scales = (scale_factor,) * nd if not isinstance(scale_factor, (tuple, list)) else tuple(scale_factor)
+            if len(scales) != nd or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and s >= 1
+                                            and float(s).is_integer() for s in scales):
+                raise GraphError(f"{layer}: scale_factor is a whole number >= 1 or {nd} of them, got {scale_factor!r} "
+                                 f"(for other ratios give the output size)")
+            spatial = [sp.sympify(d) for d in x.shape[2:]]
+            if not all(d.is_Integer for d in spatial):
+                raise GraphError(f"{layer}: the spatial size {fmt_shape(x.shape[2:])} is symbolic; upsampling needs it "
+                                 f"known (bind it with --dim)")
+            out = tuple(int(d) * int(s) for d, s in zip(spatial, scales))
+        return self.add_node("upsample", [x], {"size": tuple(out) if isinstance(out, list) else out, "mode": mode,
+                                               "align_corners": bool(align_corners) if align_corners is not None
+                                               else False}, name=layer)
+
+    interpolate = upsample
+
+    @_layer
     def softmax(self, x, dim=1, name=None) -> Tensor:
         """exp(x) / sum exp(x) along `dim` (computed from x - max: no overflow); for a model's output."""
         return self.add_node("softmax", [x], {"dim": dim}, name=self._layer_name(name, "softmax"))

@@ -385,3 +385,20 @@ def test_mean_and_mse_loss_kernels_every_stage(stage):
     assert {"mean"} <= {r.op for r in results}
     if "train" in stage:
         assert "mean_grad" in {r.op for r in results}
+
+
+@pytest.mark.parametrize("stage", ["train", "fused-train"])
+@pytest.mark.parametrize("nd, kw", [
+    (2, dict(size=(7, 9), mode="bilinear")), (2, dict(scale_factor=2)), (2, dict(size=(3, 3), mode="bilinear", align_corners=True)),
+    (1, dict(scale_factor=3, mode="linear")), (3, dict(size=(5, 5, 3), mode="trilinear")), (3, dict(scale_factor=(1, 2, 3)))])
+def test_upsample_kernels_forward_and_backward(stage, nd, kw):
+    g = gc.Graph("u", "float32")
+    x = g.input("x", ("N", 2, *[5, 4, 3][:nd]))
+    conv = getattr(g, f"conv{nd}d")
+    y = g.upsample(g.relu(conv(x, 3, 3, padding=1, name="c")), name="up", **kw)
+    g.output(g.linear(g.flatten(y), 5, name="fc"))
+    graph = build(g, stage)
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    assert {"upsample", "upsample_backward"} <= {r.op for r in results}

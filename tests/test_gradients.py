@@ -291,3 +291,15 @@ def test_sub_gradients_full_per_channel_and_scalar():
     a = RNG.standard_normal((2, 3, 4))
     for b in (RNG.standard_normal((2, 3, 4)), RNG.standard_normal(3), RNG.standard_normal(())):
         assert_rule("sub", [a, b], {})
+
+
+@pytest.mark.parametrize("shape, attrs", [
+    ((2, 3, 5, 4), {"size": (10, 8), "mode": "nearest"}),
+    ((2, 3, 5, 4), {"size": (7, 9), "mode": "nearest"}),
+    ((2, 3, 5, 4), {"size": (7, 9), "mode": "bilinear"}),
+    ((2, 3, 5, 4), {"size": (3, 3), "mode": "bilinear", "align_corners": True}),
+    ((2, 2, 6), {"size": (13,), "mode": "linear"}),
+    ((1, 2, 3, 4, 2), {"size": (5, 5, 3), "mode": "trilinear"}),
+])
+def test_upsample_gradients(shape, attrs):
+    assert_rule("upsample", [RNG.standard_normal(shape)], attrs)

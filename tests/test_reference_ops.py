@@ -326,3 +326,53 @@ def test_mean_and_mse_loss_bad_input_names_the_layer(build_it, message):
     with pytest.raises(gc.GraphConvError, match=message):
         build_it(g, x)
     assert [n.name for n in g.topo()] == ["x"] or "t" in g     # nothing of the failed layer was left
+
+
+UPSAMPLE_CASES = [
+    ((2, 3, 5, 4), dict(scale_factor=2)),
+    ((2, 3, 5, 4), dict(size=(7, 9))),                                   # nearest, ratios 5/7 and 4/9
+    ((2, 3, 5, 4), dict(size=(3, 2))),                                   # nearest down
+    ((2, 3, 5, 4), dict(scale_factor=2, mode="bilinear")),
+    ((2, 3, 5, 4), dict(size=(7, 9), mode="bilinear")),
+    ((2, 3, 5, 4), dict(size=(3, 3), mode="bilinear")),                  # down
+    ((2, 3, 5, 4), dict(size=(7, 9), mode="bilinear", align_corners=True)),
+    ((2, 3, 5, 4), dict(size=(1, 1), mode="bilinear", align_corners=True)),
+    ((2, 2, 6), dict(scale_factor=3, mode="linear")),
+    ((1, 2, 3, 4, 2), dict(size=(5, 5, 3), mode="trilinear")),
+    ((1, 2, 3, 4, 2), dict(scale_factor=(1, 2, 3))),
+]
+
+
+@pytest.mark.parametrize("shape, kw", UPSAMPLE_CASES, ids=lambda c: str(c))
+def test_upsample_against_torch_interpolate(shape, kw):
+    g = gc.Graph("u")
+    x = g.input("x", shape)
+    g64, inputs, params, v = run_single(g, g.interpolate(x, name="u", **kw))
+    if kw.get("mode", "nearest") == "nearest":     # a gather: every output is an input value
+        assert np.isin(v["u"], inputs["x"]).all()
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["u"], v["u"], rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(), r"up: give exactly one of size and scale_factor"),
+    (dict(size=4, scale_factor=2), r"up: give exactly one of size and scale_factor"),
+    (dict(scale_factor=1.5), r"up: scale_factor is a whole number >= 1 or 2 of them, got 1\.5 \(for other ratios give the output size\)"),
+    (dict(size=(4, 4, 4)), r"up: size is a positive int or 2 of them, got \(4, 4, 4\)"),
+    (dict(size=(4, 0)), r"up \[upsample\]: size must be positive ints, got \(4, 0\)"),
+    (dict(size=4, mode="cubic"), r"up \[upsample\]: mode must be one of nearest, linear, bilinear, trilinear, got 'cubic'"),
+    (dict(size=4, mode="trilinear"), r"up \[upsample\]: mode 'trilinear' is for 3-D inputs .*got 4-D \[N,3,5,4\]"),
+    (dict(size=4, align_corners=True), r"up \[upsample\]: align_corners applies to the linear modes only"),
+])
+def test_upsample_bad_input_names_the_layer(call, message):
+    g = gc.Graph("u")
+    x = g.input("x", ("N", 3, 5, 4))
+    with pytest.raises(gc.GraphConvError, match=message):
+        g.upsample(x, name="up", **call)
+    assert "up" not in g
+
+
+def test_upsample_of_a_symbolic_size_is_refused():
+    g = gc.Graph("u")
+    with pytest.raises(gc.GraphConvError, match=r"up: the spatial size \[H,W\] is symbolic; upsampling needs it known"):
+        g.upsample(g.input("x", ("N", 3, "H", "W")), scale_factor=2, name="up")

@@ -103,6 +103,9 @@ def eval_node(node, xs):
     if op == "mean":
         dims = a["dim"] if a["dim"] is not None else tuple(range(xs[0].dim()))
         return torch.mean(xs[0], dim=dims, keepdim=a["keepdim"])
+    if op == "upsample":
+        kw = {} if a["mode"] == "nearest" else {"align_corners": a["align_corners"]}
+        return F.interpolate(xs[0], size=a["size"], mode=a["mode"], **kw)
     if op == "softmax":
         return F.softmax(xs[0], dim=a["dim"])
     if op == "log_softmax":
