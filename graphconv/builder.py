@@ -26,6 +26,8 @@ from .summary import format_json, format_table, summarize
 
 CONV_ARGS = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias", "padding_mode",
              "in_channels", "name")
+CONV_TRANSPOSE_ARGS = ("out_channels", "kernel_size", "stride", "padding", "output_padding", "groups", "bias",
+                       "dilation", "in_channels", "name")
 LINEAR_ARGS = ("out_features", "bias", "in_features", "name")
 BN_ARGS = ("num_features", "eps", "momentum", "affine", "training", "name")
 
@@ -95,6 +97,43 @@ class Graph(GraphCore):
         attrs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
                  "padding_mode": padding_mode}
         w = self.param(f"{name}.weight", (out_channels, c_in // groups, *kernel), ("uniform", bound), layer=name)
+        b = [self.param(f"{name}.bias", (out_channels,), ("uniform", bound), layer=name)] if bias else []
+        return self.add_node(op, [x, w, *b], attrs, name=name)
+
+    @_layer
+    def conv_transpose1d(self, x, out_channels, kernel_size, **kw) -> Tensor:
+        return self._conv_transpose(1, x, out_channels, kernel_size, **kw)
+
+    @_layer
+    def conv_transpose2d(self, x, out_channels, kernel_size, **kw) -> Tensor:
+        return self._conv_transpose(2, x, out_channels, kernel_size, **kw)
+
+    @_layer
+    def conv_transpose3d(self, x, out_channels, kernel_size, **kw) -> Tensor:
+        return self._conv_transpose(3, x, out_channels, kernel_size, **kw)
+
+    def _conv_transpose(self, nd, x, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
+                        bias=True, dilation=1, in_channels=None, name=None, **unknown):
+        """nn.ConvTranspose{nd}d: weight [in_channels, out_channels/groups, K...] as PyTorch stores it."""
+        op = f"conv_transpose{nd}d"
+        name = self._layer_name(name, "deconv")
+        x = self._tensor(x, name, op)
+        with self.layer_errors(name, op, [x.name]):
+            self._reject(op, unknown, CONV_TRANSPOSE_ARGS)
+            if len(x.shape) != nd + 2:
+                raise rank_error(op, nd + 2, LAYOUT[nd], x)
+            kernel = per_axis(kernel_size, nd, "kernel_size", 1)
+            out_channels = _positive_int(out_channels, "out_channels")
+            groups = _positive_int(groups, "groups")
+            c_in = self._channels(x, in_channels, "in_channels")
+            if c_in % groups:
+                raise OpError(f"groups={groups} does not divide in_channels={c_in}")
+            if out_channels % groups:
+                raise OpError(f"groups={groups} does not divide out_channels={out_channels}", kind=GraphError)
+        bound = 1 / math.sqrt(out_channels // groups * math.prod(kernel))  # PyTorch: fan_in from weight dim 1
+        attrs = {"stride": stride, "padding": padding, "output_padding": output_padding, "dilation": dilation,
+                 "groups": groups}
+        w = self.param(f"{name}.weight", (c_in, out_channels // groups, *kernel), ("uniform", bound), layer=name)
         b = [self.param(f"{name}.bias", (out_channels,), ("uniform", bound), layer=name)] if bias else []
         return self.add_node(op, [x, w, *b], attrs, name=name)
 

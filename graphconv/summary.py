@@ -25,7 +25,8 @@ def receptive_fields(graph) -> dict:
     """name -> (rf per axis, jump per axis, input extent) in input pixels, or None where undefined.
 
     rf_out = rf_in + (D(K-1)+1 - 1) * jump_in, jump_out = jump_in * S. A layer that mixes every
-    position (flatten, linear) sees the whole input."""
+    position (flatten, linear) sees the whole input; past one that resamples the grid (upsample, a
+    transposed conv) an output no longer maps to one window of input pixels: undefined."""
     out = {}
     for node in graph.topo():
         if node.role in ("param", "buffer"):
@@ -37,7 +38,7 @@ def receptive_fields(graph) -> dict:
             continue
         states = [out.get(o) for o in graph.operands(node.name)]
         states = [s for s in states if s is not None]
-        if not states or OPS[node.op].kind == "reduction":
+        if not states or OPS[node.op].kind == "reduction" or OPS[node.op].resamples:
             out[node.name] = None
             continue
         rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))

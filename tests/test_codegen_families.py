@@ -402,3 +402,26 @@ def test_upsample_kernels_forward_and_backward(stage, nd, kw):
     results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
     assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
     assert {"upsample", "upsample_backward"} <= {r.op for r in results}
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused-train"])
+@pytest.mark.parametrize("nd, kw, direct", [
+    (2, dict(stride=2, padding=1, output_padding=1), False), (2, dict(stride=1, padding=1), True),
+    (1, dict(stride=3, dilation=2, groups=2, output_padding=2), False),
+    (3, dict(stride=(1, 2, 1), padding=(1, 0, 0), output_padding=(0, 1, 0), bias=False), False)])
+def test_conv_transpose_kernels(stage, nd, kw, direct):
+    """The transposed conv runs as its conv's backward-data kernel (direct at stride 1, the GEMM
+    otherwise) with the bias in the store; its gradients are conv kernels."""
+    g = gc.Graph("d", "float32")
+    x = g.input("x", ("N", 4, *[5, 4, 3][:nd]))
+    h = g.relu(getattr(g, f"conv{nd}d")(x, 4, 3, padding=1, name="c"))
+    y = getattr(g, f"conv_transpose{nd}d")(h, 6, 3, name="up", **kw)
+    g.output(g.linear(g.flatten(g.relu(y)), 5, name="fc"))
+    graph = build(g, stage)
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    up = [r for r in results if r.node == "up"][0]
+    assert up.kernels[0].startswith(f"conv_transpose{nd}d_direct" if direct else f"conv_transpose{nd}d_f32")
+    if "train" in stage:
+        assert {"up.weight", "up.weight.next"} & {k for r in results for k in r.node.split(", ")}

@@ -303,3 +303,19 @@ def test_sub_gradients_full_per_channel_and_scalar():
 ])
 def test_upsample_gradients(shape, attrs):
     assert_rule("upsample", [RNG.standard_normal(shape)], attrs)
+
+
+@pytest.mark.parametrize("nd, attrs, c_in, c_out_g, kernel", [
+    (2, dict(stride=2, padding=1, output_padding=(1, 0)), 3, 2, (3, 3)),
+    (2, dict(stride=1, padding=(1, 0)), 2, 3, (3, 2)),
+    (1, dict(stride=3, dilation=2, groups=2, output_padding=2), 4, 3, (2,)),
+    (3, dict(stride=(1, 2, 1), padding=(1, 0, 0), output_padding=(0, 1, 0)), 2, 2, (3, 2, 2)),
+])
+def test_conv_transpose_gradients(nd, attrs, c_in, c_out_g, kernel):
+    """Input: the conv with the same weight; weight: that conv's backward-weight (dy as its input);
+    bias: the sum over batch and positions."""
+    x = RNG.standard_normal((2, c_in) + (4,) * nd)
+    w = RNG.standard_normal((c_in, c_out_g) + kernel)
+    b = RNG.standard_normal(c_out_g * attrs.get("groups", 1))
+    results = assert_rule(f"conv_transpose{nd}d", [x, w, b], attrs)
+    assert len(results) == 3

@@ -376,3 +376,49 @@ def test_upsample_of_a_symbolic_size_is_refused():
     g = gc.Graph("u")
     with pytest.raises(gc.GraphConvError, match=r"up: the spatial size \[H,W\] is symbolic; upsampling needs it known"):
         g.upsample(g.input("x", ("N", 3, "H", "W")), scale_factor=2, name="up")
+
+
+CONV_TRANSPOSE_CASES = [
+    # nd, C_in, C_out, spatial, builder keywords
+    (2, 4, 6, (5, 4), dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+    (2, 4, 6, (5, 4), dict(kernel_size=(3, 2), stride=1, padding=(1, 0))),
+    (1, 4, 6, (7,), dict(kernel_size=2, stride=3, dilation=2, groups=2, output_padding=2)),
+    (3, 2, 3, (3, 4, 2), dict(kernel_size=(3, 2, 2), stride=(1, 2, 1), padding=(1, 0, 0), output_padding=(0, 1, 0),
+                              bias=False)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_TRANSPOSE_CASES, ids=lambda c: f"conv_transpose{c[0]}d")
+def test_conv_transpose_against_torch_and_as_the_adjoint_of_conv(case):
+    nd, c_in, c_out, spatial, kw = case
+    g = gc.Graph("d")
+    x = g.input("x", (2, c_in, *spatial))
+    g64, inputs, params, v = run_single(g, getattr(g, f"conv_transpose{nd}d")(x, c_out, name="up", **kw))
+    if torch is not None:
+        np.testing.assert_allclose(run_torch(g64, inputs, params)["up"], v["up"], rtol=1e-12, atol=1e-13)
+        layer = getattr(torch.nn, f"ConvTranspose{nd}d")(c_in, c_out, **kw).double()
+        assert tuple(layer.weight.shape) == params["up.weight"].shape             # PyTorch's weight layout
+    # the adjoint: <conv_transpose(x), z> = <x, conv(z)> for the conv with the same weight, no bias
+    node = g64.node("up")
+    z = RNG.standard_normal(v["up"].shape)
+    conv = {k: node.attrs[k] for k in ("stride", "padding", "dilation", "groups")}
+    w = params["up.weight"]
+    from graphconv.ops import OPS
+    y = v["up"] - (params["up.bias"].reshape((1, -1) + (1,) * nd) if "up.bias" in params else 0)
+    conv_z = OPS[f"conv{nd}d"].reference([z, w], {**conv, "padding_mode": "zeros"})
+    np.testing.assert_allclose(np.vdot(y, z), np.vdot(inputs["x"], conv_z), rtol=1e-11)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(kernel_size=3, stride=2, output_padding=2), r"up \[conv_transpose2d\]: output_padding \(2, 2\) must be smaller than the stride \(2, 2\)"),
+    (dict(kernel_size=3, padding="same"), r"up \[conv_transpose2d\]: padding must be ints .* got 'same'"),
+    (dict(kernel_size=3, groups=3), r"up \[conv_transpose2d\]: groups=3 does not divide in_channels=4"),
+    (dict(kernel_size=2, padding=3), r"up \[conv_transpose2d\]: the output along H would have size -3: padding 3 is too large for an input of 2"),
+    (dict(kernel_size=3, output_size=5), r"up \[conv_transpose2d\]: conv_transpose2d has no attribute 'output_size' \(did you mean 'output_padding'\?\)"),
+])
+def test_conv_transpose_bad_input_names_the_layer(kw, message):
+    g = gc.Graph("d")
+    x = g.input("x", ("N", 4, 2, 2))
+    with pytest.raises(gc.GraphConvError, match=message):
+        g.conv_transpose2d(x, 6, name="up", **kw)
+    assert "up" not in g and "up.weight" not in g

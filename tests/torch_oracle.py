@@ -67,6 +67,10 @@ def eval_node(node, xs):
     """One node of a graphconv graph, computed by torch.nn.functional."""
     a = node.attrs
     op = node.op
+    if op.startswith("conv_transpose"):
+        return getattr(F, op)(xs[0], xs[1], xs[2] if len(xs) > 2 else None, stride=a["stride"],
+                              padding=tuple(lo for lo, _ in a["padding"]), output_padding=a["output_padding"],
+                              groups=a["groups"], dilation=a["dilation"])
     if op.startswith("conv"):
         return _conv(node, xs[0], xs[1], xs[2] if len(xs) > 2 else None)
     if "_pool" in op:

@@ -371,12 +371,21 @@ def column_decode_end(G, P, Sp):
 
 
 # ---- convolution, backward ----------------------------------------------------------------------
+@lowering("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def lower_conv_transpose(ctx):
+    """A transposed convolution is the backward-data of the conv it is the adjoint of (with the
+    output size it states), plus its bias in the same store."""
+    op = OPS[ctx.node.op]
+    return lower_conv_backward_data(ctx, attrs=op.conv_attrs(ctx.attrs, ints(ctx.outs[0].shape[2:])),
+                                    bias=len(ctx.ins) > 2, what=f"conv_transpose{op.nd}d")
+
+
 @lowering("conv1d_backward_data", "conv2d_backward_data", "conv3d_backward_data")
-def lower_conv_backward_data(ctx):
+def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     """dx[b, c, h] = sum over (oc, r) of w[oc, c, r] * dy[b, oc, (h + pad - r*dil) / stride] where
     that division is exact and inside dy: a GEMM over rows c, columns (b, h), depth (oc, r)."""
-    dy, w = ctx.ins
-    attrs = ctx.attrs
+    dy, w = ctx.ins[:2]
+    attrs = attrs or ctx.attrs
     Si = ints(attrs["input_size"])
     geo = conv_geometry(ctx, attrs, Value((dy.shape[0], int(w.shape[1]) * attrs["groups"], *Si), dy.dtype), w)
     nd, OC, Cg, Kr, groups = geo["nd"], geo["OC"], geo["Cg"], geo["Kr"], geo["groups"]
@@ -402,10 +411,12 @@ def lower_conv_backward_data(ctx):
     else:
         b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
     b = {"fast": "n", "setup": b_setup, "load": b_load}
+    plus = " + bias[grp * {Cg} + m]".format(Cg=Cg) if bias else ""
     element = [f"const long long bimg = n / {SiN};", f"const int h = n % {SiN};",
-               f"dx[(bimg * {C} + grp * {Cg} + m) * {SiN}LL + h] = c;"]
-    args = gather_args(ctx, gathered, 0) + [ctx.arg_in(1, "w"), ctx.arg_out(0, "dx"), Arg("int", "batch")]
-    name = (f"conv{nd}d_backward_data{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
+               f"dx[(bimg * {C} + grp * {Cg} + m) * {SiN}LL + h] = c{plus};"]
+    args = gather_args(ctx, gathered, 0) + [ctx.arg_in(1, "w")] + ([ctx.arg_in(2, "bias")] if bias else []) + \
+        [ctx.arg_out(0, "dx"), Arg("int", "batch")]
+    name = (f"{what or f'conv{nd}d_backward_data'}{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
     if DIRECT and direct.eligible(geo):
@@ -415,10 +426,12 @@ def lower_conv_backward_data(ctx):
         else:
             in_load, direct_used = [f"v = dy[((bimg * {OC} + c) * {So[0]}LL + iy) * {So[1]} + ix];"], set()
         direct_kernel = direct.direct_spec(
-            ctx, name.replace("backward_data", "backward_data_direct", 1), C=OC, M=C, K=Kr,
+            ctx, name.replace("backward_data", "backward_data_direct", 1) if not what else
+            name.replace(what, what + "_direct", 1), C=OC, M=C, K=Kr,
             pad=[k - 1 - p for k, p in zip(Kr, geo["pad"])], in_size=So, out_size=Si, cell=(2, 2), pooled=False,
             in_load=in_load, w_load=[f"v = w[((c * {C} + m) * {Kr[0]} + ({Kr[0] - 1} - r)) * {Kr[1]} + ({Kr[1] - 1} - s)];"],
-            row_setup=[], window_begin=[], element=[f"dx[(bimg * {C} + m) * {SiN}LL + p] = c;"], window_end=[],
+            row_setup=[], window_begin=[], element=[f"dx[(bimg * {C} + m) * {SiN}LL + p] = c{' + bias[m]' if bias else ''};"],
+            window_end=[],
             args=args, prelude=c_function_prelude(direct_used, ctx.dtype),
             in_desc=("in = act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes"
                      if gathered else "in = dy"), w_desc="w[c, m, K-1-r, K-1-s] (the flipped filter)")

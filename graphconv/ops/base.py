@@ -82,6 +82,7 @@ class Op:
     # out_elementwise (a conv or matmul whose output can take an elementwise epilogue) | opaque
     kind = "opaque"
     mixes_all = False             # every output element reads every input position (linear, flatten)
+    resamples = False             # maps onto a finer grid (upsample, transposed conv): no receptive field
     operands: tuple = ("input",)
     optional: tuple = ()          # operand names that may be left out (always trailing)
     variadic = False              # one or more operands, all of the same role

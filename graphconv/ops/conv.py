@@ -1,5 +1,6 @@
 """conv1d / conv2d / conv3d: PyTorch's semantics (stride, padding incl. 'same', dilation, groups,
-padding modes), weight [C_out, C_in/groups, K...], optional bias [C_out]."""
+padding modes), weight [C_out, C_in/groups, K...], optional bias [C_out]; their gradients; and
+conv_transpose1d / 2d / 3d, the adjoint of a conv, built from the same three passes."""
 from __future__ import annotations
 
 import math
@@ -242,7 +243,108 @@ class ConvBackwardWeight(ConvGradient):
                                     a["groups"], a["padding_mode"])
 
 
+class ConvTranspose(Op):
+    """conv_transpose{nd}d (nn.ConvTranspose{nd}d): the adjoint of conv{nd}d, computed as that conv's
+    backward-data. weight [C_in, C_out/groups, K...] (PyTorch's layout: the conv's [out, in/groups]),
+    optional bias [C_out]; output size (S - 1) * stride - 2 * padding + dilation * (K - 1) +
+    output_padding + 1."""
+    kind = "opaque"
+    resamples = True
+    operands = ("input", "weight", "bias")
+    optional = ("bias",)
+    param_operands = ("weight", "bias")
+
+    def __init__(self, nd):
+        self.nd = nd
+        self.name = f"conv_transpose{nd}d"
+        self.attrs = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
+
+    def normalize(self, a):
+        nd = self.nd
+        pads = a["padding"]
+        if isinstance(pads, str):
+            raise OpError(f"padding must be ints (one, or one per axis) for a transposed convolution, got {pads!r}",
+                          kind=GraphError)
+        if isinstance(pads, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 and p[0] == p[1]
+                                                   for p in pads):
+            pads = tuple(p[0] for p in pads)           # already normalised: (lo, hi) pairs, equal
+        out = {"stride": per_axis(a["stride"], nd, "stride", 1),
+               "padding": tuple((p, p) for p in per_axis(pads, nd, "padding", 0)),
+               "output_padding": per_axis(a["output_padding"], nd, "output_padding", 0),
+               "dilation": per_axis(a["dilation"], nd, "dilation", 1),
+               "groups": per_axis(a["groups"], 1, "groups", 1)[0]}
+        for op_, s in zip(out["output_padding"], out["stride"]):
+            if op_ >= s:
+                raise OpError(f"output_padding {out['output_padding']} must be smaller than the stride "
+                              f"{out['stride']} on every axis", kind=GraphError)
+        return out
+
+    def conv_attrs(self, attrs, out_spatial=None):
+        """The attributes of the conv{nd}d whose backward-data this is."""
+        conv = {k: attrs[k] for k in ("stride", "padding", "dilation", "groups")}
+        conv["padding_mode"] = "zeros"
+        if out_spatial is not None:
+            conv["input_size"] = tuple(out_spatial)
+        return conv
+
+    def shape(self, ins, attrs):
+        nd, x, w = self.nd, ins[0], ins[1]
+        if len(x.shape) != nd + 2:
+            raise rank_error(self.name, nd + 2, LAYOUT[nd], x)
+        if len(w.shape) != nd + 2:
+            raise rank_error(self.name, nd + 2, "weight [C_in, C_out/groups, K...]", w, 1)
+        if not all(sp.sympify(k).is_Integer for k in w.shape):
+            raise OpError(f"weight shape {fmt_shape(w.shape)} must be concrete", 1)
+        groups = attrs["groups"]
+        if provably_ne(x.shape[1], w.shape[0]):
+            raise OpError(f"input has {fmt_dim(x.shape[1])} channels, weight expects {fmt_dim(w.shape[0])}")
+        if int(w.shape[0]) % groups:
+            raise OpError(f"groups={groups} does not divide in_channels={w.shape[0]}", 1)
+        c_out = w.shape[1] * groups
+        if len(ins) > 2 and (len(ins[2].shape) != 1 or provably_ne(ins[2].shape[0], c_out)):
+            raise OpError(f"bias must have shape [{c_out}], got {fmt_shape(ins[2].shape)}", 2)
+        spatial = []
+        for axis, size, k, s, (p, _), op_, d in zip(AXES[self.nd], x.shape[2:], w.shape[2:], attrs["stride"],
+                                                    attrs["padding"], attrs["output_padding"], attrs["dilation"]):
+            o = (size - 1) * s - 2 * p + d * (int(k) - 1) + op_ + 1
+            if provably_true(sp.Lt(o, 1)):
+                raise OpError(f"the output along {axis} would have size {fmt_dim(sp.sympify(o))}: padding {p} is "
+                              f"too large for an input of {fmt_dim(size)} and kernel {k}")
+            spatial.append(o)
+        return (x.shape[0], c_out, *spatial)
+
+    def reference(self, xs, attrs):
+        x, w = xs[0], xs[1]
+        out_spatial = [(n - 1) * s - 2 * p + d * (k - 1) + op_ + 1 for n, k, s, (p, _), op_, d in zip(
+            x.shape[2:], w.shape[2:], attrs["stride"], attrs["padding"], attrs["output_padding"], attrs["dilation"])]
+        y = conv_backward_data(x, w, out_spatial, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        if len(xs) > 2:
+            y = y + xs[2].reshape((1, -1) + (1,) * self.nd)
+        return y.astype(x.dtype, copy=False)
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        return im2col_bytes(out_shape, in_shapes[1][2:], in_shapes[0][2:], itemsize)
+
+    def macs(self, ins, out, attrs):
+        return numel(ins[0].shape) * numel(ins[1].shape[1:])
+
+    def grad(self, e, dy, needs):
+        """The adjoint's gradients are the conv's own passes: d(input) = conv(dy, w), d(weight) = the
+        conv's backward-weight with dy as its input and the input as its output gradient."""
+        x, w = e.inputs[0], e.inputs[1]
+        conv = self.conv_attrs(e.attrs)
+        kernel = tuple(int(k) for k in w.shape[2:])
+        return [
+            e.emit(f"conv{self.nd}d", [dy, w], conv, wrt=0) if needs[0] else None,
+            e.emit(f"conv{self.nd}d_backward_weight", [dy, x], {**conv, "kernel_size": kernel}, wrt=1)
+            if needs[1] else None,
+            *([e.emit("reduce_sum", [dy], {"axes": (0, *range(2, self.nd + 2))}, wrt=2) if needs[2] else None]
+              if len(needs) > 2 else []),
+        ]
+
+
 for _nd in (1, 2, 3):
     register(Conv(_nd))
     register(ConvBackwardData(_nd))
     register(ConvBackwardWeight(_nd))
+    register(ConvTranspose(_nd))

@@ -65,6 +65,7 @@ def check_sizes(what, sizes):
 
 class UpsampleBase(Op):
     kind = "opaque"
+    resamples = True
 
     def normalize(self, a):
         out = dict(a)
