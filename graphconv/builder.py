@@ -10,6 +10,7 @@ import difflib
 import functools
 import keyword
 import math
+import zlib
 import numbers
 
 import sympy as sp
@@ -364,6 +365,21 @@ class Graph(GraphCore):
                                                else False}, name=layer)
 
     interpolate = upsample
+
+    @_layer
+    def dropout(self, x, p=0.5, training=True, seed=0, name=None) -> Tensor:
+        """nn.Dropout(p): in training each element is zeroed with probability p and the rest scaled by
+        1 / (1 - p); in eval mode (gc.set_training(g, False), predict) the identity. The mask is a
+        hash of (seed, the layer, the step counter buffer `dropout.step`, the element): reproducible."""
+        from .ops.dropout import STEP_BUFFER
+        layer = self._layer_name(name, "dropout")
+        if STEP_BUFFER in self:
+            step = Tensor(self, STEP_BUFFER)
+        else:
+            step = self.param(STEP_BUFFER, (), ("constant", 0.0), trainable=False, layer="dropout")
+        salt = zlib.crc32(layer.encode())
+        return self.add_node("dropout", [x, step], {"p": p, "training": training, "seed": seed, "salt": salt},
+                             name=layer)
 
     @_layer
     def softmax(self, x, dim=1, name=None) -> Tensor:

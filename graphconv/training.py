@@ -129,9 +129,15 @@ def build_train_step(graph_with_loss, optimizer: Optimizer):
 
 
 def add_running_statistics(graph):
-    """Pass: every training-mode batch norm's running mean and variance after the step, as outputs."""
+    """Pass: every training-mode batch norm's running mean and variance after the step, and dropout's
+    step counter plus one (each step draws new masks), as outputs."""
+    from .ops.dropout import STEP_BUFFER
     g = graph.copy()
     updates = {}
+    if any(n.op == "dropout" and n.attrs["training"] for n in g.topo()):
+        updates[STEP_BUFFER] = g.add_node("increment", [STEP_BUFFER], {}, name=f"{STEP_BUFFER}.next", layer="dropout",
+                                          provenance={"update_of": STEP_BUFFER, "rule": "dropout step counter"},
+                                          stage="update")
     for node in g.topo():
         if node.op == "batch_norm" and node.attrs["training"]:
             x, mean, var = g.operands(node.name)[:3]

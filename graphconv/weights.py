@@ -14,6 +14,8 @@ import numpy as np
 
 from .checkpoint import all_finite, check_state, read_checkpoint, write_npz
 from .errors import CheckpointError, GraphConvError, GraphError, InputError
+from .ops.dropout import STEP_BUFFER
+from .params import init_params
 
 OPTIMIZER_SUFFIXES = (".adam_m", ".adam_v", ".velocity")
 
@@ -66,6 +68,9 @@ def weights_for(graph, weights: dict, where="weights") -> dict:
                 f"convert them to {graph.dtype}")
         raise CheckpointError(f"{where}: holds {dtypes[0]} weights and {graph.name} computes in {graph.dtype}; "
                               f"{hint}")
+    missing = [n for n in RUNTIME_STATE if n in wanted and n not in weights]
+    if missing:          # weights from elsewhere (PyTorch, an older file): the run-time state starts fresh
+        weights = {**{n: v for n, v in init_params(graph).items() if n in missing}, **weights}
     return check_state(where, weights, graph)
 
 
@@ -137,8 +142,14 @@ def confusion(labels, predicted, classes) -> np.ndarray:
 
 
 # ---- PyTorch state dicts ------------------------------------------------------------------------------
+# graphconv's own run-time state, which no PyTorch module holds: dropout's step counter (its masks
+# are graphconv's, so a PyTorch state dict neither has nor needs it); it starts at its initial value
+RUNTIME_STATE = (STEP_BUFFER,)
+
+
 def _layers(graph):
-    """[(layer prefix, op of the node using its weight, [param names])] in graph order."""
+    """[(layer prefix, op of the node using its weight, [param names])] in graph order, without the
+    run-time state."""
     users = {}
     for node in graph.topo():
         if node.role == "op":
@@ -146,6 +157,8 @@ def _layers(graph):
                 users.setdefault(operand, node.op)
     layers, index = [], {}
     for p in graph.params:
+        if p.name in RUNTIME_STATE:
+            continue
         prefix = p.name.rsplit(".", 1)[0] if "." in p.name else ""
         if prefix not in index:
             index[prefix] = len(layers)
@@ -220,8 +233,10 @@ def load_state_dict(graph, state_dict) -> dict:
     if not hasattr(state_dict, "keys"):
         raise InputError(f"load_state_dict: takes a state dict (module.state_dict()), got {type(state_dict).__name__}")
     mapping = _match(graph, state_dict)
-    params = {}
+    params = {n: v for n, v in init_params(graph).items() if n in RUNTIME_STATE}
     for node in graph.params:
+        if node.name in RUNTIME_STATE:
+            continue
         key, transposed = mapping[node.name]
         value = _numpy(state_dict[key])
         if value.dtype.kind != "f" or not all_finite(value):
@@ -242,13 +257,15 @@ def state_dict(graph, params, like=None) -> dict:
     torch module or its state dict, mapped as load_state_dict maps), linear weights transposed.
     Values are NumPy arrays, or torch tensors when `like` is given."""
     need_graph(graph, "state_dict")
-    missing = [n.name for n in graph.params if not isinstance(params, dict) or n.name not in params]
+    missing = [n.name for n in graph.params
+               if n.name not in RUNTIME_STATE and (not isinstance(params, dict) or n.name not in params)]
     if missing:
         raise InputError(f"state_dict: {missing[0]}: missing from params (gc.init_params(graph) or "
                          f"gc.load_weights(path, graph) give them all)")
     if like is None:
         return {name: (params[name].T.copy() if transposed else params[name].copy())
-                for name, (_, transposed) in _match(graph, {n.name: None for n in graph.params}).items()}
+                for name, (_, transposed) in _match(graph, {n.name: None for n in graph.params
+                                                            if n.name not in RUNTIME_STATE}).items()}
     reference = like.state_dict() if hasattr(like, "state_dict") else like
     import torch
     out = {}

@@ -425,3 +425,30 @@ def test_conv_transpose_kernels(stage, nd, kw, direct):
     assert up.kernels[0].startswith(f"conv_transpose{nd}d_direct" if direct else f"conv_transpose{nd}d_f32")
     if "train" in stage:
         assert {"up.weight", "up.weight.next"} & {k for r in results for k in r.node.split(", ")}
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])
+def test_dropout_kernels_draw_the_references_mask_bit_for_bit(stage):
+    """Training-mode dropout (forward and its gradient) draws exactly the NumPy reference's mask at a
+    given step; the training step increments the counter; eval (the fused inference stage) is a view."""
+    from graphconv.ops.dropout import STEP_BUFFER
+    g = gc.Graph("dr", "float32")
+    x = g.input("x", ("N", 3, 6, 6))
+    h = g.dropout(g.relu(g.conv2d(x, 4, 3, padding=1, name="c")), p=0.3, name="drop1")
+    h = g.dropout(g.relu(g.linear(g.flatten(h), 50, name="fc1")), p=0.5, name="drop2")
+    g.output(g.linear(h, 10, name="fc2"))
+    graph = build(g, stage)
+    params = gc.init_params(graph, seed=0)
+    params[STEP_BUFFER] = np.array(7.0, np.float32)
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), params)
+    assert all(r.ok and r.max_abs == 0 for r in results if r.op == "dropout"), \
+        [(r.node, r.max_abs) for r in results if r.op == "dropout"]
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    launched = {r.node for r in results if r.op == "dropout"}
+    if stage == "fused":
+        assert not launched                                 # eval mode: no kernel, a view of the input
+    else:
+        assert {"drop1", "drop2"} <= launched
+    if "train" in stage:
+        assert graph.meta["updates"][STEP_BUFFER] == f"{STEP_BUFFER}.next"

@@ -319,3 +319,9 @@ def test_conv_transpose_gradients(nd, attrs, c_in, c_out_g, kernel):
     b = RNG.standard_normal(c_out_g * attrs.get("groups", 1))
     results = assert_rule(f"conv_transpose{nd}d", [x, w, b], attrs)
     assert len(results) == 3
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.8])
+def test_dropout_gradient_draws_the_same_mask(p):
+    """The mask is fixed by (seed, salt, step): the gradient is dropout of dy with the same key."""
+    assert_rule("dropout", [RNG.standard_normal((4, 6, 5)), np.array(3.0)], {"p": p, "salt": 17, "seed": 2})

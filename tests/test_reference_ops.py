@@ -422,3 +422,45 @@ def test_conv_transpose_bad_input_names_the_layer(kw, message):
     with pytest.raises(gc.GraphConvError, match=message):
         g.conv_transpose2d(x, 6, name="up", **kw)
     assert "up" not in g and "up.weight" not in g
+
+
+def test_dropout_keeps_one_minus_p_scales_them_and_is_the_identity_in_eval():
+    from graphconv.ops.dropout import keep_mask
+    g = gc.Graph("dr")
+    x = g.input("x", (64, 32, 8))
+    g64, inputs, params, v = run_single(g, g.dropout(x, p=0.3, name="d"), inputs={"x": np.ones((64, 32, 8))})
+    y = v["d"]
+    assert set(np.unique(y)) <= {0.0, 1 / 0.7}
+    kept = (y != 0).mean()
+    n = y.size
+    assert abs(kept - 0.7) < 4 * np.sqrt(0.7 * 0.3 / n)              # binomial: within 4 sigma
+    if torch is not None:                                             # PyTorch's scaling of the kept elements
+        t = torch.nn.functional.dropout(torch.ones(1000, dtype=torch.float64), 0.3, training=True)
+        assert set(np.unique(t.numpy())) <= {0.0, 1 / 0.7}
+    # a pure function of (seed, layer, step, index): again the same; another step, layer or seed differs
+    again = gc.compile(g64).run(inputs, params)["d"]
+    assert np.array_equal(again, y)
+    masks = [keep_mask(1000, 0, 1, 0, 0.5), keep_mask(1000, 0, 1, 1, 0.5), keep_mask(1000, 0, 2, 0, 0.5),
+             keep_mask(1000, 5, 1, 0, 0.5)]
+    for other in masks[1:]:
+        assert 0.35 < (masks[0] != other).mean() < 0.65                # independent-looking draws
+    # eval mode and p = 0: the identity, as nn.Dropout
+    ev = gc.set_training(g64, False)
+    np.testing.assert_array_equal(gc.compile(ev).run(inputs, params)["d"], inputs["x"])
+    if torch is not None:
+        np.testing.assert_array_equal(run_torch(ev, inputs, params)["d"], inputs["x"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(p=1.0), r"d \[dropout\]: p must be in \[0, 1\) \(the probability of dropping an element\), got 1\.0"),
+    (dict(p=-0.1), r"d \[dropout\]: p must be in \[0, 1\)"),
+    (dict(p="0.5"), r"d \[dropout\]: p must be a number, got '0\.5'"),
+    (dict(seed=-1), r"d \[dropout\]: seed must be an int in \[0, 2\^32\), got -1"),
+    (dict(training="yes"), r"d \[dropout\]: training must be True or False, got 'yes'"),
+])
+def test_dropout_bad_input_names_the_layer(kw, message):
+    g = gc.Graph("dr")
+    x = g.input("x", ("N", 8))
+    with pytest.raises(gc.GraphConvError, match=message):
+        g.dropout(x, name="d", **kw)
+    assert "d" not in g and "dropout.step" not in g                  # the failed layer left nothing behind

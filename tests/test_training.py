@@ -251,3 +251,51 @@ def test_a_loss_needs_class_scores():
     h = g.avg_pool2d(g.conv2d(g.input("x", ("N", 1, 4, 4)), 10, 1), 4)     # [N, 10, 1, 1] is fine
     g.output(h)
     assert attach_loss(g).node("scores").shape[1] == 10
+
+
+def dropout_net():
+    g = gc.Graph("drnet", "float32")
+    x = g.input("x", ("N", 1, 8, 8))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 8, 3, padding=1, name="c")), 2)
+    h = g.dropout(g.flatten(h), p=0.25, name="drop1")
+    h = g.dropout(g.relu(g.linear(h, 64, name="fc1")), p=0.5, name="drop2")
+    g.output(g.linear(h, 10, name="fc2"))
+    return g
+
+
+def test_dropout_training_is_reproducible_resumable_and_the_same_on_the_host(tmp_path):
+    """Each step draws new masks (the counter is state, incremented by the step), two runs with one
+    seed are bitwise equal, a checkpoint resumes the mask sequence, the host backend's kernels follow
+    the numpy backend, and predict (eval mode) drops nothing."""
+    x, y, _, _ = data.load("digits", ("N", 1, 8, 8))
+    x, y = x[:192], y[:192]
+
+    def run(trainer, epochs):
+        for _ in range(epochs):
+            for idx in batches(len(x), 64, 0, trainer.epoch):
+                trainer.step(x[idx], y[idx])
+            trainer.epoch += 1
+
+    a, b = Trainer(dropout_net(), Optimizer("adam", lr=3e-3)), Trainer(dropout_net(), Optimizer("adam", lr=3e-3))
+    run(a, 2), run(b, 2)
+    assert float(a.state["dropout.step"]) == 6
+    for k, v in a.state.items():
+        np.testing.assert_array_equal(b.state[k], v, err_msg=k)
+    first = Trainer(dropout_net(), Optimizer("adam", lr=3e-3))
+    run(first, 1)
+    first.save(tmp_path / "d.npz")
+    resumed = Trainer(dropout_net(), Optimizer("adam", lr=3e-3), seed=5)
+    resumed.load(tmp_path / "d.npz")
+    run(resumed, 1)
+    for k, v in a.state.items():
+        np.testing.assert_array_equal(resumed.state[k], v, err_msg=k)
+    host = Trainer(dropout_net(), Optimizer("adam", lr=3e-3), backend="host")
+    run(host, 2)
+    for k, v in a.state.items():
+        np.testing.assert_allclose(host.state[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+    # eval: the same scores as the graph without dropout layers (identity), on the trained weights
+    plain = gc.Graph("plain", "float32")
+    h = plain.max_pool2d(plain.relu(plain.conv2d(plain.input("x", ("N", 1, 8, 8)), 8, 3, padding=1, name="c")), 2)
+    plain.output(plain.linear(plain.relu(plain.linear(plain.flatten(h), 64, name="fc1")), 10, name="fc2"))
+    weights = {k: v for k, v in a.params.items() if k != "dropout.step"}
+    np.testing.assert_array_equal(a.predict(x), gc.predict(plain, weights, x)[0])

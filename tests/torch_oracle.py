@@ -110,6 +110,10 @@ def eval_node(node, xs):
     if op == "upsample":
         kw = {} if a["mode"] == "nearest" else {"align_corners": a["align_corners"]}
         return F.interpolate(xs[0], size=a["size"], mode=a["mode"], **kw)
+    if op == "dropout":
+        if not a["training"] or a["p"] == 0:
+            return F.dropout(xs[0], a["p"], training=False)
+        raise NotImplementedError("dropout in training: PyTorch draws its own mask")
     if op == "softmax":
         return F.softmax(xs[0], dim=a["dim"])
     if op == "log_softmax":

@@ -1,2 +1,2 @@
 """Every kernel family's lowering module; importing this fills LOWERINGS."""
-from . import gemm, loss, pointwise, reduce, softmax, upsample, views, window  # noqa: F401
+from . import dropout, gemm, loss, pointwise, reduce, softmax, upsample, views, window  # noqa: F401
