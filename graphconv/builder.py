@@ -243,9 +243,9 @@ class Graph(GraphCore):
         return self._adaptive("avg", len(x.shape) - 2, x, 1, name)
 
     def _adaptive(self, mode, nd, x, output_size, name):
-        """PyTorch's adaptive pooling where each output takes an equal window (the input size a
-        multiple of the output size): a plain pool with kernel = stride = input // output. Other sizes
-        have overlapping windows of two sizes, which graphconv refuses rather than approximates."""
+        """PyTorch's adaptive pooling. Where the input size is a multiple of the output size every
+        window is equal: a plain pool with kernel = stride = input // output (it fuses with a conv).
+        Otherwise the adaptive op, with PyTorch's windows of two sizes that may overlap."""
         layer = name or f"adaptive_{mode}_pool{nd}d"
         x = self._tensor(x, layer, f"adaptive_{mode}_pool{nd}d")
         out = (output_size,) * nd if isinstance(output_size, int) and not isinstance(output_size, bool) else output_size
@@ -259,10 +259,10 @@ class Graph(GraphCore):
             if not getattr(sp.sympify(d), "is_Integer", False):
                 raise GraphError(f"{layer}: the spatial size {d} is symbolic; adaptive pooling needs it known "
                                  f"(bind it with --dim or pools of a fixed kernel)")
-            if int(d) % o:
-                raise GraphError(f"{layer}: input size {int(d)} is not a multiple of output size {o}; graphconv "
-                                 f"pools equal windows only (PyTorch's windows would overlap here)")
-            sizes.append(int(d) // o)
+            sizes.append(int(d) // o if int(d) % o == 0 else None)
+        if None in sizes:    # windows of two sizes that may overlap: the adaptive op itself
+            return self.add_node(f"adaptive_{mode}_pool{nd}d", [x], {"output_size": tuple(out)},
+                                 name=self._layer_name(name, f"adaptive_{mode}_pool"))
         return self._pool(mode, nd, x, tuple(sizes), name=name, stride=tuple(sizes))
 
     def _pool(self, mode, nd, x, kernel_size, name=None, **attrs):

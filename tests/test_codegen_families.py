@@ -452,3 +452,21 @@ def test_dropout_kernels_draw_the_references_mask_bit_for_bit(stage):
         assert {"drop1", "drop2"} <= launched
     if "train" in stage:
         assert graph.meta["updates"][STEP_BUFFER] == f"{STEP_BUFFER}.next"
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused-train"])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("nd, spatial, out", [(1, (10,), (3,)), (2, (7, 5), (3, 2)), (3, (5, 4, 3), (2, 3, 2))])
+def test_adaptive_pool_kernels_uneven_windows(stage, mode, nd, spatial, out):
+    g = gc.Graph("a", "float32")
+    x = g.input("x", ("N", 2, *spatial))
+    h = g.relu(getattr(g, f"conv{nd}d")(x, 3, 3, padding=1, name="c"))
+    g.output(g.linear(g.flatten(getattr(g, f"adaptive_{mode}_pool{nd}d")(h, out, name="ap")), 5, name="fc"))
+    graph = build(g, stage)
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    ops = {r.op for r in results}
+    assert f"adaptive_{mode}_pool{nd}d" in ops
+    if "train" in stage:
+        assert f"adaptive_{mode}_pool{nd}d_backward" in ops

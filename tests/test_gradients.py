@@ -325,3 +325,9 @@ def test_conv_transpose_gradients(nd, attrs, c_in, c_out_g, kernel):
 def test_dropout_gradient_draws_the_same_mask(p):
     """The mask is fixed by (seed, salt, step): the gradient is dropout of dy with the same key."""
     assert_rule("dropout", [RNG.standard_normal((4, 6, 5)), np.array(3.0)], {"p": p, "salt": 17, "seed": 2})
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("shape, out", [((2, 3, 10), (3,)), ((2, 3, 7, 5), (3, 2)), ((1, 2, 5, 4, 3), (2, 3, 2))])
+def test_adaptive_pool_gradients_uneven_windows(mode, shape, out):
+    assert_rule(f"adaptive_{mode}_pool{len(out)}d", [RNG.standard_normal(shape)], {"output_size": out})

@@ -211,7 +211,9 @@ def test_mul_against_numpy_and_torch():
 
 
 @pytest.mark.skipif(torch is None, reason="PyTorch not installed")
-@pytest.mark.parametrize("nd,spatial,out", [(1, (12,), 3), (2, (12, 8), (3, 2)), (2, (6, 6), 1), (3, (4, 6, 8), (2, 3, 4))])
+@pytest.mark.parametrize("nd,spatial,out", [(1, (12,), 3), (2, (12, 8), (3, 2)), (2, (6, 6), 1), (3, (4, 6, 8), (2, 3, 4)),
+                                            (1, (10,), 3), (2, (7, 5), (3, 2)), (2, (6, 6), (4, 4)),
+                                            (3, (5, 4, 3), (2, 3, 2))])     # windows of two sizes, overlapping
 def test_adaptive_and_global_pools_equal_pytorchs(nd, spatial, out):
     F = torch.nn.functional
     g = gc.Graph("adaptive", "float64")
@@ -226,11 +228,28 @@ def test_adaptive_and_global_pools_equal_pytorchs(nd, spatial, out):
     np.testing.assert_allclose(got["gap"], getattr(F, f"adaptive_avg_pool{nd}d")(t, 1).numpy(), rtol=1e-12, atol=1e-15)
 
 
-def test_adaptive_pools_refuse_what_they_would_approximate():
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_adaptive_pools_with_uneven_windows_match_torch_autograd_ties_included(mode):
+    """Gradients against PyTorch's autograd on small integers (many ties: the max goes to the first of
+    equal maxima, as PyTorch's scan), and as ops of their own (a plain pool where windows are equal)."""
+    g = gc.Graph("adaptive", "float64")
+    x = g.input("x", (2, 3, 7, 5))
+    g.output(getattr(g, f"adaptive_{mode}_pool2d")(x, (3, 2), name="p"))
+    assert g.node("p").op == f"adaptive_{mode}_pool2d"
+    xv = np.random.default_rng(5).integers(0, 3, (2, 3, 7, 5)).astype(np.float64)
+    dy = np.random.default_rng(6).standard_normal((2, 3, 3, 2))
+    from graphconv.ops import OPS
+    dx = OPS[f"adaptive_{mode}_pool2d_backward"].reference(
+        [dy] if mode == "avg" else [xv, dy], {"output_size": (3, 2), "input_size": (7, 5)})
+    t = torch.tensor(xv, requires_grad=True)
+    getattr(torch.nn.functional, f"adaptive_{mode}_pool2d")(t, (3, 2)).backward(torch.tensor(dy))
+    np.testing.assert_allclose(dx, t.grad.numpy(), rtol=1e-13, atol=1e-15)
+
+
+def test_adaptive_pools_refuse_what_they_cannot_compute():
     g = gc.Graph("adaptive")
     x = g.input("x", ("N", 3, 12, "W"))
-    with pytest.raises(gc.GraphError, match="input size 12 is not a multiple of output size 5"):
-        g.adaptive_avg_pool2d(x, (5, 1))
     with pytest.raises(gc.GraphError, match="the spatial size W is symbolic"):
         g.adaptive_max_pool2d(x, 2)
     with pytest.raises(gc.GraphError, match=r"output_size is a positive int or 2 of them, got \(2, 0\)"):

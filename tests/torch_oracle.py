@@ -73,6 +73,8 @@ def eval_node(node, xs):
                               groups=a["groups"], dilation=a["dilation"])
     if op.startswith("conv"):
         return _conv(node, xs[0], xs[1], xs[2] if len(xs) > 2 else None)
+    if op.startswith("adaptive_"):
+        return getattr(F, op)(xs[0], a["output_size"])
     if "_pool" in op:
         return _pool(node, xs[0])
     if op == "linear":

@@ -1,2 +1,2 @@
 """Every kernel family's lowering module; importing this fills LOWERINGS."""
-from . import dropout, gemm, loss, pointwise, reduce, softmax, upsample, views, window  # noqa: F401
+from . import adaptive, dropout, gemm, loss, pointwise, reduce, softmax, upsample, views, window  # noqa: F401
