@@ -6,6 +6,9 @@ shape and dtype.
 """
 from __future__ import annotations
 
+import contextlib
+import numbers
+
 import numpy as np
 import sympy as sp
 
@@ -14,6 +17,29 @@ from .memory import check_fits, fmt_bytes
 from .ops import OPS, TensorType, TupleType
 from .params import check_params
 from .shapes import fmt_shape
+
+
+# NumPy's BLAS threads during a run of the numpy backend, set with threadpoolctl around each run.
+# Measured on the 2-core machine (2026-11-28, OpenBLAS 0.3.31): one LeNet-5 conv2 product
+# [50 x 500] x [500 x 12544] takes 6.5 ms on one thread, steady (max 8 ms in 30), and 7.7 ms median
+# on two with stalls to 32 ms; a LeNet-5 training step 53 ms on one thread against 151 ms on two;
+# two single-threaded products side by side gain nothing either (the cores share their vector
+# units). One thread is the fastest and the steadiest here; gc.compile(..., blas_threads=n) asks
+# for another count.
+BLAS_THREADS = 2
+_controller = None
+
+
+def blas_threads(n):
+    """A context in which NumPy's BLAS uses n threads (threadpoolctl; nothing where it is missing)."""
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _controller = ThreadpoolController()
+        except ImportError:          # pragma: no cover - a declared dependency; the GPU machines may lack it
+            _controller = False
+    return _controller.limit(limits=n, user_api="blas") if _controller else contextlib.nullcontext()
 
 
 def bind_inputs(graph, inputs: dict, array_types=(np.ndarray,)) -> dict:
@@ -95,7 +121,11 @@ class NumpyProgram:
 
     backend = "numpy"
 
-    def __init__(self, graph):
+    def __init__(self, graph, blas_threads=None):
+        if blas_threads is not None and (isinstance(blas_threads, bool) or not isinstance(blas_threads, numbers.Integral)
+                                         or blas_threads < 1):
+            raise GraphError(f"blas_threads must be a positive integer, got {blas_threads!r}")
+        self.blas_threads = int(blas_threads) if blas_threads is not None else BLAS_THREADS
         self.graph = graph.verify()
         if not graph.outputs:
             raise GraphError(f"{graph.name}: no outputs; mark them with g.output(...)")
@@ -177,6 +207,10 @@ class NumpyProgram:
 
     def run(self, inputs: dict, params=None, keep=False) -> dict:
         """Evaluate every node; return the outputs (every value when keep=True)."""
+        with blas_threads(self.blas_threads):
+            return self._run(inputs, params, keep)
+
+    def _run(self, inputs, params, keep):
         bindings = bind_inputs(self.graph, inputs)
         values = {**inputs, **check_params(self.graph, params)}
         keep_always = set(self.graph.outputs)

@@ -122,8 +122,14 @@ def columns(x, kernel, stride, pads, dilation, groups, padding_mode="zeros"):
     """im2col, offset-major: (G, K * C/G, N*P), row (k, c) holding input channel c as kernel offset k
     reads it at every output position. Built one kernel offset at a time from a channel-major copy
     of the padded input, so every write is contiguous."""
-    xt = np.ascontiguousarray(pad_array(x, pads, padding_mode).swapaxes(0, 1))       # C, N, padded...
     n, c = x.shape[:2]
+    if padding_mode == "zeros":        # padded and channel-major in one copy
+        padded = [size + lo + hi for size, (lo, hi) in zip(x.shape[2:], pads)]
+        xt = np.zeros((c, n, *padded), x.dtype)
+        xt[(slice(None), slice(None)) + tuple(slice(lo, lo + size) for size, (lo, _) in zip(x.shape[2:], pads))] = \
+            x.swapaxes(0, 1)
+    else:
+        xt = np.ascontiguousarray(pad_array(x, pads, padding_mode).swapaxes(0, 1))   # C, N, padded...
     out_sp = tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(xt.shape[2:], kernel, stride, dilation))
     cols = np.empty((math.prod(kernel), c, n) + out_sp, x.dtype)
     for k, offset in enumerate(np.ndindex(*kernel)):
@@ -165,11 +171,24 @@ def conv_backward_weight(x, dy, kernel, stride, pads, dilation, groups, padding_
 
 
 def conv_backward_data(dy, w, input_spatial, stride, pads, dilation, groups, padding_mode="zeros"):
-    """dL/dx, a transposed convolution: per kernel offset, W_k^T @ dy (one batched matmul gives all
-    offsets at once, laid out offset-major), added onto the strided positions that offset read in
-    the forward pass; then folded through the padding."""
+    """dL/dx, a transposed convolution. Stride 1, one group, no more output than input channels: a
+    convolution of dy with the flipped, transposed filter (im2col of dy, then one product whose depth
+    is C_out * K: BLAS runs it several times faster than K products of depth C_out). Otherwise: per
+    kernel offset, W_k^T @ dy (one batched matmul gives all offsets at once, laid out offset-major),
+    added onto the strided positions that offset read in the forward pass. Then folded through the
+    padding."""
     n, c_out = dy.shape[:2]
     kernel, out_sp = w.shape[2:], dy.shape[2:]
+    if all(s == 1 for s in stride) and groups == 1 and c_out <= w.shape[1]:
+        flipped = np.ascontiguousarray(w[(slice(None), slice(None)) + (slice(None, None, -1),) * len(kernel)]
+                                       .swapaxes(0, 1))                                # C, C_out, K...
+        full = [(d * (k - 1), d * (k - 1)) for k, d in zip(kernel, dilation)]
+        if padding_mode == "zeros":     # straight onto the input's positions
+            inner = [(f - lo, f - hi) for (f, _), (lo, hi) in zip(full, pads)]
+            if all(lo >= 0 and hi >= 0 for lo, hi in inner):
+                return conv_nd(dy, flipped, None, stride, inner, dilation, 1)
+        dxp = conv_nd(dy, flipped, None, stride, full, dilation, 1)                  # the padded input's gradient
+        return unpad_adjoint(dxp, pads, padding_mode, input_spatial)
     cg, cog = w.shape[1], c_out // groups
     wk = w.reshape(groups, cog, cg, math.prod(kernel)).transpose(0, 3, 2, 1)          # G, K, C/G, C_out/G
     dcols = np.matmul(wk, channel_major(dy, groups)[:, None])                         # G, K, C/G, N*P

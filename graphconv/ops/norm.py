@@ -44,8 +44,9 @@ class BatchNorm(Op):
                           f"(as in PyTorch; use eval mode or a larger batch)")
         y, _ = normalized(x, xs[1], xs[2], attrs["eps"], attrs["training"])
         bshape = (1, -1) + (1,) * (x.ndim - 2)
-        if len(xs) == 5:
-            y = y * xs[3].reshape(bshape) + xs[4].reshape(bshape)
+        if len(xs) == 5:                                # in place: y is a fresh array
+            y *= xs[3].reshape(bshape)
+            y += xs[4].reshape(bshape)
         return y.astype(x.dtype, copy=False)
 
     def macs(self, ins, out, attrs):
@@ -69,14 +70,31 @@ def check_eps(eps, dtype):
         raise OpError(f"eps {eps:g} is 0 in {dtype}; use at least {np.finfo(dtype).tiny:g}")
 
 
+def channel_sum(a3):
+    """[N, C, P] -> [C]: pairwise sums along the contiguous P, then over N (NumPy's accurate order)."""
+    return a3.sum(axis=2).sum(axis=0)
+
+
+def batch_stats(x):
+    """(mean, biased variance) per channel of [N, C, ...], and the deviations x - mean as [N, C, P]:
+    the variance from the deviations (no cancellation), two passes over x."""
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    m = x3.shape[0] * x3.shape[2]
+    mean = channel_sum(x3) / x.dtype.type(m)
+    d = x3 - mean[None, :, None]
+    return mean, channel_sum(np.square(d)) / x.dtype.type(m), d
+
+
 def normalized(x, mean, var, eps, training):
     """(x_hat, 1/sqrt(var + eps)) broadcast over axis 1, with batch or running statistics."""
-    axes = (0,) + tuple(range(2, x.ndim))
     bshape = (1, -1) + (1,) * (x.ndim - 2)
     if training:
-        mean, var = x.mean(axis=axes), x.var(axis=axes)
-    inv_std = (1 / np.sqrt(var + x.dtype.type(eps))).reshape(bshape)
-    return (x - mean.reshape(bshape)) * inv_std, inv_std
+        mean, var, d = batch_stats(x)
+    else:
+        d = x.reshape(x.shape[0], x.shape[1], -1) - mean[None, :, None]
+    inv_std = 1 / np.sqrt(var + x.dtype.type(eps))
+    d *= inv_std[None, :, None]                         # x_hat, in the deviations' array
+    return d.reshape(x.shape), inv_std.reshape(bshape)
 
 
 class BatchNormGradBase(GradientOp):
@@ -104,10 +122,16 @@ class BatchNormGradInput(BatchNormGradBase):
         g = dy * xs[4].reshape((1, -1) + (1,) * (x.ndim - 2)) if len(xs) > 4 else dy
         if not attrs["training"]:
             return (g * inv_std).astype(x.dtype)
-        axes = (0,) + tuple(range(2, x.ndim))
         m = x.size // x.shape[1]
-        dx = inv_std / m * (m * g - g.sum(axis=axes, keepdims=True) - x_hat * (g * x_hat).sum(axis=axes, keepdims=True))
-        return dx.astype(x.dtype)
+        n, c = x.shape[:2]
+        g3, x_hat3 = g.reshape(n, c, -1), x_hat.reshape(n, c, -1)
+        sum_g, sum_gx = channel_sum(g3), channel_sum(g3 * x_hat3)
+        # inv_std / m * (m * g - sum(g) - x_hat * sum(g * x_hat)), written in place into one array
+        dx = x_hat3 * -sum_gx[None, :, None]
+        dx += m * g3
+        dx -= sum_g[None, :, None]
+        dx *= inv_std.reshape(1, c, 1) / m
+        return dx.reshape(x.shape).astype(x.dtype, copy=False)
 
 
 @register
@@ -121,7 +145,8 @@ class BatchNormGradWeight(BatchNormGradBase):
     def reference(self, xs, attrs):
         x, mean, var, dy = xs
         x_hat, _ = normalized(x, mean, var, attrs["eps"], attrs["training"])
-        return (dy * x_hat).sum(axis=(0,) + tuple(range(2, x.ndim))).astype(x.dtype)
+        x_hat *= dy
+        return channel_sum(x_hat.reshape(x.shape[0], x.shape[1], -1)).astype(x.dtype)
 
 
 @register
@@ -142,8 +167,10 @@ class BatchNormUpdateStats(Op):
 
     def reference(self, xs, attrs):
         x, running = xs
-        axes = (0,) + tuple(range(2, x.ndim))
         m = x.size // x.shape[1]
-        batch = x.mean(axis=axes) if attrs["stat"] == "mean" else x.var(axis=axes) * (m / max(m - 1, 1))
+        if attrs["stat"] == "mean":
+            batch = channel_sum(x.reshape(x.shape[0], x.shape[1], -1)) / x.dtype.type(m)
+        else:
+            batch = batch_stats(x)[1] * (m / max(m - 1, 1))
         mom = attrs["momentum"]
         return ((1 - mom) * running + mom * batch).astype(running.dtype)

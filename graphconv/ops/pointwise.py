@@ -14,7 +14,7 @@ from sympy.printing.numpy import NumPyPrinter
 
 from ..errors import GraphError, OpError
 from ..shapes import fmt_dim, fmt_shape, provably_ne
-from .base import OPS, Op, as_float, register
+from .base import OPS, Op, as_float, register, select
 
 X = sp.Symbol("x", real=True)
 DY = sp.Symbol("dy", real=True)
@@ -44,14 +44,14 @@ class softplus(sp.Function):
 
 def _np_sigmoid(x):
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    return select(np.asarray(x >= 0), 1 / (1 + e), e / (1 + e))
 
 
 def _np_softplus(x):
     return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
 
-NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus}
+NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus, "gc_select": select}
 
 # The same two functions as CUDA device functions, the stable forms above: code generation prints
 # sigmoid(x) as gc_sigmoid(x) and puts these in the kernels that use them ({T}: float or double,
@@ -64,12 +64,13 @@ C_FUNCTIONS = {
 
 
 class _WherePrinter(NumPyPrinter):
-    """Prints Piecewise as nested numpy.where, several times faster than sympy's numpy.select."""
+    """Prints Piecewise as nested selects (base.select: numpy.where's result without its branch per
+    element), several times faster than sympy's numpy.select."""
 
     def _print_Piecewise(self, expr):
         text = self._print(expr.args[-1].expr) if expr.args[-1].cond == sp.true else "numpy.nan"
         for piece in reversed(expr.args[:-1] if expr.args[-1].cond == sp.true else expr.args):
-            text = f"numpy.where({self._print(piece.cond)}, {self._print(piece.expr)}, {text})"
+            text = f"gc_select(numpy.asarray({self._print(piece.cond)}), {self._print(piece.expr)}, {text})"
         return text
 
 

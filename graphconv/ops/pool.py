@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape
-from .base import REQUIRED, GradientOp, Op, as_bool, register, rank_error
+from .base import REQUIRED, GradientOp, Op, as_bool, register, rank_error, select
 from .window import (LAYOUT, ceil_extra, offset_slices, pad_array, padding_pairs, per_axis, unpad_adjoint,
                      window_reduce, window_shape)
 
@@ -95,10 +95,19 @@ class Pool(Op):
         maximum: the element PyTorch routes the gradient to on ties."""
         k, s, d = attrs["kernel_size"], attrs["stride"], self.dilation(attrs)
         xp = pad_array(x, self.padded_pairs(x.shape[2:], out_sp, attrs), value=-np.inf)
-        stacked = np.stack([xp[offset_slices(o, s, d, out_sp)] for o in np.ndindex(*k)])
-        codes = stacked.argmax(axis=0)
-        pooled = np.take_along_axis(stacked, codes[None], axis=0)[0]
-        return pooled, codes.astype(np.uint8 if stacked.shape[0] <= 256 else np.int64)
+        views = [xp[offset_slices(o, s, d, out_sp)] for o in np.ndindex(*k)]
+        codes = np.zeros(views[0].shape, np.uint8 if len(views) <= 256 else np.int64)
+        best = np.array(views[0])
+        nans = bool(np.isnan(xp).any())
+        # one running pass per offset (np.argmax's choice: the first of equal maxima; a NaN beats
+        # every number, the first NaN staying), each a branch-free select
+        for i, view in enumerate(views[1:], 1):
+            take = view > best
+            if nans:
+                take |= np.isnan(view) & ~np.isnan(best)
+            best = select(take, view, best)
+            codes = select(take, codes.dtype.type(i), codes)
+        return best, codes
 
     def gather(self, z, codes, attrs, out_sp):
         """z (same size as the pooled input) at each window's argmax position."""
@@ -117,8 +126,13 @@ class Pool(Op):
         out_sp = g.shape[2:]
         pairs = self.padded_pairs(spatial, out_sp, attrs)
         dxp = np.zeros((*g.shape[:2], *[size + lo + hi for size, (lo, hi) in zip(spatial, pairs)]), g.dtype)
+        disjoint = all(st >= dd * (kk - 1) + 1 for kk, st, dd in zip(k, s, d))   # windows do not overlap
         for i, offset in enumerate(np.ndindex(*k)):
-            dxp[offset_slices(offset, s, d, out_sp)] += np.where(codes == i, g, 0)
+            part = select(codes == i, g, g.dtype.type(0))
+            if disjoint:       # each position in one window at most: a store, not a read-add-write
+                dxp[offset_slices(offset, s, d, out_sp)] = part
+            else:
+                dxp[offset_slices(offset, s, d, out_sp)] += part
         return unpad_adjoint(dxp, pairs, "zeros", spatial)
 
     def divisor(self, spatial, out_sp, attrs):
