@@ -24,8 +24,8 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
     training  set every batch_norm to batch statistics (True) or running statistics (False)
     tf32    host/cuda: convolutions and matrix products on TF32 tensor cores (inputs rounded to 10
             mantissa bits, FP32 sums; about 1e-3 relative error); float32 graphs only
-    blas_threads  numpy: NumPy's BLAS threads during a run (default graphconv.reference.BLAS_THREADS, 1:
-            the fastest and steadiest on a 2-core machine; see there)
+    blas_threads  numpy: NumPy's BLAS threads during a run (default graphconv.reference.BLAS_THREADS:
+            two, or one on a one-core machine; measured, see there)
     """
     if backend not in BACKENDS:
         raise GraphError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 
 import numpy as np
 import sympy as sp
@@ -19,14 +20,15 @@ from .params import check_params
 from .shapes import fmt_shape
 
 
-# NumPy's BLAS threads during a run of the numpy backend, set with threadpoolctl around each run.
-# Measured on the 2-core machine (2026-11-28, OpenBLAS 0.3.31): one LeNet-5 conv2 product
-# [50 x 500] x [500 x 12544] takes 6.5 ms on one thread, steady (max 8 ms in 30), and 7.7 ms median
-# on two with stalls to 32 ms; a LeNet-5 training step 53 ms on one thread against 151 ms on two;
-# two single-threaded products side by side gain nothing either (the cores share their vector
-# units). One thread is the fastest and the steadiest here; gc.compile(..., blas_threads=n) asks
-# for another count.
-BLAS_THREADS = 2
+# NumPy's BLAS threads during a run of the numpy backend, set with threadpoolctl around each run
+# (so a run is steady whatever else the process does). Measured on the 2-core machine, 2026-11-28,
+# OpenBLAS 0.3.31, a quiet machine, training steps in 5 alternating blocks (medians, ms):
+# lenet5 at 64: 50.4 on one thread, 41.1 on two; vgg_small at 32: 168.6 / 144.1; resnet8 at 32:
+# 82.0 / 69.5, the block-to-block spread a few percent either way. (Measured while another process
+# loaded the machine, two threads stalled: one product 3.7 ms at best, 32 ms at worst, where one
+# thread stayed within 6.3-8 ms; that is the swing earlier benchmarks saw.) So: two threads, or one
+# on a one-core machine; more than two were not measured. gc.compile(..., blas_threads=n) sets another.
+BLAS_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 _controller = None
 
 
