@@ -13,14 +13,13 @@ sides run in alternating blocks in one process, so that both see the same machin
 of each block are not counted (the other library's worker threads keep spinning for a while after
 its last call). Each block gives a median per side and a ratio; the table reports the median of
 the block ratios and their spread (max - min over blocks, as a fraction of the median), and the
-median time of each side. Peak memory: each side alone in a fresh process, the growth of the
-resident set's high-water mark over a few calls after setup (ru_maxrss). Results are written only
+median time of each side. Peak memory: each side alone in a fresh process, the resident set's
+high-water mark over three calls above the resident set held before them (Linux /proc/self). Results are written only
 with --save (benchmarks/results/cpu.json and cpu.md), so a run never overwrites committed numbers.
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -100,17 +99,32 @@ def alternate(ours, theirs, rounds, block_s, settle=2):
     return blocks
 
 
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_child(model, batch, phase, side, torch_threads):
-    """In a fresh process: the growth of the high-water resident set over three calls, in MiB."""
+    """In a fresh process, after setup and one warm-up call: the resident set's high-water mark over
+    three calls above the resident set before them, in MiB (the mark reset through clear_refs)."""
     if side == "torch":
         import torch
         torch.set_num_threads(torch_threads)
     fn = setup(model, batch, phase, side)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    import ctypes
+    import gc as collector
+    collector.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)           # hand freed heap back, so the baseline is what is held
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                    # resets VmHWM to the current resident set
+    base = status_kib("VmRSS")
     for _ in range(3):
         fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024}))
+    print(json.dumps({"peak_mib": (status_kib("VmHWM") - base) / 1024}))
 
 
 def peak(model, batch, phase, side, torch_threads):

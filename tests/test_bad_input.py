@@ -3,6 +3,7 @@ GraphConvError with a message that names what was wrong and what to do, and the 
 one line and exits 2. The two wrong results of the foundation have regression tests here too."""
 import json
 import os
+import re
 import stat
 import zipfile
 
@@ -547,15 +548,22 @@ def test_every_option_has_help_and_shows_its_default(capsys):
 
 
 @pytest.mark.skipif(torch is None, reason="PyTorch not installed")
-def test_benchmarks_do_not_rewrite_committed_results(tmp_path, monkeypatch):
+def test_the_cpu_benchmark_pins_threads_reports_a_ratio_and_writes_only_with_save():
+    import subprocess
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import common
-    results = os.path.join(os.path.dirname(common.__file__), "results")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    results = os.path.join(root, "benchmarks", "results")
     files = [f for f in os.listdir(results) if os.path.isfile(os.path.join(results, f))]
     before = {f: open(os.path.join(results, f), "rb").read() for f in files}
-    monkeypatch.setattr(sys, "argv", ["bench"])
-    common.report("t", "forward_numpy_cpu", lambda: None, lambda: (lambda: None), repeats=1)
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_cpu.py"), "--quick", "--cases",
+                           "lenet5:16", "--phases", "forward", "--rounds", "2", "--torch-threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from graphconv import reference
+    assert f"threads: numpy backend BLAS {reference.BLAS_THREADS} " in done.stdout and "PyTorch intra-op 1;" in done.stdout
+    assert re.search(r"lenet5 +batch +16 forward: numpy +[\d.]+ ms +torch +[\d.]+ ms +ratio [\d.]+x \(spread \d+%\)",
+                     done.stdout), done.stdout
+    assert "(not saved: pass --save" in done.stdout
     after = {f: open(os.path.join(results, f), "rb").read() for f in files}
     assert before == after
 

@@ -483,3 +483,25 @@ def test_dropout_bad_input_names_the_layer(kw, message):
     with pytest.raises(gc.GraphConvError, match=message):
         g.dropout(x, name="d", **kw)
     assert "d" not in g and "dropout.step" not in g                  # the failed layer left nothing behind
+
+
+def test_chunked_convolutions_and_max_pool_backward_equal_the_whole_batch(monkeypatch):
+    """Large im2col matrices (and max-pool backward's passes) go a few images at a time for the
+    cache: the same numbers as the whole batch at once (the weight gradient's chunk sums aside)."""
+    import graphconv.ops.conv as conv
+    import graphconv.ops.pool as pool
+    from graphconv.ops import OPS
+    x, w, dy = RNG.standard_normal((9, 3, 8, 7)), RNG.standard_normal((4, 3, 3, 2)), RNG.standard_normal((9, 4, 8, 8))
+    pads = ((1, 1), (1, 1))
+
+    def run():
+        return (conv.conv_nd(x, w, None, (1, 1), pads, (1, 1), 1), conv.conv_backward_weight(x, dy, (3, 2), (1, 1), pads, (1, 1), 1),
+                conv.conv_backward_data(dy, w, (8, 7), (1, 1), pads, (1, 1), 1),
+                conv.conv_backward_data(RNG.standard_normal((9, 4, 4, 4)) * 0 + 1, w, (8, 7), (2, 2), pads, (1, 1), 1),
+                OPS["max_pool2d_backward"].reference([x, dy[:, :3, :4, :3]], OPS["max_pool2d"].check_attrs({"kernel_size": 2})))
+    whole = run()
+    monkeypatch.setattr(conv, "COLUMNS_BYTES", 2000)
+    monkeypatch.setattr(pool, "CHUNK_BYTES", 1000)
+    assert conv.images_per_chunk(x, (3, 2), (1, 1), pads, (1, 1)) < len(x)
+    for a, b in zip(whole, run()):
+        np.testing.assert_allclose(b, a, rtol=1e-13, atol=1e-13)

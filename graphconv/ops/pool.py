@@ -189,8 +189,17 @@ class PoolBackward(GradientOp, Pool):
         spatial = xs[0].shape[2:] if self.mode == "max" else [int(v) for v in attrs["input_size"]]
         pairs = self.padded_pairs(spatial, out_sp, attrs)
         if self.mode == "max":
-            _, codes = self.max_with_argmax(xs[0], attrs, out_sp)
-            return self.route(dy, codes, spatial, attrs)
+            x = xs[0]
+            per = max(1, CHUNK_BYTES // max(1, x[:1].nbytes))
+            if len(x) <= per:
+                _, codes = self.max_with_argmax(x, attrs, out_sp)
+                return self.route(dy, codes, spatial, attrs)
+            # a few images at a time: the argmax pass and the routing pass then find their data in
+            # the cache (LeNet-5's pool1 at batch 256, 16 MB: 13.7 ms whole, 9.5 ms in 1-4 MB chunks)
+            out = np.empty(x.shape, dy.dtype)
+            for i in range(0, len(x), per):
+                out[i:i + per] = self.reference([x[i:i + per], dy[i:i + per]], attrs)
+            return out
         else:
             share = (dy / self.divisor(spatial, out_sp, attrs)).astype(dy.dtype)
             padded = [size + lo + hi for size, (lo, hi) in zip(spatial, pairs)]
@@ -198,6 +207,9 @@ class PoolBackward(GradientOp, Pool):
             for offset in np.ndindex(*k):
                 dxp[offset_slices(offset, s, d, out_sp)] += share
         return unpad_adjoint(dxp, pairs, "zeros", spatial)
+
+
+CHUNK_BYTES = 2 << 20      # max-pool backward works on about this much input at a time
 
 
 class _Static:
