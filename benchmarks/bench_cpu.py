@@ -8,8 +8,10 @@ same graph op by op through torch.nn.functional (benchmarks/torch_twin.py).
 
 Method. Threads are pinned on both sides and printed: the numpy backend's BLAS threads are its own
 setting (graphconv.reference.BLAS_THREADS, applied with threadpoolctl around every run), PyTorch's
-intra-op threads torch.set_num_threads (default: PyTorch's own default, the core count). The two
-sides run in alternating blocks in one process, so that both see the same machine; the first calls
+intra-op threads torch.set_num_threads (default: PyTorch's own default, the core count). Each case
+runs in a fresh process, so every case starts from the same state (in one process the allocator's
+heap carried over from case to case and moved a whole case by 15%); there the two sides run in
+alternating blocks, so that both see the same machine; the first calls
 of each block are not counted (the other library's worker threads keep spinning for a while after
 its last call). Each block gives a median per side and a ratio; the table reports the median of
 the block ratios and their spread (max - min over blocks, as a fraction of the median), and the
@@ -99,6 +101,30 @@ def alternate(ours, theirs, rounds, block_s, settle=2):
     return blocks
 
 
+def time_child(model, batch, phase, rounds, block_s, torch_threads):
+    import torch
+    torch.set_num_threads(torch_threads)
+    ours, theirs = setup(model, batch, phase, "ours"), setup(model, batch, phase, "torch")
+    check_same(model, batch, phase, ours, theirs)
+    blocks = alternate(ours, theirs, rounds, block_s)
+    ratios = [a / b for a, b in blocks]
+    ratio = statistics.median(ratios)
+    print(json.dumps({"model": model, "batch": batch, "phase": phase,
+                      "numpy_ms": statistics.median(a for a, _ in blocks) * 1e3,
+                      "torch_ms": statistics.median(b for _, b in blocks) * 1e3,
+                      "ratio": ratio, "ratio_spread": (max(ratios) - min(ratios)) / ratio, "block_ratios": ratios}))
+
+
+def timed_case(model, batch, phase, rounds, block_s, torch_threads):
+    """One case timed in a fresh process: every case starts from the same state (the allocator's
+    heap and thresholds carry over from case to case in one process, and moved a whole case by 15%)."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-child", model, str(batch), phase,
+                           str(rounds), str(block_s), str(torch_threads)], capture_output=True, text=True, timeout=1200)
+    if done.returncode:
+        raise SystemExit(f"{model} {batch} {phase}: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -141,11 +167,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 rounds of 0.2 s blocks, no peak memory")
     ap.add_argument("--cases", help="model:batch,... (default: all)")
     ap.add_argument("--phases", default=",".join(PHASES))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--block-s", type=float, default=0.6)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--block-s", type=float, default=0.4)
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--time-child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_child:
+        m, b, ph, r, bs, th = args.time_child
+        return time_child(m, int(b), ph, int(r), float(bs), int(th))
     if args.peak_child:
         m, b, ph, side, th = args.peak_child
         return peak_child(m, int(b), ph, side, int(th))
@@ -162,16 +192,8 @@ def main():
     rows = []
     for model, batch in cases:
         for phase in args.phases.split(","):
-            ours, theirs = setup(model, batch, phase, "ours"), setup(model, batch, phase, "torch")
-            check_same(model, batch, phase, ours, theirs)
-            blocks = alternate(ours, theirs, rounds, block_s)
-            ratios = [a / b for a, b in blocks]
-            ratio = statistics.median(ratios)
-            row = {"model": model, "batch": batch, "phase": phase,
-                   "numpy_ms": statistics.median(a for a, _ in blocks) * 1e3,
-                   "torch_ms": statistics.median(b for _, b in blocks) * 1e3,
-                   "ratio": ratio, "ratio_spread": (max(ratios) - min(ratios)) / ratio,
-                   "block_ratios": ratios}
+            row = timed_case(model, batch, phase, rounds, block_s, torch_threads)
+            ratio = row["ratio"]
             if not args.quick:
                 row["numpy_peak_mib"] = peak(model, batch, phase, "ours", torch_threads)
                 row["torch_peak_mib"] = peak(model, batch, phase, "torch", torch_threads)

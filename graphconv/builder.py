@@ -77,13 +77,13 @@ class Graph(GraphCore):
     def conv3d(self, x, out_channels, kernel_size, **kw) -> Tensor:
         return self._conv(3, x, out_channels, kernel_size, **kw)
 
-    def _conv(self, nd, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-              padding_mode="zeros", in_channels=None, name=None, **unknown):
-        op = f"conv{nd}d"
-        name = self._layer_name(name, "conv")
+    def _conv_layer(self, op, nd, prefix, x, out_channels, kernel_size, groups, in_channels, name, unknown, accepted):
+        """What a conv and a transposed conv check alike: (layer name, input, kernel, out_channels,
+        groups, in_channels)."""
+        name = self._layer_name(name, prefix)
         x = self._tensor(x, name, op)
         with self.layer_errors(name, op, [x.name]):
-            self._reject(op, unknown, CONV_ARGS)
+            self._reject(op, unknown, accepted)
             if len(x.shape) != nd + 2:
                 raise rank_error(op, nd + 2, LAYOUT[nd], x)
             kernel = per_axis(kernel_size, nd, "kernel_size", 1)
@@ -94,6 +94,13 @@ class Graph(GraphCore):
                 raise OpError(f"groups={groups} does not divide in_channels={c_in}")
             if out_channels % groups:
                 raise OpError(f"groups={groups} does not divide out_channels={out_channels}", kind=GraphError)
+        return name, x, kernel, out_channels, groups, c_in
+
+    def _conv(self, nd, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+              padding_mode="zeros", in_channels=None, name=None, **unknown):
+        op = f"conv{nd}d"
+        name, x, kernel, out_channels, groups, c_in = self._conv_layer(
+            op, nd, "conv", x, out_channels, kernel_size, groups, in_channels, name, unknown, CONV_ARGS)
         bound = 1 / math.sqrt(c_in // groups * math.prod(kernel))  # PyTorch: kaiming_uniform(a=sqrt(5))
         attrs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
                  "padding_mode": padding_mode}
@@ -117,20 +124,8 @@ class Graph(GraphCore):
                         bias=True, dilation=1, in_channels=None, name=None, **unknown):
         """nn.ConvTranspose{nd}d: weight [in_channels, out_channels/groups, K...] as PyTorch stores it."""
         op = f"conv_transpose{nd}d"
-        name = self._layer_name(name, "deconv")
-        x = self._tensor(x, name, op)
-        with self.layer_errors(name, op, [x.name]):
-            self._reject(op, unknown, CONV_TRANSPOSE_ARGS)
-            if len(x.shape) != nd + 2:
-                raise rank_error(op, nd + 2, LAYOUT[nd], x)
-            kernel = per_axis(kernel_size, nd, "kernel_size", 1)
-            out_channels = _positive_int(out_channels, "out_channels")
-            groups = _positive_int(groups, "groups")
-            c_in = self._channels(x, in_channels, "in_channels")
-            if c_in % groups:
-                raise OpError(f"groups={groups} does not divide in_channels={c_in}")
-            if out_channels % groups:
-                raise OpError(f"groups={groups} does not divide out_channels={out_channels}", kind=GraphError)
+        name, x, kernel, out_channels, groups, c_in = self._conv_layer(
+            op, nd, "deconv", x, out_channels, kernel_size, groups, in_channels, name, unknown, CONV_TRANSPOSE_ARGS)
         bound = 1 / math.sqrt(out_channels // groups * math.prod(kernel))  # PyTorch: fan_in from weight dim 1
         attrs = {"stride": stride, "padding": padding, "output_padding": output_padding, "dilation": dilation,
                  "groups": groups}

@@ -331,3 +331,32 @@ def test_dropout_gradient_draws_the_same_mask(p):
 @pytest.mark.parametrize("shape, out", [((2, 3, 10), (3,)), ((2, 3, 7, 5), (3, 2)), ((1, 2, 5, 4, 3), (2, 3, 2))])
 def test_adaptive_pool_gradients_uneven_windows(mode, shape, out):
     assert_rule(f"adaptive_{mode}_pool{len(out)}d", [RNG.standard_normal(shape)], {"output_size": out})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(), (7,), (40, 30)])
+def test_adam_and_select_numpy_forms_equal_their_expressions_bit_for_bit(dtype, shape):
+    """The in-place Adam forms (with and without weight decay, 0-d parameters too) and the
+    branch-free select that every Piecewise prints to give np.where's and the sympy forms' bits."""
+    from graphconv.ops import OPS
+    from graphconv.ops.base import select
+    r = [RNG.standard_normal(shape).astype(dtype) for _ in range(3)]
+    p, g, m = r
+    v = np.abs(m)
+    t, lr = np.array(3, dtype), np.array(1e-3, dtype)
+    for name, args, attrs in (("adam_moment1", [m, g, p], {"weight_decay": 0.0}), ("adam_moment1", [m, g, p], {"weight_decay": 0.01}),
+                              ("adam_moment2", [v, g, p], {"weight_decay": 0.0}), ("adam_moment2", [v, g, p], {"weight_decay": 0.01}),
+                              ("adam_param", [p, m, v, t, lr], {})):
+        op = OPS[name]
+        a = op.check_attrs(attrs)
+        got = op.reference(args, a)
+        want = np.asarray(op.lambdified(*args, *a.values())).astype(dtype)
+        assert got.dtype == np.dtype(dtype) and got.shape == shape
+        np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"), err_msg=name)
+    special = np.array([np.nan, -0.0, np.inf, -np.inf, -1.0, 2.0], dtype)
+    cond = np.array([False, False, False, True, False, True])
+    for a, b in ((special, 0), (special, special[::-1]), (1.5, special), (special, np.float32(-0.0))):
+        w = np.where(cond, a, b)
+        s = select(cond, a, b)
+        assert s.dtype == w.dtype
+        np.testing.assert_array_equal(s.view(f"u{s.itemsize}"), w.view(f"u{w.itemsize}"))

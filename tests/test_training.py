@@ -169,15 +169,19 @@ def test_checkpoints_roundtrip_atomically_and_are_checked(tmp_path, monkeypatch)
         other.load(tmp_path / "missing.npz")
 
 
+def run_epochs(trainer, x, y, epochs):
+    for _ in range(epochs):
+        for idx in batches(len(x), 64, 0, trainer.epoch):
+            trainer.step(x[idx], y[idx])
+        trainer.epoch += 1
+
+
 def test_resuming_continues_exactly(tmp_path):
     x, y, _, _ = data.load("mnist1d", MODELS["conv1d_net"]().inputs[0].shape)
     x, y = x[:256], y[:256]
 
     def run(trainer, epochs):
-        for _ in range(epochs):
-            for idx in batches(len(x), 64, 0, trainer.epoch):
-                trainer.step(x[idx], y[idx])
-            trainer.epoch += 1
+        run_epochs(trainer, x, y, epochs)
 
     straight = Trainer(MODELS["conv1d_net"](), Optimizer("adam"))
     run(straight, 2)
@@ -271,10 +275,7 @@ def test_dropout_training_is_reproducible_resumable_and_the_same_on_the_host(tmp
     x, y = x[:192], y[:192]
 
     def run(trainer, epochs):
-        for _ in range(epochs):
-            for idx in batches(len(x), 64, 0, trainer.epoch):
-                trainer.step(x[idx], y[idx])
-            trainer.epoch += 1
+        run_epochs(trainer, x, y, epochs)
 
     a, b = Trainer(dropout_net(), Optimizer("adam", lr=3e-3)), Trainer(dropout_net(), Optimizer("adam", lr=3e-3))
     run(a, 2), run(b, 2)

@@ -103,11 +103,16 @@ def lower_reduce_sum(ctx):
                                         epilogue=[f"out[k] = ({T})tot0;"], out_args=[ctx.arg_out(0, "out")])
         kernels[0].params["prelude"] = c_function_prelude(used, ctx.dtype)
         return Lowered(kernels=kernels, scratch=scratch)
+    return sum_over_axes(ctx, "reduce_sum", axes, f"out[k] = ({T})tot0;")
+
+
+def sum_over_axes(ctx, what, axes, finish):
+    """The two kernels summing operand 0 over `axes` (kept axes one run), `finish` storing each k."""
+    x = ctx.ins[0]
     A, K, B = view_of(ctx, x, axes)
-    name = f"reduce_sum_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}_a{''.join(map(str, axes))}"
+    name = f"{what}_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}_a{''.join(map(str, axes))}"
     kernels, scratch = channel_sums(ctx, name, A=A, K=K, B=B, loads=["const double xv = x[idx];"], terms=["xv"],
-                                    in_args=[ctx.arg_in(0, "x")], epilogue=[f"out[k] = ({T})tot0;"],
-                                    out_args=[ctx.arg_out(0, "out")])
+                                    in_args=[ctx.arg_in(0, "x")], epilogue=[finish], out_args=[ctx.arg_out(0, "out")])
     return Lowered(kernels=kernels, scratch=scratch)
 
 
@@ -116,15 +121,8 @@ def lower_reduce_sum(ctx):
 def lower_mean(ctx):
     """reduce_sum's two kernels with the finish dividing by the count of reduced values."""
     from graphconv.ops.layout import mean_axes
-    x = ctx.ins[0]
-    axes = mean_axes(ctx.attrs, len(x.shape))
-    T = ctx.float_type
-    A, K, B = view_of(ctx, x, axes)
-    name = f"mean_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}_a{''.join(map(str, axes))}"
-    kernels, scratch = channel_sums(ctx, name, A=A, K=K, B=B, loads=["const double xv = x[idx];"], terms=["xv"],
-                                    in_args=[ctx.arg_in(0, "x")], epilogue=[f"out[k] = ({T})(tot0 / (double)m);"],
-                                    out_args=[ctx.arg_out(0, "out")])
-    return Lowered(kernels=kernels, scratch=scratch)
+    return sum_over_axes(ctx, "mean", mean_axes(ctx.attrs, len(ctx.ins[0].shape)),
+                         f"out[k] = ({ctx.float_type})(tot0 / (double)m);")
 
 
 @lowering("mean_grad")

@@ -17,6 +17,18 @@ from .window import (AXES, LAYOUT, offset_slices, pad_array, padding_pairs, per_
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def check_ranks(op, ins, weight_layout):
+    """(input, weight) types of a conv-like op: both nd + 2 dims, the weight's sizes concrete."""
+    x, w = ins[0], ins[1]
+    if len(x.shape) != op.nd + 2:
+        raise rank_error(op.name, op.nd + 2, LAYOUT[op.nd], x)
+    if len(w.shape) != op.nd + 2:
+        raise rank_error(op.name, op.nd + 2, weight_layout, w, 1)
+    if not all(sp.sympify(k).is_Integer for k in w.shape):
+        raise OpError(f"weight shape {fmt_shape(w.shape)} must be concrete", 1)
+    return x, w
+
+
 class Conv(Op):
     kind = "out_elementwise"
     operands = ("input", "weight", "bias")
@@ -52,13 +64,7 @@ class Conv(Op):
         return resolve_same(attrs["padding"], self.kernel(weight_shape), attrs["dilation"])
 
     def shape(self, ins, attrs):
-        nd, x, w = self.nd, ins[0], ins[1]
-        if len(x.shape) != nd + 2:
-            raise rank_error(self.name, nd + 2, LAYOUT[nd], x)
-        if len(w.shape) != nd + 2:
-            raise rank_error(self.name, nd + 2, "weight [C_out, C_in/groups, K...]", w, 1)
-        if not all(sp.sympify(k).is_Integer for k in w.shape):
-            raise OpError(f"weight shape {fmt_shape(w.shape)} must be concrete", 1)
+        x, w = check_ranks(self, ins, "weight [C_out, C_in/groups, K...]")
         groups = attrs["groups"]
         c_in, c_out, c_per_group = x.shape[1], w.shape[0], w.shape[1]
         if provably_ne(c_in, c_per_group * groups):
@@ -340,13 +346,7 @@ class ConvTranspose(Op):
         return conv
 
     def shape(self, ins, attrs):
-        nd, x, w = self.nd, ins[0], ins[1]
-        if len(x.shape) != nd + 2:
-            raise rank_error(self.name, nd + 2, LAYOUT[nd], x)
-        if len(w.shape) != nd + 2:
-            raise rank_error(self.name, nd + 2, "weight [C_in, C_out/groups, K...]", w, 1)
-        if not all(sp.sympify(k).is_Integer for k in w.shape):
-            raise OpError(f"weight shape {fmt_shape(w.shape)} must be concrete", 1)
+        x, w = check_ranks(self, ins, "weight [C_in, C_out/groups, K...]")
         groups = attrs["groups"]
         if provably_ne(x.shape[1], w.shape[0]):
             raise OpError(f"input has {fmt_dim(x.shape[1])} channels, weight expects {fmt_dim(w.shape[0])}")

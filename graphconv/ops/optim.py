@@ -42,11 +42,11 @@ def _adam_moment2(v_, g_, p_, beta2, wd):
 
 
 def _adam_param(p_, m_, v_, t_, lr_, beta1, beta2, eps_):
-    den = v_ / (1 - beta2 ** t_)
+    den = np.asarray(v_ / (1 - beta2 ** t_))          # 0-d operands give NumPy scalars: make them arrays
     np.sqrt(den, out=den)
     den += eps_
     den *= 1 - beta1 ** t_
-    out = -lr_ * m_
+    out = np.asarray(-lr_ * m_)
     out /= den
     out += p_
     return out
