@@ -235,6 +235,9 @@ class Graph(GraphCore):
     def global_avg_pool(self, x, name=None) -> Tensor:
         """The mean over every spatial position: [N, C, *S] -> [N, C, 1, ...] (then g.flatten)."""
         x = self._tensor(x, name or "global_avg_pool", "global_avg_pool")
+        if not 3 <= len(x.shape) <= 5:
+            raise GraphError(f"{name or 'global_avg_pool'}: global_avg_pool expects an input [N, C, *spatial] with 1 to 3 "
+                             f"spatial axes, got {fmt_shape(x.shape)}")
         return self._adaptive("avg", len(x.shape) - 2, x, 1, name)
 
     def _adaptive(self, mode, nd, x, output_size, name):
@@ -243,9 +246,10 @@ class Graph(GraphCore):
         Otherwise the adaptive op, with PyTorch's windows of two sizes that may overlap."""
         layer = name or f"adaptive_{mode}_pool{nd}d"
         x = self._tensor(x, layer, f"adaptive_{mode}_pool{nd}d")
-        out = (output_size,) * nd if isinstance(output_size, int) and not isinstance(output_size, bool) else output_size
+        out = (output_size,) * nd if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool) \
+            else output_size
         if not isinstance(out, (tuple, list)) or len(out) != nd or not all(
-                isinstance(o, int) and not isinstance(o, bool) and o > 0 for o in out):
+                isinstance(o, numbers.Integral) and not isinstance(o, bool) and o > 0 for o in out):
             raise GraphError(f"{layer}: output_size is a positive int or {nd} of them, got {output_size!r}")
         if len(x.shape) != nd + 2:
             raise GraphError(f"{layer}: expects an input [N, C, {', '.join('S' * nd)}], got {list(x.shape)}")
@@ -356,8 +360,8 @@ class Graph(GraphCore):
                                  f"known (bind it with --dim)")
             out = tuple(int(d) * int(s) for d, s in zip(spatial, scales))
         return self.add_node("upsample", [x], {"size": tuple(out) if isinstance(out, list) else out, "mode": mode,
-                                               "align_corners": bool(align_corners) if align_corners is not None
-                                               else False}, name=layer)
+                                               "align_corners": False if align_corners is None else align_corners},
+                             name=layer)
 
     interpolate = upsample
 

@@ -96,6 +96,16 @@ class Tensor:
     def __sub__(self, other):
         return self.graph.sub(self, other)
 
+    # a scalar on the left (1.0 - a) is refused as the right-hand one is: by the layer, in one line
+    def __radd__(self, other):
+        return self.graph.add(other, self)
+
+    def __rsub__(self, other):
+        return self.graph.sub(other, self)
+
+    def __rmul__(self, other):
+        return self.graph.mul(other, self)
+
     def __repr__(self):
         return f"Tensor({self.name}: {self.node.type})"
 

@@ -470,3 +470,16 @@ def test_adaptive_pool_kernels_uneven_windows(stage, mode, nd, spatial, out):
     assert f"adaptive_{mode}_pool{nd}d" in ops
     if "train" in stage:
         assert f"adaptive_{mode}_pool{nd}d_backward" in ops
+
+
+def test_dropout_kernels_of_any_p_compile():
+    """The kernel is named by its drop threshold, an integer: p = 1e-5 (printed 1e-05) once put a '-'
+    into the C name."""
+    g = gc.Graph("d", "float32")
+    g.output(g.linear(g.dropout(g.input("x", ("N", 8)), p=1e-5, name="drop"), 2, name="fc"))
+    for stage in ("forward", "train"):
+        graph = build(g, stage)
+        compile_all(graph)
+        results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+        assert all(r.ok for r in results)
+        assert any(k.startswith("dropout_f32_8_t168_") for r in results for k in r.kernels)

@@ -382,6 +382,7 @@ def test_upsample_against_torch_interpolate(shape, kw):
     (dict(size=4, mode="cubic"), r"up \[upsample\]: mode must be one of nearest, linear, bilinear, trilinear, got 'cubic'"),
     (dict(size=4, mode="trilinear"), r"up \[upsample\]: mode 'trilinear' is for 3-D inputs .*got 4-D \[N,3,5,4\]"),
     (dict(size=4, align_corners=True), r"up \[upsample\]: align_corners applies to the linear modes only"),
+    (dict(size=4, mode="bilinear", align_corners="False"), r"up \[upsample\]: align_corners must be True or False, got 'False'"),
 ])
 def test_upsample_bad_input_names_the_layer(call, message):
     g = gc.Graph("u")
@@ -476,6 +477,7 @@ def test_dropout_keeps_one_minus_p_scales_them_and_is_the_identity_in_eval():
     (dict(p="0.5"), r"d \[dropout\]: p must be a number, got '0\.5'"),
     (dict(seed=-1), r"d \[dropout\]: seed must be an int in \[0, 2\^32\), got -1"),
     (dict(training="yes"), r"d \[dropout\]: training must be True or False, got 'yes'"),
+    (dict(p=1e-9), r"d \[dropout\]: p=1e-09 is below the mask's resolution of 2\^-24 \(it would drop nothing\)"),
 ])
 def test_dropout_bad_input_names_the_layer(kw, message):
     g = gc.Graph("dr")
@@ -505,3 +507,15 @@ def test_chunked_convolutions_and_max_pool_backward_equal_the_whole_batch(monkey
     assert conv.images_per_chunk(x, (3, 2), (1, 1), pads, (1, 1)) < len(x)
     for a, b in zip(whole, run()):
         np.testing.assert_allclose(b, a, rtol=1e-13, atol=1e-13)
+
+
+def test_scalars_on_either_side_and_global_pool_ranks_are_refused_by_the_layer():
+    g = gc.Graph("u")
+    a = g.input("a", (2, 8))
+    for expr, op in ((lambda: 1.0 - a, "sub"), (lambda: 2.0 * a, "mul"), (lambda: 1 + a, "add"), (lambda: a - 1.0, "sub")):
+        with pytest.raises(gc.GraphError, match=rf"{op}1: operand 1(\.0)? is not a tensor|{op}1: operand 2\.0 is not a tensor"):
+            expr()
+    with pytest.raises(gc.GraphError, match=r"gap: global_avg_pool expects an input \[N, C, \*spatial\] with 1 to 3 spatial axes, got \[2,8\]"):
+        g.global_avg_pool(a, name="gap")
+    x = g.input("x", ("N", 3, 4, 4))
+    assert g.adaptive_avg_pool2d(x, np.int64(2), name="ap").shape[2:] == (2, 2)      # NumPy ints are ints

@@ -21,7 +21,7 @@ def lower_dropout(ctx):
     T = ctx.float_type
     total = numel(ctx.outs[0].shape)
     dims = "x".join(str(d) for d in ctx.outs[0].shape[1:]) or "1"
-    name = f"dropout_{short_dtype(ctx.dtype)}_{dims}_p{a['p']:g}_{a['salt']:08x}".replace(".", "p")
+    name = f"dropout_{short_dtype(ctx.dtype)}_{dims}_t{threshold(a['p'])}_{a['salt']:08x}"    # t: the drop threshold
     params = {"T": T, "threads": THREADS, "total": c_int(total), "key0": f"0x{base_key(a['seed'], a['salt']):016X}",
               "thr": threshold(a["p"]), "p": f"{a['p']:g}", "scale": literal(OPS["dropout"].scale(a), T)}
     args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "step"), ctx.arg_out(0, "out"), Arg("int", "batch")]

@@ -34,7 +34,8 @@ def mix64(z):
 
 
 def threshold(p) -> int:
-    """Elements whose 24-bit draw is below this are dropped: round(p * 2^24)."""
+    """Elements whose 24-bit draw is below this are dropped: round(p * 2^24), so p acts at a
+    resolution of 2^-24 (dropping with probability threshold / 2^24)."""
     return int(round(p * (1 << BITS)))
 
 
@@ -64,6 +65,9 @@ class Dropout(Op):
         if not 0 <= p < 1:
             raise OpError(f"p must be in [0, 1) (the probability of dropping an element), got {a['p']!r}",
                           kind=GraphError)
+        if 0 < p and threshold(p) == 0:
+            raise OpError(f"p={p:g} is below the mask's resolution of 2^-{BITS} (it would drop nothing); use p=0 "
+                          f"or at least {2.0 ** -(BITS + 1):.2g}", kind=GraphError)
         out = {"p": p, "training": as_bool(a["training"], "training")}
         for key in ("seed", "salt"):
             v = a[key]
