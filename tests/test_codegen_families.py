@@ -483,3 +483,14 @@ def test_dropout_kernels_of_any_p_compile():
         results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
         assert all(r.ok for r in results)
         assert any(k.startswith("dropout_f32_8_t168_") for r in results for k in r.kernels)
+
+
+def test_the_new_layers_net_of_the_gpu_suite_passes_on_the_host():
+    """The GPU suite's network of every layer added after the bundled models, here on the host."""
+    from test_gpu import new_layers_net
+    graph = build(new_layers_net(), "fused-train")
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
+    assert {"conv_transpose2d", "upsample_backward", "adaptive_max_pool2d_backward", "softmax_grad", "dropout",
+            "mean_grad"} <= {r.op for r in results}

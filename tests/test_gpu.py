@@ -43,6 +43,30 @@ def test_every_tf32_kernel_matches_numpy_on_the_device(model, stage):
     assert not bad, "\n".join(bad)
 
 
+def new_layers_net():
+    """Every layer added after the bundled models, in one network: dropout, a transposed conv,
+    bilinear upsampling, an uneven adaptive max pool, softmax over channels, log_softmax, mean."""
+    g = gc.Graph("layers", "float32")
+    x = g.input("x", ("N", 3, 12, 10))
+    h = g.dropout(g.relu(g.conv2d(x, 8, 3, padding=1, name="c1")), p=0.2, name="drop")
+    h = g.conv_transpose2d(h, 6, 3, stride=2, padding=1, output_padding=1, name="deconv")        # 24 x 20
+    h = g.adaptive_max_pool2d(g.upsample(h, size=(15, 13), mode="bilinear", name="interp"), (4, 3), name="amax")
+    h = g.mul(g.softmax(h, dim=1, name="attn"), h, name="gate")
+    pooled = g.mean(h, dim=(2, 3), name="gap")
+    scores = g.linear(g.log_softmax(g.linear(g.flatten(h), 100, name="fc1"), name="lsm"), 10, name="fc2")
+    g.output(g.add(scores, g.linear(pooled, 10, name="fc_gap"), name="sum"))
+    return g
+
+
+@pytest.mark.parametrize("stage", ["forward", "train", "fused-train"])
+def test_the_new_layers_kernels_match_numpy_on_the_device(stage):
+    graph = build(new_layers_net(), stage)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), realistic_params(graph), backend="cuda")
+    bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
+           if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
 def test_a_captured_training_step_equals_plain_launches(model):
     graph = build(MODELS[model](), "fused-train")
