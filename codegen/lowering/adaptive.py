@@ -1,6 +1,7 @@
 """adaptive pooling with windows of two sizes (graphconv.ops.adaptive): forward one thread per output
-scanning its window, backward one thread per input gathering from the windows that hold it (max:
-each such window's argmax recomputed, as the forward scan finds it). Bounds from integer formulas."""
+scanning its window, backward one thread per input gathering from the windows that hold it (max: a
+first kernel records each window's argmax as the forward scan finds it, once per window). Bounds
+from integer formulas."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import sympy as sp
 from graphconv.ops import OPS
 
 from ..cprinter import c_neg_inf
-from ..spec import Arg, KernelSpec, Lowered
+from ..spec import Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, numel, short_dtype
 from .pointwise import MAX_BLOCKS, THREADS
 
@@ -64,43 +65,57 @@ def lower_adaptive_pool(ctx):
     sizes = ", ".join(f"{i}->{o}" for i, o in zip(n_in, n_out))
     name = (f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(ctx.outs[0].shape[1])}_i{'x'.join(map(str, n_in))}"
             f"_o{'x'.join(map(str, n_out))}")
-    if not backward:
+    def forward_scan(store, where=False):
+        """One thread per output: its window's bounds and scan, then `store`."""
         body = decode(n_out) + [f"const {T}* xs = x + nc * {in_plane}LL;"]
         for k in range(nd):
             body += bounds(f"p{k}", k, n_in[k], n_out[k])
-        body += scan(nd, n_in, mode, T)
+        return body + scan(nd, n_in, mode, T, where=where) + [store]
+
+    if not backward:
         count = " * ".join(f"(en{k} - st{k})" for k in range(nd))
-        body.append(f"out[i] = m;" if mode == "max" else f"out[i] = acc / ({T})({count});")
+        body = forward_scan("out[i] = m;" if mode == "max" else f"out[i] = acc / ({T})({count});")
         formula = "out[nc, o] = " + ("max over the window (a NaN propagates)" if mode == "max"
                                      else "mean over the window")
-        args = [ctx.arg_in(0, "x"), ctx.arg_out(0, "out"), Arg("int", "batch")]
-        total = numel(ctx.outs[0].shape)
-    else:
-        body = decode(n_in) + [f"const {T}* g = dy + nc * {out_plane}LL;", f"{T} total_g = 0;"]
-        if mode == "max":
-            body += [f"const {T}* xs = x + nc * {in_plane}LL;",
-                     f"const long long me = {flat([f'p{k}' for k in range(nd)], n_in)};"]
-        for k in range(nd):
-            body.append("    " * k + f"for (int o{k} = (p{k} * {n_out[k]}) / {n_in[k]}; "
-                                    f"o{k} < ((p{k} + 1) * {n_out[k]} + {n_in[k] - 1}) / {n_in[k]}; ++o{k}) {{")
+        return Lowered(kernels=[spec(name, body, formula, sizes, [ctx.arg_in(0, "x"), ctx.arg_out(0, "out")],
+                                     numel(ctx.outs[0].shape), False)])
+    kernels, scratch = [], {}
+    body = decode(n_in) + [f"const {T}* g = dy + nc * {out_plane}LL;", f"{T} total_g = 0;"]
+    if mode == "max":
+        # each window's argmax once (per output), then each input gathers the windows that chose it:
+        # an input no longer rescans every window that holds it
+        key = ctx.scratch_key("argmax")
+        scratch[key] = Value(ctx.ins[1].shape, "int64")
+        kernels.append(spec(name + "_argmax", forward_scan("idx[i] = best;", where=True),
+                            "idx[nc, o] = the position of the window's maximum (the first of equal maxima, the last NaN)",
+                            sizes, [ctx.arg_in(0, "x"), Arg("long long*", "idx", key)], numel(ctx.ins[1].shape), False))
+        body += [f"const long long* chosen = idx + nc * {out_plane}LL;",
+                 f"const long long me = {flat([f'p{k}' for k in range(nd)], n_in)};"]
+    for k in range(nd):
+        body.append("    " * k + f"for (int o{k} = (p{k} * {n_out[k]}) / {n_in[k]}; "
+                                f"o{k} < ((p{k} + 1) * {n_out[k]} + {n_in[k] - 1}) / {n_in[k]}; ++o{k}) {{")
+        if mode == "avg":
             body += ["    " * (k + 1) + line for line in bounds(f"o{k}", k, n_in[k], n_out[k])]
-        inner = "    " * nd
-        gidx = flat([f"o{k}" for k in range(nd)], n_out)
-        if mode == "max":
-            body += scan(nd, n_in, mode, T, indent=inner, where=True)
-            body.append(inner + f"if (best == me) total_g += g[{gidx}];")
-        else:
-            count = " * ".join(f"(en{k} - st{k})" for k in range(nd))
-            body.append(inner + f"total_g += g[{gidx}] / ({T})({count});")
-        body += ["    " * k + "}" for k in range(nd - 1, -1, -1)]
-        body.append("dx[i] = total_g;")
-        formula = ("dx[nc, s] = sum of dy over the windows whose maximum is s (the first of equal maxima, the last NaN)" if mode == "max"
-                   else "dx[nc, s] = sum over the windows holding s of dy / window size")
-        args = ([ctx.arg_in(0, "x"), ctx.arg_in(1, "dy")] if mode == "max" else [ctx.arg_in(0, "dy")]) + \
-            [ctx.arg_out(0, "dx"), Arg("int", "batch")]
-        total = numel(ctx.outs[0].shape)
+    inner = "    " * nd
+    gidx = flat([f"o{k}" for k in range(nd)], n_out)
+    if mode == "max":
+        body.append(inner + f"if (chosen[{gidx}] == me) total_g += g[{gidx}];")
+        args = [Arg("const long long*", "idx", key), ctx.arg_in(1, "dy")]
+    else:
+        count = " * ".join(f"(en{k} - st{k})" for k in range(nd))
+        body.append(inner + f"total_g += g[{gidx}] / ({T})({count});")
+        args = [ctx.arg_in(0, "dy")]
+    body += ["    " * k + "}" for k in range(nd - 1, -1, -1)] + ["dx[i] = total_g;"]
+    formula = ("dx[nc, s] = sum of dy over the windows whose maximum is s (the first of equal maxima, the last NaN)"
+               if mode == "max" else "dx[nc, s] = sum over the windows holding s of dy / window size")
+    kernels.append(spec(name, body, formula, sizes, args + [ctx.arg_out(0, "dx")], numel(ctx.outs[0].shape), True))
+    return Lowered(kernels=kernels, scratch=scratch)
+
+
+def spec(name, body, formula, sizes, args, total, backward):
     params = {"threads": THREADS, "total": c_int(total), "body": body, "formula": formula, "sizes": sizes,
               "backward": backward}
     grid = (sp.Min(sp.ceiling(sp.sympify(total) / THREADS), MAX_BLOCKS), 1, 1)
-    return Lowered(kernels=[KernelSpec(name=name, template="adaptive_pool.cu.j2", params=params, args=args, grid=grid,
-                                       block=(THREADS, 1, 1))])
+    return KernelSpec(name=name, template="adaptive_pool.cu.j2", params=params, args=args + [Arg("int", "batch")],
+                      grid=grid, block=(THREADS, 1, 1))
+
