@@ -57,6 +57,14 @@ def c_int(expr) -> str:
     return str(int(expr)) if expr.is_Integer else IntegerPrinter().doprint(expr.subs(BATCH, NB))
 
 
+def flat(coords, sizes) -> str:
+    """The row-major flat index of `coords` in a box of `sizes` as C text: (c0 * S1 + c1) * S2 + c2."""
+    text = coords[0]
+    for c, s in zip(coords[1:], sizes[1:]):
+        text = f"({text}) * {s} + {c}"
+    return text
+
+
 def numel(shape):
     n = sp.Integer(1)
     for d in shape:

@@ -12,7 +12,7 @@ from graphconv.ops import OPS
 
 from ..cprinter import c_neg_inf
 from ..spec import Arg, KernelSpec, Lowered, Value
-from . import c_int, lowering, numel, short_dtype
+from . import c_int, flat, lowering, numel, short_dtype
 from .pointwise import MAX_BLOCKS, THREADS
 
 
@@ -22,13 +22,6 @@ def decode(sizes):
     for k in range(len(sizes) - 1, -1, -1):
         lines.append(f"const int p{k} = (int)(r % {sizes[k]}); r /= {sizes[k]};")
     return lines + ["const long long nc = r;"]
-
-
-def flat(names, sizes) -> str:
-    text = names[0]
-    for n, s in zip(names[1:], sizes[1:]):
-        text = f"({text}) * {s} + {n}"
-    return text
 
 
 def bounds(o, k, n_in, n_out):

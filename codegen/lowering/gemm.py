@@ -25,7 +25,7 @@ from graphconv.ops.fused import expression_of
 
 from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
-from . import c_int, lowering, numel, short_dtype
+from . import c_int, flat, lowering, numel, short_dtype
 from . import direct
 from .prologue import gather_lines, gathered_gradient
 
@@ -167,13 +167,6 @@ def unflatten(var, sizes, prefix):
         text = f"({text}) % {size}" if d else f"{text}" if len(sizes) == 1 else f"({text}) % {size}"
         lines.append(f"const int {prefix}{d} = {text};")
     return lines
-
-
-def flat(coords, sizes) -> str:
-    text = coords[0]
-    for c, s in zip(coords[1:], sizes[1:]):
-        text = f"({text}) * {s} + {c}"
-    return text
 
 
 def in_bounds(coords, sizes) -> str:

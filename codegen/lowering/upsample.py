@@ -10,20 +10,12 @@ import sympy as sp
 from graphconv.ops.upsample import axis_table
 
 from ..spec import Arg, KernelSpec, Lowered
-from . import c_int, lowering, numel, short_dtype
+from . import c_int, flat, lowering, numel, short_dtype
 from .pointwise import MAX_BLOCKS
 from .window import literal
 
 THREADS = 256
 TABLE_BYTES = 256 * 1024     # past this the generated source itself would be unwieldy
-
-
-def flat_index(parts, sizes) -> str:
-    """(p0 * S1 + p1) * S2 + p2 as C text."""
-    text = parts[0]
-    for p, s in zip(parts[1:], sizes[1:]):
-        text = f"({text}) * {s} + {p}"
-    return text
 
 
 @lowering("upsample", "upsample_backward")
@@ -58,12 +50,12 @@ def lower_upsample(ctx):
             start = [0]
             for e in entries:
                 start.append(start[-1] + len(e))
-            flat = [e for row in entries for e in row] or [(0, 0.0)]
+            pairs = [e for row in entries for e in row] or [(0, 0.0)]
             tables += [{"ctype": "int", "name": f"{prefix}_start{k}", "data": start},
-                       {"ctype": "int", "name": f"{prefix}_o{k}", "data": [o for o, _ in flat]}]
+                       {"ctype": "int", "name": f"{prefix}_o{k}", "data": [o for o, _ in pairs]}]
             if mode != "nearest":
-                tables.append({"ctype": T, "name": f"{prefix}_wt{k}", "data": [literal(v, T) for _, v in flat]})
-        gather = flat_index([f"{prefix}_o{k}[e{k}]" for k in range(nd)], S_out)
+                tables.append({"ctype": T, "name": f"{prefix}_wt{k}", "data": [literal(v, T) for _, v in pairs]})
+        gather = flat([f"{prefix}_o{k}[e{k}]" for k in range(nd)], S_out)
         weights = "".join(f"{prefix}_wt{k}[e{k}] * " for k in range(nd)) if mode != "nearest" else ""
         params = {"gather_index": gather, "weight_product": weights}
         here, there, total = S_in, S_out, numel(ctx.ins[0].shape[:2]) * numel(S_in)
@@ -77,11 +69,11 @@ def lower_upsample(ctx):
         corners = []
         for c in itertools.product((0, 1), repeat=1 if mode == "nearest" else nd):
             if mode == "nearest":
-                corners.append({"index": flat_index([f"{prefix}_i0{k}[p{k}]" for k in range(nd)], S_in)})
+                corners.append({"index": flat([f"{prefix}_i0{k}[p{k}]" for k in range(nd)], S_in)})
                 break
             weight = " * ".join(f"w{k}" if bit else f"(({T})1 - w{k})" for k, bit in enumerate(c))
             corners.append({"weight": weight,
-                            "index": flat_index([f"{prefix}_i{bit}{k}[p{k}]" for k, bit in enumerate(c)], S_in)})
+                            "index": flat([f"{prefix}_i{bit}{k}[p{k}]" for k, bit in enumerate(c)], S_in)})
         params = {"corners": corners}
         here, there, total = S_out, S_in, numel(ctx.outs[0].shape)
         args = [ctx.arg_in(0, "x"), ctx.arg_out(0, "out"), Arg("int", "batch")]

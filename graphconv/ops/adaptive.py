@@ -14,7 +14,7 @@ import sympy as sp
 from ..errors import OpError
 from ..shapes import fmt_shape
 from .base import REQUIRED, Cost, GradientOp, Op, nbytes, register
-from .upsample import check_sizes
+from .upsample import check_sizes, static_spatial
 
 
 def windows(n_in: int, n_out: int) -> list:
@@ -45,12 +45,7 @@ class AdaptiveBase(Op):
         if len(t.shape) != self.nd + 2 or len(attrs["output_size"]) != self.nd:
             raise OpError(f"{self.name} expects an {what} [N, C, {', '.join('S' * self.nd)}] and {self.nd} output sizes, "
                           f"got {fmt_shape(t.shape)} and {attrs['output_size']}")
-        sizes = []
-        for d in t.shape[2:]:
-            if not sp.sympify(d).is_Integer:
-                raise OpError(f"the spatial size {d} is symbolic; adaptive pooling needs it known (bind it with --dim)")
-            sizes.append(int(d))
-        return tuple(sizes)
+        return static_spatial(t.shape, "adaptive pooling")
 
     def boxes(self, n_in, n_out):
         """Every output position's window, as slices per axis, in row-major order of the outputs."""

@@ -63,6 +63,14 @@ def check_sizes(what, sizes):
     return tuple(int(s) for s in sizes)
 
 
+def static_spatial(shape, what) -> tuple:
+    """The spatial sizes of an [N, C, *S] shape as ints; a symbolic one is refused, naming `what` needs it."""
+    for d in shape[2:]:
+        if not sp.sympify(d).is_Integer:
+            raise OpError(f"the spatial size {d} is symbolic; {what} needs it known (bind it with --dim)")
+    return tuple(int(d) for d in shape[2:])
+
+
 class UpsampleBase(Op):
     kind = "opaque"
     resamples = True
@@ -88,12 +96,7 @@ class UpsampleBase(Op):
         if MODES[mode] not in (None, nd):
             raise OpError(f"mode {mode!r} is for {MODES[mode]}-D inputs (3-D: linear, 4-D: bilinear, 5-D: "
                           f"trilinear), got {len(t.shape)}-D {fmt_shape(t.shape)}")
-        sizes = []
-        for d in t.shape[2:]:
-            if not sp.sympify(d).is_Integer:
-                raise OpError(f"the spatial size {d} is symbolic; upsampling needs it known (bind it with --dim)")
-            sizes.append(int(d))
-        return tuple(sizes)
+        return static_spatial(t.shape, "upsampling")
 
     def matrices(self, n_in, n_out, attrs):
         return [axis_matrix(i, o, attrs["mode"], attrs["align_corners"]) for i, o in zip(n_in, n_out)]
