@@ -161,8 +161,17 @@ def torch_model(name):
 
 
 def graphconv_step(args, name, batch, timer):
+    """The captured step alone (what is compared with PyTorch), and Trainer.step: the same graph plus
+    what a user's training loop pays, a NumPy batch uploaded, the update checked finite and committed
+    on the device (the state stays there), the loss and scores downloaded."""
+    from graphconv.training import Optimizer, Trainer
     _, step = bound_step(build(MODELS[name](), "fused-train"), args.backend, batch, args.tf32)
-    return {"graphconv_graph_ms": timer(step.replay), "launches": len(step.launches)}
+    out = {"graphconv_graph_ms": timer(step.replay), "launches": len(step.launches)}
+    trainer = Trainer(MODELS[name](), Optimizer("adam", lr=1e-4), backend=args.backend, tf32=args.tf32)
+    inputs = random_inputs(trainer.with_loss, batch, 0)
+    x, y = inputs[trainer.input_name], inputs["y"]
+    out["graphconv_trainer_ms"] = timer(lambda: trainer.step(x, y))
+    return out
 
 
 def torch_steps(name, batch, timer, modes):
@@ -421,6 +430,9 @@ def report(args, result, say):
         text = ", ".join(f"{k[6:-3]} {v:.3f} ms ({v / ours:.2f}x)" for k, v in others.items() if ours)
         say(f"training step {row['model']} batch {row['batch']}: graphconv (one graph, {row.get('launches')} "
             f"kernels) {ours or 0:.3f} ms" + (f"; {text}" if text else ""))
+        if row.get("graphconv_trainer_ms"):
+            say(f"  Trainer.step (NumPy batch in, loss and scores out, state on the device): "
+                f"{row['graphconv_trainer_ms']:.3f} ms")
     geo = {k: math.exp(statistics.mean(math.log(v) for v in vals)) for k, vals in speedups.items() if vals}
     every = speedups["eager"] + speedups["compile"]
     if every:

@@ -89,6 +89,15 @@ class CudaRuntime:
         else:
             self.cp.copyto(dst, src)
 
+    def all_finite(self, arrays) -> bool:
+        """One device-to-host sync for all of them: a float64 sum per array (NaN or inf in an array
+        makes its sum non-finite); only if some sum is not finite, the exact per-element check."""
+        cp = self.cp
+        floats = [a for a in arrays if a.dtype.kind == "f"]
+        if not floats or bool(cp.isfinite(cp.stack([a.sum(dtype=cp.float64) for a in floats])).all()):
+            return True
+        return all(bool(cp.isfinite(a).all()) for a in floats)
+
     @staticmethod
     def launch(kernel, grid, block, args, stream=None):
         typed = tuple(a if t is None else t(a) for a, t in zip(args, kernel.scalar_types))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphconv.checkpoint import all_finite
 from graphconv.errors import GraphError, InputError
 from graphconv.params import check_params
 from graphconv.reference import bind_inputs
@@ -47,6 +48,10 @@ class HostRuntime:
     @staticmethod
     def launch(kernel, grid, block, args):
         kernel.launch(grid, block, args)
+
+    @staticmethod
+    def all_finite(arrays) -> bool:
+        return all(all_finite(a) for a in arrays)
 
     def capture(self, launches):
         """No graphs on the CPU: a replay is the launches in order (the bookkeeping is the same)."""
@@ -214,11 +219,23 @@ class BoundStep:
             raise InputError(f"{compiled.graph.name}: this step is bound to batch {self.batch}, got "
                              f"{compiled.batch_of(bindings)} (bind another with .bind(batch))")
         for name, arr in {**inputs, **check_params(compiled.graph, params, types)}.items():
-            compiled.runtime.copy_into(self.static[name], arr)
+            if arr is not self.static[name]:       # a resident state (see commit) is there already
+                compiled.runtime.copy_into(self.static[name], arr)
         if self.replay is None:
             self.replay = compiled.runtime.capture(self.launches)
         self.replay()
         return {name: self.array(name) for name in compiled.graph.outputs}
+
+    def commit(self, updates: dict) -> dict:
+        """After a call: each state's new value (`updates`: state name -> output name) copied into
+        that state's own static buffer, device to device; returns those buffers. A caller that keeps
+        them as its state passes them back next call, and nothing is copied in for them: training
+        state stays resident (on the GPU on cuda) instead of crossing to the host twice a step."""
+        runtime, out = self.compiled.runtime, {}
+        for state, node in updates.items():
+            runtime.copy_into(self.static[state], self.array(node))
+            out[state] = self.static[state]
+        return out
 
     def run(self, inputs: dict, params=None, to_numpy=None) -> dict:
         views = self(inputs, params)

@@ -94,7 +94,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
     say(6, "pictures")
     filters = os.path.join(out_dir, "conv1-filters.png")
     with open(filters, "wb") as f:
-        f.write(filters_png(model, trainer.state, "conv1")[1])
+        f.write(filters_png(model, trainer.numpy_state(), "conv1")[1])
     print(f"  {filters}: what conv1's 20 filters learned")
     graph_picture = None
     try:
@@ -109,7 +109,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
     from codegen.report import build_report
     report_path = os.path.join(out_dir, "report.html")
     with open(report_path, "w") as f:
-        f.write(build_report(model, "fused-train", trainer.state, optimizer=opt))
+        f.write(build_report(model, "fused-train", trainer.numpy_state(), optimizer=opt))
     print(f"  {report_path}: layers, nodes, gradients, fusion decisions and kernels, linked (open it in a browser)")
 
     say(7, f"done in {time.perf_counter() - start:.0f} s. Where things are:")

@@ -207,7 +207,9 @@ def add_optimizer(graph, optimizer: Optimizer):
 
 class Trainer:
     """Runs training steps and evaluations of one model on one backend, holding its state. A step
-    that would make the loss or any state non-finite is refused and leaves the state as it was."""
+    that would make the loss or any state non-finite is refused and leaves the state as it was.
+    On the kernel backends the state lives in the bound step's buffers (CuPy arrays on cuda) and is
+    updated there in place: copy an array to keep a snapshot; `numpy_state()` gives NumPy copies."""
 
     def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False):
         self.model = graph
@@ -231,38 +233,56 @@ class Trainer:
 
     @property
     def params(self):
-        return {n.name: self.state[n.name] for n in self.model.params}
+        """The model's parameters as NumPy arrays (copied from the GPU on cuda)."""
+        return self.numpy_state({n.name for n in self.model.params})
 
-    def _step_runner(self, batch):
-        """How one step runs: the program itself on numpy; on the kernel backends a step bound to
-        this batch size (static buffers, every launch fixed: one CUDA graph replay per step on cuda)."""
+    def _run_step(self, batch, inputs):
+        """One step's outputs, with how to test arrays for finiteness, how to make its updates the
+        state, and how to bring an output to NumPy. numpy: the program itself. Kernel backends: a step
+        bound to this batch size (static buffers, every launch fixed: one CUDA graph replay per step on
+        cuda) whose updates are committed into its own static buffers, so parameters and optimizer state
+        stay on the device between steps; only the batch goes in and the loss and scores come out."""
+        updates = self.step_graph.meta["updates"]
         if not hasattr(self.step_program, "bind"):
-            return self.step_program.run
+            out = self.step_program.run(inputs, self.state)
+            finite = lambda arrays: all(all_finite(a) for a in arrays)   # noqa: E731
+            return out, finite, (lambda: {state: out[node] for state, node in updates.items()}), (lambda a: a)
         if batch not in self._bound:
             self._bound[batch] = self.step_program.bind(batch)
-        return self._bound[batch].run
+        bound, runtime = self._bound[batch], self.step_program.runtime
+        out = bound(inputs, self.state)
+        return out, runtime.all_finite, (lambda: bound.commit(updates)), runtime.download
 
     def step(self, x, y):
-        """One training step; returns (loss, scores)."""
+        """One training step; returns (loss, scores), the scores as a NumPy array."""
         check_finite(self.input_name, x)
         self.state["opt.lr"] = np.array(self.optimizer.lr_at(self.epoch), dtype=self.state["opt.lr"].dtype)
         with np.errstate(all="ignore"):   # overflow is checked below, and reported as a TrainingError
-            out = self._step_runner(len(x))({self.input_name: x, "y": y}, self.state)
-        loss, scores = self.step_graph.outputs[:2]
+            out, finite, commit, to_numpy = self._run_step(len(x), {self.input_name: x, "y": y})
+        loss_name, scores = self.step_graph.outputs[:2]
+        loss = float(out[loss_name])
         where = f"{self.model.name}, epoch {self.epoch + 1}, step {self.steps + 1}"
-        if not np.isfinite(out[loss]):
-            raise TrainingError(f"{where}: the loss is {float(out[loss])}; the step was not applied, the state is "
+        if not math.isfinite(loss):
+            raise TrainingError(f"{where}: the loss is {loss}; the step was not applied, the state is "
                                 f"the one before it ({self.optimizer.describe()}: a lower learning rate may help)")
         updates = self.step_graph.meta["updates"]
-        for state, node in updates.items():
-            if not all_finite(out[node]):
-                raise TrainingError(f"{where}: the update would make {state} non-finite; the step was not applied, "
-                                    f"the state is the one before it ({self.optimizer.describe()}: a lower "
-                                    f"learning rate may help)")
-        for state, node in updates.items():
-            self.state[state] = out[node]
+        if not finite([out[node] for node in updates.values()]):
+            state = next(state for state, node in updates.items() if not finite([out[node]]))
+            raise TrainingError(f"{where}: the update would make {state} non-finite; the step was not applied, "
+                                f"the state is the one before it ({self.optimizer.describe()}: a lower "
+                                f"learning rate may help)")
+        self.state.update(commit())
         self.steps += 1
-        return float(out[loss]), out[scores]
+        return loss, to_numpy(out[scores])
+
+    def numpy_state(self, names=None) -> dict:
+        """The state (or the `names` in it) as NumPy arrays: copies on cuda, where `state` holds CuPy
+        arrays on the GPU; the arrays themselves elsewhere."""
+        state = {k: v for k, v in self.state.items() if names is None or k in names}
+        if not hasattr(self.step_program, "runtime"):
+            return state
+        download = self.step_program.runtime.download
+        return {k: v if isinstance(v, np.ndarray) else download(v) for k, v in state.items()}
 
     def evaluate(self, x, y, batch=256):
         """(mean loss, accuracy) with running statistics."""
@@ -296,10 +316,11 @@ class Trainer:
         atomically: a temporary file in the same folder, renamed over the target only when
         complete. Non-finite state is never written."""
         path = checkpoint_path(path)
-        for name, value in self.state.items():
+        state = self.numpy_state()
+        for name, value in state.items():
             if not all_finite(value):
                 raise TrainingError(f"{path}: not saved: {name} holds non-finite values")
-        arrays = {f"state/{k}": v for k, v in self.state.items()}
+        arrays = {f"state/{k}": v for k, v in state.items()}
         arrays["meta/epoch"] = np.array(self.epoch)
         arrays["meta/optimizer"] = np.array(json.dumps(asdict(self.optimizer), sort_keys=True))
         write_npz(path, arrays)

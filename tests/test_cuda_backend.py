@@ -9,7 +9,7 @@ import pytest
 
 import graphconv as gc
 from codegen import cuda
-from codegen.runner import CompiledProgram
+from codegen.runner import CompiledProgram, HostRuntime
 from graphconv.data import random_inputs
 from graphconv.errors import BackendError, InputError
 from graphconv.models import MODELS
@@ -48,6 +48,26 @@ def test_scalar_arguments_go_to_the_device_as_their_declared_c_types():
     args = seen[0]
     assert args[0] is buffer
     assert [type(a) for a in args[1:]] == [np.int32, np.float32, np.int64] and args[3] == 2**40
+
+
+def test_the_device_finiteness_check_of_a_training_step_catches_nan_inf_and_only_them():
+    """The cuda runtime's all_finite (one sync per step for all updates) run with NumPy standing in
+    for CuPy: NaN and inf anywhere are caught, huge finite values (whose float32 sum overflows) and
+    integer arrays are not, and the host runtime agrees on every case."""
+    runtime = object.__new__(cuda.CudaRuntime)
+    runtime.cp = np
+    big = np.full(1000, 3e38, np.float32)                  # finite; float32 sum overflows to inf
+    cases = [([np.ones(3, np.float32), np.zeros((2, 2))], True),
+             ([np.ones(3, np.float32), np.array([1.0, np.nan])], False),
+             ([np.array([np.inf], np.float32)], False),
+             ([np.array(-np.inf)], False),
+             ([big, np.arange(5)], True),
+             ([np.full(10, 1e308), np.ones(1)], True),       # float64 sum overflows: the exact check decides
+             ([np.arange(4, dtype=np.int64)], True), ([], True)]
+    for arrays, finite in cases:
+        with np.errstate(over="ignore"):                      # CuPy does not warn; NumPy would
+            assert runtime.all_finite(arrays) is finite
+        assert HostRuntime.all_finite(arrays) is finite
 
 
 def test_a_bound_step_replays_over_static_buffers_and_equals_a_plain_run():

@@ -300,3 +300,51 @@ def test_dropout_training_is_reproducible_resumable_and_the_same_on_the_host(tmp
     plain.output(plain.linear(plain.relu(plain.linear(plain.flatten(h), 64, name="fc1")), 10, name="fc2"))
     weights = {k: v for k, v in a.params.items() if k != "dropout.step"}
     np.testing.assert_array_equal(a.predict(x), gc.predict(plain, weights, x)[0])
+
+
+def test_kernel_backend_training_state_stays_in_the_bound_steps_buffers(monkeypatch):
+    """On the kernel backends the parameters and optimizer state live in the bound step's static
+    buffers between steps (on cuda: on the GPU): a step copies in only the batch and the learning
+    rate, commits its updates device-side, and gives the same numbers as the numpy backend, step by
+    step; a refused step leaves the resident state as it was and a later step goes on from there.
+    (SGD with momentum: Adam would blow conv.bias's zero gradient, BN cancels it, up to random signs.)"""
+    opt = Optimizer("sgd", lr=0.1, momentum=0.9)
+    graph = gc.cast(small_net(), "float32")
+    numpy_run, host = Trainer(graph, opt, seed=4), Trainer(graph, opt, backend="host", seed=4)
+    rng = np.random.default_rng(5)
+    batch = lambda n: (rng.standard_normal((n, 2, 6, 6)).astype(np.float32), rng.integers(0, 4, n))  # noqa: E731
+    x, y = batch(5)
+    numpy_run.step(x, y)
+    host.step(x, y)
+    bound = host._bound[5]
+    updates = host.step_graph.meta["updates"]
+    assert updates and all(host.state[s] is bound.static[s] for s in updates)
+
+    copied, phase = {"in": [], "commit": []}, ["in"]
+    runtime = host.step_program.runtime
+    real_copy, real_commit = runtime.copy_into, bound.commit
+    monkeypatch.setattr(runtime, "copy_into", lambda dst, src: (copied[phase[0]].append(dst), real_copy(dst, src))[1])
+    monkeypatch.setattr(bound, "commit", lambda u: (phase.__setitem__(0, "commit"), real_commit(u))[1])
+    x, y = batch(5)
+    numpy_loss, numpy_scores = numpy_run.step(x, y)
+    loss, scores = host.step(x, y)
+    named = lambda arrays: {n for n, a in bound.static.items() if any(a is d for d in arrays)}  # noqa: E731
+    assert named(copied["in"]) == {host.input_name, "y", "opt.lr"}      # opt.lr: set from the schedule
+    assert named(copied["commit"]) == set(updates)
+    assert isinstance(scores, np.ndarray) and not np.shares_memory(scores, bound.static[host.input_name])
+    np.testing.assert_allclose(loss, numpy_loss, rtol=1e-5)
+    np.testing.assert_allclose(scores, numpy_scores, rtol=1e-4, atol=1e-5)
+    for k, v in numpy_run.state.items():
+        np.testing.assert_allclose(host.state[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+    before = {k: np.array(v, copy=True) for k, v in host.state.items()}
+    x, y = batch(5)
+    with pytest.raises(gc.TrainingError, match="non-finite|the loss is"):
+        host.step(x * np.float32(1e25), y)     # finite, but its squares overflow in float32
+    for k, v in before.items():
+        np.testing.assert_array_equal(host.state[k], v, err_msg=k)
+    numpy_run.step(x, y)
+    host.step(x, y)
+    for k, v in numpy_run.state.items():
+        np.testing.assert_allclose(host.state[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert all(isinstance(v, np.ndarray) for v in host.numpy_state().values())
