@@ -246,7 +246,11 @@ def profile(args, name, batch, repeats=20):
 # earlier rules of the GEMM lowering, each timed against the current one by --variants
 VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
             "no register prefetch": {"PREFETCH": False},
-            "implicit GEMM, no direct conv": {"DIRECT": False}}
+            "implicit GEMM, no direct conv": {"DIRECT": False},
+            "k digits divided out per slot": {"HOIST": False},
+            "scalar shared loads": {"VECTOR": False},
+            "4 x 4 tiles for split GEMMs": {"WIDE": False},
+            "GEMM rules of session 2": {"HOIST": False, "VECTOR": False, "WIDE": False}}
 
 
 def variants(args, timer, say):

@@ -1,11 +1,14 @@
 """The GEMM family (convolutions forward, fused, backward-data, backward-weight; linear; matmul):
 every kernel compiled by NVRTC for sm_90 and run on the host backend against the NumPy reference of
 its node, outputs poisoned first."""
+import re
+
 import numpy as np
 import pytest
 
 import graphconv as gc
-from codegen import nvrtc
+import graphconv.models
+from codegen import nvrtc, sass
 from codegen.check import check_kernels
 from codegen.program import Program
 from graphconv.data import random_inputs
@@ -179,3 +182,56 @@ def test_batch_statistics_over_one_value_are_refused_as_on_numpy():
     run = gc.compile(g, backend="host")
     with pytest.raises(InputError, match="more than one value per channel"):
         run.run({"x": np.ones((1, 4), np.float32)}, gc.init_params(g, seed=0))
+
+
+def run_c_lines(lines, env):
+    """Execute the integer statements the digit helpers write (declarations, +=, -=, ?:) in Python."""
+    for line in lines:
+        text = line.rstrip(";").replace("const int ", "").replace("int ", "")
+        text = re.sub(r"(\w+) >= (\w+)$", r"int(\1 >= \2)", text)
+        text = re.sub(r"(\w+) \? (\w+) : 0", r"(\2 if \1 else 0)", text)
+        text = text.replace("(int)", "int").replace("/", "//")
+        exec(text, {}, env)
+
+
+@pytest.mark.parametrize("radices,step", [((None, 14, 14), 16), ((None, 5, 5), 16), ((None, 25), 8),
+                                          ((None, 3, 1, 7), 16), ((None, 2), 16), ((None,), 4), ((None, 64), 16)])
+def test_k_digits_advanced_with_carries_equal_the_digits_divided_out(radices, step):
+    """The GEMM keeps each k index as mixed-radix digits (image, position, ...) advanced by the k-step
+    with carries: from any start, every step gives the digits of k + step exactly."""
+    from codegen.lowering.gemm import advance_lines, digit_lines
+    rng = np.random.default_rng(len(radices) * step)
+    inner = [int(np.prod([r for r in radices[j + 1:]], dtype=np.int64)) for j in range(len(radices))]
+    for start in [0, 1, step - 1, *rng.integers(0, 10_000, 6)]:
+        env = {"k": int(start)}
+        run_c_lines(digit_lines("k", radices, lambda j: f"int d{j}"), env)
+        for k in range(int(start), int(start) + 60 * step, step):
+            want = [k // inner[0]] + [(k // inner[j]) % radices[j] for j in range(1, len(radices))]
+            assert [env[f"d{j}"] for j in range(len(radices))] == want, (start, k)
+            run_c_lines(advance_lines("d", radices, step), env)
+
+
+@pytest.mark.skipif(sass.tool("nvdisasm") is None, reason="nvdisasm not installed (the test extra has it)")
+def test_the_gemm_main_loop_reads_shared_memory_in_vectors_and_divides_nothing():
+    """In the machine code of a backward-weight GEMM (vgg conv2_2, the biggest kernel family of the
+    training step), the main loop reads its operand values as 16-byte shared loads: a k-step of the 4 x 8
+    per-thread tile is 32 multiply-adds per 3 loads (scalar loads gave 16 per 8), and index arithmetic
+    is a third of the loop at most. The rules of the earlier kernels fail both."""
+    from codegen.lowering import gemm
+
+    def loop_of():
+        graph = build(gc.models.MODELS["vgg_small"](), "fused-train")
+        spec = next(s for s in Program(graph).kernels
+                    if s.name.startswith("conv2d_backward_weight_f32_c64_k64") and s.name.endswith("_partial"))
+        return sass.mix(nvrtc.compile_kernel(spec.source, spec.name).cubin)
+    now = loop_of()
+    assert now["fma"] >= 10 * now["shared_loads"] and now["fma_share"] >= 0.6, now
+    assert now["integer/other"] <= now["instructions"] / 3, now
+    for flag in ("VECTOR", "WIDE"):
+        saved = getattr(gemm, flag)
+        setattr(gemm, flag, False)
+        try:
+            before = loop_of()
+        finally:
+            setattr(gemm, flag, saved)
+        assert before["fma"] < 10 * before["shared_loads"] or before["fma_share"] < 0.6, (flag, before)

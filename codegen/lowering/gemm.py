@@ -27,7 +27,7 @@ from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import c_int, flat, lowering, numel, short_dtype
 from . import direct
-from .prologue import gather_lines, gathered_gradient
+from .prologue import gather_lines, gather_shared_lines, gathered_gradient
 
 # split K (backward-weight): blocks wanted in all (four per multiprocessor of an H100/H200) and the
 # fewest terms per chunk (H200: LeNet-5 conv1's backward-weight, 98 blocks of 2048 terms, ran at 1 TFLOP/s)
@@ -45,14 +45,30 @@ DIRECT = True
 GEMM_PLANE_MOST = 64
 # a static depth (linear's in_features) is split in chunks of at least this many terms
 STATIC_SPLIT_LEAST = 256
+# an operand's k index, decomposed into its mixed-radix digits (image, position; channel, kernel offset),
+# is kept in registers and advanced by the k-step with carries, once for every load slot of a thread
+# that reads the same k, instead of divided out per slot per step (sass_mix.py: the backward-weight
+# GEMMs spent 450 of ~900 instructions per step on that arithmetic); False: divided per slot
+HOIST = True
+# a thread's operand values read from shared memory as float4 / float2 / double2 where its rows and
+# columns are contiguous (a 4 x 4 tile: 2 vector loads per k instead of 8 scalar ones; a warp's
+# scalar loads cost a shared-memory wavefront each, and 8 of them per 16 multiply-adds bound the GEMMs
+# at about half the FP32 peak); False: scalar loads
+VECTOR = True
+# split-K GEMMs (backward-weight, long linears) with 4 x 8 results per thread and 64 x 128 blocks
+WIDE = True
 
 
-def tile_config(M, N, G):
+def tile_config(M, N, G, wide=False):
     """Block tile, per-thread tile (TM x TN), thread grid (TY x TX) and k-step BK. A thread holds
     whole pooling windows (TN >= G); narrow products put more threads along m (at least 128 threads
     where the tile allows); BK is the deepest step with at most 8 load slots per thread and operand
-    (their hoisted index arithmetic lives in registers)."""
-    TN = G * -(-max(4, G) // G)        # whole windows per thread, at least 4 columns (G = 3: 6)
+    (their hoisted index arithmetic lives in registers). `wide` (a GEMM whose depth is split over
+    blocks, so the split, not the tile grid, fills the multiprocessors): 8 columns per thread where
+    N has them, which halves the loads per multiply-add of the operand gathered along m."""
+    TN = G * -(-max(8 if wide and WIDE else 4, G) // G)    # whole windows per thread, >= 4 columns (G = 3: 6)
+    if wide and WIDE and sp.sympify(N).is_Integer and int(N) < 128:
+        TN = G * -(-max(4, G) // G)
     if TN > 64:
         raise ValueError(f"a pooling window of {G} elements is too large to pool in registers (at most 64)")
     TM = 4 if TN <= 8 else (2 if TN <= 16 else 1)
@@ -86,9 +102,25 @@ def tf32_params(ctx, cfg) -> dict:
             "SPW": -(-subtiles // warps)}
 
 
+def shared_reads(cfg, T, tf32) -> dict:
+    """How a thread reads its operands out of shared memory: its TM rows contiguous, its columns in
+    runs of R contiguous ones (R = the pooling window where there is one, else all TN), each read VA
+    and VB values at a time (16-byte vector loads at most; none where VECTOR is off), and the padding
+    that keeps every tile row aligned for them (TF32: 8 words, for its fragment reads)."""
+    TM, TN, G = cfg["TM"], cfg["TN"], cfg["G"]
+    R = G if G > 1 else TN
+    widest = 16 // (4 if T == "float" else 8)
+
+    def width(n):
+        return next(v for v in (4, 2, 1) if v <= widest and n % v == 0) if VECTOR else 1
+    VA, VB = width(TM), width(R)
+    return {"R": R, "VA": VA, "VB": VB, "PAD": 8 if tf32 else max(VA, VB)}
+
+
 def slots(fast, rows, cfg):
     """Each thread's load slots of a BK x rows tile: (kk, rr, guard) C expressions per slot; the
-    guard (or "") keeps the last slot inside the tile when threads do not divide it."""
+    guard (or "") keeps the last slot inside the tile when threads do not divide it. Slots that read
+    the same k get the same kk text (threads a multiple of BK: every slot of a thread reads its k)."""
     threads, BK = cfg["threads"], cfg["BK"]
     total = BK * rows
     out = []
@@ -96,10 +128,78 @@ def slots(fast, rows, cfg):
         idx = f"(tid + {l * threads})" if l else "tid"
         guard = f"{idx} < {total}" if (l + 1) * threads > total else ""
         if fast == "k":
-            out.append((f"{idx} % {BK}", f"{idx} / {BK}", guard))
+            out.append((f"tid % {BK}" if (l * threads) % BK == 0 else f"{idx} % {BK}", f"{idx} / {BK}", guard))
         else:
             out.append((f"{idx} / {rows}", f"{idx} % {rows}", guard))
     return out
+
+
+def k_groups(a, b, a_slots, b_slots, BK):
+    """The fetch of one k-step as groups of load slots that read the same k with the same digits: per
+    group the k index, its digits (registers advanced by BK with carries, or divided out of k where
+    HOIST is off), the operands' lines shared by the group's slots, then each slot's load."""
+    groups = {}
+    for op, operand, picked in (("a", a, a_slots), ("b", b, b_slots)):
+        digits = operand.get("digits", [])
+        for l, (kk, _, guard) in enumerate(picked):
+            radices = tuple(r for _, r in digits)
+            key = (kk, radices) if HOIST else (op, l)
+            g = groups.setdefault(key, {"id": len(groups), "kk": kk, "radices": radices, "names": {},
+                                        "shared": [], "slots": []})
+            for j, (name, _) in enumerate(digits):
+                if g["names"].setdefault(name, j) != j:
+                    raise ValueError(f"digit {name} is digit {g['names'][name]} of one operand, {j} of another")
+            g["shared"] += [line for line in operand.get("shared", []) if line not in g["shared"]]
+            g["slots"].append({"op": op, "l": l, "guard": guard, "load": operand["load"]})
+    out = []
+    for g in groups.values():
+        text = " ".join(g["shared"] + [line for s in g["slots"] for line in s["load"]])
+        names = [(n, j) for n, j in g["names"].items() if re.search(rf"\b{n}\b", text)]
+        gid, radices = g["id"], g["radices"]
+        if HOIST:
+            start = digit_lines(f"(k_begin + {g['kk']})", radices, lambda j: f"int kd{gid}_{j}")
+            aliases = [f"const {'long long' if j == 0 else 'int'} {n} = kd{gid}_{j};" for n, j in names]
+            advance = advance_lines(f"kd{gid}_", radices, BK)
+        else:
+            start, advance = [], []
+            aliases = digit_lines("k", radices, lambda j: f"const {'long long' if j == 0 else 'int'} {{}}")
+            aliases = [line.replace("{}", n, 1) for n, j in names for line in aliases[j:j + 1]]
+        out.append(dict(g, start=start, aliases=aliases, advance=advance, uses_k=bool(re.search(r"\bk\b", text))))
+    return out
+
+
+def digit_lines(k, radices, declare):
+    """`declare(j) = value` lines: the digits of `k` in the mixed radix `radices` (the first unbounded)."""
+    lines = []
+    for j in range(len(radices)):
+        inner = math.prod(radices[j + 1:])
+        value = f"{k} / {inner}" if inner != 1 else k
+        lines.append(f"{declare(j)} = (int)({value}{'' if j == 0 else f' % {radices[j]}'});")
+    return lines
+
+
+def advance_lines(prefix, radices, step):
+    """Lines adding the constant `step` to the digits prefix0, prefix1, ... with carries (each digit's
+    share of the step is below its radix, so one carry of at most 1 per digit)."""
+    share, rest = [], step
+    for radix in reversed(radices[1:]):
+        share.append(rest % radix)
+        rest //= radix
+    share.append(rest)
+    share.reverse()
+    lines, carry = [], None
+    for j in reversed(range(len(radices))):
+        add = " + ".join(t for t in (str(share[j]) if share[j] else "", carry or "") if t)
+        if not add:
+            carry = None
+            continue
+        lines.append(f"{prefix}{j} += {add};")
+        if j == 0:
+            break
+        carry = f"{prefix.rstrip('_')}c{j}"
+        lines.append(f"const int {carry} = {prefix}{j} >= {radices[j]};")
+        lines.append(f"{prefix}{j} -= {carry} ? {radices[j]} : 0;")
+    return lines
 
 
 def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, window_end, args, cfg,
@@ -113,13 +213,15 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                   LB=0, b_kk=[], b_nn=[], b_setup=b["setup"], b_load=b["load"],
                   row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end)
     params.update(tf32_params(ctx, cfg), prefetch=PREFETCH)
+    params.update(shared_reads(cfg, T, params["tf32"]))
     if params["tf32"]:
         name += "_tf32"
     a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)
     params.update(LA=len(a_slots), a_kk=[s[0] for s in a_slots], a_mm=[s[1] for s in a_slots],
                   a_guard=[s[2] for s in a_slots],
                   LB=len(b_slots), b_kk=[s[0] for s in b_slots], b_nn=[s[1] for s in b_slots],
-                  b_guard=[s[2] for s in b_slots])
+                  b_guard=[s[2] for s in b_slots], k_groups=k_groups(a, b, a_slots, b_slots, cfg["BK"]),
+                  hoist=HOIST)
     grid_xy = (sp.ceiling(sp.sympify(N) / cfg["BN"]), sp.ceiling(sp.sympify(M) / cfg["BM"]))
     block = (cfg["threads"], 1, 1)
     if not split:
@@ -264,14 +366,13 @@ def lower_conv(ctx):
     b_setup = column_decode("n@", "@")
     b_setup += [f"const int i0_@_{d} = q@_{d} * {geo['stride'][d]} - {geo['pad'][d]};" for d in range(nd)]
     b_setup.append(f"const long long xb@ = (bimg@ * {C} + grp * {Cg}) * {SiN}LL;")
-    b_load = [f"const int c = k / {KK};"] + unflatten(f"(int)(k % {KK})", Kr, "r")
-    b_load += [f"const int i{d} = i0_@_{d} + r{d} * {geo['dil'][d]};" for d in range(nd)]
+    b_load = [f"const int i{d} = i0_@_{d} + r{d} * {geo['dil'][d]};" for d in range(nd)]
     idx = [f"i{d}" for d in range(nd)]
     b_load.append(f"if (qok@ && {in_bounds(idx, Si)}) v = x[xb@ + (long long)c * {SiN} + {flat(idx, Si)}];")
     # A: the weights, row = output channel, contiguous along k
     a = {"fast": "k", "setup": [f"const long long wrow@ = (grp * {Mg} + m@) * {Cg * KK}LL;"],
          "load": ["v = w[wrow@ + k];"]}
-    b = {"fast": "n", "setup": b_setup, "load": b_load}
+    b = {"fast": "n", "setup": b_setup, "load": b_load, "digits": [("c", None)] + [(f"r{d}", Kr[d]) for d in range(nd)]}
 
     # the epilogue: bias, the activation chain (extra operands per channel or full-size), the pool
     z, sym = sp.Symbol("z", real=True), {}
@@ -386,10 +487,11 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     SiN, SoN, KK = math.prod(Si), math.prod(So), math.prod(Kr)
     cfg = tile_config(Cg, BATCH * SiN, 1)
     a = {"fast": "k", "setup": [f"const long long wc@ = (long long)grp * {OCg * Cg * KK} + m@ * {KK};"],
-         "load": [f"const int oc = k / {KK};", f"const int r = k % {KK};", f"v = w[wc@ + oc * {Cg * KK}LL + r];"]}
+         "digits": [("oc", None), ("r", KK)], "shared": [f"const long long wk = oc * {Cg * KK}LL + r;"],
+         "load": ["v = w[wc@ + wk];"]}
     b_setup = [f"const long long bimg@ = n@ / {SiN};", f"const int h@ = n@ % {SiN};"] + unflatten("h@", Si, "h@_")
     b_setup.append(f"const long long dyb@ = (bimg@ * {OC} + grp * {OCg}) * {SoN}LL;")
-    b_load = [f"const int oc = k / {KK};"] + unflatten(f"(int)(k % {KK})", Kr, "r")
+    b_load = []
     conds, coords = [], []
     for d in range(nd):
         s = geo["stride"][d]
@@ -403,7 +505,7 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
         b_load += [f"if ({' && '.join(conds)}) {{"] + [f"    {line}" for line in lines] + ["}"]
     else:
         b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
-    b = {"fast": "n", "setup": b_setup, "load": b_load}
+    b = {"fast": "n", "setup": b_setup, "load": b_load, "digits": [("oc", None)] + [(f"r{d}", Kr[d]) for d in range(nd)]}
     plus = " + bias[grp * {Cg} + m]".format(Cg=Cg) if bias else ""
     element = [f"const long long bimg = n / {SiN};", f"const int h = n % {SiN};",
                f"dx[(bimg * {C} + grp * {Cg} + m) * {SiN}LL + h] = c{plus};"]
@@ -445,26 +547,28 @@ def lower_conv_backward_weight(ctx):
     nd, C, Si, OC, Cg, Kr, groups = geo["nd"], geo["C"], geo["Si"], geo["OC"], geo["Cg"], geo["Kr"], geo["groups"]
     So, OCg = ints(dy.shape[2:]), OC // groups
     SiN, SoN, KK = math.prod(Si), math.prod(So), math.prod(Kr)
-    cfg = tile_config(OCg, Cg * KK, 1)
+    cfg = tile_config(OCg, Cg * KK, 1, wide=True)
     gathered = gathered_gradient(ctx.graph, ctx.operands[1])
     used = set()
-    a_load = [f"const long long bi = k / {SoN};", f"const int o = k % {SoN};"]
+    # k = (image bi, output position o0, o1, ...): digits kept in registers, shared by every slot
+    digits = [("bi", None)] + [(f"o{d}", So[d]) for d in range(nd)]
+    o_coords = [f"o{d}" for d in range(nd)]
     if gathered:   # dy is a pool/activation gradient: gather it from the pooled gradient and the codes
-        a_load += unflatten("o", So, "o")
-        lines, used = gather_lines(gathered, ctx.dtype, f"bi * {OC} + grp * {OCg} + m@",
-                                   [f"o{d}" for d in range(nd)])
-        a_load += lines
+        shared, lines, used = gather_shared_lines(gathered, ctx.dtype, f"bi * {OC} + grp * {OCg} + m@", o_coords)
+        a = {"fast": "k", "setup": [], "digits": digits, "shared": shared, "load": lines}
     else:
-        a_load.append(f"v = dy[bi * {OC * SoN}LL + dyc@ + o];")
-    a = {"fast": "k", "setup": [f"const long long dyc@ = (grp * {OCg} + m@) * {SoN}LL;"], "load": a_load}
+        a = {"fast": "k", "setup": [f"const long long dyc@ = (grp * {OCg} + m@) * {SoN}LL;"], "digits": digits,
+             "shared": [f"const long long dyo = bi * {OC * SoN}LL + {flat(o_coords, So)};"],
+             "load": ["v = dy[dyo + dyc@];"]}
     b_setup = [f"const int c@ = n@ / {KK};"] + unflatten(f"(int)(n@ % {KK})", Kr, "r@_")
     b_setup.append(f"const long long xc@ = (grp * {Cg} + c@) * {SiN}LL;")
     b_setup += [f"const int off@_{d} = r@_{d} * {geo['dil'][d]} - {geo['pad'][d]};" for d in range(nd)]
-    b_load = [f"const long long bi = k / {SoN};", f"const int o = k % {SoN};"] + unflatten("o", So, "o")
-    b_load += [f"const int i{d} = o{d} * {geo['stride'][d]} + off@_{d};" for d in range(nd)]
+    b_shared = [f"const long long xb = bi * {C * SiN}LL;"] + \
+               [f"const int os{d} = o{d} * {geo['stride'][d]};" for d in range(nd)]
+    b_load = [f"const int i{d} = os{d} + off@_{d};" for d in range(nd)]
     idx = [f"i{d}" for d in range(nd)]
-    b_load.append(f"if ({in_bounds(idx, Si)}) v = x[bi * {C * SiN}LL + xc@ + {flat(idx, Si)}];")
-    b = {"fast": "k", "setup": b_setup, "load": b_load}
+    b_load.append(f"if ({in_bounds(idx, Si)}) v = x[xb + xc@ + {flat(idx, Si)}];")
+    b = {"fast": "k", "setup": b_setup, "digits": digits, "shared": b_shared, "load": b_load}
     element = [f"dw[(grp * {OCg} + m) * {Cg * KK}LL + n] = c;"]
     args = [ctx.arg_in(0, "x")] + gather_args(ctx, gathered, 1) + [ctx.arg_out(0, "dw"), Arg("int", "batch")]
     name = (f"conv{nd}d_backward_weight{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
@@ -508,7 +612,7 @@ def lower_linear(ctx):
     x, w = ctx.ins[0], ctx.ins[1]
     In, F = int(w.shape[0]), int(w.shape[1])
     M = numel(x.shape[:-1])
-    cfg = tile_config(M, F, 1)
+    cfg = tile_config(M, F, 1, wide=In >= 4 * STATIC_SPLIT_LEAST)
     a = dense_operand("x", "M", In, False, "a")
     b = dense_operand("w", F, In, False, "b")
     has_bias = len(ctx.operands) > 2
@@ -530,7 +634,7 @@ def lower_matmul(ctx):
     ta, tb = ctx.attrs["transpose_a"], ctx.attrs["transpose_b"]
     M, K = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
     N = B.shape[0] if tb else B.shape[1]
-    cfg = tile_config(M, N, 1)
+    cfg = tile_config(M, N, 1, wide=sp.sympify(K).has(BATCH))
     a = dense_operand("a", c_int(M), c_int(K), ta, "a")
     b = dense_operand("b", c_int(N), c_int(K), tb, "b")
     element = [f"out[m * N + n] = c;"]

@@ -54,25 +54,31 @@ def gathered_gradient(graph, name):
 
 def gather_lines(info, dtype, plane, coords) -> tuple[list, set]:
     """Lines setting `v` to g at (plane = b * C + c, spatial coords), and the device functions used."""
+    shared, lines, used = gather_shared_lines(info, dtype, plane, coords)
+    return shared + lines, used
+
+
+def gather_shared_lines(info, dtype, plane, coords) -> tuple[list, list, set]:
+    """gather_lines in two parts: what depends on the coordinates alone (the pooled position, whether
+    it exists, the window offset the code must name), which load slots reading the same coordinates
+    for different planes compute once, and the lines per plane."""
     k, Sp = info["k"], info["Sp"]
     P = math.prod(Sp)
-    lines, conds = [], []
-    for d, c in enumerate(coords):
-        lines.append(f"const int gp{d} = ({c}) / {k[d]};")
-        conds.append(f"gp{d} < {Sp[d]}")
+    shared = [f"const int gp{d} = ({c}) / {k[d]};" for d, c in enumerate(coords)]
     offset = " + ".join(f"(({c}) % {k[d]}) * {math.prod(k[d + 1:])}" for d, c in enumerate(coords))
     flat = "gp0"
     for d in range(1, len(coords)):
         flat = f"({flat}) * {Sp[d]} + gp{d}"
+    shared += [f"const int gpos = {flat};", f"const bool gin = {' && '.join(f'gp{d} < {Sp[d]}' for d in range(len(coords)))};",
+               f"const int gwant = {offset};"]
     temps, result, used = derivative_c(info, dtype)
     T = "float" if dtype == "float32" else "double"
-    lines.append(f"const long long gi = ({plane}) * {P}LL + {flat};")
-    lines.append(f"if ({' && '.join(conds)} && gcode[gi] == {offset}) {{")
+    lines = [f"const long long gi = ({plane}) * {P}LL + gpos;", "if (gin && gcode[gi] == gwant) {"]
     lines += [f"    {line}" for line in operand_loads(temps, result, T, "gi")]
     lines += [f"    {t}" for t in temps]
     lines.append(f"    v = {result};")
     lines.append("}")
-    return lines, used
+    return shared, lines, used
 
 
 def derivative_c(info, dtype, x="ga", dy="gd"):

@@ -43,8 +43,11 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
             if (c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
                 const int gp0 = (iy) / 2;
                 const int gp1 = (ix) / 2;
-                const long long gi = (bimg * 50 + c) * 49LL + (gp0) * 7 + gp1;
-                if (gp0 < 7 && gp1 < 7 && gcode[gi] == ((iy) % 2) * 2 + ((ix) % 2) * 1) {
+                const int gpos = (gp0) * 7 + gp1;
+                const bool gin = gp0 < 7 && gp1 < 7;
+                const int gwant = ((iy) % 2) * 2 + ((ix) % 2) * 1;
+                const long long gi = (bimg * 50 + c) * 49LL + gpos;
+                if (gin && gcode[gi] == gwant) {
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
                     v = ((ga > 0) ? (gd) : (0));

@@ -11,11 +11,13 @@
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 128 threads with the fastest-varying index of each operand's memory layout along
 // consecutive threads (coalesced); every thread then keeps a 2 x 4 block of results in
-// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's
-// rows are strided by 16 and its columns by 8, which keeps shared-memory
-// reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
-// word in shared memory so that column-wise stores do not collide in one bank.
+// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's 2 rows are
+// contiguous, and so are its of 4 columns, runs strided by 32 across the
+// block: the values come out of shared memory 2 and 4 at a time (vector loads: a warp's A
+// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
+// conflict), so a k-step costs 2 shared loads, not 6. Operands are gathered on the fly
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
+// words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu_maxpool2x2_gathered_f32_c1_k20_r5x5_s1x1_p2x2_i28x28_partial(const float* __restrict__ x, const float* __restrict__ gdy, const unsigned char* __restrict__ gcode, const float* __restrict__ gaux, float* __restrict__ partial, int batch)
@@ -29,8 +31,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     const long long split = blockIdx.z / 1;
     const long long kch = max((long long)(max((long long)(512), (long long)(16*((((784*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((49*nb + 32) / 33) + 15) / 16)));
     const long long k_begin = split * kch, k_end = min(K, k_begin + kch);
-    __shared__ float As[16][33];
-    __shared__ float Bs[16][33];
+    __shared__ __align__(16) float As[16][36];
+    __shared__ __align__(16) float Bs[16][36];
     float acc[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -42,13 +44,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     const int a_kk0 = tid % 16, a_mm0 = tid / 16;
     const long long m0 = m_base + a_mm0;
     const bool a_ok0 = m0 < M;
-    const int a_kk1 = (tid + 128) % 16, a_mm1 = (tid + 128) / 16;
+    const int a_kk1 = tid % 16, a_mm1 = (tid + 128) / 16;
     const long long m1 = m_base + a_mm1;
     const bool a_ok1 = m1 < M;
-    const int a_kk2 = (tid + 256) % 16, a_mm2 = (tid + 256) / 16;
+    const int a_kk2 = tid % 16, a_mm2 = (tid + 256) / 16;
     const long long m2 = m_base + a_mm2;
     const bool a_ok2 = m2 < M;
-    const int a_kk3 = (tid + 384) % 16, a_mm3 = (tid + 384) / 16;
+    const int a_kk3 = tid % 16, a_mm3 = (tid + 384) / 16;
     const long long m3 = m_base + a_mm3;
     const bool a_ok3 = m3 < M;
     const int b_kk0 = tid % 16, b_nn0 = tid / 16;
@@ -60,7 +62,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     const long long xc0 = (grp * 1 + c0) * 784LL;
     const int off0_0 = r0_0 * 1 - 2;
     const int off0_1 = r0_1 * 1 - 2;
-    const int b_kk1 = (tid + 128) % 16, b_nn1 = (tid + 128) / 16;
+    const int b_kk1 = tid % 16, b_nn1 = (tid + 128) / 16;
     const long long n1 = n_base + b_nn1;
     const bool b_ok1 = n1 < N;
     const int c1 = n1 / 25;
@@ -69,7 +71,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     const long long xc1 = (grp * 1 + c1) * 784LL;
     const int off1_0 = r1_0 * 1 - 2;
     const int off1_1 = r1_1 * 1 - 2;
-    const int b_kk2 = (tid + 256) % 16, b_nn2 = (tid + 256) / 16;
+    const int b_kk2 = tid % 16, b_nn2 = (tid + 256) / 16;
     const long long n2 = n_base + b_nn2;
     const bool b_ok2 = n2 < N;
     const int c2 = n2 / 25;
@@ -78,7 +80,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     const long long xc2 = (grp * 1 + c2) * 784LL;
     const int off2_0 = r2_0 * 1 - 2;
     const int off2_1 = r2_1 * 1 - 2;
-    const int b_kk3 = (tid + 384) % 16, b_nn3 = (tid + 384) / 16;
+    const int b_kk3 = tid % 16, b_nn3 = (tid + 384) / 16;
     const long long n3 = n_base + b_nn3;
     const bool b_ok3 = n3 < N;
     const int c3 = n3 / 25;
@@ -88,140 +90,119 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     const int off3_0 = r3_0 * 1 - 2;
     const int off3_1 = r3_1 * 1 - 2;
 
+    // the k index of each group of load slots as digits (image, position, ...), advanced by 16 per
+    // k-step with carries instead of divided out of k by every slot at every step
+    int kd0_0 = (int)((k_begin + tid % 16) / 784);
+    int kd0_1 = (int)((k_begin + tid % 16) / 28 % 28);
+    int kd0_2 = (int)((k_begin + tid % 16) % 28);
+
     // the operands' next k-step travels in registers: fetched from global memory while the
     // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
     float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0;
     {
-        const long long k = k_begin + a_kk0;
-        float v = 0;
-        if (a_ok0 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int gp0 = (o0) / 2;
-            const int gp1 = (o1) / 2;
-            const long long gi = (bi * 20 + grp * 20 + m0) * 196LL + (gp0) * 14 + gp1;
-            if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                const float ga = gaux[gi];
-                const float gd = gdy[gi];
-                v = ((ga > 0) ? (gd) : (0));
+        const long long k = k_begin + tid % 16;
+        const long long bi = kd0_0;
+        const int o0 = kd0_1;
+        const int o1 = kd0_2;
+        const int gp0 = (o0) / 2;
+        const int gp1 = (o1) / 2;
+        const int gpos = (gp0) * 14 + gp1;
+        const bool gin = gp0 < 14 && gp1 < 14;
+        const int gwant = ((o0) % 2) * 2 + ((o1) % 2) * 1;
+        const long long xb = bi * 784LL;
+        const int os0 = o0 * 1;
+        const int os1 = o1 * 1;
+        {
+            float v = 0;
+            if (a_ok0 && k < k_end) {
+                const long long gi = (bi * 20 + grp * 20 + m0) * 196LL + gpos;
+                if (gin && gcode[gi] == gwant) {
+                    const float ga = gaux[gi];
+                    const float gd = gdy[gi];
+                    v = ((ga > 0) ? (gd) : (0));
+                }
             }
+            ra0 = v;
         }
-        ra0 = v;
-    }
-    {
-        const long long k = k_begin + a_kk1;
-        float v = 0;
-        if (a_ok1 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int gp0 = (o0) / 2;
-            const int gp1 = (o1) / 2;
-            const long long gi = (bi * 20 + grp * 20 + m1) * 196LL + (gp0) * 14 + gp1;
-            if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                const float ga = gaux[gi];
-                const float gd = gdy[gi];
-                v = ((ga > 0) ? (gd) : (0));
+        {
+            float v = 0;
+            if (a_ok1 && k < k_end) {
+                const long long gi = (bi * 20 + grp * 20 + m1) * 196LL + gpos;
+                if (gin && gcode[gi] == gwant) {
+                    const float ga = gaux[gi];
+                    const float gd = gdy[gi];
+                    v = ((ga > 0) ? (gd) : (0));
+                }
             }
+            ra1 = v;
         }
-        ra1 = v;
-    }
-    {
-        const long long k = k_begin + a_kk2;
-        float v = 0;
-        if (a_ok2 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int gp0 = (o0) / 2;
-            const int gp1 = (o1) / 2;
-            const long long gi = (bi * 20 + grp * 20 + m2) * 196LL + (gp0) * 14 + gp1;
-            if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                const float ga = gaux[gi];
-                const float gd = gdy[gi];
-                v = ((ga > 0) ? (gd) : (0));
+        {
+            float v = 0;
+            if (a_ok2 && k < k_end) {
+                const long long gi = (bi * 20 + grp * 20 + m2) * 196LL + gpos;
+                if (gin && gcode[gi] == gwant) {
+                    const float ga = gaux[gi];
+                    const float gd = gdy[gi];
+                    v = ((ga > 0) ? (gd) : (0));
+                }
             }
+            ra2 = v;
         }
-        ra2 = v;
-    }
-    {
-        const long long k = k_begin + a_kk3;
-        float v = 0;
-        if (a_ok3 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int gp0 = (o0) / 2;
-            const int gp1 = (o1) / 2;
-            const long long gi = (bi * 20 + grp * 20 + m3) * 196LL + (gp0) * 14 + gp1;
-            if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                const float ga = gaux[gi];
-                const float gd = gdy[gi];
-                v = ((ga > 0) ? (gd) : (0));
+        {
+            float v = 0;
+            if (a_ok3 && k < k_end) {
+                const long long gi = (bi * 20 + grp * 20 + m3) * 196LL + gpos;
+                if (gin && gcode[gi] == gwant) {
+                    const float ga = gaux[gi];
+                    const float gd = gdy[gi];
+                    v = ((ga > 0) ? (gd) : (0));
+                }
             }
+            ra3 = v;
         }
-        ra3 = v;
-    }
-    {
-        const long long k = k_begin + b_kk0;
-        float v = 0;
-        if (b_ok0 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int i0 = o0 * 1 + off0_0;
-            const int i1 = o1 * 1 + off0_1;
-            if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc0 + (i0) * 28 + i1];
+        {
+            float v = 0;
+            if (b_ok0 && k < k_end) {
+                const int i0 = os0 + off0_0;
+                const int i1 = os1 + off0_1;
+                if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc0 + (i0) * 28 + i1];
+            }
+            rb0 = v;
         }
-        rb0 = v;
-    }
-    {
-        const long long k = k_begin + b_kk1;
-        float v = 0;
-        if (b_ok1 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int i0 = o0 * 1 + off1_0;
-            const int i1 = o1 * 1 + off1_1;
-            if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc1 + (i0) * 28 + i1];
+        {
+            float v = 0;
+            if (b_ok1 && k < k_end) {
+                const int i0 = os0 + off1_0;
+                const int i1 = os1 + off1_1;
+                if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc1 + (i0) * 28 + i1];
+            }
+            rb1 = v;
         }
-        rb1 = v;
-    }
-    {
-        const long long k = k_begin + b_kk2;
-        float v = 0;
-        if (b_ok2 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int i0 = o0 * 1 + off2_0;
-            const int i1 = o1 * 1 + off2_1;
-            if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc2 + (i0) * 28 + i1];
+        {
+            float v = 0;
+            if (b_ok2 && k < k_end) {
+                const int i0 = os0 + off2_0;
+                const int i1 = os1 + off2_1;
+                if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc2 + (i0) * 28 + i1];
+            }
+            rb2 = v;
         }
-        rb2 = v;
-    }
-    {
-        const long long k = k_begin + b_kk3;
-        float v = 0;
-        if (b_ok3 && k < k_end) {
-            const long long bi = k / 784;
-            const int o = k % 784;
-            const int o0 = (o / 28) % 28;
-            const int o1 = (o) % 28;
-            const int i0 = o0 * 1 + off3_0;
-            const int i1 = o1 * 1 + off3_1;
-            if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc3 + (i0) * 28 + i1];
+        {
+            float v = 0;
+            if (b_ok3 && k < k_end) {
+                const int i0 = os0 + off3_0;
+                const int i1 = os1 + off3_1;
+                if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc3 + (i0) * 28 + i1];
+            }
+            rb3 = v;
         }
-        rb3 = v;
+        kd0_2 += 16;
+        const int kd0c2 = kd0_2 >= 28;
+        kd0_2 -= kd0c2 ? 28 : 0;
+        kd0_1 += kd0c2;
+        const int kd0c1 = kd0_1 >= 28;
+        kd0_1 -= kd0c1 ? 28 : 0;
+        kd0_0 += kd0c1;
     }
 
     for (long long kt = k_begin; kt < k_end; kt += 16) {
@@ -236,146 +217,123 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
         __syncthreads();
         if (kt + 16 < k_end) {
             {
-                const long long k = kt + 16 + a_kk0;
-                float v = 0;
-                if (a_ok0 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int gp0 = (o0) / 2;
-                    const int gp1 = (o1) / 2;
-                    const long long gi = (bi * 20 + grp * 20 + m0) * 196LL + (gp0) * 14 + gp1;
-                    if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                        const float ga = gaux[gi];
-                        const float gd = gdy[gi];
-                        v = ((ga > 0) ? (gd) : (0));
+                const long long k = kt + 16 + tid % 16;
+                const long long bi = kd0_0;
+                const int o0 = kd0_1;
+                const int o1 = kd0_2;
+                const int gp0 = (o0) / 2;
+                const int gp1 = (o1) / 2;
+                const int gpos = (gp0) * 14 + gp1;
+                const bool gin = gp0 < 14 && gp1 < 14;
+                const int gwant = ((o0) % 2) * 2 + ((o1) % 2) * 1;
+                const long long xb = bi * 784LL;
+                const int os0 = o0 * 1;
+                const int os1 = o1 * 1;
+                {
+                    float v = 0;
+                    if (a_ok0 && k < k_end) {
+                        const long long gi = (bi * 20 + grp * 20 + m0) * 196LL + gpos;
+                        if (gin && gcode[gi] == gwant) {
+                            const float ga = gaux[gi];
+                            const float gd = gdy[gi];
+                            v = ((ga > 0) ? (gd) : (0));
+                        }
                     }
+                    ra0 = v;
                 }
-                ra0 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk1;
-                float v = 0;
-                if (a_ok1 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int gp0 = (o0) / 2;
-                    const int gp1 = (o1) / 2;
-                    const long long gi = (bi * 20 + grp * 20 + m1) * 196LL + (gp0) * 14 + gp1;
-                    if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                        const float ga = gaux[gi];
-                        const float gd = gdy[gi];
-                        v = ((ga > 0) ? (gd) : (0));
+                {
+                    float v = 0;
+                    if (a_ok1 && k < k_end) {
+                        const long long gi = (bi * 20 + grp * 20 + m1) * 196LL + gpos;
+                        if (gin && gcode[gi] == gwant) {
+                            const float ga = gaux[gi];
+                            const float gd = gdy[gi];
+                            v = ((ga > 0) ? (gd) : (0));
+                        }
                     }
+                    ra1 = v;
                 }
-                ra1 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk2;
-                float v = 0;
-                if (a_ok2 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int gp0 = (o0) / 2;
-                    const int gp1 = (o1) / 2;
-                    const long long gi = (bi * 20 + grp * 20 + m2) * 196LL + (gp0) * 14 + gp1;
-                    if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                        const float ga = gaux[gi];
-                        const float gd = gdy[gi];
-                        v = ((ga > 0) ? (gd) : (0));
+                {
+                    float v = 0;
+                    if (a_ok2 && k < k_end) {
+                        const long long gi = (bi * 20 + grp * 20 + m2) * 196LL + gpos;
+                        if (gin && gcode[gi] == gwant) {
+                            const float ga = gaux[gi];
+                            const float gd = gdy[gi];
+                            v = ((ga > 0) ? (gd) : (0));
+                        }
                     }
+                    ra2 = v;
                 }
-                ra2 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk3;
-                float v = 0;
-                if (a_ok3 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int gp0 = (o0) / 2;
-                    const int gp1 = (o1) / 2;
-                    const long long gi = (bi * 20 + grp * 20 + m3) * 196LL + (gp0) * 14 + gp1;
-                    if (gp0 < 14 && gp1 < 14 && gcode[gi] == ((o0) % 2) * 2 + ((o1) % 2) * 1) {
-                        const float ga = gaux[gi];
-                        const float gd = gdy[gi];
-                        v = ((ga > 0) ? (gd) : (0));
+                {
+                    float v = 0;
+                    if (a_ok3 && k < k_end) {
+                        const long long gi = (bi * 20 + grp * 20 + m3) * 196LL + gpos;
+                        if (gin && gcode[gi] == gwant) {
+                            const float ga = gaux[gi];
+                            const float gd = gdy[gi];
+                            v = ((ga > 0) ? (gd) : (0));
+                        }
                     }
+                    ra3 = v;
                 }
-                ra3 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk0;
-                float v = 0;
-                if (b_ok0 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int i0 = o0 * 1 + off0_0;
-                    const int i1 = o1 * 1 + off0_1;
-                    if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc0 + (i0) * 28 + i1];
+                {
+                    float v = 0;
+                    if (b_ok0 && k < k_end) {
+                        const int i0 = os0 + off0_0;
+                        const int i1 = os1 + off0_1;
+                        if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc0 + (i0) * 28 + i1];
+                    }
+                    rb0 = v;
                 }
-                rb0 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk1;
-                float v = 0;
-                if (b_ok1 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int i0 = o0 * 1 + off1_0;
-                    const int i1 = o1 * 1 + off1_1;
-                    if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc1 + (i0) * 28 + i1];
+                {
+                    float v = 0;
+                    if (b_ok1 && k < k_end) {
+                        const int i0 = os0 + off1_0;
+                        const int i1 = os1 + off1_1;
+                        if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc1 + (i0) * 28 + i1];
+                    }
+                    rb1 = v;
                 }
-                rb1 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk2;
-                float v = 0;
-                if (b_ok2 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int i0 = o0 * 1 + off2_0;
-                    const int i1 = o1 * 1 + off2_1;
-                    if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc2 + (i0) * 28 + i1];
+                {
+                    float v = 0;
+                    if (b_ok2 && k < k_end) {
+                        const int i0 = os0 + off2_0;
+                        const int i1 = os1 + off2_1;
+                        if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc2 + (i0) * 28 + i1];
+                    }
+                    rb2 = v;
                 }
-                rb2 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk3;
-                float v = 0;
-                if (b_ok3 && k < k_end) {
-                    const long long bi = k / 784;
-                    const int o = k % 784;
-                    const int o0 = (o / 28) % 28;
-                    const int o1 = (o) % 28;
-                    const int i0 = o0 * 1 + off3_0;
-                    const int i1 = o1 * 1 + off3_1;
-                    if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[bi * 784LL + xc3 + (i0) * 28 + i1];
+                {
+                    float v = 0;
+                    if (b_ok3 && k < k_end) {
+                        const int i0 = os0 + off3_0;
+                        const int i1 = os1 + off3_1;
+                        if (i0 >= 0 && i0 < 28 && i1 >= 0 && i1 < 28) v = x[xb + xc3 + (i0) * 28 + i1];
+                    }
+                    rb3 = v;
                 }
-                rb3 = v;
+                kd0_2 += 16;
+                const int kd0c2 = kd0_2 >= 28;
+                kd0_2 -= kd0c2 ? 28 : 0;
+                kd0_1 += kd0c2;
+                const int kd0c1 = kd0_1 >= 28;
+                kd0_1 -= kd0c1 ? 28 : 0;
+                kd0_0 += kd0c1;
             }
 
         }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[2], b[4];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) a[i] = As[kk][ty + i * 16];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][(j / 1) * 8 + tx * 1 + j % 1];
+            const float2 a0v = *reinterpret_cast<const float2*>(&As[kk][ty * 2 + 0]);
+            a[0] = a0v.x;
+            a[1] = a0v.y;
+            const float4 b0v = *reinterpret_cast<const float4*>(&Bs[kk][0 + tx * 4]);
+            b[0] = b0v.x;
+            b[1] = b0v.y;
+            b[2] = b0v.z;
+            b[3] = b0v.w;
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -387,11 +345,11 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
     // epilogue, from registers
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        const long long m = m_base + ty + i * 16;
+        const long long m = m_base + ty * 2 + i;
         if (m >= M) continue;
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-            const long long nw = n_base + g * 8 + tx * 1;
+            const long long nw = n_base + (g * 1 / 4) * 32 + tx * 4 + g * 1 % 4;
             if (nw >= N) continue;
 #pragma unroll
             for (int ew = 0; ew < 1; ++ew) {

@@ -11,7 +11,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu_maxpool2x2_gathered_f32_c20_k50_r5x5_s1x1_p2x2_i14x14_reduce(const float* __restrict__ partial, float* __restrict__ dw, int batch)
 {
     const long long nb = batch;
-    const long long M = 50, N = 500, S = ((196*nb + max((long long)(max((long long)(512), (long long)(16*((((196*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((98*nb + 32) / 33) + 15) / 16))) - 1) / max((long long)(max((long long)(512), (long long)(16*((((196*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((98*nb + 32) / 33) + 15) / 16))));
+    const long long M = 50, N = 500, S = ((196*nb + max((long long)(max((long long)(512), (long long)(16*((((196*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((49*nb + 32) / 33) + 15) / 16))) - 1) / max((long long)(max((long long)(512), (long long)(16*((((196*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((49*nb + 32) / 33) + 15) / 16))));
     const long long total = 1 * M * N;
     for (long long idx = (long long)blockIdx.x * 256 + threadIdx.x; idx < total; idx += (long long)gridDim.x * 256) {
         const int grp = idx / (M * N);

@@ -11,7 +11,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2450_out500_reduce(const float* __restrict__ partial, const float* __restrict__ bias, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
-    const long long M = nb, N = 500, S = ((2450 + max((long long)(256), (long long)(16*((((2450 + ((66 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((66 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16))) - 1) / max((long long)(256), (long long)(16*((((2450 + ((66 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((66 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16))));
+    const long long M = nb, N = 500, S = ((2450 + max((long long)(256), (long long)(16*((((2450 + ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16))) - 1) / max((long long)(256), (long long)(16*((((2450 + ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16))));
     const long long total = 1 * M * N;
     for (long long idx = (long long)blockIdx.x * 256 + threadIdx.x; idx < total; idx += (long long)gridDim.x * 256) {
         const long long mn = idx % (M * N);

@@ -11,7 +11,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) matmul_ta_f32_m2450_n500_kN_reduce(const float* __restrict__ partial, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
-    const long long M = 2450, N = 500, S = ((nb + max((long long)(max((long long)(512), (long long)(16*((((nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((nb + 1) / 2) + 15) / 16))) - 1) / max((long long)(max((long long)(512), (long long)(16*((((nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((nb + 1) / 2) + 15) / 16))));
+    const long long M = 2450, N = 500, S = ((nb + max((long long)(max((long long)(512), (long long)(16*((((nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((nb + 3) / 4) + 15) / 16))) - 1) / max((long long)(max((long long)(512), (long long)(16*((((nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((nb + 3) / 4) + 15) / 16))));
     const long long total = 1 * M * N;
     for (long long idx = (long long)blockIdx.x * 256 + threadIdx.x; idx < total; idx += (long long)gridDim.x * 256) {
         const long long mn = idx % (M * N);

@@ -11,11 +11,13 @@
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 128 threads with the fastest-varying index of each operand's memory layout along
 // consecutive threads (coalesced); every thread then keeps a 2 x 4 block of results in
-// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's
-// rows are strided by 32 and its columns by 4, which keeps shared-memory
-// reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
-// word in shared memory so that column-wise stores do not collide in one bank.
+// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's 2 rows are
+// contiguous, and so are its of 4 columns, runs strided by 16 across the
+// block: the values come out of shared memory 2 and 4 at a time (vector loads: a warp's A
+// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
+// conflict), so a k-step costs 2 shared loads, not 6. Operands are gathered on the fly
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
+// words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m500_n10_kN_partial(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ partial, int batch)
@@ -29,8 +31,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m500_n10_kN_p
     const long long split = blockIdx.z / 1;
     const long long kch = max((long long)(max((long long)(512), (long long)(16*((((nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((nb + 65) / 66) + 15) / 16)));
     const long long k_begin = split * kch, k_end = min(K, k_begin + kch);
-    __shared__ float As[16][65];
-    __shared__ float Bs[16][17];
+    __shared__ __align__(16) float As[16][68];
+    __shared__ __align__(16) float Bs[16][20];
     float acc[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -70,88 +72,109 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m500_n10_kN_p
     const long long n1 = n_base + b_nn1;
     const bool b_ok1 = n1 < N;
 
+
     // the operands' next k-step travels in registers: fetched from global memory while the
     // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
     float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, ra4 = 0, ra5 = 0, ra6 = 0, ra7 = 0, rb0 = 0, rb1 = 0;
     {
-        const long long k = k_begin + a_kk0;
-        float v = 0;
-        if (a_ok0 && k < k_end) {
-            v = a[k * (500) + m0];
+        const long long k = k_begin + tid / 64;
+        {
+            float v = 0;
+            if (a_ok0 && k < k_end) {
+                v = a[k * (500) + m0];
+            }
+            ra0 = v;
         }
-        ra0 = v;
     }
     {
-        const long long k = k_begin + a_kk1;
-        float v = 0;
-        if (a_ok1 && k < k_end) {
-            v = a[k * (500) + m1];
+        const long long k = k_begin + (tid + 128) / 64;
+        {
+            float v = 0;
+            if (a_ok1 && k < k_end) {
+                v = a[k * (500) + m1];
+            }
+            ra1 = v;
         }
-        ra1 = v;
     }
     {
-        const long long k = k_begin + a_kk2;
-        float v = 0;
-        if (a_ok2 && k < k_end) {
-            v = a[k * (500) + m2];
+        const long long k = k_begin + (tid + 256) / 64;
+        {
+            float v = 0;
+            if (a_ok2 && k < k_end) {
+                v = a[k * (500) + m2];
+            }
+            ra2 = v;
         }
-        ra2 = v;
     }
     {
-        const long long k = k_begin + a_kk3;
-        float v = 0;
-        if (a_ok3 && k < k_end) {
-            v = a[k * (500) + m3];
+        const long long k = k_begin + (tid + 384) / 64;
+        {
+            float v = 0;
+            if (a_ok3 && k < k_end) {
+                v = a[k * (500) + m3];
+            }
+            ra3 = v;
         }
-        ra3 = v;
     }
     {
-        const long long k = k_begin + a_kk4;
-        float v = 0;
-        if (a_ok4 && k < k_end) {
-            v = a[k * (500) + m4];
+        const long long k = k_begin + (tid + 512) / 64;
+        {
+            float v = 0;
+            if (a_ok4 && k < k_end) {
+                v = a[k * (500) + m4];
+            }
+            ra4 = v;
         }
-        ra4 = v;
     }
     {
-        const long long k = k_begin + a_kk5;
-        float v = 0;
-        if (a_ok5 && k < k_end) {
-            v = a[k * (500) + m5];
+        const long long k = k_begin + (tid + 640) / 64;
+        {
+            float v = 0;
+            if (a_ok5 && k < k_end) {
+                v = a[k * (500) + m5];
+            }
+            ra5 = v;
         }
-        ra5 = v;
     }
     {
-        const long long k = k_begin + a_kk6;
-        float v = 0;
-        if (a_ok6 && k < k_end) {
-            v = a[k * (500) + m6];
+        const long long k = k_begin + (tid + 768) / 64;
+        {
+            float v = 0;
+            if (a_ok6 && k < k_end) {
+                v = a[k * (500) + m6];
+            }
+            ra6 = v;
         }
-        ra6 = v;
     }
     {
-        const long long k = k_begin + a_kk7;
-        float v = 0;
-        if (a_ok7 && k < k_end) {
-            v = a[k * (500) + m7];
+        const long long k = k_begin + (tid + 896) / 64;
+        {
+            float v = 0;
+            if (a_ok7 && k < k_end) {
+                v = a[k * (500) + m7];
+            }
+            ra7 = v;
         }
-        ra7 = v;
     }
     {
-        const long long k = k_begin + b_kk0;
-        float v = 0;
-        if (b_ok0 && k < k_end) {
-            v = b[k * (10) + n0];
+        const long long k = k_begin + tid / 16;
+        {
+            float v = 0;
+            if (b_ok0 && k < k_end) {
+                v = b[k * (10) + n0];
+            }
+            rb0 = v;
         }
-        rb0 = v;
     }
     {
-        const long long k = k_begin + b_kk1;
-        float v = 0;
-        if (b_ok1 && k < k_end) {
-            v = b[k * (10) + n1];
+        const long long k = k_begin + (tid + 128) / 16;
+        {
+            float v = 0;
+            if (b_ok1 && k < k_end) {
+                v = b[k * (10) + n1];
+            }
+            rb1 = v;
         }
-        rb1 = v;
     }
 
     for (long long kt = k_begin; kt < k_end; kt += 16) {
@@ -168,94 +191,118 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m500_n10_kN_p
         __syncthreads();
         if (kt + 16 < k_end) {
             {
-                const long long k = kt + 16 + a_kk0;
-                float v = 0;
-                if (a_ok0 && k < k_end) {
-                    v = a[k * (500) + m0];
+                const long long k = kt + 16 + tid / 64;
+                {
+                    float v = 0;
+                    if (a_ok0 && k < k_end) {
+                        v = a[k * (500) + m0];
+                    }
+                    ra0 = v;
                 }
-                ra0 = v;
             }
             {
-                const long long k = kt + 16 + a_kk1;
-                float v = 0;
-                if (a_ok1 && k < k_end) {
-                    v = a[k * (500) + m1];
+                const long long k = kt + 16 + (tid + 128) / 64;
+                {
+                    float v = 0;
+                    if (a_ok1 && k < k_end) {
+                        v = a[k * (500) + m1];
+                    }
+                    ra1 = v;
                 }
-                ra1 = v;
             }
             {
-                const long long k = kt + 16 + a_kk2;
-                float v = 0;
-                if (a_ok2 && k < k_end) {
-                    v = a[k * (500) + m2];
+                const long long k = kt + 16 + (tid + 256) / 64;
+                {
+                    float v = 0;
+                    if (a_ok2 && k < k_end) {
+                        v = a[k * (500) + m2];
+                    }
+                    ra2 = v;
                 }
-                ra2 = v;
             }
             {
-                const long long k = kt + 16 + a_kk3;
-                float v = 0;
-                if (a_ok3 && k < k_end) {
-                    v = a[k * (500) + m3];
+                const long long k = kt + 16 + (tid + 384) / 64;
+                {
+                    float v = 0;
+                    if (a_ok3 && k < k_end) {
+                        v = a[k * (500) + m3];
+                    }
+                    ra3 = v;
                 }
-                ra3 = v;
             }
             {
-                const long long k = kt + 16 + a_kk4;
-                float v = 0;
-                if (a_ok4 && k < k_end) {
-                    v = a[k * (500) + m4];
+                const long long k = kt + 16 + (tid + 512) / 64;
+                {
+                    float v = 0;
+                    if (a_ok4 && k < k_end) {
+                        v = a[k * (500) + m4];
+                    }
+                    ra4 = v;
                 }
-                ra4 = v;
             }
             {
-                const long long k = kt + 16 + a_kk5;
-                float v = 0;
-                if (a_ok5 && k < k_end) {
-                    v = a[k * (500) + m5];
+                const long long k = kt + 16 + (tid + 640) / 64;
+                {
+                    float v = 0;
+                    if (a_ok5 && k < k_end) {
+                        v = a[k * (500) + m5];
+                    }
+                    ra5 = v;
                 }
-                ra5 = v;
             }
             {
-                const long long k = kt + 16 + a_kk6;
-                float v = 0;
-                if (a_ok6 && k < k_end) {
-                    v = a[k * (500) + m6];
+                const long long k = kt + 16 + (tid + 768) / 64;
+                {
+                    float v = 0;
+                    if (a_ok6 && k < k_end) {
+                        v = a[k * (500) + m6];
+                    }
+                    ra6 = v;
                 }
-                ra6 = v;
             }
             {
-                const long long k = kt + 16 + a_kk7;
-                float v = 0;
-                if (a_ok7 && k < k_end) {
-                    v = a[k * (500) + m7];
+                const long long k = kt + 16 + (tid + 896) / 64;
+                {
+                    float v = 0;
+                    if (a_ok7 && k < k_end) {
+                        v = a[k * (500) + m7];
+                    }
+                    ra7 = v;
                 }
-                ra7 = v;
             }
             {
-                const long long k = kt + 16 + b_kk0;
-                float v = 0;
-                if (b_ok0 && k < k_end) {
-                    v = b[k * (10) + n0];
+                const long long k = kt + 16 + tid / 16;
+                {
+                    float v = 0;
+                    if (b_ok0 && k < k_end) {
+                        v = b[k * (10) + n0];
+                    }
+                    rb0 = v;
                 }
-                rb0 = v;
             }
             {
-                const long long k = kt + 16 + b_kk1;
-                float v = 0;
-                if (b_ok1 && k < k_end) {
-                    v = b[k * (10) + n1];
+                const long long k = kt + 16 + (tid + 128) / 16;
+                {
+                    float v = 0;
+                    if (b_ok1 && k < k_end) {
+                        v = b[k * (10) + n1];
+                    }
+                    rb1 = v;
                 }
-                rb1 = v;
             }
 
         }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[2], b[4];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) a[i] = As[kk][ty + i * 32];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][(j / 1) * 4 + tx * 1 + j % 1];
+            const float2 a0v = *reinterpret_cast<const float2*>(&As[kk][ty * 2 + 0]);
+            a[0] = a0v.x;
+            a[1] = a0v.y;
+            const float4 b0v = *reinterpret_cast<const float4*>(&Bs[kk][0 + tx * 4]);
+            b[0] = b0v.x;
+            b[1] = b0v.y;
+            b[2] = b0v.z;
+            b[3] = b0v.w;
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -267,11 +314,11 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m500_n10_kN_p
     // epilogue, from registers
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        const long long m = m_base + ty + i * 32;
+        const long long m = m_base + ty * 2 + i;
         if (m >= M) continue;
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-            const long long nw = n_base + g * 4 + tx * 1;
+            const long long nw = n_base + (g * 1 / 4) * 16 + tx * 4 + g * 1 % 4;
             if (nw >= N) continue;
 #pragma unroll
             for (int ew = 0; ew < 1; ++ew) {

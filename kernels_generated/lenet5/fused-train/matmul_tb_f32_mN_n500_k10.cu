@@ -11,11 +11,13 @@
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 256 threads with the fastest-varying index of each operand's memory layout along
 // consecutive threads (coalesced); every thread then keeps a 4 x 4 block of results in
-// registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
-// rows are strided by 16 and its columns by 16, which keeps shared-memory
-// reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
-// word in shared memory so that column-wise stores do not collide in one bank.
+// registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's 4 rows are
+// contiguous, and so are its of 4 columns, runs strided by 64 across the
+// block: the values come out of shared memory 4 and 4 at a time (vector loads: a warp's A
+// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
+// conflict), so a k-step costs 2 shared loads, not 8. Operands are gathered on the fly
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
+// words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n500_k10(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out, int batch)
@@ -26,8 +28,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n500_k10(c
     const int tx = tid % 16, ty = tid / 16;
     const long long m_base = (long long)blockIdx.y * 64, n_base = (long long)blockIdx.x * 64;
     const long long k_begin = 0, k_end = K;
-    __shared__ float As[16][65];
-    __shared__ float Bs[16][65];
+    __shared__ __align__(16) float As[16][68];
+    __shared__ __align__(16) float Bs[16][68];
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -40,15 +42,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n500_k10(c
     const long long m0 = m_base + a_mm0;
     const bool a_ok0 = m0 < M;
     const long long arow0 = m0 * (10);
-    const int a_kk1 = (tid + 256) % 16, a_mm1 = (tid + 256) / 16;
+    const int a_kk1 = tid % 16, a_mm1 = (tid + 256) / 16;
     const long long m1 = m_base + a_mm1;
     const bool a_ok1 = m1 < M;
     const long long arow1 = m1 * (10);
-    const int a_kk2 = (tid + 512) % 16, a_mm2 = (tid + 512) / 16;
+    const int a_kk2 = tid % 16, a_mm2 = (tid + 512) / 16;
     const long long m2 = m_base + a_mm2;
     const bool a_ok2 = m2 < M;
     const long long arow2 = m2 * (10);
-    const int a_kk3 = (tid + 768) % 16, a_mm3 = (tid + 768) / 16;
+    const int a_kk3 = tid % 16, a_mm3 = (tid + 768) / 16;
     const long long m3 = m_base + a_mm3;
     const bool a_ok3 = m3 < M;
     const long long arow3 = m3 * (10);
@@ -56,85 +58,81 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n500_k10(c
     const long long n0 = n_base + b_nn0;
     const bool b_ok0 = n0 < N;
     const long long brow0 = n0 * (10);
-    const int b_kk1 = (tid + 256) % 16, b_nn1 = (tid + 256) / 16;
+    const int b_kk1 = tid % 16, b_nn1 = (tid + 256) / 16;
     const long long n1 = n_base + b_nn1;
     const bool b_ok1 = n1 < N;
     const long long brow1 = n1 * (10);
-    const int b_kk2 = (tid + 512) % 16, b_nn2 = (tid + 512) / 16;
+    const int b_kk2 = tid % 16, b_nn2 = (tid + 512) / 16;
     const long long n2 = n_base + b_nn2;
     const bool b_ok2 = n2 < N;
     const long long brow2 = n2 * (10);
-    const int b_kk3 = (tid + 768) % 16, b_nn3 = (tid + 768) / 16;
+    const int b_kk3 = tid % 16, b_nn3 = (tid + 768) / 16;
     const long long n3 = n_base + b_nn3;
     const bool b_ok3 = n3 < N;
     const long long brow3 = n3 * (10);
+
 
     // the operands' next k-step travels in registers: fetched from global memory while the
     // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
     float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0;
     {
-        const long long k = k_begin + a_kk0;
-        float v = 0;
-        if (a_ok0 && k < k_end) {
-            v = a[arow0 + k];
+        const long long k = k_begin + tid % 16;
+        {
+            float v = 0;
+            if (a_ok0 && k < k_end) {
+                v = a[arow0 + k];
+            }
+            ra0 = v;
         }
-        ra0 = v;
-    }
-    {
-        const long long k = k_begin + a_kk1;
-        float v = 0;
-        if (a_ok1 && k < k_end) {
-            v = a[arow1 + k];
+        {
+            float v = 0;
+            if (a_ok1 && k < k_end) {
+                v = a[arow1 + k];
+            }
+            ra1 = v;
         }
-        ra1 = v;
-    }
-    {
-        const long long k = k_begin + a_kk2;
-        float v = 0;
-        if (a_ok2 && k < k_end) {
-            v = a[arow2 + k];
+        {
+            float v = 0;
+            if (a_ok2 && k < k_end) {
+                v = a[arow2 + k];
+            }
+            ra2 = v;
         }
-        ra2 = v;
-    }
-    {
-        const long long k = k_begin + a_kk3;
-        float v = 0;
-        if (a_ok3 && k < k_end) {
-            v = a[arow3 + k];
+        {
+            float v = 0;
+            if (a_ok3 && k < k_end) {
+                v = a[arow3 + k];
+            }
+            ra3 = v;
         }
-        ra3 = v;
-    }
-    {
-        const long long k = k_begin + b_kk0;
-        float v = 0;
-        if (b_ok0 && k < k_end) {
-            v = b[brow0 + k];
+        {
+            float v = 0;
+            if (b_ok0 && k < k_end) {
+                v = b[brow0 + k];
+            }
+            rb0 = v;
         }
-        rb0 = v;
-    }
-    {
-        const long long k = k_begin + b_kk1;
-        float v = 0;
-        if (b_ok1 && k < k_end) {
-            v = b[brow1 + k];
+        {
+            float v = 0;
+            if (b_ok1 && k < k_end) {
+                v = b[brow1 + k];
+            }
+            rb1 = v;
         }
-        rb1 = v;
-    }
-    {
-        const long long k = k_begin + b_kk2;
-        float v = 0;
-        if (b_ok2 && k < k_end) {
-            v = b[brow2 + k];
+        {
+            float v = 0;
+            if (b_ok2 && k < k_end) {
+                v = b[brow2 + k];
+            }
+            rb2 = v;
         }
-        rb2 = v;
-    }
-    {
-        const long long k = k_begin + b_kk3;
-        float v = 0;
-        if (b_ok3 && k < k_end) {
-            v = b[brow3 + k];
+        {
+            float v = 0;
+            if (b_ok3 && k < k_end) {
+                v = b[brow3 + k];
+            }
+            rb3 = v;
         }
-        rb3 = v;
     }
 
     for (long long kt = k_begin; kt < k_end; kt += 16) {
@@ -149,78 +147,79 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n500_k10(c
         __syncthreads();
         if (kt + 16 < k_end) {
             {
-                const long long k = kt + 16 + a_kk0;
-                float v = 0;
-                if (a_ok0 && k < k_end) {
-                    v = a[arow0 + k];
+                const long long k = kt + 16 + tid % 16;
+                {
+                    float v = 0;
+                    if (a_ok0 && k < k_end) {
+                        v = a[arow0 + k];
+                    }
+                    ra0 = v;
                 }
-                ra0 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk1;
-                float v = 0;
-                if (a_ok1 && k < k_end) {
-                    v = a[arow1 + k];
+                {
+                    float v = 0;
+                    if (a_ok1 && k < k_end) {
+                        v = a[arow1 + k];
+                    }
+                    ra1 = v;
                 }
-                ra1 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk2;
-                float v = 0;
-                if (a_ok2 && k < k_end) {
-                    v = a[arow2 + k];
+                {
+                    float v = 0;
+                    if (a_ok2 && k < k_end) {
+                        v = a[arow2 + k];
+                    }
+                    ra2 = v;
                 }
-                ra2 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk3;
-                float v = 0;
-                if (a_ok3 && k < k_end) {
-                    v = a[arow3 + k];
+                {
+                    float v = 0;
+                    if (a_ok3 && k < k_end) {
+                        v = a[arow3 + k];
+                    }
+                    ra3 = v;
                 }
-                ra3 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk0;
-                float v = 0;
-                if (b_ok0 && k < k_end) {
-                    v = b[brow0 + k];
+                {
+                    float v = 0;
+                    if (b_ok0 && k < k_end) {
+                        v = b[brow0 + k];
+                    }
+                    rb0 = v;
                 }
-                rb0 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk1;
-                float v = 0;
-                if (b_ok1 && k < k_end) {
-                    v = b[brow1 + k];
+                {
+                    float v = 0;
+                    if (b_ok1 && k < k_end) {
+                        v = b[brow1 + k];
+                    }
+                    rb1 = v;
                 }
-                rb1 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk2;
-                float v = 0;
-                if (b_ok2 && k < k_end) {
-                    v = b[brow2 + k];
+                {
+                    float v = 0;
+                    if (b_ok2 && k < k_end) {
+                        v = b[brow2 + k];
+                    }
+                    rb2 = v;
                 }
-                rb2 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk3;
-                float v = 0;
-                if (b_ok3 && k < k_end) {
-                    v = b[brow3 + k];
+                {
+                    float v = 0;
+                    if (b_ok3 && k < k_end) {
+                        v = b[brow3 + k];
+                    }
+                    rb3 = v;
                 }
-                rb3 = v;
             }
 
         }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + i * 16];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][(j / 1) * 16 + tx * 1 + j % 1];
+            const float4 a0v = *reinterpret_cast<const float4*>(&As[kk][ty * 4 + 0]);
+            a[0] = a0v.x;
+            a[1] = a0v.y;
+            a[2] = a0v.z;
+            a[3] = a0v.w;
+            const float4 b0v = *reinterpret_cast<const float4*>(&Bs[kk][0 + tx * 4]);
+            b[0] = b0v.x;
+            b[1] = b0v.y;
+            b[2] = b0v.z;
+            b[3] = b0v.w;
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -232,11 +231,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n500_k10(c
     // epilogue, from registers
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const long long m = m_base + ty + i * 16;
+        const long long m = m_base + ty * 4 + i;
         if (m >= M) continue;
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-            const long long nw = n_base + g * 16 + tx * 1;
+            const long long nw = n_base + (g * 1 / 4) * 64 + tx * 4 + g * 1 % 4;
             if (nw >= N) continue;
 #pragma unroll
             for (int ew = 0; ew < 1; ++ew) {

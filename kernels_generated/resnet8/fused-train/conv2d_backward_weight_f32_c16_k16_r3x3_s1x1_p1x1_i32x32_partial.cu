@@ -6,16 +6,18 @@
 //   arguments: const float*, const float*, float*, int
 //   as a GEMM: C[M, N] = A[M, K] x B[K, N] with M = 16, N = 144, K = 1024*nb
 //   A[m, k] = dy[b, oc, o];  B[k, n] = x[b, c, o*stride - pad + r*dilation] (0 outside)
-//   tile: 16 x 128 per block, k-step 8, 4 x 4 results per thread, K split in chunks of max((long long)(max((long long)(512), (long long)(8*((((1024*nb + 65534) / 65535) + 7) / 8)))), (long long)(8*((((128*nb + 32) / 33) + 7) / 8))) (blockIdx.z)
+//   tile: 16 x 128 per block, k-step 8, 2 x 8 results per thread, K split in chunks of max((long long)(max((long long)(512), (long long)(8*((((1024*nb + 65534) / 65535) + 7) / 8)))), (long long)(8*((((128*nb + 32) / 33) + 7) / 8))) (blockIdx.z)
 //
 // Why this shape: each block stages a 8-deep slice of A and of B in shared memory, loaded by
 // all 128 threads with the fastest-varying index of each operand's memory layout along
-// consecutive threads (coalesced); every thread then keeps a 4 x 4 block of results in
-// registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
-// rows are strided by 4 and its columns by 32, which keeps shared-memory
-// reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
-// word in shared memory so that column-wise stores do not collide in one bank.
+// consecutive threads (coalesced); every thread then keeps a 2 x 8 block of results in
+// registers and reads 2 + 8 shared values per 16 multiply-adds. A thread's 2 rows are
+// contiguous, and so are its of 8 columns, runs strided by 128 across the
+// block: the values come out of shared memory 2 and 4 at a time (vector loads: a warp's A
+// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
+// conflict), so a k-step costs 3 shared loads, not 10. Operands are gathered on the fly
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
+// words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_c16_k16_r3x3_s1x1_p1x1_i32x32_partial(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ partial, int batch)
@@ -23,19 +25,19 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long nb = batch;
     const long long M = 16, N = 144, K = 1024*nb;
     const int tid = threadIdx.x;
-    const int tx = tid % 32, ty = tid / 32;
+    const int tx = tid % 16, ty = tid / 16;
     const long long m_base = (long long)blockIdx.y * 16, n_base = (long long)blockIdx.x * 128;
     const int grp = blockIdx.z % 1;
     const long long split = blockIdx.z / 1;
     const long long kch = max((long long)(max((long long)(512), (long long)(8*((((1024*nb + 65534) / 65535) + 7) / 8)))), (long long)(8*((((128*nb + 32) / 33) + 7) / 8)));
     const long long k_begin = split * kch, k_end = min(K, k_begin + kch);
-    __shared__ float As[8][17];
-    __shared__ float Bs[8][129];
-    float acc[4][4];
+    __shared__ __align__(16) float As[8][20];
+    __shared__ __align__(16) float Bs[8][132];
+    float acc[2][8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0;
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0;
 
     // each thread's load slots: the row (A) and column (B) it fetches stay fixed over the k loop,
     // so their index arithmetic is done once here
@@ -52,7 +54,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc0 = (grp * 16 + c0) * 1024LL;
     const int off0_0 = r0_0 * 1 - 1;
     const int off0_1 = r0_1 * 1 - 1;
-    const int b_kk1 = (tid + 128) % 8, b_nn1 = (tid + 128) / 8;
+    const int b_kk1 = tid % 8, b_nn1 = (tid + 128) / 8;
     const long long n1 = n_base + b_nn1;
     const bool b_ok1 = n1 < N;
     const int c1 = n1 / 9;
@@ -61,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc1 = (grp * 16 + c1) * 1024LL;
     const int off1_0 = r1_0 * 1 - 1;
     const int off1_1 = r1_1 * 1 - 1;
-    const int b_kk2 = (tid + 256) % 8, b_nn2 = (tid + 256) / 8;
+    const int b_kk2 = tid % 8, b_nn2 = (tid + 256) / 8;
     const long long n2 = n_base + b_nn2;
     const bool b_ok2 = n2 < N;
     const int c2 = n2 / 9;
@@ -70,7 +72,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc2 = (grp * 16 + c2) * 1024LL;
     const int off2_0 = r2_0 * 1 - 1;
     const int off2_1 = r2_1 * 1 - 1;
-    const int b_kk3 = (tid + 384) % 8, b_nn3 = (tid + 384) / 8;
+    const int b_kk3 = tid % 8, b_nn3 = (tid + 384) / 8;
     const long long n3 = n_base + b_nn3;
     const bool b_ok3 = n3 < N;
     const int c3 = n3 / 9;
@@ -79,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc3 = (grp * 16 + c3) * 1024LL;
     const int off3_0 = r3_0 * 1 - 1;
     const int off3_1 = r3_1 * 1 - 1;
-    const int b_kk4 = (tid + 512) % 8, b_nn4 = (tid + 512) / 8;
+    const int b_kk4 = tid % 8, b_nn4 = (tid + 512) / 8;
     const long long n4 = n_base + b_nn4;
     const bool b_ok4 = n4 < N;
     const int c4 = n4 / 9;
@@ -88,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc4 = (grp * 16 + c4) * 1024LL;
     const int off4_0 = r4_0 * 1 - 1;
     const int off4_1 = r4_1 * 1 - 1;
-    const int b_kk5 = (tid + 640) % 8, b_nn5 = (tid + 640) / 8;
+    const int b_kk5 = tid % 8, b_nn5 = (tid + 640) / 8;
     const long long n5 = n_base + b_nn5;
     const bool b_ok5 = n5 < N;
     const int c5 = n5 / 9;
@@ -97,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc5 = (grp * 16 + c5) * 1024LL;
     const int off5_0 = r5_0 * 1 - 1;
     const int off5_1 = r5_1 * 1 - 1;
-    const int b_kk6 = (tid + 768) % 8, b_nn6 = (tid + 768) / 8;
+    const int b_kk6 = tid % 8, b_nn6 = (tid + 768) / 8;
     const long long n6 = n_base + b_nn6;
     const bool b_ok6 = n6 < N;
     const int c6 = n6 / 9;
@@ -106,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const long long xc6 = (grp * 16 + c6) * 1024LL;
     const int off6_0 = r6_0 * 1 - 1;
     const int off6_1 = r6_1 * 1 - 1;
-    const int b_kk7 = (tid + 896) % 8, b_nn7 = (tid + 896) / 8;
+    const int b_kk7 = tid % 8, b_nn7 = (tid + 896) / 8;
     const long long n7 = n_base + b_nn7;
     const bool b_ok7 = n7 < N;
     const int c7 = n7 / 9;
@@ -116,130 +118,110 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
     const int off7_0 = r7_0 * 1 - 1;
     const int off7_1 = r7_1 * 1 - 1;
 
+    // the k index of each group of load slots as digits (image, position, ...), advanced by 8 per
+    // k-step with carries instead of divided out of k by every slot at every step
+    int kd0_0 = (int)((k_begin + tid % 8) / 1024);
+    int kd0_1 = (int)((k_begin + tid % 8) / 32 % 32);
+    int kd0_2 = (int)((k_begin + tid % 8) % 32);
+
     // the operands' next k-step travels in registers: fetched from global memory while the
     // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
     float ra0 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0, rb4 = 0, rb5 = 0, rb6 = 0, rb7 = 0;
     {
-        const long long k = k_begin + a_kk0;
-        float v = 0;
-        if (a_ok0 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            v = dy[bi * 16384LL + dyc0 + o];
+        const long long k = k_begin + tid % 8;
+        const long long bi = kd0_0;
+        const int o0 = kd0_1;
+        const int o1 = kd0_2;
+        const long long dyo = bi * 16384LL + (o0) * 32 + o1;
+        const long long xb = bi * 16384LL;
+        const int os0 = o0 * 1;
+        const int os1 = o1 * 1;
+        {
+            float v = 0;
+            if (a_ok0 && k < k_end) {
+                v = dy[dyo + dyc0];
+            }
+            ra0 = v;
         }
-        ra0 = v;
-    }
-    {
-        const long long k = k_begin + b_kk0;
-        float v = 0;
-        if (b_ok0 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off0_0;
-            const int i1 = o1 * 1 + off0_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc0 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok0 && k < k_end) {
+                const int i0 = os0 + off0_0;
+                const int i1 = os1 + off0_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc0 + (i0) * 32 + i1];
+            }
+            rb0 = v;
         }
-        rb0 = v;
-    }
-    {
-        const long long k = k_begin + b_kk1;
-        float v = 0;
-        if (b_ok1 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off1_0;
-            const int i1 = o1 * 1 + off1_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc1 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok1 && k < k_end) {
+                const int i0 = os0 + off1_0;
+                const int i1 = os1 + off1_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc1 + (i0) * 32 + i1];
+            }
+            rb1 = v;
         }
-        rb1 = v;
-    }
-    {
-        const long long k = k_begin + b_kk2;
-        float v = 0;
-        if (b_ok2 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off2_0;
-            const int i1 = o1 * 1 + off2_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc2 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok2 && k < k_end) {
+                const int i0 = os0 + off2_0;
+                const int i1 = os1 + off2_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc2 + (i0) * 32 + i1];
+            }
+            rb2 = v;
         }
-        rb2 = v;
-    }
-    {
-        const long long k = k_begin + b_kk3;
-        float v = 0;
-        if (b_ok3 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off3_0;
-            const int i1 = o1 * 1 + off3_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc3 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok3 && k < k_end) {
+                const int i0 = os0 + off3_0;
+                const int i1 = os1 + off3_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc3 + (i0) * 32 + i1];
+            }
+            rb3 = v;
         }
-        rb3 = v;
-    }
-    {
-        const long long k = k_begin + b_kk4;
-        float v = 0;
-        if (b_ok4 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off4_0;
-            const int i1 = o1 * 1 + off4_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc4 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok4 && k < k_end) {
+                const int i0 = os0 + off4_0;
+                const int i1 = os1 + off4_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc4 + (i0) * 32 + i1];
+            }
+            rb4 = v;
         }
-        rb4 = v;
-    }
-    {
-        const long long k = k_begin + b_kk5;
-        float v = 0;
-        if (b_ok5 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off5_0;
-            const int i1 = o1 * 1 + off5_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc5 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok5 && k < k_end) {
+                const int i0 = os0 + off5_0;
+                const int i1 = os1 + off5_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc5 + (i0) * 32 + i1];
+            }
+            rb5 = v;
         }
-        rb5 = v;
-    }
-    {
-        const long long k = k_begin + b_kk6;
-        float v = 0;
-        if (b_ok6 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off6_0;
-            const int i1 = o1 * 1 + off6_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc6 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok6 && k < k_end) {
+                const int i0 = os0 + off6_0;
+                const int i1 = os1 + off6_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc6 + (i0) * 32 + i1];
+            }
+            rb6 = v;
         }
-        rb6 = v;
-    }
-    {
-        const long long k = k_begin + b_kk7;
-        float v = 0;
-        if (b_ok7 && k < k_end) {
-            const long long bi = k / 1024;
-            const int o = k % 1024;
-            const int o0 = (o / 32) % 32;
-            const int o1 = (o) % 32;
-            const int i0 = o0 * 1 + off7_0;
-            const int i1 = o1 * 1 + off7_1;
-            if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc7 + (i0) * 32 + i1];
+        {
+            float v = 0;
+            if (b_ok7 && k < k_end) {
+                const int i0 = os0 + off7_0;
+                const int i1 = os1 + off7_1;
+                if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc7 + (i0) * 32 + i1];
+            }
+            rb7 = v;
         }
-        rb7 = v;
+        kd0_2 += 8;
+        const int kd0c2 = kd0_2 >= 32;
+        kd0_2 -= kd0c2 ? 32 : 0;
+        kd0_1 += kd0c2;
+        const int kd0c1 = kd0_1 >= 32;
+        kd0_1 -= kd0c1 ? 32 : 0;
+        kd0_0 += kd0c1;
     }
 
     for (long long kt = k_begin; kt < k_end; kt += 8) {
@@ -255,152 +237,135 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_f32_
         __syncthreads();
         if (kt + 8 < k_end) {
             {
-                const long long k = kt + 8 + a_kk0;
-                float v = 0;
-                if (a_ok0 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    v = dy[bi * 16384LL + dyc0 + o];
+                const long long k = kt + 8 + tid % 8;
+                const long long bi = kd0_0;
+                const int o0 = kd0_1;
+                const int o1 = kd0_2;
+                const long long dyo = bi * 16384LL + (o0) * 32 + o1;
+                const long long xb = bi * 16384LL;
+                const int os0 = o0 * 1;
+                const int os1 = o1 * 1;
+                {
+                    float v = 0;
+                    if (a_ok0 && k < k_end) {
+                        v = dy[dyo + dyc0];
+                    }
+                    ra0 = v;
                 }
-                ra0 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk0;
-                float v = 0;
-                if (b_ok0 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off0_0;
-                    const int i1 = o1 * 1 + off0_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc0 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok0 && k < k_end) {
+                        const int i0 = os0 + off0_0;
+                        const int i1 = os1 + off0_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc0 + (i0) * 32 + i1];
+                    }
+                    rb0 = v;
                 }
-                rb0 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk1;
-                float v = 0;
-                if (b_ok1 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off1_0;
-                    const int i1 = o1 * 1 + off1_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc1 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok1 && k < k_end) {
+                        const int i0 = os0 + off1_0;
+                        const int i1 = os1 + off1_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc1 + (i0) * 32 + i1];
+                    }
+                    rb1 = v;
                 }
-                rb1 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk2;
-                float v = 0;
-                if (b_ok2 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off2_0;
-                    const int i1 = o1 * 1 + off2_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc2 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok2 && k < k_end) {
+                        const int i0 = os0 + off2_0;
+                        const int i1 = os1 + off2_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc2 + (i0) * 32 + i1];
+                    }
+                    rb2 = v;
                 }
-                rb2 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk3;
-                float v = 0;
-                if (b_ok3 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off3_0;
-                    const int i1 = o1 * 1 + off3_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc3 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok3 && k < k_end) {
+                        const int i0 = os0 + off3_0;
+                        const int i1 = os1 + off3_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc3 + (i0) * 32 + i1];
+                    }
+                    rb3 = v;
                 }
-                rb3 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk4;
-                float v = 0;
-                if (b_ok4 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off4_0;
-                    const int i1 = o1 * 1 + off4_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc4 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok4 && k < k_end) {
+                        const int i0 = os0 + off4_0;
+                        const int i1 = os1 + off4_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc4 + (i0) * 32 + i1];
+                    }
+                    rb4 = v;
                 }
-                rb4 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk5;
-                float v = 0;
-                if (b_ok5 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off5_0;
-                    const int i1 = o1 * 1 + off5_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc5 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok5 && k < k_end) {
+                        const int i0 = os0 + off5_0;
+                        const int i1 = os1 + off5_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc5 + (i0) * 32 + i1];
+                    }
+                    rb5 = v;
                 }
-                rb5 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk6;
-                float v = 0;
-                if (b_ok6 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off6_0;
-                    const int i1 = o1 * 1 + off6_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc6 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok6 && k < k_end) {
+                        const int i0 = os0 + off6_0;
+                        const int i1 = os1 + off6_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc6 + (i0) * 32 + i1];
+                    }
+                    rb6 = v;
                 }
-                rb6 = v;
-            }
-            {
-                const long long k = kt + 8 + b_kk7;
-                float v = 0;
-                if (b_ok7 && k < k_end) {
-                    const long long bi = k / 1024;
-                    const int o = k % 1024;
-                    const int o0 = (o / 32) % 32;
-                    const int o1 = (o) % 32;
-                    const int i0 = o0 * 1 + off7_0;
-                    const int i1 = o1 * 1 + off7_1;
-                    if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[bi * 16384LL + xc7 + (i0) * 32 + i1];
+                {
+                    float v = 0;
+                    if (b_ok7 && k < k_end) {
+                        const int i0 = os0 + off7_0;
+                        const int i1 = os1 + off7_1;
+                        if (i0 >= 0 && i0 < 32 && i1 >= 0 && i1 < 32) v = x[xb + xc7 + (i0) * 32 + i1];
+                    }
+                    rb7 = v;
                 }
-                rb7 = v;
+                kd0_2 += 8;
+                const int kd0c2 = kd0_2 >= 32;
+                kd0_2 -= kd0c2 ? 32 : 0;
+                kd0_1 += kd0c2;
+                const int kd0c1 = kd0_1 >= 32;
+                kd0_1 -= kd0c1 ? 32 : 0;
+                kd0_0 += kd0c1;
             }
 
         }
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
-            float a[4], b[4];
+            float a[2], b[8];
+            const float2 a0v = *reinterpret_cast<const float2*>(&As[kk][ty * 2 + 0]);
+            a[0] = a0v.x;
+            a[1] = a0v.y;
+            const float4 b0v = *reinterpret_cast<const float4*>(&Bs[kk][0 + tx * 8]);
+            b[0] = b0v.x;
+            b[1] = b0v.y;
+            b[2] = b0v.z;
+            b[3] = b0v.w;
+            const float4 b4v = *reinterpret_cast<const float4*>(&Bs[kk][4 + tx * 8]);
+            b[4] = b4v.x;
+            b[5] = b4v.y;
+            b[6] = b4v.z;
+            b[7] = b4v.w;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + i * 4];
+            for (int i = 0; i < 2; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][(j / 1) * 32 + tx * 1 + j % 1];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += (float)a[i] * b[j];
+                for (int j = 0; j < 8; ++j) acc[i][j] += (float)a[i] * b[j];
         }
         __syncthreads();
     }
 
     // epilogue, from registers
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const long long m = m_base + ty + i * 4;
+    for (int i = 0; i < 2; ++i) {
+        const long long m = m_base + ty * 2 + i;
         if (m >= M) continue;
 #pragma unroll
-        for (int g = 0; g < 4; ++g) {
-            const long long nw = n_base + g * 32 + tx * 1;
+        for (int g = 0; g < 8; ++g) {
+            const long long nw = n_base + (g * 1 / 8) * 128 + tx * 8 + g * 1 % 8;
             if (nw >= N) continue;
 #pragma unroll
             for (int ew = 0; ew < 1; ++ew) {

@@ -11,11 +11,13 @@
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 256 threads with the fastest-varying index of each operand's memory layout along
 // consecutive threads (coalesced); every thread then keeps a 4 x 4 block of results in
-// registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's
-// rows are strided by 16 and its columns by 16, which keeps shared-memory
-// reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
-// word in shared memory so that column-wise stores do not collide in one bank.
+// registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's 4 rows are
+// contiguous, and so are its of 4 columns, runs strided by 64 across the
+// block: the values come out of shared memory 4 and 4 at a time (vector loads: a warp's A
+// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
+// conflict), so a k-step costs 2 shared loads, not 8. Operands are gathered on the fly
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
+// words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_f32_c32_k64_r1x1_s2x2_p0x0_i16x16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ y, int batch)
@@ -27,8 +29,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_f32_c32_k64_r1x1_s2x
     const long long m_base = (long long)blockIdx.y * 64, n_base = (long long)blockIdx.x * 64;
     const int grp = blockIdx.z % 1;
     const long long k_begin = 0, k_end = K;
-    __shared__ float As[16][65];
-    __shared__ float Bs[16][65];
+    __shared__ __align__(16) float As[16][68];
+    __shared__ __align__(16) float Bs[16][68];
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -41,15 +43,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_f32_c32_k64_r1x1_s2x
     const long long m0 = m_base + a_mm0;
     const bool a_ok0 = m0 < M;
     const long long wrow0 = (grp * 64 + m0) * 32LL;
-    const int a_kk1 = (tid + 256) % 16, a_mm1 = (tid + 256) / 16;
+    const int a_kk1 = tid % 16, a_mm1 = (tid + 256) / 16;
     const long long m1 = m_base + a_mm1;
     const bool a_ok1 = m1 < M;
     const long long wrow1 = (grp * 64 + m1) * 32LL;
-    const int a_kk2 = (tid + 512) % 16, a_mm2 = (tid + 512) / 16;
+    const int a_kk2 = tid % 16, a_mm2 = (tid + 512) / 16;
     const long long m2 = m_base + a_mm2;
     const bool a_ok2 = m2 < M;
     const long long wrow2 = (grp * 64 + m2) * 32LL;
-    const int a_kk3 = (tid + 768) % 16, a_mm3 = (tid + 768) / 16;
+    const int a_kk3 = tid % 16, a_mm3 = (tid + 768) / 16;
     const long long m3 = m_base + a_mm3;
     const bool a_ok3 = m3 < M;
     const long long wrow3 = (grp * 64 + m3) * 32LL;
@@ -106,92 +108,118 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_f32_c32_k64_r1x1_s2x
     const int i0_3_1 = q3_1 * 2 - 0;
     const long long xb3 = (bimg3 * 32 + grp * 32) * 256LL;
 
+    // the k index of each group of load slots as digits (image, position, ...), advanced by 16 per
+    // k-step with carries instead of divided out of k by every slot at every step
+    int kd1_0 = (int)((k_begin + tid / 64));
+    int kd1_1 = (int)((k_begin + tid / 64) % 1);
+    int kd1_2 = (int)((k_begin + tid / 64) % 1);
+    int kd2_0 = (int)((k_begin + (tid + 256) / 64));
+    int kd2_1 = (int)((k_begin + (tid + 256) / 64) % 1);
+    int kd2_2 = (int)((k_begin + (tid + 256) / 64) % 1);
+    int kd3_0 = (int)((k_begin + (tid + 512) / 64));
+    int kd3_1 = (int)((k_begin + (tid + 512) / 64) % 1);
+    int kd3_2 = (int)((k_begin + (tid + 512) / 64) % 1);
+    int kd4_0 = (int)((k_begin + (tid + 768) / 64));
+    int kd4_1 = (int)((k_begin + (tid + 768) / 64) % 1);
+    int kd4_2 = (int)((k_begin + (tid + 768) / 64) % 1);
+
     // the operands' next k-step travels in registers: fetched from global memory while the
     // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
     float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, rb0 = 0, rb1 = 0, rb2 = 0, rb3 = 0;
     {
-        const long long k = k_begin + a_kk0;
-        float v = 0;
-        if (a_ok0 && k < k_end) {
-            v = w[wrow0 + k];
+        const long long k = k_begin + tid % 16;
+        {
+            float v = 0;
+            if (a_ok0 && k < k_end) {
+                v = w[wrow0 + k];
+            }
+            ra0 = v;
         }
-        ra0 = v;
+        {
+            float v = 0;
+            if (a_ok1 && k < k_end) {
+                v = w[wrow1 + k];
+            }
+            ra1 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok2 && k < k_end) {
+                v = w[wrow2 + k];
+            }
+            ra2 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok3 && k < k_end) {
+                v = w[wrow3 + k];
+            }
+            ra3 = v;
+        }
     }
     {
-        const long long k = k_begin + a_kk1;
-        float v = 0;
-        if (a_ok1 && k < k_end) {
-            v = w[wrow1 + k];
+        const long long k = k_begin + tid / 64;
+        const long long c = kd1_0;
+        const int r0 = kd1_1;
+        const int r1 = kd1_2;
+        {
+            float v = 0;
+            if (b_ok0 && k < k_end) {
+                const int i0 = i0_0_0 + r0 * 1;
+                const int i1 = i0_0_1 + r1 * 1;
+                if (qok0 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb0 + (long long)c * 256 + (i0) * 16 + i1];
+            }
+            rb0 = v;
         }
-        ra1 = v;
+        kd1_0 += 16;
     }
     {
-        const long long k = k_begin + a_kk2;
-        float v = 0;
-        if (a_ok2 && k < k_end) {
-            v = w[wrow2 + k];
+        const long long k = k_begin + (tid + 256) / 64;
+        const long long c = kd2_0;
+        const int r0 = kd2_1;
+        const int r1 = kd2_2;
+        {
+            float v = 0;
+            if (b_ok1 && k < k_end) {
+                const int i0 = i0_1_0 + r0 * 1;
+                const int i1 = i0_1_1 + r1 * 1;
+                if (qok1 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb1 + (long long)c * 256 + (i0) * 16 + i1];
+            }
+            rb1 = v;
         }
-        ra2 = v;
+        kd2_0 += 16;
     }
     {
-        const long long k = k_begin + a_kk3;
-        float v = 0;
-        if (a_ok3 && k < k_end) {
-            v = w[wrow3 + k];
+        const long long k = k_begin + (tid + 512) / 64;
+        const long long c = kd3_0;
+        const int r0 = kd3_1;
+        const int r1 = kd3_2;
+        {
+            float v = 0;
+            if (b_ok2 && k < k_end) {
+                const int i0 = i0_2_0 + r0 * 1;
+                const int i1 = i0_2_1 + r1 * 1;
+                if (qok2 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb2 + (long long)c * 256 + (i0) * 16 + i1];
+            }
+            rb2 = v;
         }
-        ra3 = v;
+        kd3_0 += 16;
     }
     {
-        const long long k = k_begin + b_kk0;
-        float v = 0;
-        if (b_ok0 && k < k_end) {
-            const int c = k / 1;
-            const int r0 = ((int)(k % 1)) % 1;
-            const int r1 = ((int)(k % 1)) % 1;
-            const int i0 = i0_0_0 + r0 * 1;
-            const int i1 = i0_0_1 + r1 * 1;
-            if (qok0 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb0 + (long long)c * 256 + (i0) * 16 + i1];
+        const long long k = k_begin + (tid + 768) / 64;
+        const long long c = kd4_0;
+        const int r0 = kd4_1;
+        const int r1 = kd4_2;
+        {
+            float v = 0;
+            if (b_ok3 && k < k_end) {
+                const int i0 = i0_3_0 + r0 * 1;
+                const int i1 = i0_3_1 + r1 * 1;
+                if (qok3 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb3 + (long long)c * 256 + (i0) * 16 + i1];
+            }
+            rb3 = v;
         }
-        rb0 = v;
-    }
-    {
-        const long long k = k_begin + b_kk1;
-        float v = 0;
-        if (b_ok1 && k < k_end) {
-            const int c = k / 1;
-            const int r0 = ((int)(k % 1)) % 1;
-            const int r1 = ((int)(k % 1)) % 1;
-            const int i0 = i0_1_0 + r0 * 1;
-            const int i1 = i0_1_1 + r1 * 1;
-            if (qok1 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb1 + (long long)c * 256 + (i0) * 16 + i1];
-        }
-        rb1 = v;
-    }
-    {
-        const long long k = k_begin + b_kk2;
-        float v = 0;
-        if (b_ok2 && k < k_end) {
-            const int c = k / 1;
-            const int r0 = ((int)(k % 1)) % 1;
-            const int r1 = ((int)(k % 1)) % 1;
-            const int i0 = i0_2_0 + r0 * 1;
-            const int i1 = i0_2_1 + r1 * 1;
-            if (qok2 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb2 + (long long)c * 256 + (i0) * 16 + i1];
-        }
-        rb2 = v;
-    }
-    {
-        const long long k = k_begin + b_kk3;
-        float v = 0;
-        if (b_ok3 && k < k_end) {
-            const int c = k / 1;
-            const int r0 = ((int)(k % 1)) % 1;
-            const int r1 = ((int)(k % 1)) % 1;
-            const int i0 = i0_3_0 + r0 * 1;
-            const int i1 = i0_3_1 + r1 * 1;
-            if (qok3 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb3 + (long long)c * 256 + (i0) * 16 + i1];
-        }
-        rb3 = v;
+        kd4_0 += 16;
     }
 
     for (long long kt = k_begin; kt < k_end; kt += 16) {
@@ -206,98 +234,115 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_f32_c32_k64_r1x1_s2x
         __syncthreads();
         if (kt + 16 < k_end) {
             {
-                const long long k = kt + 16 + a_kk0;
-                float v = 0;
-                if (a_ok0 && k < k_end) {
-                    v = w[wrow0 + k];
+                const long long k = kt + 16 + tid % 16;
+                {
+                    float v = 0;
+                    if (a_ok0 && k < k_end) {
+                        v = w[wrow0 + k];
+                    }
+                    ra0 = v;
                 }
-                ra0 = v;
+                {
+                    float v = 0;
+                    if (a_ok1 && k < k_end) {
+                        v = w[wrow1 + k];
+                    }
+                    ra1 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok2 && k < k_end) {
+                        v = w[wrow2 + k];
+                    }
+                    ra2 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok3 && k < k_end) {
+                        v = w[wrow3 + k];
+                    }
+                    ra3 = v;
+                }
             }
             {
-                const long long k = kt + 16 + a_kk1;
-                float v = 0;
-                if (a_ok1 && k < k_end) {
-                    v = w[wrow1 + k];
+                const long long k = kt + 16 + tid / 64;
+                const long long c = kd1_0;
+                const int r0 = kd1_1;
+                const int r1 = kd1_2;
+                {
+                    float v = 0;
+                    if (b_ok0 && k < k_end) {
+                        const int i0 = i0_0_0 + r0 * 1;
+                        const int i1 = i0_0_1 + r1 * 1;
+                        if (qok0 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb0 + (long long)c * 256 + (i0) * 16 + i1];
+                    }
+                    rb0 = v;
                 }
-                ra1 = v;
+                kd1_0 += 16;
             }
             {
-                const long long k = kt + 16 + a_kk2;
-                float v = 0;
-                if (a_ok2 && k < k_end) {
-                    v = w[wrow2 + k];
+                const long long k = kt + 16 + (tid + 256) / 64;
+                const long long c = kd2_0;
+                const int r0 = kd2_1;
+                const int r1 = kd2_2;
+                {
+                    float v = 0;
+                    if (b_ok1 && k < k_end) {
+                        const int i0 = i0_1_0 + r0 * 1;
+                        const int i1 = i0_1_1 + r1 * 1;
+                        if (qok1 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb1 + (long long)c * 256 + (i0) * 16 + i1];
+                    }
+                    rb1 = v;
                 }
-                ra2 = v;
+                kd2_0 += 16;
             }
             {
-                const long long k = kt + 16 + a_kk3;
-                float v = 0;
-                if (a_ok3 && k < k_end) {
-                    v = w[wrow3 + k];
+                const long long k = kt + 16 + (tid + 512) / 64;
+                const long long c = kd3_0;
+                const int r0 = kd3_1;
+                const int r1 = kd3_2;
+                {
+                    float v = 0;
+                    if (b_ok2 && k < k_end) {
+                        const int i0 = i0_2_0 + r0 * 1;
+                        const int i1 = i0_2_1 + r1 * 1;
+                        if (qok2 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb2 + (long long)c * 256 + (i0) * 16 + i1];
+                    }
+                    rb2 = v;
                 }
-                ra3 = v;
+                kd3_0 += 16;
             }
             {
-                const long long k = kt + 16 + b_kk0;
-                float v = 0;
-                if (b_ok0 && k < k_end) {
-                    const int c = k / 1;
-                    const int r0 = ((int)(k % 1)) % 1;
-                    const int r1 = ((int)(k % 1)) % 1;
-                    const int i0 = i0_0_0 + r0 * 1;
-                    const int i1 = i0_0_1 + r1 * 1;
-                    if (qok0 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb0 + (long long)c * 256 + (i0) * 16 + i1];
+                const long long k = kt + 16 + (tid + 768) / 64;
+                const long long c = kd4_0;
+                const int r0 = kd4_1;
+                const int r1 = kd4_2;
+                {
+                    float v = 0;
+                    if (b_ok3 && k < k_end) {
+                        const int i0 = i0_3_0 + r0 * 1;
+                        const int i1 = i0_3_1 + r1 * 1;
+                        if (qok3 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb3 + (long long)c * 256 + (i0) * 16 + i1];
+                    }
+                    rb3 = v;
                 }
-                rb0 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk1;
-                float v = 0;
-                if (b_ok1 && k < k_end) {
-                    const int c = k / 1;
-                    const int r0 = ((int)(k % 1)) % 1;
-                    const int r1 = ((int)(k % 1)) % 1;
-                    const int i0 = i0_1_0 + r0 * 1;
-                    const int i1 = i0_1_1 + r1 * 1;
-                    if (qok1 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb1 + (long long)c * 256 + (i0) * 16 + i1];
-                }
-                rb1 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk2;
-                float v = 0;
-                if (b_ok2 && k < k_end) {
-                    const int c = k / 1;
-                    const int r0 = ((int)(k % 1)) % 1;
-                    const int r1 = ((int)(k % 1)) % 1;
-                    const int i0 = i0_2_0 + r0 * 1;
-                    const int i1 = i0_2_1 + r1 * 1;
-                    if (qok2 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb2 + (long long)c * 256 + (i0) * 16 + i1];
-                }
-                rb2 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk3;
-                float v = 0;
-                if (b_ok3 && k < k_end) {
-                    const int c = k / 1;
-                    const int r0 = ((int)(k % 1)) % 1;
-                    const int r1 = ((int)(k % 1)) % 1;
-                    const int i0 = i0_3_0 + r0 * 1;
-                    const int i1 = i0_3_1 + r1 * 1;
-                    if (qok3 && i0 >= 0 && i0 < 16 && i1 >= 0 && i1 < 16) v = x[xb3 + (long long)c * 256 + (i0) * 16 + i1];
-                }
-                rb3 = v;
+                kd4_0 += 16;
             }
 
         }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + i * 16];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][(j / 1) * 16 + tx * 1 + j % 1];
+            const float4 a0v = *reinterpret_cast<const float4*>(&As[kk][ty * 4 + 0]);
+            a[0] = a0v.x;
+            a[1] = a0v.y;
+            a[2] = a0v.z;
+            a[3] = a0v.w;
+            const float4 b0v = *reinterpret_cast<const float4*>(&Bs[kk][0 + tx * 4]);
+            b[0] = b0v.x;
+            b[1] = b0v.y;
+            b[2] = b0v.z;
+            b[3] = b0v.w;
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -309,13 +354,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_f32_c32_k64_r1x1_s2x
     // epilogue, from registers
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const long long m = m_base + ty + i * 16;
+        const long long m = m_base + ty * 4 + i;
         if (m >= M) continue;
         const long long mg = grp * 64 + m;
         const float bias_m = bias[mg];
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-            const long long nw = n_base + g * 16 + tx * 1;
+            const long long nw = n_base + (g * 1 / 4) * 64 + tx * 4 + g * 1 % 4;
             if (nw >= N) continue;
 #pragma unroll
             for (int ew = 0; ew < 1; ++ew) {

@@ -11,11 +11,13 @@
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 128 threads with the fastest-varying index of each operand's memory layout along
 // consecutive threads (coalesced); every thread then keeps a 2 x 4 block of results in
-// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's
-// rows are strided by 32 and its columns by 4, which keeps shared-memory
-// reads free of bank conflicts. Operands are gathered on the fly
-// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 1
-// word in shared memory so that column-wise stores do not collide in one bank.
+// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's 2 rows are
+// contiguous, and so are its of 4 columns, runs strided by 16 across the
+// block: the values come out of shared memory 2 and 4 at a time (vector loads: a warp's A
+// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
+// conflict), so a k-step costs 2 shared loads, not 6. Operands are gathered on the fly
+// (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
+// words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
 // keeps the whole accumulator tile in registers instead of spilling it to reach a higher occupancy.
 extern "C" __global__ void __launch_bounds__(128, 1) linear_f32_in64_out10(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ out, int batch)
@@ -26,8 +28,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) linear_f32_in64_out10(const
     const int tx = tid % 4, ty = tid / 4;
     const long long m_base = (long long)blockIdx.y * 64, n_base = (long long)blockIdx.x * 16;
     const long long k_begin = 0, k_end = K;
-    __shared__ float As[16][65];
-    __shared__ float Bs[16][17];
+    __shared__ __align__(16) float As[16][68];
+    __shared__ __align__(16) float Bs[16][20];
     float acc[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -40,31 +42,31 @@ extern "C" __global__ void __launch_bounds__(128, 1) linear_f32_in64_out10(const
     const long long m0 = m_base + a_mm0;
     const bool a_ok0 = m0 < M;
     const long long arow0 = m0 * (64);
-    const int a_kk1 = (tid + 128) % 16, a_mm1 = (tid + 128) / 16;
+    const int a_kk1 = tid % 16, a_mm1 = (tid + 128) / 16;
     const long long m1 = m_base + a_mm1;
     const bool a_ok1 = m1 < M;
     const long long arow1 = m1 * (64);
-    const int a_kk2 = (tid + 256) % 16, a_mm2 = (tid + 256) / 16;
+    const int a_kk2 = tid % 16, a_mm2 = (tid + 256) / 16;
     const long long m2 = m_base + a_mm2;
     const bool a_ok2 = m2 < M;
     const long long arow2 = m2 * (64);
-    const int a_kk3 = (tid + 384) % 16, a_mm3 = (tid + 384) / 16;
+    const int a_kk3 = tid % 16, a_mm3 = (tid + 384) / 16;
     const long long m3 = m_base + a_mm3;
     const bool a_ok3 = m3 < M;
     const long long arow3 = m3 * (64);
-    const int a_kk4 = (tid + 512) % 16, a_mm4 = (tid + 512) / 16;
+    const int a_kk4 = tid % 16, a_mm4 = (tid + 512) / 16;
     const long long m4 = m_base + a_mm4;
     const bool a_ok4 = m4 < M;
     const long long arow4 = m4 * (64);
-    const int a_kk5 = (tid + 640) % 16, a_mm5 = (tid + 640) / 16;
+    const int a_kk5 = tid % 16, a_mm5 = (tid + 640) / 16;
     const long long m5 = m_base + a_mm5;
     const bool a_ok5 = m5 < M;
     const long long arow5 = m5 * (64);
-    const int a_kk6 = (tid + 768) % 16, a_mm6 = (tid + 768) / 16;
+    const int a_kk6 = tid % 16, a_mm6 = (tid + 768) / 16;
     const long long m6 = m_base + a_mm6;
     const bool a_ok6 = m6 < M;
     const long long arow6 = m6 * (64);
-    const int a_kk7 = (tid + 896) % 16, a_mm7 = (tid + 896) / 16;
+    const int a_kk7 = tid % 16, a_mm7 = (tid + 896) / 16;
     const long long m7 = m_base + a_mm7;
     const bool a_ok7 = m7 < M;
     const long long arow7 = m7 * (64);
@@ -75,88 +77,88 @@ extern "C" __global__ void __launch_bounds__(128, 1) linear_f32_in64_out10(const
     const long long n1 = n_base + b_nn1;
     const bool b_ok1 = n1 < N;
 
+
     // the operands' next k-step travels in registers: fetched from global memory while the
     // current step computes from shared memory (the loads' latency hides behind the multiply-adds)
     float ra0 = 0, ra1 = 0, ra2 = 0, ra3 = 0, ra4 = 0, ra5 = 0, ra6 = 0, ra7 = 0, rb0 = 0, rb1 = 0;
     {
-        const long long k = k_begin + a_kk0;
-        float v = 0;
-        if (a_ok0 && k < k_end) {
-            v = x[arow0 + k];
+        const long long k = k_begin + tid % 16;
+        {
+            float v = 0;
+            if (a_ok0 && k < k_end) {
+                v = x[arow0 + k];
+            }
+            ra0 = v;
         }
-        ra0 = v;
+        {
+            float v = 0;
+            if (a_ok1 && k < k_end) {
+                v = x[arow1 + k];
+            }
+            ra1 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok2 && k < k_end) {
+                v = x[arow2 + k];
+            }
+            ra2 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok3 && k < k_end) {
+                v = x[arow3 + k];
+            }
+            ra3 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok4 && k < k_end) {
+                v = x[arow4 + k];
+            }
+            ra4 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok5 && k < k_end) {
+                v = x[arow5 + k];
+            }
+            ra5 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok6 && k < k_end) {
+                v = x[arow6 + k];
+            }
+            ra6 = v;
+        }
+        {
+            float v = 0;
+            if (a_ok7 && k < k_end) {
+                v = x[arow7 + k];
+            }
+            ra7 = v;
+        }
     }
     {
-        const long long k = k_begin + a_kk1;
-        float v = 0;
-        if (a_ok1 && k < k_end) {
-            v = x[arow1 + k];
+        const long long k = k_begin + tid / 16;
+        {
+            float v = 0;
+            if (b_ok0 && k < k_end) {
+                v = w[k * (10) + n0];
+            }
+            rb0 = v;
         }
-        ra1 = v;
     }
     {
-        const long long k = k_begin + a_kk2;
-        float v = 0;
-        if (a_ok2 && k < k_end) {
-            v = x[arow2 + k];
+        const long long k = k_begin + (tid + 128) / 16;
+        {
+            float v = 0;
+            if (b_ok1 && k < k_end) {
+                v = w[k * (10) + n1];
+            }
+            rb1 = v;
         }
-        ra2 = v;
-    }
-    {
-        const long long k = k_begin + a_kk3;
-        float v = 0;
-        if (a_ok3 && k < k_end) {
-            v = x[arow3 + k];
-        }
-        ra3 = v;
-    }
-    {
-        const long long k = k_begin + a_kk4;
-        float v = 0;
-        if (a_ok4 && k < k_end) {
-            v = x[arow4 + k];
-        }
-        ra4 = v;
-    }
-    {
-        const long long k = k_begin + a_kk5;
-        float v = 0;
-        if (a_ok5 && k < k_end) {
-            v = x[arow5 + k];
-        }
-        ra5 = v;
-    }
-    {
-        const long long k = k_begin + a_kk6;
-        float v = 0;
-        if (a_ok6 && k < k_end) {
-            v = x[arow6 + k];
-        }
-        ra6 = v;
-    }
-    {
-        const long long k = k_begin + a_kk7;
-        float v = 0;
-        if (a_ok7 && k < k_end) {
-            v = x[arow7 + k];
-        }
-        ra7 = v;
-    }
-    {
-        const long long k = k_begin + b_kk0;
-        float v = 0;
-        if (b_ok0 && k < k_end) {
-            v = w[k * (10) + n0];
-        }
-        rb0 = v;
-    }
-    {
-        const long long k = k_begin + b_kk1;
-        float v = 0;
-        if (b_ok1 && k < k_end) {
-            v = w[k * (10) + n1];
-        }
-        rb1 = v;
     }
 
     for (long long kt = k_begin; kt < k_end; kt += 16) {
@@ -173,94 +175,97 @@ extern "C" __global__ void __launch_bounds__(128, 1) linear_f32_in64_out10(const
         __syncthreads();
         if (kt + 16 < k_end) {
             {
-                const long long k = kt + 16 + a_kk0;
-                float v = 0;
-                if (a_ok0 && k < k_end) {
-                    v = x[arow0 + k];
+                const long long k = kt + 16 + tid % 16;
+                {
+                    float v = 0;
+                    if (a_ok0 && k < k_end) {
+                        v = x[arow0 + k];
+                    }
+                    ra0 = v;
                 }
-                ra0 = v;
+                {
+                    float v = 0;
+                    if (a_ok1 && k < k_end) {
+                        v = x[arow1 + k];
+                    }
+                    ra1 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok2 && k < k_end) {
+                        v = x[arow2 + k];
+                    }
+                    ra2 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok3 && k < k_end) {
+                        v = x[arow3 + k];
+                    }
+                    ra3 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok4 && k < k_end) {
+                        v = x[arow4 + k];
+                    }
+                    ra4 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok5 && k < k_end) {
+                        v = x[arow5 + k];
+                    }
+                    ra5 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok6 && k < k_end) {
+                        v = x[arow6 + k];
+                    }
+                    ra6 = v;
+                }
+                {
+                    float v = 0;
+                    if (a_ok7 && k < k_end) {
+                        v = x[arow7 + k];
+                    }
+                    ra7 = v;
+                }
             }
             {
-                const long long k = kt + 16 + a_kk1;
-                float v = 0;
-                if (a_ok1 && k < k_end) {
-                    v = x[arow1 + k];
+                const long long k = kt + 16 + tid / 16;
+                {
+                    float v = 0;
+                    if (b_ok0 && k < k_end) {
+                        v = w[k * (10) + n0];
+                    }
+                    rb0 = v;
                 }
-                ra1 = v;
             }
             {
-                const long long k = kt + 16 + a_kk2;
-                float v = 0;
-                if (a_ok2 && k < k_end) {
-                    v = x[arow2 + k];
+                const long long k = kt + 16 + (tid + 128) / 16;
+                {
+                    float v = 0;
+                    if (b_ok1 && k < k_end) {
+                        v = w[k * (10) + n1];
+                    }
+                    rb1 = v;
                 }
-                ra2 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk3;
-                float v = 0;
-                if (a_ok3 && k < k_end) {
-                    v = x[arow3 + k];
-                }
-                ra3 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk4;
-                float v = 0;
-                if (a_ok4 && k < k_end) {
-                    v = x[arow4 + k];
-                }
-                ra4 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk5;
-                float v = 0;
-                if (a_ok5 && k < k_end) {
-                    v = x[arow5 + k];
-                }
-                ra5 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk6;
-                float v = 0;
-                if (a_ok6 && k < k_end) {
-                    v = x[arow6 + k];
-                }
-                ra6 = v;
-            }
-            {
-                const long long k = kt + 16 + a_kk7;
-                float v = 0;
-                if (a_ok7 && k < k_end) {
-                    v = x[arow7 + k];
-                }
-                ra7 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk0;
-                float v = 0;
-                if (b_ok0 && k < k_end) {
-                    v = w[k * (10) + n0];
-                }
-                rb0 = v;
-            }
-            {
-                const long long k = kt + 16 + b_kk1;
-                float v = 0;
-                if (b_ok1 && k < k_end) {
-                    v = w[k * (10) + n1];
-                }
-                rb1 = v;
             }
 
         }
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             float a[2], b[4];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) a[i] = As[kk][ty + i * 32];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][(j / 1) * 4 + tx * 1 + j % 1];
+            const float2 a0v = *reinterpret_cast<const float2*>(&As[kk][ty * 2 + 0]);
+            a[0] = a0v.x;
+            a[1] = a0v.y;
+            const float4 b0v = *reinterpret_cast<const float4*>(&Bs[kk][0 + tx * 4]);
+            b[0] = b0v.x;
+            b[1] = b0v.y;
+            b[2] = b0v.z;
+            b[3] = b0v.w;
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -272,11 +277,11 @@ extern "C" __global__ void __launch_bounds__(128, 1) linear_f32_in64_out10(const
     // epilogue, from registers
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        const long long m = m_base + ty + i * 32;
+        const long long m = m_base + ty * 2 + i;
         if (m >= M) continue;
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-            const long long nw = n_base + g * 4 + tx * 1;
+            const long long nw = n_base + (g * 1 / 4) * 16 + tx * 4 + g * 1 % 4;
             if (nw >= N) continue;
 #pragma unroll
             for (int ew = 0; ew < 1; ++ew) {

@@ -11,7 +11,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_f32_c32_k64_r3x3_s1x1_p1x1_i16x16_reduce(const float* __restrict__ partial, float* __restrict__ dw, int batch)
 {
     const long long nb = batch;
-    const long long M = 64, N = 288, S = ((256*nb + max((long long)(max((long long)(512), (long long)(16*((((256*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((128*nb + 52) / 53) + 15) / 16))) - 1) / max((long long)(max((long long)(512), (long long)(16*((((256*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((128*nb + 52) / 53) + 15) / 16))));
+    const long long M = 64, N = 288, S = ((256*nb + max((long long)(max((long long)(512), (long long)(16*((((256*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((16*nb + 10) / 11) + 15) / 16))) - 1) / max((long long)(max((long long)(512), (long long)(16*((((256*nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((16*nb + 10) / 11) + 15) / 16))));
     const long long total = 1 * M * N;
     for (long long idx = (long long)blockIdx.x * 256 + threadIdx.x; idx < total; idx += (long long)gridDim.x * 256) {
         const int grp = idx / (M * N);
