@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, from the source tree, with only what the GPU machines have:
-#   bash benchmarks/gpu_suite.sh [tests] [bench] [bench-tf32] [sanitizer] [exported]   (no argument: all)
+#   bash benchmarks/gpu_suite.sh [tests] [bench] [bench-tf32] [variants] [sanitizer] [exported]   (no argument: all)
 # tests:     every test marked gpu except compute-sanitizer (pytest -m gpu), in 8 processes
 # bench:     benchmarks/bench_gpu.py --save (torch.compile rows within BENCH_BUDGET_S seconds)
 # bench-tf32: the same with TF32 on both sides
+# variants:  bench_gpu.py --variants --profile, no torch.compile: every layer under each earlier GEMM rule
+#            (bench_gpu.VARIANTS) against the current one, and each kernel of the steps alone
 # sanitizer: the compute-sanitizer memcheck and racecheck tests, where the tool is installed
 # exported:  cubins compiled elsewhere by NVRTC 13.5 (GRAPHCONV_EXPORTED, see device_check.py) checked here
 # Logs and results go to $OUT (default benchmarks/results/logs); each step has a time limit.
@@ -13,7 +15,7 @@ OUT=${OUT:-benchmarks/results/logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STEPS=${*:-tests bench bench-tf32 sanitizer exported}
+STEPS=${*:-tests bench bench-tf32 variants sanitizer exported}
 PAR=""  # pytest-xdist and pytest-timeout where installed (the GPU machines have both)
 $PY -c "import xdist" 2>/dev/null && PAR="-n ${JOBS:-8}"
 $PY -c "import pytest_timeout" 2>/dev/null && PAR="$PAR --timeout 240"
@@ -33,6 +35,9 @@ for step in $STEPS; do
       precision=""; [ "$step" = bench-tf32 ] && precision="--tf32"
       timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save $precision --out "$OUT" \
         --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.log"; s=${PIPESTATUS[0]} ;;
+    variants)
+      timeout "${VARIANTS_S:-420}" $PY benchmarks/bench_gpu.py --variants --profile --out "$OUT/variants" \
+        --budget-s 0 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/variants.log"; s=${PIPESTATUS[0]} ;;
     sanitizer)
       timeout "${SANITIZER_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k sanitizer -p no:cacheprovider 2>&1 \
         | tee "$OUT/sanitizer.log"; s=${PIPESTATUS[0]} ;;

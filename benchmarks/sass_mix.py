@@ -45,7 +45,7 @@ def main():
               if args.all or s.template in ("gemm.cu.j2", "direct_conv.cu.j2")]
     compiled = nvrtc.compile_many([(s.source, s.name) for _, s in picked])
     rows = []
-    header = f"{'kernel':<88} {'regs':>4} {'loop':>5} {'fma':>5} {'share':>6} {'ldg':>4} {'lds':>4} {'int':>5}"
+    header = f"{'kernel':<88} {'regs':>4} {'loop':>5} {'fma':>5} {'share':>6} {'MAC/i':>6} {'ldg':>4} {'lds':>4} {'int':>5}"
     print(f"main-loop instruction mix, NVRTC {'.'.join(map(str, nvrtc.version()))}, sm_90, {args.stage}"
           f"{', tf32' if args.tf32 else ''}\n{header}")
     for (model, spec), c in zip(picked, compiled):
@@ -54,7 +54,8 @@ def main():
             continue
         rows.append({"model": model, "kernel": spec.name, "template": spec.template, "registers": c.registers, **m})
         print(f"{spec.name[:88]:<88} {c.registers:>4} {m['instructions']:>5} {m['fma'] + m['mma']:>5} "
-              f"{m['fma_share']:>6.0%} {m['global_loads']:>4} {m['shared_loads']:>4} {m['integer/other']:>5}")
+              f"{m['fma_share']:>6.0%} {m['macs_per_instruction']:>6.2f} {m['global_loads']:>4} {m['shared_loads']:>4} "
+              f"{m['integer/other']:>5}")
     if args.save:
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "sass-mix" + ("-tf32" if args.tf32 else ""))
@@ -65,11 +66,13 @@ def main():
             f.write(f"# Main-loop instruction mix (static, sm_90, NVRTC {'.'.join(map(str, nvrtc.version()))}, "
                     f"{args.stage}{', TF32' if args.tf32 else ''})\n\nWritten by `benchmarks/sass_mix.py`; "
                     "what the columns mean is in its docstring.\n\n"
-                    "| kernel | registers | loop instructions | multiply-adds | share | global loads | shared loads |"
-                    " integer/other |\n|---|---|---|---|---|---|---|---|\n")
+                    "| kernel | registers | loop instructions | multiply-add instructions | share | multiply-adds per"
+                    " instruction and lane | global loads | shared loads | integer/other |\n"
+                    "|---|---|---|---|---|---|---|---|---|\n")
             for r in rows:
                 f.write(f"| {r['kernel']} | {r['registers']} | {r['instructions']} | {r['fma'] + r['mma']} | "
-                        f"{r['fma_share']:.0%} | {r['global_loads']} | {r['shared_loads']} | {r['integer/other']} |\n")
+                        f"{r['fma_share']:.0%} | {r['macs_per_instruction']:.2f} | {r['global_loads']} | "
+                        f"{r['shared_loads']} | {r['integer/other']} |\n")
         print("wrote", out + ".json", "and .md")
 
 

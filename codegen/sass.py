@@ -6,7 +6,8 @@ The main loop is the backward branch whose body holds the most multiply-adds (FF
 cores' HMMA). The share of multiply-adds among its instructions bounds the fraction of the FP32 peak the
 loop can reach when nothing stalls (one instruction issues per scheduler per cycle): it is the static
 measure the GEMM's index hoisting and vector shared loads are judged by (benchmarks/sass_mix.py prints
-it for every kernel; a test keeps it). An upper bound per pass (branches skipped at run time count) that
+it for every kernel; a test keeps it). Multiply-adds per instruction and lane compare the FP32 and TF32
+loops (an HMMA.1688 is 16 x 8 x 8 multiply-adds, 32 per lane; the FP32 path's ceiling is 1). An upper bound per pass (branches skipped at run time count) that
 says nothing of memory latency: bench_gpu.py times, on a GPU."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import tempfile
 
 from graphconv.errors import BackendError
 
+MMA_SHAPES = {"1688": 16 * 8 * 8, "16816": 16 * 8 * 16, "884": 8 * 8 * 4}      # HMMA.<shape>: m x n x k
 MULTIPLY_ADDS = frozenset({"FFMA", "DFMA", "HMMA"})     # HMMA: a 16 x 8 x 8 tile per instruction
 KINDS = {"FFMA": "fma", "DFMA": "fma", "HMMA": "mma", "FMUL": "float", "FADD": "float", "FSEL": "float",
          "FSETP": "float", "FMNMX": "float", "LDG": "global load", "LDS": "shared load", "STS": "shared store",
@@ -91,10 +93,13 @@ def mix(cubin: bytes) -> dict:
     loop = main_loop(rows)
     if loop is None:
         return {}
-    counts = collections.Counter()
+    counts, macs = collections.Counter(), 0
     for _, op, mods, _ in rows[loop[0]:loop[1] + 1]:
         if op is None or op == "NOP":
             continue
+        if op in MULTIPLY_ADDS:      # per lane: one for FFMA/DFMA, m*n*k/32 for an HMMA (.1688: 16x8x8)
+            shape = re.match(r"\.(\d+)", mods)
+            macs += 1 if op != "HMMA" else MMA_SHAPES.get(shape[1] if shape else "", 16 * 8 * 8) // 32
         kind = KINDS.get(op, "integer/other" if op[0] in "IULSPM" or op in ("SEL", "SHF", "LEA", "MOV") else op)
         if op in ("LDG", "LDS", "STS") and (".64" in mods or ".128" in mods):
             kind += " (wide)"
@@ -103,6 +108,7 @@ def mix(cubin: bytes) -> dict:
     fma = counts["fma"] + counts["mma"]
     loads = sum(v for k, v in counts.items() if k.startswith("global load") or k == "async copy")
     return {"instructions": total, "fma": counts["fma"], "mma": counts["mma"], "fma_share": fma / total,
+            "macs_per_instruction": macs / total,
             "global_loads": loads, "shared_loads": sum(v for k, v in counts.items() if k.startswith("shared load")),
             "integer/other": counts["integer/other"], "kinds": dict(sorted(counts.items()))}
 

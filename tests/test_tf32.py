@@ -74,8 +74,8 @@ def test_ties_and_exact_values_pass_through_an_identity_product():
 
 
 def odd_tiles(name):
-    """Graphs whose TF32 tiles leave warps without a 16 x 8 tile in some rounds (3 x 3 pools: a block
-    tile 72 wide, 5 rounds for 8 warps; 2 x 2 x 2 pools in 3-D: 8 rounds)."""
+    """Graphs whose TF32 tiles the bundled models do not reach: 3 x 3 pools (a block tile 72 wide, 9
+    columns of mma tiles: 6 of 8 warps busy, 2 x 3 tiles each); 2 x 2 x 2 pools in 3-D (windows of 8)."""
     g = gc.Graph(name, "float32")
     if name == "pool3x3":
         x = g.input("x", ("N", 3, 12, 12))
@@ -95,11 +95,14 @@ def tf32_graph(name, stage):
 
 
 def test_the_odd_graphs_reach_the_tile_shapes_the_bundled_models_do_not():
-    shapes = {name: [(s.params["SPW"], s.params["WARPS"], s.params["SUBTILES"])
+    shapes = {name: [(s.params["WARPS"], s.params["WARPS_M"], s.params["WARPS_N"], s.params["WARP_MT"],
+                      s.params["WARP_NT"], s.params["BM"], s.params["BN"])
                      for s in Program(tf32_graph(name, "fused"), tf32=True).kernels if s.params.get("tf32")]
               for name in ("pool3x3", "pool2x2x2")}
-    assert any(spw * warps > subtiles for spw, warps, subtiles in shapes["pool3x3"]), shapes   # idle rounds
-    assert any(spw == 8 for spw, _, _ in shapes["pool2x2x2"]), shapes                         # 8 per warp
+    for warps, wm, wn, mt, nt, bm, bn in shapes["pool3x3"] + shapes["pool2x2x2"]:
+        assert wm * mt * 16 == bm and wn * nt * 8 == bn and wm * wn <= warps      # the warps cover the tile
+    assert (8, 2, 3, 2, 3, 64, 72) in shapes["pool3x3"], shapes                     # two warps idle
+    assert any(mt * nt == 8 for _, _, _, mt, nt, _, _ in shapes["pool2x2x2"]), shapes  # 2 x 4 tiles per warp
 
 
 @pytest.mark.parametrize("model", TF32_GRAPHS)

@@ -6,6 +6,8 @@ family. Each family module sits beside its template and hands it C-ready values 
 """
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 import sympy.printing.c  # noqa: F401  (IntegerPrinter's base)
 
@@ -153,3 +155,38 @@ def lower_node(ctx: Context) -> Lowered:
         k.layers = k.layers or (ctx.layer,)
         k.shapes = k.shapes or ctx.shapes_text()
     return lowered
+
+
+# ---- an index as mixed-radix digits in registers, advanced by a constant step with carries -----------
+def digit_lines(k, radices, declare):
+    """`declare(j) = value` lines: the digits of `k` in the mixed radix `radices` (the first unbounded)."""
+    lines = []
+    for j in range(len(radices)):
+        inner = math.prod(radices[j + 1:])
+        value = f"{k} / {inner}" if inner != 1 else k
+        lines.append(f"{declare(j)} = (int)({value}{'' if j == 0 else f' % {radices[j]}'});")
+    return lines
+
+
+def advance_lines(prefix, radices, step):
+    """Lines adding the constant `step` to the digits prefix0, prefix1, ... with carries (each digit's
+    share of the step is below its radix, so one carry of at most 1 per digit)."""
+    share, rest = [], step
+    for radix in reversed(radices[1:]):
+        share.append(rest % radix)
+        rest //= radix
+    share.append(rest)
+    share.reverse()
+    lines, carry = [], None
+    for j in reversed(range(len(radices))):
+        add = " + ".join(t for t in (str(share[j]) if share[j] else "", carry or "") if t)
+        if not add:
+            carry = None
+            continue
+        lines.append(f"{prefix}{j} += {add};")
+        if j == 0:
+            break
+        carry = f"{prefix.rstrip('_')}c{j}"
+        lines.append(f"const int {carry} = {prefix}{j} >= {radices[j]};")
+        lines.append(f"{prefix}{j} -= {carry} ? {radices[j]} : 0;")
+    return lines

@@ -25,7 +25,7 @@ from graphconv.ops.fused import expression_of
 
 from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
-from . import c_int, flat, lowering, numel, short_dtype
+from . import advance_lines, c_int, digit_lines, flat, lowering, numel, short_dtype
 from . import direct
 from .prologue import gather_lines, gather_shared_lines, gathered_gradient
 
@@ -97,9 +97,16 @@ def tf32_params(ctx, cfg) -> dict:
     if not (ctx.tf32 and ctx.float_type == "float" and BM % 16 == 0 and BN % 8 == 0 and BK % 8 == 0
             and threads % 32 == 0 and shared <= 48 * 1024):
         return {"tf32": False, "PAD": 1}
-    subtiles, warps = (BM // 16) * (BN // 8), threads // 32
-    return {"tf32": True, "PAD": 8, "SUBTILES": subtiles, "NT": BN // 8, "WARPS": warps,
-            "SPW": -(-subtiles // warps)}
+    tiles_m, tiles_n, warps = BM // 16, BN // 8, threads // 32
+    # each warp a WARP_MT x WARP_NT block of 16 x 8 tiles: its fragments of A and B are loaded once per
+    # 8-deep step and reused across the block (4 WARP_MT + 2 WARP_NT shared loads for WARP_MT x WARP_NT
+    # mma); the most warps busy, then the fewest loads per mma
+    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]   # noqa: E731
+    wm, wn = min(((a, b) for a in divisors(tiles_m) for b in divisors(tiles_n) if a * b <= warps),
+                 key=lambda ab: (-ab[0] * ab[1], (4 * tiles_m // ab[0] + 2 * tiles_n // ab[1])
+                                 / (tiles_m // ab[0] * tiles_n // ab[1]), ab))
+    return {"tf32": True, "PAD": 8, "WARPS": warps, "WARPS_M": wm, "WARPS_N": wn,
+            "WARP_MT": tiles_m // wm, "WARP_NT": tiles_n // wn}
 
 
 def shared_reads(cfg, T, tf32) -> dict:
@@ -166,40 +173,6 @@ def k_groups(a, b, a_slots, b_slots, BK):
             aliases = [line.replace("{}", n, 1) for n, j in names for line in aliases[j:j + 1]]
         out.append(dict(g, start=start, aliases=aliases, advance=advance, uses_k=bool(re.search(r"\bk\b", text))))
     return out
-
-
-def digit_lines(k, radices, declare):
-    """`declare(j) = value` lines: the digits of `k` in the mixed radix `radices` (the first unbounded)."""
-    lines = []
-    for j in range(len(radices)):
-        inner = math.prod(radices[j + 1:])
-        value = f"{k} / {inner}" if inner != 1 else k
-        lines.append(f"{declare(j)} = (int)({value}{'' if j == 0 else f' % {radices[j]}'});")
-    return lines
-
-
-def advance_lines(prefix, radices, step):
-    """Lines adding the constant `step` to the digits prefix0, prefix1, ... with carries (each digit's
-    share of the step is below its radix, so one carry of at most 1 per digit)."""
-    share, rest = [], step
-    for radix in reversed(radices[1:]):
-        share.append(rest % radix)
-        rest //= radix
-    share.append(rest)
-    share.reverse()
-    lines, carry = [], None
-    for j in reversed(range(len(radices))):
-        add = " + ".join(t for t in (str(share[j]) if share[j] else "", carry or "") if t)
-        if not add:
-            carry = None
-            continue
-        lines.append(f"{prefix}{j} += {add};")
-        if j == 0:
-            break
-        carry = f"{prefix.rstrip('_')}c{j}"
-        lines.append(f"const int {carry} = {prefix}{j} >= {radices[j]};")
-        lines.append(f"{prefix}{j} -= {carry} ? {radices[j]} : 0;")
-    return lines
 
 
 def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, window_end, args, cfg,

@@ -10,11 +10,11 @@
 //
 // Why a separate kernel: the first pass's blocks cannot see each other's sums without atomics or a
 // grid-wide barrier; a second launch adds them in chunk order, so the result never depends on which
-// block finished first. One thread per k: only ((nb + 63) / 64) values each.
+// block finished first. One thread per k: only ((nb + 15) / 16) values each.
 extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_update_mean_f32_c128_i8x8_m0p1_finish(const double* __restrict__ partial, const float* __restrict__ running, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
-    const long long K = 128, S = ((nb + 63) / 64);
+    const long long K = 128, S = ((nb + 15) / 16);
     const double m = (double)(64*nb);   // values reduced per k
     for (long long k = (long long)blockIdx.x * 256 + threadIdx.x; k < K; k += (long long)gridDim.x * 256) {
         double tot0 = 0;

@@ -9,11 +9,11 @@
 //
 // Why a separate kernel: the first pass's blocks cannot see each other's sums without atomics or a
 // grid-wide barrier; a second launch adds them in chunk order, so the result never depends on which
-// block finished first. One thread per k: only ((nb + 15) / 16) values each.
+// block finished first. One thread per k: only ((nb + 3) / 4) values each.
 extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_f32_64x16x16_a023_finish(const double* __restrict__ partial, float* __restrict__ out, int batch)
 {
     const long long nb = batch;
-    const long long K = 64, S = ((nb + 15) / 16);
+    const long long K = 64, S = ((nb + 3) / 4);
     for (long long k = (long long)blockIdx.x * 256 + threadIdx.x; k < K; k += (long long)gridDim.x * 256) {
         double tot0 = 0;
         for (long long s = 0; s < S; ++s) {
