@@ -250,25 +250,29 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "k digits divided out per slot": {"HOIST": False},
             "scalar shared loads": {"VECTOR": False},
             "4 x 4 tiles for split GEMMs": {"WIDE": False},
-            "GEMM rules of session 2": {"HOIST": False, "VECTOR": False, "WIDE": False}}
+            "GEMM rules of session 2": {"HOIST": False, "VECTOR": False, "WIDE": False},
+            "direct: staging in one rolled loop": {"direct.STAGE_LOADS": 0}}
 
 
 def variants(args, timer, say):
     """The layers at batch 64 and 256 under each rule of VARIANTS and under the current rules."""
-    from codegen.lowering import gemm
+    from codegen.lowering import direct, gemm
+
+    def where(name):            # "direct.X": the direct family's rule X; a bare name: the GEMM's
+        return (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
     rows = []
     for model, layer, c_in, c_out, size, k, pad in LAYERS:
         for batch in (64, 256):
             row = {"layer": layer, "batch": batch}
             for label, rule in [("now", {})] + list(VARIANTS.items()):
-                saved = {name: getattr(gemm, name) for name in rule}
+                saved = {name: getattr(*where(name)) for name in rule}
                 try:
                     for name, value in rule.items():
-                        setattr(gemm, name, value)
+                        setattr(*where(name), value)
                     ours = graphconv_layer(args, c_in, c_out, size, k, pad, batch, layer != "conv1", timer)
                 finally:
                     for name, value in saved.items():
-                        setattr(gemm, name, value)
+                        setattr(*where(name), value)
                 row[label] = {phase: ours[phase]["ms"] for phase in ("forward", "backward")}
             rows.append(row)
             now = row["now"]

@@ -11,6 +11,7 @@ import graphconv.models
 from codegen import nvrtc, sass
 from codegen.check import check_kernels
 from codegen.program import Program
+from codegen.runner import CompiledProgram
 from graphconv.data import random_inputs
 from graphconv.pipeline import build
 
@@ -235,3 +236,27 @@ def test_the_gemm_main_loop_reads_shared_memory_in_vectors_and_divides_nothing()
         finally:
             setattr(gemm, flag, saved)
         assert before["fma"] < 10 * before["shared_loads"] or before["fma_share"] < 0.6, (flag, before)
+
+
+@pytest.mark.parametrize("loads", [0, 3, 16])
+def test_direct_staging_in_batches_fills_shared_memory_exactly_as_one_loop(monkeypatch, loads):
+    """The direct kernels stage their tiles STAGE_LOADS elements per thread at a time (loads in flight
+    together, coordinates as digits); any batch size, the rolled loop (0) included, gives the same
+    bits, forward (fused with a pool) and backward-data with its gathered gradient, on odd shapes."""
+    from codegen.lowering import direct
+    g = gc.Graph("stage", "float32")
+    x = g.input("x", ("N", 5, 21, 19))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 24, 3, padding=1, name="conv1")), 2)
+    h = g.relu(g.conv2d(h, 7, 5, padding=2, name="conv2"))
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    graph = build(g, "fused-train")
+    params = gc.init_params(graph, seed=1)
+    inputs = random_inputs(graph, 3, 1)
+    want = CompiledProgram(graph, "host").run(inputs, params, keep=True)
+    monkeypatch.setattr(direct, "STAGE_LOADS", loads)
+    program = CompiledProgram(graph, "host")
+    assert sum(s.template == "direct_conv.cu.j2" for s in program.program.kernels) >= 3
+    got = program.run(inputs, params, keep=True)
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
+    assert_kernels_match(graph, batch=3, seed=1, compile_nvrtc=False)

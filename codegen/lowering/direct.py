@@ -11,8 +11,13 @@ import math
 import sympy as sp
 
 from ..spec import KernelSpec, Lowered
+from . import advance_lines, digit_lines
 
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
+# staging: each thread's elements of a stage are loaded this many at a time, all in flight before any
+# is stored (their (channel, row, column) advanced as digits); 0: one rolled loop, as before session 3,
+# which ptxas unrolled by 4 (vgg conv2_2: 21 input elements per thread, 6 round trips to memory a stage)
+STAGE_LOADS = 16
 
 
 def eligible(geo, pool_window=None, out_size=None, pooled_size=None) -> bool:
@@ -56,10 +61,20 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
         return None
     CC = max(1, min(C, SHARED_BUDGET // per_channel))
     tiles_x, tiles = -(-NCX // TCX), -(-NCX // TCX) * -(-NCY // TCY)
+    threads = CELLS * CG
+    staging = {}
+    for what, radices in (("in", (CC, HH, HW)), ("w", (CC, KH * KW, OCB))):
+        total = math.prod(radices)
+        iters = -(-total // threads)
+        per = -(-iters // -(-iters // STAGE_LOADS)) if STAGE_LOADS else 0      # equal batches of at most STAGE_LOADS
+        staging[what] = {"total": total, "iters": iters, "per": per, "batches": -(-iters // per) if per else 0,
+                         "start": digit_lines("tid", (None,) + radices[1:], lambda d: f"int {what}d{d}"),
+                         "advance": advance_lines(f"{what}d", (None,) + radices[1:], threads)}
     params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "KH": KH, "KW": KW, "PAD_T": pad[0],
               "PAD_L": pad[1], "IH": IH, "IW": IW, "OH": OH, "OW": OW, "CH": CH, "CW": CW, "NCY": NCY, "NCX": NCX,
               "TCY": TCY, "TCX": TCX, "CELLS": CELLS, "TOC": TOC, "OCB": OCB, "HH": HH, "HW": HW, "CC": CC,
-              "TILES": tiles, "TILES_X": tiles_x, "threads": CELLS * CG, "pooled": pooled, "prelude": prelude,
+              "TILES": tiles, "TILES_X": tiles_x, "threads": threads, "pooled": pooled, "prelude": prelude,
+              "staging": staging, "stage_loads": STAGE_LOADS,
               "in_load": in_load, "w_load": w_load, "row_setup": row_setup, "window_begin": window_begin,
               "element": element, "window_end": window_end, "in_desc": in_desc, "w_desc": w_desc}
     from ..spec import BATCH

@@ -35,36 +35,82 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
 
     for (int c0 = 0; c0 < 50; c0 += 11) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 3564; idx += 147) {
-            const int cc = idx / 324, yy = (idx / 18) % 18, xx = idx % 18;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
-            float v = 0;
-            if (c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
-                const int gp0 = (iy) / 2;
-                const int gp1 = (ix) / 2;
-                const int gpos = (gp0) * 7 + gp1;
-                const bool gin = gp0 < 7 && gp1 < 7;
-                const int gwant = ((iy) % 2) * 2 + ((ix) % 2) * 1;
-                const long long gi = (bimg * 50 + c) * 49LL + gpos;
-                if (gin && gcode[gi] == gwant) {
-                    const float ga = gaux[gi];
-                    const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+        // 25 elements per thread, 13 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 324);
+            int ind1 = (int)(tid / 18 % 18);
+            int ind2 = (int)(tid % 18);
+            for (int it0 = 0; it0 < 25; it0 += 13) {
+                float vs[13];
+#pragma unroll
+                for (int u = 0; u < 13; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 147 < 3564 && c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
+                        const int gp0 = (iy) / 2;
+                        const int gp1 = (ix) / 2;
+                        const int gpos = (gp0) * 7 + gp1;
+                        const bool gin = gp0 < 7 && gp1 < 7;
+                        const int gwant = ((iy) % 2) * 2 + ((ix) % 2) * 1;
+                        const long long gi = (bimg * 50 + c) * 49LL + gpos;
+                        if (gin && gcode[gi] == gwant) {
+                            const float ga = gaux[gi];
+                            const float gd = gdy[gi];
+                            v = ((ga > 0) ? (gd) : (0));
+                        }
+                    }
+                    vs[u] = v;
+                    ind2 += 3;
+                    const int indc2 = ind2 >= 18;
+                    ind2 -= indc2 ? 18 : 0;
+                    ind1 += 8 + indc2;
+                    const int indc1 = ind1 >= 18;
+                    ind1 -= indc1 ? 18 : 0;
+                    ind0 += indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 13; ++u) {
+                    const int idx = tid + (it0 + u) * 147;
+                    if (idx < 3564) (&s_in[0][0][0])[idx] = vs[u];
                 }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 6600; idx += 147) {
-            const int oc = idx % 24, rs = (idx / 24) % 25, cc = idx / 600;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 5, s = rs % 5;
-            float v = 0;
-            if (m < 20 && c < 50) {
-                v = w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)];
+        // 45 elements per thread, 15 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 600);
+            int wd1 = (int)(tid / 24 % 25);
+            int wd2 = (int)(tid % 24);
+            for (int it0 = 0; it0 < 45; it0 += 15) {
+                float vs[15];
+#pragma unroll
+                for (int u = 0; u < 15; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 5, s = rs % 5;
+                    float v = 0;
+                    if (tid + (it0 + u) * 147 < 6600 && m < 20 && c < 50) {
+                        v = w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)];
+                    }
+                    vs[u] = v;
+                    wd2 += 3;
+                    const int wdc2 = wd2 >= 24;
+                    wd2 -= wdc2 ? 24 : 0;
+                    wd1 += 6 + wdc2;
+                    const int wdc1 = wd1 >= 25;
+                    wd1 -= wdc1 ? 25 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 15; ++u) {
+                    const int idx = tid + (it0 + u) * 147;
+                    if (idx < 6600) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 11; ++cc) {

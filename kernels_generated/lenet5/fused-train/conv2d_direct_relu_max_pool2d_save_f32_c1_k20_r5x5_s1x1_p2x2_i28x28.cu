@@ -36,26 +36,71 @@ extern "C" __global__ void __launch_bounds__(192, 1) conv2d_direct_relu_max_pool
 
     for (int c0 = 0; c0 < 1; c0 += 1) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 400; idx += 192) {
-            const int cc = idx / 400, yy = (idx / 20) % 20, xx = idx % 20;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
-            float v = 0;
-            if (c < 1 && iy >= 0 && iy < 28 && ix >= 0 && ix < 28) {
-                v = x[((bimg * 1 + c) * 28LL + iy) * 28 + ix];
+        // 3 elements per thread, 3 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 400);
+            int ind1 = (int)(tid / 20 % 20);
+            int ind2 = (int)(tid % 20);
+            {
+                const int it0 = 0;
+                float vs[3];
+#pragma unroll
+                for (int u = 0; u < 3; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 192 < 400 && c < 1 && iy >= 0 && iy < 28 && ix >= 0 && ix < 28) {
+                        v = x[((bimg * 1 + c) * 28LL + iy) * 28 + ix];
+                    }
+                    vs[u] = v;
+                    ind2 += 12;
+                    const int indc2 = ind2 >= 20;
+                    ind2 -= indc2 ? 20 : 0;
+                    ind1 += 9 + indc2;
+                    const int indc1 = ind1 >= 20;
+                    ind1 -= indc1 ? 20 : 0;
+                    ind0 += indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 3; ++u) {
+                    const int idx = tid + (it0 + u) * 192;
+                    if (idx < 400) (&s_in[0][0][0])[idx] = vs[u];
+                }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 600; idx += 192) {
-            const int oc = idx % 24, rs = (idx / 24) % 25, cc = idx / 600;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 5, s = rs % 5;
-            float v = 0;
-            if (m < 20 && c < 1) {
-                v = w[((m * 1 + c) * 5 + r) * 5 + s];
+        // 4 elements per thread, 4 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 600);
+            int wd1 = (int)(tid / 24 % 25);
+            int wd2 = (int)(tid % 24);
+            {
+                const int it0 = 0;
+                float vs[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 5, s = rs % 5;
+                    float v = 0;
+                    if (tid + (it0 + u) * 192 < 600 && m < 20 && c < 1) {
+                        v = w[((m * 1 + c) * 5 + r) * 5 + s];
+                    }
+                    vs[u] = v;
+                    wd1 += 8;
+                    const int wdc1 = wd1 >= 25;
+                    wd1 -= wdc1 ? 25 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int idx = tid + (it0 + u) * 192;
+                    if (idx < 600) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 1; ++cc) {

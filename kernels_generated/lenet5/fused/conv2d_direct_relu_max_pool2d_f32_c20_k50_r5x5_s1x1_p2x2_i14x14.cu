@@ -36,26 +36,73 @@ extern "C" __global__ void __launch_bounds__(196, 1) conv2d_direct_relu_max_pool
 
     for (int c0 = 0; c0 < 20; c0 += 9) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 2916; idx += 196) {
-            const int cc = idx / 324, yy = (idx / 18) % 18, xx = idx % 18;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
-            float v = 0;
-            if (c < 20 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
-                v = x[((bimg * 20 + c) * 14LL + iy) * 14 + ix];
+        // 15 elements per thread, 15 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 324);
+            int ind1 = (int)(tid / 18 % 18);
+            int ind2 = (int)(tid % 18);
+            {
+                const int it0 = 0;
+                float vs[15];
+#pragma unroll
+                for (int u = 0; u < 15; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 196 < 2916 && c < 20 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
+                        v = x[((bimg * 20 + c) * 14LL + iy) * 14 + ix];
+                    }
+                    vs[u] = v;
+                    ind2 += 16;
+                    const int indc2 = ind2 >= 18;
+                    ind2 -= indc2 ? 18 : 0;
+                    ind1 += 10 + indc2;
+                    const int indc1 = ind1 >= 18;
+                    ind1 -= indc1 ? 18 : 0;
+                    ind0 += indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 15; ++u) {
+                    const int idx = tid + (it0 + u) * 196;
+                    if (idx < 2916) (&s_in[0][0][0])[idx] = vs[u];
+                }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 7200; idx += 196) {
-            const int oc = idx % 32, rs = (idx / 32) % 25, cc = idx / 800;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 5, s = rs % 5;
-            float v = 0;
-            if (m < 50 && c < 20) {
-                v = w[((m * 20 + c) * 5 + r) * 5 + s];
+        // 37 elements per thread, 13 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 800);
+            int wd1 = (int)(tid / 32 % 25);
+            int wd2 = (int)(tid % 32);
+            for (int it0 = 0; it0 < 37; it0 += 13) {
+                float vs[13];
+#pragma unroll
+                for (int u = 0; u < 13; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 5, s = rs % 5;
+                    float v = 0;
+                    if (tid + (it0 + u) * 196 < 7200 && m < 50 && c < 20) {
+                        v = w[((m * 20 + c) * 5 + r) * 5 + s];
+                    }
+                    vs[u] = v;
+                    wd2 += 4;
+                    const int wdc2 = wd2 >= 32;
+                    wd2 -= wdc2 ? 32 : 0;
+                    wd1 += 6 + wdc2;
+                    const int wdc1 = wd1 >= 25;
+                    wd1 -= wdc1 ? 25 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 13; ++u) {
+                    const int idx = tid + (it0 + u) * 196;
+                    if (idx < 7200) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 9; ++cc) {

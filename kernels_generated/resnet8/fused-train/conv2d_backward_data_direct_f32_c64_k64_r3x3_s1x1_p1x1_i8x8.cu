@@ -35,26 +35,70 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_data_direct
 
     for (int c0 = 0; c0 < 64; c0 += 15) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 1500; idx += 128) {
-            const int cc = idx / 100, yy = (idx / 10) % 10, xx = idx % 10;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
-            float v = 0;
-            if (c < 64 && iy >= 0 && iy < 8 && ix >= 0 && ix < 8) {
-                v = dy[((bimg * 64 + c) * 8LL + iy) * 8 + ix];
+        // 12 elements per thread, 12 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 100);
+            int ind1 = (int)(tid / 10 % 10);
+            int ind2 = (int)(tid % 10);
+            {
+                const int it0 = 0;
+                float vs[12];
+#pragma unroll
+                for (int u = 0; u < 12; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 128 < 1500 && c < 64 && iy >= 0 && iy < 8 && ix >= 0 && ix < 8) {
+                        v = dy[((bimg * 64 + c) * 8LL + iy) * 8 + ix];
+                    }
+                    vs[u] = v;
+                    ind2 += 8;
+                    const int indc2 = ind2 >= 10;
+                    ind2 -= indc2 ? 10 : 0;
+                    ind1 += 2 + indc2;
+                    const int indc1 = ind1 >= 10;
+                    ind1 -= indc1 ? 10 : 0;
+                    ind0 += 1 + indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 12; ++u) {
+                    const int idx = tid + (it0 + u) * 128;
+                    if (idx < 1500) (&s_in[0][0][0])[idx] = vs[u];
+                }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 8640; idx += 128) {
-            const int oc = idx % 64, rs = (idx / 64) % 9, cc = idx / 576;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 3, s = rs % 3;
-            float v = 0;
-            if (m < 64 && c < 64) {
-                v = w[((c * 64 + m) * 3 + (2 - r)) * 3 + (2 - s)];
+        // 68 elements per thread, 14 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 576);
+            int wd1 = (int)(tid / 64 % 9);
+            int wd2 = (int)(tid % 64);
+            for (int it0 = 0; it0 < 68; it0 += 14) {
+                float vs[14];
+#pragma unroll
+                for (int u = 0; u < 14; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 3, s = rs % 3;
+                    float v = 0;
+                    if (tid + (it0 + u) * 128 < 8640 && m < 64 && c < 64) {
+                        v = w[((c * 64 + m) * 3 + (2 - r)) * 3 + (2 - s)];
+                    }
+                    vs[u] = v;
+                    wd1 += 2;
+                    const int wdc1 = wd1 >= 9;
+                    wd1 -= wdc1 ? 9 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 14; ++u) {
+                    const int idx = tid + (it0 + u) * 128;
+                    if (idx < 8640) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 15; ++cc) {

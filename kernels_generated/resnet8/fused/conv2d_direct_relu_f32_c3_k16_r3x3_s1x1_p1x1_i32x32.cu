@@ -36,26 +36,71 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_relu_f32_c3_k
 
     for (int c0 = 0; c0 < 3; c0 += 3) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 972; idx += 128) {
-            const int cc = idx / 324, yy = (idx / 18) % 18, xx = idx % 18;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
-            float v = 0;
-            if (c < 3 && iy >= 0 && iy < 32 && ix >= 0 && ix < 32) {
-                v = x[((bimg * 3 + c) * 32LL + iy) * 32 + ix];
+        // 8 elements per thread, 8 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 324);
+            int ind1 = (int)(tid / 18 % 18);
+            int ind2 = (int)(tid % 18);
+            {
+                const int it0 = 0;
+                float vs[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 128 < 972 && c < 3 && iy >= 0 && iy < 32 && ix >= 0 && ix < 32) {
+                        v = x[((bimg * 3 + c) * 32LL + iy) * 32 + ix];
+                    }
+                    vs[u] = v;
+                    ind2 += 2;
+                    const int indc2 = ind2 >= 18;
+                    ind2 -= indc2 ? 18 : 0;
+                    ind1 += 7 + indc2;
+                    const int indc1 = ind1 >= 18;
+                    ind1 -= indc1 ? 18 : 0;
+                    ind0 += indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int idx = tid + (it0 + u) * 128;
+                    if (idx < 972) (&s_in[0][0][0])[idx] = vs[u];
+                }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 432; idx += 128) {
-            const int oc = idx % 16, rs = (idx / 16) % 9, cc = idx / 144;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 3, s = rs % 3;
-            float v = 0;
-            if (m < 16 && c < 3) {
-                v = w[((m * 3 + c) * 3 + r) * 3 + s];
+        // 4 elements per thread, 4 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 144);
+            int wd1 = (int)(tid / 16 % 9);
+            int wd2 = (int)(tid % 16);
+            {
+                const int it0 = 0;
+                float vs[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 3, s = rs % 3;
+                    float v = 0;
+                    if (tid + (it0 + u) * 128 < 432 && m < 16 && c < 3) {
+                        v = w[((m * 3 + c) * 3 + r) * 3 + s];
+                    }
+                    vs[u] = v;
+                    wd1 += 8;
+                    const int wdc1 = wd1 >= 9;
+                    wd1 -= wdc1 ? 9 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int idx = tid + (it0 + u) * 128;
+                    if (idx < 432) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 3; ++cc) {

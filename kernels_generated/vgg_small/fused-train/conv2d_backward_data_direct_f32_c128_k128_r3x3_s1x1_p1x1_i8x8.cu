@@ -35,26 +35,70 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_data_direct
 
     for (int c0 = 0; c0 < 128; c0 += 8) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 800; idx += 256) {
-            const int cc = idx / 100, yy = (idx / 10) % 10, xx = idx % 10;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
-            float v = 0;
-            if (c < 128 && iy >= 0 && iy < 8 && ix >= 0 && ix < 8) {
-                v = dy[((bimg * 128 + c) * 8LL + iy) * 8 + ix];
+        // 4 elements per thread, 4 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 100);
+            int ind1 = (int)(tid / 10 % 10);
+            int ind2 = (int)(tid % 10);
+            {
+                const int it0 = 0;
+                float vs[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 256 < 800 && c < 128 && iy >= 0 && iy < 8 && ix >= 0 && ix < 8) {
+                        v = dy[((bimg * 128 + c) * 8LL + iy) * 8 + ix];
+                    }
+                    vs[u] = v;
+                    ind2 += 6;
+                    const int indc2 = ind2 >= 10;
+                    ind2 -= indc2 ? 10 : 0;
+                    ind1 += 5 + indc2;
+                    const int indc1 = ind1 >= 10;
+                    ind1 -= indc1 ? 10 : 0;
+                    ind0 += 2 + indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int idx = tid + (it0 + u) * 256;
+                    if (idx < 800) (&s_in[0][0][0])[idx] = vs[u];
+                }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 9216; idx += 256) {
-            const int oc = idx % 128, rs = (idx / 128) % 9, cc = idx / 1152;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 3, s = rs % 3;
-            float v = 0;
-            if (m < 128 && c < 128) {
-                v = w[((c * 128 + m) * 3 + (2 - r)) * 3 + (2 - s)];
+        // 36 elements per thread, 12 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 1152);
+            int wd1 = (int)(tid / 128 % 9);
+            int wd2 = (int)(tid % 128);
+            for (int it0 = 0; it0 < 36; it0 += 12) {
+                float vs[12];
+#pragma unroll
+                for (int u = 0; u < 12; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 3, s = rs % 3;
+                    float v = 0;
+                    if (tid + (it0 + u) * 256 < 9216 && m < 128 && c < 128) {
+                        v = w[((c * 128 + m) * 3 + (2 - r)) * 3 + (2 - s)];
+                    }
+                    vs[u] = v;
+                    wd1 += 2;
+                    const int wdc1 = wd1 >= 9;
+                    wd1 -= wdc1 ? 9 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 12; ++u) {
+                    const int idx = tid + (it0 + u) * 256;
+                    if (idx < 9216) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 8; ++cc) {

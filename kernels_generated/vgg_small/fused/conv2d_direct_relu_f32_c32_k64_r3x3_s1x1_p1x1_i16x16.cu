@@ -36,26 +36,69 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c32_
 
     for (int c0 = 0; c0 < 32; c0 += 16) {
         // the input tile with its halo, consecutive threads along a row
-        for (int idx = tid; idx < 5184; idx += 256) {
-            const int cc = idx / 324, yy = (idx / 18) % 18, xx = idx % 18;
-            const int c = c0 + cc;
-            const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
-            float v = 0;
-            if (c < 32 && iy >= 0 && iy < 16 && ix >= 0 && ix < 16) {
-                v = x[((bimg * 32 + c) * 16LL + iy) * 16 + ix];
+        // 21 elements per thread, 11 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int ind0 = (int)(tid / 324);
+            int ind1 = (int)(tid / 18 % 18);
+            int ind2 = (int)(tid % 18);
+            for (int it0 = 0; it0 < 21; it0 += 11) {
+                float vs[11];
+#pragma unroll
+                for (int u = 0; u < 11; ++u) {
+                    const int cc = ind0, yy = ind1, xx = ind2;
+                    const int c = c0 + cc;
+                    const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
+                    float v = 0;
+                    if (tid + (it0 + u) * 256 < 5184 && c < 32 && iy >= 0 && iy < 16 && ix >= 0 && ix < 16) {
+                        v = x[((bimg * 32 + c) * 16LL + iy) * 16 + ix];
+                    }
+                    vs[u] = v;
+                    ind2 += 4;
+                    const int indc2 = ind2 >= 18;
+                    ind2 -= indc2 ? 18 : 0;
+                    ind1 += 14 + indc2;
+                    const int indc1 = ind1 >= 18;
+                    ind1 -= indc1 ? 18 : 0;
+                    ind0 += indc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 11; ++u) {
+                    const int idx = tid + (it0 + u) * 256;
+                    if (idx < 5184) (&s_in[0][0][0])[idx] = vs[u];
+                }
             }
-            s_in[cc][yy][xx] = v;
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        for (int idx = tid; idx < 4608; idx += 256) {
-            const int oc = idx % 32, rs = (idx / 32) % 9, cc = idx / 288;
-            const int m = oc0 + oc, c = c0 + cc;
-            const int r = rs / 3, s = rs % 3;
-            float v = 0;
-            if (m < 64 && c < 32) {
-                v = w[((m * 32 + c) * 3 + r) * 3 + s];
+        // 18 elements per thread, 9 at a time: every load of a batch is in flight before its
+        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        {
+            int wd0 = (int)(tid / 288);
+            int wd1 = (int)(tid / 32 % 9);
+            int wd2 = (int)(tid % 32);
+            for (int it0 = 0; it0 < 18; it0 += 9) {
+                float vs[9];
+#pragma unroll
+                for (int u = 0; u < 9; ++u) {
+                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int m = oc0 + oc, c = c0 + cc;
+                    const int r = rs / 3, s = rs % 3;
+                    float v = 0;
+                    if (tid + (it0 + u) * 256 < 4608 && m < 64 && c < 32) {
+                        v = w[((m * 32 + c) * 3 + r) * 3 + s];
+                    }
+                    vs[u] = v;
+                    wd1 += 8;
+                    const int wdc1 = wd1 >= 9;
+                    wd1 -= wdc1 ? 9 : 0;
+                    wd0 += wdc1;
+                }
+#pragma unroll
+                for (int u = 0; u < 9; ++u) {
+                    const int idx = tid + (it0 + u) * 256;
+                    if (idx < 4608) (&s_w[0][0][0])[idx] = vs[u];
+                }
             }
-            s_w[cc][rs][oc] = v;
         }
         __syncthreads();
         for (int cc = 0; cc < 16; ++cc) {
