@@ -251,7 +251,8 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "scalar shared loads": {"VECTOR": False},
             "4 x 4 tiles for split GEMMs": {"WIDE": False},
             "GEMM rules of session 2": {"HOIST": False, "VECTOR": False, "WIDE": False},
-            "direct: staging in one rolled loop": {"direct.STAGE_LOADS": 0}}
+            "direct: staging in one rolled loop": {"direct.STAGE_LOADS": 0},
+            "8 x 8 planes direct, not GEMM": {"GEMM_PLANE_MOST": 0}}
 
 
 def variants(args, timer, say):

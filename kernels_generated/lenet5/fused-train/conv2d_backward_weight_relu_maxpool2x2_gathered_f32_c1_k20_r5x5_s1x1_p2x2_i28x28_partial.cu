@@ -10,12 +10,12 @@
 //
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 128 threads with the fastest-varying index of each operand's memory layout along
-// consecutive threads (coalesced); every thread then keeps a 2 x 4 block of results in
-// registers and reads 2 + 4 shared values per 8 multiply-adds. A thread's 2 rows are
-// contiguous, and so are its of 4 columns, runs strided by 32 across the
-// block: the values come out of shared memory 2 and 4 at a time (vector loads: a warp's A
-// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
-// conflict), so a k-step costs 2 shared loads, not 6. Operands are gathered on the fly
+// consecutive threads (coalesced); every thread keeps a 2 x 4 block of results in registers and
+// reads 2 + 4 shared values per 8 multiply-adds. A thread's 2 rows are contiguous in shared memory,
+// and so are its 4 columns:
+// the values come out 2 and 4 at a time (vector loads; a warp's A reads are broadcasts of a few
+// addresses, its B reads 128 consecutive words at most: no bank conflict), so a k-step costs
+// 2 shared loads, not 6. Operands are gathered on the fly
 // (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
 // words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas

@@ -10,12 +10,12 @@
 //
 // Why this shape: each block stages a 16-deep slice of A and of B in shared memory, loaded by
 // all 256 threads with the fastest-varying index of each operand's memory layout along
-// consecutive threads (coalesced); every thread then keeps a 4 x 4 block of results in
-// registers and reads 4 + 4 shared values per 16 multiply-adds. A thread's 4 rows are
-// contiguous, and so are its of 4 columns, runs strided by 64 across the
-// block: the values come out of shared memory 4 and 4 at a time (vector loads: a warp's A
-// reads are broadcasts of a few addresses, its B reads 128 consecutive words at most, no bank
-// conflict), so a k-step costs 2 shared loads, not 8. Operands are gathered on the fly
+// consecutive threads (coalesced); every thread keeps a 4 x 4 block of results in registers and
+// reads 4 + 4 shared values per 16 multiply-adds. A thread's 4 rows are contiguous in shared memory,
+// and so are its 4 columns:
+// the values come out 4 and 4 at a time (vector loads; a warp's A reads are broadcasts of a few
+// addresses, its B reads 128 consecutive words at most: no bank conflict), so a k-step costs
+// 2 shared loads, not 8. Operands are gathered on the fly
 // (implicit GEMM): no im2col buffer exists in memory. The rows of both tiles are padded by 4
 // words in shared memory, which keeps them aligned for the vector loads.
 // __launch_bounds__(threads, 1): one block per SM is all the register budget must allow, so ptxas
