@@ -233,7 +233,7 @@ class Trainer:
 
     @property
     def params(self):
-        """The model's parameters as NumPy arrays (copied from the GPU on cuda)."""
+        """The model's parameters as NumPy arrays that later steps leave alone (see numpy_state)."""
         return self.numpy_state({n.name for n in self.model.params})
 
     def _run_step(self, batch, inputs):
@@ -276,13 +276,14 @@ class Trainer:
         return loss, to_numpy(out[scores])
 
     def numpy_state(self, names=None) -> dict:
-        """The state (or the `names` in it) as NumPy arrays: copies on cuda, where `state` holds CuPy
-        arrays on the GPU; the arrays themselves elsewhere."""
+        """The state (or the `names` in it) as NumPy arrays that later steps leave alone: copies on the
+        kernel backends (whose steps update their buffers in place; on cuda they are downloaded); on
+        numpy the arrays themselves (a step replaces them, it never writes into them)."""
         state = {k: v for k, v in self.state.items() if names is None or k in names}
         if not hasattr(self.step_program, "runtime"):
             return state
-        download = self.step_program.runtime.download
-        return {k: v if isinstance(v, np.ndarray) else download(v) for k, v in state.items()}
+        download = self.step_program.runtime.download      # a copy, from either runtime
+        return {k: download(v) for k, v in state.items()}
 
     def evaluate(self, x, y, batch=256):
         """(mean loss, accuracy) with running statistics."""

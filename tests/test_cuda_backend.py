@@ -9,6 +9,7 @@ import pytest
 
 import graphconv as gc
 from codegen import cuda
+from codegen.program import Program
 from codegen.runner import CompiledProgram, HostRuntime
 from graphconv.data import random_inputs
 from graphconv.errors import BackendError, InputError
@@ -108,3 +109,31 @@ def test_outputs_come_back_as_the_kind_of_array_that_went_in():
     again = program.run({"x": x.view(DeviceArray)}, params, to_numpy=True)
     for name in plain:
         np.testing.assert_array_equal(plain[name], again[name])
+
+
+def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
+    """`bench_gpu.py --variants` rebuilds a layer under each earlier rule on a scarce GPU lease: each
+    rule's kernels must compile (NVRTC, sm_90, no warning or spill) and match NumPy here first."""
+    import importlib.util
+    import pathlib
+    from codegen import nvrtc
+    from codegen.check import check_kernels
+    from codegen.lowering import direct, gemm
+    if not nvrtc.available():
+        pytest.skip("NVRTC not installed")
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for label, rule in bench.VARIANTS.items():
+        with monkeypatch.context() as m:
+            for name, value in rule.items():
+                module, attr = (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
+                m.setattr(module, attr, value)
+            for model, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4]):
+                graph = build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
+                kernels = Program(graph).kernels
+                nvrtc.compile_many([(s.source, s.name) for s in kernels])
+                bad = [r for r in check_kernels(graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0))
+                       if not r.ok]
+                assert not bad, (label, layer, [(r.node, r.note) for r in bad])

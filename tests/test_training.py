@@ -348,3 +348,9 @@ def test_kernel_backend_training_state_stays_in_the_bound_steps_buffers(monkeypa
     for k, v in numpy_run.state.items():
         np.testing.assert_allclose(host.state[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
     assert all(isinstance(v, np.ndarray) for v in host.numpy_state().values())
+    snapshot, params = host.numpy_state(), host.params                  # copies: later steps leave them
+    kept = {k: v.copy() for k, v in snapshot.items()}
+    host.step(*batch(5))
+    assert all(np.array_equal(snapshot[k], v) for k, v in kept.items())
+    assert all(np.array_equal(params[k], kept[k]) for k in params)
+    assert not np.array_equal(host.state["fc.weight"], kept["fc.weight"])
