@@ -66,9 +66,8 @@ def tile_config(M, N, G, wide=False):
     (their hoisted index arithmetic lives in registers). `wide` (a GEMM whose depth is split over
     blocks, so the split, not the tile grid, fills the multiprocessors): 8 columns per thread where
     N has them, which halves the loads per multiply-add of the operand gathered along m."""
-    TN = G * -(-max(8 if wide and WIDE else 4, G) // G)    # whole windows per thread, >= 4 columns (G = 3: 6)
-    if wide and WIDE and sp.sympify(N).is_Integer and int(N) < 128:
-        TN = G * -(-max(4, G) // G)
+    narrow = sp.sympify(N).is_Integer and int(N) < 128
+    TN = G * -(-max(8 if wide and WIDE and not narrow else 4, G) // G)   # whole windows, >= 4 columns (G = 3: 6)
     if TN > 64:
         raise ValueError(f"a pooling window of {G} elements is too large to pool in registers (at most 64)")
     TM = 4 if TN <= 8 else (2 if TN <= 16 else 1)
@@ -161,17 +160,17 @@ def k_groups(a, b, a_slots, b_slots, BK):
     out = []
     for g in groups.values():
         text = " ".join(g["shared"] + [line for s in g["slots"] for line in s["load"]])
-        names = [(n, j) for n, j in g["names"].items() if re.search(rf"\b{n}\b", text)]
+        names = [(n, j) for n, j in g["names"].items() if re.search(rf"\b{n}\b", text)]   # the digits read
         gid, radices = g["id"], g["radices"]
+        decl = lambda n, j: f"const {'long long' if j == 0 else 'int'} {n}"   # noqa: E731
         if HOIST:
             start = digit_lines(f"(k_begin + {g['kk']})", radices, lambda j: f"int kd{gid}_{j}")
-            aliases = [f"const {'long long' if j == 0 else 'int'} {n} = kd{gid}_{j};" for n, j in names]
+            aliases = [f"{decl(n, j)} = kd{gid}_{j};" for n, j in names]
             advance = advance_lines(f"kd{gid}_", radices, BK)
         else:
-            start, advance = [], []
-            aliases = digit_lines("k", radices, lambda j: f"const {'long long' if j == 0 else 'int'} {{}}")
-            aliases = [line.replace("{}", n, 1) for n, j in names for line in aliases[j:j + 1]]
-        out.append(dict(g, start=start, aliases=aliases, advance=advance, uses_k=bool(re.search(r"\bk\b", text))))
+            divided = digit_lines("k", radices, lambda j: "@")
+            start, advance, aliases = [], [], [divided[j].replace("@", decl(n, j), 1) for n, j in names]
+        out.append(dict(g, start=start, aliases=aliases, advance=advance))
     return out
 
 
