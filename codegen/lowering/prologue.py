@@ -73,11 +73,12 @@ def gather_shared_lines(info, dtype, plane, coords) -> tuple[list, list, set]:
                f"const int gwant = {offset};"]
     temps, result, used = derivative_c(info, dtype)
     T = "float" if dtype == "float32" else "double"
-    lines = [f"const long long gi = ({plane}) * {P}LL + gpos;", "if (gin && gcode[gi] == gwant) {"]
+    # the code, aux and dy of a pooled position are loaded together (one round trip to memory, not two:
+    # aux and dy used to wait for the code's comparison; the window's other positions read the same
+    # three values, from cache), then the derivative only where the code names this position
+    lines = [f"const long long gi = ({plane}) * {P}LL + gpos;", "if (gin) {", "    const int gcv = gcode[gi];"]
     lines += [f"    {line}" for line in operand_loads(temps, result, T, "gi")]
-    lines += [f"    {t}" for t in temps]
-    lines.append(f"    v = {result};")
-    lines.append("}")
+    lines += ["    if (gcv == gwant) {"] + [f"        {t}" for t in temps] + [f"        v = {result};", "    }", "}"]
     return shared, lines, used
 
 

@@ -56,10 +56,13 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                         const bool gin = gp0 < 7 && gp1 < 7;
                         const int gwant = ((iy) % 2) * 2 + ((ix) % 2) * 1;
                         const long long gi = (bimg * 50 + c) * 49LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     vs[u] = v;

@@ -116,10 +116,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok0 && k < k_end) {
                 const long long gi = (bi * 20 + grp * 20 + m0) * 196LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra0 = v;
@@ -128,10 +131,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok1 && k < k_end) {
                 const long long gi = (bi * 20 + grp * 20 + m1) * 196LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra1 = v;
@@ -140,10 +146,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok2 && k < k_end) {
                 const long long gi = (bi * 20 + grp * 20 + m2) * 196LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra2 = v;
@@ -152,10 +161,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok3 && k < k_end) {
                 const long long gi = (bi * 20 + grp * 20 + m3) * 196LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra3 = v;
@@ -233,10 +245,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok0 && k < k_end) {
                         const long long gi = (bi * 20 + grp * 20 + m0) * 196LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra0 = v;
@@ -245,10 +260,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok1 && k < k_end) {
                         const long long gi = (bi * 20 + grp * 20 + m1) * 196LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra1 = v;
@@ -257,10 +275,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok2 && k < k_end) {
                         const long long gi = (bi * 20 + grp * 20 + m2) * 196LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra2 = v;
@@ -269,10 +290,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok3 && k < k_end) {
                         const long long gi = (bi * 20 + grp * 20 + m3) * 196LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra3 = v;

@@ -152,10 +152,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok0 && k < k_end) {
                 const long long gi = (bi * 50 + grp * 50 + m0) * 49LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra0 = v;
@@ -164,10 +167,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok1 && k < k_end) {
                 const long long gi = (bi * 50 + grp * 50 + m1) * 49LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra1 = v;
@@ -176,10 +182,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok2 && k < k_end) {
                 const long long gi = (bi * 50 + grp * 50 + m2) * 49LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra2 = v;
@@ -188,10 +197,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
             float v = 0;
             if (a_ok3 && k < k_end) {
                 const long long gi = (bi * 50 + grp * 50 + m3) * 49LL + gpos;
-                if (gin && gcode[gi] == gwant) {
+                if (gin) {
+                    const int gcv = gcode[gi];
                     const float ga = gaux[gi];
                     const float gd = gdy[gi];
-                    v = ((ga > 0) ? (gd) : (0));
+                    if (gcv == gwant) {
+                        v = ((ga > 0) ? (gd) : (0));
+                    }
                 }
             }
             ra3 = v;
@@ -309,10 +321,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok0 && k < k_end) {
                         const long long gi = (bi * 50 + grp * 50 + m0) * 49LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra0 = v;
@@ -321,10 +336,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok1 && k < k_end) {
                         const long long gi = (bi * 50 + grp * 50 + m1) * 49LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra1 = v;
@@ -333,10 +351,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok2 && k < k_end) {
                         const long long gi = (bi * 50 + grp * 50 + m2) * 49LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra2 = v;
@@ -345,10 +366,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_relu
                     float v = 0;
                     if (a_ok3 && k < k_end) {
                         const long long gi = (bi * 50 + grp * 50 + m3) * 49LL + gpos;
-                        if (gin && gcode[gi] == gwant) {
+                        if (gin) {
+                            const int gcv = gcode[gi];
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
-                            v = ((ga > 0) ? (gd) : (0));
+                            if (gcv == gwant) {
+                                v = ((ga > 0) ? (gd) : (0));
+                            }
                         }
                     }
                     ra3 = v;
