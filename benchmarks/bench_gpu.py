@@ -255,25 +255,27 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "8 x 8 planes direct, not GEMM": {"GEMM_PLANE_MOST": 0}}
 
 
+def rule_place(name):
+    """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, a bare name the GEMM's."""
+    from codegen.lowering import direct, gemm
+    return (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
+
+
 def variants(args, timer, say):
     """The layers at batch 64 and 256 under each rule of VARIANTS and under the current rules."""
-    from codegen.lowering import direct, gemm
-
-    def where(name):            # "direct.X": the direct family's rule X; a bare name: the GEMM's
-        return (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
     rows = []
     for model, layer, c_in, c_out, size, k, pad in LAYERS:
         for batch in (64, 256):
             row = {"layer": layer, "batch": batch}
             for label, rule in [("now", {})] + list(VARIANTS.items()):
-                saved = {name: getattr(*where(name)) for name in rule}
+                saved = {name: getattr(*rule_place(name)) for name in rule}
                 try:
                     for name, value in rule.items():
-                        setattr(*where(name), value)
+                        setattr(*rule_place(name), value)
                     ours = graphconv_layer(args, c_in, c_out, size, k, pad, batch, layer != "conv1", timer)
                 finally:
                     for name, value in saved.items():
-                        setattr(*where(name), value)
+                        setattr(*rule_place(name), value)
                 row[label] = {phase: ours[phase]["ms"] for phase in ("forward", "backward")}
             rows.append(row)
             now = row["now"]

@@ -43,16 +43,26 @@ class Compiled:
         return {k: getattr(self, k) for k in ("registers", "shared_bytes", "local_bytes", "spill_stores", "spill_loads")}
 
 
-def _candidates():
-    """Where libnvrtc may be: the pip wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib for cu12),
-    the loader's search path, then $CUDA_HOME."""
+def nvidia_roots() -> list:
+    """The folders of the `nvidia` namespace the pip CUDA wheels install into (their files are under
+    nvidia/cu13/{lib,bin} for CUDA 13, nvidia/cuda_nvrtc/lib for cu12)."""
     spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec else []:
+    return list(spec.submodule_search_locations or []) if spec else []
+
+
+def cuda_homes() -> list:
+    """A CUDA toolkit's folders: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda."""
+    return list(filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")))
+
+
+def _candidates():
+    """Where libnvrtc may be: the pip wheels, the loader's search path, then a CUDA toolkit."""
+    for root in nvidia_roots():
         yield from sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")), reverse=True)
         yield from sorted(glob.glob(os.path.join(root, "*", "bin", "nvrtc64*.dll")), reverse=True)
     if found := ctypes.util.find_library("nvrtc"):
         yield found
-    for home in filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")):
+    for home in cuda_homes():
         yield from sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")), reverse=True)
 
 

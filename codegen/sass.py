@@ -12,7 +12,7 @@ says nothing of memory latency: bench_gpu.py times, on a GPU."""
 from __future__ import annotations
 
 import collections
-import importlib.util
+import glob
 import os
 import re
 import shutil
@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 
 from graphconv.errors import BackendError
+
+from .nvrtc import cuda_homes, nvidia_roots
 
 MMA_SHAPES = {"1688": 16 * 8 * 8, "16816": 16 * 8 * 16, "884": 8 * 8 * 4}      # HMMA.<shape>: m x n x k
 MULTIPLY_ADDS = frozenset({"FFMA", "DFMA", "HMMA"})     # HMMA: a 16 x 8 x 8 tile per instruction
@@ -33,19 +35,12 @@ TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
 
 def tool(name):
-    """A CUDA binary tool (nvdisasm, cuobjdump): on PATH, in $CUDA_HOME/bin, or from its pip wheel
-    (nvidia/cu13/bin); None when absent."""
-    found = shutil.which(name)
-    if found:
-        return found
-    spec = importlib.util.find_spec("nvidia")
-    roots = [os.path.join(root, sub) for root in ((spec.submodule_search_locations or []) if spec else [])
-             for sub in sorted(os.listdir(root))]
-    for folder in roots + [os.environ.get("CUDA_HOME", "/usr/local/cuda")]:
-        path = os.path.join(folder, "bin", name)
-        if os.path.exists(path):
-            return path
-    return None
+    """A CUDA binary tool (nvdisasm, cuobjdump): on PATH, from its pip wheel, or in a CUDA toolkit;
+    None when absent."""
+    candidates = [shutil.which(name)]
+    candidates += [p for root in nvidia_roots() for p in sorted(glob.glob(os.path.join(root, "*", "bin", name)))]
+    candidates += [os.path.join(home, "bin", name) for home in cuda_homes()]
+    return next((p for p in candidates if p and os.path.exists(p)), None)
 
 
 def nvdisasm() -> str:

@@ -118,7 +118,6 @@ def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
     import pathlib
     from codegen import nvrtc
     from codegen.check import check_kernels
-    from codegen.lowering import direct, gemm
     if not nvrtc.available():
         pytest.skip("NVRTC not installed")
     path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
@@ -128,8 +127,7 @@ def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
     for label, rule in bench.VARIANTS.items():
         with monkeypatch.context() as m:
             for name, value in rule.items():
-                module, attr = (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
-                m.setattr(module, attr, value)
+                m.setattr(*bench.rule_place(name), value)
             for model, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4]):
                 graph = build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
                 kernels = Program(graph).kernels
