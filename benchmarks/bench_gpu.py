@@ -78,6 +78,44 @@ class Timer:
                 times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
+    def replayed(self, replay, calls):
+        """Median milliseconds of one of the `calls` calls that one `replay` of a captured graph makes:
+        the device's own time, one kernel after the other, without Python's launch overhead in between
+        (CuPy takes a few microseconds per launch, more than a kernel moving a few MB needs)."""
+        inner, self.inner = self.inner, 1
+        try:
+            return self(replay) / calls
+        finally:
+            self.inner = inner
+
+
+def captured(backend, fn, calls):
+    """`calls` calls of fn (which issues its work on the current stream) as one CUDA graph, replayed
+    ordered with the default stream both ways as CudaRuntime.capture's replays are; on the host
+    backend, the calls in a loop."""
+    if backend != "cuda":
+        return lambda: [fn() for _ in range(calls)]
+    import cupy as cp
+    fn()                          # outside the capture: whatever fn compiles or allocates the first time
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for _ in range(calls):
+            fn()
+        graph = stream.end_capture()
+
+    def replay():
+        stream.wait_event(cp.cuda.Stream.null.record())
+        graph.launch(stream)
+        cp.cuda.Stream.null.wait_event(stream.record())
+    return replay
+
+
+def kernel_ms(program, launch, timer, calls=20):
+    """One bound launch (kernel, grid, block, arguments) alone: `calls` of it captured as one graph by the
+    program's runtime and replayed (on the host backend: launched in a loop)."""
+    return timer.replayed(program.runtime.capture([launch] * calls), calls)
+
 
 def layer_graph(c_in, c_out, size, k, pad, input_grad):
     """conv -> relu -> 2x2 max pool (+ a classifier so it trains); `input_grad`: a 1x1 conv before it,
@@ -207,38 +245,68 @@ def torch_steps(name, batch, timer, modes):
     return result
 
 
+# the templates of memory-bound kernels: a few operations per element moved
+MEMORY_BOUND = ("pointwise.cu.j2", "pool.cu.j2", "pool_backward.cu.j2", "channel_partial.cu.j2",
+                "column_partial.cu.j2", "splitk_reduce.cu.j2")
+
+
+def copy_ms(args, timer, nbytes):
+    """A device-to-device copy moving `nbytes` in all (nbytes / 2 read, nbytes / 2 written), timed as the
+    kernels are: `inner` copies replayed from one captured graph."""
+    n = max(1, nbytes // 8)
+    if args.backend == "cuda":
+        import cupy as cp
+        a, b = cp.ones(n, cp.float32), cp.empty(n, cp.float32)
+        copy = lambda: cp.copyto(b, a)    # noqa: E731
+    else:
+        a, b = np.ones(n, np.float32), np.empty(n, np.float32)
+        copy = lambda: np.copyto(b, a)    # noqa: E731
+    return timer.replayed(captured(args.backend, copy, 20), 20)
+
+
 def bandwidth(args, timer):
-    """Device-to-device copy bandwidth, and each memory-bound kernel of LeNet-5's step at batch 256
-    as a fraction of it (bytes: every array argument read or written once)."""
-    import cupy as cp
-    n = 1 << 28
-    a, b = cp.ones(n // 4, cp.float32), cp.empty(n // 4, cp.float32)
-    copy_gbs = 2 * n / timer(lambda: cp.copyto(b, a)) / 1e6
-    program, step = bound_step(build(MODELS["lenet5"](), "fused-train"), "cuda", 256)
+    """Device-to-device copy bandwidth (256 MiB), and each memory-bound kernel of LeNet-5's and
+    vgg_small's steps at batch 256 that moves at least 1 MB, alone, replayed from a captured graph
+    (bytes: every array argument read or written once), against both that copy and a copy of the same
+    number of bytes timed the same way: the floor at that size, launch and tail included."""
+    big = 1 << (22 if args.smoke else 28)
+    copy_gbs = big / copy_ms(args, timer, big) / 1e6
+    batch, least = (4, 1) if args.smoke else (256, 1 << 20)
     rows = []
-    for launch, (kernel, grid, block, kargs) in zip(program.program.launches, step.launches):
-        if launch.spec.template not in ("pointwise.cu.j2", "pool.cu.j2", "pool_backward.cu.j2", "channel_partial.cu.j2"):
-            continue
-        nbytes = sum(int(x.nbytes) for x in kargs if hasattr(x, "nbytes") and x.size > 1)
-        if nbytes < (1 << 20):
-            continue
-        ms = timer(lambda: program.runtime.launch(kernel, grid, block, kargs))
-        rows.append({"kernel": launch.spec.name, "MB": nbytes / 1e6, "GB_s": nbytes / ms / 1e6,
-                     "of_copy": nbytes / ms / 1e6 / copy_gbs})
+    for name in ("lenet5", "vgg_small"):
+        program, step = bound_step(build(MODELS[name](), "fused-train"), args.backend, batch)
+        seen = set()
+        for launch, bound in zip(program.program.launches, step.launches):
+            kargs = bound[3]
+            if launch.spec.template not in MEMORY_BOUND or launch.spec.name in seen:
+                continue
+            seen.add(launch.spec.name)
+            nbytes = sum(int(x.nbytes) for x in kargs if hasattr(x, "nbytes") and x.size > 1)
+            if nbytes < least:
+                continue
+            ms = kernel_ms(program, bound, timer)
+            same = nbytes / copy_ms(args, timer, nbytes) / 1e6
+            rows.append({"model": name, "kernel": launch.spec.name, "MB": nbytes / 1e6, "GB_s": nbytes / ms / 1e6,
+                         "of_copy": nbytes / ms / 1e6 / copy_gbs, "copy_same_GB_s": same,
+                         "of_same_copy": nbytes / ms / 1e6 / same})
     return {"copy_GB_s": copy_gbs, "kernels": rows}
 
 
 def profile(args, name, batch, repeats=20):
-    """Each kernel of a model's bound training step, timed alone (median of `repeats` x 5 launches):
-    where the step's time goes."""
+    """Each kernel of a model's bound training step, timed alone (20 launches of it replayed from one
+    captured graph, median of `repeats`): where the step's time goes. Their sum is comparable with the
+    captured step's time (each was timed by an earlier version as 5 Python launches between two
+    events, which inflated every kernel of a few microseconds to CuPy's launch time)."""
     graph = build(MODELS[name](), "fused-train")
     program, step = bound_step(graph, args.backend, batch, args.tf32)
     timer = Timer(args.backend, repeats, 3, 5)
     rows = []
-    for launch, (kernel, grid, block, kargs) in zip(program.program.launches, step.launches):
-        ms = timer(lambda: program.runtime.launch(kernel, grid, block, kargs))
+    for launch, bound in zip(program.program.launches, step.launches):
+        kernel, grid, block, kargs = bound
+        ms = kernel_ms(program, bound, timer)
         node = graph.node(launch.node)
-        rows.append({"kernel": launch.spec.name, "node": launch.node, "layer": node.layer, "stage": node.stage,
+        rows.append({"kernel": launch.spec.name, "template": launch.spec.template, "node": launch.node,
+                     "layer": node.layer, "stage": node.stage,
                      "ms": ms, "grid": [int(g) for g in grid], "block": [int(b) for b in block]})
     return sorted(rows, key=lambda r: -r["ms"])
 
@@ -332,7 +400,8 @@ def main():
     timer = Timer(args.backend, 3 if args.smoke else args.repeats, 1 if args.smoke else 10, 1 if args.smoke else 10)
     precision = "tf32 (tensor cores on both sides)" if args.tf32 else "fp32 (tf32 off on both sides)"
     result = {"device": device_info(args.backend), "precision": precision,
-              "timing": f"median of {timer.repeats} samples of {timer.inner} back-to-back calls, CUDA events",
+              "timing": f"median of {timer.repeats} samples of {timer.inner} back-to-back calls, CUDA events; "
+                        "kernels alone (bandwidth, profile): 20 launches replayed from one captured graph",
               "layers": [], "steps": [], "errors": []}
     log = []
 
@@ -384,9 +453,8 @@ def main():
                                    lambda: torch_steps(name, batch, timer, ("eager", "eager_cuda_graph")), {}))
             result["steps"].append(row)
             say(f"step {name} batch {batch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
-    if with_torch:
-        result["bandwidth"] = attempt("bandwidth", lambda: bandwidth(args, timer), {"copy_GB_s": None, "kernels": []})
-        write(args, result, log)
+    result["bandwidth"] = attempt("bandwidth", lambda: bandwidth(args, timer), {"copy_GB_s": None, "kernels": []})
+    write(args, result, log)
     if args.profile:
         for name in ("lenet5", "vgg_small"):
             rows = attempt(f"profile {name}", lambda: profile(args, name, 4 if args.smoke else 256), [])
@@ -395,6 +463,11 @@ def main():
             say(f"kernels of the {name} step at batch {4 if args.smoke else 256}, each alone (sum {total:.3f} ms):")
             for r in rows[:12]:
                 say(f"  {r['ms']:.4f} ms {r['ms'] / total * 100:4.1f}%  {r['kernel'][:72]}  grid {r['grid']} block {r['block'][0]}")
+            by_template = {}
+            for r in rows:
+                by_template[r["template"]] = by_template.get(r["template"], 0.0) + r["ms"]
+            say("  by template: " + ", ".join(f"{t.split('.')[0]} {ms:.3f} ms" for t, ms in
+                                              sorted(by_template.items(), key=lambda kv: -kv[1])))
         write(args, result, log)
     if args.variants:
         result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])
@@ -460,9 +533,19 @@ def report(args, result, say):
         say(f"LeNet-5 training step at batch 256: {r:.2f}x eager (target 3x)")
     bw = result.get("bandwidth")
     if bw and bw.get("copy_GB_s"):
-        say(f"device-to-device copy: {bw['copy_GB_s']:.0f} GB/s")
+        say(f"device-to-device copy of 256 MiB: {bw['copy_GB_s']:.0f} GB/s; memory-bound kernels alone (replayed "
+            f"from a graph) against it and against a copy of their own bytes (target 80%):")
         for row in bw["kernels"]:
-            say(f"  {row['kernel']}: {row['GB_s']:.0f} GB/s = {row['of_copy'] * 100:.0f}% of the copy (target 80%)")
+            say(f"  {row['model']} {row['kernel'][:60]}: {row['MB']:.1f} MB, {row['GB_s']:.0f} GB/s = "
+                f"{row['of_copy'] * 100:.0f}% of the copy, {row['of_same_copy'] * 100:.0f}% of a copy of "
+                f"{row['MB']:.1f} MB ({row['copy_same_GB_s']:.0f} GB/s)")
+        if bw["kernels"]:
+            same = [r["of_same_copy"] for r in bw["kernels"]]
+            big = [r for r in bw["kernels"] if r["MB"] >= 16]
+            say(f"memory-bound kernels: {sum(v >= 0.8 for v in same)} of {len(same)} at >= 80% of a copy of their "
+                f"bytes (median {statistics.median(same) * 100:.0f}%)" + (
+                    f"; those of >= 16 MB: {sum(r['of_copy'] >= 0.8 for r in big)} of {len(big)} at >= 80% of "
+                    f"the 256 MiB copy (median {statistics.median(r['of_copy'] for r in big) * 100:.0f}%)" if big else ""))
     peaks, kind = (TF32_PEAK, "TF32 tensor-core") if args.tf32 else (FP32_PEAK, "FP32")
     peak = next((v for k, v in peaks.items() if k in result["device"].get("device", "")), None)
     flops = [r["tflops"] for r in result["layers"] if r.get("tflops")]

@@ -67,6 +67,12 @@ POOLS = [
     ("avg", 2, (6, 6), 2, {"divisor_override": 3}),
     ("avg", 2, (8, 8), 8, {}),                                              # global average
     ("avg", 3, (5, 5, 6), (3, 2, 2), {"stride": 2, "padding": (1, 0, 1), "ceil_mode": True}),
+    # windows that do not overlap (the backward's one-window path): uncovered edges, padding, gaps, dilation
+    ("max", 2, (7, 9), 2, {}),
+    ("max", 2, (7, 7), 2, {"padding": 1}),
+    ("max", 2, (11, 10), (2, 3), {"stride": (3, 4), "dilation": (2, 1), "ceil_mode": True}),
+    ("avg", 2, (7, 9), 2, {"stride": (3, 2), "padding": (1, 0)}),
+    ("max", 1, (10,), 1, {"stride": 3}),
 ]
 
 
@@ -110,7 +116,8 @@ def test_pool_backward_gathers(case, batch):
 
 
 @needs_gxx
-@pytest.mark.parametrize("case", [POOLS[3], POOLS[5], POOLS[6]], ids=["pad-ceil", "overlap", "3d"])
+@pytest.mark.parametrize("case", [POOLS[3], POOLS[5], POOLS[6], POOLS[2], POOLS[16]],
+                         ids=["pad-ceil", "overlap", "3d", "disjoint", "disjoint-pad"])
 def test_max_pool_backward_routes_ties_to_the_first_maximum(case):
     """Integer-valued inputs: many windows hold several equal maxima; the gradient must go to the
     first in row-major order, exactly as the reference (and PyTorch) route it."""
@@ -330,6 +337,28 @@ def test_mul_full_per_channel_and_scalar_kernels_match(stage):
     assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
     present = {n.name for n in graph.topo()} | {r[0] for n in graph.topo() for r in n.replaces}
     assert {"gated", "scaled", "k_scaled"} <= present          # computed, alone or inside a fused node
+
+
+@pytest.mark.parametrize("unroll", [1, 3, 4])
+def test_pointwise_kernels_over_several_passes_and_a_partial_last_one(monkeypatch, unroll):
+    """The pointwise loop takes `UNROLL` elements per thread per pass, their loads first: with the grid
+    capped at one block, 9 images of 4 x 6 x 6 (1296 elements) take several passes, the last one partial,
+    for full-size, per-channel and scalar operands and for Adam's three-result kernel; outputs poisoned."""
+    from codegen.lowering import pointwise
+    monkeypatch.setattr(pointwise, "MAX_BLOCKS", 1)
+    monkeypatch.setattr(pointwise, "UNROLL", unroll)
+    g = gc.Graph("passes", "float32")
+    h = g.conv2d(g.input("x", ("N", 3, 6, 6)), 4, 3, padding=1, name="c")
+    y = g.mul(g.relu(h, name="r"), g.param("scale", (4,), ("uniform", 1.0)), name="scaled")
+    g.output(g.linear(g.flatten(g.mul(y, g.param("k", (), ("constant", 0.5)), name="k_scaled")), 10, name="fc"))
+    graph = build(g, "fused-train")
+    sources = {s.name: s.source for s in Program(graph).kernels if s.template == "pointwise.cu.j2"}
+    assert all(f"for (int u = 0; u < {unroll}; ++u)" in src for src in sources.values())
+    assert any("% 4]" in src for src in sources.values())                         # a per-channel operand
+    assert "const float v4 = a4[0];" in sources["adam_moment1_adam_moment2_adam_param_f32_4x3x3x3_9d9bc5"]
+    compile_all(graph)
+    results = check_kernels(graph, random_inputs(graph, 9, 0), gc.init_params(graph, seed=0))
+    assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
 
 
 @pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])

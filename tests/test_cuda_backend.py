@@ -114,16 +114,11 @@ def test_outputs_come_back_as_the_kind_of_array_that_went_in():
 def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
     """`bench_gpu.py --variants` rebuilds a layer under each earlier rule on a scarce GPU lease: each
     rule's kernels must compile (NVRTC, sm_90, no warning or spill) and match NumPy here first."""
-    import importlib.util
-    import pathlib
     from codegen import nvrtc
     from codegen.check import check_kernels
     if not nvrtc.available():
         pytest.skip("NVRTC not installed")
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     for label, rule in bench.VARIANTS.items():
         with monkeypatch.context() as m:
             for name, value in rule.items():
@@ -135,3 +130,51 @@ def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
                 bad = [r for r in check_kernels(graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0))
                        if not r.ok]
                 assert not bad, (label, layer, [(r.node, r.note) for r in bad])
+
+
+def load_bench():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_benchmark_times_a_kernel_alone_as_a_replayed_capture_of_many_launches(monkeypatch):
+    """bench_gpu's kernel timing (bandwidth rows, profile): `calls` launches of the one kernel captured
+    once (a CUDA graph on the GPU: no Python launch overhead between them) and each replay counted as
+    `calls` launches; here through the host runtime, which shares the capture bookkeeping."""
+    bench = load_bench()
+    g = gc.Graph("one", "float32")
+    g.output(g.relu(g.input("x", ("N", 4, 8, 8)), name="r"))
+    program = gc.compile(g, backend="host")
+    step = program.bind(3)
+    step({"x": np.random.default_rng(0).standard_normal((3, 4, 8, 8)).astype(np.float32)}, {})
+    bound = step.launches[0]
+    launched = []
+    real = type(program.runtime).launch
+    monkeypatch.setattr(type(program.runtime), "launch", staticmethod(lambda *a: launched.append(a[0]) or real(*a)))
+    timer = bench.Timer("host", repeats=3, warmup=1, inner=10)
+    samples = []
+    monkeypatch.setattr(bench.statistics, "median", lambda xs: samples.extend(xs) or 6.0)
+    ms = bench.kernel_ms(program, bound, timer, calls=5)
+    assert len(launched) == (1 + 3) * 5 and set(launched) == {bound[0]}     # warm-up and samples, 5 launches each
+    assert len(samples) == 3 and ms == 6.0 / 5 and timer.inner == 10          # per launch; the timer as it was
+
+
+def test_the_benchmark_reports_memory_bound_kernels_against_both_copies():
+    bench = load_bench()
+    rows = [{"model": "vgg_small", "kernel": "relu_grad_f32_32x32x32", "MB": 67.1, "GB_s": 3900.0, "of_copy": 0.94,
+             "copy_same_GB_s": 4000.0, "of_same_copy": 0.975},
+            {"model": "lenet5", "kernel": "relu_grad_f32_500", "MB": 1.5, "GB_s": 700.0, "of_copy": 0.17,
+             "copy_same_GB_s": 1000.0, "of_same_copy": 0.7}]
+    result = {"bandwidth": {"copy_GB_s": 4150.0, "kernels": rows}, "layers": [], "steps": [], "errors": [],
+              "device": {}}
+    lines = []
+    bench.report(types.SimpleNamespace(tf32=False), result, lines.append)
+    text = "\n".join(lines)
+    assert "relu_grad_f32_32x32x32: 67.1 MB, 3900 GB/s = 94% of the copy, 98% of a copy of 67.1 MB (4000 GB/s)" in text
+    assert "1 of 2 at >= 80% of a copy of their bytes (median 84%)" in text
+    assert "those of >= 16 MB: 1 of 1 at >= 80% of the 256 MiB copy" in text

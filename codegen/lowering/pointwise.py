@@ -14,17 +14,21 @@ from . import c_int, lowering, numel, short_dtype
 
 THREADS = 256
 MAX_BLOCKS = 4096    # a grid-stride loop past this: enough blocks for 132 SMs, few enough to schedule
+# elements per thread per pass, all their loads issued before the first result is computed: a thread
+# keeps UNROLL times the bytes in flight (one element per pass left an H200 at 67-71% of its copy
+# bandwidth on large tensors: too few loads outstanding per SM to cover the memory latency)
+UNROLL = 4
 
 
-def operand_index(shape, out_shape) -> str:
-    """How element i of the result finds its operand element: the same element, a scalar, or the
+def operand_index(shape, out_shape, i="i") -> str:
+    """How element `i` of the result finds its operand element: the same element, a scalar, or the
     channel of an [N, C, ...] result (the rule of Pointwise.shape)."""
     if tuple(shape) == tuple(out_shape):
-        return "i"
+        return i
     if len(shape) == 0:
         return "0"
     inner = numel(out_shape[2:])
-    return f"(i / {c_int(inner)}) % {c_int(shape[0])}" if inner != 1 else f"i % {c_int(shape[0])}"
+    return f"({i} / {c_int(inner)}) % {c_int(shape[0])}" if inner != 1 else f"{i} % {c_int(shape[0])}"
 
 
 def pointwise_kernel(ctx, expr, operand_shapes, arg_values, out_value, out_shape, what, tag=""):
@@ -37,7 +41,9 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
     value key) in order, each expr in the operands a0, a1, ... and the earlier results r0, r1, ..."""
     dtype = ctx.outs[0].dtype
     T = "float" if dtype == "float32" else "double"
-    names = {f"a{i}": f"v{i}" for i in range(len(operand_shapes))}
+    scalar = [len(s) == 0 and len(out_shape) > 0 for s in operand_shapes]
+    # per-element operands live in arrays of UNROLL registers (v0[u]); a scalar is read once per thread
+    names = {f"a{i}": f"v{i}" if scalar[i] else f"v{i}[u]" for i in range(len(operand_shapes))}
     names.update({f"r{j}": f"r{j}" for j in range(len(steps))})
     used, printed = set(), []
     for j, (expr, out_value) in enumerate(steps):
@@ -46,16 +52,18 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
         out = "out" if len(steps) == 1 else f"out{j}"
         printed.append({"temps": temps, "result": result, "out": out, "expression": str(expr),
                         "var": f"r{j}" if len(steps) > 1 else None})
-    loads = [{"var": f"v{i}", "expr": f"a{i}[{operand_index(s, out_shape)}]"}
-             for i, s in enumerate(operand_shapes)]
+    read = set().union(*(sp.sympify(expr).free_symbols for expr, _ in steps))
+    read = {s.name for s in read}
+    loads = [{"var": f"v{i}", "expr": f"a{i}[{operand_index(s, out_shape, 'j')}]", "scalar": scalar[i]}
+             for i, s in enumerate(operand_shapes) if f"a{i}" in read]    # an operand the result ignores: not read
     args = [Arg(f"const {T}*", f"a{i}", v) for i, v in enumerate(arg_values)]
     args += [Arg(f"{T}*", step["out"], value) for step, (_, value) in zip(printed, steps)] + [Arg("int", "batch")]
     total = numel(out_shape)
     dims = "x".join(str(d) for d in out_shape if d != BATCH) or "1"
     name = f"{what}_{short_dtype(dtype)}_{dims}{tag}"
-    grid = (sp.Min(sp.ceiling(total / THREADS), MAX_BLOCKS), 1, 1)
+    grid = (sp.Min(sp.ceiling(total / (THREADS * UNROLL)), MAX_BLOCKS), 1, 1)
     return KernelSpec(name=name, template="pointwise.cu.j2",
-                      params={"T": T, "threads": THREADS, "total": c_int(total), "loads": loads, "steps": printed,
+                      params={"T": T, "threads": THREADS, "unroll": UNROLL, "total": c_int(total), "loads": loads, "steps": printed,
                               "prelude": c_function_prelude(used, dtype)},
                       args=args, grid=grid, block=(THREADS, 1, 1), restrict=False)   # may run in place
 

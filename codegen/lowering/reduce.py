@@ -145,10 +145,11 @@ def lower_mean_grad(ctx):
     spec = pointwise_kernel(ctx, a0 / (A * B) if (A * B).is_Integer else a0 * sp.Symbol("inv_count", real=True),
                             [(K,)], [ctx.operands[1]], ctx.out_key(), x.shape,
                             f"mean_grad_a{''.join(map(str, axes))}")
-    index = "0" if K == 1 else (f"(i / ({c_int(B)})) % ({c_int(K)})" if B != 1 else f"i % ({c_int(K)})")
+    index = "0" if K == 1 else (f"(j / ({c_int(B)})) % ({c_int(K)})" if B != 1 else f"j % ({c_int(K)})")
     spec.params["loads"][0]["expr"] = f"a0[{index}]"
-    if not (A * B).is_Integer:       # a count that grows with the batch: computed in the kernel
-        spec.params["loads"].append({"var": "inv_count", "expr": f"(({spec.params['T']})1 / ({spec.params['T']})({c_int(A * B)}))"})
+    if not (A * B).is_Integer:       # a count that grows with the batch: computed once per thread
+        spec.params["loads"].append({"var": "inv_count", "scalar": True,
+                                     "expr": f"(({spec.params['T']})1 / ({spec.params['T']})({c_int(A * B)}))"})
     return Lowered(kernels=[spec])
 
 

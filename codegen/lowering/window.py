@@ -50,6 +50,10 @@ class Window:
         self.divisor_override = attrs.get("divisor_override")
         self.G = math.prod(self.k)
 
+    def disjoint(self) -> bool:
+        """Whether no two windows share an element: each spans at most its stride on every axis."""
+        return all((k - 1) * d + 1 <= s for k, d, s in zip(self.k, self.d, self.s))
+
     def leaves(self, axis) -> bool:
         """Whether some window reaches outside the input along `axis` (padding or ceil overhang)."""
         last = (self.So[axis] - 1) * self.s[axis] - self.lo[axis] + (self.k[axis] - 1) * self.d[axis]
@@ -171,6 +175,8 @@ def gather_spec(ctx, w, name, bases, contribution, args, what, prelude="", outer
     T = ctx.float_type
     SiN, SoN = math.prod(w.Si), math.prod(w.So)
     total = numel(ctx.outs[0].shape)
+    if w.disjoint():
+        return disjoint_spec(ctx, w, name, bases, contribution, args, what, prelude)
     visit = unflatten("e", w.k, "r")
     hit = []
     for d in range(w.nd):
@@ -185,8 +191,39 @@ def gather_spec(ctx, w, name, bases, contribution, args, what, prelude="", outer
     window = [f"const int q = {flat([f'o{d}' for d in range(w.nd)], w.So)};"] + contribution
     return KernelSpec(name=name, template="pool_backward.cu.j2",
                       params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
-                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G,
+                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G, "disjoint": False,
                               "unroll": outer_unroll or unroll(w.G), "visit": visit, "window": window, "what": what,
+                              "window_text": w.text(), "prelude": prelude},
+                      args=args, grid=grid_for(total), block=(THREADS, 1, 1))
+
+
+def disjoint_spec(ctx, w, name, bases, contribution, args, what, prelude):
+    """gather_spec where no two windows overlap (each spans at most its stride: 2 x 2 pools of stride
+    2): an element lies in at most one window, found by division, not by visiting every kernel offset.
+    Its contribution's loads (dy, and the window or the saved code) issue together, once."""
+    T = ctx.float_type
+    SiN, SoN = math.prod(w.Si), math.prod(w.So)
+    total = numel(ctx.outs[0].shape)
+    visit, hit = [], []
+    for d in range(w.nd):
+        visit.append(f"const int t{d} = h{d}{f' + {w.lo[d]}' if w.lo[d] else ''};")
+        visit.append(f"const int o{d} = t{d} / {w.s[d]};" if w.s[d] > 1 else f"const int o{d} = t{d};")
+        extent = (w.k[d] - 1) * w.d[d] + 1
+        if w.s[d] > 1:
+            visit.append(f"const int u{d} = t{d} - o{d} * {w.s[d]};   // offset in the window's stride cell")
+            visit.append(f"const int r{d} = u{d}{f' / {w.d[d]}' if w.d[d] > 1 else ''};")
+            cell = ([f"u{d} < {extent}"] if extent < w.s[d] else []) + ([f"u{d} % {w.d[d]} == 0"] if w.d[d] > 1 else [])
+        else:
+            visit.append(f"const int r{d} = 0;")
+            cell = []
+        hit.append(" && ".join([f"o{d} < {w.So[d]}"] + cell))     # t >= 0: h and the padding are
+    visit.append(f"const bool hit = {' && '.join(hit)};")
+    visit.append(f"const int e = {flat([f'r{d}' for d in range(w.nd)], w.k)};   // the element's kernel offset")
+    window = [f"const int q = {flat([f'o{d}' for d in range(w.nd)], w.So)};"] + contribution
+    return KernelSpec(name=name, template="pool_backward.cu.j2",
+                      params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
+                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G, "disjoint": True,
+                              "unroll": "", "visit": visit, "window": window, "what": what,
                               "window_text": w.text(), "prelude": prelude},
                       args=args, grid=grid_for(total), block=(THREADS, 1, 1))
 
@@ -201,8 +238,9 @@ def lower_pool_backward(ctx):
     bases = [f"const {T}* g = dy + nc * {SoN};"]
     if w.mode == "max":
         bases.append(f"const {T}* src = x + nc * {SiN};")
-        contribution = w.origin([f"o{d}" for d in range(w.nd)], "w") + w.first_max("w", "src", T)
-        contribution.append("if (code == e) acc += g[q];   // this element is the window's first maximum")
+        contribution = [f"const {T} gq = g[q];   // loaded with the window, not after the search"] + \
+            w.origin([f"o{d}" for d in range(w.nd)], "w") + w.first_max("w", "src", T)
+        contribution.append("if (code == e) acc += gq;   // this element is the window's first maximum")
         args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "dy")]
         what = "dy routed to each window's first maximum (recomputed from x)"
     else:
@@ -237,8 +275,8 @@ def lower_pool_act_backward(ctx):
     SoN = math.prod(w.So)
     bases = [f"const {T}* g = dy + nc * {SoN};", f"const unsigned char* codes = argmax + nc * {SoN};",
              f"const {T}* a = aux + nc * {SoN};"]
-    contribution = ["if (codes[q] == e) {   // the saved argmax of window q is this element",
-                    f"    const {T} av = a[q];", f"    const {T} gv = g[q];"] + \
+    contribution = ["const int code = codes[q];", f"const {T} av = a[q];", f"const {T} gv = g[q];   // all three loaded together",
+                    "if (code == e) {   // the saved argmax of window q is this element"] + \
                    ["    " + t for t in temps] + [f"    acc += {result};", "}"]
     args = [ctx.arg_in(0, "dy"), ctx.arg_in(1, "argmax"), ctx.arg_in(2, "aux"), ctx.arg_out(0, "dx"),
             Arg("int", "batch")]

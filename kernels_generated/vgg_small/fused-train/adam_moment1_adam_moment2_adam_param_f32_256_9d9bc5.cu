@@ -7,26 +7,47 @@
 //   out0 = 0.9*a0 + 0.1*a1
 //   out1 = 0.001*a1**2 + 0.999*a3
 //   out2 = a2 - a5*r0/((1 - 0.9**a4)*(sqrt(r1/(1 - 0.999**a4)) + 1.0e-8))
-// One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+// A grid-stride loop over passes of 4 elements per thread, 1024 per block: element u of
+// a pass is i + u * stride, so consecutive threads touch consecutive elements and every load and
+// store is coalesced. Each pass loads all its elements' operands before it computes and stores
+// any result (4 times the loads in flight of one element at a time: what a memory-bound kernel
+// needs to cover the latency of memory); scalar operands are read once per thread. The body is
+// the ops' sympy expressions printed as C, nothing written by hand.
 // One kernel for 3 elementwise nodes of one shape where each later one reads the
 // earlier ones (an optimizer's moment and parameter updates): every operand is read once and every
 // intermediate is handed on in registers, though each result is still stored.
 extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_adam_param_f32_256_9d9bc5(const float* a0, const float* a1, const float* a2, const float* a3, const float* a4, const float* a5, float* out0, float* out1, float* out2, int batch)
 {
     const long long total = 256;
-    for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += (long long)gridDim.x * 256) {
-        const float v0 = a0[i];
-        const float v1 = a1[i];
-        const float v2 = a2[i];
-        const float v3 = a3[i];
-        const float v4 = a4[0];
-        const float v5 = a5[0];
-        const float r0 = 0.9F*v0 + 0.1F*v1;
-        out0[i] = r0;
-        const float r1 = 0.001F*((v1)*(v1)) + 0.999F*v3;
-        out1[i] = r1;
-        const float r2 = r0*v5/((expf(-0.105360516F*v4) - 1)*(sqrtf(-r1/(expf(-0.00100050033F*v4) - 1)) + 1.0e-8F)) + v2;
-        out2[i] = r2;
+    const long long stride = (long long)gridDim.x * 256;
+    const float v4 = a4[0];
+    const float v5 = a5[0];
+    for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += 4 * stride) {
+        float v0[4];
+        float v1[4];
+        float v2[4];
+        float v3[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long j = i + u * stride;
+            if (j < total) {
+                v0[u] = a0[j];
+                v1[u] = a1[j];
+                v2[u] = a2[j];
+                v3[u] = a3[j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long j = i + u * stride;
+            if (j < total) {
+                const float r0 = 0.9F*v0[u] + 0.1F*v1[u];
+                out0[j] = r0;
+                const float r1 = 0.001F*((v1[u])*(v1[u])) + 0.999F*v3[u];
+                out1[j] = r1;
+                const float r2 = r0*v5/((expf(-0.105360516F*v4) - 1)*(sqrtf(-r1/(expf(-0.00100050033F*v4) - 1)) + 1.0e-8F)) + v2[u];
+                out2[j] = r2;
+            }
+        }
     }
 }

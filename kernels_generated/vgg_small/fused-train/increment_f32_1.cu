@@ -5,13 +5,31 @@
 //   launch:    grid (1, 1, 1) x block (256, 1, 1)
 //   arguments: const float*, float*, int
 //   out = a0 + 1
-// One grid-stride loop: consecutive threads touch consecutive elements, so every load and store
-// is coalesced; the body is the ops' sympy expressions printed as C, nothing written by hand.
+// A grid-stride loop over passes of 4 elements per thread, 1024 per block: element u of
+// a pass is i + u * stride, so consecutive threads touch consecutive elements and every load and
+// store is coalesced. Each pass loads all its elements' operands before it computes and stores
+// any result (4 times the loads in flight of one element at a time: what a memory-bound kernel
+// needs to cover the latency of memory); scalar operands are read once per thread. The body is
+// the ops' sympy expressions printed as C, nothing written by hand.
 extern "C" __global__ void __launch_bounds__(256, 1) increment_f32_1(const float* a0, float* out, int batch)
 {
     const long long total = 1;
-    for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += (long long)gridDim.x * 256) {
-        const float v0 = a0[i];
-        out[i] = v0 + 1;
+    const long long stride = (long long)gridDim.x * 256;
+    for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += 4 * stride) {
+        float v0[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long j = i + u * stride;
+            if (j < total) {
+                v0[u] = a0[j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long j = i + u * stride;
+            if (j < total) {
+                out[j] = v0[u] + 1;
+            }
+        }
     }
 }

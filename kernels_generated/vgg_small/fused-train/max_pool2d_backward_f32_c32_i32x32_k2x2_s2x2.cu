@@ -7,12 +7,11 @@
 //   computes:  dx = sum over the windows holding each element of dy routed to each window's first maximum (recomputed from x)
 //   window:    kernel [2, 2], stride [2, 2], padding lo [0, 0] hi [0, 0], dilation [1, 1]
 //
-// Why a gather: a scatter from each window would need atomic adds where windows overlap, and float
-// atomics make the sum depend on thread timing. Here one thread owns one input element: it visits
-// the 4 kernel offsets in row-major order, finds the window (if any) that holds it at that
-// offset, and adds that window's contribution. The order is the NumPy reference's, the result is
-// the same on every run, and every input element is written exactly once (zero where no window
-// routes to it). Consecutive threads take consecutive input elements; no shared memory, no barrier.
+// No two windows overlap here (each spans at most its stride), so one thread owns one input element,
+// finds the one window that may hold it by dividing its coordinates by the stride, and takes that
+// window's contribution: no search over kernel offsets, and the contribution's loads issue together.
+// Every input element is written exactly once (zero where no window routes to it), the same on every
+// run. Consecutive threads take consecutive input elements; no shared memory, no barrier.
 extern "C" __global__ void __launch_bounds__(256, 1) max_pool2d_backward_f32_c32_i32x32_k2x2_s2x2(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dx, int batch)
 {
     const long long nb = batch;
@@ -25,32 +24,33 @@ extern "C" __global__ void __launch_bounds__(256, 1) max_pool2d_backward_f32_c32
         const float* g = dy + nc * 256;
         const float* src = x + nc * 1024;
         float acc = 0;
-#pragma unroll 1
-        for (int e = 0; e < 4; ++e) {
-            const int r0 = (e / 2) % 2;
-            const int r1 = (e) % 2;
-            const int t0 = h0 - r0;
-            const int o0 = t0 / 2;
-            const int t1 = h1 - r1;
-            const int o1 = t1 / 2;
-            const bool hit = t0 >= 0 && t0 % 2 == 0 && o0 < 16 && t1 >= 0 && t1 % 2 == 0 && o1 < 16;
-            if (hit) {
-                const int q = (o0) * 16 + o1;
-                const int w0 = o0 * 2;
-                const int w1 = o1 * 2;
-                float best = -__int_as_float(0x7f800000);
-                int code = 0;
-                #pragma unroll
-                for (int f = 0; f < 4; ++f) {
-                    const int mr0 = (f / 2) % 2;
-                    const int mr1 = (f) % 2;
-                    const int m0 = w0 + mr0;
-                    const int m1 = w1 + mr1;
-                    const float v = src[(m0) * 32 + m1];
-                    if (v > best || (v != v && best == best)) { best = v; code = f; }
-                }
-                if (code == e) acc += g[q];   // this element is the window's first maximum
+        const int t0 = h0;
+        const int o0 = t0 / 2;
+        const int u0 = t0 - o0 * 2;   // offset in the window's stride cell
+        const int r0 = u0;
+        const int t1 = h1;
+        const int o1 = t1 / 2;
+        const int u1 = t1 - o1 * 2;   // offset in the window's stride cell
+        const int r1 = u1;
+        const bool hit = o0 < 16 && o1 < 16;
+        const int e = (r0) * 2 + r1;   // the element's kernel offset
+        if (hit) {
+            const int q = (o0) * 16 + o1;
+            const float gq = g[q];   // loaded with the window, not after the search
+            const int w0 = o0 * 2;
+            const int w1 = o1 * 2;
+            float best = -__int_as_float(0x7f800000);
+            int code = 0;
+            #pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                const int mr0 = (f / 2) % 2;
+                const int mr1 = (f) % 2;
+                const int m0 = w0 + mr0;
+                const int m1 = w1 + mr1;
+                const float v = src[(m0) * 32 + m1];
+                if (v > best || (v != v && best == best)) { best = v; code = f; }
             }
+            if (code == e) acc += gq;   // this element is the window's first maximum
         }
         dx[i] = acc;
     }
