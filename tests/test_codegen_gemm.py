@@ -260,3 +260,35 @@ def test_direct_staging_in_batches_fills_shared_memory_exactly_as_one_loop(monke
     for name, value in want.items():
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
     assert_kernels_match(graph, batch=3, seed=1, compile_nvrtc=False)
+
+
+@pytest.mark.parametrize("budget", [None, 6 * 1024])
+def test_direct_double_buffered_stages_give_the_bits_of_one_buffer(monkeypatch, budget):
+    """PIPELINE: where both tiles are plain copies, the direct kernels fill two shared buffers by
+    cp.async (on the host: copies at once) and compute from one while the other fills; forward and
+    backward-data, channels that do not divide into stages (a partial last stage), zero-filled padding,
+    give the bits of the single-buffer kernels and match NumPy with poisoned outputs. A smaller shared
+    budget forces more, smaller stages."""
+    from codegen.lowering import direct
+    if budget:
+        monkeypatch.setattr(direct, "SHARED_BUDGET", budget)
+    g = gc.Graph("pipe", "float32")
+    x = g.input("x", ("N", 5, 21, 19))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 24, 3, padding=1, name="conv1")), 2)
+    h = g.conv2d(h, 7, 5, padding=2, name="conv2")
+    h = g.relu(g.conv2d(h, 9, 3, padding=1, name="conv3"))
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    graph = build(g, "fused-train")
+    params, inputs = gc.init_params(graph, seed=2), random_inputs(graph, 3, 2)
+    monkeypatch.setattr(direct, "PIPELINE", False)
+    want = CompiledProgram(graph, "host").run(inputs, params, keep=True)
+    monkeypatch.setattr(direct, "PIPELINE", True)
+    program = CompiledProgram(graph, "host")
+    piped = [s for s in program.program.kernels if s.template == "direct_conv.cu.j2" and s.params["buffers"] == 2]
+    assert {"conv2d_direct", "conv2d_backward_data_direct"} <= {s.name.split("_f32")[0] for s in piped}
+    assert any(s.params["C"] % s.params["CC"] for s in piped)                 # a partial last stage
+    assert all("cp.async.wait_group 1" in s.source and "__syncthreads" in s.source for s in piped)
+    got = program.run(inputs, params, keep=True)
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
+    assert_kernels_match(graph, batch=3, seed=2, compile_nvrtc=True)

@@ -7,6 +7,7 @@ staging its input tile. Other convolutions go through the implicit GEMM (gemm.py
 from __future__ import annotations
 
 import math
+import re
 
 import sympy as sp
 
@@ -18,6 +19,27 @@ SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB
 # is stored (their (channel, row, column) advanced as digits); 0: one rolled loop, as before session 3,
 # which ptxas unrolled by 4 (vgg conv2_2: 21 input elements per thread, 6 round trips to memory a stage)
 STAGE_LOADS = 16
+# stages double-buffered in shared memory and filled by cp.async where both tiles are plain copies of
+# the tensors (not a gathered pool/activation gradient): the next input channels' tiles are in flight
+# while the current ones are computed, with no registers held for them (session 3's staging still
+# waited for each stage's loads before any multiply-add, with two blocks per SM to cover it); each
+# buffer gets half the shared memory, so a stage holds half the channels. False: one buffer, loaded
+# through registers (STAGE_LOADS)
+PIPELINE = True
+
+# where one block covers a whole image plane of at most 64 outputs (8 x 8), its output channels are split over at least
+# two blocks where 128 threads per block remain: vgg's conv3 layers ran 64 blocks (one per image) on 132
+# SMs at batch 64; the input tile a second block reloads is 100 values per channel against 9 x 64 filter
+# values. False: the fewest padded channels, then the most threads (one block per image there)
+SPLIT_SMALL_PLANES = True
+
+PLAIN_LOAD = re.compile(r"^v = (\w+)\[(.*)\];$")
+
+
+def plain_source(load):
+    """`&array[index]` where the load lines are one plain `v = array[index];`, else None."""
+    match = PLAIN_LOAD.match(load[0]) if len(load) == 1 else None
+    return f"&{match.group(1)}[{match.group(2)}]" if match else None
 
 
 def eligible(geo, pool_window=None, out_size=None, pooled_size=None) -> bool:
@@ -52,14 +74,21 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
     # the fewest padded channels (ties: more threads)
     most = max(1, min(-(-M // TOC), 256 // CELLS))
     least = min(most, max(1, -(-128 // CELLS)))
-    CG = min(range(least, most + 1), key=lambda g: (-(-M // (TOC * g)) * TOC * g, -g))
+    small_plane = NCY * NCX * CH * CW <= 64        # one block holds the image's whole plane, and it is small
+    CG = min(range(least, most + 1), key=lambda g: (
+        SPLIT_SMALL_PLANES and small_plane and -(-M // (TOC * g)) < 2,     # then >= 2 blocks per image
+        -(-M // (TOC * g)) * TOC * g, -g))
     OCB = TOC * CG
     HH, HW = TCY * CH + KH - 1, TCX * CW + KW - 1
     itemsize = 4 if ctx.float_type == "float" else 8
     per_channel = (HH * HW + KH * KW * OCB) * itemsize
     if per_channel > SHARED_BUDGET:          # a huge kernel: even one channel's tile does not fit
         return None
-    CC = max(1, min(C, SHARED_BUDGET // per_channel))
+    sources = {"in": plain_source(in_load), "w": plain_source(w_load)}
+    buffers = 2 if PIPELINE and all(sources.values()) and 2 * per_channel <= SHARED_BUDGET and C > 1 else 1
+    CC = max(1, min(C, SHARED_BUDGET // buffers // per_channel))
+    if buffers == 2 and CC >= C:             # one stage holds every channel: nothing to overlap
+        buffers, CC = 1, C
     tiles_x, tiles = -(-NCX // TCX), -(-NCX // TCX) * -(-NCY // TCY)
     threads = CELLS * CG
     staging = {}
@@ -74,7 +103,7 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
               "PAD_L": pad[1], "IH": IH, "IW": IW, "OH": OH, "OW": OW, "CH": CH, "CW": CW, "NCY": NCY, "NCX": NCX,
               "TCY": TCY, "TCX": TCX, "CELLS": CELLS, "TOC": TOC, "OCB": OCB, "HH": HH, "HW": HW, "CC": CC,
               "TILES": tiles, "TILES_X": tiles_x, "threads": threads, "pooled": pooled, "prelude": prelude,
-              "staging": staging, "stage_loads": STAGE_LOADS,
+              "staging": staging, "stage_loads": STAGE_LOADS, "buffers": buffers, "sources": sources,
               "in_load": in_load, "w_load": w_load, "row_setup": row_setup, "window_begin": window_begin,
               "element": element, "window_end": window_end, "in_desc": in_desc, "w_desc": w_desc}
     from ..spec import BATCH

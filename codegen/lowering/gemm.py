@@ -39,10 +39,13 @@ PREFETCH = True
 # stride-1 2-D convolutions (forward, backward-data) as direct convolutions where eligible; False: the GEMM.
 # They stay direct (FP32) under tf32=True: on the H200 the TF32 implicit GEMM ran 1.3-3.5x slower than
 # the FP32 direct kernels (gpu-notes.md, session 2). A forward convolution whose output plane has at most
-# GEMM_PLANE_MOST pixels runs as the GEMM instead (vgg conv3_2, 8 x 8: GEMM 0.100 ms against direct
-# 0.154 at batch 64, 0.298 against 0.277 at batch 256).
+# GEMM_PLANE_MOST pixels runs as the GEMM instead. Session 2 set 64 (vgg conv3_2, 8 x 8: GEMM 0.100 ms
+# against direct 0.154 at batch 64, 0.298 against 0.277 at batch 256, when the direct kernel ran one
+# block per image and waited for each stage's loads); session 4 split such planes' channels over two
+# blocks and double-buffered the stages (direct.py), so 8 x 8 planes are direct again, untimed:
+# `bench_gpu.py --variants` times the GEMM against it ("8 x 8 planes as the GEMM").
 DIRECT = True
-GEMM_PLANE_MOST = 64
+GEMM_PLANE_MOST = 0
 # a static depth (linear's in_features) is split in chunks of at least this many terms
 STATIC_SPLIT_LEAST = 256
 # an operand's k index, decomposed into its mixed-radix digits (image, position; channel, kernel offset),

@@ -25,8 +25,8 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
     const long long bimg = blockIdx.x / 1;
     const int cy0 = (int)(tile / 1) * 7, cx0 = (int)(tile % 1) * 7;
     const int oc0 = blockIdx.y * 24;
-    __shared__ float s_in[11][18][18];
-    __shared__ float s_w[11][25][24];
+    __shared__ float s_in[1][11][18][18];
+    __shared__ float s_w[1][11][25][24];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -34,6 +34,7 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
         for (int e = 0; e < 4; ++e) acc[t][e] = 0;
 
     for (int c0 = 0; c0 < 50; c0 += 11) {
+        const int buf = 0;
         // the input tile with its halo, consecutive threads along a row
         // 25 elements per thread, 13 at a time: every load of a batch is in flight before its
         // first store; an element's coordinates are advanced as digits, its shared offset is its index
@@ -77,7 +78,7 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
 #pragma unroll
                 for (int u = 0; u < 13; ++u) {
                     const int idx = tid + (it0 + u) * 147;
-                    if (idx < 3564) (&s_in[0][0][0])[idx] = vs[u];
+                    if (idx < 3564) (&s_in[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
@@ -111,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
 #pragma unroll
                 for (int u = 0; u < 15; ++u) {
                     const int idx = tid + (it0 + u) * 147;
-                    if (idx < 6600) (&s_w[0][0][0])[idx] = vs[u];
+                    if (idx < 6600) (&s_w[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
@@ -123,9 +124,9 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                 for (int s = 0; s < 5; ++s) {
                     float wv[8], iv[4];
 #pragma unroll
-                    for (int t = 0; t < 8; ++t) wv[t] = s_w[cc][r * 5 + s][cg * 8 + t];
+                    for (int t = 0; t < 8; ++t) wv[t] = s_w[buf][cc][r * 5 + s][cg * 8 + t];
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) iv[e] = s_in[cc][cy * 2 + e / 2 + r][cx * 2 + e % 2 + s];
+                    for (int e = 0; e < 4; ++e) iv[e] = s_in[buf][cc][cy * 2 + e / 2 + r][cx * 2 + e % 2 + s];
 #pragma unroll
                     for (int t = 0; t < 8; ++t)
 #pragma unroll

@@ -6,15 +6,48 @@
 //   arguments: const float*, const float*, float*, int
 //   a direct 2-D convolution, stride 1: out[b, m, y, x] = sum over c, r, s of in[b, c, y - 1 + r, x - 1 + s] * w(m, c, r, s)
 //   in = x;  w(m, c, r, s) = w[m, c, r, s]
-//   tile: 16 x 16 outputs x 32 channels per block (8 x 8 cells of 2 x 2), 8 channels x 4 positions per thread, 16 input channels per stage
+//   tile: 16 x 16 outputs x 32 channels per block (8 x 8 cells of 2 x 2), 8 channels x 4 positions per thread, 8 input channels per stage
 //
 // Why this shape: a 3x3 window reads each input element up to 9 times; staging the block's
 // input tile with its halo (18 x 18 per channel) and the filter slice in shared memory makes
 // those reads cheap and loads every input element from global memory once per block, coalesced along
 // rows. Each thread keeps 8 x 4 results in registers; per input channel and kernel offset
 // it reads 8 filter values (the same address across a warp: a broadcast) and 4 inputs
-// and does 32 multiply-adds. The epilogue (bias,
+// and does 32 multiply-adds. The stages are double-buffered: cp.async fills one buffer
+// while the block computes from the other, so the loads of a stage wait behind the previous stage's
+// arithmetic, not in front of it. The epilogue (bias,
 // activation) runs in registers before the one store of each result.
+// cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
+// element is zero-filled where gc_ok is false (padding, past the tensor), and nothing is read then.
+// Copies are committed in groups; gc_cp_async_wait_prior() waits for all of this thread's groups but
+// the newest (a barrier after it makes every thread's copies visible). Without __CUDA_ARCH__ (the host
+// backend) a copy happens at once, and committing and waiting do nothing.
+template <typename gc_T>
+__device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bool gc_ok)
+{
+#ifdef __CUDA_ARCH__
+    const unsigned gc_s = (unsigned)__cvta_generic_to_shared(gc_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                 :: "r"(gc_s), "l"(gc_src), "n"((int)sizeof(gc_T)), "r"(gc_ok ? (int)sizeof(gc_T) : 0) : "memory");
+#else
+    *gc_dst = gc_ok ? *gc_src : gc_T(0);
+#endif
+}
+
+__device__ __forceinline__ void gc_cp_async_commit()
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void gc_cp_async_wait_prior()
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
 // __launch_bounds__(threads, 1): the register tile stays in registers (no spills) at any occupancy.
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_f32_c32_k32_r3x3_s1x1_p1x1_i32x32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int batch)
 {
@@ -26,34 +59,77 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_f32_c32_k32_r
     const int cy0 = (int)(tile / 2) * 8, cx0 = (int)(tile % 2) * 8;
     const int oc0 = blockIdx.y * 32;
     const int grp = 0;
-    __shared__ float s_in[16][18][18];
-    __shared__ float s_w[16][9][32];
+    __shared__ float s_in[2][8][18][18];
+    __shared__ float s_w[2][8][9][32];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[t][e] = 0;
 
-    for (int c0 = 0; c0 < 32; c0 += 16) {
-        // the input tile with its halo, consecutive threads along a row
-        // 21 elements per thread, 11 at a time: every load of a batch is in flight before its
-        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+    // two buffers: while the block computes input channels [c0, c0 + 8) from one, the copies of the
+    // next 8 channels into the other are in flight (cp.async, no registers held for them)
+    {
+        const int cs = 0;   // the first stage
+        // 11 copies per thread, none waited for here; coordinates advanced as digits
         {
             int ind0 = (int)(tid / 324);
             int ind1 = (int)(tid / 18 % 18);
             int ind2 = (int)(tid % 18);
-            for (int it0 = 0; it0 < 21; it0 += 11) {
-                float vs[11];
-#pragma unroll
-                for (int u = 0; u < 11; ++u) {
+#pragma unroll 4
+            for (int it = 0; it < 11; ++it) {
+                const int cc = ind0, yy = ind1, xx = ind2;
+                const int c = cs + cc;
+                const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
+                const int idx = tid + it * 256;
+                const bool ok = c < 32 && iy >= 0 && iy < 32 && ix >= 0 && ix < 32;
+                if (idx < 2592) gc_cp_async(&s_in[0][0][0][0] + idx, ok ? &x[((bimg * 32 + c) * 32LL + iy) * 32 + ix] : x, ok);
+                ind2 += 4;
+                const int indc2 = ind2 >= 18;
+                ind2 -= indc2 ? 18 : 0;
+                ind1 += 14 + indc2;
+                const int indc1 = ind1 >= 18;
+                ind1 -= indc1 ? 18 : 0;
+                ind0 += indc1;
+            }
+        }
+        // 9 copies per thread, none waited for here; coordinates advanced as digits
+        {
+            int wd0 = (int)(tid / 288);
+            int wd1 = (int)(tid / 32 % 9);
+            int wd2 = (int)(tid % 32);
+#pragma unroll 4
+            for (int it = 0; it < 9; ++it) {
+                const int cc = wd0, rs = wd1, oc = wd2;
+                const int m = oc0 + oc, c = cs + cc;
+                const int r = rs / 3, s = rs % 3;
+                const int idx = tid + it * 256;
+                const bool ok = m < 32 && c < 32;
+                if (idx < 2304) gc_cp_async(&s_w[0][0][0][0] + idx, ok ? &w[((m * 32 + c) * 3 + r) * 3 + s] : w, ok);
+                wd1 += 8;
+                const int wdc1 = wd1 >= 9;
+                wd1 -= wdc1 ? 9 : 0;
+                wd0 += wdc1;
+            }
+        }
+    }
+    gc_cp_async_commit();
+    for (int c0 = 0, buf = 0; c0 < 32; c0 += 8, buf ^= 1) {
+        if (c0 + 8 < 32) {      // the next stage, into the buffer every thread finished reading
+            const int cs = c0 + 8;
+            // 11 copies per thread, none waited for here; coordinates advanced as digits
+            {
+                int ind0 = (int)(tid / 324);
+                int ind1 = (int)(tid / 18 % 18);
+                int ind2 = (int)(tid % 18);
+    #pragma unroll 4
+                for (int it = 0; it < 11; ++it) {
                     const int cc = ind0, yy = ind1, xx = ind2;
-                    const int c = c0 + cc;
+                    const int c = cs + cc;
                     const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
-                    float v = 0;
-                    if (tid + (it0 + u) * 256 < 5184 && c < 32 && iy >= 0 && iy < 32 && ix >= 0 && ix < 32) {
-                        v = x[((bimg * 32 + c) * 32LL + iy) * 32 + ix];
-                    }
-                    vs[u] = v;
+                    const int idx = tid + it * 256;
+                    const bool ok = c < 32 && iy >= 0 && iy < 32 && ix >= 0 && ix < 32;
+                    if (idx < 2592) gc_cp_async(&s_in[buf ^ 1][0][0][0] + idx, ok ? &x[((bimg * 32 + c) * 32LL + iy) * 32 + ix] : x, ok);
                     ind2 += 4;
                     const int indc2 = ind2 >= 18;
                     ind2 -= indc2 ? 18 : 0;
@@ -62,55 +138,40 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_f32_c32_k32_r
                     ind1 -= indc1 ? 18 : 0;
                     ind0 += indc1;
                 }
-#pragma unroll
-                for (int u = 0; u < 11; ++u) {
-                    const int idx = tid + (it0 + u) * 256;
-                    if (idx < 5184) (&s_in[0][0][0])[idx] = vs[u];
-                }
             }
-        }
-        // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        // 18 elements per thread, 9 at a time: every load of a batch is in flight before its
-        // first store; an element's coordinates are advanced as digits, its shared offset is its index
-        {
-            int wd0 = (int)(tid / 288);
-            int wd1 = (int)(tid / 32 % 9);
-            int wd2 = (int)(tid % 32);
-            for (int it0 = 0; it0 < 18; it0 += 9) {
-                float vs[9];
-#pragma unroll
-                for (int u = 0; u < 9; ++u) {
+            // 9 copies per thread, none waited for here; coordinates advanced as digits
+            {
+                int wd0 = (int)(tid / 288);
+                int wd1 = (int)(tid / 32 % 9);
+                int wd2 = (int)(tid % 32);
+    #pragma unroll 4
+                for (int it = 0; it < 9; ++it) {
                     const int cc = wd0, rs = wd1, oc = wd2;
-                    const int m = oc0 + oc, c = c0 + cc;
+                    const int m = oc0 + oc, c = cs + cc;
                     const int r = rs / 3, s = rs % 3;
-                    float v = 0;
-                    if (tid + (it0 + u) * 256 < 4608 && m < 32 && c < 32) {
-                        v = w[((m * 32 + c) * 3 + r) * 3 + s];
-                    }
-                    vs[u] = v;
+                    const int idx = tid + it * 256;
+                    const bool ok = m < 32 && c < 32;
+                    if (idx < 2304) gc_cp_async(&s_w[buf ^ 1][0][0][0] + idx, ok ? &w[((m * 32 + c) * 3 + r) * 3 + s] : w, ok);
                     wd1 += 8;
                     const int wdc1 = wd1 >= 9;
                     wd1 -= wdc1 ? 9 : 0;
                     wd0 += wdc1;
                 }
-#pragma unroll
-                for (int u = 0; u < 9; ++u) {
-                    const int idx = tid + (it0 + u) * 256;
-                    if (idx < 4608) (&s_w[0][0][0])[idx] = vs[u];
-                }
             }
         }
+        gc_cp_async_commit();           // a group each time (empty at the last stage): wait_prior stays exact
+        gc_cp_async_wait_prior();       // this thread's copies of the current stage have landed
         __syncthreads();
-        for (int cc = 0; cc < 16; ++cc) {
+        for (int cc = 0; cc < 8; ++cc) {
 #pragma unroll
             for (int r = 0; r < 3; ++r) {
 #pragma unroll
                 for (int s = 0; s < 3; ++s) {
                     float wv[8], iv[4];
 #pragma unroll
-                    for (int t = 0; t < 8; ++t) wv[t] = s_w[cc][r * 3 + s][cg * 8 + t];
+                    for (int t = 0; t < 8; ++t) wv[t] = s_w[buf][cc][r * 3 + s][cg * 8 + t];
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) iv[e] = s_in[cc][cy * 2 + e / 2 + r][cx * 2 + e % 2 + s];
+                    for (int e = 0; e < 4; ++e) iv[e] = s_in[buf][cc][cy * 2 + e / 2 + r][cx * 2 + e % 2 + s];
 #pragma unroll
                     for (int t = 0; t < 8; ++t)
 #pragma unroll

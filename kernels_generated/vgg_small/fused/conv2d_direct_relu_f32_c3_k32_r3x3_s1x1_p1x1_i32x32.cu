@@ -26,8 +26,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
     const int cy0 = (int)(tile / 2) * 8, cx0 = (int)(tile % 2) * 8;
     const int oc0 = blockIdx.y * 32;
     const int grp = 0;
-    __shared__ float s_in[3][18][18];
-    __shared__ float s_w[3][9][32];
+    __shared__ float s_in[1][3][18][18];
+    __shared__ float s_w[1][3][9][32];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -35,6 +35,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
         for (int e = 0; e < 4; ++e) acc[t][e] = 0;
 
     for (int c0 = 0; c0 < 3; c0 += 3) {
+        const int buf = 0;
         // the input tile with its halo, consecutive threads along a row
         // 4 elements per thread, 4 at a time: every load of a batch is in flight before its
         // first store; an element's coordinates are advanced as digits, its shared offset is its index
@@ -66,7 +67,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int idx = tid + (it0 + u) * 256;
-                    if (idx < 972) (&s_in[0][0][0])[idx] = vs[u];
+                    if (idx < 972) (&s_in[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
@@ -98,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int idx = tid + (it0 + u) * 256;
-                    if (idx < 864) (&s_w[0][0][0])[idx] = vs[u];
+                    if (idx < 864) (&s_w[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
@@ -110,9 +111,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
                 for (int s = 0; s < 3; ++s) {
                     float wv[8], iv[4];
 #pragma unroll
-                    for (int t = 0; t < 8; ++t) wv[t] = s_w[cc][r * 3 + s][cg * 8 + t];
+                    for (int t = 0; t < 8; ++t) wv[t] = s_w[buf][cc][r * 3 + s][cg * 8 + t];
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) iv[e] = s_in[cc][cy * 2 + e / 2 + r][cx * 2 + e % 2 + s];
+                    for (int e = 0; e < 4; ++e) iv[e] = s_in[buf][cc][cy * 2 + e / 2 + r][cx * 2 + e % 2 + s];
 #pragma unroll
                     for (int t = 0; t < 8; ++t)
 #pragma unroll
