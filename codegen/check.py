@@ -102,7 +102,9 @@ def check_kernels(graph, inputs, params, backend="host", tf32=False) -> list:
                 if note:
                     notes.append(f"{node_name}: {note}" if len(members) > 1 else note)
         last = graph.node(members[-1])
-        results.append(KernelCheck(", ".join(members), last.op if len(members) == 1 else "pointwise group",
+        op = last.op if len(members) == 1 else "pointwise group" if all(s.template == "pointwise.cu.j2" for s in specs) \
+            else " + ".join(dict.fromkeys(graph.node(m).op for m in members))
+        results.append(KernelCheck(", ".join(members), op,
                                    tuple(s.name for s in specs), worst_abs, worst_rel, ok, "; ".join(notes)))
     return results
 

@@ -56,7 +56,10 @@ class Program:
         groups = pointwise_groups(graph)   # {last member: members}: elementwise nodes one kernel computes
         grouped = {m: last for last, members in groups.items() for m in members}
         contexts = {}
+        absorbed: set = set()              # nodes whose values an earlier node's kernels write
         for node in graph.topo():
+            if node.name in absorbed:
+                continue
             ctx = Context(graph, node, batch, tf32)
             if node.role != "op":
                 self.external[node.name] = ctx.outs[0]
@@ -81,9 +84,10 @@ class Program:
             for i, v in enumerate(ctx.outs):
                 self.values[ctx.out_key(i)] = v
             self.values.update(lowered.scratch)
+            absorbed.update(lowered.absorbs)
             for spec in lowered.kernels:
                 render(spec)
-                self.launches.append(Launch(node.name, spec))
+                self.launches.append(Launch(node.name, spec, (node.name,) + lowered.absorbs if lowered.absorbs else ()))
         self.outputs = list(graph.outputs)
         self._dedupe_names()
 

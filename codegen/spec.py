@@ -85,3 +85,4 @@ class Lowered:
     kernels: list = field(default_factory=list)
     scratch: dict = field(default_factory=dict)      # value key -> Value
     alias: str | None = None
+    absorbs: tuple = ()     # later nodes whose values these kernels also write (the Program skips them)

@@ -251,6 +251,41 @@ def test_batch_norm_and_its_gradients(shape, training, affine):
 
 
 @needs_gxx
+@pytest.mark.parametrize("weight_first", [False, True], ids=["input-first", "weight-first"])
+def test_batch_norm_gradients_of_weight_and_bias_come_from_the_input_gradients_sums(weight_first):
+    """Training: batch_norm_grad_input's one pass over x and dy already sums dy and dy * x, so its
+    kernels also write the weight's gradient and the bias's (reduce_sum of dy over all but the
+    channels) when those nodes come after it; they then launch nothing of their own. One that comes
+    first keeps its kernels. Either way every value matches NumPy with poisoned outputs."""
+    shape = ("N", 3, 6, 5)
+    g = gc.Graph("bn_sums", "float32")
+    x, dy = g.input("x", shape), g.input("dy", shape)
+    stats = [g.param("bn.running_mean", (3,), ("uniform", 0.5), trainable=False),
+             g.param("bn.running_var", (3,), ("constant", 1.5), trainable=False)]
+    weight = g.param("bn.weight", (3,), ("uniform", 2.0))
+    flags = {"eps": 1e-3, "training": True}
+    dw = g.apply("batch_norm_grad_weight", x, *stats, dy, name="dw", **flags) if weight_first else None
+    dx = g.apply("batch_norm_grad_input", x, *stats, dy, weight, name="dx", **flags)
+    dw = dw or g.apply("batch_norm_grad_weight", x, *stats, dy, name="dw", **flags)
+    db = g.apply("reduce_sum", dy, name="db", axes=(0, 2, 3))
+    g.output(dx, dw, db)
+    program = Program(g)
+    by_node = {}
+    for launch in program.launches:
+        by_node.setdefault(launch.node, []).append(launch)
+    assert "db" not in by_node and all(l.members == ("dx",) + (() if weight_first else ("dw",)) + ("db",)
+                                        for l in by_node["dx"])
+    assert ("dw" in by_node) == weight_first
+    inputs = inputs_of(g, 4)
+    inputs["x"] = (inputs["x"] * 2 + 5).astype(np.float32)
+    assert_program_matches(g, inputs, rtol=2e-4, atol=2e-4)
+    results = check_kernels(g, inputs, gc.init_params(g, seed=0))
+    checked = {n for r in results for n in r.node.split(", ")}
+    assert {"dx", "dw", "db"} <= checked
+    assert all(r.ok for r in results), [(r.node, r.note) for r in results if not r.ok]
+
+
+@needs_gxx
 def test_batch_norm_float64():
     g = bn_graph(("N", 4, 5, 5), True, True, dtype="float64")
     assert_program_matches(g, inputs_of(g, 3), rtol=1e-10, atol=1e-10)

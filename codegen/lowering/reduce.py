@@ -219,6 +219,30 @@ GRAD_LOADS = ["const double xv = x[idx];", "const double gv = dy[idx];"]
 GRAD_TERMS = ["xv", "xv * xv", "gv", "gv * xv"]
 
 
+def bn_grad_siblings(ctx) -> dict:
+    """The nodes whose values a training batch_norm_grad_input's four sums already hold: {"weight":
+    the batch_norm_grad_weight of the same x, statistics, dy and eps, "bias": a reduce_sum of dy over
+    every axis but the channels}, where they come after it in the graph's order (so their readers do
+    too). Each would otherwise read x and dy again (vgg_small: two more passes over each batch-norm
+    layer's 8-67 MB)."""
+    graph, name = ctx.graph, ctx.node.name
+    order = {n.name: i for i, n in enumerate(graph.topo())}
+    x, mean, var, dy = ctx.operands[:4]
+    rank, C = len(ctx.ins[0].shape), ctx.ins[0].shape[1]
+    found = {}
+    for user, _ in graph.users(dy):
+        node = graph.node(user)
+        if order[user] <= order[name] or node.role != "op" or node.dtype != ctx.dtype:
+            continue
+        if (node.op == "batch_norm_grad_weight" and node.attrs.get("training") and node.attrs.get("eps") == ctx.attrs["eps"]
+                and list(graph.operands(user)[:4]) == [x, mean, var, dy]):
+            found.setdefault("weight", user)
+        elif (node.op == "reduce_sum" and tuple(sorted(node.attrs["axes"])) == tuple(a for a in range(rank) if a != 1)
+              and tuple(node.shape) == (C,)):
+            found.setdefault("bias", user)
+    return found
+
+
 @lowering("batch_norm_grad_input")
 def lower_batch_norm_grad_input(ctx):
     """Training: dx = w * inv_std * (dy - sum(dy)/m - (x - mean) * inv_std^2 * sum(dy * (x - mean))/m),
@@ -245,15 +269,28 @@ def lower_batch_norm_grad_input(ctx):
         f"slope_out[k] = ({T})(inv_std * inv_std * sum_dy_xc / m);"]
     out_args = ([ctx.arg_in(4, "w")] if affine else []) + \
         [Arg(f"{T}*", f"{n}_out", keys[n]) for n in ("mean", "gain", "shift", "slope")]
-    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_grad_stats"), A=A, K=C, B=B, loads=GRAD_LOADS,
+    # the weight's and the bias's gradients from the same sums, where the graph asks for them
+    siblings = bn_grad_siblings(ctx)
+    if "weight" in siblings:
+        epilogue.append(f"dweight_out[k] = ({T})(inv_std * sum_dy_xc);   // batch_norm_grad_weight, from the same sums")
+        out_args.append(Arg(f"{T}*", "dweight_out", siblings["weight"]))
+    if "bias" in siblings:
+        epilogue.append(f"dbias_out[k] = ({T})tot2;   // the bias gradient: the sum of dy")
+        out_args.append(Arg(f"{T}*", "dbias_out", siblings["bias"]))
+    tag = "".join(f"_d{k[0]}" for k in ("weight", "bias") if k in siblings)
+    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_grad_stats") + tag, A=A, K=C, B=B, loads=GRAD_LOADS,
                                     terms=GRAD_TERMS, in_args=[ctx.arg_in(0, "x"), ctx.arg_in(3, "dy")],
                                     epilogue=epilogue, out_args=out_args, scratch=vecs)
+    absorbs = tuple(siblings.values())
+    for kernel in kernels:
+        kernel.nodes = (ctx.node.name,) + absorbs
+    scratch.update({node: Value((C,), ctx.dtype) for node in absorbs})
     # a0 = dy, a1 = x, a2 = mean, a3 = gain, a4 = shift, a5 = slope
     expr = a(3) * (a(0) - a(4) - (a(1) - a(2)) * a(5))
     operands = [ctx.operands[3], ctx.operands[0]] + [keys[n] for n in ("mean", "gain", "shift", "slope")]
     shapes = [x.shape, x.shape] + [(C,)] * 4
     kernels.append(pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_grad_input_apply"))
-    return Lowered(kernels=kernels, scratch=scratch)
+    return Lowered(kernels=kernels, scratch=scratch, absorbs=absorbs)
 
 
 @lowering("batch_norm_grad_weight")
