@@ -319,11 +319,12 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "scalar shared loads": {"VECTOR": False},
             "4 x 4 tiles for split GEMMs": {"WIDE": False},
             "GEMM rules of session 2": {"HOIST": False, "VECTOR": False, "WIDE": False},
-            "direct: staging in one rolled loop": {"direct.STAGE_LOADS": 0},
+            "direct: staging in one rolled loop": {"direct.STAGE_LOADS": 0, "direct.PIPELINE": False},
             "8 x 8 planes as the GEMM": {"GEMM_PLANE_MOST": 64},
             "direct: one buffer, staged through registers": {"direct.PIPELINE": False},
             "direct: one block per image of a small plane": {"direct.SPLIT_SMALL_PLANES": False},
-            "direct rules of session 3": {"direct.PIPELINE": False, "direct.SPLIT_SMALL_PLANES": False}}
+            "direct rules of session 3": {"direct.PIPELINE": False, "direct.SPLIT_SMALL_PLANES": False,
+                                          "GEMM_PLANE_MOST": 64}}
 
 
 def rule_place(name):

@@ -15,6 +15,7 @@ from ..spec import KernelSpec, Lowered
 from . import advance_lines, digit_lines
 
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
+DOUBLE_BUDGET = 46 * 1024      # the same, double-buffered (both buffers; registers, not shared memory, bound the blocks per SM)
 # staging: each thread's elements of a stage are loaded this many at a time, all in flight before any
 # is stored (their (channel, row, column) advanced as digits); 0: one rolled loop, as before session 3,
 # which ptxas unrolled by 4 (vgg conv2_2: 21 input elements per thread, 6 round trips to memory a stage)
@@ -40,6 +41,14 @@ def plain_source(load):
     """`&array[index]` where the load lines are one plain `v = array[index];`, else None."""
     match = PLAIN_LOAD.match(load[0]) if len(load) == 1 else None
     return f"&{match.group(1)}[{match.group(2)}]" if match else None
+
+
+def one_block_per_small_image(lowered) -> bool:
+    """Whether a direct kernel would give each image of a small plane (<= 64 outputs) one block: too
+    few blocks to fill the GPU at small batches (vgg conv3_2 at batch 64: 0.154 ms against the GEMM's
+    0.100 in session 2); the GEMM then tiles the batch's positions instead."""
+    p = lowered.kernels[0].params
+    return p["NCY"] * p["NCX"] * p["CH"] * p["CW"] <= 64 and p["TILES"] == 1 and -(-p["M"] // p["OCB"]) == 1
 
 
 def eligible(geo, pool_window=None, out_size=None, pooled_size=None) -> bool:
@@ -85,10 +94,18 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
     if per_channel > SHARED_BUDGET:          # a huge kernel: even one channel's tile does not fit
         return None
     sources = {"in": plain_source(in_load), "w": plain_source(w_load)}
-    buffers = 2 if PIPELINE and all(sources.values()) and 2 * per_channel <= SHARED_BUDGET and C > 1 else 1
-    CC = max(1, min(C, SHARED_BUDGET // buffers // per_channel))
+    # double-buffered: filter rows padded by 4 or 8 values (the staging's 8 rows x 4 channels per warp
+    # land in 32 different banks, and the rows stay 16-byte aligned for the vector reads)
+    row_pad = 4 if (OCB // 4) % 2 == 0 else 8    # (OCB + row_pad) / 4 odd: 8 rows apart cover every bank
+    padded = (HH * HW + KH * KW * (OCB + row_pad)) * itemsize
+    budget = DOUBLE_BUDGET // 2
+    buffers = 2 if PIPELINE and all(sources.values()) and padded <= budget and C > 1 else 1
+    if buffers == 2:
+        per_channel = padded
+    CC = max(1, min(C, (budget if buffers == 2 else SHARED_BUDGET) // per_channel))
     if buffers == 2 and CC >= C:             # one stage holds every channel: nothing to overlap
         buffers, CC = 1, C
+    CC = -(-C // -(-C // CC))                # stages of equal size (16 channels: 2 x 8, not 10 + 6)
     tiles_x, tiles = -(-NCX // TCX), -(-NCX // TCX) * -(-NCY // TCY)
     threads = CELLS * CG
     staging = {}
@@ -99,7 +116,11 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
         staging[what] = {"total": total, "iters": iters, "per": per, "batches": -(-iters // per) if per else 0,
                          "start": digit_lines("tid", (None,) + radices[1:], lambda d: f"int {what}d{d}"),
                          "advance": advance_lines(f"{what}d", (None,) + radices[1:], threads)}
-    params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "KH": KH, "KW": KW, "PAD_T": pad[0],
+    OCBP = OCB + row_pad if buffers == 2 else OCB
+    J = CC * KH * KW                           # a stage's (channel, offset) values per output channel
+    w_async = {"jt": -(-J // 8), "total": OCB // 4 * -(-J // 8) * 32, "J": J}
+    w_async["iters"] = -(-w_async["total"] // (CELLS * CG))
+    params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "OCBP": OCBP, "w_async": w_async, "KH": KH, "KW": KW, "PAD_T": pad[0],
               "PAD_L": pad[1], "IH": IH, "IW": IW, "OH": OH, "OW": OW, "CH": CH, "CW": CW, "NCY": NCY, "NCX": NCX,
               "TCY": TCY, "TCX": TCX, "CELLS": CELLS, "TOC": TOC, "OCB": OCB, "HH": HH, "HW": HW, "CC": CC,
               "TILES": tiles, "TILES_X": tiles_x, "threads": threads, "pooled": pooled, "prelude": prelude,

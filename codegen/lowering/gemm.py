@@ -42,8 +42,9 @@ PREFETCH = True
 # GEMM_PLANE_MOST pixels runs as the GEMM instead. Session 2 set 64 (vgg conv3_2, 8 x 8: GEMM 0.100 ms
 # against direct 0.154 at batch 64, 0.298 against 0.277 at batch 256, when the direct kernel ran one
 # block per image and waited for each stage's loads); session 4 split such planes' channels over two
-# blocks and double-buffered the stages (direct.py), so 8 x 8 planes are direct again, untimed:
-# `bench_gpu.py --variants` times the GEMM against it ("8 x 8 planes as the GEMM").
+# blocks and double-buffered the stages (direct.py), so 8 x 8 planes are direct again where that gives
+# an image two blocks or more (direct.one_block_per_small_image), untimed: `bench_gpu.py --variants`
+# times the GEMM against it ("8 x 8 planes as the GEMM").
 DIRECT = True
 GEMM_PLANE_MOST = 0
 # a static depth (linear's in_features) is split in chunks of at least this many terms
@@ -425,6 +426,8 @@ def lower_conv(ctx):
             w_load=[f"v = w[((m * {C} + c) * {Kr[0]} + r) * {Kr[1]} + s];"], row_setup=row_setup,
             window_begin=window_begin, element=core + element[len(core):], window_end=stores, args=args,
             prelude=c_function_prelude(used, ctx.dtype), in_desc="in = x", w_desc="w[m, c, r, s]")
+        if direct_kernel is not None and direct.one_block_per_small_image(direct_kernel):
+            direct_kernel = None
     if direct_kernel is not None:
         return direct_kernel
     element = column_decode("n", "") + element

@@ -6,7 +6,7 @@
 //   arguments: const float*, const unsigned char*, const float*, const float*, float*, int
 //   a direct 2-D convolution, stride 1: out[b, m, y, x] = sum over c, r, s of in[b, c, y - 2 + r, x - 2 + s] * w(m, c, r, s)
 //   in = act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes;  w(m, c, r, s) = w[c, m, K-1-r, K-1-s] (the flipped filter)
-//   tile: 14 x 14 outputs x 24 channels per block (7 x 7 cells of 2 x 2), 8 channels x 4 positions per thread, 11 input channels per stage
+//   tile: 14 x 14 outputs x 24 channels per block (7 x 7 cells of 2 x 2), 8 channels x 4 positions per thread, 10 input channels per stage
 //
 // Why this shape: a 5x5 window reads each input element up to 25 times; staging the block's
 // input tile with its halo (18 x 18 per channel) and the filter slice in shared memory makes
@@ -25,32 +25,32 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
     const long long bimg = blockIdx.x / 1;
     const int cy0 = (int)(tile / 1) * 7, cx0 = (int)(tile % 1) * 7;
     const int oc0 = blockIdx.y * 24;
-    __shared__ float s_in[1][11][18][18];
-    __shared__ float s_w[1][11][25][24];
+    __shared__ float s_in[1][10][18][18];
+    __shared__ __align__(16) float s_w[1][10][25][24];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[t][e] = 0;
 
-    for (int c0 = 0; c0 < 50; c0 += 11) {
+    for (int c0 = 0; c0 < 50; c0 += 10) {
         const int buf = 0;
         // the input tile with its halo, consecutive threads along a row
-        // 25 elements per thread, 13 at a time: every load of a batch is in flight before its
+        // 23 elements per thread, 12 at a time: every load of a batch is in flight before its
         // first store; an element's coordinates are advanced as digits, its shared offset is its index
         {
             int ind0 = (int)(tid / 324);
             int ind1 = (int)(tid / 18 % 18);
             int ind2 = (int)(tid % 18);
-            for (int it0 = 0; it0 < 25; it0 += 13) {
-                float vs[13];
+            for (int it0 = 0; it0 < 23; it0 += 12) {
+                float vs[12];
 #pragma unroll
-                for (int u = 0; u < 13; ++u) {
+                for (int u = 0; u < 12; ++u) {
                     const int cc = ind0, yy = ind1, xx = ind2;
                     const int c = c0 + cc;
                     const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
                     float v = 0;
-                    if (tid + (it0 + u) * 147 < 3564 && c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
+                    if (tid + (it0 + u) * 147 < 3240 && c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
                         const int gp0 = (iy) / 2;
                         const int gp1 = (ix) / 2;
                         const int gpos = (gp0) * 7 + gp1;
@@ -76,28 +76,28 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                     ind0 += indc1;
                 }
 #pragma unroll
-                for (int u = 0; u < 13; ++u) {
+                for (int u = 0; u < 12; ++u) {
                     const int idx = tid + (it0 + u) * 147;
-                    if (idx < 3564) (&s_in[0][0][0][0])[idx] = vs[u];
+                    if (idx < 3240) (&s_in[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
         // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        // 45 elements per thread, 15 at a time: every load of a batch is in flight before its
+        // 41 elements per thread, 14 at a time: every load of a batch is in flight before its
         // first store; an element's coordinates are advanced as digits, its shared offset is its index
         {
             int wd0 = (int)(tid / 600);
             int wd1 = (int)(tid / 24 % 25);
             int wd2 = (int)(tid % 24);
-            for (int it0 = 0; it0 < 45; it0 += 15) {
-                float vs[15];
+            for (int it0 = 0; it0 < 41; it0 += 14) {
+                float vs[14];
 #pragma unroll
-                for (int u = 0; u < 15; ++u) {
+                for (int u = 0; u < 14; ++u) {
                     const int cc = wd0, rs = wd1, oc = wd2;
                     const int m = oc0 + oc, c = c0 + cc;
                     const int r = rs / 5, s = rs % 5;
                     float v = 0;
-                    if (tid + (it0 + u) * 147 < 6600 && m < 20 && c < 50) {
+                    if (tid + (it0 + u) * 147 < 6000 && m < 20 && c < 50) {
                         v = w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)];
                     }
                     vs[u] = v;
@@ -110,14 +110,14 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                     wd0 += wdc1;
                 }
 #pragma unroll
-                for (int u = 0; u < 15; ++u) {
+                for (int u = 0; u < 14; ++u) {
                     const int idx = tid + (it0 + u) * 147;
-                    if (idx < 6600) (&s_w[0][0][0][0])[idx] = vs[u];
+                    if (idx < 6000) (&s_w[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
         __syncthreads();
-        for (int cc = 0; cc < 11; ++cc) {
+        for (int cc = 0; cc < 10; ++cc) {   // the last stage may hold fewer
 #pragma unroll
             for (int r = 0; r < 5; ++r) {
 #pragma unroll

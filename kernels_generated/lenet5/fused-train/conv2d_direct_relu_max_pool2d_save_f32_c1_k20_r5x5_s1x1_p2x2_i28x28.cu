@@ -27,7 +27,7 @@ extern "C" __global__ void __launch_bounds__(192, 1) conv2d_direct_relu_max_pool
     const int oc0 = blockIdx.y * 24;
     const int grp = 0;
     __shared__ float s_in[1][1][20][20];
-    __shared__ float s_w[1][1][25][24];
+    __shared__ __align__(16) float s_w[1][1][25][24];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -104,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(192, 1) conv2d_direct_relu_max_pool
             }
         }
         __syncthreads();
-        for (int cc = 0; cc < 1; ++cc) {
+        for (int cc = 0; cc < 1; ++cc) {   // the last stage may hold fewer
 #pragma unroll
             for (int r = 0; r < 5; ++r) {
 #pragma unroll

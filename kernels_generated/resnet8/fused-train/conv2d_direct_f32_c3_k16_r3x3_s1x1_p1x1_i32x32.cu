@@ -27,7 +27,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c3_k16_r3
     const int oc0 = blockIdx.y * 16;
     const int grp = 0;
     __shared__ float s_in[1][3][18][18];
-    __shared__ float s_w[1][3][9][16];
+    __shared__ __align__(16) float s_w[1][3][9][16];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -104,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c3_k16_r3
             }
         }
         __syncthreads();
-        for (int cc = 0; cc < 3; ++cc) {
+        for (int cc = 0; cc < 3; ++cc) {   // the last stage may hold fewer
 #pragma unroll
             for (int r = 0; r < 3; ++r) {
 #pragma unroll

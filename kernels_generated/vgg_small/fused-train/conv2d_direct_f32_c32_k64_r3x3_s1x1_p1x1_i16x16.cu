@@ -20,12 +20,15 @@
 // cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
 // element is zero-filled where gc_ok is false (padding, past the tensor), and nothing is read then.
 // Copies are committed in groups; gc_cp_async_wait_prior() waits for all of this thread's groups but
-// the newest (a barrier after it makes every thread's copies visible). Without __CUDA_ARCH__ (the host
-// backend) a copy happens at once, and committing and waiting do nothing.
+// the newest (a barrier after it makes every thread's copies visible). Below sm_80 (no cp.async) and
+// without __CUDA_ARCH__ (the host backend) a copy happens at once, and committing and waiting do nothing.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define GC_CP_ASYNC 1
+#endif
 template <typename gc_T>
 __device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bool gc_ok)
 {
-#ifdef __CUDA_ARCH__
+#ifdef GC_CP_ASYNC
     const unsigned gc_s = (unsigned)__cvta_generic_to_shared(gc_dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
                  :: "r"(gc_s), "l"(gc_src), "n"((int)sizeof(gc_T)), "r"(gc_ok ? (int)sizeof(gc_T) : 0) : "memory");
@@ -36,14 +39,14 @@ __device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bo
 
 __device__ __forceinline__ void gc_cp_async_commit()
 {
-#ifdef __CUDA_ARCH__
+#ifdef GC_CP_ASYNC
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 __device__ __forceinline__ void gc_cp_async_wait_prior()
 {
-#ifdef __CUDA_ARCH__
+#ifdef GC_CP_ASYNC
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 #endif
 }
@@ -60,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_f32_c32_k64_r
     const int oc0 = blockIdx.y * 32;
     const int grp = 0;
     __shared__ float s_in[2][8][18][18];
-    __shared__ float s_w[2][8][9][32];
+    __shared__ __align__(16) float s_w[2][8][9][36];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -93,23 +96,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_f32_c32_k64_r
                 ind0 += indc1;
             }
         }
-        // 9 copies per thread, none waited for here; coordinates advanced as digits
+        // the filter slice: each warp copies 8 consecutive (channel, offset) values of 4 output channels,
+        // runs of w in global memory, into 8 rows of the tile padded to 36 (32 different banks)
         {
-            int wd0 = (int)(tid / 288);
-            int wd1 = (int)(tid / 32 % 9);
-            int wd2 = (int)(tid % 32);
 #pragma unroll 4
             for (int it = 0; it < 9; ++it) {
-                const int cc = wd0, rs = wd1, oc = wd2;
+                const int idx = tid + it * 256;
+                const int t = idx / 32, l = idx % 32;
+                const int oc = t / 9 * 4 + l / 8, j = t % 9 * 8 + l % 8;
+                const int cc = j / 9, rs = j % 9;
                 const int m = oc0 + oc, c = cs + cc;
                 const int r = rs / 3, s = rs % 3;
-                const int idx = tid + it * 256;
                 const bool ok = m < 64 && c < 32;
-                if (idx < 2304) gc_cp_async(&s_w[0][0][0][0] + idx, ok ? &w[((m * 32 + c) * 3 + r) * 3 + s] : w, ok);
-                wd1 += 8;
-                const int wdc1 = wd1 >= 9;
-                wd1 -= wdc1 ? 9 : 0;
-                wd0 += wdc1;
+                if (idx < 2304 && j < 72) gc_cp_async(&s_w[0][0][0][0] + j * 36 + oc, ok ? &w[((m * 32 + c) * 3 + r) * 3 + s] : w, ok);
             }
         }
     }
@@ -139,30 +138,26 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_f32_c32_k64_r
                     ind0 += indc1;
                 }
             }
-            // 9 copies per thread, none waited for here; coordinates advanced as digits
+            // the filter slice: each warp copies 8 consecutive (channel, offset) values of 4 output channels,
+            // runs of w in global memory, into 8 rows of the tile padded to 36 (32 different banks)
             {
-                int wd0 = (int)(tid / 288);
-                int wd1 = (int)(tid / 32 % 9);
-                int wd2 = (int)(tid % 32);
     #pragma unroll 4
                 for (int it = 0; it < 9; ++it) {
-                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int idx = tid + it * 256;
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 9 * 4 + l / 8, j = t % 9 * 8 + l % 8;
+                    const int cc = j / 9, rs = j % 9;
                     const int m = oc0 + oc, c = cs + cc;
                     const int r = rs / 3, s = rs % 3;
-                    const int idx = tid + it * 256;
                     const bool ok = m < 64 && c < 32;
-                    if (idx < 2304) gc_cp_async(&s_w[buf ^ 1][0][0][0] + idx, ok ? &w[((m * 32 + c) * 3 + r) * 3 + s] : w, ok);
-                    wd1 += 8;
-                    const int wdc1 = wd1 >= 9;
-                    wd1 -= wdc1 ? 9 : 0;
-                    wd0 += wdc1;
+                    if (idx < 2304 && j < 72) gc_cp_async(&s_w[buf ^ 1][0][0][0] + j * 36 + oc, ok ? &w[((m * 32 + c) * 3 + r) * 3 + s] : w, ok);
                 }
             }
         }
         gc_cp_async_commit();           // a group each time (empty at the last stage): wait_prior stays exact
         gc_cp_async_wait_prior();       // this thread's copies of the current stage have landed
         __syncthreads();
-        for (int cc = 0; cc < 8; ++cc) {
+        for (int cc = 0; cc < 8; ++cc) {   // the last stage may hold fewer
 #pragma unroll
             for (int r = 0; r < 3; ++r) {
 #pragma unroll

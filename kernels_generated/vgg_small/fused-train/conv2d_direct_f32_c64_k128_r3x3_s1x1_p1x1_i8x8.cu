@@ -6,7 +6,7 @@
 //   arguments: const float*, const float*, float*, int
 //   a direct 2-D convolution, stride 1: out[b, m, y, x] = sum over c, r, s of in[b, c, y - 1 + r, x - 1 + s] * w(m, c, r, s)
 //   in = x;  w(m, c, r, s) = w[m, c, r, s]
-//   tile: 8 x 8 outputs x 64 channels per block (4 x 4 cells of 2 x 2), 8 channels x 4 positions per thread, 7 input channels per stage
+//   tile: 8 x 8 outputs x 64 channels per block (4 x 4 cells of 2 x 2), 8 channels x 4 positions per thread, 8 input channels per stage
 //
 // Why this shape: a 3x3 window reads each input element up to 9 times; staging the block's
 // input tile with its halo (10 x 10 per channel) and the filter slice in shared memory makes
@@ -20,12 +20,15 @@
 // cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
 // element is zero-filled where gc_ok is false (padding, past the tensor), and nothing is read then.
 // Copies are committed in groups; gc_cp_async_wait_prior() waits for all of this thread's groups but
-// the newest (a barrier after it makes every thread's copies visible). Without __CUDA_ARCH__ (the host
-// backend) a copy happens at once, and committing and waiting do nothing.
+// the newest (a barrier after it makes every thread's copies visible). Below sm_80 (no cp.async) and
+// without __CUDA_ARCH__ (the host backend) a copy happens at once, and committing and waiting do nothing.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define GC_CP_ASYNC 1
+#endif
 template <typename gc_T>
 __device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bool gc_ok)
 {
-#ifdef __CUDA_ARCH__
+#ifdef GC_CP_ASYNC
     const unsigned gc_s = (unsigned)__cvta_generic_to_shared(gc_dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
                  :: "r"(gc_s), "l"(gc_src), "n"((int)sizeof(gc_T)), "r"(gc_ok ? (int)sizeof(gc_T) : 0) : "memory");
@@ -36,14 +39,14 @@ __device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bo
 
 __device__ __forceinline__ void gc_cp_async_commit()
 {
-#ifdef __CUDA_ARCH__
+#ifdef GC_CP_ASYNC
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 __device__ __forceinline__ void gc_cp_async_wait_prior()
 {
-#ifdef __CUDA_ARCH__
+#ifdef GC_CP_ASYNC
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 #endif
 }
@@ -59,31 +62,31 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c64_k128_
     const int cy0 = (int)(tile / 1) * 4, cx0 = (int)(tile % 1) * 4;
     const int oc0 = blockIdx.y * 64;
     const int grp = 0;
-    __shared__ float s_in[2][7][10][10];
-    __shared__ float s_w[2][7][9][64];
+    __shared__ float s_in[2][8][10][10];
+    __shared__ __align__(16) float s_w[2][8][9][68];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[t][e] = 0;
 
-    // two buffers: while the block computes input channels [c0, c0 + 7) from one, the copies of the
-    // next 7 channels into the other are in flight (cp.async, no registers held for them)
+    // two buffers: while the block computes input channels [c0, c0 + 8) from one, the copies of the
+    // next 8 channels into the other are in flight (cp.async, no registers held for them)
     {
         const int cs = 0;   // the first stage
-        // 6 copies per thread, none waited for here; coordinates advanced as digits
+        // 7 copies per thread, none waited for here; coordinates advanced as digits
         {
             int ind0 = (int)(tid / 100);
             int ind1 = (int)(tid / 10 % 10);
             int ind2 = (int)(tid % 10);
 #pragma unroll 4
-            for (int it = 0; it < 6; ++it) {
+            for (int it = 0; it < 7; ++it) {
                 const int cc = ind0, yy = ind1, xx = ind2;
                 const int c = cs + cc;
                 const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
                 const int idx = tid + it * 128;
                 const bool ok = c < 64 && iy >= 0 && iy < 8 && ix >= 0 && ix < 8;
-                if (idx < 700) gc_cp_async(&s_in[0][0][0][0] + idx, ok ? &x[((bimg * 64 + c) * 8LL + iy) * 8 + ix] : x, ok);
+                if (idx < 800) gc_cp_async(&s_in[0][0][0][0] + idx, ok ? &x[((bimg * 64 + c) * 8LL + iy) * 8 + ix] : x, ok);
                 ind2 += 8;
                 const int indc2 = ind2 >= 10;
                 ind2 -= indc2 ? 10 : 0;
@@ -93,43 +96,39 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c64_k128_
                 ind0 += 1 + indc1;
             }
         }
-        // 32 copies per thread, none waited for here; coordinates advanced as digits
+        // the filter slice: each warp copies 8 consecutive (channel, offset) values of 4 output channels,
+        // runs of w in global memory, into 8 rows of the tile padded to 68 (32 different banks)
         {
-            int wd0 = (int)(tid / 576);
-            int wd1 = (int)(tid / 64 % 9);
-            int wd2 = (int)(tid % 64);
 #pragma unroll 4
-            for (int it = 0; it < 32; ++it) {
-                const int cc = wd0, rs = wd1, oc = wd2;
+            for (int it = 0; it < 36; ++it) {
+                const int idx = tid + it * 128;
+                const int t = idx / 32, l = idx % 32;
+                const int oc = t / 9 * 4 + l / 8, j = t % 9 * 8 + l % 8;
+                const int cc = j / 9, rs = j % 9;
                 const int m = oc0 + oc, c = cs + cc;
                 const int r = rs / 3, s = rs % 3;
-                const int idx = tid + it * 128;
                 const bool ok = m < 128 && c < 64;
-                if (idx < 4032) gc_cp_async(&s_w[0][0][0][0] + idx, ok ? &w[((m * 64 + c) * 3 + r) * 3 + s] : w, ok);
-                wd1 += 2;
-                const int wdc1 = wd1 >= 9;
-                wd1 -= wdc1 ? 9 : 0;
-                wd0 += wdc1;
+                if (idx < 4608 && j < 72) gc_cp_async(&s_w[0][0][0][0] + j * 68 + oc, ok ? &w[((m * 64 + c) * 3 + r) * 3 + s] : w, ok);
             }
         }
     }
     gc_cp_async_commit();
-    for (int c0 = 0, buf = 0; c0 < 64; c0 += 7, buf ^= 1) {
-        if (c0 + 7 < 64) {      // the next stage, into the buffer every thread finished reading
-            const int cs = c0 + 7;
-            // 6 copies per thread, none waited for here; coordinates advanced as digits
+    for (int c0 = 0, buf = 0; c0 < 64; c0 += 8, buf ^= 1) {
+        if (c0 + 8 < 64) {      // the next stage, into the buffer every thread finished reading
+            const int cs = c0 + 8;
+            // 7 copies per thread, none waited for here; coordinates advanced as digits
             {
                 int ind0 = (int)(tid / 100);
                 int ind1 = (int)(tid / 10 % 10);
                 int ind2 = (int)(tid % 10);
     #pragma unroll 4
-                for (int it = 0; it < 6; ++it) {
+                for (int it = 0; it < 7; ++it) {
                     const int cc = ind0, yy = ind1, xx = ind2;
                     const int c = cs + cc;
                     const int iy = cy0 * 2 - 1 + yy, ix = cx0 * 2 - 1 + xx;
                     const int idx = tid + it * 128;
                     const bool ok = c < 64 && iy >= 0 && iy < 8 && ix >= 0 && ix < 8;
-                    if (idx < 700) gc_cp_async(&s_in[buf ^ 1][0][0][0] + idx, ok ? &x[((bimg * 64 + c) * 8LL + iy) * 8 + ix] : x, ok);
+                    if (idx < 800) gc_cp_async(&s_in[buf ^ 1][0][0][0] + idx, ok ? &x[((bimg * 64 + c) * 8LL + iy) * 8 + ix] : x, ok);
                     ind2 += 8;
                     const int indc2 = ind2 >= 10;
                     ind2 -= indc2 ? 10 : 0;
@@ -139,30 +138,26 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c64_k128_
                     ind0 += 1 + indc1;
                 }
             }
-            // 32 copies per thread, none waited for here; coordinates advanced as digits
+            // the filter slice: each warp copies 8 consecutive (channel, offset) values of 4 output channels,
+            // runs of w in global memory, into 8 rows of the tile padded to 68 (32 different banks)
             {
-                int wd0 = (int)(tid / 576);
-                int wd1 = (int)(tid / 64 % 9);
-                int wd2 = (int)(tid % 64);
     #pragma unroll 4
-                for (int it = 0; it < 32; ++it) {
-                    const int cc = wd0, rs = wd1, oc = wd2;
+                for (int it = 0; it < 36; ++it) {
+                    const int idx = tid + it * 128;
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 9 * 4 + l / 8, j = t % 9 * 8 + l % 8;
+                    const int cc = j / 9, rs = j % 9;
                     const int m = oc0 + oc, c = cs + cc;
                     const int r = rs / 3, s = rs % 3;
-                    const int idx = tid + it * 128;
                     const bool ok = m < 128 && c < 64;
-                    if (idx < 4032) gc_cp_async(&s_w[buf ^ 1][0][0][0] + idx, ok ? &w[((m * 64 + c) * 3 + r) * 3 + s] : w, ok);
-                    wd1 += 2;
-                    const int wdc1 = wd1 >= 9;
-                    wd1 -= wdc1 ? 9 : 0;
-                    wd0 += wdc1;
+                    if (idx < 4608 && j < 72) gc_cp_async(&s_w[buf ^ 1][0][0][0] + j * 68 + oc, ok ? &w[((m * 64 + c) * 3 + r) * 3 + s] : w, ok);
                 }
             }
         }
         gc_cp_async_commit();           // a group each time (empty at the last stage): wait_prior stays exact
         gc_cp_async_wait_prior();       // this thread's copies of the current stage have landed
         __syncthreads();
-        for (int cc = 0; cc < 7; ++cc) {
+        for (int cc = 0; cc < 8; ++cc) {   // the last stage may hold fewer
 #pragma unroll
             for (int r = 0; r < 3; ++r) {
 #pragma unroll
