@@ -90,37 +90,35 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
     OCB = TOC * CG
     HH, HW = TCY * CH + KH - 1, TCX * CW + KW - 1
     itemsize = 4 if ctx.float_type == "float" else 8
-    per_channel = (HH * HW + KH * KW * OCB) * itemsize
+    # the filter slice's rows padded by 4 or 8 values: the staging's 8 rows x 4 output channels per warp
+    # land in 32 different banks, and the rows stay 16-byte aligned for the vector reads
+    row_pad = 4 if (OCB // 4) % 2 == 0 else 8    # (OCB + row_pad) / 4 odd: 8 rows apart cover every bank
+    OCBP = OCB + row_pad
+    per_channel = (HH * HW + KH * KW * OCBP) * itemsize
     if per_channel > SHARED_BUDGET:          # a huge kernel: even one channel's tile does not fit
         return None
     sources = {"in": plain_source(in_load), "w": plain_source(w_load)}
-    # double-buffered: filter rows padded by 4 or 8 values (the staging's 8 rows x 4 channels per warp
-    # land in 32 different banks, and the rows stay 16-byte aligned for the vector reads)
-    row_pad = 4 if (OCB // 4) % 2 == 0 else 8    # (OCB + row_pad) / 4 odd: 8 rows apart cover every bank
-    padded = (HH * HW + KH * KW * (OCB + row_pad)) * itemsize
     budget = DOUBLE_BUDGET // 2
-    buffers = 2 if PIPELINE and all(sources.values()) and padded <= budget and C > 1 else 1
-    if buffers == 2:
-        per_channel = padded
+    buffers = 2 if PIPELINE and all(sources.values()) and per_channel <= budget and C > 1 else 1
     CC = max(1, min(C, (budget if buffers == 2 else SHARED_BUDGET) // per_channel))
     if buffers == 2 and CC >= C:             # one stage holds every channel: nothing to overlap
         buffers, CC = 1, C
     CC = -(-C // -(-C // CC))                # stages of equal size (16 channels: 2 x 8, not 10 + 6)
     tiles_x, tiles = -(-NCX // TCX), -(-NCX // TCX) * -(-NCY // TCY)
     threads = CELLS * CG
-    staging = {}
-    for what, radices in (("in", (CC, HH, HW)), ("w", (CC, KH * KW, OCB))):
-        total = math.prod(radices)
-        iters = -(-total // threads)
+
+    def batches(iters):
         per = -(-iters // -(-iters // STAGE_LOADS)) if STAGE_LOADS else 0      # equal batches of at most STAGE_LOADS
-        staging[what] = {"total": total, "iters": iters, "per": per, "batches": -(-iters // per) if per else 0,
-                         "start": digit_lines("tid", (None,) + radices[1:], lambda d: f"int {what}d{d}"),
-                         "advance": advance_lines(f"{what}d", (None,) + radices[1:], threads)}
-    OCBP = OCB + row_pad if buffers == 2 else OCB
-    J = CC * KH * KW                           # a stage's (channel, offset) values per output channel
-    w_async = {"jt": -(-J // 8), "total": OCB // 4 * -(-J // 8) * 32, "J": J}
-    w_async["iters"] = -(-w_async["total"] // (CELLS * CG))
-    params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "OCBP": OCBP, "w_async": w_async, "KH": KH, "KW": KW, "PAD_T": pad[0],
+        return {"iters": iters, "per": per, "batches": -(-iters // per) if per else 0}
+    radices = (CC, HH, HW)       # the input tile, consecutive threads along its rows
+    staging = {"in": {"total": math.prod(radices), **batches(-(-math.prod(radices) // threads)),
+                      "start": digit_lines("tid", (None,) + radices[1:], lambda d: f"int ind{d}"),
+                      "advance": advance_lines("ind", (None,) + radices[1:], threads)}}
+    # the filter slice: a warp takes 8 consecutive (channel, offset) values j of 4 output channels
+    J = CC * KH * KW
+    total = OCB // 4 * -(-J // 8) * 32
+    staging["w"] = {"jt": -(-J // 8), "total": total, "J": J, **batches(-(-total // threads))}
+    params = {"T": ctx.float_type, "ACC": ctx.float_type, "C": C, "M": M, "OCBP": OCBP, "KH": KH, "KW": KW, "PAD_T": pad[0],
               "PAD_L": pad[1], "IH": IH, "IW": IW, "OH": OH, "OW": OW, "CH": CH, "CW": CW, "NCY": NCY, "NCX": NCX,
               "TCY": TCY, "TCX": TCX, "CELLS": CELLS, "TOC": TOC, "OCB": OCB, "HH": HH, "HW": HW, "CC": CC,
               "TILES": tiles, "TILES_X": tiles_x, "threads": threads, "pooled": pooled, "prelude": prelude,

@@ -26,7 +26,7 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
     const int cy0 = (int)(tile / 1) * 7, cx0 = (int)(tile % 1) * 7;
     const int oc0 = blockIdx.y * 24;
     __shared__ float s_in[1][10][18][18];
-    __shared__ __align__(16) float s_w[1][10][25][24];
+    __shared__ __align__(16) float s_w[1][10][25][28];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -82,42 +82,37 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                 }
             }
         }
-        // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        // 41 elements per thread, 14 at a time: every load of a batch is in flight before its
-        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        // the filter slice: each warp reads 8 consecutive (channel, offset) values of 4 output channels
+        // (runs of w in global memory), 14 per thread at a time, all in flight before they are
+        // stored into 8 rows of the tile padded to 28 (32 different banks)
         {
-            int wd0 = (int)(tid / 600);
-            int wd1 = (int)(tid / 24 % 25);
-            int wd2 = (int)(tid % 24);
-            for (int it0 = 0; it0 < 41; it0 += 14) {
+            for (int it0 = 0; it0 < 42; it0 += 14) {
                 float vs[14];
 #pragma unroll
                 for (int u = 0; u < 14; ++u) {
-                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int idx = tid + (it0 + u) * 147;
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 32 * 4 + l / 8, j = t % 32 * 8 + l % 8;
+                    const int cc = j / 25, rs = j % 25;
                     const int m = oc0 + oc, c = c0 + cc;
                     const int r = rs / 5, s = rs % 5;
                     float v = 0;
-                    if (tid + (it0 + u) * 147 < 6000 && m < 20 && c < 50) {
+                    if (idx < 6144 && j < 250 && m < 20 && c < 50) {
                         v = w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)];
                     }
                     vs[u] = v;
-                    wd2 += 3;
-                    const int wdc2 = wd2 >= 24;
-                    wd2 -= wdc2 ? 24 : 0;
-                    wd1 += 6 + wdc2;
-                    const int wdc1 = wd1 >= 25;
-                    wd1 -= wdc1 ? 25 : 0;
-                    wd0 += wdc1;
                 }
 #pragma unroll
                 for (int u = 0; u < 14; ++u) {
                     const int idx = tid + (it0 + u) * 147;
-                    if (idx < 6000) (&s_w[0][0][0][0])[idx] = vs[u];
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 32 * 4 + l / 8, j = t % 32 * 8 + l % 8;
+                    if (idx < 6144 && j < 250) (&s_w[0][0][0][0])[j * 28 + oc] = vs[u];
                 }
             }
         }
         __syncthreads();
-        for (int cc = 0; cc < 10; ++cc) {   // the last stage may hold fewer
+        for (int cc = 0; cc < 10; ++cc) {
 #pragma unroll
             for (int r = 0; r < 5; ++r) {
 #pragma unroll

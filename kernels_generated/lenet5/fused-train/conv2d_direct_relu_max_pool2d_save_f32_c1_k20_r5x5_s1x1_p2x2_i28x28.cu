@@ -27,7 +27,7 @@ extern "C" __global__ void __launch_bounds__(192, 1) conv2d_direct_relu_max_pool
     const int oc0 = blockIdx.y * 24;
     const int grp = 0;
     __shared__ float s_in[1][1][20][20];
-    __shared__ __align__(16) float s_w[1][1][25][24];
+    __shared__ __align__(16) float s_w[1][1][25][28];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -71,40 +71,38 @@ extern "C" __global__ void __launch_bounds__(192, 1) conv2d_direct_relu_max_pool
                 }
             }
         }
-        // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        // 4 elements per thread, 4 at a time: every load of a batch is in flight before its
-        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        // the filter slice: each warp reads 8 consecutive (channel, offset) values of 4 output channels
+        // (runs of w in global memory), 4 per thread at a time, all in flight before they are
+        // stored into 8 rows of the tile padded to 28 (32 different banks)
         {
-            int wd0 = (int)(tid / 600);
-            int wd1 = (int)(tid / 24 % 25);
-            int wd2 = (int)(tid % 24);
             {
                 const int it0 = 0;
                 float vs[4];
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
-                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int idx = tid + (it0 + u) * 192;
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 4 * 4 + l / 8, j = t % 4 * 8 + l % 8;
+                    const int cc = j / 25, rs = j % 25;
                     const int m = oc0 + oc, c = c0 + cc;
                     const int r = rs / 5, s = rs % 5;
                     float v = 0;
-                    if (tid + (it0 + u) * 192 < 600 && m < 20 && c < 1) {
+                    if (idx < 768 && j < 25 && m < 20 && c < 1) {
                         v = w[((m * 1 + c) * 5 + r) * 5 + s];
                     }
                     vs[u] = v;
-                    wd1 += 8;
-                    const int wdc1 = wd1 >= 25;
-                    wd1 -= wdc1 ? 25 : 0;
-                    wd0 += wdc1;
                 }
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int idx = tid + (it0 + u) * 192;
-                    if (idx < 600) (&s_w[0][0][0][0])[idx] = vs[u];
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 4 * 4 + l / 8, j = t % 4 * 8 + l % 8;
+                    if (idx < 768 && j < 25) (&s_w[0][0][0][0])[j * 28 + oc] = vs[u];
                 }
             }
         }
         __syncthreads();
-        for (int cc = 0; cc < 1; ++cc) {   // the last stage may hold fewer
+        for (int cc = 0; cc < 1; ++cc) {
 #pragma unroll
             for (int r = 0; r < 5; ++r) {
 #pragma unroll

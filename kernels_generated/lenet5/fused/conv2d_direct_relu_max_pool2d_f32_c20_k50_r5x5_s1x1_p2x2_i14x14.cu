@@ -101,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(196, 1) conv2d_direct_relu_max_pool
         {
 #pragma unroll 4
             for (int it = 0; it < 17; ++it) {
-                const int idx = tid + it * 196;
+                const int idx = tid + (it) * 196;
                 const int t = idx / 32, l = idx % 32;
                 const int oc = t / 13 * 4 + l / 8, j = t % 13 * 8 + l % 8;
                 const int cc = j / 25, rs = j % 25;
@@ -143,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(196, 1) conv2d_direct_relu_max_pool
             {
     #pragma unroll 4
                 for (int it = 0; it < 17; ++it) {
-                    const int idx = tid + it * 196;
+                    const int idx = tid + (it) * 196;
                     const int t = idx / 32, l = idx % 32;
                     const int oc = t / 13 * 4 + l / 8, j = t % 13 * 8 + l % 8;
                     const int cc = j / 25, rs = j % 25;
@@ -157,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(196, 1) conv2d_direct_relu_max_pool
         gc_cp_async_commit();           // a group each time (empty at the last stage): wait_prior stays exact
         gc_cp_async_wait_prior();       // this thread's copies of the current stage have landed
         __syncthreads();
-        for (int cc = 0; cc < 4; ++cc) {   // the last stage may hold fewer
+        for (int cc = 0; cc < 4; ++cc) {
 #pragma unroll
             for (int r = 0; r < 5; ++r) {
 #pragma unroll

@@ -101,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c64_k128_
         {
 #pragma unroll 4
             for (int it = 0; it < 36; ++it) {
-                const int idx = tid + it * 128;
+                const int idx = tid + (it) * 128;
                 const int t = idx / 32, l = idx % 32;
                 const int oc = t / 9 * 4 + l / 8, j = t % 9 * 8 + l % 8;
                 const int cc = j / 9, rs = j % 9;
@@ -143,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c64_k128_
             {
     #pragma unroll 4
                 for (int it = 0; it < 36; ++it) {
-                    const int idx = tid + it * 128;
+                    const int idx = tid + (it) * 128;
                     const int t = idx / 32, l = idx % 32;
                     const int oc = t / 9 * 4 + l / 8, j = t % 9 * 8 + l % 8;
                     const int cc = j / 9, rs = j % 9;
@@ -157,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_f32_c64_k128_
         gc_cp_async_commit();           // a group each time (empty at the last stage): wait_prior stays exact
         gc_cp_async_wait_prior();       // this thread's copies of the current stage have landed
         __syncthreads();
-        for (int cc = 0; cc < 8; ++cc) {   // the last stage may hold fewer
+        for (int cc = 0; cc < 8; ++cc) {
 #pragma unroll
             for (int r = 0; r < 3; ++r) {
 #pragma unroll

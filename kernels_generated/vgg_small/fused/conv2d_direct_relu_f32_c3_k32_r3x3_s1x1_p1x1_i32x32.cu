@@ -27,7 +27,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
     const int oc0 = blockIdx.y * 32;
     const int grp = 0;
     __shared__ float s_in[1][3][18][18];
-    __shared__ __align__(16) float s_w[1][3][9][32];
+    __shared__ __align__(16) float s_w[1][3][9][36];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -71,40 +71,38 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c3_k
                 }
             }
         }
-        // the filter slice, laid out [channel][offset][output channel] for broadcast reads
-        // 4 elements per thread, 4 at a time: every load of a batch is in flight before its
-        // first store; an element's coordinates are advanced as digits, its shared offset is its index
+        // the filter slice: each warp reads 8 consecutive (channel, offset) values of 4 output channels
+        // (runs of w in global memory), 4 per thread at a time, all in flight before they are
+        // stored into 8 rows of the tile padded to 36 (32 different banks)
         {
-            int wd0 = (int)(tid / 288);
-            int wd1 = (int)(tid / 32 % 9);
-            int wd2 = (int)(tid % 32);
             {
                 const int it0 = 0;
                 float vs[4];
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
-                    const int cc = wd0, rs = wd1, oc = wd2;
+                    const int idx = tid + (it0 + u) * 256;
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 4 * 4 + l / 8, j = t % 4 * 8 + l % 8;
+                    const int cc = j / 9, rs = j % 9;
                     const int m = oc0 + oc, c = c0 + cc;
                     const int r = rs / 3, s = rs % 3;
                     float v = 0;
-                    if (tid + (it0 + u) * 256 < 864 && m < 32 && c < 3) {
+                    if (idx < 1024 && j < 27 && m < 32 && c < 3) {
                         v = w[((m * 3 + c) * 3 + r) * 3 + s];
                     }
                     vs[u] = v;
-                    wd1 += 8;
-                    const int wdc1 = wd1 >= 9;
-                    wd1 -= wdc1 ? 9 : 0;
-                    wd0 += wdc1;
                 }
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int idx = tid + (it0 + u) * 256;
-                    if (idx < 864) (&s_w[0][0][0][0])[idx] = vs[u];
+                    const int t = idx / 32, l = idx % 32;
+                    const int oc = t / 4 * 4 + l / 8, j = t % 4 * 8 + l % 8;
+                    if (idx < 1024 && j < 27) (&s_w[0][0][0][0])[j * 36 + oc] = vs[u];
                 }
             }
         }
         __syncthreads();
-        for (int cc = 0; cc < 3; ++cc) {   // the last stage may hold fewer
+        for (int cc = 0; cc < 3; ++cc) {
 #pragma unroll
             for (int r = 0; r < 3; ++r) {
 #pragma unroll
