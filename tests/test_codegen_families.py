@@ -286,6 +286,28 @@ def test_batch_norm_gradients_of_weight_and_bias_come_from_the_input_gradients_s
 
 
 @needs_gxx
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_batch_norm_and_the_activation_after_it_are_one_kernel(act):
+    """Training: the batch norm's apply kernel also computes the activation that reads it (the
+    normalized value handed on in a register, both stored: the backward pass reads both), so the
+    activation launches nothing; a second reader of the batch norm's result keeps reading it. Every
+    value of the training step matches NumPy with poisoned outputs."""
+    g = gc.Graph("bn_act", "float32")
+    h = g.conv2d(g.input("x", ("N", 3, 6, 6)), 4, 3, padding=1, name="c")
+    b = g.batch_norm2d(h, name="bn")
+    a = g.relu(b, name="act") if act == "relu" else g.leaky_relu(b, 0.2, name="act")
+    y = g.add(g.max_pool2d(a, 2, name="p"), g.max_pool2d(b, 2, name="q"), name="both")
+    g.output(g.linear(g.flatten(y), 5, name="fc"))
+    graph = build(g, "fused-train")
+    program = Program(graph)
+    assert "act" not in {l.node for l in program.launches}
+    assert any(l.members == ("bn", "act") for l in program.launches)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
+    assert {"bn", "act"} <= {n for r in results for n in r.node.split(", ")}
+    assert all(r.ok for r in results), [(r.node, r.note) for r in results if not r.ok]
+
+
+@needs_gxx
 def test_batch_norm_float64():
     g = bn_graph(("N", 4, 5, 5), True, True, dtype="float64")
     assert_program_matches(g, inputs_of(g, 3), rtol=1e-10, atol=1e-10)

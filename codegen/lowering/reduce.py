@@ -15,14 +15,17 @@ kernel over per-channel [C] vectors, with the expression written here in sympy.
 from __future__ import annotations
 
 import math
+import types
 
 import sympy as sp
+
+from graphconv.ops.fused import expression_of
 
 from ..cprinter import c_function_prelude
 from ..spec import Arg, KernelSpec, Lowered, Value
 from . import advance_lines, c_int, digit_lines, lowering, numel, short_dtype
 from .prologue import derivative_c, gathered_gradient, operand_loads
-from .pointwise import MAX_BLOCKS, pointwise_kernel
+from .pointwise import MAX_BLOCKS, pointwise_kernel, pointwise_steps, tag_of
 from .window import literal
 
 THREADS = 256
@@ -181,6 +184,24 @@ def a(i):
     return sp.Symbol(f"a{i}", real=True)
 
 
+def activation_after(ctx):
+    """The elementwise node of one operand (an activation) reading this node's result that the same
+    kernel can compute too: of the result's shape and type, in no pointwise group (that kernel computes
+    it). It comes after this node, since it reads it."""
+    from .pointwise import is_pointwise, pointwise_groups
+    graph = ctx.graph
+    users = [u for u, _ in graph.users(ctx.node.name) if is_pointwise(graph, u)]
+    if not users:
+        return None
+    grouped = {m for members in pointwise_groups(graph).values() for m in members}
+    for user in users:
+        node = graph.node(user)
+        if (list(graph.operands(user)) == [ctx.node.name] and user not in grouped and node.dtype == ctx.dtype
+                and tuple(map(str, node.shape)) == tuple(map(str, ctx.node.shape))):
+            return user
+    return None
+
+
 @lowering("batch_norm")
 def lower_batch_norm(ctx):
     """Training: statistics (two-pass), then y = (x - mean) * scale + bias with scale = inv_std * w.
@@ -210,9 +231,21 @@ def lower_batch_norm(ctx):
     expr = (a(0) - a(1)) * a(2) + (a(3) if affine else 0)
     operands = [ctx.operands[0], keys["mean"], keys["scale"]] + ([ctx.operands[4]] if affine else [])
     shapes = [x.shape, (C,), (C,)] + ([(C,)] if affine else [])
-    kernels.append(pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_apply",
-                                    "" if affine else "_noaffine"))
-    return Lowered(kernels=kernels, scratch=scratch)
+    act = activation_after(ctx)
+    if act is None:
+        kernels.append(pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_apply",
+                                        "" if affine else "_noaffine"))
+        return Lowered(kernels=kernels, scratch=scratch)
+    # the activation after it in the same pass: y is stored (the backward pass reads it) and handed on
+    # in a register, so the activation does not read it back
+    node = ctx.graph.node(act)
+    steps = [(expr, ctx.out_key()), (expression_of(node.op, node.attrs, [sp.Symbol("r0", real=True)]), act)]
+    tag = ("" if affine else "_noaffine") + tag_of(types.SimpleNamespace(attrs=node.attrs))
+    kernels.append(pointwise_steps(ctx, steps, shapes, operands, x.shape, f"batch_norm_apply_{node.op}", tag))
+    for kernel in kernels:
+        kernel.nodes = (ctx.node.name, act)
+    scratch[act] = ctx.outs[0]
+    return Lowered(kernels=kernels, scratch=scratch, absorbs=(act,))
 
 
 GRAD_LOADS = ["const double xv = x[idx];", "const double gv = dy[idx];"]

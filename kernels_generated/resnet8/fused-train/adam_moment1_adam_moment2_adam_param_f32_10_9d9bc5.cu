@@ -14,8 +14,8 @@
 // needs to cover the latency of memory); scalar operands are read once per thread. The body is
 // the ops' sympy expressions printed as C, nothing written by hand.
 // One kernel for 3 elementwise nodes of one shape where each later one reads the
-// earlier ones (an optimizer's moment and parameter updates): every operand is read once and every
-// intermediate is handed on in registers, though each result is still stored.
+// earlier ones (an optimizer's moment and parameter updates; a batch norm and its activation): every
+// operand is read once and every intermediate is handed on in registers, though each result is stored.
 extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_adam_param_f32_10_9d9bc5(const float* a0, const float* a1, const float* a2, const float* a3, const float* a4, const float* a5, float* out0, float* out1, float* out2, int batch)
 {
     const long long total = 10;
