@@ -171,14 +171,27 @@ def lower_pool(ctx):
 # ---- backward: gathers ----------------------------------------------------------------------------
 def gather_spec(ctx, w, name, bases, contribution, args, what, prelude="", outer_unroll=None):
     """One thread per input element: for every kernel offset r (row-major), the window o with
-    o*stride - pad + r*dilation == h, if it exists, adds `contribution` (lines reading window q)."""
+    o*stride - pad + r*dilation == h, if it exists, adds `contribution` (lines reading window q).
+    Where no two windows overlap (each spans at most its stride: 2 x 2 pools of stride 2) an element
+    lies in at most one window, found by division instead of visiting every kernel offset, and its
+    contribution's loads (dy, and the window or the saved code) issue together, once."""
     T = ctx.float_type
     SiN, SoN = math.prod(w.Si), math.prod(w.So)
     total = numel(ctx.outs[0].shape)
-    if w.disjoint():
-        return disjoint_spec(ctx, w, name, bases, contribution, args, what, prelude)
-    visit = unflatten("e", w.k, "r")
-    hit = []
+    disjoint = w.disjoint()
+    visit = disjoint_visit(w) if disjoint else offsets_visit(w)
+    window = [f"const int q = {flat([f'o{d}' for d in range(w.nd)], w.So)};"] + contribution
+    return KernelSpec(name=name, template="pool_backward.cu.j2",
+                      params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
+                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G, "disjoint": disjoint,
+                              "unroll": "" if disjoint else outer_unroll or unroll(w.G), "visit": visit,
+                              "window": window, "what": what, "window_text": w.text(), "prelude": prelude},
+                      args=args, grid=grid_for(total), block=(THREADS, 1, 1))
+
+
+def offsets_visit(w) -> list:
+    """Lines of the loop over kernel offsets e: the window o holding element h at offset e, and hit."""
+    visit, hit = unflatten("e", w.k, "r"), []
     for d in range(w.nd):
         visit.append(f"const int t{d} = h{d}{f' + {w.lo[d]}' if w.lo[d] else ''} - {times(f'r{d}', w.d[d])};")
         if w.s[d] > 1:
@@ -187,23 +200,11 @@ def gather_spec(ctx, w, name, bases, contribution, args, what, prelude="", outer
         else:
             visit.append(f"const int o{d} = t{d};")
             hit.append(f"t{d} >= 0 && o{d} < {w.So[d]}")
-    visit.append(f"const bool hit = {' && '.join(hit)};")
-    window = [f"const int q = {flat([f'o{d}' for d in range(w.nd)], w.So)};"] + contribution
-    return KernelSpec(name=name, template="pool_backward.cu.j2",
-                      params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
-                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G, "disjoint": False,
-                              "unroll": outer_unroll or unroll(w.G), "visit": visit, "window": window, "what": what,
-                              "window_text": w.text(), "prelude": prelude},
-                      args=args, grid=grid_for(total), block=(THREADS, 1, 1))
+    return visit + [f"const bool hit = {' && '.join(hit)};"]
 
 
-def disjoint_spec(ctx, w, name, bases, contribution, args, what, prelude):
-    """gather_spec where no two windows overlap (each spans at most its stride: 2 x 2 pools of stride
-    2): an element lies in at most one window, found by division, not by visiting every kernel offset.
-    Its contribution's loads (dy, and the window or the saved code) issue together, once."""
-    T = ctx.float_type
-    SiN, SoN = math.prod(w.Si), math.prod(w.So)
-    total = numel(ctx.outs[0].shape)
+def disjoint_visit(w) -> list:
+    """Lines finding the one window o that may hold element h (no two overlap), hit, and its offset e."""
     visit, hit = [], []
     for d in range(w.nd):
         visit.append(f"const int t{d} = h{d}{f' + {w.lo[d]}' if w.lo[d] else ''};")
@@ -217,15 +218,8 @@ def disjoint_spec(ctx, w, name, bases, contribution, args, what, prelude):
             visit.append(f"const int r{d} = 0;")
             cell = []
         hit.append(" && ".join([f"o{d} < {w.So[d]}"] + cell))     # t >= 0: h and the padding are
-    visit.append(f"const bool hit = {' && '.join(hit)};")
-    visit.append(f"const int e = {flat([f'r{d}' for d in range(w.nd)], w.k)};   // the element's kernel offset")
-    window = [f"const int q = {flat([f'o{d}' for d in range(w.nd)], w.So)};"] + contribution
-    return KernelSpec(name=name, template="pool_backward.cu.j2",
-                      params={"T": T, "threads": THREADS, "total": c_int(total), "in_size": SiN, "out_size": SoN,
-                              "in_coords": unflatten("h", w.Si, "h"), "bases": bases, "G": w.G, "disjoint": True,
-                              "unroll": "", "visit": visit, "window": window, "what": what,
-                              "window_text": w.text(), "prelude": prelude},
-                      args=args, grid=grid_for(total), block=(THREADS, 1, 1))
+    return visit + [f"const bool hit = {' && '.join(hit)};",
+                    f"const int e = {flat([f'r{d}' for d in range(w.nd)], w.k)};   // the element's kernel offset"]
 
 
 @lowering(*[f"{mode}_pool{nd}d_backward" for mode in ("max", "avg") for nd in (1, 2, 3)])
