@@ -264,9 +264,9 @@ def test_direct_staging_in_batches_fills_shared_memory_exactly_as_one_loop(monke
 
 @pytest.mark.parametrize("budget", [None, 6 * 1024])
 def test_direct_double_buffered_stages_give_the_bits_of_one_buffer(monkeypatch, budget):
-    """PIPELINE: where both tiles are plain copies, the direct kernels fill two shared buffers by
-    cp.async (on the host: copies at once) and compute from one while the other fills; forward and
-    backward-data, channels that do not divide into stages (a partial last stage), zero-filled padding,
+    """PIPELINE: the direct kernels fill two shared buffers, the filter slice (and the input tile where
+    it is a plain copy; a gathered one goes through registers) by cp.async (on the host: copies at
+    once), and compute from one while the other fills; forward and backward-data, channels that do not divide into stages (a partial last stage), zero-filled padding,
     give the bits of the single-buffer kernels and match NumPy with poisoned outputs. A smaller shared
     budget forces more, smaller stages."""
     from codegen.lowering import direct
@@ -274,7 +274,7 @@ def test_direct_double_buffered_stages_give_the_bits_of_one_buffer(monkeypatch, 
         monkeypatch.setattr(direct, "SHARED_BUDGET", budget)
         monkeypatch.setattr(direct, "DOUBLE_BUDGET", budget)
     g = gc.Graph("pipe", "float32")
-    x = g.input("x", ("N", 5, 21, 19))
+    x = g.conv2d(g.input("x", ("N", 5, 21, 19)), 5, 1, name="pre")     # conv1's backward-data: gathered
     h = g.max_pool2d(g.relu(g.conv2d(x, 24, 3, padding=1, name="conv1")), 2)
     h = g.conv2d(h, 7, 5, padding=2, name="conv2")
     h = g.relu(g.conv2d(h, 9, 3, padding=1, name="conv3"))
@@ -287,6 +287,7 @@ def test_direct_double_buffered_stages_give_the_bits_of_one_buffer(monkeypatch, 
     program = CompiledProgram(graph, "host")
     piped = [s for s in program.program.kernels if s.template == "direct_conv.cu.j2" and s.params["buffers"] == 2]
     assert {"conv2d_direct", "conv2d_backward_data_direct"} <= {s.name.split("_f32")[0] for s in piped}
+    assert any(s.params["sources"]["in"] is None for s in piped)              # a gathered input tile
     assert any(s.params["C"] % s.params["CC"] for s in piped)                 # a partial last stage,
     assert all(f"min({s.params['CC']}, {s.params['C']} - c0)" in s.source       # computed over its channels only
                for s in piped if s.params["C"] % s.params["CC"])

@@ -99,7 +99,10 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
         return None
     sources = {"in": plain_source(in_load), "w": plain_source(w_load)}
     budget = DOUBLE_BUDGET // 2
-    buffers = 2 if PIPELINE and all(sources.values()) and per_channel <= budget and C > 1 else 1
+    # both tiles copied by cp.async where both are plain; a gathered input tile (a pool/activation
+    # gradient) goes through registers (STAGE_LOADS batches) while the filter slice is still copied
+    buffers = 2 if (PIPELINE and sources["w"] and (sources["in"] or STAGE_LOADS) and per_channel <= budget
+                    and C > 1) else 1
     CC = max(1, min(C, (budget if buffers == 2 else SHARED_BUDGET) // per_channel))
     if buffers == 2 and CC >= C:             # one stage holds every channel: nothing to overlap
         buffers, CC = 1, C

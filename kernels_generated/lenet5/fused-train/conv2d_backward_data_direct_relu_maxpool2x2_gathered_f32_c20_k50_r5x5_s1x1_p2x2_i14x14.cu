@@ -6,15 +6,51 @@
 //   arguments: const float*, const unsigned char*, const float*, const float*, float*, int
 //   a direct 2-D convolution, stride 1: out[b, m, y, x] = sum over c, r, s of in[b, c, y - 2 + r, x - 2 + s] * w(m, c, r, s)
 //   in = act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes;  w(m, c, r, s) = w[c, m, K-1-r, K-1-s] (the flipped filter)
-//   tile: 14 x 14 outputs x 24 channels per block (7 x 7 cells of 2 x 2), 8 channels x 4 positions per thread, 10 input channels per stage
+//   tile: 14 x 14 outputs x 24 channels per block (7 x 7 cells of 2 x 2), 8 channels x 4 positions per thread, 5 input channels per stage
 //
 // Why this shape: a 5x5 window reads each input element up to 25 times; staging the block's
 // input tile with its halo (18 x 18 per channel) and the filter slice in shared memory makes
 // those reads cheap and loads every input element from global memory once per block, coalesced along
 // rows. Each thread keeps 8 x 4 results in registers; per input channel and kernel offset
 // it reads 8 filter values (the same address across a warp: a broadcast) and 4 inputs
-// and does 32 multiply-adds. The epilogue (bias,
+// and does 32 multiply-adds. The stages are double-buffered: cp.async fills one buffer
+// while the block computes from the other, so the loads of a stage wait behind the previous stage's
+// arithmetic, not in front of it. The epilogue (bias,
 // activation) runs in registers before the one store of each result.
+// cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
+// element is zero-filled where gc_ok is false (padding, past the tensor), and nothing is read then.
+// Copies are committed in groups; gc_cp_async_wait_prior() waits for all of this thread's groups but
+// the newest (a barrier after it makes every thread's copies visible). Below sm_80 (no cp.async) and
+// without __CUDA_ARCH__ (the host backend) a copy happens at once, and committing and waiting do nothing.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define GC_CP_ASYNC 1
+#endif
+template <typename gc_T>
+__device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bool gc_ok)
+{
+#ifdef GC_CP_ASYNC
+    const unsigned gc_s = (unsigned)__cvta_generic_to_shared(gc_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                 :: "r"(gc_s), "l"(gc_src), "n"((int)sizeof(gc_T)), "r"(gc_ok ? (int)sizeof(gc_T) : 0) : "memory");
+#else
+    *gc_dst = gc_ok ? *gc_src : gc_T(0);
+#endif
+}
+
+__device__ __forceinline__ void gc_cp_async_commit()
+{
+#ifdef GC_CP_ASYNC
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void gc_cp_async_wait_prior()
+{
+#ifdef GC_CP_ASYNC
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
 // __launch_bounds__(threads, 1): the register tile stays in registers (no spills) at any occupancy.
 extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct_relu_maxpool2x2_gathered_f32_c20_k50_r5x5_s1x1_p2x2_i14x14(const float* __restrict__ gdy, const unsigned char* __restrict__ gcode, const float* __restrict__ gaux, const float* __restrict__ w, float* __restrict__ dx, int batch)
 {
@@ -25,32 +61,35 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
     const long long bimg = blockIdx.x / 1;
     const int cy0 = (int)(tile / 1) * 7, cx0 = (int)(tile % 1) * 7;
     const int oc0 = blockIdx.y * 24;
-    __shared__ float s_in[1][10][18][18];
-    __shared__ __align__(16) float s_w[1][10][25][28];
+    __shared__ float s_in[2][5][18][18];
+    __shared__ __align__(16) float s_w[2][5][25][28];
     float acc[8][4];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[t][e] = 0;
 
-    for (int c0 = 0; c0 < 50; c0 += 10) {
-        const int buf = 0;
-        // the input tile with its halo, consecutive threads along a row
-        // 23 elements per thread, 12 at a time: every load of a batch is in flight before its
+    // two buffers: while the block computes input channels [c0, c0 + 5) from one, the copies of the
+    // next 5 channels' filter slice into the other are in flight (cp.async); their input tile, made
+    // by a gather, is loaded through registers after the computation, into the other buffer too
+    {
+        const int cs = 0;   // the first stage
+        // 12 elements per thread, 12 at a time: every load of a batch is in flight before its
         // first store; an element's coordinates are advanced as digits, its shared offset is its index
         {
             int ind0 = (int)(tid / 324);
             int ind1 = (int)(tid / 18 % 18);
             int ind2 = (int)(tid % 18);
-            for (int it0 = 0; it0 < 23; it0 += 12) {
+            {
+                const int it0 = 0;
                 float vs[12];
 #pragma unroll
                 for (int u = 0; u < 12; ++u) {
                     const int cc = ind0, yy = ind1, xx = ind2;
-                    const int c = c0 + cc;
+                    const int c = cs + cc;
                     const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
                     float v = 0;
-                    if (tid + (it0 + u) * 147 < 3240 && c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
+                    if (tid + (it0 + u) * 147 < 1620 && c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
                         const int gp0 = (iy) / 2;
                         const int gp1 = (ix) / 2;
                         const int gpos = (gp0) * 7 + gp1;
@@ -78,41 +117,50 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
 #pragma unroll
                 for (int u = 0; u < 12; ++u) {
                     const int idx = tid + (it0 + u) * 147;
-                    if (idx < 3240) (&s_in[0][0][0][0])[idx] = vs[u];
+                    if (idx < 1620) (&s_in[0][0][0][0])[idx] = vs[u];
                 }
             }
         }
-        // the filter slice: each warp reads 8 consecutive (channel, offset) values of 4 output channels
-        // (runs of w in global memory), 14 per thread at a time, all in flight before they are
-        // stored into 8 rows of the tile padded to 28 (32 different banks)
+        // the filter slice: each warp copies 8 consecutive (channel, offset) values of 4 output channels,
+        // runs of w in global memory, into 8 rows of the tile padded to 28 (32 different banks)
         {
-            for (int it0 = 0; it0 < 42; it0 += 14) {
-                float vs[14];
-#pragma unroll
-                for (int u = 0; u < 14; ++u) {
-                    const int idx = tid + (it0 + u) * 147;
+#pragma unroll 4
+            for (int it = 0; it < 21; ++it) {
+                const int idx = tid + (it) * 147;
+                const int t = idx / 32, l = idx % 32;
+                const int oc = t / 16 * 4 + l / 8, j = t % 16 * 8 + l % 8;
+                const int cc = j / 25, rs = j % 25;
+                const int m = oc0 + oc, c = cs + cc;
+                const int r = rs / 5, s = rs % 5;
+                const bool ok = m < 20 && c < 50;
+                if (idx < 3072 && j < 125) gc_cp_async(&s_w[0][0][0][0] + j * 28 + oc, ok ? &w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)] : w, ok);
+            }
+        }
+    }
+    gc_cp_async_commit();
+    for (int c0 = 0, buf = 0; c0 < 50; c0 += 5, buf ^= 1) {
+        if (c0 + 5 < 50) {      // the next stage, into the buffer every thread finished reading
+            const int cs = c0 + 5;
+            // the filter slice: each warp copies 8 consecutive (channel, offset) values of 4 output channels,
+            // runs of w in global memory, into 8 rows of the tile padded to 28 (32 different banks)
+            {
+    #pragma unroll 4
+                for (int it = 0; it < 21; ++it) {
+                    const int idx = tid + (it) * 147;
                     const int t = idx / 32, l = idx % 32;
-                    const int oc = t / 32 * 4 + l / 8, j = t % 32 * 8 + l % 8;
+                    const int oc = t / 16 * 4 + l / 8, j = t % 16 * 8 + l % 8;
                     const int cc = j / 25, rs = j % 25;
-                    const int m = oc0 + oc, c = c0 + cc;
+                    const int m = oc0 + oc, c = cs + cc;
                     const int r = rs / 5, s = rs % 5;
-                    float v = 0;
-                    if (idx < 6144 && j < 250 && m < 20 && c < 50) {
-                        v = w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)];
-                    }
-                    vs[u] = v;
-                }
-#pragma unroll
-                for (int u = 0; u < 14; ++u) {
-                    const int idx = tid + (it0 + u) * 147;
-                    const int t = idx / 32, l = idx % 32;
-                    const int oc = t / 32 * 4 + l / 8, j = t % 32 * 8 + l % 8;
-                    if (idx < 6144 && j < 250) (&s_w[0][0][0][0])[j * 28 + oc] = vs[u];
+                    const bool ok = m < 20 && c < 50;
+                    if (idx < 3072 && j < 125) gc_cp_async(&s_w[buf ^ 1][0][0][0] + j * 28 + oc, ok ? &w[((c * 20 + m) * 5 + (4 - r)) * 5 + (4 - s)] : w, ok);
                 }
             }
         }
+        gc_cp_async_commit();           // a group each time (empty at the last stage): wait_prior stays exact
+        gc_cp_async_wait_prior();       // this thread's copies of the current stage have landed
         __syncthreads();
-        for (int cc = 0; cc < 10; ++cc) {
+        for (int cc = 0; cc < 5; ++cc) {
 #pragma unroll
             for (int r = 0; r < 5; ++r) {
 #pragma unroll
@@ -126,6 +174,56 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                     for (int t = 0; t < 8; ++t)
 #pragma unroll
                         for (int e = 0; e < 4; ++e) acc[t][e] += (float)wv[t] * iv[e];
+                }
+            }
+        }
+        if (c0 + 5 < 50) {      // the next stage's input tile, into the buffer every thread finished reading
+            const int cs = c0 + 5;
+            // 12 elements per thread, 12 at a time: every load of a batch is in flight before its
+            // first store; an element's coordinates are advanced as digits, its shared offset is its index
+            {
+                int ind0 = (int)(tid / 324);
+                int ind1 = (int)(tid / 18 % 18);
+                int ind2 = (int)(tid % 18);
+                {
+                    const int it0 = 0;
+                    float vs[12];
+    #pragma unroll
+                    for (int u = 0; u < 12; ++u) {
+                        const int cc = ind0, yy = ind1, xx = ind2;
+                        const int c = cs + cc;
+                        const int iy = cy0 * 2 - 2 + yy, ix = cx0 * 2 - 2 + xx;
+                        float v = 0;
+                        if (tid + (it0 + u) * 147 < 1620 && c < 50 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14) {
+                            const int gp0 = (iy) / 2;
+                            const int gp1 = (ix) / 2;
+                            const int gpos = (gp0) * 7 + gp1;
+                            const bool gin = gp0 < 7 && gp1 < 7;
+                            const int gwant = ((iy) % 2) * 2 + ((ix) % 2) * 1;
+                            const long long gi = (bimg * 50 + c) * 49LL + gpos;
+                            if (gin) {
+                                const int gcv = gcode[gi];
+                                const float ga = gaux[gi];
+                                const float gd = gdy[gi];
+                                if (gcv == gwant) {
+                                    v = ((ga > 0) ? (gd) : (0));
+                                }
+                            }
+                        }
+                        vs[u] = v;
+                        ind2 += 3;
+                        const int indc2 = ind2 >= 18;
+                        ind2 -= indc2 ? 18 : 0;
+                        ind1 += 8 + indc2;
+                        const int indc1 = ind1 >= 18;
+                        ind1 -= indc1 ? 18 : 0;
+                        ind0 += indc1;
+                    }
+    #pragma unroll
+                    for (int u = 0; u < 12; ++u) {
+                        const int idx = tid + (it0 + u) * 147;
+                        if (idx < 1620) (&s_in[buf ^ 1][0][0][0])[idx] = vs[u];
+                    }
                 }
             }
         }
