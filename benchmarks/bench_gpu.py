@@ -333,26 +333,54 @@ def rule_place(name):
     return (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
 
 
+def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
+    """The kernel sources of a layer's training program under the rules as they are set now (no compile)."""
+    from codegen.program import Program
+    graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
+    return frozenset(spec.source for spec in Program(graph, tf32=args.tf32).kernels)
+
+
+def under(rule, fn):
+    """fn() with the VARIANTS rule's settings in place, restored after."""
+    saved = {name: getattr(*rule_place(name)) for name in rule}
+    try:
+        for name, value in rule.items():
+            setattr(*rule_place(name), value)
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(*rule_place(name), value)
+
+
 def variants(args, timer, say):
-    """The layers at batch 64 and 256 under each rule of VARIANTS and under the current rules."""
+    """The layers at batch 64 and 256 under each rule of VARIANTS and under the current rules. A rule
+    that leaves a layer's kernels as they are now (the 8 x 8 rule on a 28 x 28 layer) is not timed again:
+    its row repeats now's (a lease's minutes go to the rows that differ)."""
     rows = []
-    for model, layer, c_in, c_out, size, k, pad in LAYERS:
+    timer = Timer(args.backend, min(timer.repeats, 20), timer.warmup, timer.inner)   # ~100 builds: 20 samples each
+    # the worst layer first, then the steps' biggest: a lease that ends early keeps the rows that decide most
+    first = ("conv3_2", "conv2", "conv2_2", "conv1_2", "conv1")
+    for model, layer, c_in, c_out, size, k, pad in sorted(LAYERS, key=lambda l: first.index(l[1]) if l[1] in first
+                                                          else len(first)):
+        input_grad = layer != "conv1"
+        shape = (c_in, c_out, size, k, pad, input_grad)
+        now_sources = layer_sources(args, *shape)
+        same = {label for label, rule in VARIANTS.items()
+                if under(rule, lambda: layer_sources(args, *shape)) == now_sources}
         for batch in (64, 256):
-            row = {"layer": layer, "batch": batch}
-            for label, rule in [("now", {})] + list(VARIANTS.items()):
-                saved = {name: getattr(*rule_place(name)) for name in rule}
-                try:
-                    for name, value in rule.items():
-                        setattr(*rule_place(name), value)
-                    ours = graphconv_layer(args, c_in, c_out, size, k, pad, batch, layer != "conv1", timer)
-                finally:
-                    for name, value in saved.items():
-                        setattr(*rule_place(name), value)
-                row[label] = {phase: ours[phase]["ms"] for phase in ("forward", "backward")}
+            row = {"layer": layer, "batch": batch, "same_as_now": sorted(same)}
+            row["now"] = {phase: value["ms"] for phase, value in
+                          graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer).items()}
+            for label, rule in VARIANTS.items():
+                row[label] = dict(row["now"]) if label in same else {
+                    phase: value["ms"] for phase, value in
+                    under(rule, lambda: graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer)).items()}
             rows.append(row)
             now = row["now"]
             say(f"variants {layer} batch {batch}: now forward {now['forward']:.4f} backward {now['backward']:.4f} ms; "
-                + "; ".join(f"{label}: {row[label]['forward']:.4f} / {row[label]['backward']:.4f}" for label in VARIANTS))
+                + "; ".join(f"{label}: " + ("same kernels" if label in same else
+                                            f"{row[label]['forward']:.4f} / {row[label]['backward']:.4f}")
+                            for label in VARIANTS))
     return rows
 
 
@@ -392,6 +420,8 @@ def main():
     ap.add_argument("--tf32", action="store_true", help="TF32 on both sides: compile(tf32=True), PyTorch allow_tf32")
     ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
     ap.add_argument("--variants", action="store_true", help="the layers under the earlier GEMM rules too (VARIANTS)")
+    ap.add_argument("--no-main", action="store_true",
+                    help="skip the layer, step, bandwidth and torch.compile rows (with --profile / --variants)")
     args = ap.parse_args()
     args.backend = "host" if args.smoke else "cuda"
     with_torch = not args.smoke
@@ -429,6 +459,8 @@ def main():
         return False
 
     batches = (4,) if args.smoke else (64, 128, 256)
+    if args.no_main:
+        batches, with_torch = (), False
     # pass 1: graphconv and eager, every layer and step
     for model, layer, c_in, c_out, size, k, pad in LAYERS:
         for batch in batches:
@@ -448,7 +480,7 @@ def main():
                 f"{r['phase']} {r['graphconv_ms'] or 0:.4f} ms (eager {r['eager_ms'] or 0:.4f})"
                 for r in result["layers"][-2:]))
     steps = {"lenet5": (64, 256), "vgg_small": (64, 256)} if not args.smoke else {"lenet5": (4,), "vgg_small": (4,)}
-    for name, sizes in steps.items():
+    for name, sizes in steps.items() if not args.no_main else ():
         for batch in sizes:
             row = {"model": name, "batch": batch}
             row.update(attempt(f"graphconv step {name} {batch}", lambda: graphconv_step(args, name, batch, timer), {}))
@@ -457,8 +489,9 @@ def main():
                                    lambda: torch_steps(name, batch, timer, ("eager", "eager_cuda_graph")), {}))
             result["steps"].append(row)
             say(f"step {name} batch {batch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
-    result["bandwidth"] = attempt("bandwidth", lambda: bandwidth(args, timer), {"copy_GB_s": None, "kernels": []})
-    write(args, result, log)
+    if not args.no_main:
+        result["bandwidth"] = attempt("bandwidth", lambda: bandwidth(args, timer), {"copy_GB_s": None, "kernels": []})
+        write(args, result, log)
     if args.profile:
         for name in ("lenet5", "vgg_small"):
             rows = attempt(f"profile {name}", lambda: profile(args, name, 4 if args.smoke else 256), [])

@@ -4,8 +4,9 @@
 # tests:     every test marked gpu except compute-sanitizer (pytest -m gpu), in 8 processes
 # bench:     benchmarks/bench_gpu.py --save (torch.compile rows within BENCH_BUDGET_S seconds)
 # bench-tf32: the same with TF32 on both sides
-# variants:  bench_gpu.py --variants --profile, no torch.compile: every layer under each earlier GEMM rule
-#            (bench_gpu.VARIANTS) against the current one, and each kernel of the steps alone
+# variants:  bench_gpu.py --variants --profile --no-main: every layer under each earlier rule
+#            (bench_gpu.VARIANTS) that changes its kernels, against the current ones, and each kernel of
+#            the steps alone (not the layer/step/bandwidth rows of `bench`)
 # sanitizer: the compute-sanitizer memcheck and racecheck tests, where the tool is installed
 # exported:  cubins compiled elsewhere by NVRTC 13.5 (GRAPHCONV_EXPORTED, see device_check.py) checked here
 # Logs and results go to $OUT (default benchmarks/results/logs); each step has a time limit.
@@ -36,8 +37,8 @@ for step in $STEPS; do
       timeout "${BENCH_S:-420}" $PY benchmarks/bench_gpu.py --save $precision --out "$OUT" \
         --budget-s "${BENCH_BUDGET_S:-240}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.log"; s=${PIPESTATUS[0]} ;;
     variants)
-      timeout "${VARIANTS_S:-420}" $PY benchmarks/bench_gpu.py --variants --profile --out "$OUT/variants" \
-        --budget-s 0 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/variants.log"; s=${PIPESTATUS[0]} ;;
+      timeout "${VARIANTS_S:-420}" $PY benchmarks/bench_gpu.py --variants --profile --no-main --out "$OUT/variants" \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/variants.log"; s=${PIPESTATUS[0]} ;;
     sanitizer)
       timeout "${SANITIZER_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k sanitizer -p no:cacheprovider 2>&1 \
         | tee "$OUT/sanitizer.log"; s=${PIPESTATUS[0]} ;;

@@ -178,3 +178,38 @@ def test_the_benchmark_reports_memory_bound_kernels_against_both_copies():
     assert "relu_grad_f32_32x32x32: 67.1 MB, 3900 GB/s = 94% of the copy, 98% of a copy of 67.1 MB (4000 GB/s)" in text
     assert "1 of 2 at >= 80% of a copy of their bytes (median 84%)" in text
     assert "those of >= 16 MB: 1 of 1 at >= 80% of the 256 MiB copy" in text
+
+
+def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
+    """`--variants` on a lease: a rule that leaves a layer's kernel sources as they are (the 8 x 8 rule on
+    LeNet's 14 x 14 layer) repeats now's row instead of timing it again; one that changes them (the same
+    rule on vgg's 8 x 8 layer, one buffer on LeNet's) is timed. `under` puts every setting back."""
+    import types as _types
+    from codegen.lowering import direct, gemm
+    bench = load_bench()
+    args = _types.SimpleNamespace(tf32=False)
+    shapes = {layer: (c_in, c_out, size, k, pad, layer != "conv1") for _, layer, c_in, c_out, size, k, pad in bench.LAYERS}
+    before = (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS)
+
+    def changes(label, layer):
+        now = bench.layer_sources(args, *shapes[layer])
+        return bench.under(bench.VARIANTS[label], lambda: bench.layer_sources(args, *shapes[layer])) != now
+    assert not changes("8 x 8 planes as the GEMM", "conv2")
+    assert changes("8 x 8 planes as the GEMM", "conv3_2")
+    assert changes("direct: one buffer, staged through registers", "conv2")
+    assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS) == before
+
+
+def test_the_variants_run_reports_every_rule_and_times_each_changed_one_once_per_batch(monkeypatch):
+    import types as _types
+    bench = load_bench()
+    monkeypatch.setattr(bench, "LAYERS", [("lenet5", "conv2", 20, 50, 14, 5, 2)])
+    timed = []
+    monkeypatch.setattr(bench, "graphconv_layer", lambda args, *a: timed.append(a) or
+                        {"forward": {"ms": 1.0}, "backward": {"ms": 2.0}})
+    lines = []
+    rows = bench.variants(_types.SimpleNamespace(tf32=False, backend="host"), bench.Timer("host", 3), lines.append)
+    same = rows[0]["same_as_now"]
+    assert "8 x 8 planes as the GEMM" in same and "direct: one buffer, staged through registers" not in same
+    assert len(timed) == 2 * (1 + len(bench.VARIANTS) - len(same)) and [r["batch"] for r in rows] == [64, 256]
+    assert all(set(bench.VARIANTS) <= set(r) for r in rows) and "8 x 8 planes as the GEMM: same kernels" in lines[0]
