@@ -334,10 +334,11 @@ def rule_place(name):
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
-    """The kernel sources of a layer's training program under the rules as they are set now (no compile)."""
+    """The kernels (source and launch shape) of a layer's training program under the rules as they are
+    set now (no compile)."""
     from codegen.program import Program
     graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
-    return frozenset(spec.source for spec in Program(graph, tf32=args.tf32).kernels)
+    return frozenset((spec.source, str(spec.grid), str(spec.block)) for spec in Program(graph, tf32=args.tf32).kernels)
 
 
 def under(rule, fn):

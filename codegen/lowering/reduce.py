@@ -244,6 +244,7 @@ def lower_batch_norm(ctx):
     kernels.append(pointwise_steps(ctx, steps, shapes, operands, x.shape, f"batch_norm_apply_{node.op}", tag))
     for kernel in kernels:
         kernel.nodes = (ctx.node.name, act)
+        kernel.layers = tuple(dict.fromkeys([ctx.layer, node.layer or ctx.layer]))
     scratch[act] = ctx.outs[0]
     return Lowered(kernels=kernels, scratch=scratch, absorbs=(act,))
 
@@ -317,6 +318,7 @@ def lower_batch_norm_grad_input(ctx):
     absorbs = tuple(siblings.values())
     for kernel in kernels:
         kernel.nodes = (ctx.node.name,) + absorbs
+        kernel.layers = tuple(dict.fromkeys([ctx.layer] + [ctx.graph.node(n).layer or ctx.layer for n in absorbs]))
     scratch.update({node: Value((C,), ctx.dtype) for node in absorbs})
     # a0 = dy, a1 = x, a2 = mean, a3 = gain, a4 = shift, a5 = slope
     expr = a(3) * (a(0) - a(4) - (a(1) - a(2)) * a(5))
