@@ -6,8 +6,8 @@ torch.backends.cudnn.allow_tf32 = False and torch.backends.cuda.matmul.allow_tf3
     python benchmarks/bench_gpu.py --smoke                         # the plumbing on the host backend, no GPU
     python benchmarks/bench_gpu.py --save --out $OUT --budget-s 240  # a lease: torch.compile rows last, in budget
 
-torch.compile rows are measured in a second pass after every graphconv/eager row, and skipped once
-`--budget-s` seconds have passed (each compile takes seconds); the JSON is rewritten after each part, so
+torch.compile rows are measured in a second pass after every graphconv/eager row (batch 256 first),
+and skipped once `--budget-s` seconds have passed (each compile takes seconds); the JSON is rewritten after each part, so
 a run cut short keeps what it measured.
 
 With --tf32: graphconv's TF32 tensor-core kernels against PyTorch with TF32 allowed.
@@ -511,9 +511,10 @@ def main():
         result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])
         write(args, result, log)
     if with_torch:
-        # pass 2: torch.compile, as far as the budget goes
-        for i, (model, layer, c_in, c_out, size, k, pad) in enumerate(LAYERS):
-            for batch in batches:
+        # pass 2: torch.compile, as far as the budget goes: every layer at batch 256 first (the targets'
+        # rows), then 64, then 128, then the steps, LeNet-5's at 256 first
+        for batch in sorted(batches, key=lambda b: (b != 256, b != 64, b)):
+            for model, layer, c_in, c_out, size, k, pad in LAYERS:
                 if not in_budget(f"compile {layer} {batch}"):
                     continue
                 comp = attempt(f"compile {layer} batch {batch}", lambda: torch_layer(
@@ -521,7 +522,7 @@ def main():
                 for row in result["layers"]:
                     if (row["layer"], row["batch"]) == (layer, batch):
                         row["compile_ms"] = comp.get(row["phase"], {}).get("ms")
-        for row in result["steps"]:
+        for row in sorted(result["steps"], key=lambda r: (r["batch"] != 256, r["model"] != "lenet5")):
             if in_budget(f"compile step {row['model']} {row['batch']}"):
                 row.update(attempt(f"compile step {row['model']} {row['batch']}",
                                    lambda: torch_steps(row["model"], row["batch"], timer, ("compile",)), {}))
