@@ -250,6 +250,16 @@ MEMORY_BOUND = ("pointwise.cu.j2", "pool.cu.j2", "pool_backward.cu.j2", "channel
                 "column_partial.cu.j2", "splitk_reduce.cu.j2")
 
 
+def moved_bytes(spec, kargs) -> int:
+    """Bytes a memory-bound kernel moves: each array argument read or written once, but a pointwise
+    kernel's operands its expression ignores (a gradient rule that needs only one operand) are not read."""
+    loaded = {load["expr"].split("[")[0] for load in spec.params.get("loads", [])} \
+        if spec.template == "pointwise.cu.j2" else None
+    return sum(int(x.nbytes) for arg, x in zip(spec.args, kargs)
+               if hasattr(x, "nbytes") and x.size > 1
+               and (loaded is None or not arg.ctype.startswith("const") or arg.name in loaded))
+
+
 def copy_ms(args, timer, nbytes):
     """A device-to-device copy moving `nbytes` in all (nbytes / 2 read, nbytes / 2 written), timed as the
     kernels are: `inner` copies replayed from one captured graph."""
@@ -281,7 +291,7 @@ def bandwidth(args, timer):
             if launch.spec.template not in MEMORY_BOUND or launch.spec.name in seen:
                 continue
             seen.add(launch.spec.name)
-            nbytes = sum(int(x.nbytes) for x in kargs if hasattr(x, "nbytes") and x.size > 1)
+            nbytes = moved_bytes(launch.spec, kargs)
             if nbytes < least:
                 continue
             ms = kernel_ms(program, bound, timer)

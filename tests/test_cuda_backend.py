@@ -213,3 +213,22 @@ def test_the_variants_run_reports_every_rule_and_times_each_changed_one_once_per
     assert "8 x 8 planes as the GEMM" in same and "direct: one buffer, staged through registers" not in same
     assert len(timed) == 2 * (1 + len(bench.VARIANTS) - len(same)) and [r["batch"] for r in rows] == [64, 256]
     assert all(set(bench.VARIANTS) <= set(r) for r in rows) and "8 x 8 planes as the GEMM: same kernels" in lines[0]
+
+
+def test_the_bandwidth_rows_count_the_bytes_a_kernel_moves():
+    """A pointwise kernel whose expression ignores an operand (mul's gradient with respect to a: dy * b)
+    does not read it, so its bytes are not counted; the others' every array argument is."""
+    bench = load_bench()
+    g = gc.Graph("gate", "float32")
+    x = g.input("x", ("N", 3, 4, 4))
+    h = g.conv2d(x, 4, 3, padding=1, name="c")
+    g.output(g.linear(g.flatten(g.mul(h, g.sigmoid(h, name="s"), name="m")), 2, name="fc"))
+    program = gc.compile(build(g, "train"), backend="host")
+    step = program.bind(2)
+    sizes = {}
+    for launch, bound in zip(program.program.launches, step.launches):
+        sizes[launch.spec.name] = (bench.moved_bytes(launch.spec, bound[3]),
+                                   sum(int(a.nbytes) for a in bound[3] if hasattr(a, "nbytes") and a.size > 1))
+    grad_a = next(k for k in sizes if k.startswith("mul_grad_a"))
+    assert sizes[grad_a][1] - sizes[grad_a][0] == 2 * 4 * 4 * 4 * 4     # a (2 x 4 x 4 x 4 floats) is not read
+    assert all(moved == every for name, (moved, every) in sizes.items() if not name.startswith("mul_grad"))
