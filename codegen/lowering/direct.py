@@ -34,7 +34,7 @@ PIPELINE = True
 # values. False: the fewest padded channels, then the most threads (one block per image there)
 SPLIT_SMALL_PLANES = True
 
-PLAIN_LOAD = re.compile(r"^v = (\w+)\[(.*)\];$")
+PLAIN_LOAD = re.compile(r"^v = (\w+)\[([^\[\]]*)\];$")   # one array read: no brackets in its index
 
 
 def plain_source(load):
