@@ -334,13 +334,17 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "direct: one buffer, staged through registers": {"direct.PIPELINE": False},
             "direct: one block per image of a small plane": {"direct.SPLIT_SMALL_PLANES": False},
             "direct rules of session 3": {"direct.PIPELINE": False, "direct.SPLIT_SMALL_PLANES": False,
-                                          "GEMM_PLANE_MOST": 64}}
+                                          "GEMM_PLANE_MOST": 64},
+            "weight gradients as the im2col GEMM": {"direct_wgrad.ENABLED": False},
+            "direct weight gradients: 4 blocks per multiprocessor": {"direct_wgrad.BLOCKS": 4 * 132}}
 
 
 def rule_place(name):
-    """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, a bare name the GEMM's."""
-    from codegen.lowering import direct, gemm
-    return (direct, name.split(".", 1)[1]) if name.startswith("direct.") else (gemm, name)
+    """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, "direct_wgrad.X" the
+    direct weight gradient's, a bare name the GEMM's."""
+    from codegen.lowering import direct, direct_wgrad, gemm
+    module, _, attribute = name.rpartition(".")
+    return ({"direct": direct, "direct_wgrad": direct_wgrad, "": gemm}[module], attribute)
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:

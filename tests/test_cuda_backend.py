@@ -185,7 +185,7 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     LeNet's 14 x 14 layer) repeats now's row instead of timing it again; one that changes them (the same
     rule on vgg's 8 x 8 layer, one buffer on LeNet's) is timed. `under` puts every setting back."""
     import types as _types
-    from codegen.lowering import direct, gemm
+    from codegen.lowering import direct, direct_wgrad, gemm
     bench = load_bench()
     args = _types.SimpleNamespace(tf32=False)
     shapes = {layer: (c_in, c_out, size, k, pad, layer != "conv1") for _, layer, c_in, c_out, size, k, pad in bench.LAYERS}
@@ -197,7 +197,9 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     assert not changes("8 x 8 planes as the GEMM", "conv2")
     assert changes("8 x 8 planes as the GEMM", "conv3_2")
     assert changes("direct: one buffer, staged through registers", "conv2")
+    assert changes("weight gradients as the im2col GEMM", "conv1")
     assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS) == before
+    assert direct_wgrad.ENABLED and direct_wgrad.BLOCKS == 2 * 132
 
 
 def test_the_variants_run_reports_every_rule_and_times_each_changed_one_once_per_batch(monkeypatch):

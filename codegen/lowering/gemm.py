@@ -26,7 +26,7 @@ from graphconv.ops.fused import expression_of
 from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import advance_lines, c_int, digit_lines, flat, lowering, numel, short_dtype
-from . import direct
+from . import direct, direct_wgrad
 from .prologue import gather_lines, gather_shared_lines, gathered_gradient
 
 # split K (backward-weight): blocks wanted in all (four per multiprocessor of an H100/H200) and the
@@ -228,11 +228,21 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
     used = set(re.findall(r"\w+", " ".join(element)))     # the epilogue's reads (a bias) go to the reduce too
     reduce_args = [Arg(f"const {T}*", "partial", partial_key)] + \
                   [a_ for a_ in args if a_.value is not None and (a_.writes or a_.name in used)] + [Arg("int", "batch")]
-    second = KernelSpec(name=name + "_reduce", template="splitk_reduce.cu.j2",
-                        params={"M": c_int(M), "N": c_int(N), "K": c_int(K), "S": c_int(S), "groups": groups,
-                                "ACC": ACC, "threads": 256, "element": element},
-                        args=reduce_args, grid=(sp.Min(sp.ceiling(total / 256), 4096), 1, 1), block=(256, 1, 1))
-    return Lowered(kernels=[first, second], scratch={partial_key: Value((S * total,), ctx.dtype)})
+    return Lowered(kernels=[first, reduce_spec(ctx, name, M=M, N=N, K=K, S=S, groups=groups, element=element,
+                                               args=reduce_args)],
+                   scratch={partial_key: Value((S * total,), ctx.dtype)})
+
+
+def reduce_spec(ctx, name, *, M, N, K, S, groups, element, args):
+    """The second pass of a split reduction: `S` partial sums per output added in a fixed order, then
+    the epilogue `element` (C text reading the sum `c`, the output's m, n and grp)."""
+    outs, parts = 32, 8
+    total = groups * sp.sympify(M) * sp.sympify(N)
+    return KernelSpec(name=name + "_reduce", template="splitk_reduce.cu.j2",
+                      params={"M": c_int(M), "N": c_int(N), "K": c_int(K), "S": c_int(S), "groups": groups,
+                              "ACC": ctx.float_type, "threads": outs * parts, "OUTS": outs, "PARTS": parts,
+                              "element": element},
+                      args=args, grid=(sp.ceiling(total / outs), 1, 1), block=(outs * parts, 1, 1), barrier=True)
 
 
 # ---- spatial index helpers (row-major over the spatial axes, C-ready text) -------------------------
@@ -552,10 +562,39 @@ def lower_conv_backward_weight(ctx):
     name = (f"conv{nd}d_backward_weight{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
+    if DIRECT and direct_wgrad.ENABLED and direct_wgrad.eligible(geo):
+        lowered = direct_backward_weight(ctx, name.replace("backward_weight", "backward_weight_direct", 1), geo,
+                                         So, gathered, element)
+        if lowered is not None:
+            return lowered
     return gemm_specs(ctx, name, M=OCg, N=Cg * KK, K=BATCH * SoN, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups, split=True,
                       prelude=c_function_prelude(used, ctx.dtype),
                       a_desc="dy[b, oc, o]", b_desc="x[b, c, o*stride - pad + r*dilation] (0 outside)")
+
+
+def direct_backward_weight(ctx, name, geo, So, gathered, element):
+    """The direct weight-gradient kernel (direct_wgrad.py) and its split reduce, or None when no
+    block shape fits."""
+    C, OC, Kr = geo["C"], geo["OC"], geo["Kr"]
+    T = ctx.float_type
+    if gathered:
+        g_load, used = gather_lines(gathered, ctx.dtype, f"b * {OC} + mm", ["oy", "ox"])
+        g_desc = "act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes"
+    else:
+        g_load, used = [f"v = dy[((b * {OC} + mm) * {So[0]}LL + oy) * {So[1]} + ox];"], set()
+        g_desc = "dy"
+    key = ctx.scratch_key("partial")
+    args = [ctx.arg_in(0, "x")] + gather_args(ctx, gathered, 1) + [Arg(f"{T}*", "partial", key), Arg("int", "batch")]
+    built = direct_wgrad.wgrad_spec(ctx, name, C=C, M=OC, K=Kr, pad=geo["pad"], in_size=geo["Si"], out_size=So,
+                                    g_load=g_load, g_desc=g_desc, args=args, prelude=c_function_prelude(used, ctx.dtype))
+    if built is None:
+        return None
+    first, S = built
+    N = C * math.prod(Kr)
+    second = reduce_spec(ctx, name, M=OC, N=N, K=BATCH * math.prod(So), S=S, groups=1, element=element,
+                         args=[Arg(f"const {T}*", "partial", key), ctx.arg_out(0, "dw"), Arg("int", "batch")])
+    return Lowered(kernels=[first, second], scratch={key: Value((S * OC * N,), ctx.dtype)})
 
 
 def gather_args(ctx, gathered, i):

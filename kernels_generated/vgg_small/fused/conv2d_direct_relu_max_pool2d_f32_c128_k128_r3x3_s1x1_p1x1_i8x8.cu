@@ -20,8 +20,9 @@
 // cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
 // element is zero-filled where gc_ok is false (padding, past the tensor), and nothing is read then.
 // Copies are committed in groups; gc_cp_async_wait_prior() waits for all of this thread's groups but
-// the newest (a barrier after it makes every thread's copies visible). Below sm_80 (no cp.async) and
-// without __CUDA_ARCH__ (the host backend) a copy happens at once, and committing and waiting do nothing.
+// the newest, gc_cp_async_wait_all() for all of them (a barrier after either makes every thread's
+// copies visible). Below sm_80 (no cp.async) and without __CUDA_ARCH__ (the host backend) a copy
+// happens at once, and committing and waiting do nothing.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define GC_CP_ASYNC 1
 #endif
@@ -48,6 +49,13 @@ __device__ __forceinline__ void gc_cp_async_wait_prior()
 {
 #ifdef GC_CP_ASYNC
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void gc_cp_async_wait_all()
+{
+#ifdef GC_CP_ASYNC
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
 

@@ -1,0 +1,178 @@
+"""The weight gradient of a direct 2-D convolution (stride 1, dilation 1, one group, a filter at
+least 3 wide), without im2col:
+
+    dw[m, c, r, s] = sum over b, y, x of g[b, m, y, x] * x[b, c, y - pad_t + r, x - pad_l + s]
+
+A block owns MB output channels x CB input channels x every filter offset and walks tiles of output
+positions (RB rows x WB columns of one image): per tile it copies g's tile and x's tile with its halo
+into shared memory, then each thread runs along the rows of its tile holding TM output channels x
+RT filter rows x KW filter columns of one input channel in registers. Along a row the KW input values
+a thread needs slide by one column per position, so a position costs one shared read per filter row
+plus TM/4 vector reads of g for TM x RT x KW multiply-adds. The batch's tiles are split over blocks
+(partial sums, added in a fixed order by the split-K reduce kernel: no float atomics). A gathered
+g (a fused pool/activation gradient) is computed while its tile is loaded.
+
+The implicit GEMM this replaces (gemm.py) gathered x's im2col columns from global memory per
+k-step: its integer work (sass_mix.py: 140-250 of 500-900 main-loop instructions) held it at about
+half the FP32 peak.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from ..spec import BATCH, Arg, KernelSpec
+
+# stride-1 2-D convolutions' weight gradients by this kernel where eligible; False: the im2col GEMM
+ENABLED = True
+# static shared memory per block: the two tiles, or the block's partial sums on the way out
+SHARED_BUDGET = 44 * 1024
+# blocks wanted in all (two per multiprocessor of an H100/H200: each holds 128-256 threads of 80-128
+# registers; more blocks would each write a whole partial tile that the reduce kernel reads back)
+BLOCKS = 2 * 132
+# the fewest output positions a block adds before writing its partial sums (each partial value is
+# written once and read once by the reduce: 256 positions make that a few percent of the work)
+LEAST_POSITIONS = 256
+# a thread's accumulators at most (in 4-byte registers; 128 registers per thread in all)
+ACC_MOST = 72
+# a load of a shared float from a tile: issue cost against a multiply-add, and against a cp.async of
+# one element from global memory (address arithmetic included): the block-shape search's weights
+SHARED_READ_COST, COPY_COST = 2, 8
+
+
+def eligible(geo) -> bool:
+    """2-D, stride 1, dilation 1, one group, a filter at least 3 columns wide (narrower filters
+    reuse too little along a row; the GEMM takes them)."""
+    return (geo["nd"] == 2 and geo["groups"] == 1 and all(s == 1 for s in geo["stride"])
+            and all(d == 1 for d in geo["dil"]) and geo["Kr"][1] >= 3)
+
+
+def row_tiling(OW):
+    """(WB, OXU, WBP): tile width (<= 32 columns), the positions unrolled in one pass (8-16, the
+    fewest padded columns, then the longest pass) and the padded tile width (a whole number of passes;
+    padded columns read g as 0)."""
+    WB = -(-OW // -(-OW // 32))
+    if WB <= 16:
+        return WB, WB, WB
+    OXU = min(range(8, 17), key=lambda u: (-(-WB // u) * u, -u))
+    return WB, OXU, -(-WB // OXU) * OXU
+
+
+def thread_tile(M, KH, KW, itemsize):
+    """(TM, RT): output channels (4 or 8: whole vector reads of g) and filter rows per thread, the
+    most multiply-adds per shared read within ACC_MOST accumulators, counting padded channels; None
+    when even 4 channels of one filter row exceed them."""
+    V = 16 // itemsize
+    best = None
+    for TM in (8, 4):
+        for RT in (d for d in range(1, KH + 1) if KH % d == 0):
+            if TM * RT * KW * itemsize // 4 > ACC_MOST:
+                continue
+            useful = M / (-(-M // TM) * TM)
+            score = useful * TM * RT * KW / (TM / V + RT)
+            if best is None or score > best[0]:
+                best = (score, TM, RT)
+    return (best[1], best[2]) if best else None
+
+
+def wavefronts(addresses) -> int:
+    """Shared-memory wavefronts of one warp's 4-byte reads (distinct words per bank, at most)."""
+    banks = {}
+    for a in addresses:
+        banks.setdefault(a % 32, set()).add(a)
+    return max(len(v) for v in banks.values())
+
+
+def block_shape(*, C, M, KH, KW, OH, OW, itemsize):
+    """The block's channels, position groups and tile rows: the least estimated issue (padded
+    multiply-adds, shared reads with their bank conflicts, copies) within 256 threads and the shared
+    budget. Threads are numbered input channel fastest, then filter-row group, output-channel group,
+    position group (PG groups of threads take the tile's rows in turns, their sums added at the end)."""
+    tile = thread_tile(M, KH, KW, itemsize)
+    if tile is None:                 # a filter too wide for one row of accumulators
+        return None
+    TM, RT = tile
+    RG = KH // RT
+    WB, OXU, WBP = row_tiling(OW)
+    V = 16 // itemsize
+    KK = KH * KW
+    budget = SHARED_BUDGET // itemsize
+    best = None
+    for MG in range(1, -(-M // TM) + 1):
+        MB = MG * TM
+        MBP = MB + 4 if MB % 8 == 0 else MB      # (row, col) rows of g 4 words apart mod 32 (bank-free staging)
+        for CB in range(1, min(C, 64) + 1):
+            for PG in range(1, min(16, OH) + 1):
+                threads = MG * CB * RG * PG
+                if threads > 256 or threads < min(64, -(-M // TM) * min(C, 64) * RG * min(16, OH)):
+                    continue
+                XW = WBP + KW - 1
+                rows = [RB for RB in range(PG, OH + 1)
+                        if max(RB * WBP * MBP + CB * xs(RB + KH - 1, XW), PG * MB * CB * KK) <= budget]
+                if not rows:
+                    continue
+                # rows computed per image: a position group takes every PG-th row of a tile
+                RB = min(rows, key=lambda rb: (-(-OH // rb) * -(-rb // PG) * PG, -rb))
+                XS = xs(RB + KH - 1, XW)
+                lanes = [((t % CB) * XS + (t // CB % RG) * RT * XW, t) for t in range(min(32, threads))]
+                waves = wavefronts([a + (t // (CB * RG * MG)) * XW for a, t in lanes])
+                tiles = -(-M // MB) * -(-C // CB)
+                rows_pad, cols_pad = -(-OH // RB) * -(-RB // PG) * PG, -(-OW // WB) * WBP
+                fma = tiles * MB * CB * KK * rows_pad * cols_pad
+                reads = fma / (TM * RT * KW) * (TM / V + RT * waves)
+                copies = tiles * (-(-OH // RB)) * (-(-OW // WB)) * (RB * WBP * MB + CB * (RB + KH - 1) * XW)
+                cost = (fma + SHARED_READ_COST * reads + COPY_COST * copies) * (-(-threads // 32) * 32 / threads)
+                cost *= 1.25 if threads < 128 else 1       # fewer warps per multiprocessor to hide latency
+                key = (round(cost), PG, -threads, MB, CB)
+                if best is None or key < best[0]:
+                    best = (key, dict(TM=TM, RT=RT, RG=RG, MG=MG, MB=MB, MBP=MBP, CB=CB, PG=PG, RB=RB, WB=WB,
+                                      OXU=OXU, WBP=WBP, XW=XW, XR=RB + KH - 1, XS=XS, threads=threads, V=V))
+    return best[1] if best else None
+
+
+def xs(XR, XW):
+    """A channel's stride in the x tile: odd, so 32 threads reading one (row, column) of 32 channels
+    hit 32 banks."""
+    return XR * XW + (1 - XR * XW % 2)
+
+
+def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, prelude=""):
+    """The partial-sum KernelSpec and the number of splits S (sympy, in BATCH), or None when no block
+    shape fits (the caller then uses the GEMM)."""
+    KH, KW = K
+    IH, IW = in_size
+    OH, OW = out_size
+    itemsize = 4 if ctx.float_type == "float" else 8
+    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize)
+    if shape is None:
+        return None
+    RB, WB, WBP, MB, CB, threads = (shape[k] for k in ("RB", "WB", "WBP", "MB", "CB", "threads"))
+    bands, tiles_x = -(-OH // RB), -(-OW // WB)
+    tiles = bands * tiles_x
+    blocks_mc = -(-M // MB) * -(-C // CB)
+    items = BATCH * tiles
+    least = -(-LEAST_POSITIONS // (RB * WBP))
+    ips = sp.Max(least, sp.ceiling(items / sp.ceiling(sp.Integer(BLOCKS) / blocks_mc)))
+    S = sp.ceiling(items / ips)
+    from . import c_int
+    SG = RB * WBP * shape["MBP"]
+    SX = CB * shape["XS"]
+    params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,
+                  PAD_T=pad[0], PAD_L=pad[1], IH=IH, IW=IW, OH=OH, OW=OW, TILES=tiles, TILES_X=tiles_x,
+                  ITEMS=c_int(items), IPS=c_int(ips), SG=SG, SMEM=max(SG + SX, shape["PG"] * MB * CB * KH * KW),
+                  x_total=SX and CB * shape["XR"] * shape["XW"], g_total=RB * -(-WBP // 8) * 8 * MB,
+                  g_load=g_load, g_source=plain_g(g_load), g_desc=g_desc, prelude=prelude,
+                  items_per_split=ips, min_blocks=max(1, 512 // (-(-threads // 32) * 32)))    # 128 registers a thread at most
+    params["x_iters"] = -(-params["x_total"] // threads)
+    params["g_iters"] = -(-params["g_total"] // threads)
+    params["g_batch"] = min(4, params["g_iters"])     # gathered values in flight per thread (the accumulators stay live)
+    spec = KernelSpec(name=name + "_partial", template="direct_wgrad.cu.j2", params=params,
+                      args=args, grid=(S, -(-C // CB), -(-M // MB)), block=(threads, 1, 1), barrier=True)
+    return spec, S
+
+
+def plain_g(load):
+    """The address g's load reads where it is one plain array read (then copied by cp.async)."""
+    from .direct import plain_source
+    return plain_source(load)

@@ -1,0 +1,142 @@
+"""The direct weight-gradient kernel (codegen/lowering/direct_wgrad.py, direct_wgrad.cu.j2): every
+stride-1 2-D convolution's dw with a filter at least 3 wide, compiled by NVRTC for sm_90 and run on
+the host backend against NumPy (outputs and the partial sums' scratch poisoned), over the shapes its
+tiling has edges for: column tiles and padded passes, position groups that do not divide a tile's
+rows, channel blocks past the channels, float64, a gathered pool gradient, and batches whose tiles
+do not divide into the splits."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen import nvrtc, sass
+from codegen.lowering import direct_wgrad
+from codegen.program import Program
+from codegen.runner import CompiledProgram
+from codegen.spec import BATCH
+from graphconv.data import random_inputs
+from graphconv.pipeline import build
+
+from test_codegen_gemm import assert_kernels_match
+
+
+def net(spatial, channels, out, kernel, padding, dtype="float32", pool=False):
+    g = gc.Graph("wg", dtype)
+    x = g.input("x", ("N", channels, *spatial))
+    h = g.relu(g.conv2d(x, out, kernel, padding=padding, name="conv"))
+    if pool:
+        h = g.max_pool2d(h, 2)
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    return g
+
+
+def wgrad_specs(graph):
+    return [s for s in Program(graph).kernels if s.template == "direct_wgrad.cu.j2"]
+
+
+CASES = [
+    # spatial, C, M, kernel, padding, dtype, pool, batches
+    ((5, 40), 3, 4, 3, 1, "float32", False, (1, 3)),              # 4 output channels: 4 per thread; two column tiles of 20
+    ((20, 34), 5, 12, 3, 1, "float32", False, (2,)),              # two column tiles of 17: passes of 9, padded to 18
+    ((11, 13), 37, 41, (3, 5), (1, 2), "float32", False, (2,)),   # channel blocks past 37 and 41; a 3 x 5 filter
+    ((12, 10), 6, 9, (5, 3), (2, 0), "float32", True, (3, 5)),    # gathered relu + 2 x 2 max-pool gradient
+    ((13, 13), 2, 7, 5, 2, "float64", False, (2,)),               # float64: 4 channels per thread, 2-value vectors
+    ((6, 6), 1, 3, 3, 0, "float32", False, (1, 33)),              # a 4 x 4 output; many images per split
+]
+
+
+@pytest.mark.parametrize("spatial, C, M, kernel, padding, dtype, pool, batches", CASES)
+def test_direct_weight_gradients_match_numpy(spatial, C, M, kernel, padding, dtype, pool, batches):
+    graph = build(net(spatial, C, M, kernel, padding, dtype, pool), "fused-train")
+    specs = wgrad_specs(graph)
+    assert len(specs) == 1, [s.name for s in Program(graph).kernels]
+    spec = specs[0]
+    assert ("gathered" in spec.name) == pool and (spec.params["g_source"] is None) == pool
+    for i, batch in enumerate(batches):
+        results = assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=i == 0)
+        assert any(r.node == "dconv.weight" and r.ok for r in results)
+
+
+def test_edges_of_the_tiling_are_exercised():
+    """The cases above reach each edge the template guards: a column tile narrower than the row
+    (WB < OW), padded passes (WBP > WB), position groups over a tile's rows, output- and
+    input-channel blocks past the channels, and more than one split at the batches tested."""
+    seen = set()
+    for spatial, C, M, kernel, padding, dtype, pool, batches in CASES:
+        spec = wgrad_specs(build(net(spatial, C, M, kernel, padding, dtype, pool), "fused-train"))[0]
+        p = spec.params
+        seen |= {k for k, hit in {"column tiles": p["WB"] < p["OW"], "padded pass": p["WBP"] > p["WB"],
+                                  "position groups": p["PG"] > 1, "m past M": -(-M // p["MB"]) * p["MB"] > M,
+                                  "c past C": -(-C // p["CB"]) * p["CB"] > C,
+                                  "splits": max(spec.launch_shape(b)[0][0] for b in batches) > 1}.items() if hit}
+    assert seen == {"column tiles", "padded pass", "position groups", "m past M", "c past C", "splits"}
+
+
+def test_the_bundled_models_weight_gradients_are_direct_where_eligible():
+    """Every stride-1 2-D convolution of LeNet-5, vgg_small and resnet8 with a filter 3 or more wide
+    gets its dw from the direct kernel; resnet8's stride-2 and 1 x 1 convolutions stay on the GEMM."""
+    from graphconv.models import MODELS
+    for model in ("lenet5", "vgg_small", "resnet8"):
+        graph = build(MODELS[model](), "fused-train")
+        kernels = Program(graph).kernels
+        for node in graph.topo():
+            if node.op != "conv2d_backward_weight":
+                continue
+            want = tuple(node.attrs["stride"]) == (1, 1) and int(node.shape[-1]) >= 3
+            names = [s.name for s in kernels if node.name in s.nodes]
+            assert names and all(("backward_weight_direct" in n) == want for n in names), (model, node.name, names)
+
+
+def test_two_runs_give_the_same_bits_and_a_batch_with_a_partial_last_split():
+    """No atomics: the partial sums and their reduce add in a fixed order, so two runs agree bit for
+    bit; a batch whose tiles leave the last split short matches NumPy too."""
+    graph = build(net((10, 10), 4, 8, 3, 1), "fused-train")
+    spec = wgrad_specs(graph)[0]
+    ips = spec.params["items_per_split"]
+    batch = next(b for b in range(2, 200)
+                 if spec.launch_shape(b)[0][0] > 1 and (b * spec.params["TILES"]) % int(ips.subs(BATCH, b)))
+    params, inputs = gc.init_params(graph, seed=4), random_inputs(graph, batch, 4)
+    program = CompiledProgram(graph, "host", poison=True)
+    first = program.run(inputs, params, keep=True)["dconv.weight"]
+    second = program.run(inputs, params, keep=True)["dconv.weight"]
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    assert_kernels_match(graph, batch=batch, seed=4, compile_nvrtc=False)
+
+
+def test_a_filter_too_wide_for_a_row_of_registers_or_narrower_than_3_uses_the_gemm():
+    for kernel, padding in (((3, 19), (1, 9)), ((3, 1), (1, 0))):
+        graph = build(net((12, 24), 2, 4, kernel, padding), "fused-train")
+        assert not wgrad_specs(graph)
+        names = [s.name for s in Program(graph).kernels if "backward_weight" in s.name]
+        assert names and all(n.startswith("conv2d_backward_weight_f32") for n in names), names
+        assert_kernels_match(graph, batch=2, compile_nvrtc=False)
+
+
+def test_block_shapes_fit_their_budgets_and_read_shared_memory_without_conflicts():
+    """Every bundled shape: at most 256 threads and 128 registers' worth of accumulators, the tiles
+    (and the partial sums on the way out) within the static shared memory, the x tile's channel
+    stride odd; where a warp is 32 input channels, its reads of one column hit 32 banks."""
+    for C, M, K, O in ((20, 50, 5, 14), (1, 20, 5, 28), (32, 32, 3, 32), (128, 128, 3, 8), (3, 32, 3, 32),
+                       (64, 64, 3, 16), (16, 16, 3, 32)):
+        s = direct_wgrad.block_shape(C=C, M=M, KH=K, KW=K, OH=O, OW=O, itemsize=4)
+        assert s["threads"] <= 256 and s["TM"] * s["RT"] * K <= direct_wgrad.ACC_MOST
+        smem = max(s["RB"] * s["WBP"] * s["MBP"] + s["CB"] * s["XS"], s["PG"] * s["MB"] * s["CB"] * K * K)
+        assert smem * 4 <= direct_wgrad.SHARED_BUDGET and s["XS"] % 2 == 1
+        assert s["MBP"] % 8 == 4                 # the g staging's 8 columns x 4 channels land in 32 banks
+        assert len({(col * s["MBP"] + m) % 32 for col in range(8) for m in range(4)}) == 32
+        if s["CB"] >= 32:
+            assert direct_wgrad.wavefronts([c * s["XS"] + 5 for c in range(32)]) == 1
+    assert direct_wgrad.wavefronts([0, 32, 64, 1]) == 3
+
+
+@pytest.mark.skipif(sass.tool("nvdisasm") is None, reason="nvdisasm not installed (the test extra has it)")
+def test_the_direct_weight_gradient_main_loop_is_multiply_adds():
+    """In the machine code (sm_90) of vgg conv1_2's and LeNet-5 conv2's weight gradients, the main
+    loop is at least 85% multiply-adds with no global load and no integer division (the im2col GEMM it
+    replaces: 51% and 56%, sass-mix.md of session 4)."""
+    from graphconv.models import MODELS
+    for model, prefix in (("vgg_small", "conv2d_backward_weight_direct_f32_c32_k32"),
+                          ("lenet5", "conv2d_backward_weight_direct_relu_maxpool2x2_gathered_f32_c20_k50")):
+        spec = next(s for s in Program(build(MODELS[model](), "fused-train")).kernels if s.name.startswith(prefix))
+        m = sass.mix(nvrtc.compile_kernel(spec.source, spec.name).cubin)
+        assert m["fma_share"] >= 0.85 and m["global_loads"] == 0, (spec.name, m)
+        assert m["integer/other"] <= 0.03 * m["instructions"], (spec.name, m)
