@@ -336,7 +336,7 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "direct rules of session 3": {"direct.PIPELINE": False, "direct.SPLIT_SMALL_PLANES": False,
                                           "GEMM_PLANE_MOST": 64},
             "weight gradients as the im2col GEMM": {"direct_wgrad.ENABLED": False},
-            "direct weight gradients: 4 blocks per multiprocessor": {"direct_wgrad.BLOCKS": 4 * 132}}
+            "direct weight gradients: half the blocks": {"direct_wgrad.THREADS_PER_SM": 256}}
 
 
 def rule_place(name):

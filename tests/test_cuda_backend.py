@@ -199,7 +199,7 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     assert changes("direct: one buffer, staged through registers", "conv2")
     assert changes("weight gradients as the im2col GEMM", "conv1")
     assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS) == before
-    assert direct_wgrad.ENABLED and direct_wgrad.BLOCKS == 2 * 132
+    assert direct_wgrad.ENABLED and direct_wgrad.THREADS_PER_SM == 512
 
 
 def test_the_variants_run_reports_every_rule_and_times_each_changed_one_once_per_batch(monkeypatch):

@@ -118,7 +118,7 @@ def test_block_shapes_fit_their_budgets_and_read_shared_memory_without_conflicts
     for C, M, K, O in ((20, 50, 5, 14), (1, 20, 5, 28), (32, 32, 3, 32), (128, 128, 3, 8), (3, 32, 3, 32),
                        (64, 64, 3, 16), (16, 16, 3, 32)):
         s = direct_wgrad.block_shape(C=C, M=M, KH=K, KW=K, OH=O, OW=O, itemsize=4)
-        assert s["threads"] <= 256 and s["TM"] * s["RT"] * K <= direct_wgrad.ACC_MOST
+        assert s["threads"] <= 256 and s["TM"] * s["RT"] * K + s["RT"] * K + s["TM"] <= direct_wgrad.LIVE_MOST
         smem = max(s["RB"] * s["WBP"] * s["MBP"] + s["CB"] * s["XS"], s["PG"] * s["MB"] * s["CB"] * K * K)
         assert smem * 4 <= direct_wgrad.SHARED_BUDGET and s["XS"] % 2 == 1
         assert s["MBP"] % 8 == 4                 # the g staging's 8 columns x 4 channels land in 32 banks
@@ -140,3 +140,30 @@ def test_the_direct_weight_gradient_main_loop_is_multiply_adds():
         m = sass.mix(nvrtc.compile_kernel(spec.source, spec.name).cubin)
         assert m["fma_share"] >= 0.85 and m["global_loads"] == 0, (spec.name, m)
         assert m["integer/other"] <= 0.03 * m["instructions"], (spec.name, m)
+
+
+def test_one_split_at_every_batch_writes_dw_without_a_reduce(monkeypatch):
+    """Where the channel blocks alone give the GPU its blocks, the split is 1 at every batch: the
+    kernel writes dw itself and no reduce kernel (a copy) runs."""
+    monkeypatch.setattr(direct_wgrad, "THREADS_PER_SM", 0)     # one block wanted: the channel blocks are plenty
+    graph = build(net((8, 8), 40, 8, 3, 1), "fused-train")
+    names = [s.name for s in Program(graph).kernels if "backward_weight" in s.name]
+    assert names == ["conv2d_backward_weight_direct_f32_c40_k8_r3x3_s1x1_p1x1_i8x8"], names
+    for batch in (1, 4):
+        assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=batch == 1)
+
+
+@pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed")
+def test_shapes_off_the_bundled_models_compile_without_spills_or_fall_back():
+    """A spread of shapes (a single-channel 28 x 28 first layer, wide and tall filters, float64, big
+    and small planes, 512 channels) compiles for sm_90 without spills; float64 filters 9 wide, whose
+    live values would pass the registers, take the GEMM instead."""
+    shapes = [((28, 28), 1, 32, 3, 1, "float32", True), ((16, 16), 16, 16, (3, 17), (1, 8), "float32", True),
+              ((16, 16), 3, 8, 9, 4, "float64", False), ((16, 16), 8, 16, (3, 9), (1, 4), "float64", False),
+              ((56, 56), 2, 64, 3, 1, "float32", True), ((40, 40), 3, 5, 3, 1, "float64", True),
+              ((9, 9), 512, 512, 3, 1, "float32", True), ((32, 32), 2, 64, 7, 3, "float32", True)]
+    for spatial, C, M, kernel, padding, dtype, direct in shapes:
+        specs = wgrad_specs(build(net(spatial, C, M, kernel, padding, dtype), "fused-train"))
+        assert bool(specs) == direct, (spatial, C, M, kernel, dtype)
+        for spec in specs:
+            nvrtc.compile_kernel(spec.source, spec.name)      # raises on a spill

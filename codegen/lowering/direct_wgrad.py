@@ -18,6 +18,7 @@ half the FP32 peak.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy as sp
@@ -27,15 +28,20 @@ from ..spec import BATCH, Arg, KernelSpec
 # stride-1 2-D convolutions' weight gradients by this kernel where eligible; False: the im2col GEMM
 ENABLED = True
 # static shared memory per block: the two tiles, or the block's partial sums on the way out
-SHARED_BUDGET = 44 * 1024
-# blocks wanted in all (two per multiprocessor of an H100/H200: each holds 128-256 threads of 80-128
-# registers; more blocks would each write a whole partial tile that the reduce kernel reads back)
-BLOCKS = 2 * 132
+SHARED_BUDGET = 46 * 1024
+# threads wanted per multiprocessor of an H100/H200 (132 of them): 16 warps, four 128-thread blocks
+# (128 registers each), so that one block's copies are covered by the others' multiply-adds (a block
+# waits for its own tile's copies); the splits are sized to that. More blocks each write a whole
+# partial tile that the reduce kernel reads back
+THREADS_PER_SM = 512
 # the fewest output positions a block adds before writing its partial sums (each partial value is
-# written once and read once by the reduce: 256 positions make that a few percent of the work)
+# written once and read once by the reduce)
 LEAST_POSITIONS = 256
-# a thread's accumulators at most (in 4-byte registers; 128 registers per thread in all)
-ACC_MOST = 72
+# a thread's live values in the main loop at most, in 4-byte registers: accumulators, the sliding
+# inputs and a position's g values (128 registers per thread in all; float64 counts twice; the
+# addresses and the unrolled pass need the rest: 9-column float64 filters spilled at 128 with
+# accumulators alone counted)
+LIVE_MOST = 90
 # a load of a shared float from a tile: issue cost against a multiply-add, and against a cp.async of
 # one element from global memory (address arithmetic included): the block-shape search's weights
 SHARED_READ_COST, COPY_COST = 2, 8
@@ -59,15 +65,15 @@ def row_tiling(OW):
     return WB, OXU, -(-WB // OXU) * OXU
 
 
-def thread_tile(M, KH, KW, itemsize):
+def thread_tile(M, KH, KW, itemsize, live_most):
     """(TM, RT): output channels (4 or 8: whole vector reads of g) and filter rows per thread, the
-    most multiply-adds per shared read within ACC_MOST accumulators, counting padded channels; None
-    when even 4 channels of one filter row exceed them."""
+    most multiply-adds per shared read within LIVE_MOST registers of live values, counting padded
+    channels; None when even 4 channels of one filter row exceed them."""
     V = 16 // itemsize
     best = None
     for TM in (8, 4):
         for RT in (d for d in range(1, KH + 1) if KH % d == 0):
-            if TM * RT * KW * itemsize // 4 > ACC_MOST:
+            if (TM * RT * KW + RT * KW + TM) * itemsize // 4 > live_most:
                 continue
             useful = M / (-(-M // TM) * TM)
             score = useful * TM * RT * KW / (TM / V + RT)
@@ -85,11 +91,18 @@ def wavefronts(addresses) -> int:
 
 
 def block_shape(*, C, M, KH, KW, OH, OW, itemsize):
+    return _block_shape(C, M, KH, KW, OH, OW, itemsize, SHARED_BUDGET, LIVE_MOST)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_shape(C, M, KH, KW, OH, OW, itemsize, shared_budget, live_most):
     """The block's channels, position groups and tile rows: the least estimated issue (padded
-    multiply-adds, shared reads with their bank conflicts, copies) within 256 threads and the shared
-    budget. Threads are numbered input channel fastest, then filter-row group, output-channel group,
-    position group (PG groups of threads take the tile's rows in turns, their sums added at the end)."""
-    tile = thread_tile(M, KH, KW, itemsize)
+    multiply-adds, shared reads with their bank conflicts averaged over the block's warps, copies;
+    blocks of fewer than 128 threads and partial warps charged for the latency they leave uncovered)
+    within 256 threads and the shared budget. Threads are numbered input channel fastest, then
+    filter-row group, output-channel group, position group (PG groups of threads take the tile's rows
+    in turns, their sums added at the end)."""
+    tile = thread_tile(M, KH, KW, itemsize, live_most)
     if tile is None:                 # a filter too wide for one row of accumulators
         return None
     TM, RT = tile
@@ -97,44 +110,49 @@ def block_shape(*, C, M, KH, KW, OH, OW, itemsize):
     WB, OXU, WBP = row_tiling(OW)
     V = 16 // itemsize
     KK = KH * KW
-    budget = SHARED_BUDGET // itemsize
+    XW = WBP + KW - 1                # columns of the x tile
+    XWS = XW | 1                     # its row stride, odd: threads on different rows of one channel hit different banks
+    budget = shared_budget // itemsize
     best = None
-    for MG in range(1, -(-M // TM) + 1):
+    for MG in range(1, min(-(-M // TM), 64 // TM) + 1):
         MB = MG * TM
         MBP = MB + 4 if MB % 8 == 0 else MB      # (row, col) rows of g 4 words apart mod 32 (bank-free staging)
         for CB in range(1, min(C, 64) + 1):
+            if MG * CB * RG > 256:
+                break
             for PG in range(1, min(16, OH) + 1):
                 threads = MG * CB * RG * PG
-                if threads > 256 or threads < min(64, -(-M // TM) * min(C, 64) * RG * min(16, OH)):
-                    continue
-                XW = WBP + KW - 1
+                if threads > 256:
+                    break
                 rows = [RB for RB in range(PG, OH + 1)
-                        if max(RB * WBP * MBP + CB * xs(RB + KH - 1, XW), PG * MB * CB * KK) <= budget]
+                        if max(RB * WBP * MBP + CB * xs(RB + KH - 1, XWS), PG * MB * CB * KK) <= budget]
                 if not rows:
                     continue
                 # rows computed per image: a position group takes every PG-th row of a tile
                 RB = min(rows, key=lambda rb: (-(-OH // rb) * -(-rb // PG) * PG, -rb))
-                XS = xs(RB + KH - 1, XW)
-                lanes = [((t % CB) * XS + (t // CB % RG) * RT * XW, t) for t in range(min(32, threads))]
-                waves = wavefronts([a + (t // (CB * RG * MG)) * XW for a, t in lanes])
+                XS = xs(RB + KH - 1, XWS)
+                waves = sum(wavefronts([(t % CB) * XS + ((t // CB % RG) * RT + t // (CB * RG * MG)) * XWS
+                                        for t in range(w, min(w + 32, threads))])
+                            for w in range(0, threads, 32)) / -(-threads // 32)
                 tiles = -(-M // MB) * -(-C // CB)
                 rows_pad, cols_pad = -(-OH // RB) * -(-RB // PG) * PG, -(-OW // WB) * WBP
                 fma = tiles * MB * CB * KK * rows_pad * cols_pad
                 reads = fma / (TM * RT * KW) * (TM / V + RT * waves)
                 copies = tiles * (-(-OH // RB)) * (-(-OW // WB)) * (RB * WBP * MB + CB * (RB + KH - 1) * XW)
                 cost = (fma + SHARED_READ_COST * reads + COPY_COST * copies) * (-(-threads // 32) * 32 / threads)
-                cost *= 1.25 if threads < 128 else 1       # fewer warps per multiprocessor to hide latency
+                cost *= 1.5 if threads < 64 else 1.25 if threads < 128 else 1   # fewer warps to hide latency
                 key = (round(cost), PG, -threads, MB, CB)
                 if best is None or key < best[0]:
                     best = (key, dict(TM=TM, RT=RT, RG=RG, MG=MG, MB=MB, MBP=MBP, CB=CB, PG=PG, RB=RB, WB=WB,
-                                      OXU=OXU, WBP=WBP, XW=XW, XR=RB + KH - 1, XS=XS, threads=threads, V=V))
+                                      OXU=OXU, WBP=WBP, XW=XW, XWS=XWS, XR=RB + KH - 1, XS=XS, threads=threads,
+                                      V=V))
     return best[1] if best else None
 
 
-def xs(XR, XW):
+def xs(XR, XWS):
     """A channel's stride in the x tile: odd, so 32 threads reading one (row, column) of 32 channels
     hit 32 banks."""
-    return XR * XW + (1 - XR * XW % 2)
+    return XR * XWS + (1 - XR * XWS % 2)
 
 
 def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, prelude=""):
@@ -153,15 +171,17 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     blocks_mc = -(-M // MB) * -(-C // CB)
     items = BATCH * tiles
     least = -(-LEAST_POSITIONS // (RB * WBP))
-    ips = sp.Max(least, sp.ceiling(items / sp.ceiling(sp.Integer(BLOCKS) / blocks_mc)))
-    S = sp.ceiling(items / ips)
+    wanted = sp.Integer(max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32))))   # blocks in all
+    splits = -(-int(wanted) // blocks_mc)     # splits wanted: 1 where the channel blocks are enough
+    S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))
+    ips = sp.ceiling(items / S)               # the splits' items balanced: they differ by one at most
     from . import c_int
     SG = RB * WBP * shape["MBP"]
     SX = CB * shape["XS"]
     params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,
                   PAD_T=pad[0], PAD_L=pad[1], IH=IH, IW=IW, OH=OH, OW=OW, TILES=tiles, TILES_X=tiles_x,
                   ITEMS=c_int(items), IPS=c_int(ips), SG=SG, SMEM=max(SG + SX, shape["PG"] * MB * CB * KH * KW),
-                  x_total=SX and CB * shape["XR"] * shape["XW"], g_total=RB * -(-WBP // 8) * 8 * MB,
+                  x_total=CB * shape["XR"] * shape["XW"], g_total=RB * -(-WBP // 8) * 8 * MB,
                   g_load=g_load, g_source=plain_g(g_load), g_desc=g_desc, prelude=prelude,
                   items_per_split=ips, min_blocks=max(1, 512 // (-(-threads // 32) * 32)))    # 128 registers a thread at most
     params["x_iters"] = -(-params["x_total"] // threads)

@@ -15,7 +15,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_direct_f32_c64_k64_r3x3_s1x1_p1x1_i8x8_reduce(const float* __restrict__ partial, float* __restrict__ dw, int batch)
 {
     const long long nb = batch;
-    const long long M = 64, N = 576, S = ((nb + max((long long)(4), (long long)(((nb + 65) / 66))) - 1) / max((long long)(4), (long long)(((nb + 65) / 66))));
+    const long long M = 64, N = 576, S = ((nb + max((long long)(4), (long long)(((nb + 131) / 132))) - 1) / max((long long)(4), (long long)(((nb + 131) / 132))));
     const long long total = 1 * M * N;
     const int lane = threadIdx.x % 32, part = threadIdx.x / 32;
     const long long idx = (long long)blockIdx.x * 32 + lane;
