@@ -12,7 +12,6 @@ from codegen import nvrtc, sass
 from codegen.lowering import direct_wgrad
 from codegen.program import Program
 from codegen.runner import CompiledProgram
-from codegen.spec import BATCH
 from graphconv.data import random_inputs
 from graphconv.pipeline import build
 
@@ -91,9 +90,12 @@ def test_two_runs_give_the_same_bits_and_a_batch_with_a_partial_last_split():
     bit; a batch whose tiles leave the last split short matches NumPy too."""
     graph = build(net((10, 10), 4, 8, 3, 1), "fused-train")
     spec = wgrad_specs(graph)[0]
-    ips = spec.params["items_per_split"]
-    batch = next(b for b in range(2, 200)
-                 if spec.launch_shape(b)[0][0] > 1 and (b * spec.params["TILES"]) % int(ips.subs(BATCH, b)))
+    p = spec.params
+
+    def per(b):        # the template's tiles per split
+        return max(p["least"], -(-b * p["TILES"] // p["splits"]))
+    assert all(spec.launch_shape(b)[0][0] == -(-b * p["TILES"] // per(b)) for b in range(1, 300))
+    batch = next(b for b in range(2, 200) if spec.launch_shape(b)[0][0] > 1 and (b * p["TILES"]) % per(b))
     params, inputs = gc.init_params(graph, seed=4), random_inputs(graph, batch, 4)
     program = CompiledProgram(graph, "host", poison=True)
     first = program.run(inputs, params, keep=True)["dconv.weight"]

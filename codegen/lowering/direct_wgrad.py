@@ -173,17 +173,16 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     least = -(-LEAST_POSITIONS // (RB * WBP))
     wanted = sp.Integer(max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32))))   # blocks in all
     splits = -(-int(wanted) // blocks_mc)     # splits wanted: 1 where the channel blocks are enough
-    S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))
-    ips = sp.ceiling(items / S)               # the splits' items balanced: they differ by one at most
+    S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))   # = the template's
     from . import c_int
     SG = RB * WBP * shape["MBP"]
     SX = CB * shape["XS"]
     params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,
                   PAD_T=pad[0], PAD_L=pad[1], IH=IH, IW=IW, OH=OH, OW=OW, TILES=tiles, TILES_X=tiles_x,
-                  ITEMS=c_int(items), IPS=c_int(ips), SG=SG, SMEM=max(SG + SX, shape["PG"] * MB * CB * KH * KW),
+                  ITEMS=c_int(items), least=least, splits=splits, SG=SG, SMEM=max(SG + SX, shape["PG"] * MB * CB * KH * KW),
                   x_total=CB * shape["XR"] * shape["XW"], g_total=RB * -(-WBP // 8) * 8 * MB,
                   g_load=g_load, g_source=plain_g(g_load), g_desc=g_desc, prelude=prelude,
-                  items_per_split=ips, min_blocks=max(1, 512 // (-(-threads // 32) * 32)))    # 128 registers a thread at most
+                  min_blocks=max(1, 512 // (-(-threads // 32) * 32)))    # 128 registers a thread at most
     params["x_iters"] = -(-params["x_total"] // threads)
     params["g_iters"] = -(-params["g_total"] // threads)
     params["g_batch"] = min(4, params["g_iters"])     # gathered values in flight per thread (the accumulators stay live)

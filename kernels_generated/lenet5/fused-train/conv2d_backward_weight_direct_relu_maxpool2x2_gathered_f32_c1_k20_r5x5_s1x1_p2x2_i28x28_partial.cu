@@ -68,8 +68,11 @@ extern "C" __global__ void __launch_bounds__(210, 2) conv2d_backward_weight_dire
     const int cc = tid % 1, rg = tid / 1 % 5, mg = tid / 5 % 3, pg = tid / 15;
     const int c0 = blockIdx.y * 1, m0 = blockIdx.z * 24;
     const long long split = blockIdx.x;
-    const long long first = split * ((2*nb + ((2*nb + ((nb + 150) / 151) - 1) / ((nb + 150) / 151)) - 1) / ((2*nb + ((nb + 150) / 151) - 1) / ((nb + 150) / 151)));
-    const long long last = min((long long)(2*nb), first + ((2*nb + ((2*nb + ((nb + 150) / 151) - 1) / ((nb + 150) / 151)) - 1) / ((2*nb + ((nb + 150) / 151) - 1) / ((nb + 150) / 151))));
+    // the batch's 2*nb tiles in splits of `per` (the last one shorter), 302 of them or fewer,
+    // of at least 1 tile: divisions by constants only (a 64-bit division by a runtime value is a
+    // subroutine call, whose register saves spilled)
+    const long long items = 2*nb, per = max(1LL, (items + 301) / 302);
+    const long long first = split * per, last = min(items, first + per);
     // g's tile [14][28][28] (output channels innermost: a thread's 8 in 2 vector reads), then
     // x's tile: 1 channel of [18][32], rows 33 apart, channels 595 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)

@@ -68,8 +68,11 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
     const int cc = tid % 5, rg = tid / 5 % 5, mg = tid / 25 % 7, pg = tid / 175;
     const int c0 = blockIdx.y * 5, m0 = blockIdx.z * 56;
     const long long split = blockIdx.x;
-    const long long first = split * ((2*nb + ((2*nb + max((long long)(3), (long long)(((nb + 43) / 44))) - 1) / max((long long)(3), (long long)(((nb + 43) / 44)))) - 1) / ((2*nb + max((long long)(3), (long long)(((nb + 43) / 44))) - 1) / max((long long)(3), (long long)(((nb + 43) / 44)))));
-    const long long last = min((long long)(2*nb), first + ((2*nb + ((2*nb + max((long long)(3), (long long)(((nb + 43) / 44))) - 1) / max((long long)(3), (long long)(((nb + 43) / 44)))) - 1) / ((2*nb + max((long long)(3), (long long)(((nb + 43) / 44))) - 1) / max((long long)(3), (long long)(((nb + 43) / 44))))));
+    // the batch's 2*nb tiles in splits of `per` (the last one shorter), 88 of them or fewer,
+    // of at least 3 tiles: divisions by constants only (a 64-bit division by a runtime value is a
+    // subroutine call, whose register saves spilled)
+    const long long items = 2*nb, per = max(3LL, (items + 87) / 88);
+    const long long first = split * per, last = min(items, first + per);
     // g's tile [7][14][60] (output channels innermost: a thread's 8 in 2 vector reads), then
     // x's tile: 5 channels of [11][18], rows 19 apart, channels 209 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)

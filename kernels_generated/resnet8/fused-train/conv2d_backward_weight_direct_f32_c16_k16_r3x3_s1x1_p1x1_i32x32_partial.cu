@@ -68,8 +68,11 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
     const int cc = tid % 16, rg = tid / 16 % 1, mg = tid / 16 % 2, pg = tid / 32;
     const int c0 = blockIdx.y * 16, m0 = blockIdx.z * 16;
     const long long split = blockIdx.x;
-    const long long first = split * ((4*nb + ((4*nb + ((nb + 131) / 132) - 1) / ((nb + 131) / 132)) - 1) / ((4*nb + ((nb + 131) / 132) - 1) / ((nb + 131) / 132)));
-    const long long last = min((long long)(4*nb), first + ((4*nb + ((4*nb + ((nb + 131) / 132) - 1) / ((nb + 131) / 132)) - 1) / ((4*nb + ((nb + 131) / 132) - 1) / ((nb + 131) / 132))));
+    // the batch's 4*nb tiles in splits of `per` (the last one shorter), 528 of them or fewer,
+    // of at least 1 tile: divisions by constants only (a 64-bit division by a runtime value is a
+    // subroutine call, whose register saves spilled)
+    const long long items = 4*nb, per = max(1LL, (items + 527) / 528);
+    const long long first = split * per, last = min(items, first + per);
     // g's tile [8][32][20] (output channels innermost: a thread's 8 in 2 vector reads), then
     // x's tile: 16 channels of [10][34], rows 35 apart, channels 351 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)

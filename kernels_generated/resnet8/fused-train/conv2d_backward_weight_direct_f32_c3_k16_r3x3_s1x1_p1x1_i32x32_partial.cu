@@ -68,8 +68,11 @@ extern "C" __global__ void __launch_bounds__(30, 16) conv2d_backward_weight_dire
     const int cc = tid % 3, rg = tid / 3 % 1, mg = tid / 3 % 2, pg = tid / 6;
     const int c0 = blockIdx.y * 3, m0 = blockIdx.z * 16;
     const long long split = blockIdx.x;
-    const long long first = split * ((7*nb + ((7*nb + max((long long)(2), (long long)(((7*nb + 2111) / 2112))) - 1) / max((long long)(2), (long long)(((7*nb + 2111) / 2112)))) - 1) / ((7*nb + max((long long)(2), (long long)(((7*nb + 2111) / 2112))) - 1) / max((long long)(2), (long long)(((7*nb + 2111) / 2112)))));
-    const long long last = min((long long)(7*nb), first + ((7*nb + ((7*nb + max((long long)(2), (long long)(((7*nb + 2111) / 2112))) - 1) / max((long long)(2), (long long)(((7*nb + 2111) / 2112)))) - 1) / ((7*nb + max((long long)(2), (long long)(((7*nb + 2111) / 2112))) - 1) / max((long long)(2), (long long)(((7*nb + 2111) / 2112))))));
+    // the batch's 7*nb tiles in splits of `per` (the last one shorter), 2112 of them or fewer,
+    // of at least 2 tiles: divisions by constants only (a 64-bit division by a runtime value is a
+    // subroutine call, whose register saves spilled)
+    const long long items = 7*nb, per = max(2LL, (items + 2111) / 2112);
+    const long long first = split * per, last = min(items, first + per);
     // g's tile [5][32][20] (output channels innermost: a thread's 8 in 2 vector reads), then
     // x's tile: 3 channels of [7][34], rows 35 apart, channels 245 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)

@@ -68,8 +68,11 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
     const int cc = tid % 32, rg = tid / 32 % 1, mg = tid / 32 % 4, pg = tid / 128;
     const int c0 = blockIdx.y * 32, m0 = blockIdx.z * 32;
     const long long split = blockIdx.x;
-    const long long first = split * ((nb + ((nb + max((long long)(4), (long long)(((nb + 131) / 132))) - 1) / max((long long)(4), (long long)(((nb + 131) / 132)))) - 1) / ((nb + max((long long)(4), (long long)(((nb + 131) / 132))) - 1) / max((long long)(4), (long long)(((nb + 131) / 132)))));
-    const long long last = min((long long)(nb), first + ((nb + ((nb + max((long long)(4), (long long)(((nb + 131) / 132))) - 1) / max((long long)(4), (long long)(((nb + 131) / 132)))) - 1) / ((nb + max((long long)(4), (long long)(((nb + 131) / 132))) - 1) / max((long long)(4), (long long)(((nb + 131) / 132))))));
+    // the batch's nb tiles in splits of `per` (the last one shorter), 132 of them or fewer,
+    // of at least 4 tiles: divisions by constants only (a 64-bit division by a runtime value is a
+    // subroutine call, whose register saves spilled)
+    const long long items = nb, per = max(4LL, (items + 131) / 132);
+    const long long first = split * per, last = min(items, first + per);
     // g's tile [8][8][36] (output channels innermost: a thread's 8 in 2 vector reads), then
     // x's tile: 32 channels of [10][10], rows 11 apart, channels 111 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)

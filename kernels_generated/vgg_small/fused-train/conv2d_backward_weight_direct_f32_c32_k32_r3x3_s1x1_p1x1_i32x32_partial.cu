@@ -68,8 +68,11 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
     const int cc = tid % 32, rg = tid / 32 % 1, mg = tid / 32 % 4, pg = tid / 128;
     const int c0 = blockIdx.y * 32, m0 = blockIdx.z * 32;
     const long long split = blockIdx.x;
-    const long long first = split * ((8*nb + ((8*nb + max((long long)(2), (long long)(((nb + 65) / 66))) - 1) / max((long long)(2), (long long)(((nb + 65) / 66)))) - 1) / ((8*nb + max((long long)(2), (long long)(((nb + 65) / 66))) - 1) / max((long long)(2), (long long)(((nb + 65) / 66)))));
-    const long long last = min((long long)(8*nb), first + ((8*nb + ((8*nb + max((long long)(2), (long long)(((nb + 65) / 66))) - 1) / max((long long)(2), (long long)(((nb + 65) / 66)))) - 1) / ((8*nb + max((long long)(2), (long long)(((nb + 65) / 66))) - 1) / max((long long)(2), (long long)(((nb + 65) / 66))))));
+    // the batch's 8*nb tiles in splits of `per` (the last one shorter), 528 of them or fewer,
+    // of at least 2 tiles: divisions by constants only (a 64-bit division by a runtime value is a
+    // subroutine call, whose register saves spilled)
+    const long long items = 8*nb, per = max(2LL, (items + 527) / 528);
+    const long long first = split * per, last = min(items, first + per);
     // g's tile [4][32][36] (output channels innermost: a thread's 8 in 2 vector reads), then
     // x's tile: 32 channels of [6][34], rows 35 apart, channels 211 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)
