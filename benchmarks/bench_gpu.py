@@ -336,7 +336,8 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             "direct rules of session 3": {"direct.PIPELINE": False, "direct.SPLIT_SMALL_PLANES": False,
                                           "GEMM_PLANE_MOST": 64},
             "weight gradients as the im2col GEMM": {"direct_wgrad.ENABLED": False},
-            "direct weight gradients: half the blocks": {"direct_wgrad.THREADS_PER_SM": 256}}
+            "direct weight gradients: half the blocks": {"direct_wgrad.THREADS_PER_SM": 256},
+            "direct weight gradients: double-buffered tiles": {"direct_wgrad.PIPELINE": True}}
 
 
 def rule_place(name):

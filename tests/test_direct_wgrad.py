@@ -169,3 +169,22 @@ def test_shapes_off_the_bundled_models_compile_without_spills_or_fall_back():
         assert bool(specs) == direct, (spatial, C, M, kernel, dtype)
         for spec in specs:
             nvrtc.compile_kernel(spec.source, spec.name)      # raises on a spill
+
+
+def test_double_buffered_tiles_match_numpy_and_compile_below_sm80(monkeypatch):
+    """PIPELINE: two buffers, the next tile's cp.async copies issued before the current tile is computed
+    (wait_group 1, a barrier); over several tiles per split, padded passes and column tiles it matches
+    NumPy with the partial sums poisoned, a gathered g keeps one buffer, and without cp.async (sm_75)
+    the same source compiles to plain copies."""
+    monkeypatch.setattr(direct_wgrad, "PIPELINE", True)
+    graph = build(net((20, 34), 5, 12, 3, 1), "fused-train")
+    spec = wgrad_specs(graph)[0]
+    assert spec.params["buffers"] == 2 and "cp.async.wait_group 1" in spec.source
+    assert spec.params["SMEM"] >= 2 * spec.params["STAGE"] and spec.params["STAGE"] % 4 == 0
+    for batch in (1, 5):
+        assert spec.launch_shape(batch)[0][0] * 2 <= batch * spec.params["TILES"] or batch == 1
+        assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=batch == 1)
+    if nvrtc.available():
+        nvrtc.compile_kernel(spec.source, spec.name, arch="sm_75")
+    gathered = wgrad_specs(build(net((12, 10), 6, 9, (5, 3), (2, 0), pool=True), "fused-train"))[0]
+    assert gathered.params["buffers"] == 1

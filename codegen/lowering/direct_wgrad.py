@@ -29,6 +29,11 @@ from ..spec import BATCH, Arg, KernelSpec
 ENABLED = True
 # static shared memory per block: the two tiles, or the block's partial sums on the way out
 SHARED_BUDGET = 46 * 1024
+# tiles double-buffered where g is a plain copy: the next tile's cp.async copies in flight while the
+# block computes the current one, each buffer in half the shared budget (shorter tiles, more halo
+# copies); False: one buffer, a block waiting for its own tile while the SM's other blocks compute
+# (neither timed on a GPU yet: `bench_gpu.py --variants` times the other)
+PIPELINE = False
 # threads wanted per multiprocessor of an H100/H200 (132 of them): 16 warps, four 128-thread blocks
 # (128 registers each), so that one block's copies are covered by the others' multiply-adds (a block
 # waits for its own tile's copies); the splits are sized to that. More blocks each write a whole
@@ -90,12 +95,12 @@ def wavefronts(addresses) -> int:
     return max(len(v) for v in banks.values())
 
 
-def block_shape(*, C, M, KH, KW, OH, OW, itemsize):
-    return _block_shape(C, M, KH, KW, OH, OW, itemsize, SHARED_BUDGET, LIVE_MOST)
+def block_shape(*, C, M, KH, KW, OH, OW, itemsize, buffers=1):
+    return _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, SHARED_BUDGET, LIVE_MOST)
 
 
 @functools.lru_cache(maxsize=None)
-def _block_shape(C, M, KH, KW, OH, OW, itemsize, shared_budget, live_most):
+def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, shared_budget, live_most):
     """The block's channels, position groups and tile rows: the least estimated issue (padded
     multiply-adds, shared reads with their bank conflicts averaged over the block's warps, copies;
     blocks of fewer than 128 threads and partial warps charged for the latency they leave uncovered)
@@ -125,7 +130,8 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, shared_budget, live_most):
                 if threads > 256:
                     break
                 rows = [RB for RB in range(PG, OH + 1)
-                        if max(RB * WBP * MBP + CB * xs(RB + KH - 1, XWS), PG * MB * CB * KK) <= budget]
+                        if buffers * stage_size(RB * WBP * MBP + CB * xs(RB + KH - 1, XWS)) <= budget
+                        and PG * MB * CB * KK <= budget]
                 if not rows:
                     continue
                 # rows computed per image: a position group takes every PG-th row of a tile
@@ -149,6 +155,11 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, shared_budget, live_most):
     return best[1] if best else None
 
 
+def stage_size(words):
+    """A buffer's words, rounded up to 16 bytes (the second buffer's g tile is read as vectors)."""
+    return -(-words // 4) * 4
+
+
 def xs(XR, XWS):
     """A channel's stride in the x tile: odd, so 32 threads reading one (row, column) of 32 channels
     hit 32 banks."""
@@ -162,7 +173,8 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     IH, IW = in_size
     OH, OW = out_size
     itemsize = 4 if ctx.float_type == "float" else 8
-    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize)
+    buffers = 2 if PIPELINE and plain_g(g_load) else 1
+    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers)
     if shape is None:
         return None
     RB, WB, WBP, MB, CB, threads = (shape[k] for k in ("RB", "WB", "WBP", "MB", "CB", "threads"))
@@ -179,7 +191,8 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     SX = CB * shape["XS"]
     params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,
                   PAD_T=pad[0], PAD_L=pad[1], IH=IH, IW=IW, OH=OH, OW=OW, TILES=tiles, TILES_X=tiles_x,
-                  ITEMS=c_int(items), least=least, splits=splits, SG=SG, SMEM=max(SG + SX, shape["PG"] * MB * CB * KH * KW),
+                  ITEMS=c_int(items), least=least, splits=splits, SG=SG, STAGE=stage_size(SG + SX), buffers=buffers,
+                  SMEM=max(buffers * stage_size(SG + SX), shape["PG"] * MB * CB * KH * KW),
                   x_total=CB * shape["XR"] * shape["XW"], g_total=RB * -(-WBP // 8) * 8 * MB,
                   g_load=g_load, g_source=plain_g(g_load), g_desc=g_desc, prelude=prelude,
                   min_blocks=max(1, 512 // (-(-threads // 32) * 32)))    # 128 registers a thread at most

@@ -15,7 +15,8 @@
 // tile of x under it (with its 4-row, 4-column halo) are copied into shared memory once
 // (x by cp.async, g gathered through registers); then along a row of the tile the 5 inputs a thread multiplies slide by one column
 // per position: per position and filter row one new input is read, and 2 vector reads fetch 8 values of g,
-// for 40 multiply-adds (14 positions unrolled per pass). The im2col GEMM this replaces recomputed
+// for 40 multiply-adds (14 positions unrolled per pass). One buffer: a block waits for its
+// tile's copies while the multiprocessor's other blocks compute. The im2col GEMM this replaces recomputed
 // every input's address from (image, position, channel, offset) digits per k-step.
 
 // cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
@@ -77,8 +78,8 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
     // x's tile: 5 channels of [11][18], rows 19 apart, channels 209 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)
     __shared__ __align__(16) float smem[7000];
-    float* const sg = smem;
-    float* const sx = smem + 5880;
+    float* const sg0 = smem;
+    float* const sx0 = smem + 5880;
     float acc[8][1][5];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -89,8 +90,10 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
 
 #pragma unroll 1
     for (long long item = first; item < last; ++item) {
-        const long long b = item / 2;
-        const int tile = (int)(item % 2);
+        const float* const sg = sg0;
+        const float* const sx = sx0;
+        const long long b = (item) / 2;
+        const int tile = (int)((item) % 2);
         const int oy0 = tile / 1 * 7, ox0 = tile % 1 * 14;
         // x's tile, consecutive threads along its rows; zero outside the image
 #pragma unroll 4
@@ -99,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
             const int xc = idx / 198, xr = idx / 18 % 11, xw = idx % 18;
             const int c = c0 + xc, iy = oy0 - 2 + xr, ix = ox0 - 2 + xw;
             const bool ok = c < 20 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14;
-            if (idx < 990) gc_cp_async(&sx[xc * 209 + xr * 19 + xw], ok ? &x[((b * 20 + c) * 14LL + iy) * 14 + ix] : x, ok);
+            if (idx < 990) gc_cp_async(&sx0[xc * 209 + xr * 19 + xw], ok ? &x[((b * 20 + c) * 14LL + iy) * 14 + ix] : x, ok);
         }
         // g's tile: each warp takes 8 consecutive columns of 4 output channels (4 runs of 32 bytes in
         // global memory; stored 60 words apart per column: 32 banks); zero past the plane
@@ -137,9 +140,10 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
                 const int idx = tid + (it0 + q) * 175;
                 const int u = idx / 32, l = idx % 32;
                 const int m = u % 14 * 4 + l / 8, col = u / 14 % 2 * 8 + l % 8, row = u / 28;
-                if (it0 + q < 36 && idx < 6272 && col < 14) sg[(row * 14 + col) * 60 + m] = vs[q];
+                if (it0 + q < 36 && idx < 6272 && col < 14) sg0[(row * 14 + col) * 60 + m] = vs[q];
             }
         }
+
         gc_cp_async_commit();
         gc_cp_async_wait_all();
         __syncthreads();

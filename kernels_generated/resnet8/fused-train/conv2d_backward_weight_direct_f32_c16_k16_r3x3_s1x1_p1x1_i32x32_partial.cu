@@ -15,7 +15,8 @@
 // tile of x under it (with its 2-row, 2-column halo) are copied into shared memory once
 // (cp.async); then along a row of the tile the 3 inputs a thread multiplies slide by one column
 // per position: per position and filter row one new input is read, and 2 vector reads fetch 8 values of g,
-// for 72 multiply-adds (16 positions unrolled per pass). The im2col GEMM this replaces recomputed
+// for 72 multiply-adds (16 positions unrolled per pass). One buffer: a block waits for its
+// tile's copies while the multiprocessor's other blocks compute. The im2col GEMM this replaces recomputed
 // every input's address from (image, position, channel, offset) digits per k-step.
 
 // cp.async (sm_80+): a copy from global into shared memory that the thread does not wait for; the
@@ -77,8 +78,8 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
     // x's tile: 16 channels of [10][34], rows 35 apart, channels 351 apart (both odd: threads
     // reading one column of different channels, or of different rows, hit different banks)
     __shared__ __align__(16) float smem[10736];
-    float* const sg = smem;
-    float* const sx = smem + 5120;
+    float* const sg0 = smem;
+    float* const sx0 = smem + 5120;
     float acc[8][3][3];
 #pragma unroll
     for (int t = 0; t < 8; ++t)
@@ -89,8 +90,10 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
 
 #pragma unroll 1
     for (long long item = first; item < last; ++item) {
-        const long long b = item / 4;
-        const int tile = (int)(item % 4);
+        const float* const sg = sg0;
+        const float* const sx = sx0;
+        const long long b = (item) / 4;
+        const int tile = (int)((item) % 4);
         const int oy0 = tile / 1 * 8, ox0 = tile % 1 * 32;
         // x's tile, consecutive threads along its rows; zero outside the image
 #pragma unroll 4
@@ -99,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
             const int xc = idx / 340, xr = idx / 34 % 10, xw = idx % 34;
             const int c = c0 + xc, iy = oy0 - 1 + xr, ix = ox0 - 1 + xw;
             const bool ok = c < 16 && iy >= 0 && iy < 32 && ix >= 0 && ix < 32;
-            if (idx < 5440) gc_cp_async(&sx[xc * 351 + xr * 35 + xw], ok ? &x[((b * 16 + c) * 32LL + iy) * 32 + ix] : x, ok);
+            if (idx < 5440) gc_cp_async(&sx0[xc * 351 + xr * 35 + xw], ok ? &x[((b * 16 + c) * 32LL + iy) * 32 + ix] : x, ok);
         }
         // g's tile: each warp takes 8 consecutive columns of 4 output channels (4 runs of 32 bytes in
         // global memory; stored 20 words apart per column: 32 banks); zero past the plane
@@ -110,8 +113,9 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
             const int m = u % 4 * 4 + l / 8, col = u / 4 % 4 * 8 + l % 8, row = u / 16;
             const int mm = m0 + m, oy = oy0 + row, ox = ox0 + col;
             const bool ok = mm < 16 && oy < 32 && ox < 32;
-            if (idx < 4096) gc_cp_async(&sg[(row * 32 + col) * 20 + m], ok ? &dy[((b * 16 + mm) * 32LL + oy) * 32 + ox] : dy, ok);
+            if (idx < 4096) gc_cp_async(&sg0[(row * 32 + col) * 20 + m], ok ? &dy[((b * 16 + mm) * 32LL + oy) * 32 + ox] : dy, ok);
         }
+
         gc_cp_async_commit();
         gc_cp_async_wait_all();
         __syncthreads();
