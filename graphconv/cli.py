@@ -112,20 +112,51 @@ def cmd_check(args):
           f"{unfused.dtype}, batch {args.batch}, seed {args.seed}")
     width = max(len(o) for o in want)
     print(f"  {'output'.ljust(width)}  {'max abs diff':>12}  {'max rel diff':>12}  status")
-    failed = 0
+    failed, conditioned = 0, []
     for name, a in want.items():
         b = got[name]
         diff = float(np.abs(a - b).max()) if a.size else 0.0
         rel = diff / max(float(np.abs(a).max()) if a.size else 0.0, 1e-30)
-        ok = np.allclose(b, a, rtol=args.rtol, atol=args.rtol * max(float(np.abs(a).max()) if a.size else 0, 1e-12))
+        ok = close(b, a, args.rtol)
+        status = "ok" if ok else "MISMATCH"
+        if judge and not ok and adam_step_of_its_moments(unfused, name, params, want, got, args.rtol):
+            ok, status = True, "ok*"
+            conditioned.append(name)
         failed += judge and not ok
-        print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {('ok' if ok else 'MISMATCH') if judge else '-'}")
+        print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {status if judge else '-'}")
+    if conditioned:
+        print(f"* {len(conditioned)} Adam update{'s' if len(conditioned) > 1 else ''} past rtol: each equals (within rtol) Adam's step of "
+              f"the moments this backend computed, and those match the unfused graph's; Adam divides a gradient "
+              f"by its own size (m / (sqrt(v) + eps)), so where gradients are near zero their rounding moves the "
+              f"step by up to the learning rate (a float32 graph's first steps, not an error of the fused graph)")
     if judge:
         print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
     else:
         print(f"{len(want)} outputs, reported, not judged: a TF32 training step's gradients and updates drift "
               f"past any fixed tolerance (pass --rtol to judge them); every kernel was judged above")
     return 1 if failed or kernel_failures else 0
+
+
+def close(got, want, rtol) -> bool:
+    """check's criterion: within rtol of each value, or of the output's largest magnitude."""
+    want, got = np.asarray(want), np.asarray(got)
+    return bool(np.allclose(got, want, rtol=rtol, atol=rtol * max(float(np.abs(want).max()) if want.size else 0, 1e-12)))
+
+
+def adam_step_of_its_moments(graph, name, params, want, got, rtol) -> bool:
+    """Whether output `name` is an Adam parameter update that equals, within rtol, Adam's step of the
+    moments this run computed (recomputed in float64), with those moments matching the reference's: its
+    difference from the reference is then Adam's conditioning, not an error of the graph being checked."""
+    from .ops import OPS
+    if name not in graph or graph.node(name).op != "adam_param":
+        return False
+    operands = graph.operands(name)
+    values = [got.get(k, params.get(k)) for k in operands]
+    if any(v is None for v in values):
+        return False
+    step = OPS["adam_param"].reference([np.asarray(v, dtype=np.float64) for v in values], graph.node(name).attrs)
+    moments = operands[1:3]
+    return close(got[name], step, rtol) and all(k in want and k in got and close(got[k], want[k], rtol) for k in moments)
 
 
 def cmd_emit(args):

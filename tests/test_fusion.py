@@ -191,6 +191,41 @@ def test_cli_fuse_and_check(capsys, monkeypatch):
     assert "MISMATCH" in capsys.readouterr().out
 
 
+def test_check_explains_adam_updates_of_near_zero_gradients_and_still_catches_a_wrong_one():
+    """`check` in float32: an Adam update past rtol is reported "ok*" only when it is Adam's step of
+    the moments the checked graph computed and those moments match the reference's (Adam divides a
+    gradient by its own size, so rounding in gradients near zero moves the step by up to lr); a
+    wrong update, or moments that differ, stay mismatches."""
+    import numpy as np
+    from graphconv.cli import adam_step_of_its_moments
+    from graphconv.ops import OPS
+    from graphconv.pipeline import build_unfused
+    from graphconv.training import Optimizer
+    graph = build_unfused(gc.models.MODELS["lenet5"](), "fused-train", "cross_entropy", Optimizer("adam"))
+    name = "fc2.bias.next"
+    p_, m_, v_, t_, lr_ = graph.operands(name)
+    rng = np.random.default_rng(0)
+    params = {p_: (0.02 * rng.normal(size=10)).astype(np.float32), lr_: np.float32(1e-3)}   # small weights, as fc1's
+    g = np.array([1e-9, -2e-9, 0.3, -0.2, 3e-9, 0.1, 0.5, -0.4, 2e-8, 0.05], dtype=np.float32)
+    g2 = g.copy()
+    g2[[0, 1, 4, 8]] *= np.float32(1.7)                       # rounding-sized changes of near-zero gradients
+
+    def run(grad):
+        m, v = (0.1 * grad).astype(np.float32), (0.001 * grad * grad).astype(np.float32)
+        out = {m_: m, v_: v, t_: np.float32(1)}
+        out[name] = OPS["adam_param"].reference([params[p_], m, v, np.float32(1), params[lr_]],
+                                                graph.node(name).attrs).astype(np.float32)
+        return out
+    want, got = run(g), run(g2)
+    assert not np.allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * np.abs(want[name]).max())
+    assert adam_step_of_its_moments(graph, name, params, want, got, 1e-4)
+    wrong = dict(got, **{name: got[name] + np.float32(1e-3)})        # an update that is not Adam's step
+    assert not adam_step_of_its_moments(graph, name, params, want, wrong, 1e-4)
+    far = run(g * np.float32(1.5))                                   # moments that do not match
+    assert not adam_step_of_its_moments(graph, name, params, want, far, 1e-4)
+    assert not adam_step_of_its_moments(graph, "fc2.bias.adam_m.next", params, want, got, 1e-4)
+
+
 def test_dump_after_a_pass_and_unknown_passes(capsys):
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "set_training"]) == 0
     assert "fused_conv" not in capsys.readouterr().out
