@@ -138,17 +138,25 @@ def bound_step(graph, backend, batch, tf32=False):
     return program, step
 
 
+def layer_phase(graph, launch):
+    """"forward" or "backward" for a launch of the timed layer ("conv"; the optimizer's kernels, the
+    1x1 conv before it and the classifier after it are not the layer's), else None."""
+    node = graph.node(launch.node)
+    if node.stage == "update":
+        return None
+    if node.layer == "conv" or (node.op == "fused_conv" and any(r[0] == "conv" for r in node.replaces)):
+        return "forward" if node.stage == "forward" else "backward"
+    return None
+
+
 def graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer):
     graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
     program, step = bound_step(graph, args.backend, batch, args.tf32)
-    layer_of = {launch.node: graph.node(launch.node) for launch in program.program.launches}
     picked = {"forward": [], "backward": []}
     for launch, bound in zip(program.program.launches, step.launches):
-        node = layer_of[launch.node]
-        if node.stage == "update":          # the optimizer's kernels are not the layer's
-            continue
-        if node.layer == "conv" or (node.op == "fused_conv" and any(r[0] == "conv" for r in node.replaces)):
-            picked["forward" if node.stage == "forward" else "backward"].append((launch.spec, bound))
+        phase = layer_phase(graph, launch)
+        if phase:
+            picked[phase].append((launch.spec, bound))
     runtime = program.runtime
     out = {}
     for phase, launches in picked.items():
@@ -349,11 +357,12 @@ def rule_place(name):
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
-    """The kernels (source and launch shape) of a layer's training program under the rules as they are
-    set now (no compile)."""
+    """The timed layer's kernels (source and launch shape) under the rules as they are set now (no
+    compile): a rule that changes only the classifier's or the 1x1 conv's kernels changes no row."""
     from codegen.program import Program
     graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
-    return frozenset((spec.source, str(spec.grid), str(spec.block)) for spec in Program(graph, tf32=args.tf32).kernels)
+    return frozenset((launch.spec.source, str(launch.spec.grid), str(launch.spec.block))
+                     for launch in Program(graph, tf32=args.tf32).launches if layer_phase(graph, launch))
 
 
 def under(rule, fn):
@@ -397,6 +406,40 @@ def variants(args, timer, say):
                 + "; ".join(f"{label}: " + ("same kernels" if label in same else
                                             f"{row[label]['forward']:.4f} / {row[label]['backward']:.4f}")
                             for label in VARIANTS))
+    return rows
+
+
+# rules timed on whole training steps too: the layer rows' weight gradients are all gathered through
+# the ReLU/pool, while vgg_small's (batch norm between conv and ReLU) read a plain dy, which only
+# those rows exercise (the double-buffered tiles need a plain g)
+STEP_RULES = ("weight gradients as the im2col GEMM", "direct weight gradients: half the blocks",
+              "direct weight gradients: double-buffered tiles")
+
+
+def step_sources(args, name) -> frozenset:
+    from codegen.program import Program
+    return frozenset((spec.source, str(spec.grid), str(spec.block))
+                     for spec in Program(build(MODELS[name](), "fused-train"), tf32=args.tf32).kernels)
+
+
+def step_variants(args, timer, say, batch=256):
+    """vgg_small's and LeNet-5's captured steps at batch 256 now and under each STEP_RULES rule that
+    changes their kernels."""
+    rows = []
+    timer = Timer(args.backend, min(timer.repeats, 20), timer.warmup, timer.inner)
+
+    def step_ms():
+        _, step = bound_step(build(MODELS[name](), "fused-train"), args.backend, batch, args.tf32)
+        return timer(step.replay)
+    for name in ("vgg_small", "lenet5"):
+        now_sources = step_sources(args, name)
+        row = {"model": name, "batch": batch, "now": step_ms()}
+        for label in STEP_RULES:
+            changed = under(VARIANTS[label], lambda: step_sources(args, name)) != now_sources
+            row[label] = under(VARIANTS[label], step_ms) if changed else "same kernels"
+        rows.append(row)
+        say(f"step variants {name} batch {batch}: now {row['now']:.3f} ms; " + "; ".join(
+            f"{label}: " + (row[label] if isinstance(row[label], str) else f"{row[label]:.3f}") for label in STEP_RULES))
     return rows
 
 
@@ -524,6 +567,8 @@ def main():
         write(args, result, log)
     if args.variants:
         result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])
+        write(args, result, log)
+        result["step_variants"] = attempt("step variants", lambda: step_variants(args, timer, say), [])
         write(args, result, log)
     if with_torch:
         # pass 2: torch.compile, as far as the budget goes: every layer at batch 256 first (the targets'

@@ -217,6 +217,25 @@ def test_the_variants_run_reports_every_rule_and_times_each_changed_one_once_per
     assert all(set(bench.VARIANTS) <= set(r) for r in rows) and "8 x 8 planes as the GEMM: same kernels" in lines[0]
 
 
+def test_the_step_variants_time_each_weight_gradient_rule_where_it_changes_a_step(monkeypatch):
+    """`--variants` also times vgg_small's and LeNet-5's steps under the weight-gradient rules: vgg's
+    plain-dy weight gradients change under all three (the double buffer among them), LeNet's gathered
+    ones not under the double buffer (a gathered g keeps one buffer), which is reported, not timed."""
+    import types as _types
+    bench = load_bench()
+    timed = []
+    monkeypatch.setattr(bench, "bound_step", lambda graph, *a: (None, _types.SimpleNamespace(replay=lambda: None)))
+    monkeypatch.setattr(bench, "Timer", lambda *a: (lambda fn: timed.append(fn) or 1.5))
+    lines = []
+    rows = bench.step_variants(_types.SimpleNamespace(tf32=False, backend="host"),
+                               _types.SimpleNamespace(repeats=3, warmup=1, inner=1), lines.append)
+    vgg, lenet = rows
+    assert all(isinstance(vgg[label], float) for label in bench.STEP_RULES)
+    assert lenet["direct weight gradients: double-buffered tiles"] == "same kernels"
+    assert isinstance(lenet["weight gradients as the im2col GEMM"], float)
+    assert len(timed) == 2 + 3 + 2 and "step variants vgg_small batch 256: now 1.500 ms" in lines[0]
+
+
 def test_the_bandwidth_rows_count_the_bytes_a_kernel_moves():
     """A pointwise kernel whose expression ignores an operand (mul's gradient with respect to a: dy * b)
     does not read it, so its bytes are not counted; the others' every array argument is."""
