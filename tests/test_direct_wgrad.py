@@ -23,7 +23,7 @@ def net(spatial, channels, out, kernel, padding, dtype="float32", pool=False):
     x = g.input("x", ("N", channels, *spatial))
     h = g.relu(g.conv2d(x, out, kernel, padding=padding, name="conv"))
     if pool:
-        h = g.max_pool2d(h, 2)
+        h = g.max_pool2d(h, 2 if pool is True else pool)
     g.output(g.linear(g.flatten(h), 3, name="fc"))
     return g
 
@@ -188,3 +188,21 @@ def test_double_buffered_tiles_match_numpy_and_compile_below_sm80(monkeypatch):
         nvrtc.compile_kernel(spec.source, spec.name, arch="sm_75")
     gathered = wgrad_specs(build(net((12, 10), 6, 9, (5, 3), (2, 0), pool=True), "fused-train"))[0]
     assert gathered.params["buffers"] == 1
+
+
+@pytest.mark.parametrize("window_gather", [True, False])
+def test_a_gathered_gradient_staged_a_pooling_window_per_gather(monkeypatch, window_gather):
+    """WINDOW_GATHER: with tiles aligned to the pooling windows, a thread gathers one pooled position
+    (code, aux, dy once) and writes its window (the gradient at the argmax, 0 elsewhere); positions no
+    window covers (an odd conv output under a 2 x 2 pool), column tiles and 3 x 3 windows match NumPy,
+    and so does the per-position gather it replaces."""
+    monkeypatch.setattr(direct_wgrad, "WINDOW_GATHER", window_gather)
+    for spatial, C, M, pool in (((11, 9), 3, 8, 2), ((6, 40), 2, 4, 2), ((12, 12), 3, 5, 3)):
+        graph = build(net(spatial, C, M, 3, 1, pool=pool), "fused-train")
+        spec = wgrad_specs(graph)[0]
+        assert bool(spec.params.get("g_window")) == window_gather, spatial
+        if window_gather:
+            assert spec.params["RB"] % pool == 0 and spec.params["WB"] % pool == 0
+            assert spec.source.count("gcode[gi]") == 1 and "codes[q] == i * " in spec.source
+        for batch in (1, 3):
+            assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=batch == 1)

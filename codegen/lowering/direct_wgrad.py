@@ -34,6 +34,10 @@ SHARED_BUDGET = 46 * 1024
 # copies); False: one buffer, a block waiting for its own tile while the SM's other blocks compute
 # (neither timed on a GPU yet: `bench_gpu.py --variants` times the other)
 PIPELINE = False
+# a gathered g (a fused ReLU/max-pool gradient) staged a pooling window per gather (its code, aux and
+# dy loaded once, the window's positions written from them) where the tiles can be aligned to the
+# windows; False: every position of the tile gathers (4 loads and the index arithmetic each)
+WINDOW_GATHER = True
 # threads wanted per multiprocessor of an H100/H200 (132 of them): 16 warps, four 128-thread blocks
 # (128 registers each), so that one block's copies are covered by the others' multiply-adds (a block
 # waits for its own tile's copies); the splits are sized to that. More blocks each write a whole
@@ -59,14 +63,18 @@ def eligible(geo) -> bool:
             and all(d == 1 for d in geo["dil"]) and geo["Kr"][1] >= 3)
 
 
-def row_tiling(OW):
-    """(WB, OXU, WBP): tile width (<= 32 columns), the positions unrolled in one pass (8-16, the
-    fewest padded columns, then the longest pass) and the padded tile width (a whole number of passes;
-    padded columns read g as 0)."""
+def row_tiling(OW, align=1):
+    """(WB, OXU, WBP): tile width (<= 32 columns, a multiple of `align`), the positions unrolled in
+    one pass (8-16, the fewest padded columns, then the longest pass) and the padded tile width (a
+    whole number of passes, a multiple of `align`; padded columns read g as 0); None if no pass fits."""
     WB = -(-OW // -(-OW // 32))
+    WB = -(-WB // align) * align
     if WB <= 16:
         return WB, WB, WB
-    OXU = min(range(8, 17), key=lambda u: (-(-WB // u) * u, -u))
+    passes = [u for u in range(8, 17) if -(-WB // u) * u % align == 0]
+    if not passes:
+        return None
+    OXU = min(passes, key=lambda u: (-(-WB // u) * u, -u))
     return WB, OXU, -(-WB // OXU) * OXU
 
 
@@ -95,12 +103,14 @@ def wavefronts(addresses) -> int:
     return max(len(v) for v in banks.values())
 
 
-def block_shape(*, C, M, KH, KW, OH, OW, itemsize, buffers=1):
-    return _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, SHARED_BUDGET, LIVE_MOST)
+def block_shape(*, C, M, KH, KW, OH, OW, itemsize, buffers=1, align=(1, 1)):
+    """(see _block_shape) `align`: tiles whose rows and columns are multiples of a pooling window's,
+    so that a gathered g is staged a whole window per gather; None where the columns cannot be."""
+    return _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, tuple(align), SHARED_BUDGET, LIVE_MOST)
 
 
 @functools.lru_cache(maxsize=None)
-def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, shared_budget, live_most):
+def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, align, shared_budget, live_most):
     """The block's channels, position groups and tile rows: the least estimated issue (padded
     multiply-adds, shared reads with their bank conflicts averaged over the block's warps, copies;
     blocks of fewer than 128 threads and partial warps charged for the latency they leave uncovered)
@@ -112,7 +122,10 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, shared_budget, live_mo
         return None
     TM, RT = tile
     RG = KH // RT
-    WB, OXU, WBP = row_tiling(OW)
+    tiling = row_tiling(OW, align[1])
+    if tiling is None:
+        return None
+    WB, OXU, WBP = tiling
     V = 16 // itemsize
     KK = KH * KW
     XW = WBP + KW - 1                # columns of the x tile
@@ -129,8 +142,8 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, shared_budget, live_mo
                 threads = MG * CB * RG * PG
                 if threads > 256:
                     break
-                rows = [RB for RB in range(PG, OH + 1)
-                        if buffers * stage_size(RB * WBP * MBP + CB * xs(RB + KH - 1, XWS)) <= budget
+                rows = [RB for RB in range(PG, -(-OH // align[0]) * align[0] + 1) if RB % align[0] == 0
+                        and buffers * stage_size(RB * WBP * MBP + CB * xs(RB + KH - 1, XWS)) <= budget
                         and PG * MB * CB * KK <= budget]
                 if not rows:
                     continue
@@ -166,15 +179,22 @@ def xs(XR, XWS):
     return XR * XWS + (1 - XR * XWS % 2)
 
 
-def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, prelude=""):
+def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, prelude="", g_window=None):
     """The partial-sum KernelSpec and the number of splits S (sympy, in BATCH), or None when no block
-    shape fits (the caller then uses the GEMM)."""
+    shape fits (the caller then uses the GEMM). `g_window` (a gathered g: the pool window `k` and the
+    lines setting `gcv` and `gval` of a pooled position): tiles aligned to the windows where a shape
+    fits, staged a window per gather; else each position gathers (`g_load`)."""
     KH, KW = K
     IH, IW = in_size
     OH, OW = out_size
     itemsize = 4 if ctx.float_type == "float" else 8
     buffers = 2 if PIPELINE and plain_g(g_load) else 1
-    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers)
+    shape = None
+    if g_window and WINDOW_GATHER and len(g_window["k"]) == 2:
+        shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, align=g_window["k"])
+    if shape is None:
+        g_window = None
+        shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers)
     if shape is None:
         return None
     RB, WB, WBP, MB, CB, threads = (shape[k] for k in ("RB", "WB", "WBP", "MB", "CB", "threads"))
@@ -199,6 +219,14 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     params["x_iters"] = -(-params["x_total"] // threads)
     params["g_iters"] = -(-params["g_total"] // threads)
     params["g_batch"] = min(4, params["g_iters"])     # gathered values in flight per thread (the accumulators stay live)
+    params["g_window"] = g_window
+    if g_window:
+        k0, k1 = g_window["k"]
+        PC = WBP // k1                                  # pooled columns of a tile
+        params.update(g_window=g_window, k0=k0, k1=k1, PR=RB // k0, PC=PC, PCQ=-(-PC // 8),
+                      gw_total=RB // k0 * -(-PC // 8) * 8 * MB)
+        params["gw_iters"] = -(-params["gw_total"] // threads)
+        params["g_batch"] = min(4, params["gw_iters"])
     spec = KernelSpec(name=name + "_partial", template="direct_wgrad.cu.j2", params=params,
                       args=args, grid=(S, -(-C // CB), -(-M // MB)), block=(threads, 1, 1), barrier=True)
     return spec, S

@@ -27,7 +27,7 @@ from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import advance_lines, c_int, digit_lines, flat, lowering, numel, short_dtype
 from . import direct, direct_wgrad
-from .prologue import gather_lines, gather_shared_lines, gathered_gradient
+from .prologue import gather_lines, gather_shared_lines, gather_window_lines, gathered_gradient
 
 # split K (backward-weight): blocks wanted in all (four per multiprocessor of an H100/H200) and the
 # fewest terms per chunk (H200: LeNet-5 conv1's backward-weight, 98 blocks of 2048 terms, ran at 1 TFLOP/s)
@@ -578,8 +578,11 @@ def direct_backward_weight(ctx, name, geo, So, gathered, element):
     block shape fits."""
     C, OC, Kr = geo["C"], geo["OC"], geo["Kr"]
     T = ctx.float_type
+    window = None
     if gathered:
         g_load, used = gather_lines(gathered, ctx.dtype, f"b * {OC} + mm", ["oy", "ox"])
+        lines, _ = gather_window_lines(gathered, ctx.dtype, f"b * {OC} + mm", ["py", "px"])
+        window = {"k": tuple(gathered["k"]), "lines": lines}
         g_desc = "act'(z) * dy routed to each window's argmax, gathered from the pooled gradient and codes"
     else:
         g_load, used = [f"v = dy[((b * {OC} + mm) * {So[0]}LL + oy) * {So[1]} + ox];"], set()
@@ -587,7 +590,8 @@ def direct_backward_weight(ctx, name, geo, So, gathered, element):
     key = ctx.scratch_key("partial")
     args = [ctx.arg_in(0, "x")] + gather_args(ctx, gathered, 1) + [Arg(f"{T}*", "partial", key), Arg("int", "batch")]
     built = direct_wgrad.wgrad_spec(ctx, name, C=C, M=OC, K=Kr, pad=geo["pad"], in_size=geo["Si"], out_size=So,
-                                    g_load=g_load, g_desc=g_desc, args=args, prelude=c_function_prelude(used, ctx.dtype))
+                                    g_load=g_load, g_desc=g_desc, g_window=window, args=args,
+                                    prelude=c_function_prelude(used, ctx.dtype))
     if built is None:
         return None
     first, S = built

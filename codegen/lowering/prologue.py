@@ -82,6 +82,25 @@ def gather_shared_lines(info, dtype, plane, coords) -> tuple[list, list, set]:
     return shared, lines, used
 
 
+def gather_window_lines(info, dtype, plane, pooled) -> tuple[list, set]:
+    """Lines setting `gcv` (the argmax code, -1 outside the pooled grid) and `gval` (act'(aux) * dy)
+    of the pooled position `pooled` (coords) of plane `plane`: a whole window's gradient, the value at
+    offset `gcv` and 0 at the others, from one load of each array (a stager writing the window's
+    k0 x k1 positions does one gather, not one per position)."""
+    Sp = info["Sp"]
+    flat = pooled[0]
+    for d in range(1, len(pooled)):
+        flat = f"({flat}) * {Sp[d]} + {pooled[d]}"
+    temps, result, used = derivative_c(info, dtype)
+    T = "float" if dtype == "float32" else "double"
+    inside = " && ".join(f"{c} < {Sp[d]}" for d, c in enumerate(pooled))
+    lines = ["int gcv = -1;", f"{T} gval = 0;", f"if ({inside}) {{",
+             f"    const long long gi = ({plane}) * {math.prod(Sp)}LL + {flat};", "    gcv = gcode[gi];"]
+    lines += [f"    {line}" for line in operand_loads(temps, result, T, "gi")]
+    lines += [f"    {t}" for t in temps] + [f"    gval = {result};", "}"]
+    return lines, used
+
+
 def derivative_c(info, dtype, x="ga", dy="gd"):
     """act'(x) * dy as C (temporaries, expression, device functions used)."""
     op, items = info["act"]

@@ -106,41 +106,47 @@ extern "C" __global__ void __launch_bounds__(210, 2) conv2d_backward_weight_dire
         }
         // g's tile: each warp takes 8 consecutive columns of 4 output channels (4 runs of 32 bytes in
         // global memory; stored 28 words apart per column: 32 banks); zero past the plane
-        // (4 per thread at a time: every load of a batch is in flight before its first store)
+        // (from the pooled gradient: a thread takes one pooled position of one output channel, its code,
+        // aux and dy loaded once, and writes the 2 x 2 window: the gradient at the argmax, 0 at the
+        // others; 4 positions per thread at a time, every load of a batch in flight before its first store)
 #pragma unroll 1
-        for (int it0 = 0; it0 < 52; it0 += 4) {
-            float vs[4];
+        for (int it0 = 0; it0 < 13; it0 += 4) {
+            int codes[4];
+            float vals[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int idx = tid + (it0 + q) * 210;
                 const int u = idx / 32, l = idx % 32;
-                const int m = u % 6 * 4 + l / 8, col = u / 6 % 4 * 8 + l % 8, row = u / 24;
-                const int mm = m0 + m, oy = oy0 + row, ox = ox0 + col;
-                float v = 0;
-                if (it0 + q < 52 && idx < 10752 && mm < 20 && oy < 28 && ox < 28) {
-                    const int gp0 = (oy) / 2;
-                    const int gp1 = (ox) / 2;
-                    const int gpos = (gp0) * 14 + gp1;
-                    const bool gin = gp0 < 14 && gp1 < 14;
-                    const int gwant = ((oy) % 2) * 2 + ((ox) % 2) * 1;
-                    const long long gi = (b * 20 + mm) * 196LL + gpos;
-                    if (gin) {
-                        const int gcv = gcode[gi];
+                const int m = u % 6 * 4 + l / 8, pc = u / 6 % 2 * 8 + l % 8, pr = u / 12;
+                const int mm = m0 + m, py = oy0 / 2 + pr, px = ox0 / 2 + pc;
+                codes[q] = -1;
+                vals[q] = 0;
+                if (it0 + q < 13 && idx < 2688 && mm < 20 && pc < 14) {
+                    int gcv = -1;
+                    float gval = 0;
+                    if (py < 14 && px < 14) {
+                        const long long gi = (b * 20 + mm) * 196LL + (py) * 14 + px;
+                        gcv = gcode[gi];
                         const float ga = gaux[gi];
                         const float gd = gdy[gi];
-                        if (gcv == gwant) {
-                            v = ((ga > 0) ? (gd) : (0));
-                        }
+                        gval = ((ga > 0) ? (gd) : (0));
                     }
+                    codes[q] = gcv;
+                    vals[q] = gval;
                 }
-                vs[q] = v;
             }
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int idx = tid + (it0 + q) * 210;
                 const int u = idx / 32, l = idx % 32;
-                const int m = u % 6 * 4 + l / 8, col = u / 6 % 4 * 8 + l % 8, row = u / 24;
-                if (it0 + q < 52 && idx < 10752 && col < 28) sg0[(row * 28 + col) * 28 + m] = vs[q];
+                const int m = u % 6 * 4 + l / 8, pc = u / 6 % 2 * 8 + l % 8, pr = u / 12;
+                if (it0 + q < 13 && idx < 2688 && pc < 14) {
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+#pragma unroll
+                        for (int j = 0; j < 2; ++j)
+                            sg0[((pr * 2 + i) * 28 + pc * 2 + j) * 28 + m] = codes[q] == i * 2 + j ? vals[q] : (float)0;
+                }
             }
         }
 

@@ -15,7 +15,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_direct_relu_maxpool2x2_gathered_f32_c20_k50_r5x5_s1x1_p2x2_i14x14_reduce(const float* __restrict__ partial, float* __restrict__ dw, int batch)
 {
     const long long nb = batch;
-    const long long M = 50, N = 500, S = ((2*nb + max((long long)(3), (long long)(((nb + 43) / 44))) - 1) / max((long long)(3), (long long)(((nb + 43) / 44))));
+    const long long M = 50, N = 500, S = ((nb + max((long long)(2), (long long)(((nb + 12) / 13))) - 1) / max((long long)(2), (long long)(((nb + 12) / 13))));
     const long long total = 1 * M * N;
     const int lane = threadIdx.x % 32, part = threadIdx.x / 32;
     const long long idx = (long long)blockIdx.x * 32 + lane;
