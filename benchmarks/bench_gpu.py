@@ -422,9 +422,11 @@ def step_sources(args, name) -> frozenset:
                      for spec in Program(build(MODELS[name](), "fused-train"), tf32=args.tf32).kernels)
 
 
-def step_variants(args, timer, say, batch=256):
+def step_variants(args, timer, say, batch=256, attempt=None, in_budget=lambda what: True):
     """vgg_small's and LeNet-5's captured steps at batch 256 now and under each STEP_RULES rule that
-    changes their kernels."""
+    changes their kernels; each build is its own `attempt` within the budget (a rule that fails, or a
+    kernel that faults, leaves the rows before it), the double-buffered tiles (never run on a GPU) last."""
+    attempt = attempt or (lambda what, fn, default=None: fn())
     rows = []
     timer = Timer(args.backend, min(timer.repeats, 20), timer.warmup, timer.inner)
 
@@ -432,14 +434,22 @@ def step_variants(args, timer, say, batch=256):
         _, step = bound_step(build(MODELS[name](), "fused-train"), args.backend, batch, args.tf32)
         return timer(step.replay)
     for name in ("vgg_small", "lenet5"):
+        if not in_budget(f"step variants {name}"):
+            continue
         now_sources = step_sources(args, name)
-        row = {"model": name, "batch": batch, "now": step_ms()}
+        row = {"model": name, "batch": batch, "now": attempt(f"step {name} now", step_ms, "failed")}
+        rows.append(row)
         for label in STEP_RULES:
             changed = under(VARIANTS[label], lambda: step_sources(args, name)) != now_sources
-            row[label] = under(VARIANTS[label], step_ms) if changed else "same kernels"
-        rows.append(row)
-        say(f"step variants {name} batch {batch}: now {row['now']:.3f} ms; " + "; ".join(
-            f"{label}: " + (row[label] if isinstance(row[label], str) else f"{row[label]:.3f}") for label in STEP_RULES))
+            if not changed:
+                row[label] = "same kernels"
+            elif in_budget(f"step {name} {label}"):
+                row[label] = attempt(f"step {name} {label}", lambda: under(VARIANTS[label], step_ms), "failed")
+            else:
+                row[label] = "over budget"
+        text = lambda v: v if isinstance(v, str) else f"{v:.3f}"   # noqa: E731
+        say(f"step variants {name} batch {batch}: now {text(row['now'])} ms; "
+            + "; ".join(f"{label}: {text(row[label])}" for label in STEP_RULES))
     return rows
 
 
@@ -568,7 +578,8 @@ def main():
     if args.variants:
         result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])
         write(args, result, log)
-        result["step_variants"] = attempt("step variants", lambda: step_variants(args, timer, say), [])
+        result["step_variants"] = attempt("step variants", lambda: step_variants(
+            args, timer, say, attempt=attempt, in_budget=in_budget), [])
         write(args, result, log)
     if with_torch:
         # pass 2: torch.compile, as far as the budget goes: every layer at batch 256 first (the targets'

@@ -126,9 +126,10 @@ def cmd_check(args):
         print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {status if judge else '-'}")
     if conditioned:
         print(f"* {len(conditioned)} Adam update{'s' if len(conditioned) > 1 else ''} past rtol: each equals (within rtol) Adam's step of "
-              f"the moments this backend computed, and those match the unfused graph's; Adam divides a gradient "
-              f"by its own size (m / (sqrt(v) + eps)), so where gradients are near zero their rounding moves the "
-              f"step by up to the learning rate (a float32 graph's first steps, not an error of the fused graph)")
+              f"the moments this backend computed, those match the unfused graph's, and every element past rtol "
+              f"has a gradient at float32 rounding noise (<= 64 eps of the largest); Adam divides a gradient by "
+              f"its own size (m / (sqrt(v) + eps)), so there rounding moves the step by up to the learning rate "
+              f"(a float32 graph's first steps, not an error of the fused graph)")
     if judge:
         print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
     else:
@@ -144,19 +145,27 @@ def close(got, want, rtol) -> bool:
 
 
 def adam_step_of_its_moments(graph, name, params, want, got, rtol) -> bool:
-    """Whether output `name` is an Adam parameter update that equals, within rtol, Adam's step of the
-    moments this run computed (recomputed in float64), with those moments matching the reference's: its
-    difference from the reference is then Adam's conditioning, not an error of the graph being checked."""
+    """Whether float32 output `name` is an Adam parameter update that equals, within rtol, Adam's step
+    of the moments this run computed (recomputed in float64), with those moments matching the
+    reference's and every element past rtol coming from a first moment at rounding-noise level (at
+    most 64 float32 epsilons of the largest): its difference from the reference is then Adam's
+    conditioning (a gradient divided by its own size), not an error of the graph being checked. A
+    gradient wrong by more than rounding, however small against the largest, is not excused."""
     from .ops import OPS
-    if name not in graph or graph.node(name).op != "adam_param":
+    if name not in graph or graph.node(name).op != "adam_param" or np.asarray(got.get(name)).dtype != np.float32:
         return False
     operands = graph.operands(name)
     values = [got.get(k, params.get(k)) for k in operands]
     if any(v is None for v in values):
         return False
     step = OPS["adam_param"].reference([np.asarray(v, dtype=np.float64) for v in values], graph.node(name).attrs)
-    moments = operands[1:3]
-    return close(got[name], step, rtol) and all(k in want and k in got and close(got[k], want[k], rtol) for k in moments)
+    m, v = operands[1:3]
+    if not (close(got[name], step, rtol) and all(k in want and k in got and close(got[k], want[k], rtol) for k in (m, v))):
+        return False
+    a, b = np.asarray(want[name], np.float64), np.asarray(got[name], np.float64)
+    past = ~np.isclose(b, a, rtol=rtol, atol=rtol * max(float(np.abs(a).max()) if a.size else 0, 1e-12))
+    noise = 64 * float(np.finfo(np.float32).eps) * float(np.abs(want[m]).max())
+    return bool(np.all(np.abs(want[m])[past] <= noise) and np.all(np.abs(got[m])[past] <= noise))
 
 
 def cmd_emit(args):

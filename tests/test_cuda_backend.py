@@ -234,6 +234,17 @@ def test_the_step_variants_time_each_weight_gradient_rule_where_it_changes_a_ste
     assert lenet["direct weight gradients: double-buffered tiles"] == "same kernels"
     assert isinstance(lenet["weight gradients as the im2col GEMM"], float)
     assert len(timed) == 2 + 3 + 2 and "step variants vgg_small batch 256: now 1.500 ms" in lines[0]
+    # each build its own attempt: a rule that fails (the double buffer faulting on a device) loses only its cell
+    def attempt(what, fn, default=None):
+        if "double-buffered" in what:
+            return default
+        return fn()
+    rows = bench.step_variants(_types.SimpleNamespace(tf32=False, backend="host"),
+                               _types.SimpleNamespace(repeats=3, warmup=1, inner=1), lines.append, attempt=attempt,
+                               in_budget=lambda what: "lenet5" not in what)
+    assert [r["model"] for r in rows] == ["vgg_small"]
+    assert rows[0]["direct weight gradients: double-buffered tiles"] == "failed"
+    assert rows[0]["weight gradients as the im2col GEMM"] == 1.5 and "double-buffered tiles: failed" in lines[-1]
 
 
 def test_the_bandwidth_rows_count_the_bytes_a_kernel_moves():

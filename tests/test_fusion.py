@@ -206,7 +206,7 @@ def test_check_explains_adam_updates_of_near_zero_gradients_and_still_catches_a_
     p_, m_, v_, t_, lr_ = graph.operands(name)
     rng = np.random.default_rng(0)
     params = {p_: (0.02 * rng.normal(size=10)).astype(np.float32), lr_: np.float32(1e-3)}   # small weights, as fc1's
-    g = np.array([1e-9, -2e-9, 0.3, -0.2, 3e-9, 0.1, 0.5, -0.4, 2e-8, 0.05], dtype=np.float32)
+    g = np.array([1e-9, -2e-9, 0.3, -0.2, 3e-9, 0.1, 0.5, -0.4, 2e-5, 0.05], dtype=np.float32)
     g2 = g.copy()
     g2[[0, 1, 4, 8]] *= np.float32(1.7)                       # rounding-sized changes of near-zero gradients
 
@@ -223,6 +223,9 @@ def test_check_explains_adam_updates_of_near_zero_gradients_and_still_catches_a_
     assert not adam_step_of_its_moments(graph, name, params, want, wrong, 1e-4)
     far = run(g * np.float32(1.5))                                   # moments that do not match
     assert not adam_step_of_its_moments(graph, name, params, want, far, 1e-4)
+    g3 = g.copy()
+    g3[8] = np.float32(-2e-5)        # a small gradient of the wrong sign: within the moments' atol, past rounding
+    assert not adam_step_of_its_moments(graph, name, params, want, run(g3), 1e-4)
     assert not adam_step_of_its_moments(graph, "fc2.bias.adam_m.next", params, want, got, 1e-4)
 
 

@@ -51,9 +51,10 @@ LEAST_POSITIONS = 256
 # addresses and the unrolled pass need the rest: 9-column float64 filters spilled at 128 with
 # accumulators alone counted)
 LIVE_MOST = 90
-# a load of a shared float from a tile: issue cost against a multiply-add, and against a cp.async of
-# one element from global memory (address arithmetic included): the block-shape search's weights
-SHARED_READ_COST, COPY_COST = 2, 8
+# the block-shape search's weights, in multiply-adds of issue: a shared read of a tile, a cp.async of one
+# element from global memory (address arithmetic included), a gathered g value (3 loads, its code's
+# comparison, the pooled index)
+SHARED_READ_COST, COPY_COST, GATHER_COST = 2, 8, 25
 
 
 def eligible(geo) -> bool:
@@ -67,8 +68,12 @@ def row_tiling(OW, align=1):
     """(WB, OXU, WBP): tile width (<= 32 columns, a multiple of `align`), the positions unrolled in
     one pass (8-16, the fewest padded columns, then the longest pass) and the padded tile width (a
     whole number of passes, a multiple of `align`; padded columns read g as 0); None if no pass fits."""
-    WB = -(-OW // -(-OW // 32))
-    WB = -(-WB // align) * align
+    tiles = -(-OW // 32)
+    while True:
+        WB = -(-(-(-OW // tiles)) // align) * align
+        if WB <= 32 or WB <= align:
+            break
+        tiles += 1
     if WB <= 16:
         return WB, WB, WB
     passes = [u for u in range(8, 17) if -(-WB // u) * u % align == 0]
@@ -164,12 +169,13 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, align, shared_budget, 
                 if best is None or key < best[0]:
                     best = (key, dict(TM=TM, RT=RT, RG=RG, MG=MG, MB=MB, MBP=MBP, CB=CB, PG=PG, RB=RB, WB=WB,
                                       OXU=OXU, WBP=WBP, XW=XW, XWS=XWS, XR=RB + KH - 1, XS=XS, threads=threads,
-                                      V=V))
+                                      V=V, cost=key[0]))
     return best[1] if best else None
 
 
 def stage_size(words):
-    """A buffer's words, rounded up to 16 bytes (the second buffer's g tile is read as vectors)."""
+    """A buffer's elements, rounded up to 4 (16 bytes of float, 32 of double: the second buffer's g
+    tile is read as vectors)."""
     return -(-words // 4) * 4
 
 
@@ -189,12 +195,21 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     OH, OW = out_size
     itemsize = 4 if ctx.float_type == "float" else 8
     buffers = 2 if PIPELINE and plain_g(g_load) else 1
-    shape = None
+    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers)
+    aligned = None
     if g_window and WINDOW_GATHER and len(g_window["k"]) == 2:
-        shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, align=g_window["k"])
-    if shape is None:
+        aligned = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, align=g_window["k"])
+    # the aligned tiles where their estimated issue is at most the per-position gather's by the gathers
+    # they save (a position's gather costs about GATHER_COST multiply-adds of issue; a window's k0 x k1
+    # positions share one); wide windows can pad the tiles more than that
+    if aligned and shape:
+        k = math.prod(g_window["k"])
+        saved = GATHER_COST * (1 - 1 / k) * -(-M // shape["MB"]) * -(-C // shape["CB"]) * OH * OW * shape["MB"]
+        aligned = aligned if aligned["cost"] <= shape["cost"] + saved else None
+    if aligned:
+        shape = aligned
+    else:
         g_window = None
-        shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers)
     if shape is None:
         return None
     RB, WB, WBP, MB, CB, threads = (shape[k] for k in ("RB", "WB", "WBP", "MB", "CB", "threads"))
