@@ -579,7 +579,7 @@ def main():
         result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])
         write(args, result, log)
         result["step_variants"] = attempt("step variants", lambda: step_variants(
-            args, timer, say, attempt=attempt, in_budget=in_budget), [])
+            args, timer, say, batch=4 if args.smoke else 256, attempt=attempt, in_budget=in_budget), [])
         write(args, result, log)
     if with_torch:
         # pass 2: torch.compile, as far as the budget goes: every layer at batch 256 first (the targets'
