@@ -104,8 +104,7 @@ extern "C" __global__ void __launch_bounds__(210, 2) conv2d_backward_weight_dire
             const bool ok = c < 1 && iy >= 0 && iy < 28 && ix >= 0 && ix < 28;
             if (idx < 576) gc_cp_async(&sx0[xc * 595 + xr * 33 + xw], ok ? &x[((b * 1 + c) * 28LL + iy) * 28 + ix] : x, ok);
         }
-        // g's tile: each warp takes 8 consecutive columns of 4 output channels (4 runs of 32 bytes in
-        // global memory; stored 28 words apart per column: 32 banks); zero past the plane
+        // g's tile: each warp takes 8 consecutive pooled columns of 4 output channels; zero past the plane
         // (from the pooled gradient: a thread takes one pooled position of one output channel, its code,
         // aux and dy loaded once, and writes the 2 x 2 window: the gradient at the argmax, 0 at the
         // others; 4 positions per thread at a time, every load of a batch in flight before its first store)

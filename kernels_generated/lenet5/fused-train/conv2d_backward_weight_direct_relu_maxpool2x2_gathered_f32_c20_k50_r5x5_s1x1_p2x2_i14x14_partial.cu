@@ -104,8 +104,7 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
             const bool ok = c < 20 && iy >= 0 && iy < 14 && ix >= 0 && ix < 14;
             if (idx < 1620) gc_cp_async(&sx0[xc * 343 + xr * 19 + xw], ok ? &x[((b * 20 + c) * 14LL + iy) * 14 + ix] : x, ok);
         }
-        // g's tile: each warp takes 8 consecutive columns of 4 output channels (4 runs of 32 bytes in
-        // global memory; stored 12 words apart per column: 32 banks); zero past the plane
+        // g's tile: each warp takes 8 consecutive pooled columns of 4 output channels; zero past the plane
         // (from the pooled gradient: a thread takes one pooled position of one output channel, its code,
         // aux and dy loaded once, and writes the 2 x 2 window: the gradient at the argmax, 0 at the
         // others; 3 positions per thread at a time, every load of a batch in flight before its first store)
