@@ -197,7 +197,7 @@ def test_a_gathered_gradient_staged_a_pooling_window_per_gather(monkeypatch, win
     window covers (an odd conv output under a 2 x 2 pool), column tiles and 3 x 3 windows match NumPy,
     and so does the per-position gather it replaces."""
     monkeypatch.setattr(direct_wgrad, "WINDOW_GATHER", window_gather)
-    for spatial, C, M, pool in (((11, 9), 3, 8, 2), ((6, 40), 2, 4, 2), ((12, 12), 3, 5, 3)):
+    for spatial, C, M, pool in (((11, 11), 16, 16, 2), ((6, 40), 2, 4, 2), ((12, 12), 16, 16, 3)):
         graph = build(net(spatial, C, M, 3, 1, pool=pool), "fused-train")
         spec = wgrad_specs(graph)[0]
         assert bool(spec.params.get("g_window")) == window_gather, spatial
@@ -206,3 +206,24 @@ def test_a_gathered_gradient_staged_a_pooling_window_per_gather(monkeypatch, win
             assert spec.source.count("gcode[gi]") == 1 and "codes[q] == i * " in spec.source
         for batch in (1, 3):
             assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=batch == 1)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_shapes_match_numpy(seed):
+    """Random shapes (channels 1-40, planes 3-40 on a side, filters 3-5 rows by 3-5 columns, padding
+    0-2, a ReLU + 2 x 2 max-pool gradient gathered or not, float32 or float64, batch 1-5): the weight
+    gradient's kernels match NumPy with the scratch poisoned, and compile for sm_90 without spills."""
+    rng = np.random.default_rng(100 + seed)
+    kernel = tuple(int(k) for k in rng.integers(3, 6, 2))
+    padding = tuple(int(rng.integers(0, min(3, k))) for k in kernel)
+    spatial = tuple(int(s) for s in rng.integers(max(kernel) + 1, 41, 2))
+    C, M = (int(v) for v in rng.integers(1, 41, 2))
+    pool = bool(rng.random() < 0.5)
+    dtype = "float64" if rng.random() < 0.25 else "float32"
+    graph = build(net(spatial, C, M, kernel, padding, dtype, pool), "fused-train")
+    specs = wgrad_specs(graph)
+    assert specs, (spatial, C, M, kernel, padding, dtype)
+    assert_kernels_match(graph, batch=int(rng.integers(1, 6)), seed=seed, compile_nvrtc=False)
+    if nvrtc.available():
+        for spec in specs:
+            nvrtc.compile_kernel(spec.source, spec.name)

@@ -51,6 +51,10 @@ LEAST_POSITIONS = 256
 # addresses and the unrolled pass need the rest: 9-column float64 filters spilled at 128 with
 # accumulators alone counted)
 LIVE_MOST = 90
+# less where more lives beside them: a per-position gather of g (its batch of values and the gather's
+# temporaries), and float64 (64-bit addresses and pairs): a random-shape sweep spilled at 128 with
+# 89 (3 x 3, gathered per position) and 88 (float64 4 x 4) live
+LIVE_GATHER, LIVE_F64 = 74, 76
 # the block-shape search's weights, in multiply-adds of issue: a shared read of a tile, a cp.async of one
 # element from global memory (address arithmetic included), a gathered g value (3 loads, its code's
 # comparison, the pooled index)
@@ -108,10 +112,12 @@ def wavefronts(addresses) -> int:
     return max(len(v) for v in banks.values())
 
 
-def block_shape(*, C, M, KH, KW, OH, OW, itemsize, buffers=1, align=(1, 1)):
+def block_shape(*, C, M, KH, KW, OH, OW, itemsize, buffers=1, align=(1, 1), gather=False):
     """(see _block_shape) `align`: tiles whose rows and columns are multiples of a pooling window's,
-    so that a gathered g is staged a whole window per gather; None where the columns cannot be."""
-    return _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, tuple(align), SHARED_BUDGET, LIVE_MOST)
+    so that a gathered g is staged a whole window per gather; None where the columns cannot be.
+    `gather`: g gathered per position (fewer registers left for the thread's tile)."""
+    live = min(LIVE_MOST, LIVE_GATHER if gather else LIVE_MOST, LIVE_F64 if itemsize == 8 else LIVE_MOST)
+    return _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, tuple(align), SHARED_BUDGET, live)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,7 +201,8 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     OH, OW = out_size
     itemsize = 4 if ctx.float_type == "float" else 8
     buffers = 2 if PIPELINE and plain_g(g_load) else 1
-    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers)
+    shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers,
+                        gather=not plain_g(g_load))
     aligned = None
     if g_window and WINDOW_GATHER and len(g_window["k"]) == 2:
         aligned = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, align=g_window["k"])
