@@ -87,21 +87,13 @@ def row_tiling(OW, align=1):
     return WB, OXU, -(-WB // OXU) * OXU
 
 
-def thread_tile(M, KH, KW, itemsize, live_most):
-    """(TM, RT): output channels (4 or 8: whole vector reads of g) and filter rows per thread, the
-    most multiply-adds per shared read within LIVE_MOST registers of live values, counting padded
-    channels; None when even 4 channels of one filter row exceed them."""
-    V = 16 // itemsize
-    best = None
-    for TM in (8, 4):
-        for RT in (d for d in range(1, KH + 1) if KH % d == 0):
-            if (TM * RT * KW + RT * KW + TM) * itemsize // 4 > live_most:
-                continue
-            useful = M / (-(-M // TM) * TM)
-            score = useful * TM * RT * KW / (TM / V + RT)
-            if best is None or score > best[0]:
-                best = (score, TM, RT)
-    return (best[1], best[2]) if best else None
+def thread_tiles(KH, KW, itemsize, live_most):
+    """The (TM, RT) a thread may hold: output channels (4 or 8: whole vector reads of g) and filter
+    rows (a divisor of KH), within live_most registers of live values (accumulators, sliding inputs,
+    a position's g values); the block-shape search weighs them (fewer channels per thread can mean
+    more threads where channels are few)."""
+    return [(TM, RT) for TM in (8, 4) for RT in range(KH, 0, -1)
+            if KH % RT == 0 and (TM * RT * KW + RT * KW + TM) * itemsize // 4 <= live_most]
 
 
 def wavefronts(addresses) -> int:
@@ -128,11 +120,6 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, align, shared_budget, 
     within 256 threads and the shared budget. Threads are numbered input channel fastest, then
     filter-row group, output-channel group, position group (PG groups of threads take the tile's rows
     in turns, their sums added at the end)."""
-    tile = thread_tile(M, KH, KW, itemsize, live_most)
-    if tile is None:                 # a filter too wide for one row of accumulators
-        return None
-    TM, RT = tile
-    RG = KH // RT
     tiling = row_tiling(OW, align[1])
     if tiling is None:
         return None
@@ -143,7 +130,9 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, align, shared_budget, 
     XWS = XW | 1                     # its row stride, odd: threads on different rows of one channel hit different banks
     budget = shared_budget // itemsize
     best = None
-    for MG in range(1, min(-(-M // TM), 64 // TM) + 1):
+    for TM, RT, MG in ((TM, RT, MG) for TM, RT in thread_tiles(KH, KW, itemsize, live_most)
+                       for MG in range(1, min(-(-M // TM), 64 // TM) + 1)):
+        RG = KH // RT
         MB = MG * TM
         MBP = MB + 4 if MB % 8 == 0 else MB      # (row, col) rows of g 4 words apart mod 32 (bank-free staging)
         for CB in range(1, min(C, 64) + 1):
@@ -171,7 +160,7 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, align, shared_budget, 
                 copies = tiles * (-(-OH // RB)) * (-(-OW // WB)) * (RB * WBP * MB + CB * (RB + KH - 1) * XW)
                 cost = (fma + SHARED_READ_COST * reads + COPY_COST * copies) * (-(-threads // 32) * 32 / threads)
                 cost *= 1.5 if threads < 64 else 1.25 if threads < 128 else 1   # fewer warps to hide latency
-                key = (round(cost), PG, -threads, MB, CB)
+                key = (round(cost), -TM * RT, PG, -threads, MB, CB)
                 if best is None or key < best[0]:
                     best = (key, dict(TM=TM, RT=RT, RG=RG, MG=MG, MB=MB, MBP=MBP, CB=CB, PG=PG, RB=RB, WB=WB,
                                       OXU=OXU, WBP=WBP, XW=XW, XWS=XWS, XR=RB + KH - 1, XS=XS, threads=threads,

@@ -15,7 +15,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_direct_relu_maxpool2x2_gathered_f32_c1_k20_r5x5_s1x1_p2x2_i28x28_reduce(const float* __restrict__ partial, float* __restrict__ dw, int batch)
 {
     const long long nb = batch;
-    const long long M = 20, N = 25, S = ((2*nb + ((nb + 150) / 151) - 1) / ((nb + 150) / 151));
+    const long long M = 20, N = 25, S = ((2*nb + ((nb + 175) / 176) - 1) / ((nb + 175) / 176));
     const long long total = 1 * M * N;
     const int lane = threadIdx.x % 32, part = threadIdx.x / 32;
     const long long idx = (long long)blockIdx.x * 32 + lane;

@@ -15,7 +15,7 @@
 extern "C" __global__ void __launch_bounds__(256, 1) conv2d_backward_weight_direct_f32_c3_k32_r3x3_s1x1_p1x1_i32x32_reduce(const float* __restrict__ partial, float* __restrict__ dw, int batch)
 {
     const long long nb = batch;
-    const long long M = 32, N = 27, S = ((4*nb + ((nb + 175) / 176) - 1) / ((nb + 175) / 176));
+    const long long M = 32, N = 27, S = ((4*nb + ((nb + 87) / 88) - 1) / ((nb + 87) / 88));
     const long long total = 1 * M * N;
     const int lane = threadIdx.x % 32, part = threadIdx.x / 32;
     const long long idx = (long long)blockIdx.x * 32 + lane;
