@@ -142,6 +142,10 @@ def _block_shape(C, M, KH, KW, OH, OW, itemsize, buffers, align, shared_budget, 
                 threads = MG * CB * RG * PG
                 if threads > 256:
                     break
+                waste = -(-threads // 32) * 32 / threads * (1.5 if threads < 64 else 1.25 if threads < 128 else 1)
+                least = -(-M // MB) * -(-C // CB) * MB * CB * KK * OH * -(-OW // WB) * WBP * waste
+                if best is not None and round(least) > best[0][0]:     # its multiply-adds alone cost more
+                    continue
                 rows = [RB for RB in range(PG, -(-OH // align[0]) * align[0] + 1) if RB % align[0] == 0
                         and buffers * stage_size(RB * WBP * MBP + CB * xs(RB + KH - 1, XWS)) <= budget
                         and PG * MB * CB * KK <= budget]
