@@ -361,8 +361,12 @@ def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
     compile): a rule that changes only the classifier's or the 1x1 conv's kernels changes no row."""
     from codegen.program import Program
     graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
-    return frozenset((launch.spec.source, str(launch.spec.grid), str(launch.spec.block))
-                     for launch in Program(graph, tf32=args.tf32).launches if layer_phase(graph, launch))
+    return kernel_set(launch.spec for launch in Program(graph, tf32=args.tf32).launches if layer_phase(graph, launch))
+
+
+def kernel_set(specs) -> frozenset:
+    """Kernels as compared by the variants runs: source and launch shape."""
+    return frozenset((spec.source, str(spec.grid), str(spec.block)) for spec in specs)
 
 
 def under(rule, fn):
@@ -418,8 +422,7 @@ STEP_RULES = ("weight gradients as the im2col GEMM", "direct weight gradients: h
 
 def step_sources(args, name) -> frozenset:
     from codegen.program import Program
-    return frozenset((spec.source, str(spec.grid), str(spec.block))
-                     for spec in Program(build(MODELS[name](), "fused-train"), tf32=args.tf32).kernels)
+    return kernel_set(Program(build(MODELS[name](), "fused-train"), tf32=args.tf32).kernels)
 
 
 def step_variants(args, timer, say, batch=256, attempt=None, in_budget=lambda what: True):
@@ -488,7 +491,8 @@ def main():
                     help="skip the torch.compile rows that would start after this many seconds")
     ap.add_argument("--tf32", action="store_true", help="TF32 on both sides: compile(tf32=True), PyTorch allow_tf32")
     ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
-    ap.add_argument("--variants", action="store_true", help="the layers under the earlier GEMM rules too (VARIANTS)")
+    ap.add_argument("--variants", action="store_true", help="each layer under the earlier rules that change its kernels (VARIANTS), "
+                    "then vgg_small's and LeNet-5's steps under the weight-gradient rules (STEP_RULES)")
     ap.add_argument("--no-main", action="store_true",
                     help="skip the layer, step, bandwidth and torch.compile rows (with --profile / --variants)")
     args = ap.parse_args()

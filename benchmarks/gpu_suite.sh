@@ -5,8 +5,9 @@
 # bench:     benchmarks/bench_gpu.py --save (torch.compile rows within BENCH_BUDGET_S seconds)
 # bench-tf32: the same with TF32 on both sides
 # variants:  bench_gpu.py --variants --profile --no-main: every layer under each earlier rule
-#            (bench_gpu.VARIANTS) that changes its kernels, against the current ones, and each kernel of
-#            the steps alone (not the layer/step/bandwidth rows of `bench`)
+#            (bench_gpu.VARIANTS) that changes its kernels, against the current ones, vgg_small's and
+#            LeNet-5's steps under the weight-gradient rules (STEP_RULES), and each kernel of the steps
+#            alone (not the layer/step/bandwidth rows of `bench`)
 # sanitizer: the compute-sanitizer memcheck and racecheck tests, where the tool is installed
 # exported:  cubins compiled elsewhere by NVRTC 13.5 (GRAPHCONV_EXPORTED, see device_check.py) checked here
 # Logs and results go to $OUT (default benchmarks/results/logs); each step has a time limit.

@@ -23,7 +23,9 @@ import math
 
 import sympy as sp
 
-from ..spec import BATCH, Arg, KernelSpec
+from ..spec import BATCH, KernelSpec
+from . import c_int
+from .direct import plain_source
 
 # stride-1 2-D convolutions' weight gradients by this kernel where eligible; False: the im2col GEMM
 ENABLED = True
@@ -193,9 +195,10 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     IH, IW = in_size
     OH, OW = out_size
     itemsize = 4 if ctx.float_type == "float" else 8
-    buffers = 2 if PIPELINE and plain_g(g_load) else 1
+    g_source = plain_source(g_load)       # g's address where it is a plain copy (then cp.async), else None
+    buffers = 2 if PIPELINE and g_source else 1
     shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers,
-                        gather=not plain_g(g_load))
+                        gather=not g_source)
     aligned = None
     if g_window and WINDOW_GATHER and len(g_window["k"]) == 2:
         aligned = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, align=g_window["k"])
@@ -218,10 +221,9 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     blocks_mc = -(-M // MB) * -(-C // CB)
     items = BATCH * tiles
     least = -(-LEAST_POSITIONS // (RB * WBP))
-    wanted = sp.Integer(max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32))))   # blocks in all
-    splits = -(-int(wanted) // blocks_mc)     # splits wanted: 1 where the channel blocks are enough
+    wanted = max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32)))   # blocks in all
+    splits = -(-wanted // blocks_mc)          # splits wanted: 1 where the channel blocks are enough
     S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))   # = the template's
-    from . import c_int
     SG = RB * WBP * shape["MBP"]
     SX = CB * shape["XS"]
     params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,
@@ -229,7 +231,7 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
                   ITEMS=c_int(items), least=least, splits=splits, SG=SG, STAGE=stage_size(SG + SX), buffers=buffers,
                   SMEM=max(buffers * stage_size(SG + SX), shape["PG"] * MB * CB * KH * KW),
                   x_total=CB * shape["XR"] * shape["XW"], g_total=RB * -(-WBP // 8) * 8 * MB,
-                  g_load=g_load, g_source=plain_g(g_load), g_desc=g_desc, prelude=prelude,
+                  g_load=g_load, g_source=g_source, g_desc=g_desc, prelude=prelude,
                   min_blocks=max(1, 512 // (-(-threads // 32) * 32)))    # 128 registers a thread at most
     params["x_iters"] = -(-params["x_total"] // threads)
     params["g_iters"] = -(-params["g_total"] // threads)
@@ -238,16 +240,10 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     if g_window:
         k0, k1 = g_window["k"]
         PC = WBP // k1                                  # pooled columns of a tile
-        params.update(g_window=g_window, k0=k0, k1=k1, PR=RB // k0, PC=PC, PCQ=-(-PC // 8),
+        params.update(k0=k0, k1=k1, PC=PC, PCQ=-(-PC // 8),
                       gw_total=RB // k0 * -(-PC // 8) * 8 * MB)
         params["gw_iters"] = -(-params["gw_total"] // threads)
         params["g_batch"] = min(4, params["gw_iters"])
     spec = KernelSpec(name=name + "_partial", template="direct_wgrad.cu.j2", params=params,
                       args=args, grid=(S, -(-C // CB), -(-M // MB)), block=(threads, 1, 1), barrier=True)
     return spec, S
-
-
-def plain_g(load):
-    """The address g's load reads where it is one plain array read (then copied by cp.async)."""
-    from .direct import plain_source
-    return plain_source(load)

@@ -19,6 +19,7 @@ import sympy as sp
 from graphconv.ops import OPS
 
 from ..cprinter import c_expression
+from . import flat
 
 GATHERERS = {**{f"conv{nd}d_backward_data": 0 for nd in (1, 2, 3)},
              **{f"conv{nd}d_backward_weight": 1 for nd in (1, 2, 3)}}
@@ -66,10 +67,7 @@ def gather_shared_lines(info, dtype, plane, coords) -> tuple[list, list, set]:
     P = math.prod(Sp)
     shared = [f"const int gp{d} = ({c}) / {k[d]};" for d, c in enumerate(coords)]
     offset = " + ".join(f"(({c}) % {k[d]}) * {math.prod(k[d + 1:])}" for d, c in enumerate(coords))
-    flat = "gp0"
-    for d in range(1, len(coords)):
-        flat = f"({flat}) * {Sp[d]} + gp{d}"
-    shared += [f"const int gpos = {flat};", f"const bool gin = {' && '.join(f'gp{d} < {Sp[d]}' for d in range(len(coords)))};",
+    shared += [f"const int gpos = {flat([f'gp{d}' for d in range(len(coords))], Sp)};", f"const bool gin = {' && '.join(f'gp{d} < {Sp[d]}' for d in range(len(coords)))};",
                f"const int gwant = {offset};"]
     temps, result, used = derivative_c(info, dtype)
     T = "float" if dtype == "float32" else "double"
@@ -88,14 +86,11 @@ def gather_window_lines(info, dtype, plane, pooled) -> tuple[list, set]:
     offset `gcv` and 0 at the others, from one load of each array (a stager writing the window's
     k0 x k1 positions does one gather, not one per position)."""
     Sp = info["Sp"]
-    flat = pooled[0]
-    for d in range(1, len(pooled)):
-        flat = f"({flat}) * {Sp[d]} + {pooled[d]}"
     temps, result, used = derivative_c(info, dtype)
     T = "float" if dtype == "float32" else "double"
     inside = " && ".join(f"{c} < {Sp[d]}" for d, c in enumerate(pooled))
     lines = ["int gcv = -1;", f"{T} gval = 0;", f"if ({inside}) {{",
-             f"    const long long gi = ({plane}) * {math.prod(Sp)}LL + {flat};", "    gcv = gcode[gi];"]
+             f"    const long long gi = ({plane}) * {math.prod(Sp)}LL + {flat(pooled, Sp)};", "    gcv = gcode[gi];"]
     lines += [f"    {line}" for line in operand_loads(temps, result, T, "gi")]
     lines += [f"    {t}" for t in temps] + [f"    gval = {result};", "}"]
     return lines, used

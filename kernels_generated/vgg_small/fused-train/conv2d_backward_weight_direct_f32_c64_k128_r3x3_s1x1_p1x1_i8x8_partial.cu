@@ -169,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(128, 4) conv2d_backward_weight_dire
 
     // the block's partial sums go out through shared memory (9216 values), so each
     // (output channel, input channel range) is one contiguous run of stores
-    float* const red = reinterpret_cast<float*>(smem);
+    float* const red = smem;
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
