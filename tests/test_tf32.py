@@ -11,6 +11,7 @@ import pytest
 import graphconv as gc
 from codegen import nvrtc
 from codegen.check import TF32_TOLERANCE, check_kernels
+from codegen.lowering import direct_tf32
 from codegen.program import Program
 from graphconv.data import random_inputs
 from graphconv.errors import GraphError
@@ -112,10 +113,14 @@ def test_every_tf32_kernel_compiles_for_sm90_and_matches_numpy_on_the_host(model
     program = Program(graph, tf32=True)
     tf32 = [s for s in program.kernels if s.params.get("tf32")]
     assert tf32, "no kernel took the TF32 path"
-    fp32 = Program(graph).kernels
-    assert [s.name for s in program.kernels if "direct" in s.name] == [s.name for s in fp32 if "direct" in s.name], \
-        "direct convolutions stay FP32 under tf32 (faster than the TF32 implicit GEMM on the H200)"
-    assert not any(s.params.get("tf32") for s in program.kernels if "direct" in s.name)
+    fp32 = [s for s in Program(graph).kernels if s.template == "direct_conv.cu.j2"]
+    names = {s.name for s in program.kernels}
+    for s in fp32:      # a direct convolution takes the tensor cores where it has 2 x 2 cells and >= 8 channels
+        tensor_cores = s.params["CH"] == s.params["CW"] == 2 and s.params["C"] >= direct_tf32.LEAST_CHANNELS
+        assert (s.name + "_tf32" in names and s.name + "_tf32_filter" in names and s.name not in names) \
+            if tensor_cores else (s.name in names), s.name
+    if model in ("lenet5", "vgg_small", "resnet8"):
+        assert any(s.template == "direct_conv_tf32.cu.j2" for s in program.kernels)
     if nvrtc.available():
         compiled = nvrtc.compile_many([(s.source, s.name) for s in tf32])
         assert all(c.spill_stores == 0 and c.spill_loads == 0 for c in compiled)

@@ -12,7 +12,7 @@ import re
 import sympy as sp
 
 from ..spec import KernelSpec, Lowered
-from . import advance_lines, digit_lines
+from . import advance_lines, digit_lines, direct_tf32
 
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
 DOUBLE_BUDGET = 46 * 1024      # the same, double-buffered (both buffers; registers, not shared memory, bound the blocks per SM)
@@ -34,6 +34,11 @@ PIPELINE = True
 # values. False: the fewest padded channels, then the most threads (one block per image there)
 SPLIT_SMALL_PLANES = True
 
+# under tf32=True, direct convolutions with 2 x 2 cells (a 2 x 2 pool, or none) and at least 8 input
+# channels multiply on the TF32 tensor cores (direct_tf32.py); False: they stay on the FP32 cores, as
+# they did through session 5 (the TF32 implicit GEMM had been slower than the FP32 direct kernels)
+TF32 = True
+
 PLAIN_LOAD = re.compile(r"^v = (\w+)\[([^\[\]]*)\];$")   # one array read: no brackets in its index
 
 
@@ -47,7 +52,7 @@ def one_block_per_small_image(lowered) -> bool:
     """Whether a direct kernel would give each image of a small plane (<= 64 outputs) one block: too
     few blocks to fill the GPU at small batches (vgg conv3_2 at batch 64: 0.154 ms against the GEMM's
     0.100 in session 2); the GEMM then tiles the batch's positions instead."""
-    p = lowered.kernels[0].params
+    p = lowered.kernels[-1].params      # the convolution (a TF32 one follows its filter kernel)
     return p["NCY"] * p["NCX"] * p["CH"] * p["CW"] <= 64 and p["TILES"] == 1 and -(-p["M"] // p["OCB"]) == 1
 
 
@@ -71,6 +76,13 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
                 window_begin, element, window_end, args, prelude="", in_desc="", w_desc=""):
     """The KernelSpec of one direct convolution (`cell` = (CH, CW): a pooling window, or 2 x 2),
     or None when its tiles do not fit in shared memory (the caller then uses the GEMM)."""
+    if TF32 and ctx.tf32 and ctx.float_type == "float" and tuple(cell) == (2, 2):
+        lowered = direct_tf32.tf32_spec(
+            ctx, name, C=C, M=M, K=K, pad=pad, in_size=in_size, out_size=out_size, pooled=pooled, in_load=in_load,
+            w_load=w_load, row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end,
+            args=args, prelude=prelude, in_desc=in_desc, w_desc=w_desc)
+        if lowered is not None:
+            return lowered
     KH, KW = K
     IH, IW = in_size
     OH, OW = out_size

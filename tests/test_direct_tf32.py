@@ -1,0 +1,156 @@
+"""The TF32 direct convolution (codegen/lowering/direct_tf32.py, direct_conv_tf32.cu.j2 and its filter
+kernel): under tf32=True, stride-1 2-D convolutions with 2 x 2 cells and at least 8 input channels
+multiply on mma.sync m16n8k8. NVRTC compiles them for sm_90 (HMMA in the machine code, no spills); the
+host backend runs the same text, its emulation of mma.sync gathering every lane's fragment with the
+GPU's own loads, with every output poisoned first. The oracle is an independent NumPy convolution of
+the TF32-rounded operands (frexp rounding, float64 sums): the results must equal it to FP32 summation
+noise, so a fragment layout, a tile or stage offset, a halo row or a rounding off by one element fails
+(the TF32 tolerance of `check` would hide most of those)."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen import nvrtc, sass
+from codegen.lowering import direct_tf32
+from codegen.program import Program
+from codegen.runner import CompiledProgram
+from graphconv.pipeline import build
+
+from test_tf32 import tf32_round
+
+
+def conv_net(spatial, C, M, kernel, padding, pool=None, transpose=False):
+    g = gc.Graph("t", "float32")
+    x = g.input("x", ("N", C, *spatial))
+    if transpose:
+        h = g.conv_transpose2d(x, M, kernel, padding=padding, name="conv")
+    else:
+        h = g.relu(g.conv2d(x, M, kernel, padding=padding, name="conv"))
+    if pool == "max":
+        h = g.max_pool2d(h, 2)
+    elif pool == "avg":
+        h = g.avg_pool2d(h, 2)
+    g.output(h)
+    return g
+
+
+def reference(x, w, b, padding, pool, transpose):
+    """The convolution of TF32-rounded x and w in float64 (PyTorch's layouts), then bias, ReLU, pool."""
+    x, w = tf32_round(x), tf32_round(w)
+    KH, KW = w.shape[2:]
+    if transpose:      # stride 1: a convolution with the flipped filter, in and out channels swapped
+        w = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        padding = (KH - 1 - padding[0], KW - 1 - padding[1])
+    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(2, 3))    # b, c, y, x, r, s
+    y = np.einsum("bcyxrs,mcrs->bmyx", windows, w) + b[None, :, None, None]
+    if transpose:
+        return y
+    y = np.maximum(y, 0)
+    if pool:
+        B, M, H, W = y.shape
+        cells = y[:, :, :H // 2 * 2, :W // 2 * 2].reshape(B, M, H // 2, 2, W // 2, 2)
+        y = cells.max(axis=(3, 5)) if pool == "max" else cells.mean(axis=(3, 5))
+    return y
+
+
+CASES = [
+    # spatial, C, M, kernel, padding, pool, transpose, batch
+    ((8, 8), 128, 128, 3, 1, "max", False, 2),       # vgg conv3_2: two blocks of 64 channels per image
+    ((12, 12), 16, 32, 3, 1, "max", False, 3),
+    ((16, 16), 20, 64, 3, 1, None, False, 2),        # 3 stages of 8 channels, the last past C (src < (C - c0) ...)
+    ((14, 14), 20, 50, 5, 2, "max", False, 2),       # LeNet conv2: 50 = 3 x 16 + 2 output channels
+    ((9, 11), 9, 20, 3, 1, None, False, 3),          # odd plane: half cells, tiles past the output
+    ((11, 10), 12, 24, (3, 5), (0, 2), "avg", False, 2),   # a 3 x 5 filter, no row padding, average pool
+    ((10, 10), 8, 16, 3, 2, "max", False, 1),        # padding 2: a 12 x 12 output from a 10 x 10 input
+    ((7, 9), 24, 40, 3, 1, None, True, 2),           # conv_transpose2d: the backward-data kernel, flipped filter
+    ((13, 6), 40, 10, 5, 2, None, True, 3),          # 10 output channels in a 16-channel block
+]
+
+
+def tf32_direct(graph):
+    return [s for s in Program(graph, tf32=True).kernels if s.template == "direct_conv_tf32.cu.j2"]
+
+
+@pytest.mark.parametrize("spatial, C, M, kernel, padding, pool, transpose, batch", CASES)
+def test_tf32_direct_convolutions_equal_numpy_on_tf32_rounded_operands(spatial, C, M, kernel, padding, pool,
+                                                                         transpose, batch):
+    graph = build(conv_net(spatial, C, M, kernel, padding, pool, transpose), "fused")
+    assert len(tf32_direct(graph)) == 1, [s.name for s in Program(graph, tf32=True).kernels]
+    rng = np.random.default_rng(C * M + batch)
+    x = rng.standard_normal((batch, C, *spatial)).astype(np.float32)
+    params = gc.init_params(graph, seed=batch)
+    params["conv.bias"] = rng.standard_normal(params["conv.bias"].shape).astype(np.float32)
+    w, b = params["conv.weight"], params["conv.bias"]
+    got = CompiledProgram(graph, "host", poison=True, tf32=True).run({"x": x}, params)
+    got = next(iter(got.values())).astype(np.float64)
+    pads = padding if isinstance(padding, tuple) else (padding, padding)
+    want = reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), pads, pool, transpose)
+    assert got.shape == want.shape and np.isfinite(got).all()          # every output written (poisoned: NaN)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)   # FP32 sums of the same products
+
+
+def test_the_operands_are_rounded_not_passed_through():
+    """The same convolution against the unrounded operands differs by TF32's rounding, not FP32's."""
+    graph = build(conv_net((8, 8), 16, 16, 3, 1), "fused")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 8, 8)).astype(np.float32)
+    params = gc.init_params(graph, seed=0)
+    got = next(iter(CompiledProgram(graph, "host", poison=True, tf32=True).run({"x": x}, params).values()))
+    w, b = params["conv.weight"].astype(np.float64), params["conv.bias"].astype(np.float64)
+    fp32 = next(iter(CompiledProgram(graph, "host", poison=True).run({"x": x}, params).values()))
+    rounded = reference(x.astype(np.float64), w, b, (1, 1), None, False)
+    scale = np.abs(rounded).max()
+    assert np.abs(got - rounded).max() <= 2e-6 * scale
+    assert np.abs(got - fp32).max() >= 2e-5 * scale
+
+
+def test_the_tiles_reach_their_edges():
+    """The cases above cover: output channels past M in a block, input channels past C in the last
+    stage, more than one stage, tiles past the output plane, 1 and 2 m-tiles per warp, the hoisted
+    (plain input) and the per-stage (wider tile) staging, and a conv_transpose's flipped filter."""
+    seen = set()
+    for spatial, C, M, kernel, padding, pool, transpose, batch in CASES:
+        p = tf32_direct(build(conv_net(spatial, C, M, kernel, padding, pool, transpose), "fused"))[0].params
+        seen |= {k for k, hit in {
+            "m past M": -(-M // p["OCB"]) * p["OCB"] > M, "c past C": p["CP"] // p["CC"] * p["CC"] > C and p["CC"] < p["CP"],
+            "stages": p["CP"] > p["CC"], "tile past the plane": p["TILES_X"] * p["TCX"] > p["NCX"] or
+            -(-p["NCY"] // p["TCY"]) * p["TCY"] > p["NCY"], "FM 1": p["FM"] == 1, "FM 2": p["FM"] == 2,
+            "hoisted staging": p["staging"]["array"] is not None, "staging per stage": p["staging"]["array"] is None,
+            "transpose": transpose}.items() if hit}
+    assert seen == {"m past M", "c past C", "stages", "tile past the plane", "FM 1", "FM 2", "hoisted staging",
+                    "staging per stage", "transpose"}
+
+
+def test_fragment_reads_are_free_of_bank_conflicts():
+    """Lane 4g + t of a fragment reads k-row t (t + 4) at column g: with the tiles' channel strides 8
+    mod 16 words, the 32 lanes' words fall in 32 different banks, for every chosen shape."""
+    for C, M, NCY, NCX, KH, KW in ((128, 128, 4, 4, 3, 3), (64, 64, 16, 16, 3, 3), (20, 50, 7, 7, 5, 5),
+                                   (50, 20, 7, 7, 5, 5), (16, 32, 6, 6, 3, 3), (256, 256, 2, 2, 3, 3)):
+        shape = direct_tf32.ideal(C, M, NCY, NCX, KH, KW)
+        for stride in (shape["CSP"], shape["CWS"]):
+            banks = {(t * stride + g) % 32 for g in range(8) for t in range(4)}
+            assert len(banks) == 32, (C, M, stride)
+        assert shape["CC"] % 8 == 0 and shape["CP"] % 8 == 0 and shape["CP"] >= C
+
+
+def test_the_bundled_models_multiply_on_the_tensor_cores_and_the_machine_code_says_so():
+    """Under tf32, every direct convolution of vgg_small and LeNet-5 with >= 8 input channels is a
+    TF32 one (the 1- and 3-channel first layers stay FP32); each compiles for sm_90 without spills,
+    and its main loop issues HMMA.1688.F32.TF32 and no FFMA."""
+    from graphconv.models import MODELS
+    for model, wanted in (("lenet5", 2), ("vgg_small", 10)):
+        graph = build(MODELS[model](), "fused-train")
+        specs = tf32_direct(graph)
+        assert len(specs) >= wanted, (model, [s.name for s in specs])
+        fp32 = [s for s in Program(graph, tf32=True).kernels if s.template == "direct_conv.cu.j2"]
+        assert all(s.params["C"] < direct_tf32.LEAST_CHANNELS for s in fp32), [s.name for s in fp32]
+        if not nvrtc.available():
+            continue
+        compiled = nvrtc.compile_many([(s.source, s.name) for s in specs])
+        assert all(c.spill_stores == 0 and c.spill_loads == 0 for c in compiled)
+        if sass.nvdisasm():
+            for c in compiled[:3]:
+                m = sass.mix(c.cubin)
+                assert m["mma"] >= 72 and m["fma"] == 0, m
