@@ -345,15 +345,19 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
                                           "GEMM_PLANE_MOST": 64},
             "weight gradients as the im2col GEMM": {"direct_wgrad.ENABLED": False},
             "direct weight gradients: half the blocks": {"direct_wgrad.THREADS_PER_SM": 256},
-            "direct weight gradients: double-buffered tiles": {"direct_wgrad.PIPELINE": True}}
+            "direct weight gradients: double-buffered tiles": {"direct_wgrad.PIPELINE": True},
+            # TF32 only (--tf32; the FP32 rows' kernels do not change): the session-6 direct kernels on the
+            # tensor cores against the FP32 direct kernels they replace, and against one buffer
+            "TF32: direct convolutions on the FP32 cores": {"direct.TF32": False},
+            "TF32 direct: one buffer": {"direct_tf32.PIPELINE": False}}
 
 
 def rule_place(name):
     """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, "direct_wgrad.X" the
-    direct weight gradient's, a bare name the GEMM's."""
-    from codegen.lowering import direct, direct_wgrad, gemm
+    direct weight gradient's, "direct_tf32.X" the TF32 direct convolution's, a bare name the GEMM's."""
+    from codegen.lowering import direct, direct_tf32, direct_wgrad, gemm
     module, _, attribute = name.rpartition(".")
-    return ({"direct": direct, "direct_wgrad": direct_wgrad, "": gemm}[module], attribute)
+    return ({"direct": direct, "direct_wgrad": direct_wgrad, "direct_tf32": direct_tf32, "": gemm}[module], attribute)
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:

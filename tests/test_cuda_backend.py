@@ -123,12 +123,13 @@ def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
         with monkeypatch.context() as m:
             for name, value in rule.items():
                 m.setattr(*bench.rule_place(name), value)
+            tf32 = label.startswith("TF32")      # the TF32 rules change only --tf32's kernels
             for model, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4]):
                 graph = build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
-                kernels = Program(graph).kernels
+                kernels = Program(graph, tf32=tf32).kernels
                 nvrtc.compile_many([(s.source, s.name) for s in kernels])
-                bad = [r for r in check_kernels(graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0))
-                       if not r.ok]
+                bad = [r for r in check_kernels(graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0),
+                                                tf32=tf32) if not r.ok]
                 assert not bad, (label, layer, [(r.node, r.note) for r in bad])
 
 
@@ -198,6 +199,11 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     assert changes("8 x 8 planes as the GEMM", "conv3_2")
     assert changes("direct: one buffer, staged through registers", "conv2")
     assert changes("weight gradients as the im2col GEMM", "conv1")
+    assert not changes("TF32: direct convolutions on the FP32 cores", "conv3_2")     # FP32 rows: same kernels
+    args.tf32 = True
+    assert changes("TF32: direct convolutions on the FP32 cores", "conv3_2")
+    assert changes("TF32 direct: one buffer", "conv3_2") and not changes("TF32 direct: one buffer", "conv2")
+    args.tf32 = False
     assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS) == before
     assert direct_wgrad.ENABLED and direct_wgrad.THREADS_PER_SM == 512
 

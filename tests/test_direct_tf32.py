@@ -109,7 +109,8 @@ def test_the_operands_are_rounded_not_passed_through():
 def test_the_tiles_reach_their_edges():
     """The cases above cover: output channels past M in a block, input channels past C in the last
     stage, more than one stage, tiles past the output plane, 1 and 2 m-tiles per warp, the hoisted
-    (plain input) and the per-stage (wider tile) staging, and a conv_transpose's flipped filter."""
+    (plain input) and the per-stage (wider tile) staging, double-buffered stages and single-buffered
+    ones, and a conv_transpose's flipped filter."""
     seen = set()
     for spatial, C, M, kernel, padding, pool, transpose, batch in CASES:
         p = tf32_direct(build(conv_net(spatial, C, M, kernel, padding, pool, transpose), "fused"))[0].params
@@ -118,9 +119,10 @@ def test_the_tiles_reach_their_edges():
             "stages": p["CP"] > p["CC"], "tile past the plane": p["TILES_X"] * p["TCX"] > p["NCX"] or
             -(-p["NCY"] // p["TCY"]) * p["TCY"] > p["NCY"], "FM 1": p["FM"] == 1, "FM 2": p["FM"] == 2,
             "hoisted staging": p["staging"]["array"] is not None, "staging per stage": p["staging"]["array"] is None,
+            "two buffers": p["buffers"] == 2, "one buffer, stages": p["buffers"] == 1 and p["CP"] > p["CC"],
             "transpose": transpose}.items() if hit}
     assert seen == {"m past M", "c past C", "stages", "tile past the plane", "FM 1", "FM 2", "hoisted staging",
-                    "staging per stage", "transpose"}
+                    "staging per stage", "two buffers", "one buffer, stages", "transpose"}
 
 
 def test_fragment_reads_are_free_of_bank_conflicts():
@@ -154,3 +156,17 @@ def test_the_bundled_models_multiply_on_the_tensor_cores_and_the_machine_code_sa
             for c in compiled[:3]:
                 m = sass.mix(c.cubin)
                 assert m["mma"] >= 72 and m["fma"] == 0, m
+
+
+def test_every_copy_is_waited_for_before_the_barrier_that_publishes_it():
+    """On the host a cp.async copy happens at once, so a missing wait cannot fail there: in the rendered
+    source, every stretch between two barriers that issues copies waits for them after the last one
+    (the double-buffered kernels' one barrier per stage included; racecheck covers it on a GPU)."""
+    from graphconv.models import MODELS
+    specs = tf32_direct(build(MODELS["vgg_small"](), "fused-train"))
+    assert {s.params["buffers"] for s in specs} == {1, 2}
+    for spec in specs:
+        body = spec.source[spec.source.index("extern \"C\""):]
+        for stretch in body.split("__syncthreads();")[:-1]:
+            if "gc_cp_async16(" in stretch:
+                assert stretch.rindex("gc_cp_async_wait_all();") > stretch.rindex("gc_cp_async16("), spec.name

@@ -100,6 +100,8 @@ def test_lenet5_trains_on_cuda_as_on_numpy_and_reproducibly():
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_finds_nothing_in_lenet5s_kernels(tool):
+    """LeNet-5's kernels, and a small TF32 net whose direct convolutions double-buffer their stages
+    (cp.async copies and register loads of the next stage in flight: racecheck's business)."""
     script = textwrap.dedent("""
         import graphconv as gc
         from graphconv.data import random_inputs
@@ -108,6 +110,12 @@ def test_compute_sanitizer_finds_nothing_in_lenet5s_kernels(tool):
         for stage in ("fused", "fused-train"):
             graph = build(lenet5(), stage)
             gc.compile(graph, backend="cuda").run(random_inputs(graph, 4, 0), gc.init_params(graph, seed=0))
+        g = gc.Graph("tf32net", "float32")
+        h = g.max_pool2d(g.relu(g.conv2d(g.input("x", ("N", 32, 8, 8)), 64, 3, padding=1, name="c1")), 2)
+        h = g.relu(g.conv2d(h, 64, 3, padding=1, name="c2"))
+        g.output(g.linear(g.flatten(h), 10, name="fc"))
+        graph = build(g, "fused-train")
+        gc.compile(graph, backend="cuda", tf32=True).run(random_inputs(graph, 4, 0), gc.init_params(graph, seed=0))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", sys.executable, "-c", script],

@@ -25,7 +25,7 @@ from . import advance_lines, digit_lines
 
 LEAST_CHANNELS = 8           # fewer input channels: the FP32 direct kernel (k-steps of 8 would be mostly zeros)
 SHARED_BUDGET = 40 * 1024    # static shared memory per block, one buffer
-MOST_HOISTED = 16           # input elements per thread and stage whose offsets stay in registers across stages
+MOST_HOISTED = 24           # input elements per thread and stage whose offsets stay in registers across stages
 MOST_ACC = 64                # accumulator registers per lane (FM x FN x 4)
 # cost model (cycles of one SM sub-scheduler): an m16n8k8 TF32 mma occupies the tensor pipe ~4 cycles;
 # a warp's shared loads are served one wavefront per SM clock, shared by 4 schedulers, so each
@@ -33,6 +33,14 @@ MOST_ACC = 64                # accumulator registers per lane (FM x FN x 4)
 MMA_CYCLES = 4
 LOAD_CYCLES = 4
 STAGE_INSTRUCTIONS = 6
+# stages double-buffered where a plain input's offsets stay in registers and both buffers fit in
+# DOUBLE_BUDGET: the next stage's filter copies (cp.async) and input loads (into registers) are in
+# flight while the current stage multiplies, one barrier per stage; a shape that cannot is charged
+# SINGLE_PENALTY for the load latency its blocks then wait out (untimed guesses, both: `bench_gpu.py
+# --variants --tf32` times "TF32 direct: one buffer")
+PIPELINE = True
+DOUBLE_BUDGET = 46 * 1024
+SINGLE_PENALTY = 1.25
 
 
 PLAIN_NCHW = re.compile(r"^v = (\w+)\[\(\(bimg \* (\d+) \+ c\) \* (\d+)LL \+ iy\) \* (\d+) \+ ix\];$")
@@ -43,9 +51,10 @@ def eight_mod_16(n: int) -> int:
     return n + (8 - n % 16) % 16
 
 
-def shapes(C, M, NCY, NCX, KH, KW):
+def shapes(C, M, NCY, NCX, KH, KW, plain=True):
     """Every (cost, ...) block shape: OCB output channels (FM m-tiles per warp), a tile of RT x CT
-    output positions (WR row pairs x WS runs of 8 columns per warp)."""
+    output positions (WR row pairs x WS runs of 8 columns per warp), CC input channels a stage, one
+    or two buffers (`plain`: the input is a tensor, not a gathered gradient, so it may be pipelined)."""
     CP = -(-C // 8) * 8
     out = []
     for OCB in (16, 32, 64, 128):
@@ -73,15 +82,20 @@ def shapes(C, M, NCY, NCX, KH, KW):
                         CC = 8 * min(CP // 8, SHARED_BUDGET // per8)
                         stages = -(-CP // CC)
                         CC = 8 * -(-CP // 8 // stages)     # stages of equal size
+                        threads = 32 * warps
+                        iters = -(-CC * HH * HW // threads)
+                        buffers = 2 if (PIPELINE and plain and iters <= MOST_HOISTED and stages > 1
+                                        and 2 * CC * 4 * (CSP + CWS) <= DOUBLE_BUDGET) else 1
                         tiles = -(-NCY // (RT // 2)) * -(-NCX // (CT // 2))
                         blocks = tiles * -(-M // OCB)
                         mma = blocks * (OCB // 16) * (RT * CT // 8) * (CP // 8) * KH * KW
                         loads = (4 * FM + 2 * FN) / (FM * FN)      # shared loads per mma
                         staged = blocks * CP * (HH * HW + KH * KW * OCB)
                         cost = mma * max(MMA_CYCLES, LOAD_CYCLES * loads) + staged * STAGE_INSTRUCTIONS / 32
+                        cost *= SINGLE_PENALTY if buffers == 1 and stages > 1 else 1
                         out.append(((blocks < 2, cost, -warps, -OCB),
                                     dict(OCB=OCB, FM=FM, WR=WR, WS=WS, FN=FN, RT=RT, CT=CT, WARPS_M=OCB // (16 * FM),
-                                         WARPS_X=nx, warps=warps, HH=HH, HW=HW, OCBP=OCBP, CSP=CSP, CWS=CWS, CC=CC,
+                                         WARPS_X=nx, warps=warps, buffers=buffers, iters=iters, HH=HH, HW=HW, OCBP=OCBP, CSP=CSP, CWS=CWS, CC=CC,
                                          CP=CP, TCY=RT // 2, TCX=CT // 2, TILES_X=-(-NCX // (CT // 2)), TILES=tiles)))
     return out
 
@@ -97,7 +111,9 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
     NCY, NCX = (OH // 2, OW // 2) if pooled else (-(-OH // 2), -(-OW // 2))
     if C < LEAST_CHANNELS or NCY == 0 or NCX == 0:
         return None
-    candidates = shapes(C, M, NCY, NCX, KH, KW)
+    plain = PLAIN_NCHW.match(in_load[0]) if len(in_load) == 1 else None
+    plain = plain if plain and [int(v) for v in plain.group(2, 3, 4)] == [C, *in_size] else None
+    candidates = shapes(C, M, NCY, NCX, KH, KW, plain is not None)
     if not candidates:
         return None
     shape = min(candidates, key=lambda c: c[0])[1]
@@ -115,8 +131,7 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
                "array": None}
     # a plain NCHW input (not a gathered gradient) with few elements per thread: each element's shared
     # and global offsets are the same at every stage, computed once into registers
-    plain = PLAIN_NCHW.match(in_load[0]) if len(in_load) == 1 else None
-    if plain and [int(v) for v in plain.group(2, 3, 4)] == [C, *in_size] and iters <= MOST_HOISTED:
+    if plain and iters <= MOST_HOISTED:
         staging["array"] = plain.group(1)
     key = ctx.scratch_key("tf32_filter")
     stages = -(-CP // CC)
@@ -142,7 +157,7 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
     return Lowered(kernels=[filter_spec, conv_spec], scratch={key: Value((total_w,), ctx.dtype)})
 
 
-def ideal(C, M, NCY, NCX, KH, KW) -> dict:
+def ideal(C, M, NCY, NCX, KH, KW, plain=True) -> dict:
     """The chosen block shape (for tests and reports)."""
-    return min(shapes(C, M, NCY, NCX, KH, KW), key=lambda c: c[0])[1]
+    return min(shapes(C, M, NCY, NCX, KH, KW, plain), key=lambda c: c[0])[1]
 
