@@ -349,7 +349,8 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
             # TF32 only (--tf32; the FP32 rows' kernels do not change): the session-6 direct kernels on the
             # tensor cores against the FP32 direct kernels they replace, and against one buffer
             "TF32: direct convolutions on the FP32 cores": {"direct.TF32": False},
-            "TF32 direct: one buffer": {"direct_tf32.PIPELINE": False}}
+            "TF32 direct: one buffer": {"direct_tf32.PIPELINE": False},
+            "TF32: weight gradients on the FP32 cores": {"direct_wgrad.TF32": False}}
 
 
 def rule_place(name):
@@ -422,6 +423,9 @@ def variants(args, timer, say):
 # those rows exercise (the double-buffered tiles need a plain g)
 STEP_RULES = ("weight gradients as the im2col GEMM", "direct weight gradients: half the blocks",
               "direct weight gradients: double-buffered tiles")
+# and with --tf32: the session-6 tensor-core kernels against the FP32 ones (vgg_small's plain-dy weight
+# gradients are the only TF32 ones: the layer rows' are gathered through the ReLU/pool)
+TF32_STEP_RULES = ("TF32: weight gradients on the FP32 cores", "TF32: direct convolutions on the FP32 cores")
 
 
 def step_sources(args, name) -> frozenset:
@@ -430,10 +434,12 @@ def step_sources(args, name) -> frozenset:
 
 
 def step_variants(args, timer, say, batch=256, attempt=None, in_budget=lambda what: True):
-    """vgg_small's and LeNet-5's captured steps at batch 256 now and under each STEP_RULES rule that
-    changes their kernels; each build is its own `attempt` within the budget (a rule that fails, or a
-    kernel that faults, leaves the rows before it), the double-buffered tiles (never run on a GPU) last."""
+    """vgg_small's and LeNet-5's captured steps at batch 256 now and under each STEP_RULES rule (and
+    TF32_STEP_RULES with --tf32) that changes their kernels; each build is its own `attempt` within the
+    budget (a rule that fails, or a kernel that faults, leaves the rows before it), the double-buffered
+    tiles (never run on a GPU) last."""
     attempt = attempt or (lambda what, fn, default=None: fn())
+    rules = STEP_RULES + (TF32_STEP_RULES if args.tf32 else ())
     rows = []
     timer = Timer(args.backend, min(timer.repeats, 20), timer.warmup, timer.inner)
 
@@ -446,7 +452,7 @@ def step_variants(args, timer, say, batch=256, attempt=None, in_budget=lambda wh
         now_sources = step_sources(args, name)
         row = {"model": name, "batch": batch, "now": attempt(f"step {name} now", step_ms, "failed")}
         rows.append(row)
-        for label in STEP_RULES:
+        for label in rules:
             changed = under(VARIANTS[label], lambda: step_sources(args, name)) != now_sources
             if not changed:
                 row[label] = "same kernels"
@@ -456,7 +462,7 @@ def step_variants(args, timer, say, batch=256, attempt=None, in_budget=lambda wh
                 row[label] = "over budget"
         text = lambda v: v if isinstance(v, str) else f"{v:.3f}"   # noqa: E731
         say(f"step variants {name} batch {batch}: now {text(row['now'])} ms; "
-            + "; ".join(f"{label}: {text(row[label])}" for label in STEP_RULES))
+            + "; ".join(f"{label}: {text(row[label])}" for label in rules))
     return rows
 
 

@@ -203,7 +203,13 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     args.tf32 = True
     assert changes("TF32: direct convolutions on the FP32 cores", "conv3_2")
     assert changes("TF32 direct: one buffer", "conv3_2") and not changes("TF32 direct: one buffer", "conv2")
+    assert not changes("TF32: weight gradients on the FP32 cores", "conv3_2")      # gathered dy: FP32 anyway
     args.tf32 = False
+    for name in ("vgg_small", "lenet5"):      # the TF32 weight gradients: vgg_small's plain dy only
+        now = bench.step_sources(_types.SimpleNamespace(tf32=True), name)
+        fp32 = bench.under(bench.VARIANTS["TF32: weight gradients on the FP32 cores"],
+                           lambda: bench.step_sources(_types.SimpleNamespace(tf32=True), name))
+        assert (now != fp32) == (name == "vgg_small")
     assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS) == before
     assert direct_wgrad.ENABLED and direct_wgrad.THREADS_PER_SM == 512
 
@@ -270,3 +276,19 @@ def test_the_bandwidth_rows_count_the_bytes_a_kernel_moves():
     grad_a = next(k for k in sizes if k.startswith("mul_grad_a"))
     assert sizes[grad_a][1] - sizes[grad_a][0] == 2 * 4 * 4 * 4 * 4     # a (2 x 4 x 4 x 4 floats) is not read
     assert all(moved == every for name, (moved, every) in sizes.items() if not name.startswith("mul_grad"))
+
+
+def test_the_step_variants_time_the_tf32_rules_under_tf32_only(monkeypatch):
+    """With --tf32 the steps are also timed with the FP32 direct convolutions and weight gradients the
+    session-6 tensor-core kernels replace; LeNet-5's gathered weight gradients are FP32 either way."""
+    import types as _types
+    bench = load_bench()
+    monkeypatch.setattr(bench, "bound_step", lambda graph, *a: (None, _types.SimpleNamespace(replay=lambda: None)))
+    monkeypatch.setattr(bench, "Timer", lambda *a: (lambda fn: 1.5))
+    timer = _types.SimpleNamespace(repeats=3, warmup=1, inner=1)
+    fp32 = bench.step_variants(_types.SimpleNamespace(tf32=False, backend="host"), timer, [].append)
+    assert not any(label in row for row in fp32 for label in bench.TF32_STEP_RULES)
+    vgg, lenet = bench.step_variants(_types.SimpleNamespace(tf32=True, backend="host"), timer, [].append)
+    assert all(vgg[label] == 1.5 for label in bench.TF32_STEP_RULES)
+    assert lenet["TF32: weight gradients on the FP32 cores"] == "same kernels"
+    assert lenet["TF32: direct convolutions on the FP32 cores"] == 1.5

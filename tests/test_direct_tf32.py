@@ -170,3 +170,85 @@ def test_every_copy_is_waited_for_before_the_barrier_that_publishes_it():
         for stretch in body.split("__syncthreads();")[:-1]:
             if "gc_cp_async16(" in stretch:
                 assert stretch.rindex("gc_cp_async_wait_all();") > stretch.rindex("gc_cp_async16("), spec.name
+
+
+# ---- weight gradients on the tensor cores (direct_wgrad_tf32.py) ----------------------------------
+def wgrad_net(spatial, C, M, kernel, padding):
+    """conv -> flatten -> linear: the conv's output gradient is a plain tensor (no fused ReLU/pool to
+    gather), which is what the TF32 weight gradient takes."""
+    g = gc.Graph("wg", "float32")
+    x = g.input("x", ("N", C, *spatial))
+    g.output(g.linear(g.flatten(g.conv2d(x, M, kernel, padding=padding, name="conv")), 3, name="fc"))
+    return g
+
+
+WGRAD_CASES = [
+    # spatial, C, M, kernel, padding, batches
+    ((8, 8), 32, 32, 3, 1, (2,)),              # 2 x 2 warps, one tile per image
+    ((12, 40), 9, 20, 3, 1, (1, 3)),           # two column tiles of 20 (padded to 24); channels past 9 and 20
+    ((7, 5), 24, 10, (2, 3), (0, 1), (5,)),    # a 2 x 3 filter, one warp along m, 16 channels of 24 per block
+    ((16, 16), 16, 48, 3, 0, (4,)),            # no padding: a 14 x 14 output
+]
+
+
+@pytest.mark.parametrize("spatial, C, M, kernel, padding, batches", WGRAD_CASES)
+def test_tf32_weight_gradients_equal_numpy_on_tf32_rounded_operands(spatial, C, M, kernel, padding, batches):
+    graph = build(wgrad_net(spatial, C, M, kernel, padding), "fused-train")
+    specs = [s for s in Program(graph, tf32=True).kernels if s.template == "direct_wgrad_tf32.cu.j2"]
+    assert len(specs) == 1, [s.name for s in Program(graph, tf32=True).kernels]
+    node = next(n for n in graph.topo() if n.op == "conv2d_backward_weight")
+    pads = padding if isinstance(padding, tuple) else (padding, padding)
+    from graphconv.data import random_inputs
+    for batch in batches:
+        params = gc.init_params(graph, seed=batch)
+        got = CompiledProgram(graph, "host", poison=True, tf32=True).run(random_inputs(graph, batch, batch), params,
+                                                                         keep=True)
+        x, dy = (got[name] if name in got else params[name] for name in graph.operands(node.name))
+        x = np.pad(tf32_round(x), ((0, 0), (0, 0), (pads[0],) * 2, (pads[1],) * 2))
+        KH, KW = got[node.name].shape[2:]
+        windows = np.lib.stride_tricks.sliding_window_view(x, (KH, KW), axis=(2, 3))[:, :, :dy.shape[2], :dy.shape[3]]
+        want = np.einsum("bcyxrs,bmyx->mcrs", windows, tf32_round(dy))
+        scale = np.abs(want).max()
+        assert np.isfinite(got[node.name]).all()
+        np.testing.assert_allclose(got[node.name].astype(np.float64), want, rtol=0, atol=2e-6 * scale)
+        fp32 = np.einsum("bcyxrs,bmyx->mcrs", np.lib.stride_tricks.sliding_window_view(
+            np.pad(got[graph.operands(node.name)[0]] if graph.operands(node.name)[0] in got else params[graph.operands(node.name)[0]],
+                   ((0, 0), (0, 0), (pads[0],) * 2, (pads[1],) * 2)).astype(np.float64), (KH, KW),
+            axis=(2, 3))[:, :, :dy.shape[2], :dy.shape[3]], dy.astype(np.float64))
+        assert np.abs(got[node.name] - fp32).max() >= 1e-5 * scale        # the operands were rounded
+
+
+def test_the_tf32_weight_gradient_tiles_reach_their_edges():
+    seen = set()
+    for spatial, C, M, kernel, padding, batches in WGRAD_CASES:
+        graph = build(wgrad_net(spatial, C, M, kernel, padding), "fused-train")
+        spec = next(s for s in Program(graph, tf32=True).kernels if s.template == "direct_wgrad_tf32.cu.j2")
+        p = spec.params
+        seen |= {k for k, hit in {"m past M": -(-M // p["MB"]) * p["MB"] > M, "c past C": -(-C // p["CB"]) * p["CB"] > C,
+                                  "padded columns": p["WBP"] > p["WB"], "column tiles": p["TILES_X"] > 1,
+                                  "rows past the output": -(-p["OH"] // p["RB"]) * p["RB"] > p["OH"],
+                                  "one warp along m": p["WARPS_M"] == 1, "splits": max(
+                                      spec.launch_shape(b)[0][0] for b in batches) > 1}.items() if hit}
+        for stride, residue, modulus in ((p["MBP"], 8, 16), (p["XS"], 4, 8)):
+            assert stride % modulus == residue
+    assert seen == {"m past M", "c past C", "padded columns", "column tiles", "rows past the output",
+                    "one warp along m", "splits"}
+
+
+def test_vgg_smalls_weight_gradients_multiply_on_the_tensor_cores():
+    """vgg_small's convolutions feed batch norm, so their weight gradients read a plain dy: under tf32
+    all but the 3-channel first layer's are TF32 (LeNet-5's, gathered through the ReLU/pool, stay FP32
+    direct); each compiles for sm_90 without spills and its main loop issues HMMA and no FFMA."""
+    from graphconv.models import MODELS
+    specs = [s for s in Program(build(MODELS["vgg_small"](), "fused-train"), tf32=True).kernels
+             if s.template == "direct_wgrad_tf32.cu.j2"]
+    assert len(specs) == 5, [s.name for s in specs]
+    lenet = Program(build(MODELS["lenet5"](), "fused-train"), tf32=True).kernels
+    assert not any(s.template == "direct_wgrad_tf32.cu.j2" for s in lenet)
+    if nvrtc.available():
+        compiled = nvrtc.compile_many([(s.source, s.name) for s in specs])
+        assert all(c.spill_stores == 0 and c.spill_loads == 0 for c in compiled)
+        if sass.nvdisasm():
+            for c in compiled:
+                m = sass.mix(c.cubin)
+                assert m["mma"] >= 18 and m["fma"] == 0, m

@@ -24,11 +24,14 @@ import math
 import sympy as sp
 
 from ..spec import BATCH, KernelSpec
-from . import c_int
+from . import c_int, direct_wgrad_tf32
 from .direct import plain_source
 
 # stride-1 2-D convolutions' weight gradients by this kernel where eligible; False: the im2col GEMM
 ENABLED = True
+# under tf32=True, those with a plain g (not a gathered pool/activation gradient), >= 8 input channels
+# and a filter of at most 9 offsets on the TF32 tensor cores (direct_wgrad_tf32.py); False: FP32 here
+TF32 = True
 # static shared memory per block: the two tiles, or the block's partial sums on the way out
 SHARED_BUDGET = 46 * 1024
 # tiles double-buffered where g is a plain copy: the next tile's cp.async copies in flight while the
@@ -191,11 +194,17 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     shape fits (the caller then uses the GEMM). `g_window` (a gathered g: the pool window `k` and the
     lines setting `gcv` and `gval` of a pooled position): tiles aligned to the windows where a shape
     fits, staged a window per gather; else each position gathers (`g_load`)."""
+    g_source = plain_source(g_load)       # g's address where it is a plain copy (then cp.async), else None
+    if TF32 and ctx.tf32 and ctx.float_type == "float" and g_source:
+        built = direct_wgrad_tf32.wgrad_tf32_spec(
+            ctx, name, C=C, M=M, K=K, pad=pad, in_size=in_size, out_size=out_size, g_load=g_load, g_desc=g_desc,
+            args=args, prelude=prelude, threads_per_sm=THREADS_PER_SM, least_positions=LEAST_POSITIONS)
+        if built is not None:
+            return built
     KH, KW = K
     IH, IW = in_size
     OH, OW = out_size
     itemsize = 4 if ctx.float_type == "float" else 8
-    g_source = plain_source(g_load)       # g's address where it is a plain copy (then cp.async), else None
     buffers = 2 if PIPELINE and g_source else 1
     shape = block_shape(C=C, M=M, KH=KH, KW=KW, OH=OH, OW=OW, itemsize=itemsize, buffers=buffers,
                         gather=not g_source)

@@ -597,7 +597,7 @@ def direct_backward_weight(ctx, name, geo, So, gathered, element):
     first, S = built
     N = C * math.prod(Kr)
     if sp.sympify(S) == 1:       # one split at every batch (the channel blocks alone fill the GPU): no reduce
-        first.name = name
+        first.name = name + ("_tf32" if first.params.get("tf32") else "")
         first.args = [a if a.name != "partial" else Arg(f"{T}*", "partial", ctx.out_key(0)) for a in first.args]
         return Lowered(kernels=[first])
     second = reduce_spec(ctx, name, M=OC, N=N, K=BATCH * math.prod(So), S=S, groups=1, element=element,
