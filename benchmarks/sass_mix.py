@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
     picked = [(m, s) for m, s in kernels_of(args.models, args.stage, args.tf32)
-              if args.all or s.template in ("gemm.cu.j2", "direct_conv.cu.j2", "direct_conv_tf32.cu.j2", "direct_wgrad.cu.j2")]
+              if args.all or s.template in ("gemm.cu.j2", "direct_conv.cu.j2", "direct_conv_tf32.cu.j2", "direct_wgrad.cu.j2", "direct_wgrad_tf32.cu.j2")]
     compiled = nvrtc.compile_many([(s.source, s.name) for _, s in picked])
     rows = []
     header = f"{'kernel':<88} {'regs':>4} {'loop':>5} {'fma':>5} {'share':>6} {'MAC/i':>6} {'ldg':>4} {'lds':>4} {'int':>5}"

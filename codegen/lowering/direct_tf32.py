@@ -127,7 +127,7 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
     staging = {"total": total_in, "iters": iters, "per": per,
                "start": digit_lines("tid", radices, lambda d: f"int ind{d}"),
                "advance": advance_lines("ind", radices, threads),
-               "copies": CC * shape["CWS"] // 4,     # the filter stage as laid out in shared memory, 16 bytes a copy
+               "copy_iters": -(-CC * shape["CWS"] // (4 * threads)),    # 16-byte copies of a filter stage per thread
                "array": None}
     # a plain NCHW input (not a gathered gradient) with few elements per thread: each element's shared
     # and global offsets are the same at every stage, computed once into registers
