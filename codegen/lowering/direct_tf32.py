@@ -127,11 +127,11 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
     staging = {"total": total_in, "iters": iters, "per": per,
                "start": digit_lines("tid", radices, lambda d: f"int ind{d}"),
                "advance": advance_lines("ind", radices, threads),
-               "copy_iters": -(-CC * shape["CWS"] // (4 * threads)),    # 16-byte copies of a filter stage per thread
                "array": None}
-    # a plain NCHW input (not a gathered gradient) with few elements per thread: each element's shared
-    # and global offsets are the same at every stage, computed once into registers
-    if plain and iters <= MOST_HOISTED:
+    # a plain NCHW input (not a gathered gradient) with few elements per thread and more than one stage:
+    # each element's shared and global offsets are the same at every stage, computed once into registers
+    # (with one stage there is nothing to save, and ptxas spilled two such kernels at 72 registers)
+    if plain and iters <= MOST_HOISTED and CP > CC:
         staging["array"] = plain.group(1)
     key = ctx.scratch_key("tf32_filter")
     stages = -(-CP // CC)
