@@ -502,7 +502,8 @@ def main():
     ap.add_argument("--tf32", action="store_true", help="TF32 on both sides: compile(tf32=True), PyTorch allow_tf32")
     ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
     ap.add_argument("--variants", action="store_true", help="each layer under the earlier rules that change its kernels (VARIANTS), "
-                    "then vgg_small's and LeNet-5's steps under the weight-gradient rules (STEP_RULES)")
+                    "then vgg_small's and LeNet-5's steps under the weight-gradient rules (STEP_RULES; with "
+                         "--tf32 also TF32_STEP_RULES: the FP32 kernels the tensor-core ones replace)")
     ap.add_argument("--no-main", action="store_true",
                     help="skip the layer, step, bandwidth and torch.compile rows (with --profile / --variants)")
     args = ap.parse_args()
