@@ -72,13 +72,14 @@ def wgrad_tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_des
 
     def batches(total):
         iters = -(-total // threads)
-        return total, iters, -(-iters // -(-iters // 16))      # equal batches of at most 16 loads in flight
+        return total, iters, -(-iters // -(-iters // 8))       # equal batches of at most 8 loads in flight
+        # (16 beside the 72 accumulators spilled 35 of 577 kernels of a review's scan at 255 registers)
     g_total, g_iters, g_per = batches(MB * RB * WBP)
     x_total, x_iters, x_per = batches(CB * XR * XW)
     params = dict(tf32=True, C=C, M=M, N=C * KK, KH=KH, KW=KW, PAD_T=pad[0], PAD_L=pad[1], IH=IH, IW=IW, OH=OH,
                   OW=OW, MB=MB, CB=CB, FN=FN, WARPS_M=WARPS_M, threads=threads, RB=RB, WB=WB, WBP=WBP, MBP=MBP,
                   XR=XR, XW=XW, XS=XS, TILES=tiles, TILES_X=tiles_x, ITEMS=c_int(items), least=least,
-                  splits=splits, g_total=g_total, g_iters=g_iters, g_per=g_per, x_total=x_total,
+                  splits=splits, PG8=RB * WBP // 8, g_total=g_total, g_iters=g_iters, g_per=g_per, x_total=x_total,
                   x_iters=x_iters, x_per=x_per, g_load=g_load, g_desc=g_desc, prelude=prelude, shared=shared)
     spec = KernelSpec(name=name + "_tf32_partial", template="direct_wgrad_tf32.cu.j2", params=params, args=args,
                       grid=(S, -(-C // CB), -(-M // MB)), block=(threads, 1, 1), barrier=True)
