@@ -168,6 +168,12 @@ def digit_lines(k, radices, declare):
     return lines
 
 
+def in_batches(iters, most) -> int:
+    """The size of equal batches of at most `most` of a thread's `iters` loads (all of a batch in
+    flight before any is used): 21 in batches of at most 16 is two of 11."""
+    return -(-iters // -(-iters // most))
+
+
 def advance_lines(prefix, radices, step):
     """Lines adding the constant `step` to the digits prefix0, prefix1, ... with carries (each digit's
     share of the step is below its radix, so one carry of at most 1 per digit)."""

@@ -12,7 +12,7 @@ import re
 import sympy as sp
 
 from ..spec import KernelSpec, Lowered
-from . import advance_lines, digit_lines, direct_tf32
+from . import advance_lines, digit_lines, direct_tf32, in_batches
 
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
 DOUBLE_BUDGET = 46 * 1024      # the same, double-buffered (both buffers; registers, not shared memory, bound the blocks per SM)
@@ -123,7 +123,7 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
     threads = CELLS * CG
 
     def batches(iters):
-        per = -(-iters // -(-iters // STAGE_LOADS)) if STAGE_LOADS else 0      # equal batches of at most STAGE_LOADS
+        per = in_batches(iters, STAGE_LOADS) if STAGE_LOADS else 0
         return {"iters": iters, "per": per, "batches": -(-iters // per) if per else 0}
     radices = (CC, HH, HW)       # the input tile, consecutive threads along its rows
     staging = {"in": {"total": math.prod(radices), **batches(-(-math.prod(radices) // threads)),

@@ -21,7 +21,7 @@ import re
 import sympy as sp
 
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
-from . import advance_lines, digit_lines
+from . import advance_lines, digit_lines, in_batches
 
 LEAST_CHANNELS = 8           # fewer input channels: the FP32 direct kernel (k-steps of 8 would be mostly zeros)
 SHARED_BUDGET = 40 * 1024    # static shared memory per block, one buffer
@@ -84,8 +84,10 @@ def shapes(C, M, NCY, NCX, KH, KW, plain=True):
                         CC = 8 * -(-CP // 8 // stages)     # stages of equal size
                         threads = 32 * warps
                         iters = -(-CC * HH * HW // threads)
-                        buffers = 2 if (PIPELINE and plain and iters <= MOST_HOISTED and stages > 1
-                                        and 2 * CC * 4 * (CSP + CWS) <= DOUBLE_BUDGET) else 1
+                        # a plain input's offsets computed once where they are few and serve several stages
+                        # (with one stage there is nothing to save, and ptxas spilled two such kernels)
+                        hoisted = plain and iters <= MOST_HOISTED and stages > 1
+                        buffers = 2 if PIPELINE and hoisted and 2 * CC * 4 * (CSP + CWS) <= DOUBLE_BUDGET else 1
                         tiles = -(-NCY // (RT // 2)) * -(-NCX // (CT // 2))
                         blocks = tiles * -(-M // OCB)
                         mma = blocks * (OCB // 16) * (RT * CT // 8) * (CP // 8) * KH * KW
@@ -95,7 +97,7 @@ def shapes(C, M, NCY, NCX, KH, KW, plain=True):
                         cost *= SINGLE_PENALTY if buffers == 1 and stages > 1 else 1
                         out.append(((blocks < 2, cost, -warps, -OCB),
                                     dict(OCB=OCB, FM=FM, WR=WR, WS=WS, FN=FN, RT=RT, CT=CT, WARPS_M=OCB // (16 * FM),
-                                         WARPS_X=nx, warps=warps, buffers=buffers, iters=iters, HH=HH, HW=HW, OCBP=OCBP, CSP=CSP, CWS=CWS, CC=CC,
+                                         WARPS_X=nx, warps=warps, buffers=buffers, iters=iters, hoisted=hoisted, stages=stages, HH=HH, HW=HW, OCBP=OCBP, CSP=CSP, CWS=CWS, CC=CC,
                                          CP=CP, TCY=RT // 2, TCX=CT // 2, TILES_X=-(-NCX // (CT // 2)), TILES=tiles)))
     return out
 
@@ -120,21 +122,14 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
     threads = 32 * shape["warps"]
     OCB, CC, CP, HH, HW = shape["OCB"], shape["CC"], shape["CP"], shape["HH"], shape["HW"]
     MP = -(-M // OCB) * OCB
-    total_in = CC * HH * HW
-    iters = -(-total_in // threads)
-    per = -(-iters // -(-iters // 16))              # equal batches of at most 16 loads in flight
+    iters, stages = shape["iters"], shape["stages"]
     radices = (None, HH, HW)                        # the input tile, consecutive threads along its rows
-    staging = {"total": total_in, "iters": iters, "per": per,
+    staging = {"total": CC * HH * HW, "iters": iters, "per": in_batches(iters, 16),   # at most 16 loads in flight
                "start": digit_lines("tid", radices, lambda d: f"int ind{d}"),
                "advance": advance_lines("ind", radices, threads),
-               "array": None}
-    # a plain NCHW input (not a gathered gradient) with few elements per thread and more than one stage:
-    # each element's shared and global offsets are the same at every stage, computed once into registers
-    # (with one stage there is nothing to save, and ptxas spilled two such kernels at 72 registers)
-    if plain and iters <= MOST_HOISTED and CP > CC:
-        staging["array"] = plain.group(1)
+               # a plain NCHW input's offsets, the same at every stage, computed once into registers
+               "array": plain.group(1) if shape["hoisted"] else None}
     key = ctx.scratch_key("tf32_filter")
-    stages = -(-CP // CC)
     total_w = MP // OCB * stages * CC * shape["CWS"]     # chunks of (output channel block, stage), as staged
     filter_spec = KernelSpec(
         name=name + "_tf32_filter", template="direct_filter_tf32.cu.j2",

@@ -189,6 +189,18 @@ def xs(XR, XWS):
     return XR * XWS + (1 - XR * XWS % 2)
 
 
+def split_plan(tiles, positions, threads, blocks_mc):
+    """(items, least, splits, S): the batch's tiles (`positions` each), the fewest a split takes, the
+    splits wanted (blocks of `threads` for THREADS_PER_SM an SM over the `blocks_mc` channel blocks; 1
+    where those are enough) and their number S in BATCH, as the template computes it."""
+    items = BATCH * tiles
+    least = -(-LEAST_POSITIONS // positions)
+    wanted = max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32)))   # blocks in all
+    splits = -(-wanted // blocks_mc)
+    S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))
+    return items, least, splits, S
+
+
 def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, prelude="", g_window=None):
     """The partial-sum KernelSpec and the number of splits S (sympy, in BATCH), or None when no block
     shape fits (the caller then uses the GEMM). `g_window` (a gathered g: the pool window `k` and the
@@ -198,7 +210,7 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     if TF32 and ctx.tf32 and ctx.float_type == "float" and g_source:
         built = direct_wgrad_tf32.wgrad_tf32_spec(
             ctx, name, C=C, M=M, K=K, pad=pad, in_size=in_size, out_size=out_size, g_load=g_load, g_desc=g_desc,
-            args=args, prelude=prelude, threads_per_sm=THREADS_PER_SM, least_positions=LEAST_POSITIONS)
+            args=args, prelude=prelude, split_plan=split_plan)
         if built is not None:
             return built
     KH, KW = K
@@ -227,12 +239,7 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     RB, WB, WBP, MB, CB, threads = (shape[k] for k in ("RB", "WB", "WBP", "MB", "CB", "threads"))
     bands, tiles_x = -(-OH // RB), -(-OW // WB)
     tiles = bands * tiles_x
-    blocks_mc = -(-M // MB) * -(-C // CB)
-    items = BATCH * tiles
-    least = -(-LEAST_POSITIONS // (RB * WBP))
-    wanted = max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32)))   # blocks in all
-    splits = -(-wanted // blocks_mc)          # splits wanted: 1 where the channel blocks are enough
-    S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))   # = the template's
+    items, least, splits, S = split_plan(tiles, RB * WBP, threads, -(-M // MB) * -(-C // CB))
     SG = RB * WBP * shape["MBP"]
     SX = CB * shape["XS"]
     params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,

@@ -17,10 +17,8 @@ Eligible: a plain g (not a gathered pool/activation gradient) and at least LEAST
 channels; otherwise the FP32 direct weight gradient."""
 from __future__ import annotations
 
-import sympy as sp
-
-from ..spec import BATCH, KernelSpec
-from . import c_int
+from ..spec import KernelSpec
+from . import c_int, in_batches
 from .direct_tf32 import eight_mod_16
 
 LEAST_CHANNELS = 8
@@ -34,9 +32,9 @@ def four_mod_8(n: int) -> int:
     return n + (4 - n % 8) % 8
 
 
-def wgrad_tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, prelude="",
-                    threads_per_sm=512, least_positions=256):
-    """(the partial-sum KernelSpec, the number of splits S), or None where it does not apply."""
+def wgrad_tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, args, split_plan, prelude=""):
+    """(the partial-sum KernelSpec, the number of splits S), or None where it does not apply;
+    `split_plan`: direct_wgrad's, which sizes the splits of the FP32 kernel too."""
     KH, KW = K
     KK = KH * KW
     if C < LEAST_CHANNELS or KK > MOST_OFFSETS or len(g_load) != 1:
@@ -63,17 +61,12 @@ def wgrad_tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_des
     if shared > SHARED_BUDGET:
         return None
     tiles = -(-OH // RB) * tiles_x
-    items = BATCH * tiles
-    least = -(-least_positions // (RB * WBP))
-    blocks_mc = -(-M // MB) * -(-C // CB)
-    wanted = max(1, -(-132 * threads_per_sm // threads))
-    splits = -(-wanted // blocks_mc)
-    S = sp.Integer(1) if splits == 1 else sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))
+    items, least, splits, S = split_plan(tiles, RB * WBP, threads, -(-M // MB) * -(-C // CB))
 
     def batches(total):
         iters = -(-total // threads)
-        return total, iters, -(-iters // -(-iters // 8))       # equal batches of at most 8 loads in flight
-        # (16 beside the 72 accumulators spilled 35 of 577 kernels of a review's scan at 255 registers)
+        return total, iters, in_batches(iters, 8)      # at most 8 loads in flight (16 beside the 72
+        # accumulators spilled 35 of 577 kernels of a review's scan at 255 registers)
     g_total, g_iters, g_per = batches(MB * RB * WBP)
     x_total, x_iters, x_per = batches(CB * XR * XW)
     params = dict(tf32=True, C=C, M=M, N=C * KK, KH=KH, KW=KW, PAD_T=pad[0], PAD_L=pad[1], IH=IH, IW=IW, OH=OH,
