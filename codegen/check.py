@@ -9,6 +9,7 @@ import numpy as np
 
 from graphconv.reference import NumpyProgram
 
+from . import host
 from .runner import CompiledProgram
 
 
@@ -56,9 +57,9 @@ def compare(got, want, dtype, codes_of_checked_values=False, tf32=False):
     return diff, rel, diff <= tolerance(dtype, tf32) * max(scale, 1.0), ""
 
 
-def check_kernels(graph, inputs, params, backend="host", tf32=False) -> list:
+def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=None) -> list:
     """One KernelCheck per node that has kernels (a node computed on TF32 tensor cores is held to
-    TF32_TOLERANCE)."""
+    TF32_TOLERANCE). `outputs`: a dict that receives every checked output as computed."""
     compiled = CompiledProgram(graph, backend, poison=True, tf32=tf32)
     ref = NumpyProgram(graph).run(inputs, params, keep=True)
     program, runtime = compiled.program, compiled.runtime
@@ -94,6 +95,8 @@ def check_kernels(graph, inputs, params, backend="host", tf32=False) -> list:
             keys = [f"{node_name}:{i}" for i in range(len(wants))] if node.is_tuple else [node_name]
             for i, (key, want) in enumerate(zip(keys, wants)):
                 got = runtime.download(array(key))
+                if outputs is not None:
+                    outputs[key] = got
                 a, r, good, note = compare(got, np.asarray(want), node.dtype if not node.is_tuple else
                                            node.type.parts[0].dtype, codes_of_checked_values=i > 0, tf32=on_tf32)
                 if got.dtype != np.uint8:
@@ -107,6 +110,34 @@ def check_kernels(graph, inputs, params, backend="host", tf32=False) -> list:
         results.append(KernelCheck(", ".join(members), op,
                                    tuple(s.name for s in specs), worst_abs, worst_rel, ok, "; ".join(notes)))
     return results
+
+
+def check_races(graph, inputs, params, tf32=False) -> list:
+    """check_kernels on the host backend under each of its schedules (host.SCHEDULES: a block's threads
+    in both orders, cp.async copies landing late and early), one KernelCheck per node: the worst of the
+    four, and not ok where a schedule fails or computes other bits than the forward one (every kernel
+    computes each output the same way whatever the order of its threads, so a difference is a race)."""
+    runs, bits = {}, {}
+    for name in host.SCHEDULES:
+        bits[name] = {}
+        with host.schedule(name):
+            runs[name] = check_kernels(graph, inputs, params, "host", tf32, outputs=bits[name])
+    merged = []
+    for per_schedule in zip(*runs.values()):
+        first = per_schedule[0]
+        keys = [k for k in bits["forward"] if k.split(":")[0] in first.node.split(", ")]
+        failed = [name for name, r in zip(runs, per_schedule) if not r.ok]
+        differs = [name for name in host.SCHEDULES[1:] if "forward" not in failed and name not in failed and any(
+            bits[name][k].tobytes() != bits["forward"][k].tobytes() for k in keys)]
+        notes = [f"wrong under {', '.join(failed)}"] if failed and len(failed) < len(runs) else []
+        notes += [f"other bits under {', '.join(differs)} than forward"] if differs else []
+        if notes:
+            notes[-1] += ": a race between threads"
+        worst = next((r for r in per_schedule if not r.ok), first)
+        merged.append(KernelCheck(first.node, first.op, first.kernels, max(r.max_abs for r in per_schedule),
+                                  max(r.max_rel for r in per_schedule), not failed and not differs,
+                                  "; ".join(notes + ([worst.note] if worst.note else []))))
+    return merged
 
 
 def format_checks(results) -> str:

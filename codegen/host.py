@@ -8,7 +8,14 @@ the source has none), portable libraries, and sqrtf inlined. `-fvisibility=hidde
 each library keeps its own threadIdx, fibre pool and helper functions (g++ would otherwise unify the
 header's inline variables across every loaded library); only the launcher is exported. Blocks run on
 all cores (OpenMP; set OMP_NUM_THREADS to use fewer).
+
+Schedules (races): GC_HOST_SCHEDULE, read at each launch, is one of SCHEDULES: the order in which a
+block's threads (and the grid's blocks) run, forward or reverse, and whether a cp.async copy lands at
+the wait that covers it (the default: the latest the hardware may) or when it is issued ("early").
+A race between two threads of a block shows as a different result under one of the four
+(`schedule(name)` sets it for a `with` block; `graphconv check --backend host --races` runs all four).
 """
+import contextlib
 import concurrent.futures
 import ctypes
 import functools
@@ -39,6 +46,33 @@ _INTEGERS = {  # C type (qualifiers dropped) -> numpy dtype, for scalar argument
 _DTYPES = {**_INTEGERS, "float": np.float32, "double": np.float64, "void": None}
 _QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict"}
 _ERROR = re.compile(r"^(.*?):(\d+):(\d+): (?:fatal )?error: (.*)$", re.M)
+SCHEDULES = ("forward", "reverse", "early", "reverse,early")
+_SCHEDULE_WORDS = {"forward", "reverse", "early", "late"}
+
+
+def current_schedule() -> str:
+    """GC_HOST_SCHEDULE as one of SCHEDULES ("forward" when unset); BackendError for anything else."""
+    text = os.environ.get("GC_HOST_SCHEDULE", "").strip()
+    words = {w.strip() for w in text.split(",") if w.strip()}
+    if not words <= _SCHEDULE_WORDS or {"forward", "reverse"} <= words or {"early", "late"} <= words:
+        raise BackendError(f"GC_HOST_SCHEDULE={text!r}: use forward or reverse (the order of a block's threads), "
+                           f"optionally with ,early (cp.async copies land when issued), e.g. 'reverse,early'")
+    return ",".join(w for w in ("reverse", "early") if w in words) or "forward"
+
+
+@contextlib.contextmanager
+def schedule(name: str):
+    """Run the host kernels launched inside the `with` block under schedule `name` (one of SCHEDULES)."""
+    old = os.environ.get("GC_HOST_SCHEDULE")
+    os.environ["GC_HOST_SCHEDULE"] = name
+    try:
+        current_schedule()
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GC_HOST_SCHEDULE", None)
+        else:
+            os.environ["GC_HOST_SCHEDULE"] = old
 
 
 def _parse_type(c_type):
@@ -131,6 +165,7 @@ class HostKernel:
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
         """Run the kernel over `grid` blocks of `block` threads; returns when every block is done."""
+        current_schedule()  # a misspelt GC_HOST_SCHEDULE is an error, not silently the default
         grid, block = self._dims(grid, "grid"), self._dims(block, "block")
         if block[0] * block[1] * block[2] > 1024 or block[2] > 64:
             raise CompileError(f"kernel {self.name}: block {block} has more than 1024 threads (or z > 64)")

@@ -82,6 +82,9 @@ def cmd_check(args):
     model = load_model(args)
     if args.tf32 and args.backend == "numpy":
         raise GraphConvError("--tf32 is for the kernel backends: add --backend host (or cuda)")
+    if args.races and args.backend != "host":
+        raise GraphConvError("--races runs the kernels on the host backend under its four schedules: add --backend "
+                             "host (on a GPU, `bash benchmarks/gpu_suite.sh sanitizer` runs compute-sanitizer's racecheck)")
     # with --tf32 the training step's gradients and updates are reported, not judged: batch norm's
     # backward at a small batch and Adam's first step (m / sqrt(v)) amplify TF32's rounding past any
     # fixed tolerance; every kernel is still judged against NumPy on the same inputs
@@ -96,11 +99,15 @@ def cmd_check(args):
     fused_params = {n.name: params[n.name] for n in fused.params}
     kernel_failures = 0
     if args.backend in ("host", "cuda"):
-        from codegen.check import check_kernels, format_checks
-        results = check_kernels(fused, inputs, fused_params, backend=args.backend, tf32=args.tf32)
+        from codegen.check import check_kernels, check_races, format_checks
+        if args.races:
+            results = check_races(fused, inputs, fused_params, tf32=args.tf32)
+        else:
+            results = check_kernels(fused, inputs, fused_params, backend=args.backend, tf32=args.tf32)
         kernel_failures = sum(not r.ok for r in results)
         print(f"check {model.name} --stage {args.stage}: every kernel against the NumPy reference of its node "
-              f"({args.backend} backend{', TF32 tensor cores' if args.tf32 else ''}, outputs poisoned with NaN first), "
+              f"({args.backend} backend{', TF32 tensor cores' if args.tf32 else ''}, outputs poisoned with NaN first"
+              f"{'; under each schedule: threads in both orders, copies landing late and early, the same bits required' if args.races else ''}), "
               f"{fused.dtype}, batch {args.batch}, "
               f"seed {args.seed}")
         print(format_checks(results))
@@ -460,7 +467,8 @@ EXAMPLES = {
     "dump": ["graphconv dump lenet5 --stage fused-train", "graphconv dump lenet5 --stage train --format svg -o train.svg"],
     "fuse": ["graphconv fuse lenet5 --stage fused-train --batch 64"],
     "check": ["graphconv check lenet5 --stage fused-train", "graphconv check vgg_small --backend host --dtype float32",
-              "graphconv check lenet5 --backend host --dtype float32 --tf32"],
+              "graphconv check lenet5 --backend host --dtype float32 --tf32",
+              "graphconv check vgg_small --backend host --dtype float32 --stage fused-train --races"],
     "emit": ["graphconv emit lenet5 --stage fused-train -o lenet5-kernels"],
     "report": ["graphconv report lenet5 -o lenet5.html", "graphconv report lenet5 --weights lenet5.npz"],
     "filters": ["graphconv filters lenet5 --weights lenet5.npz -o conv1.png",
@@ -554,6 +562,10 @@ def parser() -> argparse.ArgumentParser:
                         f"with --tf32; each TF32 kernel is held to its own, tighter tolerance; in float32 an Adam "
                         f"update past it that is its own moments' step, from gradients at rounding noise, is ok*)")
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
+    s.add_argument("--races", action="store_true",
+                   help="with --backend host: run every kernel under the host's four schedules (a block's threads "
+                        "forward and in reverse, cp.async copies landing at their wait and at their issue) and "
+                        "require the same bits from each: a missing barrier or wait shows as a mismatch")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
     s.add_argument("--collapse-convs", action="store_true", help="also collapse stacked convolutions")

@@ -10,7 +10,7 @@ import pytest
 
 import graphconv as gc
 from codegen import nvrtc
-from codegen.check import check_kernels
+from codegen.check import check_kernels, check_races
 from codegen.emit import BUNDLED, emit, regenerate_bundled
 from codegen.program import Program
 from graphconv.data import random_inputs
@@ -48,6 +48,18 @@ def test_every_kernel_compiles_for_sm90_and_matches_numpy_on_the_host(model, sta
     launched = {n for launch in program.launches for n in launch.computes}
     computed = {n.name for n in graph.topo() if n.role == "op"} - set(program.alias) - program.inlined
     assert computed == launched        # every node that computes something has a kernel
+
+
+@pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
+def test_no_kernel_of_a_training_step_races_between_its_threads(model):
+    """Every kernel of the fused training step under each of the host's schedules (a block's threads in
+    both orders, cp.async copies landing at their wait and at their issue): a missing barrier or wait
+    makes some schedule read a value before it is there, or after it is overwritten; each kernel must
+    give the same bits under all four (and match NumPy under each)."""
+    graph = build(MODELS[model](), "fused-train")
+    bad = [f"{r.node} {r.kernels}: {r.note}" for r in
+           check_races(graph, random_inputs(graph, 2, 0), realistic_params(graph)) if not r.ok]
+    assert not bad, "\n".join(bad)
 
 
 def test_the_same_graph_gives_byte_identical_kernels(tmp_path):

@@ -159,9 +159,10 @@ def test_the_bundled_models_multiply_on_the_tensor_cores_and_the_machine_code_sa
 
 
 def test_every_copy_is_waited_for_before_the_barrier_that_publishes_it():
-    """On the host a cp.async copy happens at once, so a missing wait cannot fail there: in the rendered
-    source, every stretch between two barriers that issues copies waits for them after the last one
-    (the double-buffered kernels' one barrier per stage included; racecheck covers it on a GPU)."""
+    """In the rendered source, every stretch between two barriers that issues copies waits for them after
+    the last one (the double-buffered kernels' one barrier per stage included). The behavioural check
+    is the host's late copies (test_tf32's races test: a missing wait reads the old buffer) and
+    racecheck on a GPU; this one names the stretch."""
     from graphconv.models import MODELS
     specs = tf32_direct(build(MODELS["vgg_small"](), "fused-train"))
     assert {s.params["buffers"] for s in specs} == {1, 2}

@@ -1,5 +1,6 @@
 """The host runtime: hand-written CUDA kernels compiled by g++ with gc_host.h, checked against NumPy."""
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -263,3 +264,160 @@ def test_missing_compiler_is_a_backend_error(cache, monkeypatch):
             host.HostKernel(AXPB, "axpb", P_AXPB, False)
     finally:
         host._compiler.cache_clear()
+
+
+# ---- schedules: races between the threads of a block show as a result that depends on the schedule ----
+CP_ASYNC = (pathlib.Path(__file__).parent.parent / "codegen" / "templates" / "_cp_async.j2").read_text() \
+    .replace("{% raw %}", "").replace("{% endraw %}", "")
+
+# each thread stages one element; `{barrier}` between staging and reading a neighbour's element
+NEIGHBOURS = r'''
+extern "C" __global__ void neighbours(const float* __restrict__ x, float* __restrict__ y) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    s[t] = x[blockIdx.x * 64 + t];
+    {barrier}
+    y[blockIdx.x * 64 + t] = s[(t + 1) % 64] - s[(t + 63) % 64];
+    __syncthreads();
+}'''
+
+# the element staged by cp.async, read back by another thread after `{wait}` and a barrier
+COPIED = CP_ASYNC + r'''
+extern "C" __global__ void copied(const float* __restrict__ x, float* __restrict__ y) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    gc_cp_async(&s[t], &x[blockIdx.x * 64 + t], t < 60);     // the last 4 zero-filled
+    gc_cp_async_commit();
+    {wait}
+    __syncthreads();
+    y[blockIdx.x * 64 + t] = s[63 - t];
+    __syncthreads();
+}'''
+
+# a double buffer: the next step's copy is issued into the buffer read one step before; `{barrier}` is
+# the barrier that keeps it from overwriting what slower threads still read
+DOUBLE_BUFFER = CP_ASYNC + r'''
+extern "C" __global__ void double_buffer(const float* __restrict__ x, float* __restrict__ y, int steps) {
+    __shared__ float s[2][32];
+    const int t = threadIdx.x;
+    float acc = 0.0f;
+    gc_cp_async(&s[0][t], &x[t], true);
+    gc_cp_async_commit();
+    for (int k = 0, buf = 0; k < steps; ++k, buf ^= 1) {
+        if (k + 1 < steps) gc_cp_async(&s[buf ^ 1][t], &x[(k + 1) * 32 + t], true);
+        gc_cp_async_commit();
+        gc_cp_async_wait_prior();
+        __syncthreads();
+        for (int j = 0; j < 32; ++j) acc += s[buf][j] * (float)(j + 1);
+        {barrier}
+    }
+    y[t] = acc + (float)t;
+}'''
+
+
+def schedules_of(kernel, run):
+    """run(kernel) under each schedule of the host: {schedule: result}."""
+    from codegen import host
+    out = {}
+    for name in host.SCHEDULES:
+        with host.schedule(name):
+            out[name] = run(kernel)
+    return out
+
+
+@pytest.fixture(scope="module")
+def racy(cache):
+    from codegen.host import build_all
+    params2 = [("const float*", "x"), ("float*", "y")]
+    cases = {"neighbours": (NEIGHBOURS, params2, {"barrier": ("__syncthreads();", "")}),
+             "copied": (COPIED, params2, {"wait": ("gc_cp_async_wait_all();", "")}),
+             "double_buffer": (DOUBLE_BUFFER, params2 + [("int", "steps")], {"barrier": ("__syncthreads();", "")})}
+    built = {}
+    for name, (source, params, holes) in cases.items():
+        (hole, (good, bad)), = holes.items()
+        for label, text in (("good", good), ("bad", bad)):
+            built[name, label] = build_all([(source.replace("{%s}" % hole, text), name, params, True)])[0]
+    return built
+
+
+def test_every_schedule_runs_a_correct_kernel_to_the_same_bits(k, racy):
+    x = np.random.default_rng(5).standard_normal(300 * 256).astype(np.float32)
+
+    def block_sum(kernel):
+        partial = np.zeros(300, np.float32)
+        kernel.launch((300, 1, 1), (256, 1, 1), [x, partial, x.size])
+        return partial
+
+    def neighbours(kernel):
+        y = np.zeros(64 * 20, np.float32)
+        kernel.launch((20, 1, 1), (64, 1, 1), [x[:y.size], y])
+        return y
+
+    runs = schedules_of(k["block_sum"], block_sum)
+    assert all(np.array_equal(r, runs["forward"]) for r in runs.values())
+    runs = schedules_of(racy["neighbours", "good"], neighbours)
+    xs = x[:64 * 20].reshape(20, 64)
+    want = (np.roll(xs, -1, axis=1) - np.roll(xs, 1, axis=1)).reshape(-1)
+    assert all(np.array_equal(r, want) for r in runs.values())
+
+
+def test_a_missing_barrier_gives_wrong_results_under_one_order_or_the_other(racy):
+    x = np.random.default_rng(6).standard_normal(64 * 20).astype(np.float32)
+
+    def run(kernel):
+        y = np.zeros_like(x)
+        kernel.launch((20, 1, 1), (64, 1, 1), [x, y])
+        return y.reshape(20, 64)
+
+    xs = x.reshape(20, 64)
+    want = np.roll(xs, -1, axis=1) - np.roll(xs, 1, axis=1)
+    runs = schedules_of(racy["neighbours", "bad"], run)
+    for name in ("forward", "reverse"):   # each order reads some neighbour before it was staged
+        assert not np.array_equal(runs[name], want), name
+    # forward: thread t has staged only elements <= t, so reading t + 1 is wrong where t < 63
+    assert not np.array_equal(runs["forward"][:, :63], want[:, :63])
+
+
+def test_a_copy_lands_only_at_the_wait_that_covers_it(racy):
+    x = np.random.default_rng(7).standard_normal(64 * 8).astype(np.float32)
+
+    def run(kernel):
+        y = np.full_like(x, np.nan)
+        kernel.launch((8, 1, 1), (64, 1, 1), [x, y])
+        return y.reshape(8, 64)
+
+    xs = x.reshape(8, 64).copy()
+    xs[:, 60:] = 0.0                      # zero-filled copies
+    want = xs[:, ::-1]
+    good = schedules_of(racy["copied", "good"], run)
+    assert all(np.array_equal(r, want) for r in good.values())
+    bad = schedules_of(racy["copied", "bad"], run)
+    assert not np.array_equal(bad["forward"], want) and not np.array_equal(bad["reverse"], want)
+    assert np.array_equal(bad["early"], want)   # landing at issue hides the missing wait: the default does not
+
+
+def test_a_copy_into_a_buffer_still_being_read_shows_when_copies_land_early(racy):
+    steps = 6
+    x = np.random.default_rng(8).standard_normal(32 * steps).astype(np.float32)
+
+    def run(kernel):
+        y = np.zeros(32, np.float32)
+        kernel.launch((1, 1, 1), (32, 1, 1), [x, y, steps])
+        return y
+
+    want = (x.reshape(steps, 32).astype(np.float64) @ np.arange(1, 33)).sum() + np.arange(32)
+    good = schedules_of(racy["double_buffer", "good"], run)
+    assert all(np.array_equal(r, good["forward"]) for r in good.values())
+    np.testing.assert_allclose(good["forward"], want, atol=1e-3)            # float32 sums of ~200 products
+    bad = schedules_of(racy["double_buffer", "bad"], run)
+    assert np.array_equal(bad["forward"], good["forward"])   # late copies hide the overwrite ...
+    assert not np.array_equal(bad["early"], good["forward"]) and not np.array_equal(bad["reverse,early"], good["forward"])
+
+
+def test_a_misspelt_schedule_is_refused(k, monkeypatch):
+    from codegen import host
+    monkeypatch.setenv("GC_HOST_SCHEDULE", "backwards")
+    with pytest.raises(BackendError, match="GC_HOST_SCHEDULE='backwards'.*reverse,early"):
+        k["axpb"].launch((1, 1, 1), (32, 1, 1), [np.zeros(10, np.float32), np.zeros(10, np.float32), 1.0, 0.0, 10])
+    monkeypatch.setenv("GC_HOST_SCHEDULE", "early, reverse")
+    assert host.current_schedule() == "reverse,early"

@@ -10,7 +10,7 @@ import pytest
 
 import graphconv as gc
 from codegen import nvrtc
-from codegen.check import TF32_TOLERANCE, check_kernels
+from codegen.check import TF32_TOLERANCE, check_kernels, check_races
 from codegen.lowering import direct_tf32
 from codegen.program import Program
 from graphconv.data import random_inputs
@@ -130,6 +130,16 @@ def test_every_tf32_kernel_compiles_for_sm90_and_matches_numpy_on_the_host(model
     assert not bad, "\n".join(bad)
     on_tf32 = [r for r in results if any(k.endswith("_tf32") or "_tf32_" in k for k in r.kernels)]
     assert on_tf32 and max(r.max_rel for r in on_tf32) < TF32_TOLERANCE / 3     # the tolerance has room
+
+
+@pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
+def test_no_tf32_kernel_of_a_training_step_races_between_its_threads(model):
+    """The TF32 training step's kernels (double-buffered tensor-core convolutions, their filter kernels,
+    the weight gradients) under each of the host's schedules: the same bits under all four."""
+    graph = tf32_graph(model, "fused-train")
+    bad = [f"{r.node} {r.kernels}: {r.note}" for r in
+           check_races(graph, random_inputs(graph, 2, 0), realistic_params(graph), tf32=True) if not r.ok]
+    assert not bad, "\n".join(bad)
 
 
 def test_tf32_is_refused_where_it_cannot_apply():

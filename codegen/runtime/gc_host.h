@@ -7,6 +7,16 @@
 // reached the barrier (or returned). Fibres never pre-empt each other: warp-synchronous code (shuffles,
 // spinning on a neighbour without a barrier) has no counterpart here and is not emulated.
 // __shared__ is `static thread_local`: shared by the fibres of a block, private to each OS thread.
+//
+// Races. Running a block's threads one after another hides a missing barrier whenever the writer
+// happens to run before the reader, and a cp.async copy may land anywhere between its issue and the
+// wait that covers it. GC_HOST_SCHEDULE (read at each launch) picks the schedule: "forward" (the
+// default) runs blocks, fibres and plain loops in index order and lands each cp.async copy as late as
+// the hardware may (at the issuing thread's wait_group that covers it: a read that does not wait sees
+// the buffer's old contents); "reverse" runs them in the opposite order; "early" lands each copy when
+// it is issued (a copy into a buffer other threads are still reading overwrites it); "reverse,early"
+// both. A kernel whose results are the same under all four has no race between two of its threads
+// that one of the orders would expose (every pair of threads meets in both orders).
 #pragma once
 #define GC_HOST 1
 #undef _FORTIFY_SOURCE  // its longjmp check aborts on jumps between fibre stacks
@@ -18,6 +28,7 @@
 #include <csetjmp>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -133,7 +144,14 @@ namespace gc_host {
 #endif
 constexpr size_t kStack = GC_HOST_STACK;
 
-struct Fiber { jmp_buf jb; uint3 tid; bool done; };
+// A cp.async copy issued and not yet landed: `group` is the commit group it belongs to (the fibre's
+// count of commits when it was issued); zero-filled where `ok` is false.
+struct Copy { void* dst; const void* src; int bytes; bool ok; int group; };
+struct Fiber {
+    jmp_buf jb; uint3 tid; bool done;
+    std::vector<Copy> copies;  // in issue order
+    int commits = 0;
+};
 
 // The fibres of the block this OS thread is running. A fibre is created once (makecontext) and then
 // parks between blocks at the top of fiber_main, so a block starts without creating anything. Switches
@@ -147,6 +165,8 @@ struct Pool {
     int cap = 0, ready = 0;         // fibres mapped, fibres created and parked
     int n = 0, cur = 0, live = 0;   // the running block: its fibres, the current one, the unfinished
     bool active = false;            // inside a fibre block: __syncthreads() may switch
+    bool reverse = false;           // GC_HOST_SCHEDULE=reverse: the fibres run n-1, n-2, ..., 0
+    bool early = false;             // GC_HOST_SCHEDULE=early: cp.async copies land when issued
     jmp_buf home;                   // the OS thread's own stack, resumed when the block is done
     void (*body)(void*) = nullptr;  // the kernel call for the current thread, and its closure
     void* arg = nullptr;
@@ -162,13 +182,33 @@ struct Pool {
 };
 inline thread_local Pool pool;
 
+// Land (perform, in issue order) the fibre's copies of the groups before `group`, and forget them.
+inline void land_copies(Fiber& f, int group) {
+    size_t kept = 0;
+    for (size_t i = 0; i < f.copies.size(); ++i) {
+        const Copy& c = f.copies[i];
+        if (c.group < group) {
+            if (c.ok) std::memcpy(c.dst, c.src, size_t(c.bytes));
+            else std::memset(c.dst, 0, size_t(c.bytes));
+        } else {
+            f.copies[kept++] = c;
+        }
+    }
+    f.copies.resize(kept);
+}
+
 // Switch from the current fibre to the next unfinished one (round robin). `save` is false when the
 // current fibre has just parked itself.
 inline void switch_to_next(bool save) {
     Pool& p = pool;
     int from = p.cur, to = from;
-    do to = (to + 1 == p.n) ? 0 : to + 1;
-    while (p.fibers[to].done && to != from);
+    if (p.reverse) {
+        do to = (to == 0) ? p.n - 1 : to - 1;
+        while (p.fibers[to].done && to != from);
+    } else {
+        do to = (to + 1 == p.n) ? 0 : to + 1;
+        while (p.fibers[to].done && to != from);
+    }
     if (to == from) return;  // the only live fibre: nothing to wait for
     p.cur = to;
     threadIdx = p.fibers[to].tid;
@@ -184,6 +224,7 @@ inline void switch_to_next(bool save) {
             _longjmp(p.home, 1);  // the block's last fibre, or the fibre's creation
         }
         p.body(p.arg);
+        land_copies(me, me.commits + 1);  // copies never waited for land when the thread ends
         me.done = true;
         --p.live;
     }
@@ -221,40 +262,47 @@ inline void run_block_fibers(dim3 b) {
     for (int i = 0; i < n; ++i) {
         p.fibers[i].tid = {i % b.x, (i / b.x) % b.y, i / (b.x * b.y)};
         p.fibers[i].done = false;
+        p.fibers[i].copies.clear();
+        p.fibers[i].commits = 0;
     }
     p.n = p.live = n;
-    p.cur = 0;
-    threadIdx = p.fibers[0].tid;
+    p.cur = p.reverse ? n - 1 : 0;
+    threadIdx = p.fibers[p.cur].tid;
     p.active = true;
-    if (!_setjmp(p.home)) _longjmp(p.fibers[0].jb, 1);
+    if (!_setjmp(p.home)) _longjmp(p.fibers[p.cur].jb, 1);
     p.active = false;
 }
 
-template <class F> void run_block_plain(dim3 b, F& kernel_call) {  // a template: the kernel inlines here
-    for (unsigned z = 0; z < b.z; ++z)
-        for (unsigned y = 0; y < b.y; ++y)
-            for (unsigned x = 0; x < b.x; ++x) {
-                threadIdx = {x, y, z};
-                kernel_call();
-            }
+template <class F> void run_block_plain(dim3 b, bool reverse, F& kernel_call) {  // a template: the kernel inlines here
+    const long long n = (long long)b.x * b.y * b.z;
+    for (long long j = 0; j < n; ++j) {
+        const long long i = reverse ? n - 1 - j : j;
+        threadIdx = {unsigned(i % b.x), unsigned(i / b.x % b.y), unsigned(i / ((long long)b.x * b.y))};
+        kernel_call();
+    }
 }
 
 // Run `kernel_call()` for every thread of every block. `barrier`: the kernel calls __syncthreads().
 template <class F> void launch(dim3 grid, dim3 block, bool barrier, F& kernel_call) {
     long long nblocks = (long long)grid.x * grid.y * grid.z;
     if (nblocks == 0 || block.x * block.y * block.z == 0) return;
+    const char* schedule = std::getenv("GC_HOST_SCHEDULE");  // checked by the Python side (codegen.host)
+    const bool reverse = schedule && std::strstr(schedule, "reverse"), early = schedule && std::strstr(schedule, "early");
     #pragma omp parallel
     {
         Pool& p = pool;
+        p.reverse = reverse;
+        p.early = early;
         p.body = [](void* f) { (*static_cast<F*>(f))(); };
         p.arg = &kernel_call;
         gridDim = grid;
         blockDim = block;
         #pragma omp for schedule(dynamic)
-        for (long long i = 0; i < nblocks; ++i) {
+        for (long long j = 0; j < nblocks; ++j) {
+            const long long i = reverse ? nblocks - 1 - j : j;
             blockIdx = {unsigned(i % grid.x), unsigned(i / grid.x % grid.y), unsigned(i / ((long long)grid.x * grid.y))};
             if (barrier) run_block_fibers(block);
-            else run_block_plain(block, kernel_call);
+            else run_block_plain(block, reverse, kernel_call);
         }
         if (barrier) p.release();
     }
@@ -271,3 +319,28 @@ inline void __syncthreads() {
     gc_host::switch_to_next(true);
     asm volatile("" ::: "memory");
 }
+
+// ---- cp.async: the copy lands at the issuing thread's wait for its group (see "Races" above) ----
+namespace gc_host {
+inline void async_copy(void* dst, const void* src, int bytes, bool ok) {
+    Pool& p = pool;
+    if (!p.active || p.early) {  // "early", or a barrier-free launch (a thread reading back its own copies)
+        if (ok) std::memcpy(dst, src, size_t(bytes));
+        else std::memset(dst, 0, size_t(bytes));
+        return;
+    }
+    Fiber& f = p.fibers[p.cur];
+    f.copies.push_back({dst, src, bytes, ok, f.commits});
+}
+inline void async_commit() {
+    if (pool.active) ++pool.fibers[pool.cur].commits;
+}
+inline void async_wait(int newest_pending) {  // cp.async.wait_group N: all but the N newest committed groups
+    asm volatile("" ::: "memory");
+    if (pool.active) {
+        Fiber& f = pool.fibers[pool.cur];
+        land_copies(f, f.commits - newest_pending);
+    }
+    asm volatile("" ::: "memory");
+}
+}  // namespace gc_host

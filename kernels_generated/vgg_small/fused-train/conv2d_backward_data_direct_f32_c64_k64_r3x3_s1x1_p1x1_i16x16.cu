@@ -21,8 +21,9 @@
 // element is zero-filled where gc_ok is false (padding, past the tensor), and nothing is read then.
 // Copies are committed in groups; gc_cp_async_wait_prior() waits for all of this thread's groups but
 // the newest, gc_cp_async_wait_all() for all of them (a barrier after either makes every thread's
-// copies visible). Below sm_80 (no cp.async) and without __CUDA_ARCH__ (the host backend) a copy
-// happens at once, and committing and waiting do nothing.
+// copies visible). Below sm_80 (no cp.async) a copy happens at once, and committing and waiting do
+// nothing. On the host backend (GC_HOST) a copy lands at the wait that covers it, as late as the
+// hardware may land it, so a read that does not wait sees the old contents.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define GC_CP_ASYNC 1
 #endif
@@ -33,6 +34,8 @@ __device__ __forceinline__ void gc_cp_async(gc_T* gc_dst, const gc_T* gc_src, bo
     const unsigned gc_s = (unsigned)__cvta_generic_to_shared(gc_dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
                  :: "r"(gc_s), "l"(gc_src), "n"((int)sizeof(gc_T)), "r"(gc_ok ? (int)sizeof(gc_T) : 0) : "memory");
+#elif defined(GC_HOST)
+    gc_host::async_copy(gc_dst, gc_src, (int)sizeof(gc_T), gc_ok);
 #else
     *gc_dst = gc_ok ? *gc_src : gc_T(0);
 #endif
@@ -42,6 +45,8 @@ __device__ __forceinline__ void gc_cp_async_commit()
 {
 #ifdef GC_CP_ASYNC
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(GC_HOST)
+    gc_host::async_commit();
 #endif
 }
 
@@ -49,6 +54,8 @@ __device__ __forceinline__ void gc_cp_async_wait_prior()
 {
 #ifdef GC_CP_ASYNC
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#elif defined(GC_HOST)
+    gc_host::async_wait(1);
 #endif
 }
 
@@ -56,6 +63,8 @@ __device__ __forceinline__ void gc_cp_async_wait_all()
 {
 #ifdef GC_CP_ASYNC
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#elif defined(GC_HOST)
+    gc_host::async_wait(0);
 #endif
 }
 
