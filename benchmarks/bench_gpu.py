@@ -330,7 +330,11 @@ def profile(args, name, batch, repeats=20):
 
 
 # earlier rules of the GEMM lowering, each timed against the current one by --variants
-VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
+VARIANTS = {# opt-in (session 7, never timed): 3 x 3 convolutions by Winograd F(2x2, 3x3), first so that a
+            # short lease times it on the worst layer before anything else
+            "Winograd F(2x2, 3x3) for 3 x 3 convolutions": {"direct.WINOGRAD": True},
+            "Winograd, 64 cells a block": {"direct.WINOGRAD": True, "winograd.CELLS_PER_BLOCK": 64},
+            "split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
             "no register prefetch": {"PREFETCH": False},
             "implicit GEMM, no direct conv": {"DIRECT": False},
             "k digits divided out per slot": {"HOIST": False},
@@ -355,10 +359,12 @@ VARIANTS = {"split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2
 
 def rule_place(name):
     """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, "direct_wgrad.X" the
-    direct weight gradient's, "direct_tf32.X" the TF32 direct convolution's, a bare name the GEMM's."""
-    from codegen.lowering import direct, direct_tf32, direct_wgrad, gemm
+    direct weight gradient's, "direct_tf32.X" the TF32 direct convolution's, "winograd.X" the Winograd
+    convolution's, a bare name the GEMM's."""
+    from codegen.lowering import direct, direct_tf32, direct_wgrad, gemm, winograd
     module, _, attribute = name.rpartition(".")
-    return ({"direct": direct, "direct_wgrad": direct_wgrad, "direct_tf32": direct_tf32, "": gemm}[module], attribute)
+    return ({"direct": direct, "direct_wgrad": direct_wgrad, "direct_tf32": direct_tf32, "winograd": winograd,
+             "": gemm}[module], attribute)
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
@@ -421,8 +427,8 @@ def variants(args, timer, say):
 # rules timed on whole training steps too: the layer rows' weight gradients are all gathered through
 # the ReLU/pool, while vgg_small's (batch norm between conv and ReLU) read a plain dy, which only
 # those rows exercise (the double-buffered tiles need a plain g)
-STEP_RULES = ("weight gradients as the im2col GEMM", "direct weight gradients: half the blocks",
-              "direct weight gradients: double-buffered tiles")
+STEP_RULES = ("Winograd F(2x2, 3x3) for 3 x 3 convolutions", "weight gradients as the im2col GEMM",
+              "direct weight gradients: half the blocks", "direct weight gradients: double-buffered tiles")
 # and with --tf32: the session-6 tensor-core kernels against the FP32 ones (vgg_small's plain-dy weight
 # gradients are the only TF32 ones: the layer rows' are gathered through the ReLU/pool)
 TF32_STEP_RULES = ("TF32: weight gradients on the FP32 cores", "TF32: direct convolutions on the FP32 cores")
@@ -502,7 +508,7 @@ def main():
     ap.add_argument("--tf32", action="store_true", help="TF32 on both sides: compile(tf32=True), PyTorch allow_tf32")
     ap.add_argument("--profile", action="store_true", help="time each kernel of the lenet5 and vgg_small steps")
     ap.add_argument("--variants", action="store_true", help="each layer under the earlier rules that change its kernels (VARIANTS), "
-                    "then vgg_small's and LeNet-5's steps under the weight-gradient rules (STEP_RULES; with "
+                    "then vgg_small's and LeNet-5's steps under the Winograd and weight-gradient rules (STEP_RULES; with "
                          "--tf32 also TF32_STEP_RULES: the FP32 kernels the tensor-core ones replace)")
     ap.add_argument("--no-main", action="store_true",
                     help="skip the layer, step, bandwidth and torch.compile rows (with --profile / --variants)")

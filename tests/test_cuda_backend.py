@@ -191,7 +191,7 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     bench = load_bench()
     args = _types.SimpleNamespace(tf32=False)
     shapes = {layer: (c_in, c_out, size, k, pad, layer != "conv1") for _, layer, c_in, c_out, size, k, pad in bench.LAYERS}
-    before = (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS)
+    before = (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS, direct.WINOGRAD)
 
     def changes(label, layer):
         now = bench.layer_sources(args, *shapes[layer])
@@ -200,6 +200,8 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
     assert changes("8 x 8 planes as the GEMM", "conv3_2")
     assert changes("direct: one buffer, staged through registers", "conv2")
     assert changes("weight gradients as the im2col GEMM", "conv1")
+    assert changes("Winograd F(2x2, 3x3) for 3 x 3 convolutions", "conv3_2")           # opt-in: a 3 x 3 layer
+    assert not changes("Winograd F(2x2, 3x3) for 3 x 3 convolutions", "conv2")          # LeNet's 5 x 5: direct
     assert not changes("TF32: direct convolutions on the FP32 cores", "conv3_2")     # FP32 rows: same kernels
     args.tf32 = True
     assert changes("TF32: direct convolutions on the FP32 cores", "conv3_2")
@@ -211,7 +213,7 @@ def test_the_variants_run_times_only_the_rules_that_change_a_layers_kernels():
         fp32 = bench.under(bench.VARIANTS["TF32: weight gradients on the FP32 cores"],
                            lambda: bench.step_sources(_types.SimpleNamespace(tf32=True), name))
         assert (now != fp32) == (name == "vgg_small")
-    assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS) == before
+    assert (gemm.GEMM_PLANE_MOST, direct.PIPELINE, direct.SPLIT_SMALL_PLANES, direct.STAGE_LOADS, direct.WINOGRAD) == before
     assert direct_wgrad.ENABLED and direct_wgrad.THREADS_PER_SM == 512
 
 
@@ -245,8 +247,9 @@ def test_the_step_variants_time_each_weight_gradient_rule_where_it_changes_a_ste
     vgg, lenet = rows
     assert all(isinstance(vgg[label], float) for label in bench.STEP_RULES)
     assert lenet["direct weight gradients: double-buffered tiles"] == "same kernels"
+    assert lenet["Winograd F(2x2, 3x3) for 3 x 3 convolutions"] == "same kernels"     # no 3 x 3 convolution
     assert isinstance(lenet["weight gradients as the im2col GEMM"], float)
-    assert len(timed) == 2 + 3 + 2 and "step variants vgg_small batch 256: now 1.500 ms" in lines[0]
+    assert len(timed) == 2 + 4 + 2 and "step variants vgg_small batch 256: now 1.500 ms" in lines[0]
     # each build its own attempt: a rule that fails (the double buffer faulting on a device) loses only its cell
     def attempt(what, fn, default=None):
         if "double-buffered" in what:

@@ -12,7 +12,7 @@ import re
 import sympy as sp
 
 from ..spec import KernelSpec, Lowered
-from . import advance_lines, digit_lines, direct_tf32, in_batches
+from . import advance_lines, digit_lines, direct_tf32, in_batches, winograd
 
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
 DOUBLE_BUDGET = 46 * 1024      # the same, double-buffered (both buffers; registers, not shared memory, bound the blocks per SM)
@@ -39,6 +39,11 @@ SPLIT_SMALL_PLANES = True
 # they did through session 5 (the TF32 implicit GEMM had been slower than the FP32 direct kernels)
 TF32 = True
 
+# FP32 3 x 3 convolutions with 2 x 2 cells by Winograd's F(2x2, 3x3) (winograd.py: 2.25x fewer
+# multiply-adds, the transforms' additions and a filter kernel on top). Opt-in until a GPU has timed it
+# (`bench_gpu.py --variants`: "Winograd F(2x2, 3x3)")
+WINOGRAD = False
+
 PLAIN_LOAD = re.compile(r"^v = (\w+)\[([^\[\]]*)\];$")   # one array read: no brackets in its index
 
 
@@ -52,7 +57,9 @@ def one_block_per_small_image(lowered) -> bool:
     """Whether a direct kernel would give each image of a small plane (<= 64 outputs) one block: too
     few blocks to fill the GPU at small batches (vgg conv3_2 at batch 64: 0.154 ms against the GEMM's
     0.100 in session 2); the GEMM then tiles the batch's positions instead."""
-    p = lowered.kernels[-1].params      # the convolution (a TF32 one follows its filter kernel)
+    p = lowered.kernels[-1].params      # the convolution (a TF32 or Winograd one follows its filter kernel)
+    if p.get("winograd"):
+        return False                    # its blocks hold several images' small planes, by design
     return p["NCY"] * p["NCX"] * p["CH"] * p["CW"] <= 64 and p["TILES"] == 1 and -(-p["M"] // p["OCB"]) == 1
 
 
@@ -79,6 +86,13 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
     if TF32 and ctx.tf32 and ctx.float_type == "float" and tuple(cell) == (2, 2):
         lowered = direct_tf32.tf32_spec(
             ctx, name, C=C, M=M, K=K, pad=pad, in_size=in_size, out_size=out_size, pooled=pooled, in_load=in_load,
+            w_load=w_load, row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end,
+            args=args, prelude=prelude, in_desc=in_desc, w_desc=w_desc)
+        if lowered is not None:
+            return lowered
+    if WINOGRAD and not ctx.tf32 and ctx.float_type == "float" and tuple(K) == (3, 3) and tuple(cell) == (2, 2):
+        lowered = winograd.winograd_spec(
+            ctx, name, C=C, M=M, pad=pad, in_size=in_size, out_size=out_size, pooled=pooled, in_load=in_load,
             w_load=w_load, row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end,
             args=args, prelude=prelude, in_desc=in_desc, w_desc=w_desc)
         if lowered is not None:
