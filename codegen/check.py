@@ -57,10 +57,10 @@ def compare(got, want, dtype, codes_of_checked_values=False, tf32=False):
     return diff, rel, diff <= tolerance(dtype, tf32) * max(scale, 1.0), ""
 
 
-def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=None) -> list:
+def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=None, winograd=False) -> list:
     """One KernelCheck per node that has kernels (a node computed on TF32 tensor cores is held to
     TF32_TOLERANCE). `outputs`: a dict that receives every checked output as computed."""
-    compiled = CompiledProgram(graph, backend, poison=True, tf32=tf32)
+    compiled = CompiledProgram(graph, backend, poison=True, tf32=tf32, winograd=winograd)
     ref = NumpyProgram(graph).run(inputs, params, keep=True)
     program, runtime = compiled.program, compiled.runtime
     batch = compiled.batch_of({graph.batch_symbol(): inputs[graph.inputs[0].name].shape[0]}
@@ -112,7 +112,7 @@ def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=Non
     return results
 
 
-def check_races(graph, inputs, params, tf32=False) -> list:
+def check_races(graph, inputs, params, tf32=False, winograd=False) -> list:
     """check_kernels on the host backend under each of its schedules (host.SCHEDULES: a block's threads
     in both orders, cp.async copies landing late and early), one KernelCheck per node: the worst of the
     four, and not ok where a schedule fails or computes other bits than the forward one (every kernel
@@ -121,7 +121,7 @@ def check_races(graph, inputs, params, tf32=False) -> list:
     for name in host.SCHEDULES:
         bits[name] = {}
         with host.schedule(name):
-            runs[name] = check_kernels(graph, inputs, params, "host", tf32, outputs=bits[name])
+            runs[name] = check_kernels(graph, inputs, params, "host", tf32, outputs=bits[name], winograd=winograd)
     merged = []
     for per_schedule in zip(*runs.values()):
         first = per_schedule[0]

@@ -34,10 +34,10 @@ def manifest_of(program: Program, resources: dict | None = None) -> dict:
                             "peak_live_bytes": plan.peak_bytes}}
 
 
-def emit(graph, out_dir, check_nvrtc=True, tf32=False) -> dict:
+def emit(graph, out_dir, check_nvrtc=True, tf32=False, winograd=False) -> dict:
     """Write the kernels of `graph` under out_dir; returns the manifest. With check_nvrtc, every
     kernel is compiled for sm_90 first (an error, a warning or a spill raises CompileError)."""
-    program = Program(graph, tf32=tf32)
+    program = Program(graph, tf32=tf32, winograd=winograd)
     resources = None
     if check_nvrtc:
         from . import nvrtc

@@ -42,9 +42,9 @@ class Plan:
 
 
 class Program:
-    def __init__(self, graph, tf32=False):
+    def __init__(self, graph, tf32=False, winograd=False):
         self.graph = graph.verify()
-        self.tf32 = tf32
+        self.tf32, self.winograd = tf32, winograd
         self.name = graph.name
         batch = graph.batch_symbol()
         self._check_static()
@@ -60,7 +60,7 @@ class Program:
         for node in graph.topo():
             if node.name in absorbed:
                 continue
-            ctx = Context(graph, node, batch, tf32)
+            ctx = Context(graph, node, batch, tf32, winograd)
             if node.role != "op":
                 self.external[node.name] = ctx.outs[0]
                 continue

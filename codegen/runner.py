@@ -78,15 +78,20 @@ class CompiledProgram:
     for NumPy inputs and as the runtime's own arrays (CuPy on cuda) where an input was one;
     `to_numpy=True | False` decides explicitly."""
 
-    def __init__(self, graph, backend="host", poison=False, tf32=False):
+    def __init__(self, graph, backend="host", poison=False, tf32=False, winograd=False):
         if tf32 and graph.dtype != "float32":
             raise GraphError(f"tf32=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
+        if winograd and graph.dtype != "float32":
+            raise GraphError(f"winograd=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
+        if winograd and tf32:
+            raise GraphError("winograd=True and tf32=True: choose one (under tf32 the 3 x 3 convolutions run on the "
+                             "TF32 tensor cores)")
         self.backend = backend
         self.runtime = RUNTIMES[backend]()            # first: a backend that cannot run here says so at once
         arch = getattr(self.runtime, "arch", None)     # the device's sm_XY (cuda)
         if tf32 and arch and int(arch.split("_")[1]) < 80:
             raise GraphError(f"tf32=True needs TF32 tensor cores (compute capability 8.0 or newer); this GPU is {arch}")
-        self.program = Program(graph, tf32=tf32)
+        self.program = Program(graph, tf32=tf32, winograd=winograd)
         self.graph = self.program.graph
         self.kernels = self.runtime.load(self.program.kernels)
         self.poison = poison

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 BACKENDS = ("numpy", "host", "cuda")
 
 
-def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_threads=None):
+def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_threads=None, winograd=False):
     """Compile a graph into a callable: `run = gc.compile(g); y = run(x, params=params)`.
 
     backend  numpy: the reference interpreter; host: the generated CUDA kernels, built with g++ and
@@ -24,6 +24,8 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
     training  set every batch_norm to batch statistics (True) or running statistics (False)
     tf32    host/cuda: convolutions and matrix products on TF32 tensor cores (inputs rounded to 10
             mantissa bits, FP32 sums; about 1e-3 relative error); float32 graphs only
+    winograd  host/cuda, float32: 3 x 3 stride-1 convolutions (forward and input gradient) by Winograd's
+            F(2x2, 3x3): 2.25x fewer multiply-adds, FP32 results within a few ulps of the direct kernel's
     blas_threads  numpy: NumPy's BLAS threads during a run (default graphconv.reference.BLAS_THREADS:
             two, or one on a one-core machine; measured, see there)
     """
@@ -36,13 +38,16 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
     if tf32 and backend == "numpy":
         raise GraphError("tf32=True is for the kernel backends ('host', 'cuda'); the numpy backend computes "
                          "in the graph's own precision")
+    if winograd and backend == "numpy":
+        raise GraphError("winograd=True is for the kernel backends ('host', 'cuda'): it picks how their kernels "
+                         "compute 3 x 3 convolutions")
     if blas_threads is not None and backend != "numpy":
         raise GraphError(f"blas_threads is for the numpy backend; backend {backend!r} runs generated kernels")
     if backend == "numpy":
         from .reference import NumpyProgram
         return NumpyProgram(graph, blas_threads=blas_threads)
     from codegen.runner import CompiledProgram   # codegen sits above the IR: imported only here
-    return CompiledProgram(graph, backend, tf32=bool(tf32))
+    return CompiledProgram(graph, backend, tf32=bool(tf32), winograd=bool(winograd))
 
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",

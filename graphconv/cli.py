@@ -82,6 +82,8 @@ def cmd_check(args):
     model = load_model(args)
     if args.tf32 and args.backend == "numpy":
         raise GraphConvError("--tf32 is for the kernel backends: add --backend host (or cuda)")
+    if args.winograd and args.backend == "numpy":
+        raise GraphConvError("--winograd is for the kernel backends: add --backend host (or cuda)")
     if args.races and args.backend != "host":
         raise GraphConvError("--races runs the kernels on the host backend under its four schedules: add --backend "
                              "host (on a GPU, `bash benchmarks/gpu_suite.sh sanitizer` runs compute-sanitizer's racecheck)")
@@ -101,12 +103,14 @@ def cmd_check(args):
     if args.backend in ("host", "cuda"):
         from codegen.check import check_kernels, check_races, format_checks
         if args.races:
-            results = check_races(fused, inputs, fused_params, tf32=args.tf32)
+            results = check_races(fused, inputs, fused_params, tf32=args.tf32, winograd=args.winograd)
         else:
-            results = check_kernels(fused, inputs, fused_params, backend=args.backend, tf32=args.tf32)
+            results = check_kernels(fused, inputs, fused_params, backend=args.backend, tf32=args.tf32,
+                                    winograd=args.winograd)
         kernel_failures = sum(not r.ok for r in results)
         print(f"check {model.name} --stage {args.stage}: every kernel against the NumPy reference of its node "
-              f"({args.backend} backend{', TF32 tensor cores' if args.tf32 else ''}, outputs poisoned with NaN first"
+              f"({args.backend} backend{', TF32 tensor cores' if args.tf32 else ''}"
+              f"{', Winograd F(2x2, 3x3)' if args.winograd else ''}, outputs poisoned with NaN first"
               f"{'; under each schedule: threads in both orders, copies landing late and early, the same bits required' if args.races else ''}), "
               f"{fused.dtype}, batch {args.batch}, "
               f"seed {args.seed}")
@@ -114,7 +118,7 @@ def cmd_check(args):
         nodes = sum(r.node.count(",") + 1 for r in results)
         print(f"{sum(len(r.kernels) for r in results)} kernels for {nodes} nodes, {kernel_failures} mismatched\n")
     want = gc_compile(unfused).run(inputs, params)
-    got = gc_compile(fused, backend=args.backend, tf32=args.tf32).run(inputs, fused_params)
+    got = gc_compile(fused, backend=args.backend, tf32=args.tf32, winograd=args.winograd).run(inputs, fused_params)
     print(f"check {model.name} --stage {args.stage}: {args.backend} backend against the unfused graph, "
           f"{unfused.dtype}, batch {args.batch}, seed {args.seed}")
     width = max(len(o) for o in want)
@@ -184,7 +188,7 @@ def cmd_emit(args):
     from .pipeline import build
     from .training import Optimizer
     graph = build(load_model(args), args.stage, args.loss, Optimizer(args.optimizer))
-    manifest = emit(graph, args.output, check_nvrtc=not args.no_nvrtc, tf32=args.tf32)
+    manifest = emit(graph, args.output, check_nvrtc=not args.no_nvrtc, tf32=args.tf32, winograd=args.winograd)
     rows = manifest["kernels"]
     print(f"{graph.name} --stage {args.stage}: {len(rows)} kernels, {len(manifest['launches'])} launches -> "
           f"{args.output}/")
@@ -340,7 +344,8 @@ def cmd_train(args):
                     **({"momentum": args.momentum} if args.momentum is not None else {}))
     save = args.save or f"{graph.name}.npz"
     check_writable(save)   # before any work: a bad path is found now, not after the first epoch
-    trainer = Trainer(graph, opt, loss=args.loss, backend=args.backend, seed=args.seed, tf32=args.tf32)
+    trainer = Trainer(graph, opt, loss=args.loss, backend=args.backend, seed=args.seed, tf32=args.tf32,
+                      winograd=args.winograd)
     if args.resume:
         for note in trainer.load(args.resume):
             print(f"note: resuming with a different setting: {note}")
@@ -413,7 +418,7 @@ def cmd_run(args):
     from .params import init_params
     from .printer import fmt_type
     graph = load_model(args)
-    program = gc_compile(graph, backend=args.backend, tf32=args.tf32)
+    program = gc_compile(graph, backend=args.backend, tf32=args.tf32, winograd=args.winograd)
     params = init_params(graph, seed=args.seed)
     inputs = random_inputs(graph, args.batch, args.seed)
     start = time.perf_counter()
@@ -456,6 +461,8 @@ BACKEND_HELP = ("numpy: the reference interpreter; host: the generated CUDA kern
                 "CPU; cuda: on an NVIDIA GPU")
 TF32_HELP = ("host/cuda, float32: convolutions and matrix products on TF32 tensor cores (inputs rounded to 10 "
              "mantissa bits, FP32 sums)")
+WINOGRAD_HELP = ("host/cuda, float32: 3 x 3 stride-1 convolutions (forward and input gradient) by Winograd's "
+                 "F(2x2, 3x3), 2.25x fewer multiply-adds (opt-in until timed on a GPU)")
 TF32_RTOL = 2e-2    # check --tf32: the outputs after a whole network of TF32 products
 LOSS_HELP = "cross_entropy: softmax cross-entropy; hinge: the lecture's multiclass SVM loss"
 
@@ -468,7 +475,8 @@ EXAMPLES = {
     "fuse": ["graphconv fuse lenet5 --stage fused-train --batch 64"],
     "check": ["graphconv check lenet5 --stage fused-train", "graphconv check vgg_small --backend host --dtype float32",
               "graphconv check lenet5 --backend host --dtype float32 --tf32",
-              "graphconv check vgg_small --backend host --dtype float32 --stage fused-train --races"],
+              "graphconv check vgg_small --backend host --dtype float32 --stage fused-train --races",
+              "graphconv check vgg_small --backend host --dtype float32 --winograd"],
     "emit": ["graphconv emit lenet5 --stage fused-train -o lenet5-kernels"],
     "report": ["graphconv report lenet5 -o lenet5.html", "graphconv report lenet5 --weights lenet5.npz"],
     "filters": ["graphconv filters lenet5 --weights lenet5.npz -o conv1.png",
@@ -562,6 +570,7 @@ def parser() -> argparse.ArgumentParser:
                         f"with --tf32; each TF32 kernel is held to its own, tighter tolerance; in float32 an Adam "
                         f"update past it that is its own moments' step, from gradients at rounding noise, is ok*)")
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
+    s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.add_argument("--races", action="store_true",
                    help="with --backend host: run every kernel under the host's four schedules (a block's threads "
                         "forward and in reverse, cp.async copies landing at their wait and at their issue) and "
@@ -577,6 +586,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="folder for the .cu files and manifest.json")
     s.add_argument("--no-nvrtc", action="store_true", help="skip the NVRTC compile (and the resource columns)")
     s.add_argument("--tf32", action="store_true", help="the TF32 tensor-core variants of the GEMM kernels")
+    s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
     s.set_defaults(func=cmd_emit)
@@ -622,6 +632,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the batch order")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
+    s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.add_argument("--save", default=None, help="checkpoint path, written after every epoch (default: MODEL.npz)")
     s.add_argument("--resume", default=None, help="continue from a checkpoint written by --save")
     s.add_argument("--force", action="store_true", help="overwrite an existing --save file that holds a longer run")
@@ -653,6 +664,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and parameters")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
+    s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.set_defaults(func=cmd_run)
     return p
 

@@ -211,14 +211,15 @@ class Trainer:
     On the kernel backends the state lives in the bound step's buffers (CuPy arrays on cuda) and is
     updated there in place: copy an array to keep a snapshot; `numpy_state()` gives NumPy copies."""
 
-    def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False):
+    def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False,
+                 winograd=False):
         self.model = graph
         self.optimizer = optimizer or Optimizer()
         self.input_name = image_input(graph)
         self.with_loss = attach_loss(graph, loss)
         self.step_graph = build_train_step(self.with_loss, self.optimizer)
         self.eval_graph = set_training(self.with_loss, False)
-        self.backend, self.tf32 = backend, tf32
+        self.backend, self.tf32, self.winograd = backend, tf32, winograd
         self.step_program = self._compile(self.step_graph)
         self.eval_program = self._compile(self.eval_graph)
         self._predict_program = None
@@ -229,7 +230,7 @@ class Trainer:
 
     def _compile(self, graph):
         """A program of `graph` on this trainer's backend (the kernel backends run the fused graph)."""
-        return program_for(graph, self.backend, self.tf32)
+        return program_for(graph, self.backend, self.tf32, self.winograd)
 
     @property
     def params(self):

@@ -95,14 +95,14 @@ def save_weights(path, params: dict):
     write_npz(path, {k: v for k, v in params.items() if not is_optimizer_state(k)})
 
 
-def program_for(graph, backend="numpy", tf32=False):
+def program_for(graph, backend="numpy", tf32=False, winograd=False):
     """`graph` compiled for a backend the way training and prediction run it: the graph itself on
     numpy, its fused form (one kernel per fused node) on the kernel backends."""
     from . import compile as gc_compile
     if backend != "numpy":
         from .fusion import fuse
         graph = fuse(graph)
-    return gc_compile(graph, backend=backend, tf32=tf32)
+    return gc_compile(graph, backend=backend, tf32=tf32, winograd=winograd)
 
 
 def predict(graph, params, x, backend="numpy", batch=256, program=None):

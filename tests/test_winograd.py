@@ -161,3 +161,59 @@ def test_the_stage_loop_is_mostly_multiply_adds():
         m = sass.mix(nvrtc.compile_kernel(specs[name].source, name).cubin)
         assert m["fma"] == 128 * winograd.CC and m["instructions"] <= 720, (name, m)
         assert 2.25 * m["macs_per_instruction"] >= 1.6, (name, m)
+
+
+# ---- the option: compile(winograd=True), Trainer(winograd=True), --winograd --------------------------
+@pytest.fixture
+def winograd_default(monkeypatch):
+    monkeypatch.setattr(direct, "WINOGRAD", False)      # the option alone, not the module-wide default
+
+
+def test_compile_with_winograd_runs_the_winograd_kernels_and_matches_numpy(winograd_default):
+    g = net((10, 10), 8, 32, pool=True)
+    x = np.random.default_rng(0).standard_normal((3, 8, 10, 10)).astype(np.float32)
+    params = gc.init_params(g, seed=0)
+    run = gc.compile(g, backend="host", winograd=True)
+    assert [s for s in run.program.kernels if s.template == "winograd_conv.cu.j2"]
+    assert not [s for s in gc.compile(g, backend="host").program.kernels if s.template == "winograd_conv.cu.j2"]
+    np.testing.assert_allclose(run(x, params=params), gc.compile(g)(x, params=params), rtol=1e-4, atol=1e-5)
+    for kwargs, message in (({"backend": "numpy"}, "kernel backends"),
+                            ({"backend": "host", "dtype": "float64"}, "needs a float32 graph"),
+                            ({"backend": "host", "tf32": True}, "choose one")):
+        with pytest.raises(gc.GraphError, match=message):
+            gc.compile(g, winograd=True, **kwargs)
+
+
+def test_training_with_winograd_tracks_the_direct_kernels(winograd_default):
+    """Two Adam steps of a small 3 x 3 net on the host backend: the losses with Winograd convolutions
+    (forward and the input gradient) agree with the direct kernels' to float32 rounding."""
+    from graphconv.training import Trainer
+    g = gc.Graph("tiny", "float32")
+    x = g.input("x", ("N", 3, 12, 12))
+    h = g.max_pool2d(g.relu(g.conv2d(x, 16, 3, padding=1, name="c1")), 2)
+    h = g.max_pool2d(g.relu(g.conv2d(h, 16, 3, padding=1, name="c2")), 2)
+    g.output(g.linear(g.flatten(h), 10, name="fc"))
+    rng = np.random.default_rng(1)
+    xs, ys = rng.standard_normal((8, 3, 12, 12)).astype(np.float32), rng.integers(0, 10, 8)
+    losses = {}
+    for winograd in (False, True):
+        trainer = Trainer(g, backend="host", seed=0, winograd=winograd)
+        kernels = [s.template for s in trainer.step_program.program.kernels]
+        assert ("winograd_conv.cu.j2" in kernels) == winograd
+        losses[winograd] = [float(trainer.step(xs, ys)[0]) for _ in range(3)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_winograd_on_the_cli(tmp_path, winograd_default):
+    from graphconv.cli import main
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "graphconv.cli", "check", "vgg_small", "--backend", "host", "--dtype",
+                           "float32", "--winograd"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Winograd F(2x2, 3x3)" in done.stdout and "_wino " in done.stdout and " 0 mismatched" in done.stdout
+    assert main(["emit", "vgg_small", "--winograd", "--no-nvrtc", "-o", str(tmp_path)]) in (0, None)
+    assert len(list(tmp_path.glob("*_wino.cu"))) == 5 and len(list(tmp_path.glob("*_wino_filter.cu"))) == 5
+    done = subprocess.run([sys.executable, "-m", "graphconv.cli", "check", "vgg_small", "--winograd"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "--winograd is for the kernel backends" in done.stderr

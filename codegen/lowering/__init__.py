@@ -77,9 +77,10 @@ def numel(shape):
 class Context:
     """What a lowering sees of its node: operand and result types in BATCH, keys to bind, names."""
 
-    def __init__(self, graph, node, batch_symbol, tf32=False):
+    def __init__(self, graph, node, batch_symbol, tf32=False, winograd=False):
         self.graph, self.node = graph, node
         self.tf32 = tf32                      # GEMM-family kernels on TF32 tensor cores (opt-in)
+        self.winograd = winograd              # FP32 3 x 3 direct convolutions by Winograd F(2x2, 3x3) (opt-in)
         self.op = OPS[node.op]
         self.attrs = node.attrs
         self.operands = graph.operands(node.name)

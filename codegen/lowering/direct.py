@@ -40,8 +40,9 @@ SPLIT_SMALL_PLANES = True
 TF32 = True
 
 # FP32 3 x 3 convolutions with 2 x 2 cells by Winograd's F(2x2, 3x3) (winograd.py: 2.25x fewer
-# multiply-adds, the transforms' additions and a filter kernel on top). Opt-in until a GPU has timed it
-# (`bench_gpu.py --variants`: "Winograd F(2x2, 3x3)")
+# multiply-adds, the transforms' additions and a filter kernel on top), for every compile; a compile
+# asks for it alone with winograd=True (`--winograd`). Off until a GPU has timed it (`bench_gpu.py
+# --variants`: "Winograd F(2x2, 3x3)")
 WINOGRAD = False
 
 PLAIN_LOAD = re.compile(r"^v = (\w+)\[([^\[\]]*)\];$")   # one array read: no brackets in its index
@@ -90,7 +91,7 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
             args=args, prelude=prelude, in_desc=in_desc, w_desc=w_desc)
         if lowered is not None:
             return lowered
-    if WINOGRAD and not ctx.tf32 and ctx.float_type == "float" and tuple(K) == (3, 3) and tuple(cell) == (2, 2):
+    if (WINOGRAD or ctx.winograd) and not ctx.tf32 and ctx.float_type == "float" and tuple(K) == (3, 3) and tuple(cell) == (2, 2):
         lowered = winograd.winograd_spec(
             ctx, name, C=C, M=M, pad=pad, in_size=in_size, out_size=out_size, pooled=pooled, in_load=in_load,
             w_load=w_load, row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end,
