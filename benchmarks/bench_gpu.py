@@ -334,6 +334,7 @@ VARIANTS = {# opt-in (session 7, never timed): 3 x 3 convolutions by Winograd F(
             # short lease times it on the worst layer before anything else
             "Winograd F(2x2, 3x3) for 3 x 3 convolutions": {"direct.WINOGRAD": True},
             "Winograd, 64 cells a block": {"direct.WINOGRAD": True, "winograd.CELLS_PER_BLOCK": 64},
+            "Winograd, direct for gathered inputs": {"direct.WINOGRAD": True, "winograd.GATHERED": False},
             "split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
             "no register prefetch": {"PREFETCH": False},
             "implicit GEMM, no direct conv": {"DIRECT": False},

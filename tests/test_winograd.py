@@ -122,6 +122,10 @@ def test_where_winograd_does_not_apply_the_direct_kernel_stays(monkeypatch):
     g = gc.Graph("k5", "float32")
     g.output(g.conv2d(g.input("x", ("N", 8, 12, 12)), 32, 5, padding=2, name="conv"))
     assert not wino(build(g, "fused"))                                            # 5 x 5
+    gathered = build(net((8, 8), 16, 32, pool=True, before=True), "fused-train")   # dy gathered through pool, ReLU
+    assert any("backward_data" in s.name for s in wino(gathered))
+    monkeypatch.setattr(winograd, "GATHERED", False)
+    assert [s.name for s in wino(gathered)] == ["conv2d_direct_relu_max_pool2d_save_f32_c16_k32_r3x3_s1x1_p1x1_i8x8_wino"]
     monkeypatch.setattr(direct, "WINOGRAD", False)                                # the default
     assert not any(wino(build(MODELS[m](), "fused-train")) for m in ("vgg_small", "resnet8"))
 

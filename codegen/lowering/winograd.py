@@ -39,6 +39,11 @@ OCB = 32            # output channels per block (4 groups of 8 per transform ele
 # copies from L2 serves this many cells (64: half the L2 traffic of 32, half the blocks: vgg's 8 x 8
 # layers at batch 64 would run 64 blocks on 132 SMs)
 CELLS_PER_BLOCK = 32
+# an input gathered through a pool/activation gradient (a conv-ReLU-pool layer's backward-data) costs
+# 16 gathers per patch, each element gathered by up to 4 overlapping patches (sm_90: 51% FFMA a stage
+# against 75% for a plain input); False: such convolutions stay direct (the direct kernel gathers each
+# element once per block). Untimed either way: `--variants` "Winograd, direct for gathered inputs"
+GATHERED = True
 CC = 4              # input channels per stage
 LEAST_CHANNELS = 4  # fewer: the direct kernel (a stage would be mostly zeros)
 LEAST_OUTPUTS = 16
@@ -74,6 +79,8 @@ def winograd_spec(ctx, name, *, C, M, pad, in_size, out_size, pooled, in_load, w
         grid=(-(-total_u // 256), 1, 1), block=(256, 1, 1))
     plain = direct_tf32.PLAIN_NCHW.match(in_load[0]) if len(in_load) == 1 else None
     array = plain.group(1) if plain and [int(v) for v in plain.group(2, 3, 4)] == [C, *in_size] else None
+    if array is None and not GATHERED:
+        return None
     body = in_load + row_setup + window_begin + element + window_end
     reads = [a for a in args if a.value is not None and not a.writes and _uses(a, body)]
     conv_args = reads + [Arg("const float*", "ut", key)] + [a for a in args if a.writes] + [Arg("int", "batch")]
