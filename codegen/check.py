@@ -129,9 +129,10 @@ def check_races(graph, inputs, params, tf32=False, winograd=False) -> list:
         failed = [name for name, r in zip(runs, per_schedule) if not r.ok]
         differs = [name for name in host.SCHEDULES[1:] if "forward" not in failed and name not in failed and any(
             bits[name][k].tobytes() != bits["forward"][k].tobytes() for k in keys)]
-        notes = [f"wrong under {', '.join(failed)}"] if failed and len(failed) < len(runs) else []
+        notes = [f"wrong under {', '.join(failed)}"] if failed and len(failed) < len(runs) else \
+            ["wrong under every schedule"] if failed else []
         notes += [f"other bits under {', '.join(differs)} than forward"] if differs else []
-        if notes:
+        if notes and notes[0] != "wrong under every schedule":
             notes[-1] += ": a race between threads"
         worst = next((r for r in per_schedule if not r.ok), first)
         merged.append(KernelCheck(first.node, first.op, first.kernels, max(r.max_abs for r in per_schedule),

@@ -14,6 +14,12 @@ block's threads (and the grid's blocks) run, forward or reverse, and whether a c
 the wait that covers it (the default: the latest the hardware may) or when it is issued ("early").
 A race between two threads of a block shows as a different result under one of the four
 (`schedule(name)` sets it for a `with` block; `graphconv check --backend host --races` runs all four).
+
+Bounds: with GC_HOST_ASAN=1 kernels are built with AddressSanitizer (heap and globals; not the kernel's
+own stack frames, which the fibres switch between), so a read or write past either end of an array a
+kernel is handed stops the process with a report naming the kernel. The process must have the ASan
+runtime loaded first: `asan_env()` gives the environment for a child process (`graphconv check
+--bounds` re-runs itself that way and turns the report into one line).
 """
 import contextlib
 import concurrent.futures
@@ -46,6 +52,38 @@ _INTEGERS = {  # C type (qualifiers dropped) -> numpy dtype, for scalar argument
 _DTYPES = {**_INTEGERS, "float": np.float32, "double": np.float64, "void": None}
 _QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict"}
 _ERROR = re.compile(r"^(.*?):(\d+):(\d+): (?:fatal )?error: (.*)$", re.M)
+ASAN_FLAGS = ("-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer", "-DGC_HOST_ASAN=1")
+_ASAN_ERROR = re.compile(r"ERROR: AddressSanitizer: ([\w-]+).*?\n(READ|WRITE) of size (\d+).*?\n\s*#0 \S+ in (\w+)", re.S)
+
+
+def flags() -> tuple:
+    """The g++ flags of a kernel library: FLAGS, plus ASAN_FLAGS under GC_HOST_ASAN=1."""
+    return FLAGS + (ASAN_FLAGS if os.environ.get("GC_HOST_ASAN") == "1" else ())
+
+
+def asan_env() -> dict:
+    """The environment of a child process whose host kernels run under AddressSanitizer."""
+    gxx, _ = _compiler()
+    runtime = subprocess.run([gxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(runtime) or not os.path.exists(runtime):
+        raise BackendError("--bounds needs g++'s AddressSanitizer runtime (libasan), which this g++ does not have")
+    return {**os.environ, "GC_HOST_ASAN": "1", "LD_PRELOAD": runtime,
+            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86"}
+
+
+def _asan_loaded() -> bool:
+    """Whether this process has the AddressSanitizer runtime (preloaded: it must come first)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
+
+
+def asan_report(stderr: str):
+    """(what, access, bytes, kernel) of the first AddressSanitizer report in a child's stderr, or None."""
+    m = _ASAN_ERROR.search(stderr)
+    return (m.group(1), m.group(2).lower(), int(m.group(3)), m.group(4)) if m else None
 SCHEDULES = ("forward", "reverse", "early", "reverse,early")
 _SCHEDULE_WORDS = {"forward", "reverse", "early", "late"}
 
@@ -125,11 +163,15 @@ class HostKernel:
                     f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
                     "}\n")
         text = f'#include "{HEADER}"\n#line 1 "{name}.cu"\n{source}\n{launcher}'
-        key = digest(text, HEADER.read_text(), " ".join(FLAGS), gxx, version)
+        key = digest(text, HEADER.read_text(), " ".join(flags()), gxx, version)
         self.path = cache_dir("host") / f"{key}.so"
         self.compiled = not self.path.exists()
         if self.compiled:
             self._compile(gxx, text, source)
+        if os.environ.get("GC_HOST_ASAN") == "1" and not _asan_loaded():   # loading it would end the process
+            raise BackendError(f"kernel {name} was built with AddressSanitizer (GC_HOST_ASAN=1), whose runtime must "
+                               f"be loaded first: run through `graphconv check --bounds`, or in a process started "
+                               f"with codegen.host.asan_env()")
         self._lib = ctypes.CDLL(str(self.path))  # never unloaded: its OpenMP threads may outlive a launch
         self._launch = self._lib.gc_host_launch
         self._launch.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p]
@@ -140,7 +182,7 @@ class HostKernel:
         tmp_cpp, tmp_so = temp_path(cpp).with_suffix(".cpp"), temp_path(self.path)
         try:
             tmp_cpp.write_text(text)
-            proc = subprocess.run([gxx, *FLAGS, str(tmp_cpp), "-o", str(tmp_so)], capture_output=True, text=True,
+            proc = subprocess.run([gxx, *flags(), str(tmp_cpp), "-o", str(tmp_so)], capture_output=True, text=True,
                                   env={**os.environ, "LC_ALL": "C"})  # plain ASCII quotes in messages
             if proc.returncode:
                 raise CompileError(self._describe(proc.stderr, source, text))

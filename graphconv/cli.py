@@ -72,6 +72,37 @@ def cmd_fuse(args):
     print(json.dumps(r, indent=2) if args.format == "json" else format_report(r))
 
 
+def check_bounded(args):
+    """check --bounds: the same command in a child process whose host kernels are built with
+    AddressSanitizer; its output is passed through, and a kernel that reads or writes outside an array
+    becomes one line naming the kernel and its layer."""
+    import subprocess
+    from codegen.host import asan_env, asan_report
+    done = subprocess.run([sys.executable, "-m", "graphconv.cli", *args.argv], env=asan_env(), capture_output=True,
+                          text=True)
+    sys.stdout.write(done.stdout)
+    report = asan_report(done.stderr)
+    if report is None:
+        if done.returncode not in (0, 1):
+            sys.stderr.write(done.stderr)
+        return done.returncode
+    what, access, size, kernel = report
+    raise GraphConvError(f"kernel {kernel}{where_of_kernel(args, kernel)} {'reads' if access == 'read' else 'writes'} "
+                         f"{size} bytes outside the arrays it was given (AddressSanitizer: {what}, the first such "
+                         f"access stops the check)")
+
+
+def where_of_kernel(args, kernel) -> str:
+    """ " (layer L, node N)" of a kernel of the checked program, found by rendering it again."""
+    from codegen.program import Program
+    from .pipeline import build
+    from .training import Optimizer
+    graph = build(load_model(args), args.stage, args.loss, Optimizer(args.optimizer), collapse=args.collapse_convs)
+    program = Program(graph, tf32=args.tf32, winograd=args.winograd)
+    spec = next((s for s in program.kernels if s.name == kernel), None)
+    return f" (layer {', '.join(spec.layers)}, node {', '.join(spec.nodes)})" if spec else ""
+
+
 def cmd_check(args):
     """The fused graph against the unfused one on the same random data, in float64."""
     from . import compile as gc_compile
@@ -79,6 +110,11 @@ def cmd_check(args):
     from .params import init_params
     from .pipeline import build, build_unfused
     from .training import Optimizer
+    if args.bounds and args.backend != "host":
+        raise GraphConvError("--bounds runs the kernels on the host backend under AddressSanitizer: add --backend host "
+                             "(on a GPU, `bash benchmarks/gpu_suite.sh sanitizer` runs compute-sanitizer's memcheck)")
+    if args.bounds and os.environ.get("GC_HOST_ASAN") != "1":
+        return check_bounded(args)
     model = load_model(args)
     if args.tf32 and args.backend == "numpy":
         raise GraphConvError("--tf32 is for the kernel backends: add --backend host (or cuda)")
@@ -476,7 +512,8 @@ EXAMPLES = {
     "check": ["graphconv check lenet5 --stage fused-train", "graphconv check vgg_small --backend host --dtype float32",
               "graphconv check lenet5 --backend host --dtype float32 --tf32",
               "graphconv check vgg_small --backend host --dtype float32 --stage fused-train --races",
-              "graphconv check vgg_small --backend host --dtype float32 --winograd"],
+              "graphconv check vgg_small --backend host --dtype float32 --winograd",
+              "graphconv check lenet5 --backend host --dtype float32 --stage fused-train --bounds"],
     "emit": ["graphconv emit lenet5 --stage fused-train -o lenet5-kernels"],
     "report": ["graphconv report lenet5 -o lenet5.html", "graphconv report lenet5 --weights lenet5.npz"],
     "filters": ["graphconv filters lenet5 --weights lenet5.npz -o conv1.png",
@@ -571,6 +608,9 @@ def parser() -> argparse.ArgumentParser:
                         f"update past it that is its own moments' step, from gradients at rounding noise, is ok*)")
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
     s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
+    s.add_argument("--bounds", action="store_true",
+                   help="with --backend host: build the kernels with AddressSanitizer (in a child process) so that "
+                        "a read or write outside the arrays a kernel is given stops the check and names the kernel")
     s.add_argument("--races", action="store_true",
                    help="with --backend host: run every kernel under the host's four schedules (a block's threads "
                         "forward and in reverse, cp.async copies landing at their wait and at their issue) and "
@@ -716,6 +756,7 @@ def _dim(text):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args) or 0
     except GraphConvError as e:

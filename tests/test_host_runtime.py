@@ -421,3 +421,56 @@ def test_a_misspelt_schedule_is_refused(k, monkeypatch):
         k["axpb"].launch((1, 1, 1), (32, 1, 1), [np.zeros(10, np.float32), np.zeros(10, np.float32), 1.0, 0.0, 10])
     monkeypatch.setenv("GC_HOST_SCHEDULE", "early, reverse")
     assert host.current_schedule() == "reverse,early"
+
+
+# ---- bounds: AddressSanitizer builds (GC_HOST_ASAN=1) in a child process ----------------------------
+BOUNDS_CHILD = r'''
+import sys
+import numpy as np
+from codegen.host import HostKernel
+SRC = """
+extern "C" __global__ void shifted(const float* __restrict__ x, float* __restrict__ y, int shift) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    s[t] = x[t + shift];
+    __syncthreads();
+    y[t] = s[63 - t];
+}"""
+k = HostKernel(SRC, "shifted", [("const float*", "x"), ("float*", "y"), ("int", "shift")], True)
+x = np.arange(64, dtype=np.float32)
+y = np.zeros(64, np.float32)
+k.launch((1, 1, 1), (64, 1, 1), [x, y, int(sys.argv[1])])
+print("done", y[0])
+'''
+
+
+def asan_available():
+    import subprocess
+    gxx = shutil.which("g++")
+    path = subprocess.run([gxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() if gxx else ""
+    return os.path.isabs(path) and os.path.exists(path)
+
+
+@pytest.mark.skipif(not asan_available(), reason="g++ has no AddressSanitizer runtime")
+def test_a_read_past_an_array_stops_an_asan_build_and_names_the_kernel(cache, tmp_path):
+    import subprocess
+    import sys
+    from codegen.host import asan_env, asan_report
+    script = tmp_path / "child.py"
+    script.write_text(BOUNDS_CHILD)
+    env = {**asan_env(), "GRAPHCONV_CACHE": str(cache), "PYTHONPATH": os.getcwd()}
+    inside = subprocess.run([sys.executable, str(script), "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert inside.returncode == 0 and "done 63.0" in inside.stdout, inside.stderr[-2000:]
+    past = subprocess.run([sys.executable, str(script), "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert past.returncode == 86 and asan_report(past.stderr) == ("heap-buffer-overflow", "read", 4, "shifted")
+    before = subprocess.run([sys.executable, str(script), "-1"], env=env, capture_output=True, text=True, timeout=600)
+    assert asan_report(before.stderr) == ("heap-buffer-overflow", "read", 4, "shifted")
+
+
+def test_an_asan_build_without_its_runtime_says_how_to_run_it(cache, monkeypatch):
+    from codegen.host import HostKernel
+    monkeypatch.setenv("GC_HOST_ASAN", "1")
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("this process has the ASan runtime")
+    with pytest.raises(BackendError, match="AddressSanitizer.*check --bounds"):
+        HostKernel(AXPB, "axpb", P_AXPB, False)
