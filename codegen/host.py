@@ -17,7 +17,8 @@ A race between two threads of a block shows as a different result under one of t
 
 Bounds: with GC_HOST_ASAN=1 kernels are built with AddressSanitizer (heap and globals; not the kernel's
 own stack frames, which the fibres switch between), so a read or write past either end of an array a
-kernel is handed stops the process with a report naming the kernel. The process must have the ASan
+kernel is handed, or of one of its __shared__ arrays (plain statics then, every block on one OS
+thread), stops the process with a report naming the kernel. The process must have the ASan
 runtime loaded first: `asan_env()` gives the environment for a child process (`graphconv check
 --bounds` re-runs itself that way and turns the report into one line).
 """
@@ -54,6 +55,7 @@ _QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict"}
 _ERROR = re.compile(r"^(.*?):(\d+):(\d+): (?:fatal )?error: (.*)$", re.M)
 ASAN_FLAGS = ("-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer", "-DGC_HOST_ASAN=1")
 _ASAN_ERROR = re.compile(r"ERROR: AddressSanitizer: ([\w-]+).*?\n(READ|WRITE) of size (\d+).*?\n\s*#0 \S+ in (\w+)", re.S)
+_ASAN_GLOBAL = re.compile(r"is located .*? global variable '(\w+)'")
 
 
 def flags() -> tuple:
@@ -81,9 +83,14 @@ def _asan_loaded() -> bool:
 
 
 def asan_report(stderr: str):
-    """(what, access, bytes, kernel) of the first AddressSanitizer report in a child's stderr, or None."""
+    """(what, access, bytes, kernel, shared array or None) of the first AddressSanitizer report in a
+    child's stderr, or None. Under GC_HOST_ASAN a kernel's __shared__ arrays are plain statics, which
+    ASan guards as globals: an access past one names it."""
     m = _ASAN_ERROR.search(stderr)
-    return (m.group(1), m.group(2).lower(), int(m.group(3)), m.group(4)) if m else None
+    if not m:
+        return None
+    shared = _ASAN_GLOBAL.search(stderr[m.end():])
+    return m.group(1), m.group(2).lower(), int(m.group(3)), m.group(4), shared.group(1) if shared else None
 SCHEDULES = ("forward", "reverse", "early", "reverse,early")
 _SCHEDULE_WORDS = {"forward", "reverse", "early", "late"}
 

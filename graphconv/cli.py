@@ -86,10 +86,11 @@ def check_bounded(args):
         if done.returncode not in (0, 1):
             sys.stderr.write(done.stderr)
         return done.returncode
-    what, access, size, kernel = report
+    what, access, size, kernel, shared = report
+    outside = f"its shared array {shared}" if shared else "the arrays it was given"
     raise GraphConvError(f"kernel {kernel}{where_of_kernel(args, kernel)} {'reads' if access == 'read' else 'writes'} "
-                         f"{size} bytes outside the arrays it was given (AddressSanitizer: {what}, the first such "
-                         f"access stops the check)")
+                         f"{size} bytes outside {outside} (AddressSanitizer: {what}, the first such access stops "
+                         f"the check)")
 
 
 def where_of_kernel(args, kernel) -> str:

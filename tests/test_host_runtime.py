@@ -429,17 +429,19 @@ import sys
 import numpy as np
 from codegen.host import HostKernel
 SRC = """
-extern "C" __global__ void shifted(const float* __restrict__ x, float* __restrict__ y, int shift) {
+extern "C" __global__ void shifted(const float* __restrict__ x, float* __restrict__ y, int shift, int sshift) {
     __shared__ float s[64];
+    __shared__ float after[64];
     const int t = threadIdx.x;
     s[t] = x[t + shift];
+    after[t] = 0.0f;
     __syncthreads();
-    y[t] = s[63 - t];
+    y[t] = s[63 - t + sshift];
 }"""
-k = HostKernel(SRC, "shifted", [("const float*", "x"), ("float*", "y"), ("int", "shift")], True)
+k = HostKernel(SRC, "shifted", [("const float*", "x"), ("float*", "y"), ("int", "shift"), ("int", "sshift")], True)
 x = np.arange(64, dtype=np.float32)
 y = np.zeros(64, np.float32)
-k.launch((1, 1, 1), (64, 1, 1), [x, y, int(sys.argv[1])])
+k.launch((1, 1, 1), (64, 1, 1), [x, y, int(sys.argv[1]), int(sys.argv[2])])
 print("done", y[0])
 '''
 
@@ -459,12 +461,15 @@ def test_a_read_past_an_array_stops_an_asan_build_and_names_the_kernel(cache, tm
     script = tmp_path / "child.py"
     script.write_text(BOUNDS_CHILD)
     env = {**asan_env(), "GRAPHCONV_CACHE": str(cache), "PYTHONPATH": os.getcwd()}
-    inside = subprocess.run([sys.executable, str(script), "0"], env=env, capture_output=True, text=True, timeout=600)
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    inside = run("0", "0")
     assert inside.returncode == 0 and "done 63.0" in inside.stdout, inside.stderr[-2000:]
-    past = subprocess.run([sys.executable, str(script), "1"], env=env, capture_output=True, text=True, timeout=600)
-    assert past.returncode == 86 and asan_report(past.stderr) == ("heap-buffer-overflow", "read", 4, "shifted")
-    before = subprocess.run([sys.executable, str(script), "-1"], env=env, capture_output=True, text=True, timeout=600)
-    assert asan_report(before.stderr) == ("heap-buffer-overflow", "read", 4, "shifted")
+    past = run("1", "0")
+    assert past.returncode == 86 and asan_report(past.stderr) == ("heap-buffer-overflow", "read", 4, "shifted", None)
+    assert asan_report(run("-1", "0").stderr) == ("heap-buffer-overflow", "read", 4, "shifted", None)
+    # one past the shared array s (another shared array follows it: plain indexing would read that one)
+    assert asan_report(run("0", "1").stderr) == ("global-buffer-overflow", "read", 4, "shifted", "s")
 
 
 def test_an_asan_build_without_its_runtime_says_how_to_run_it(cache, monkeypatch):

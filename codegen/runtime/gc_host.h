@@ -6,7 +6,8 @@
 // next unfinished fibre of the block, round robin, so each fibre resumes only after all the others
 // reached the barrier (or returned). Fibres never pre-empt each other: warp-synchronous code (shuffles,
 // spinning on a neighbour without a barrier) has no counterpart here and is not emulated.
-// __shared__ is `static thread_local`: shared by the fibres of a block, private to each OS thread.
+// __shared__ is `static thread_local`: shared by the fibres of a block, private to each OS thread
+// (under GC_HOST_ASAN a plain static, the blocks on one OS thread: see "Bounds" in codegen/host.py).
 //
 // Races. Running a block's threads one after another hides a missing barrier whenever the writer
 // happens to run before the reader, and a cp.async copy may land anywhere between its issue and the
@@ -41,7 +42,11 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#ifdef GC_HOST_ASAN
+#define __shared__ static  // one OS thread runs every block (launch): plain statics get AddressSanitizer's redzones
+#else
 #define __shared__ static thread_local
+#endif
 // __restrict__ is a g++ keyword already.
 
 // ---- built-in variables and vector types ----
@@ -288,7 +293,11 @@ template <class F> void launch(dim3 grid, dim3 block, bool barrier, F& kernel_ca
     if (nblocks == 0 || block.x * block.y * block.z == 0) return;
     const char* schedule = std::getenv("GC_HOST_SCHEDULE");  // checked by the Python side (codegen.host)
     const bool reverse = schedule && std::strstr(schedule, "reverse"), early = schedule && std::strstr(schedule, "early");
+#ifdef GC_HOST_ASAN
+    #pragma omp parallel num_threads(1)
+#else
     #pragma omp parallel
+#endif
     {
         Pool& p = pool;
         p.reverse = reverse;
