@@ -611,7 +611,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.add_argument("--bounds", action="store_true",
                    help="with --backend host: build the kernels with AddressSanitizer (in a child process) so that "
-                        "a read or write outside the arrays a kernel is given stops the check and names the kernel")
+                        "a read or write outside the arrays a kernel is given, or its shared arrays, stops the check "
+                        "and names the kernel")
     s.add_argument("--races", action="store_true",
                    help="with --backend host: run every kernel under the host's four schedules (a block's threads "
                         "forward and in reverse, cp.async copies landing at their wait and at their issue) and "
