@@ -29,6 +29,8 @@ LEAST_CHANNELS input and LEAST_OUTPUTS output channels. Rounding: the transforms
 (tests compare with NumPy at the direct kernel's tolerance)."""
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
@@ -98,5 +100,4 @@ def winograd_spec(ctx, name, *, C, M, pad, in_size, out_size, pooled, in_load, w
 
 
 def _uses(arg, lines) -> bool:
-    import re
     return re.search(rf"\b{arg.name}\b", " ".join(lines)) is not None
