@@ -25,8 +25,10 @@ def check(*args):
                            "float32", "--stage", "fused-train", "--bounds"], capture_output=True, text=True, timeout=1200)
 
 
-@pytest.mark.parametrize("args", [("lenet5",), (NET,), (NET, "--tf32"), (NET, "--winograd")],
-                         ids=["lenet5", "net", "net-tf32", "net-winograd"])
+# (the small network in plain FP32 adds only two FP32 direct 3 x 3 convolutions to what these reach:
+# its other kernels are FP32 under --tf32 and --winograd too; left out for CI's time)
+@pytest.mark.parametrize("args", [("lenet5",), (NET, "--tf32"), (NET, "--winograd")],
+                         ids=["lenet5", "net-tf32", "net-winograd"])
 def test_every_kernel_stays_inside_its_arrays(args):
     done = check(*args, "--batch", "3")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
