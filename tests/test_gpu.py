@@ -43,6 +43,19 @@ def test_every_tf32_kernel_matches_numpy_on_the_device(model, stage):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("model", ["vgg_small", "resnet8"])
+@pytest.mark.parametrize("stage", ["fused", "fused-train"])
+def test_every_winograd_kernel_matches_numpy_on_the_device(model, stage):
+    """The opt-in Winograd F(2x2, 3x3) kernels (winograd=True) on the device before `--variants` times
+    them: 16-byte cp.async copies and float4 shared reads, alignment the host does not check."""
+    graph = build(MODELS[model](), stage)
+    results = check_kernels(graph, random_inputs(graph, 3, 0), realistic_params(graph), backend="cuda", winograd=True)
+    assert any(k.endswith("_wino") for r in results for k in r.kernels)
+    bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
+           if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
 def new_layers_net():
     """Every layer added after the bundled models, in one network: dropout, a transposed conv,
     bilinear upsampling, an uneven adaptive max pool, softmax over channels, log_softmax, mean."""
