@@ -53,6 +53,35 @@ _INTEGERS = {  # C type (qualifiers dropped) -> numpy dtype, for scalar argument
 _DTYPES = {**_INTEGERS, "float": np.float32, "double": np.float64, "void": None}
 _QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict"}
 _ERROR = re.compile(r"^(.*?):(\d+):(\d+): (?:fatal )?error: (.*)$", re.M)
+SCHEDULES = ("forward", "reverse", "early", "reverse,early")
+_SCHEDULE_WORDS = {"forward", "reverse", "early", "late"}
+
+
+def current_schedule() -> str:
+    """GC_HOST_SCHEDULE as one of SCHEDULES ("forward" when unset); BackendError for anything else."""
+    text = os.environ.get("GC_HOST_SCHEDULE", "").strip()
+    words = {w.strip() for w in text.split(",") if w.strip()}
+    if not words <= _SCHEDULE_WORDS or {"forward", "reverse"} <= words or {"early", "late"} <= words:
+        raise BackendError(f"GC_HOST_SCHEDULE={text!r}: use forward or reverse (the order of a block's threads), "
+                           f"optionally with ,early (cp.async copies land when issued), e.g. 'reverse,early'")
+    return ",".join(w for w in ("reverse", "early") if w in words) or "forward"
+
+
+@contextlib.contextmanager
+def schedule(name: str):
+    """Run the host kernels launched inside the `with` block under schedule `name` (one of SCHEDULES)."""
+    old = os.environ.get("GC_HOST_SCHEDULE")
+    os.environ["GC_HOST_SCHEDULE"] = name
+    try:
+        current_schedule()
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GC_HOST_SCHEDULE", None)
+        else:
+            os.environ["GC_HOST_SCHEDULE"] = old
+
+
 ASAN_FLAGS = ("-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer", "-DGC_HOST_ASAN=1")
 _ASAN_ERROR = re.compile(r"ERROR: AddressSanitizer: ([\w-]+).*?\n(READ|WRITE) of size (\d+).*?\n\s*#0 \S+ in (\w+)", re.S)
 _ASAN_GLOBAL = re.compile(r"is located .*? global variable '(\w+)'")
@@ -91,33 +120,6 @@ def asan_report(stderr: str):
         return None
     shared = _ASAN_GLOBAL.search(stderr[m.end():])
     return m.group(1), m.group(2).lower(), int(m.group(3)), m.group(4), shared.group(1) if shared else None
-SCHEDULES = ("forward", "reverse", "early", "reverse,early")
-_SCHEDULE_WORDS = {"forward", "reverse", "early", "late"}
-
-
-def current_schedule() -> str:
-    """GC_HOST_SCHEDULE as one of SCHEDULES ("forward" when unset); BackendError for anything else."""
-    text = os.environ.get("GC_HOST_SCHEDULE", "").strip()
-    words = {w.strip() for w in text.split(",") if w.strip()}
-    if not words <= _SCHEDULE_WORDS or {"forward", "reverse"} <= words or {"early", "late"} <= words:
-        raise BackendError(f"GC_HOST_SCHEDULE={text!r}: use forward or reverse (the order of a block's threads), "
-                           f"optionally with ,early (cp.async copies land when issued), e.g. 'reverse,early'")
-    return ",".join(w for w in ("reverse", "early") if w in words) or "forward"
-
-
-@contextlib.contextmanager
-def schedule(name: str):
-    """Run the host kernels launched inside the `with` block under schedule `name` (one of SCHEDULES)."""
-    old = os.environ.get("GC_HOST_SCHEDULE")
-    os.environ["GC_HOST_SCHEDULE"] = name
-    try:
-        current_schedule()
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("GC_HOST_SCHEDULE", None)
-        else:
-            os.environ["GC_HOST_SCHEDULE"] = old
 
 
 def _parse_type(c_type):
