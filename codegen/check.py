@@ -57,11 +57,18 @@ def compare(got, want, dtype, codes_of_checked_values=False, tf32=False):
     return diff, rel, diff <= tolerance(dtype, tf32) * max(scale, 1.0), ""
 
 
-def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=None, winograd=False) -> list:
+def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=None, winograd=False,
+                  only=None) -> list:
     """One KernelCheck per node that has kernels (a node computed on TF32 tensor cores is held to
-    TF32_TOLERANCE). `outputs`: a dict that receives every checked output as computed."""
+    TF32_TOLERANCE). `outputs`: a dict that receives every checked output as computed. `only`: kernel
+    names; the nodes none of whose kernels is among them are not run (their inputs come from NumPy
+    either way)."""
     compiled = CompiledProgram(graph, backend, poison=True, tf32=tf32, winograd=winograd)
-    ref = NumpyProgram(graph).run(inputs, params, keep=True)
+    return _check(graph, compiled, NumpyProgram(graph).run(inputs, params, keep=True), inputs, outputs, only)
+
+
+def _check(graph, compiled, ref, inputs, outputs, only) -> list:
+    """check_kernels with the program compiled (poisoned outputs) and the reference run given."""
     program, runtime = compiled.program, compiled.runtime
     batch = compiled.batch_of({graph.batch_symbol(): inputs[graph.inputs[0].name].shape[0]}
                               if graph.batch_symbol() is not None else {})
@@ -70,6 +77,8 @@ def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=Non
         by_node.setdefault(launch.computes, []).append(launch.spec)
     results = []
     for members, specs in by_node.items():
+        if only is not None and not any(spec.name in only for spec in specs):
+            continue
         owned = {}
 
         def array(key):
@@ -112,16 +121,18 @@ def check_kernels(graph, inputs, params, backend="host", tf32=False, outputs=Non
     return results
 
 
-def check_races(graph, inputs, params, tf32=False, winograd=False) -> list:
+def check_races(graph, inputs, params, tf32=False, winograd=False, only=None) -> list:
     """check_kernels on the host backend under each of its schedules (host.SCHEDULES: a block's threads
     in both orders, cp.async copies landing late and early), one KernelCheck per node: the worst of the
     four, and not ok where a schedule fails or computes other bits than the forward one (every kernel
     computes each output the same way whatever the order of its threads, so a difference is a race)."""
     runs, bits = {}, {}
+    compiled = CompiledProgram(graph, "host", poison=True, tf32=tf32, winograd=winograd)
+    ref = NumpyProgram(graph).run(inputs, params, keep=True)
     for name in host.SCHEDULES:
         bits[name] = {}
         with host.schedule(name):
-            runs[name] = check_kernels(graph, inputs, params, "host", tf32, outputs=bits[name], winograd=winograd)
+            runs[name] = _check(graph, compiled, ref, inputs, bits[name], only)
     merged = []
     for per_schedule in zip(*runs.values()):
         first = per_schedule[0]

@@ -5,6 +5,8 @@ the kernel's float type).
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
@@ -71,11 +73,20 @@ def c_function_prelude(names, dtype) -> str:
 def c_expression(expr, dtype, names: dict, prefix="_t") -> tuple[list[str], str, set]:
     """(temporaries, final expression, device functions used): `expr` with common subexpressions
     pulled out as `const T _t0 = ...;` lines (named by `prefix`) and its symbols renamed by `names`
-    {symbol name: C}."""
+    {symbol name: C}. Memoized: one program prints the same gradient expressions many times, and
+    sympy's substitution and elimination are most of a program's build time."""
+    lines, result, used = _c_expression(sp.sympify(expr), dtype, tuple(sorted(names.items())), prefix)
+    return list(lines), result, set(used)
+
+
+@functools.lru_cache(maxsize=4096)
+def _c_expression(expr, dtype, names: tuple, prefix):
+    names = dict(names)
     expr = expr.subs({s: sp.Symbol(names[s.name], real=True) for s in expr.free_symbols if s.name in names},
                      simultaneous=True)
     printer = CudaPrinter(dtype)
     T = "float" if dtype == "float32" else "double"
     temps, reduced = sp.cse(expr, symbols=sp.numbered_symbols(prefix), optimizations="basic")
-    lines = [f"const {T} {s} = {printer.doprint(e)};" for s, e in temps]
-    return lines, printer.doprint(reduced[0]), printer.functions_used
+    lines = tuple(f"const {T} {s} = {printer.doprint(e)};" for s, e in temps)
+    result = printer.doprint(reduced[0])
+    return lines, result, frozenset(printer.functions_used)

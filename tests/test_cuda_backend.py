@@ -115,26 +115,43 @@ def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
     """`bench_gpu.py --variants` rebuilds a layer under each earlier rule on a scarce GPU lease: each
     rule's kernels must compile (NVRTC, sm_90, no warning or spill) and match NumPy here first; a rule
     that changes how stages are buffered or staged (and the TF32 and Winograd kernels) under each of the
-    host's schedules too (no race between threads)."""
+    host's schedules too (no race between threads). The layer under the current rules is checked (races
+    included) once per precision; under a rule, only the kernels the rule changes."""
     from codegen import nvrtc
     from codegen.check import check_kernels, check_races
     if not nvrtc.available():
         pytest.skip("NVRTC not installed")
     bench = load_bench()
+    graphs = {layer: build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
+              for _, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4])}
+    now = {}
+
+    def check(graph, kernels, tf32, races, only=None):
+        nvrtc.compile_many([(s.source, s.name) for s in kernels if only is None or s.name in only])
+        return [r for r in (check_races if races else check_kernels)(
+            graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0), tf32=tf32, only=only) if not r.ok]
+
+    changed_somewhere = 0
     for label, rule in bench.VARIANTS.items():
-        with monkeypatch.context() as m:
-            for name, value in rule.items():
-                m.setattr(*bench.rule_place(name), value)
-            tf32 = label.startswith("TF32")      # the TF32 rules change only --tf32's kernels
-            for model, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4]):
-                graph = build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
+        tf32 = label.startswith("TF32")      # the TF32 rules change only --tf32's kernels
+        for layer, graph in graphs.items():
+            if (layer, tf32) not in now:
                 kernels = Program(graph, tf32=tf32).kernels
-                nvrtc.compile_many([(s.source, s.name) for s in kernels])
-                check = check_races if any(w in label for w in ("buffer", "staging", "TF32", "Winograd")) \
-                    else check_kernels
-                bad = [r for r in check(graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0), tf32=tf32)
-                       if not r.ok]
+                now[layer, tf32] = {(s.name, s.source) for s in kernels}
+                bad = check(graph, kernels, tf32, True)
+                assert not bad, ("current rules", layer, tf32, [(r.node, r.note) for r in bad])
+            with monkeypatch.context() as m:
+                for name, value in rule.items():
+                    m.setattr(*bench.rule_place(name), value)
+                kernels = Program(graph, tf32=tf32).kernels
+                changed = {s.name for s in kernels if (s.name, s.source) not in now[layer, tf32]}
+                if not changed:
+                    continue
+                changed_somewhere += 1
+                races = any(w in label for w in ("buffer", "staging", "TF32", "Winograd"))
+                bad = check(graph, kernels, tf32, races, only=changed)
                 assert not bad, (label, layer, [(r.node, r.note) for r in bad])
+    assert changed_somewhere >= len(bench.VARIANTS) // 2      # the rules reach these layers' kernels
 
 
 def load_bench():

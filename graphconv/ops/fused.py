@@ -23,6 +23,7 @@ followed by the activation's gradient.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -385,7 +386,20 @@ def compose(steps, n_external):
 
 
 def expression_of(op_name, attrs, args):
-    """The sympy expression an elementwise op computes from argument expressions."""
+    """The sympy expression an elementwise op computes from argument expressions (memoized: sympy's
+    substitution is most of a program's build time, and a program composes the same ops many times)."""
+    try:
+        return _expression_memo(op_name, tuple(sorted(attrs.items())), tuple(args))
+    except TypeError:       # an unhashable attribute
+        return _expression_of(op_name, attrs, args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expression_memo(op_name, attr_items, args):
+    return _expression_of(op_name, dict(attr_items), list(args))
+
+
+def _expression_of(op_name, attrs, args):
     op = OPS[op_name]
     if op_name == "add":
         return args[0] + args[1]
