@@ -325,7 +325,8 @@ def profile(args, name, batch, repeats=20):
         node = graph.node(launch.node)
         rows.append({"kernel": launch.spec.name, "template": launch.spec.template, "node": launch.node,
                      "layer": node.layer, "stage": node.stage,
-                     "ms": ms, "grid": [int(g) for g in grid], "block": [int(b) for b in block]})
+                     "ms": ms, "grid": [int(g) for g in grid], "block": [int(b) for b in block],
+                     "registers": getattr(kernel, "registers", None)})     # of the cubin timed (cuda)
     return sorted(rows, key=lambda r: -r["ms"])
 
 
@@ -590,7 +591,8 @@ def main():
             total = sum(r["ms"] for r in rows)
             say(f"kernels of the {name} step at batch {4 if args.smoke else 256}, each alone (sum {total:.3f} ms):")
             for r in rows[:12]:
-                say(f"  {r['ms']:.4f} ms {r['ms'] / total * 100:4.1f}%  {r['kernel'][:72]}  grid {r['grid']} block {r['block'][0]}")
+                regs = f" {r['registers']} regs" if r.get("registers") else ""
+                say(f"  {r['ms']:.4f} ms {r['ms'] / total * 100:4.1f}%  {r['kernel'][:72]}  grid {r['grid']} block {r['block'][0]}{regs}")
             by_template = {}
             for r in rows:
                 by_template[r["template"]] = by_template.get(r["template"], 0.0) + r["ms"]

@@ -44,8 +44,11 @@ def available() -> bool:
 
 
 class CudaKernel:
-    def __init__(self, name, module, function, scalar_types):
+    """A loaded kernel; `registers`: ptxas's count for the cubin loaded (None where NVRTC's log had no
+    report). One source can compile to a few registers more or fewer from run to run (see codegen.emit)."""
+    def __init__(self, name, module, function, scalar_types, registers=None):
         self.name, self.module, self.function, self.scalar_types = name, module, function, scalar_types
+        self.registers = registers
 
 
 class CudaRuntime:
@@ -65,7 +68,8 @@ class CudaRuntime:
             module = self.cp.cuda.function.Module()
             module.load(c.cubin)
             scalars = [None if a.is_pointer else SCALARS[a.ctype] for a in spec.args]
-            kernels[spec.name] = CudaKernel(spec.name, module, module.get_function(spec.name), scalars)
+            kernels[spec.name] = CudaKernel(spec.name, module, module.get_function(spec.name), scalars,
+                                            c.registers or None)
         return kernels
 
     def alloc(self, nbytes, poison):

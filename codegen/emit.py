@@ -8,6 +8,8 @@ import hashlib
 import json
 import pathlib
 
+from graphconv.errors import GraphConvError
+
 from .program import Program
 from .render import write_if_changed
 
@@ -44,8 +46,13 @@ def emit(graph, out_dir, check_nvrtc=True, tf32=False, winograd=False) -> dict:
         compiled = nvrtc.compile_many([(s.source, s.name) for s in program.kernels],
                                       where_of=lambda name: where_of(program, name))
         resources = {s.name: c.resources() for s, c in zip(program.kernels, compiled)}
+    if not str(out_dir).strip():
+        raise GraphConvError("emit: the output folder is empty (give a folder, e.g. -o kernels)")
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise GraphConvError(f"emit: {out} is a file (or lies under one), not a folder to write the kernels into") from None
     manifest = manifest_of(program, resources)
     _keep_reported_resources(manifest, out / "manifest.json")
     wanted = {row["file"] for row in manifest["kernels"]}

@@ -72,6 +72,8 @@ def current_schedule() -> str:
 @contextlib.contextmanager
 def schedule(name: str):
     """Run the host kernels launched inside the `with` block under schedule `name` (one of SCHEDULES)."""
+    if name not in SCHEDULES:
+        raise BackendError(f"schedule({name!r}): the host schedules are {', '.join(SCHEDULES)}")
     old = os.environ.get("GC_HOST_SCHEDULE")
     os.environ["GC_HOST_SCHEDULE"] = name
     try:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
-from graphconv.errors import CompileError
+from graphconv.errors import CompileError, GraphError
 from graphconv.ops.base import TupleType
 from graphconv.passes import unbound_dims
 
@@ -41,10 +42,28 @@ class Plan:
     inplace: list = None      # (operand, result) pairs where an elementwise kernel writes in place
 
 
+def check_precision(graph, tf32, winograd) -> tuple[bool, bool]:
+    """(tf32, winograd) as booleans, or GraphError: each must be True or False (a string "False" is
+    not read as True), both need a float32 graph, and they exclude each other."""
+    flags = []
+    for name, value in (("tf32", tf32), ("winograd", winograd)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise GraphError(f"{name} must be True or False, got {value!r}")
+        flags.append(bool(value))
+    tf32, winograd = flags
+    for name, on in (("tf32", tf32), ("winograd", winograd)):
+        if on and graph.dtype != "float32":
+            raise GraphError(f"{name}=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
+    if winograd and tf32:
+        raise GraphError("winograd=True and tf32=True: choose one (under tf32 the 3 x 3 convolutions run on the "
+                         "TF32 tensor cores)")
+    return tf32, winograd
+
+
 class Program:
     def __init__(self, graph, tf32=False, winograd=False):
         self.graph = graph.verify()
-        self.tf32, self.winograd = tf32, winograd
+        self.tf32, self.winograd = check_precision(graph, tf32, winograd)
         self.name = graph.name
         batch = graph.batch_symbol()
         self._check_static()

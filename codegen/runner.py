@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from graphconv.checkpoint import all_finite
-from graphconv.errors import GraphError, InputError
+from graphconv.errors import GraphError, InputError, ResourceError
+from graphconv.memory import check_fits, fmt_bytes
 from graphconv.params import check_params
-from graphconv.reference import bind_inputs
+from graphconv.reference import NumpyProgram, bind_inputs, check_input_values
 
 from .buffers import byte_view
-from .program import Program
+from .program import Program, check_precision
 
 
 class HostRuntime:
@@ -79,13 +80,7 @@ class CompiledProgram:
     `to_numpy=True | False` decides explicitly."""
 
     def __init__(self, graph, backend="host", poison=False, tf32=False, winograd=False):
-        if tf32 and graph.dtype != "float32":
-            raise GraphError(f"tf32=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
-        if winograd and graph.dtype != "float32":
-            raise GraphError(f"winograd=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
-        if winograd and tf32:
-            raise GraphError("winograd=True and tf32=True: choose one (under tf32 the 3 x 3 convolutions run on the "
-                             "TF32 tensor cores)")
+        tf32, winograd = check_precision(graph, tf32, winograd)
         self.backend = backend
         self.runtime = RUNTIMES[backend]()            # first: a backend that cannot run here says so at once
         arch = getattr(self.runtime, "arch", None)     # the device's sm_XY (cuda)
@@ -97,6 +92,7 @@ class CompiledProgram:
         self.poison = poison
         self.input_names = [n.name for n in self.graph.inputs]
         self._plans: dict = {}
+        self._reference = NumpyProgram(self.graph)      # its shape checks and its checks of input values
 
     def __call__(self, *args, params=None, **inputs):
         if len(args) > len(self.input_names):
@@ -118,8 +114,23 @@ class CompiledProgram:
         key = (batch, keep)
         if key not in self._plans:
             plan = self.program.plan(batch, reuse=not keep)
-            self._plans[key] = (plan, [self.runtime.alloc(size, self.poison) for size in plan.sizes])
+            self._plans[key] = (plan, self.alloc_all(plan.sizes, batch))
         return self._plans[key]
+
+    def alloc_all(self, sizes, batch):
+        """The buffers of a plan, or ResourceError naming the batch where the memory is not there."""
+        if self.backend == "host":
+            check_fits(sum(sizes), f"{self.graph.name} at batch {batch} (the host backend's buffers)", "use a smaller batch")
+        try:
+            return [self.runtime.alloc(size, self.poison) for size in sizes]
+        except MemoryError:
+            raise ResourceError(f"{self.graph.name} at batch {batch}: out of memory allocating "
+                                f"{fmt_bytes(sum(sizes))} of buffers on the {self.backend} backend; use a smaller batch") from None
+        except Exception as exc:      # CuPy's OutOfMemoryError
+            if "OutOfMemory" not in type(exc).__name__:
+                raise
+            raise ResourceError(f"{self.graph.name} at batch {batch}: out of GPU memory allocating "
+                                f"{fmt_bytes(sum(sizes))} of buffers; use a smaller batch") from None
 
     def _array_of(self, arrays, buffers, plan, batch):
         def array(key):
@@ -147,6 +158,8 @@ class CompiledProgram:
         to_numpy = self.wants_numpy(inputs, to_numpy)
         types = self.runtime.array_types
         bindings = bind_inputs(self.graph, inputs, types)
+        self._reference.bound_shapes(bindings)      # a zero or inconsistent size: refused as on numpy
+        check_input_values(self.graph, inputs)      # e.g. a class index past the scores
         batch = self.batch_of(bindings)
         self.check_batch(batch)
         plan, buffers = self._buffers(batch, keep)
@@ -189,7 +202,12 @@ class CompiledProgram:
     def bind(self, batch: int) -> "BoundStep":
         """Every launch for one batch size with every argument bound, over static buffers: what a
         CUDA graph captures (a training step is then one graph launch per step)."""
-        return BoundStep(self, batch)
+        if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise InputError(f"{self.graph.name}: bind(batch) takes a positive integer, got {batch!r}")
+        symbol = self.graph.batch_symbol()
+        if symbol is not None:
+            self._reference.bound_shapes({symbol: int(batch)})
+        return BoundStep(self, int(batch))
 
 
 class BoundStep:
@@ -204,7 +222,7 @@ class BoundStep:
         self.compiled, self.batch = compiled, batch
         program, runtime = compiled.program, compiled.runtime
         plan = program.plan(batch)
-        buffers = [runtime.alloc(size, compiled.poison) for size in plan.sizes]
+        buffers = compiled.alloc_all(plan.sizes, batch)
         self.static = {}
         for node in compiled.graph.topo():
             if node.role != "op":
@@ -223,6 +241,7 @@ class BoundStep:
         if compiled.batch_of(bindings) != self.batch:
             raise InputError(f"{compiled.graph.name}: this step is bound to batch {self.batch}, got "
                              f"{compiled.batch_of(bindings)} (bind another with .bind(batch))")
+        check_input_values(compiled.graph, inputs)
         for name, arr in {**inputs, **check_params(compiled.graph, params, types)}.items():
             if arr is not self.static[name]:       # a resident state (see commit) is there already
                 compiled.runtime.copy_into(self.static[name], arr)

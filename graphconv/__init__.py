@@ -5,6 +5,7 @@ from .errors import (BackendError, CheckpointError, CompileError, GraphConvError
                      TrainingError)
 from .ir import Node, Tensor
 from .params import init_params
+from .ops.base import as_flag as _as_flag
 from .ops.pointwise import define_activation, sigmoid, softplus
 from .passes import cast, set_training
 from .weights import load_state_dict, load_weights, predict, save_weights, state_dict
@@ -31,6 +32,7 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
     """
     if backend not in BACKENDS:
         raise GraphError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    tf32, winograd = _as_flag(tf32, "tf32"), _as_flag(winograd, "winograd")
     if dtype is not None and dtype != graph.dtype:
         graph = cast(graph, dtype)
     if training is not None:
@@ -47,7 +49,7 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
         from .reference import NumpyProgram
         return NumpyProgram(graph, blas_threads=blas_threads)
     from codegen.runner import CompiledProgram   # codegen sits above the IR: imported only here
-    return CompiledProgram(graph, backend, tf32=bool(tf32), winograd=bool(winograd))
+    return CompiledProgram(graph, backend, tf32=tf32, winograd=winograd)
 
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",

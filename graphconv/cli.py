@@ -72,6 +72,13 @@ def cmd_fuse(args):
     print(json.dumps(r, indent=2) if args.format == "json" else format_report(r))
 
 
+def _in_bounded_child() -> bool:
+    """This process is check --bounds's child: its kernels are built with AddressSanitizer, whose
+    runtime is loaded (GC_HOST_ASAN=1 set by hand in a plain shell is not enough: the child is started)."""
+    from codegen.host import _asan_loaded
+    return os.environ.get("GC_HOST_ASAN") == "1" and _asan_loaded()
+
+
 def check_bounded(args):
     """check --bounds: the same command in a child process whose host kernels are built with
     AddressSanitizer; its output is passed through, and a kernel that reads or writes outside an array
@@ -114,7 +121,7 @@ def cmd_check(args):
     if args.bounds and args.backend != "host":
         raise GraphConvError("--bounds runs the kernels on the host backend under AddressSanitizer: add --backend host "
                              "(on a GPU, `bash benchmarks/gpu_suite.sh sanitizer` runs compute-sanitizer's memcheck)")
-    if args.bounds and os.environ.get("GC_HOST_ASAN") != "1":
+    if args.bounds and not _in_bounded_child():
         return check_bounded(args)
     model = load_model(args)
     if args.tf32 and args.backend == "numpy":
@@ -472,13 +479,19 @@ def load_model(args, need_sizes=True):
     the batch is refused with the option that gives it a size."""
     from .models import load
     from .passes import bind_dims, unbound_dims
-    graph = bind_dims(load(args.model, args.dtype), dict(getattr(args, "dim", None) or []))
+    graph = load(args.model, args.dtype)
+    dims, batch = dict(getattr(args, "dim", None) or []), graph.batch_symbol()
+    if batch is not None and str(batch) in dims and getattr(args, "batch", None) is not None:
+        raise GraphConvError(f"--dim {batch}={dims[str(batch)]}: {batch} is {graph.name}'s batch dim; give its size "
+                             f"with --batch")
+    graph = bind_dims(graph, dims)
     missing = unbound_dims(graph)
     if need_sizes and missing:
         names = ", ".join(map(str, missing))
         example = " ".join(f"--dim {d}=SIZE" for d in missing)
+        from_batch = f" (the batch dim {graph.batch_symbol()} comes from --batch)" if graph.batch_symbol() is not None else ""
         raise GraphConvError(f"{graph.name}: its input dims {names} are symbolic and this command needs sizes; "
-                             f"give them with {example} (the batch dim {graph.batch_symbol()} comes from --batch)")
+                             f"give them with {example}{from_batch}")
     return graph
 
 

@@ -118,6 +118,33 @@ def check_result(node, y, shape, dtype):
                              f"its rule says {dtype}{fmt_shape(shape)}")
 
 
+def check_input_values(graph, inputs: dict) -> None:
+    """What the NumPy references check of an input's values before computing with it, for the
+    compiled backends, whose kernels would compute on (a class index past the scores gives NaN):
+    each classifier loss's target, where it is a graph input. InputError naming the loss."""
+    for node in graph.topo():
+        op = OPS.get(node.op)
+        check = getattr(op, "check_target", None)
+        if check is None:
+            continue
+        scores, target = graph.operands(node.name)[:2]
+        if target not in inputs:
+            continue
+        classes = graph.node(scores).shape[1]
+        if not getattr(classes, "is_Integer", isinstance(classes, int)):
+            continue
+        try:
+            check(_Columns(int(classes)), inputs[target])
+        except OpError as e:
+            raise InputError(f"{node.name} [{node.op}]: {e.message}") from None
+
+
+class _Columns:
+    """Stands in for a scores array where only its number of classes is read."""
+    def __init__(self, classes):
+        self.shape = (None, classes)
+
+
 class NumpyProgram:
     """A graph ready to run on NumPy: `program(x, params=params)` or `program(x=x, params=params)`."""
 
@@ -138,16 +165,25 @@ class NumpyProgram:
         for step, node in enumerate(self.order):
             for operand in self.operands[node.name]:
                 self.last_use[operand] = step
-        self._shapes = {}
+        self._shapes, self._bound = {}, {}
+
+    def bound_shapes(self, bindings) -> dict:
+        """Every node's concrete shape for these symbol values, each size checked positive and every
+        shape rule run again on them (what the compiled backends check before a run too)."""
+        key = tuple(sorted((str(k), v) for k, v in bindings.items()))
+        if key not in self._bound:
+            shapes = {n.name: concrete_type(n, bindings) for n in self.order}
+            if any(not d.is_Integer for n in self.graph.inputs for d in n.shape):
+                self.recheck(shapes, bindings)
+            self._bound[key] = shapes
+        return self._bound[key]
 
     def shapes(self, bindings) -> dict:
         """Every op node's concrete shape for these symbol values (computed once per batch size),
         after checking that the run fits in memory."""
         key = tuple(sorted((str(k), v) for k, v in bindings.items()))
         if key not in self._shapes:
-            shapes = {n.name: concrete_type(n, bindings) for n in self.order}
-            if any(not d.is_Integer for n in self.graph.inputs for d in n.shape):
-                self.recheck(shapes, bindings)
+            shapes = self.bound_shapes(bindings)
             peak, at = self.peak_bytes(shapes)
             bound = ", ".join(f"{k}={v}" for k, v in bindings.items())
             check_fits(peak, f"{self.graph.name}{f' at {bound}' if bound else ''} (peak at {at})", "use a smaller batch")

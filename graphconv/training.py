@@ -16,6 +16,7 @@ from .autodiff import derive_backward
 from .checkpoint import (all_finite, check_finite, check_state, check_writable, checkpoint_path,  # noqa: F401
                          read_checkpoint)
 from .errors import CheckpointError, GraphError, InputError, TrainingError
+from .ops.base import as_flag
 from .params import check_seed, init_params
 from .shapes import fmt_shape
 from .passes import set_training
@@ -213,6 +214,7 @@ class Trainer:
 
     def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False,
                  winograd=False):
+        tf32, winograd = as_flag(tf32, "tf32"), as_flag(winograd, "winograd")
         self.model = graph
         self.optimizer = optimizer or Optimizer()
         self.input_name = image_input(graph)

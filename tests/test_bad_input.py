@@ -587,3 +587,46 @@ def _output_twice():
 def test_the_python_apis_bad_input_is_one_graphconv_error(call, message):
     with pytest.raises(gc.GraphConvError, match=message):
         call()
+
+
+def test_the_kernel_backends_refuse_what_numpy_refuses(tmp_path):
+    """Found by a sweep of the kernel backends' options (session 8): an empty batch killed the host
+    process (a division by zero in a kernel's launch), a class index past the scores trained on NaN,
+    and tf32="False" ran TF32; each is now the numpy backend's error, or a GraphError."""
+    from codegen import host
+    from codegen.emit import emit
+    g, p = tiny(), gc.init_params(tiny(), seed=0)
+    program = gc.compile(g, backend="host")
+    with pytest.raises(gc.InputError, match="dim N is 0"):
+        program(np.zeros((0, 1, 8, 8), np.float32), params=p)
+    for bad in (0, -1, None, True, 2.5):
+        with pytest.raises(gc.InputError, match="bind.batch. takes a positive integer"):
+            program.bind(bad)
+    trainer = Trainer(g, Optimizer("adam", lr=1e-3), backend="host")
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    with pytest.raises(gc.InputError, match=r"target holds class 10, outside 0..9"):
+        trainer.step(x, np.array([10, 0, 1]))
+    with pytest.raises(gc.InputError, match=r"target holds class -1, outside 0..9"):
+        trainer.evaluate(x, np.array([0, -1, 1]))
+    assert trainer.steps == 0
+    for kw in ({"tf32": "False"}, {"winograd": 1}, {"winograd": None}):
+        with pytest.raises(gc.GraphError, match="must be True or False"):
+            gc.compile(g, backend="host", **kw)
+    with pytest.raises(gc.GraphError, match="must be True or False"):
+        Trainer(g, backend="host", winograd="no")
+    with pytest.raises(gc.BackendError, match="the host schedules are"):
+        with host.schedule(None):
+            pass
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub", ""):
+        with pytest.raises(gc.GraphConvError, match="emit: "):
+            emit(g, out, check_nvrtc=False)
+    with pytest.raises(gc.GraphError, match="choose one"):
+        emit(g, tmp_path / "k", check_nvrtc=False, tf32=True, winograd=True)
+    with pytest.raises(gc.GraphError, match="needs a float32 graph"):
+        emit(gc.cast(g, "float64"), tmp_path / "k", check_nvrtc=False, winograd=True)
+
+
+def test_the_cli_refuses_a_batch_dim_given_twice(capsys):
+    code, _, err = cli(capsys, "run", "lenet5", "--dim", "N=3", "--batch", "1")
+    assert code == 2 and "N is lenet5's batch dim; give its size with --batch" in err

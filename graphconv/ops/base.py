@@ -227,6 +227,14 @@ def as_bool(value, what) -> bool:
     raise OpError(f"{what} must be True or False, got {value!r}", kind=GraphError)
 
 
+def as_flag(value, what) -> bool:
+    """An option that must be True or False (a compile or Trainer switch such as tf32): GraphError
+    for anything else, 1 and "False" included, rather than reading it by its truth."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise GraphError(f"{what} must be True or False, got {value!r}")
+
+
 def as_float(value, what, positive=False) -> float:
     """A finite float attribute (and > 0 when `positive`)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
