@@ -121,6 +121,9 @@ def cmd_check(args):
     if args.bounds and args.backend != "host":
         raise GraphConvError("--bounds runs the kernels on the host backend under AddressSanitizer: add --backend host "
                              "(on a GPU, `bash benchmarks/gpu_suite.sh sanitizer` runs compute-sanitizer's memcheck)")
+    if args.backend == "host":
+        from codegen.host import current_schedule
+        current_schedule()      # a misspelt GC_HOST_SCHEDULE is refused before any work, not after the table
     if args.bounds and not _in_bounded_child():
         return check_bounded(args)
     model = load_model(args)
