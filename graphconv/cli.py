@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from .progressbar import progress
-from .errors import GraphConvError
+from .errors import CheckpointError, GraphConvError
 
 
 def cmd_models(args):
@@ -264,12 +264,17 @@ def cmd_filters(args):
     """The learned filters of a conv layer as a picture."""
     from .pictures import filters_png
     from .training import read_checkpoint
+    from .weights import load_weights
     graph = load_model(args, need_sizes=False)
-    checkpoint = read_checkpoint(args.weights)
-    layer, png = filters_png(graph, checkpoint.state, args.layer)
+    params = load_weights(args.weights, graph)          # a checkpoint or a weights file (export, save_weights)
+    try:
+        trained = f"after {read_checkpoint(args.weights).epoch} epochs"
+    except CheckpointError:
+        trained = f"from {args.weights}"
+    layer, png = filters_png(graph, params, args.layer)
     output = args.output or f"{graph.name}-{layer}-filters.png"
     write_file(output, png)
-    print(f"wrote {output}: the filters of {layer} after {checkpoint.epoch} epochs ({len(png):,} bytes)")
+    print(f"wrote {output}: the filters of {layer} {trained} ({len(png):,} bytes)")
     return 0
 
 
@@ -281,9 +286,10 @@ def cmd_demo(args):
 def cmd_report(args):
     """One self-contained HTML page linking layers, nodes, fusion decisions and kernels."""
     from codegen.report import build_report
-    from .training import Optimizer, read_checkpoint
+    from .training import Optimizer
+    from .weights import load_weights
     model = load_model(args)
-    weights = read_checkpoint(args.weights).state if args.weights else None
+    weights = load_weights(args.weights, model) if args.weights else None     # a checkpoint or a weights file
     page = build_report(model, args.stage, weights, args.loss, Optimizer(args.optimizer))
     output = args.output or f"{model.name}-report.html"
     write_file(output, page)
@@ -653,13 +659,14 @@ def parser() -> argparse.ArgumentParser:
                 "gradient nodes, fusion decisions and generated kernels", dims=True)
     s.add_argument("--stage", default="fused-train", choices=STAGE_NAMES, help="which graph")
     s.add_argument("-o", "--output", default=None, help="the HTML file (default: MODEL-report.html)")
-    s.add_argument("--weights", default=None, help="a checkpoint: the page then shows conv1's learned filters")
+    s.add_argument("--weights", default=None, help="a checkpoint (graphconv train --save) or weights file (export): "
+                                                   "the page then shows conv1's learned filters")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
     s.set_defaults(func=cmd_report)
 
     s = command("filters", "draw the learned filters of a conv layer as a PNG grid (e.g. after graphconv train)")
-    s.add_argument("--weights", required=True, help="a checkpoint written by graphconv train --save")
+    s.add_argument("--weights", required=True, help="a checkpoint (graphconv train --save) or weights file (export)")
     s.add_argument("--layer", default=None, help="the conv layer (default: the first)")
     s.add_argument("-o", "--output", default=None, help="the PNG to write (default: MODEL-LAYER-filters.png)")
     s.set_defaults(func=cmd_filters)

@@ -630,3 +630,14 @@ def test_the_kernel_backends_refuse_what_numpy_refuses(tmp_path):
 def test_the_cli_refuses_a_batch_dim_given_twice(capsys):
     code, _, err = cli(capsys, "run", "lenet5", "--dim", "N=3", "--batch", "1")
     assert code == 2 and "N is lenet5's batch dim; give its size with --batch" in err
+
+
+def test_filters_and_report_take_a_weights_file_as_predict_does(tmp_path, capsys):
+    """`graphconv export` writes a plain weights file; filters and report refused it ("not part of a
+    graphconv checkpoint") where predict and gc.load_weights take it."""
+    weights = tmp_path / "w.npz"
+    gc.save_weights(weights, gc.init_params(MODELS["lenet5"](), seed=3))
+    code, out, _ = cli(capsys, "filters", "lenet5", "--weights", weights, "-o", tmp_path / "f.png")
+    assert code == 0 and f"from {weights}" in out and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = cli(capsys, "report", "lenet5", "--weights", weights, "-o", tmp_path / "r.html")
+    assert code == 0 and (tmp_path / "r.html").stat().st_size > 1000
