@@ -401,7 +401,8 @@ def cmd_train(args):
                       winograd=args.winograd)
     if args.resume:
         for note in trainer.load(args.resume):
-            print(f"note: resuming with a different setting: {note}")
+            if not note.startswith("epochs "):     # set below from the resumed epoch and --epochs, whatever it was
+                print(f"note: resuming with a different setting: {note}")
         print(f"resumed from {args.resume} after epoch {trainer.epoch}")
     trainer.optimizer.epochs = trainer.epoch + args.epochs     # cosine: the whole run, resumed or not
     refuse_overwrite(save, args, trainer.epoch + args.epochs, read_checkpoint)

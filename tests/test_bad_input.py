@@ -194,6 +194,7 @@ def test_resume_with_another_learning_rate_says_so(checkpoint, capsys, tmp_path,
                        "--lr", "0.01", "--epochs", "1", "--progress", "off")
     assert code == 0
     assert "note: resuming with a different setting: lr is 0.01 now, 0.001 in ck.npz" in out
+    assert "epochs is" not in out        # --epochs counts from the resumed epoch: no setting changed
     assert read_checkpoint(path).epoch == 3 and read_checkpoint(path).optimizer["lr"] == 0.01
 
 
