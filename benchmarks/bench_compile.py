@@ -17,7 +17,12 @@ from common import machine, save  # noqa: E402
 
 
 def graphconv_compile(target):
-    """Seconds from the model to loadable kernels: build the stage, lower, render, compile."""
+    """Seconds from the model to loadable kernels: build the stage, lower, render, compile; as a fresh
+    process would (the printers' in-memory memos emptied first; the disk caches as the caller set)."""
+    from codegen import cprinter
+    from graphconv.ops import fused
+    cprinter._c_expression.cache_clear()
+    fused._expression_memo.cache_clear()
     from codegen import nvrtc
     from codegen.program import Program
     from codegen.runner import HostRuntime
