@@ -238,8 +238,9 @@ class GraphCore:
     def _operand_name(self, operand, layer, op_name):
         if isinstance(operand, Tensor):
             if operand.graph is not self:
-                raise GraphError(f"{layer or op_name}: operand {operand.name} belongs to graph "
-                                 f"{operand.graph.name}, not {self.name}")
+                other = (f"another graph also named {self.name}" if operand.graph.name == self.name
+                         else f"graph {operand.graph.name}, not {self.name}")
+                raise GraphError(f"{layer or op_name}: operand {operand.name} belongs to {other}")
             return operand.name
         if isinstance(operand, str) and operand in self.nx:
             return operand

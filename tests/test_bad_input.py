@@ -642,3 +642,12 @@ def test_filters_and_report_take_a_weights_file_as_predict_does(tmp_path, capsys
     assert code == 0 and f"from {weights}" in out and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = cli(capsys, "report", "lenet5", "--weights", weights, "-o", tmp_path / "r.html")
     assert code == 0 and (tmp_path / "r.html").stat().st_size > 1000
+
+
+def test_a_tensor_of_another_graph_of_the_same_name_says_so():
+    a, b = gc.Graph("u"), gc.Graph("u")
+    x = a.input("x", ("N", 3))
+    with pytest.raises(gc.GraphError, match="operand x belongs to another graph also named u"):
+        b.relu(x)
+    with pytest.raises(gc.GraphError, match="operand x belongs to graph u, not v"):
+        gc.Graph("v").relu(x)
