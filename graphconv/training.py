@@ -296,7 +296,9 @@ class Trainer:
             if not isinstance(a, np.ndarray) or a.ndim == 0:
                 raise InputError(f"evaluate: {name} must be a numpy array with one row per example, got "
                                  f"{type(a).__name__}")
-        if len(x) != len(y) or len(x) == 0:
+        if len(x) == 0:
+            raise InputError("evaluate: no examples (an empty batch has no loss or accuracy)")
+        if len(x) != len(y):
             raise InputError(f"evaluate: {len(x)} examples but {len(y)} labels")
         losses, correct = [], 0
         params = {n.name: self.state[n.name] for n in self.eval_graph.params}

@@ -610,6 +610,8 @@ def test_the_kernel_backends_refuse_what_numpy_refuses(tmp_path):
     with pytest.raises(gc.InputError, match=r"target holds class -1, outside 0..9"):
         trainer.evaluate(x, np.array([0, -1, 1]))
     assert trainer.steps == 0
+    with pytest.raises(gc.InputError, match="evaluate: no examples"):
+        trainer.evaluate(x[:0], np.zeros(0, np.int64))
     for kw in ({"tf32": "False"}, {"winograd": 1}, {"winograd": None}):
         with pytest.raises(gc.GraphError, match="must be True or False"):
             gc.compile(g, backend="host", **kw)
