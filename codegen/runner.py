@@ -9,7 +9,7 @@ from graphconv.checkpoint import all_finite
 from graphconv.errors import GraphError, InputError, ResourceError
 from graphconv.memory import check_fits, fmt_bytes
 from graphconv.params import check_params
-from graphconv.reference import NumpyProgram, bind_inputs, check_input_values
+from graphconv.reference import NumpyProgram, bind_inputs, check_input_values, input_value_checks
 
 from .buffers import byte_view
 from .program import Program, check_precision
@@ -92,7 +92,8 @@ class CompiledProgram:
         self.poison = poison
         self.input_names = [n.name for n in self.graph.inputs]
         self._plans: dict = {}
-        self._reference = NumpyProgram(self.graph)      # its shape checks and its checks of input values
+        self._reference = NumpyProgram(self.graph)      # its shape checks
+        self.value_checks = input_value_checks(self.graph)   # and its checks of input values
 
     def __call__(self, *args, params=None, **inputs):
         if len(args) > len(self.input_names):
@@ -159,7 +160,7 @@ class CompiledProgram:
         types = self.runtime.array_types
         bindings = bind_inputs(self.graph, inputs, types)
         self._reference.bound_shapes(bindings)      # a zero or inconsistent size: refused as on numpy
-        check_input_values(self.graph, inputs)      # e.g. a class index past the scores
+        check_input_values(self.graph, inputs, self.value_checks)      # e.g. a class index past the scores
         batch = self.batch_of(bindings)
         self.check_batch(batch)
         plan, buffers = self._buffers(batch, keep)
@@ -241,7 +242,7 @@ class BoundStep:
         if compiled.batch_of(bindings) != self.batch:
             raise InputError(f"{compiled.graph.name}: this step is bound to batch {self.batch}, got "
                              f"{compiled.batch_of(bindings)} (bind another with .bind(batch))")
-        check_input_values(compiled.graph, inputs)
+        check_input_values(compiled.graph, inputs, compiled.value_checks)
         for name, arr in {**inputs, **check_params(compiled.graph, params, types)}.items():
             if arr is not self.static[name]:       # a resident state (see commit) is there already
                 compiled.runtime.copy_into(self.static[name], arr)

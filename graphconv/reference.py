@@ -118,25 +118,32 @@ def check_result(node, y, shape, dtype):
                              f"its rule says {dtype}{fmt_shape(shape)}")
 
 
-def check_input_values(graph, inputs: dict) -> None:
-    """What the NumPy references check of an input's values before computing with it, for the
-    compiled backends, whose kernels would compute on (a class index past the scores gives NaN):
-    each classifier loss's target, where it is a graph input. InputError naming the loss."""
+def input_value_checks(graph) -> list:
+    """(loss node, op, target input, classes) for each classifier loss whose target is a graph input:
+    what check_input_values checks (found once per program, not per step)."""
+    checks = []
     for node in graph.topo():
-        op = OPS.get(node.op)
-        check = getattr(op, "check_target", None)
-        if check is None:
+        if getattr(OPS.get(node.op), "check_target", None) is None:
             continue
         scores, target = graph.operands(node.name)[:2]
+        classes = graph.node(scores).shape[1]
+        if graph.node(target).role == "input" and getattr(classes, "is_Integer", isinstance(classes, int)):
+            checks.append((node.name, node.op, target, int(classes)))
+    return checks
+
+
+def check_input_values(graph, inputs: dict, checks=None) -> None:
+    """What the NumPy references check of an input's values before computing with it, for the
+    compiled backends, whose kernels would compute on (a class index past the scores gives NaN):
+    each classifier loss's target, where it is a graph input. InputError naming the loss.
+    `checks`: input_value_checks(graph), computed once by the caller."""
+    for name, op, target, classes in (input_value_checks(graph) if checks is None else checks):
         if target not in inputs:
             continue
-        classes = graph.node(scores).shape[1]
-        if not getattr(classes, "is_Integer", isinstance(classes, int)):
-            continue
         try:
-            check(_Columns(int(classes)), inputs[target])
+            OPS[op].check_target(_Columns(classes), inputs[target])
         except OpError as e:
-            raise InputError(f"{node.name} [{node.op}]: {e.message}") from None
+            raise InputError(f"{name} [{op}]: {e.message}") from None
 
 
 class _Columns:
