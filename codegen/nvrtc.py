@@ -179,7 +179,7 @@ def compile_kernel(source: str, name: str, arch: str = "sm_90", options: tuple =
     except (OSError, ValueError, TypeError):
         pass  # not cached (or a torn/old entry): compile
     entry = f"Compiling entry function '{name}'"
-    for attempt in range(SPILL_ATTEMPTS):
+    for _ in range(SPILL_ATTEMPTS):
         status, cubin, log = _nvrtc_compile(source, name, argv)
         if status:
             _refuse("error", log, source, prefix)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import sympy as sp
 
 from graphconv.errors import CompileError, GraphError
-from graphconv.ops.base import TupleType
+from graphconv.ops.base import TupleType, as_flag
 from graphconv.passes import unbound_dims
 
 from .lowering import Context, lower_node
@@ -45,12 +44,7 @@ class Plan:
 def check_precision(graph, tf32, winograd) -> tuple[bool, bool]:
     """(tf32, winograd) as booleans, or GraphError: each must be True or False (a string "False" is
     not read as True), both need a float32 graph, and they exclude each other."""
-    flags = []
-    for name, value in (("tf32", tf32), ("winograd", winograd)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise GraphError(f"{name} must be True or False, got {value!r}")
-        flags.append(bool(value))
-    tf32, winograd = flags
+    tf32, winograd = as_flag(tf32, "tf32"), as_flag(winograd, "winograd")
     for name, on in (("tf32", tf32), ("winograd", winograd)):
         if on and graph.dtype != "float32":
             raise GraphError(f"{name}=True needs a float32 graph; {graph.name} is {graph.dtype} (--dtype float32)")
