@@ -5,6 +5,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import sys
 import traceback
 import zlib
 
@@ -127,16 +128,47 @@ def load(spec: str, dtype="float32") -> Graph:
     error in the user's file is reported as one line naming the function and the user's own frames."""
     if spec in MODELS:
         return MODELS[spec](dtype)
+    if ":" not in spec and os.path.exists(spec):
+        raise GraphError(f"{spec}: name the function that builds the graph, {spec}:function")
     if ":" not in spec:
         hint = difflib.get_close_matches(spec, MODELS, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise GraphError(f"unknown model {spec!r}{extra}: bundled models are {', '.join(MODELS)}; "
                          f"or give path/to/file.py:function")
     path, func = spec.rsplit(":", 1)
+    if os.path.isdir(path):
+        raise GraphError(f"model file {path!r} is a folder; give path/to/file.py:function")
     if not os.path.isfile(path):
         raise GraphError(f"model file {path!r} does not exist")
     if not path.endswith(".py"):
         raise GraphError(f"model file {path!r} is not a Python file (.py); give path/to/file.py:function")
+    with _user_code(path):
+        module = _import(path)
+        graph = _build(module, spec, path, func)
+    if not isinstance(graph, Graph):
+        raise GraphError(f"{spec} returned {type(graph).__name__}, not a graphconv Graph")
+    if dtype != graph.dtype:
+        from .passes import cast
+        graph = cast(graph, dtype)
+    return graph.verify()
+
+
+class _user_code:
+    """While a model file is imported and called, its own folder is first on sys.path (as `python
+    net.py` would have it), so it can import its neighbours."""
+
+    def __init__(self, path):
+        self.folder = os.path.dirname(os.path.abspath(path))
+
+    def __enter__(self):
+        sys.path.insert(0, self.folder)
+
+    def __exit__(self, *exc):
+        if self.folder in sys.path:
+            sys.path.remove(self.folder)
+
+
+def _import(path):
     module_spec = importlib.util.spec_from_file_location(f"graphconv_user_{zlib.crc32(path.encode())}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -144,29 +176,34 @@ def load(spec: str, dtype="float32") -> Graph:
     except SyntaxError as e:
         text = (e.text or "").strip()
         raise GraphError(f"{path} line {e.lineno}: SyntaxError: {e.msg}{f': {text}' if text else ''}") from None
-    except Exception as e:  # noqa: BLE001 - the user's module raised while being imported
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module raised while being imported
         raise GraphError(f"{path} failed to import: {_user_failure(e, path)}") from None
+    return module
+
+
+def _build(module, spec, path, func):
+    """The Graph that `func` of the user's module returns (or `func` itself when it names a Graph)."""
+    found = sorted(n for n, v in vars(module).items()
+                   if (inspect.isfunction(v) and v.__module__ == module.__name__) or isinstance(v, Graph))
+    defines = f" (it defines: {', '.join(found)})" if found else ""
+    if not func:
+        raise GraphError(f"{spec}: give the function after the colon, path/to/file.py:function{defines}")
     fn = getattr(module, func, None)
+    if isinstance(fn, Graph):
+        return fn
     if not callable(fn):
-        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
-        raise GraphError(f"{path} has no function {func!r}" + (f" (it defines: {', '.join(found)})" if found else ""))
+        raise GraphError(f"{path} has no function {func!r}{defines}")
     required = [p.name for p in _parameters(fn) if p.default is p.empty and
                 p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if required:
         raise GraphError(f"{spec}: a model function is called with no arguments, but {func} needs "
                          f"{', '.join(required)} (give {'it a default' if len(required) == 1 else 'them defaults'})")
     try:
-        graph = fn()
+        return fn()
     except GraphConvError as e:
         raise type(e)(f"{os.path.basename(path)}:{func}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - the user's function raised
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's function raised
         raise GraphError(f"{spec} failed: {_user_failure(e, path)}") from None
-    if not isinstance(graph, Graph):
-        raise GraphError(f"{spec} returned {type(graph).__name__}, not a graphconv Graph")
-    if dtype != graph.dtype:
-        from .passes import cast
-        graph = cast(graph, dtype)
-    return graph.verify()
 
 
 def _parameters(fn):
@@ -179,9 +216,22 @@ def _parameters(fn):
 def _user_failure(error, path) -> str:
     """`ZeroDivisionError: division by zero (at net.py:7 in build: return 1 / 0)`: the exception and
     the frames of the user's own file, innermost last; graphconv's and the standard library's
-    frames are left out."""
+    frames are left out, and a frame repeated in a row (a recursion) is shown once with its count."""
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if os.path.abspath(f.filename) == os.path.abspath(path)]
-    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
-                        for f in reversed(frames))
-    return f"{type(error).__name__}: {error}" + (f" (at {where})" if where else "")
+    lines = [f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in reversed(frames)]
+    shown = []
+    for line in lines:
+        if shown and shown[-1][0] == line:
+            shown[-1][1] += 1
+        else:
+            shown.append([line, 1])
+    where = " <- ".join(line + (f" (x{count})" if count > 1 else "") for line, count in shown[:8])
+    if len(shown) > 8:
+        where += f" <- ... {len(shown) - 8} more"
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})" + (f" (at {where})" if where else "")
+    message = str(error)
+    if len(message) > 300:
+        message = message[:300] + " ..."
+    return f"{type(error).__name__}: {message}" + (f" (at {where})" if where else "")

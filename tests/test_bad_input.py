@@ -5,6 +5,7 @@ import json
 import os
 import re
 import stat
+import sys
 import zipfile
 
 import numpy as np
@@ -432,12 +433,35 @@ def test_conv3d_net_trains_from_the_cli_on_generated_volumes(capsys, tmp_path):
                                      "(at m.py:1 in <module>"),
     ("def build():\n    return 3\n", "returned int, not a graphconv Graph"),
     ("def other():\n    pass\n", "has no function 'build' (it defines: other)"),
+    ("def deeper(n):\n    return deeper(n + 1)\ndef build():\n    return deeper(0)\n",
+     "m.py:build failed: RecursionError: maximum recursion depth exceeded (at m.py:2 in deeper: return deeper(n + 1) "
+     "(x9"),
+    ("import sys\ndef build():\n    sys.exit(3)\n", "m.py:build failed: it called sys.exit(3) (at m.py:3 in build"),
+    ("import sys\nsys.exit('no')\n", "failed to import: it called sys.exit('no') (at m.py:2 in <module>"),
 ])
 def test_a_failing_model_file_names_the_function_and_only_user_frames(capsys, tmp_path, source, message):
     path = tmp_path / "m.py"
     path.write_text(source)
     code, _, err = cli(capsys, "summary", f"{path}:build")
     assert code == 2 and message in err and "graphconv/models.py" not in err
+
+
+def test_a_model_file_imports_its_neighbours_and_may_name_a_graph(capsys, tmp_path):
+    (tmp_path / "layers_of_mine.py").write_text(
+        "import graphconv as gc\ndef make():\n    g = gc.Graph('tiny')\n    x = g.input('x', ('N', 4))\n"
+        "    g.output(g.linear(x, 3, name='fc'))\n    return g\n")
+    net = tmp_path / "net.py"
+    net.write_text("import layers_of_mine\ng = layers_of_mine.make()\ndef build():\n    return layers_of_mine.make()\n")
+    from graphconv.models import load
+    assert load(f"{net}:build").outputs == ["fc"] and load(f"{net}:g").outputs == ["fc"]
+    assert str(tmp_path) not in sys.path                     # the folder is on the path only while loading
+    for spec, message in [(f"{net}:", f"{net}:: give the function after the colon, path/to/file.py:function "
+                                      f"(it defines: build, g)"),
+                          (str(net), f"{net}: name the function that builds the graph, {net}:function"),
+                          (f"{tmp_path}:build", f"model file '{tmp_path}' is a folder; give path/to/file.py:function")]:
+        code, _, err = cli(capsys, "summary", spec)
+        assert code == 2 and message in err, err
+    assert len(err.splitlines()) == 1
 
 
 # ---- memory ----------------------------------------------------------------------------------
