@@ -5,7 +5,7 @@ from .errors import (BackendError, CheckpointError, CompileError, GraphConvError
                      TrainingError)
 from .ir import Node, Tensor
 from .params import init_params
-from .ops.base import as_flag as _as_flag
+from .ops.base import as_flag as _as_flag, as_float_dtype as _as_float_dtype
 from .ops.pointwise import define_activation, sigmoid, softplus
 from .passes import cast, set_training
 from .weights import load_state_dict, load_weights, predict, save_weights, state_dict
@@ -33,7 +33,7 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
     if backend not in BACKENDS:
         raise GraphError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     tf32, winograd = _as_flag(tf32, "tf32"), _as_flag(winograd, "winograd")
-    if dtype is not None and dtype != graph.dtype:
+    if dtype is not None and _as_float_dtype(dtype, "dtype") != graph.dtype:
         graph = cast(graph, dtype)
     if training is not None:
         graph = set_training(graph, training)

@@ -15,7 +15,7 @@ import networkx as nx
 import sympy as sp
 
 from .errors import GraphError, OpError, ShapeError
-from .ops import OPS, TensorType, TupleType, lookup
+from .ops import OPS, TensorType, TupleType, as_float_dtype, lookup
 from .shapes import fmt_shape
 
 
@@ -114,9 +114,7 @@ class GraphCore:
     """Storage, ordering, error reporting and verification. The layer builders are in builder.py."""
 
     def __init__(self, name="graph", dtype="float32"):
-        if dtype not in ("float32", "float64"):
-            raise GraphError(f"graph dtype must be float32 or float64, got {dtype!r}")
-        self.name, self.dtype = name, dtype
+        self.name, self.dtype = name, as_float_dtype(dtype, "graph dtype")
         self.nx = nx.MultiDiGraph()
         self.outputs: list[str] = []
         self.meta: dict = {}            # what passes record: the loss, gradient names, state updates

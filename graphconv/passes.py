@@ -10,7 +10,7 @@ import sympy as sp
 
 from .errors import GraphError
 from .ops import OPS
-from .ops.base import FLOAT_DTYPES
+from .ops.base import FLOAT_DTYPES, as_float_dtype
 
 
 def reinfer(graph):
@@ -35,8 +35,7 @@ def eliminate_dead_code(graph):
 
 def cast(graph, dtype):
     """The same graph computing in `dtype` (float32 or float64); integer inputs stay as they are."""
-    if dtype not in FLOAT_DTYPES:
-        raise GraphError(f"cast: dtype must be float32 or float64, got {dtype!r}")
+    dtype = as_float_dtype(dtype, "cast: dtype")
     new = graph.copy()
     new.dtype = dtype
     for node in new.topo():

@@ -227,6 +227,29 @@ def as_bool(value, what) -> bool:
     raise OpError(f"{what} must be True or False, got {value!r}", kind=GraphError)
 
 
+def as_dtype(value, what, allowed=None) -> str:
+    """A type given as "float32", np.float32 or np.dtype("float32"): its name, or GraphError when it
+    is none of `allowed` (default DTYPES)."""
+    allowed = allowed or DTYPES
+    try:
+        name = np.dtype(value).name if isinstance(value, (str, np.dtype, type)) else None
+    except TypeError:
+        name = None
+    if name not in allowed:
+        raise OpError(f"{what} must be {' or '.join(allowed) if len(allowed) == 2 else 'one of ' + ', '.join(allowed)}, "
+                      f"got {value!r}", kind=GraphError)
+    return name
+
+
+def as_float_dtype(value, what) -> str:
+    """A graph's float type ("float32", np.float32, np.dtype("float64")) by name; GraphError (it is
+    checked outside any layer) for another."""
+    try:
+        return as_dtype(value, what, FLOAT_DTYPES)
+    except OpError as e:
+        raise GraphError(e.message) from None
+
+
 def as_flag(value, what) -> bool:
     """An option that must be True or False (a compile or Trainer switch such as tf32): GraphError
     for anything else, 1 and "False" included, rather than reading it by its truth."""

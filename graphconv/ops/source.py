@@ -5,7 +5,7 @@ import numpy as np
 
 from ..errors import GraphError, OpError
 from ..shapes import as_shape
-from .base import DTYPES, REQUIRED, Op, as_bool, register
+from .base import REQUIRED, Op, as_bool, as_dtype, register
 
 # How a parameter is initialised, after PyTorch's defaults:
 #   ("uniform", bound)  U(-bound, bound); conv/linear weight and bias use bound = 1/sqrt(fan_in)
@@ -28,9 +28,7 @@ class Source(Op):
         return attrs["shape"]
 
     def normalize(self, a):
-        if a["dtype"] not in DTYPES:
-            raise OpError(f"dtype must be one of {', '.join(DTYPES)}, got {a['dtype']!r}", kind=GraphError)
-        return {**a, "shape": as_shape(a["shape"])}
+        return {**a, "dtype": as_dtype(a["dtype"], "dtype"), "shape": as_shape(a["shape"])}
 
     def reference(self, xs, attrs):
         raise RuntimeError("source nodes are bound, not computed")
