@@ -192,7 +192,11 @@ def test_an_op_without_a_kernel_is_refused_with_the_layer_and_the_way_out():
     g = gc.Graph("cat")
     x = g.input("x", ("N", 3, 4, 4))
     g.output(g.concat([x, x], name="both"))
-    with pytest.raises(CompileError, match=r"both.*concat.*backend='numpy'"):
+    with pytest.raises(CompileError, match=r"^both \[concat\]: .*backend='numpy'"):     # the layer named once
+        Program(g)
+    g = gc.Graph("reflect")
+    g.output(g.conv2d(g.input("x", ("N", 1, 8, 8)), 2, 3, padding=1, padding_mode="reflect", name="c1"))
+    with pytest.raises(CompileError, match=r"^c1 \[conv2d\]: padding_mode 'reflect' has no kernel yet"):
         Program(g)
 
 

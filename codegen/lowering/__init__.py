@@ -117,7 +117,8 @@ class Context:
 
     def where(self, template="") -> str:
         t = f" template {template}" if template else ""
-        return f"{self.layer}: {self.node.name} [{self.node.op}]{t}: "
+        layer = "" if self.layer == self.node.name else f"{self.layer}: "
+        return f"{layer}{self.node.name} [{self.node.op}]{t}: "
 
     def shapes_text(self) -> str:
         def fmt(v):
