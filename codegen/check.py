@@ -22,6 +22,7 @@ class KernelCheck:
     max_rel: float
     ok: bool
     note: str = ""
+    layers: tuple = ()      # the user's layers its kernels are for
 
 
 # TF32 kernels (opt-in): inputs rounded to 10 mantissa bits (2^-11 relative), FP32 accumulation
@@ -117,7 +118,8 @@ def _check(graph, compiled, ref, inputs, outputs, only) -> list:
         op = last.op if len(members) == 1 else "pointwise group" if all(s.template == "pointwise.cu.j2" for s in specs) \
             else " + ".join(dict.fromkeys(graph.node(m).op for m in members))
         results.append(KernelCheck(", ".join(members), op,
-                                   tuple(s.name for s in specs), worst_abs, worst_rel, ok, "; ".join(notes)))
+                                   tuple(s.name for s in specs), worst_abs, worst_rel, ok, "; ".join(notes),
+                                   tuple(dict.fromkeys(layer for s in specs for layer in s.layers))))
     return results
 
 
@@ -148,7 +150,7 @@ def check_races(graph, inputs, params, tf32=False, winograd=False, only=None) ->
         worst = next((r for r in per_schedule if not r.ok), first)
         merged.append(KernelCheck(first.node, first.op, first.kernels, max(r.max_abs for r in per_schedule),
                                   max(r.max_rel for r in per_schedule), not failed and not differs,
-                                  "; ".join(notes + ([worst.note] if worst.note else []))))
+                                  "; ".join(notes + ([worst.note] if worst.note else [])), first.layers))
     return merged
 
 

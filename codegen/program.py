@@ -54,6 +54,19 @@ def check_precision(graph, tf32, winograd) -> tuple[bool, bool]:
     return tf32, winograd
 
 
+VARIANT_MARKS = {"tf32": "_tf32", "winograd": "_wino"}     # what the lowerings add to a variant kernel's name
+
+
+def variant_layers(kernels) -> dict:
+    """For (kernel name, layers) pairs: the layers, in order, of the kernels of each variant."""
+    found = {variant: [] for variant in VARIANT_MARKS}
+    for name, layers in kernels:
+        for variant, mark in VARIANT_MARKS.items():
+            if mark in name:
+                found[variant] += [layer for layer in layers if layer not in found[variant]]
+    return {variant: tuple(layers) for variant, layers in found.items()}
+
+
 class Program:
     def __init__(self, graph, tf32=False, winograd=False):
         self.graph = graph.verify()
@@ -168,6 +181,12 @@ class Program:
                 seen.add(launch.spec.name)
                 out.append(launch.spec)
         return out
+
+    @property
+    def variant_layers(self) -> dict:
+        """{"tf32": layers, "winograd": layers}: the layers whose kernels tf32=True / winograd=True
+        changed (empty when the option is off, or when no layer of the graph qualifies)."""
+        return variant_layers((k.name, k.layers) for k in self.kernels)
 
     # ---- the buffer plan -----------------------------------------------------------------------
     def plan(self, batch: int, reuse: bool = True) -> Plan:

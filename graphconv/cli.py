@@ -149,6 +149,7 @@ def cmd_check(args):
     kernel_failures = 0
     if args.backend in ("host", "cuda"):
         from codegen.check import check_kernels, check_races, format_checks
+        from codegen.program import variant_layers
         if args.races:
             results = check_races(fused, inputs, fused_params, tf32=args.tf32, winograd=args.winograd)
         else:
@@ -156,8 +157,9 @@ def cmd_check(args):
                                     winograd=args.winograd)
         kernel_failures = sum(not r.ok for r in results)
         print(f"check {model.name} --stage {args.stage}: every kernel against the NumPy reference of its node "
-              f"({args.backend} backend{', TF32 tensor cores' if args.tf32 else ''}"
-              f"{', Winograd F(2x2, 3x3)' if args.winograd else ''}, outputs poisoned with NaN first"
+              f"({args.backend} backend"
+              f"{variant_words(args, variant_layers((k, r.layers) for r in results for k in r.kernels))}"
+              f", outputs poisoned with NaN first"
               f"{'; under each schedule: threads in both orders, copies landing late and early, the same bits required' if args.races else ''}), "
               f"{fused.dtype}, batch {args.batch}, "
               f"seed {args.seed}")
@@ -237,8 +239,10 @@ def cmd_emit(args):
     graph = build(load_model(args), args.stage, args.loss, Optimizer(args.optimizer))
     manifest = emit(graph, args.output, check_nvrtc=not args.no_nvrtc, tf32=args.tf32, winograd=args.winograd)
     rows = manifest["kernels"]
-    print(f"{graph.name} --stage {args.stage}: {len(rows)} kernels, {len(manifest['launches'])} launches -> "
-          f"{args.output}/")
+    from codegen.program import variant_layers
+    variants = variant_words(args, variant_layers((r["name"], r["layers"]) for r in rows))
+    print(f"{graph.name} --stage {args.stage}{variants}: {len(rows)} kernels, {len(manifest['launches'])} launches "
+          f"-> {args.output}/")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         res = r.get("nvrtc_sm_90")
@@ -411,8 +415,9 @@ def cmd_train(args):
     if classes != len(np.unique(y_tr)):
         raise GraphConvError(f"{graph.name} outputs {classes} scores per example; {dataset} has "
                              f"{len(np.unique(y_tr))} classes")
-    print(f"training {graph.name} on {dataset} ({len(x_tr)} train / {len(x_te)} test), {args.backend} backend, "
-          f"{opt.describe()}, batch {args.batch}, seed {args.seed}")
+    print(f"training {graph.name} on {dataset} ({len(x_tr)} train / {len(x_te)} test), {args.backend} backend"
+          f"{variant_words(args, program_variants(trainer.step_program))}, {opt.describe()}, batch {args.batch}, "
+          f"seed {args.seed}")
     saved_epoch = trainer.epoch if args.resume else None
     try:
         for _ in range(args.epochs):
@@ -478,7 +483,8 @@ def cmd_run(args):
     start = time.perf_counter()
     outs = program.run(inputs, params)
     elapsed = time.perf_counter() - start
-    print(f"{graph.name} on {args.backend}: batch {args.batch}, seed {args.seed}, {elapsed * 1e3:.1f} ms")
+    print(f"{graph.name} on {args.backend}{variant_words(args, program_variants(program))}: batch {args.batch}, "
+          f"seed {args.seed}, {elapsed * 1e3:.1f} ms")
     for name, value in outs.items():
         print(f"  {name}: {fmt_type(graph.node(name).type)} -> {value.dtype}{list(value.shape)}  "
               f"mean {value.mean():+.6f}  std {value.std():.6f}  min {value.min():+.6f}  max {value.max():+.6f}")
@@ -503,6 +509,28 @@ def load_model(args, need_sizes=True):
         raise GraphConvError(f"{graph.name}: its input dims {names} are symbolic and this command needs sizes; "
                              f"give them with {example}{from_batch}")
     return graph
+
+
+def variant_words(args, layers) -> str:
+    """", TF32 tensor cores on conv2, fc1, fc2" for a header: where --tf32 / --winograd changed a
+    kernel (`layers`: Program.variant_layers), or that it changed none, so it is never silently off."""
+    from codegen.lowering import direct_tf32, winograd
+    takes = {"tf32": f"matrix products and convolutions; a direct convolution needs at least "
+                     f"{direct_tf32.LEAST_CHANNELS} input channels",
+             "winograd": f"3 x 3 stride-1 convolutions with at least {winograd.LEAST_CHANNELS} input and "
+                         f"{winograd.LEAST_OUTPUTS} output channels"}
+    words = ""
+    for flag, what in (("tf32", "TF32 tensor cores"), ("winograd", "Winograd F(2x2, 3x3)")):
+        if getattr(args, flag, False):
+            words += (f", {what} on {', '.join(layers[flag])}" if layers[flag] else
+                      f", --{flag} changes no kernel here (it takes {takes[flag]})")
+    return words
+
+
+def program_variants(program) -> dict:
+    """Program.variant_layers of a compiled program (none on the numpy backend)."""
+    inner = getattr(program, "program", None)
+    return inner.variant_layers if inner is not None else {"tf32": (), "winograd": ()}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -158,7 +158,7 @@ def run_cli(*args):
 def test_check_tf32_on_the_cli():
     done = run_cli("check", "lenet5", "--backend", "host", "--dtype", "float32", "--tf32")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "TF32 tensor cores" in done.stdout and "0 mismatched (rtol 0.02)" in done.stdout
+    assert "TF32 tensor cores on conv2, fc1, fc2," in done.stdout and "0 mismatched (rtol 0.02)" in done.stdout
     for args, message in ((("--tf32",), "--tf32 is for the kernel backends"),
                           (("--tf32", "--backend", "host"), "needs a float32 graph")):
         done = run_cli("check", "lenet5", *args)

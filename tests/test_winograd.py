@@ -191,6 +191,7 @@ def test_compile_with_winograd_runs_the_winograd_kernels_and_matches_numpy(winog
 def test_training_with_winograd_tracks_the_direct_kernels(winograd_default):
     """Two Adam steps of a small 3 x 3 net on the host backend: the losses with Winograd convolutions
     (forward and the input gradient) agree with the direct kernels' to float32 rounding."""
+    from graphconv.cli import program_variants
     from graphconv.training import Trainer
     g = gc.Graph("tiny", "float32")
     x = g.input("x", ("N", 3, 12, 12))
@@ -204,19 +205,25 @@ def test_training_with_winograd_tracks_the_direct_kernels(winograd_default):
         trainer = Trainer(g, backend="host", seed=0, winograd=winograd)
         kernels = [s.template for s in trainer.step_program.program.kernels]
         assert ("winograd_conv.cu.j2" in kernels) == winograd
+        assert program_variants(trainer.step_program)["winograd"] == (("c2",) if winograd else ())  # train's header
         losses[winograd] = [float(trainer.step(xs, ys)[0]) for _ in range(3)]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
 
-def test_winograd_on_the_cli(tmp_path, winograd_default):
+def test_winograd_on_the_cli(tmp_path, winograd_default, capsys):
     from graphconv.cli import main
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-m", "graphconv.cli", "check", "vgg_small", "--backend", "host", "--dtype",
                            "float32", "--winograd"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Winograd F(2x2, 3x3)" in done.stdout and "_wino " in done.stdout and " 0 mismatched" in done.stdout
+    assert "Winograd F(2x2, 3x3) on bn1_2, bn2_1, bn2_2, bn3_1, bn3_2," in done.stdout   # the fused conv+bn layers
+    assert "_wino " in done.stdout and " 0 mismatched" in done.stdout
     assert main(["emit", "vgg_small", "--winograd", "--no-nvrtc", "-o", str(tmp_path)]) in (0, None)
+    assert "vgg_small --stage fused, Winograd F(2x2, 3x3) on bn1_2, bn2_1, " in capsys.readouterr().out
+    assert main(["run", "lenet5", "--backend", "host", "--winograd"]) in (0, None)    # 5 x 5 only: never silent
+    assert capsys.readouterr().out.startswith("lenet5 on host, --winograd changes no kernel here (it takes 3 x 3 "
+                                              "stride-1 convolutions with at least 4 input and 16 output channels)")
     assert len(list(tmp_path.glob("*_wino.cu"))) == 5 and len(list(tmp_path.glob("*_wino_filter.cu"))) == 5
     done = subprocess.run([sys.executable, "-m", "graphconv.cli", "check", "vgg_small", "--winograd"],
                           capture_output=True, text=True, timeout=600)
