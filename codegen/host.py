@@ -13,7 +13,7 @@ standard headers it includes.
 
 Schedules (races): GC_HOST_SCHEDULE, read at each launch, is one of SCHEDULES: the order in which a
 block's threads (and the grid's blocks) run, forward or reverse, and whether a cp.async copy lands at
-the wait that covers it (the default: the latest the hardware may) or when it is issued ("early").
+the wait that covers it (the default, "late": the latest the hardware may) or when it is issued ("early").
 A race between two threads of a block shows as a different result under one of the four
 (`schedule(name)` sets it for a `with` block; `graphconv check --backend host --races` runs all four).
 
@@ -65,7 +65,8 @@ def current_schedule() -> str:
     words = {w.strip() for w in text.split(",") if w.strip()}
     if not words <= _SCHEDULE_WORDS or {"forward", "reverse"} <= words or {"early", "late"} <= words:
         raise BackendError(f"GC_HOST_SCHEDULE={text!r}: use forward or reverse (the order of a block's threads), "
-                           f"optionally with ,early (cp.async copies land when issued), e.g. 'reverse,early'")
+                           f"optionally with ,early (cp.async copies land when issued) or ,late (at the wait that "
+                           f"covers them: the default), e.g. 'reverse,early'")
     return ",".join(w for w in ("reverse", "early") if w in words) or "forward"
 
 
@@ -91,9 +92,19 @@ _ASAN_ERROR = re.compile(r"ERROR: AddressSanitizer: ([\w-]+).*?\n(READ|WRITE) of
 _ASAN_GLOBAL = re.compile(r"is located .*? global variable '(\w+)'")
 
 
+def asan_build() -> bool:
+    """Whether GC_HOST_ASAN asks for AddressSanitizer builds: "1" yes; unset, "" or "0" no; anything
+    else (yes, true) a BackendError rather than a silent no."""
+    text = os.environ.get("GC_HOST_ASAN", "").strip()
+    if text not in ("", "0", "1"):
+        raise BackendError(f"GC_HOST_ASAN={text!r}: set it to 1 (AddressSanitizer builds) or 0; `graphconv check "
+                           f"--backend host --bounds` sets it for you")
+    return text == "1"
+
+
 def flags() -> tuple:
     """The g++ flags of a kernel library: FLAGS, plus ASAN_FLAGS under GC_HOST_ASAN=1."""
-    return FLAGS + (ASAN_FLAGS if os.environ.get("GC_HOST_ASAN") == "1" else ())
+    return FLAGS + (ASAN_FLAGS if asan_build() else ())
 
 
 def asan_env() -> dict:
@@ -212,7 +223,7 @@ class HostKernel:
         self.compiled = not self.path.exists()
         if self.compiled:
             self._compile(gxx, text, source)
-        if os.environ.get("GC_HOST_ASAN") == "1" and not _asan_loaded():   # loading it would end the process
+        if asan_build() and not _asan_loaded():   # loading it would end the process
             raise BackendError(f"kernel {name} was built with AddressSanitizer (GC_HOST_ASAN=1), whose runtime must "
                                f"be loaded first: run through `graphconv check --bounds`, or in a process started "
                                f"with codegen.host.asan_env()")

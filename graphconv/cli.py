@@ -75,8 +75,8 @@ def cmd_fuse(args):
 def _in_bounded_child() -> bool:
     """This process is check --bounds's child: its kernels are built with AddressSanitizer, whose
     runtime is loaded (GC_HOST_ASAN=1 set by hand in a plain shell is not enough: the child is started)."""
-    from codegen.host import _asan_loaded
-    return os.environ.get("GC_HOST_ASAN") == "1" and _asan_loaded()
+    from codegen.host import _asan_loaded, asan_build
+    return asan_build() and _asan_loaded()
 
 
 def check_bounded(args):

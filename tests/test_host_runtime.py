@@ -421,6 +421,21 @@ def test_a_misspelt_schedule_is_refused(k, monkeypatch):
         k["axpb"].launch((1, 1, 1), (32, 1, 1), [np.zeros(10, np.float32), np.zeros(10, np.float32), 1.0, 0.0, 10])
     monkeypatch.setenv("GC_HOST_SCHEDULE", "early, reverse")
     assert host.current_schedule() == "reverse,early"
+    monkeypatch.setenv("GC_HOST_SCHEDULE", "reverse,late")              # late: the default landing, said aloud
+    assert host.current_schedule() == "reverse"
+    monkeypatch.setenv("GC_HOST_SCHEDULE", "early,late")
+    with pytest.raises(BackendError, match=r",late \(at the wait that covers them: the default\)"):
+        host.current_schedule()
+
+
+def test_gc_host_asan_takes_1_or_0(monkeypatch):
+    from codegen import host
+    for text, on in (("1", True), ("0", False), ("", False), (" 1 ", True)):
+        monkeypatch.setenv("GC_HOST_ASAN", text)
+        assert host.asan_build() is on and (host.ASAN_FLAGS[0] in host.flags()) is on
+    monkeypatch.setenv("GC_HOST_ASAN", "yes")                          # not silently a plain build
+    with pytest.raises(BackendError, match="GC_HOST_ASAN='yes': set it to 1 .* or 0"):
+        host.flags()
 
 
 # ---- bounds: AddressSanitizer builds (GC_HOST_ASAN=1) in a child process ----------------------------
