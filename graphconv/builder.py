@@ -17,6 +17,7 @@ import sympy as sp
 
 from .errors import GraphError, OpError
 from .ir import GraphCore, Tensor
+from .ops.adaptive import even_windows
 from .ops.base import rank_error
 from .ops.linear import linear_rank_error
 from .ops.window import LAYOUT, per_axis
@@ -253,16 +254,11 @@ class Graph(GraphCore):
             raise GraphError(f"{layer}: output_size is a positive int or {nd} of them, got {output_size!r}")
         if len(x.shape) != nd + 2:
             raise GraphError(f"{layer}: expects an input [N, C, {', '.join('S' * nd)}], got {list(x.shape)}")
-        sizes = []
-        for d, o in zip(x.shape[2:], out):
-            if not getattr(sp.sympify(d), "is_Integer", False):
-                raise GraphError(f"{layer}: the spatial size {d} is symbolic; adaptive pooling needs it known "
-                                 f"(bind it with --dim or pools of a fixed kernel)")
-            sizes.append(int(d) // o if int(d) % o == 0 else None)
-        if None in sizes:    # windows of two sizes that may overlap: the adaptive op itself
+        sizes = even_windows(x.shape[2:], out)
+        if sizes is None:    # windows of two sizes that may overlap, or sizes not known yet: the adaptive op
             return self.add_node(f"adaptive_{mode}_pool{nd}d", [x], {"output_size": tuple(out)},
                                  name=self._layer_name(name, f"adaptive_{mode}_pool"))
-        return self._pool(mode, nd, x, tuple(sizes), name=name, stride=tuple(sizes))
+        return self._pool(mode, nd, x, sizes, name=name, stride=sizes)
 
     def _pool(self, mode, nd, x, kernel_size, name=None, **attrs):
         return self.add_node(f"{mode}_pool{nd}d", [x], {"kernel_size": kernel_size, **attrs},

@@ -10,6 +10,7 @@ import sympy as sp
 
 from .errors import GraphError
 from .ops import OPS
+from .ops.adaptive import even_windows
 from .ops.base import FLOAT_DTYPES, as_float_dtype
 
 
@@ -72,7 +73,23 @@ def bind_dims(graph, sizes: dict):
     new = graph.copy()
     for node in new.topo():
         node.attrs = {k: _substitute(v, subs) for k, v in node.attrs.items()}
-    return reinfer(new)
+    return _even_adaptive_pools(reinfer(new))
+
+
+def _even_adaptive_pools(graph):
+    """Each adaptive pool whose input sizes are now known multiples of its output sizes becomes the
+    plain pool the builder makes for such sizes (kernel = stride; it fuses with a conv), so a graph
+    bound with sizes is the graph built with them."""
+    for node in graph.topo():
+        op = OPS[node.op]
+        if not node.op.startswith("adaptive_") or node.op.endswith("_backward"):
+            continue
+        (x,) = graph.operands(node.name)
+        kernel = even_windows(graph.node(x).shape[2:], node.attrs["output_size"])
+        if kernel is not None:
+            node.op = f"{op.mode}_pool{op.nd}d"
+            node.attrs = OPS[node.op].check_attrs({"kernel_size": kernel, "stride": kernel})
+    return reinfer(graph)
 
 
 def _substitute(value, subs):

@@ -250,11 +250,39 @@ def test_adaptive_pools_with_uneven_windows_match_torch_autograd_ties_included(m
 def test_adaptive_pools_refuse_what_they_cannot_compute():
     g = gc.Graph("adaptive")
     x = g.input("x", ("N", 3, 12, "W"))
-    with pytest.raises(gc.GraphError, match="the spatial size W is symbolic"):
-        g.adaptive_max_pool2d(x, 2)
     with pytest.raises(gc.GraphError, match=r"output_size is a positive int or 2 of them, got \(2, 0\)"):
         g.adaptive_avg_pool2d(x, (2, 0))
     assert len(list(g.topo())) == 1                      # nothing was added
+    g.output(g.flatten(g.adaptive_avg_pool2d(g.conv2d(x, 2, 1), 2, name="p")))   # symbolic W: fine forward (below)
+    from graphconv.autodiff import derive_backward
+    from graphconv.training import attach_loss
+    with pytest.raises(gc.ShapeError, match=r"p \[adaptive_avg_pool2d\]: the spatial size W is symbolic; "
+                                            r"adaptive_avg_pool2d's gradient needs it known \(bind it with --dim\)"):
+        derive_backward(attach_loss(g, "cross_entropy"))
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_adaptive_pools_take_symbolic_sizes_and_become_plain_pools_when_bound(mode):
+    """A fully convolutional net with a global pool on symbolic H, W: the output size is known, a run
+    binds the sizes (PyTorch's windows, even or not), and bind_dims makes the plain pool the builder
+    would have made for sizes that divide (so it fuses with the conv)."""
+    from graphconv.passes import bind_dims
+    g = gc.Graph("fcn", "float64")
+    x = g.input("x", ("N", 3, "H", "W"))
+    g.output(getattr(g, f"adaptive_{mode}_pool2d")(g.relu(g.conv2d(x, 4, 3, padding=1, name="c")), (2, 3), name="p"))
+    assert g.node("p").op == f"adaptive_{mode}_pool2d" and g.node("p").shape[2:] == (2, 3)
+    params = gc.init_params(g)
+    for hw in ((8, 9), (7, 5)):
+        xv = np.random.default_rng(sum(hw)).standard_normal((2, 3, *hw))
+        built = gc.Graph("fcn", "float64")
+        h = built.relu(built.conv2d(built.input("x", ("N", 3, *hw)), 4, 3, padding=1, name="c"))
+        built.output(getattr(built, f"adaptive_{mode}_pool2d")(h, (2, 3), name="p"))
+        bound = bind_dims(g, {"H": hw[0], "W": hw[1]})
+        assert bound.node("p").op == built.node("p").op == (f"{mode}_pool2d" if hw == (8, 9) else f"adaptive_{mode}_pool2d")
+        assert bound.node("p").attrs == built.node("p").attrs
+        want = gc.compile(built).run({"x": xv}, params)["p"]
+        for graph in (g, bound):                    # a mean and a sum / count: an ulp apart at most
+            np.testing.assert_allclose(gc.compile(graph).run({"x": xv}, params)["p"], want, rtol=1e-15, atol=1e-16)
 
 
 @pytest.mark.parametrize("shape, dim", [((4, 10), 1), ((2, 3, 5, 4), 1), ((2, 3, 5, 4), -1), ((6,), 0)])

@@ -22,6 +22,16 @@ def windows(n_in: int, n_out: int) -> list:
     return [(o * n_in // n_out, -(-(o + 1) * n_in // n_out)) for o in range(n_out)]
 
 
+def even_windows(n_in, n_out):
+    """The kernel (= stride) of a plain pool that pools sizes `n_in` to `n_out` exactly as adaptive
+    pooling does, where every input size is known and a multiple of its output size; else None."""
+    if not all(getattr(sp.sympify(i), "is_Integer", False) for i in n_in):
+        return None
+    if any(int(i) % o for i, o in zip(n_in, n_out)):
+        return None
+    return tuple(int(i) // o for i, o in zip(n_in, n_out))
+
+
 def first_argmax(block):
     """Index of each row's maximum in `block` [R, K] as PyTorch's scan finds it (`v > max || isnan(v)`):
     the first of equal maxima, or the last NaN."""
@@ -41,11 +51,13 @@ class AdaptiveBase(Op):
     def normalize(self, a):
         return {"output_size": check_sizes("output_size", a["output_size"])}
 
-    def spatial(self, t, attrs, what="input"):
+    def spatial(self, t, attrs, what="input", known=True):
+        """The spatial sizes of `t` (ints; with known=False symbols are allowed: the output size of
+        adaptive pooling does not depend on them, and a run binds them)."""
         if len(t.shape) != self.nd + 2 or len(attrs["output_size"]) != self.nd:
             raise OpError(f"{self.name} expects an {what} [N, C, {', '.join('S' * self.nd)}] and {self.nd} output sizes, "
                           f"got {fmt_shape(t.shape)} and {attrs['output_size']}")
-        return static_spatial(t.shape, "adaptive pooling")
+        return static_spatial(t.shape, f"{self.name}'s gradient") if known else tuple(t.shape[2:])
 
     def boxes(self, n_in, n_out):
         """Every output position's window, as slices per axis, in row-major order of the outputs."""
@@ -56,7 +68,7 @@ class AdaptiveBase(Op):
 
 class AdaptivePool(AdaptiveBase):
     def shape(self, ins, attrs):
-        self.spatial(ins[0], attrs)
+        self.spatial(ins[0], attrs, known=False)
         return (*ins[0].shape[:2], *map(sp.Integer, attrs["output_size"]))
 
     def reference(self, xs, attrs):
@@ -108,7 +120,7 @@ class AdaptivePoolBackward(GradientOp, AdaptiveBase):
             raise OpError(f"grad_output {fmt_shape(dy.shape)} must have the pooled size {attrs['output_size']}", len(ins) - 1)
         if self.mode == "avg":
             return (*dy.shape[:2], *map(sp.Integer, attrs["input_size"]))
-        self.spatial(ins[0], attrs)
+        self.spatial(ins[0], attrs, known=False)
         return ins[0].shape
 
     def reference(self, xs, attrs):
