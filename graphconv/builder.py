@@ -352,8 +352,9 @@ class Graph(GraphCore):
                                  f"(for other ratios give the output size)")
             spatial = [sp.sympify(d) for d in x.shape[2:]]
             if not all(d.is_Integer for d in spatial):
-                raise GraphError(f"{layer}: the spatial size {fmt_shape(x.shape[2:])} is symbolic; upsampling needs it "
-                                 f"known (bind it with --dim)")
+                raise GraphError(f"{layer}: the spatial size {fmt_shape(x.shape[2:])} is symbolic; upsampling by "
+                                 f"scale_factor needs it known while the graph is built: give the input's spatial "
+                                 f"sizes as numbers, or upsample to a size=")
             out = tuple(int(d) * int(s) for d, s in zip(spatial, scales))
         return self.add_node("upsample", [x], {"size": tuple(out) if isinstance(out, list) else out, "mode": mode,
                                                "align_corners": False if align_corners is None else align_corners},

@@ -422,7 +422,9 @@ def test_upsample_bad_input_names_the_layer(call, message):
 
 def test_upsample_of_a_symbolic_size_is_refused():
     g = gc.Graph("u")
-    with pytest.raises(gc.GraphConvError, match=r"up: the spatial size \[H,W\] is symbolic; upsampling needs it known"):
+    with pytest.raises(gc.GraphConvError, match=r"up: the spatial size \[H,W\] is symbolic; upsampling by scale_factor "
+                                                 r"needs it known while the graph is built: give the input's spatial "
+                                                 r"sizes as numbers, or upsample to a size="):
         g.upsample(g.input("x", ("N", 3, "H", "W")), scale_factor=2, name="up")
 
 
