@@ -103,6 +103,24 @@ def test_matmul_transposes_and_a_batch_sized_depth(ta, tb):
         assert_kernels_match(g, batch=batch, compile_nvrtc=batch == 1)
 
 
+def test_a_split_reduction_with_outputs_enough_to_fill_the_gpu_takes_one_thread_per_output():
+    """a^T @ c with 1024 x 300 outputs (more than an H100/H200 holds threads): the reduce pass is one
+    thread per output without a barrier; 7 x 5 outputs keep 8 threads per output. Both against NumPy
+    at a batch whose depth is split (1100: 3 partials) and one that is not (5)."""
+    from codegen.lowering.gemm import RESIDENT_THREADS
+    for m, n, parts in ((1024, 300, 1), (7, 5, 8)):
+        assert (m * n >= RESIDENT_THREADS) == (parts == 1)
+        g = gc.Graph("mm")
+        a, c = g.input("a", ("N", m)), g.input("c", ("N", n))
+        g.output(g.apply("matmul", a, c, transpose_a=True))
+        reduce = next(s for s in Program(g).kernels if s.name.endswith("_reduce"))
+        assert (reduce.params["PARTS"], reduce.barrier, reduce.block) == (parts, parts > 1, (256, 1, 1))
+        assert reduce.launch_shape(1100)[0][0] == -(-m * n // (256 // parts))
+        assert "__syncthreads" in reduce.source.split("{", 1)[1] if parts > 1 else "__syncthreads" not in reduce.source
+        for batch in (1100, 5):
+            assert_kernels_match(g, batch=batch, compile_nvrtc=batch == 5)
+
+
 def test_one_program_serves_any_batch():
     g = build(conv_net(2, (8, 8), pool=("max", {"kernel_size": 2})), "fused")
     compiled = __import__("codegen.runner", fromlist=["x"]).CompiledProgram(g, "host", poison=True)

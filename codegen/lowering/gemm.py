@@ -233,16 +233,25 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                    scratch={partial_key: Value((S * total,), ctx.dtype)})
 
 
+# threads an H100/H200 holds at once (132 multiprocessors x 2048): a split reduction with at least this
+# many outputs fills the GPU with one thread per output
+RESIDENT_THREADS = 132 * 2048
+
+
 def reduce_spec(ctx, name, *, M, N, K, S, groups, element, args):
     """The second pass of a split reduction: `S` partial sums per output added in a fixed order, then
-    the epilogue `element` (C text reading the sum `c`, the output's m, n and grp)."""
-    outs, parts = 32, 8
+    the epilogue `element` (C text reading the sum `c`, the output's m, n and grp). Few outputs (a
+    conv's weight gradient: thousands, each of hundreds of partials): 8 threads per output, each
+    adding every 8th partial, so that enough loads are in flight. Outputs that fill the GPU by
+    themselves (a linear layer's weight gradient, 2450 x 500, whose depth, the batch, is rarely split
+    at all): one thread per output and no barrier; 8 would leave 7 of them idle."""
     total = groups * sp.sympify(M) * sp.sympify(N)
+    outs, parts = (256, 1) if total.is_Integer and total >= RESIDENT_THREADS else (32, 8)
     return KernelSpec(name=name + "_reduce", template="splitk_reduce.cu.j2",
                       params={"M": c_int(M), "N": c_int(N), "K": c_int(K), "S": c_int(S), "groups": groups,
                               "ACC": ctx.float_type, "threads": outs * parts, "OUTS": outs, "PARTS": parts,
                               "element": element},
-                      args=args, grid=(sp.ceiling(total / outs), 1, 1), block=(outs * parts, 1, 1), barrier=True)
+                      args=args, grid=(sp.ceiling(total / outs), 1, 1), block=(outs * parts, 1, 1), barrier=parts > 1)
 
 
 # ---- spatial index helpers (row-major over the spatial axes, C-ready text) -------------------------
