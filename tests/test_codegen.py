@@ -270,3 +270,25 @@ def test_an_optimizers_updates_of_one_parameter_are_one_kernel():
     assert fc1.members == ("fc1.weight.adam_m.next", "fc1.weight.adam_v.next", "fc1.weight.next")
     assert [a.value for a in fc1.spec.args if a.writes] == list(fc1.members)
     assert len(program.launches) == 39           # fc1 forward: a split-K partial + reduce
+
+
+def test_what_the_scalars_alone_give_is_computed_once_per_thread_to_the_same_bits(monkeypatch):
+    """Adam's bias corrections 1 - beta**t depend on the step count alone: computed before the
+    element loop, not per element, and the updates come out bit for bit as with them inside it."""
+    from codegen.lowering import pointwise
+    from codegen.runner import CompiledProgram
+    g = gc.Graph("opt", "float32")
+    g.output(g.linear(g.flatten(g.input("x", ("N", 2, 4, 4))), 3, name="fc"))
+    step = build(g, "fused-train")
+    adam = next(k for k in Program(step).kernels if k.name.startswith("adam_moment1") and "_32x3_" in k.name)
+    before_loop, loop = adam.source.split("for (long long i", 1)
+    assert before_loop.count("expf(") == 2 and "expf(" not in loop and "/(h0*(sqrtf(r1/h1)" in loop
+    inputs, params = random_inputs(step, 5, 0), realistic_params(step)
+    params["opt.step"] = np.full_like(params["opt.step"], 6)     # a later step: the corrections are not trivial
+    hoisted = CompiledProgram(step, "host").run(inputs, params)
+    monkeypatch.setattr(pointwise, "hoist_scalar_parts", lambda steps, scalars: (steps, []))
+    inline = Program(step)
+    assert "expf(" in next(k for k in inline.kernels if k.name == adam.name).source.split("for (long long i", 1)[1]
+    inside = CompiledProgram(step, "host").run(inputs, params)
+    for name in step.meta["updates"].values():
+        assert inside[name].tobytes() == hoisted[name].tobytes(), name

@@ -11,8 +11,9 @@
 // a pass is i + u * stride, so consecutive threads touch consecutive elements and every load and
 // store is coalesced. Each pass loads all its elements' operands before it computes and stores
 // any result (4 times the loads in flight of one element at a time: what a memory-bound kernel
-// needs to cover the latency of memory); scalar operands are read once per thread. The body is
-// the ops' sympy expressions printed as C, nothing written by hand.
+// needs to cover the latency of memory); scalar operands are read once per thread, and what they
+// alone give is computed once per thread before the loop. The body is the ops' sympy expressions
+// printed as C, nothing written by hand.
 // One kernel for 3 elementwise nodes of one shape where each later one reads the
 // earlier ones (an optimizer's moment and parameter updates; a batch norm and its activation): every
 // operand is read once and every intermediate is handed on in registers, though each result is stored.
@@ -22,6 +23,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_a
     const long long stride = (long long)gridDim.x * 256;
     const float v4 = a4[0];
     const float v5 = a5[0];
+    const float h0 = 1 - expf(-0.105360516F*v4);
+    const float h1 = 1 - expf(-0.00100050033F*v4);
     for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += 4 * stride) {
         float v0[4];
         float v1[4];
@@ -45,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_a
                 out0[j] = r0;
                 const float r1 = 0.001F*((v1[u])*(v1[u])) + 0.999F*v3[u];
                 out1[j] = r1;
-                const float r2 = r0*v5/((expf(-0.105360516F*v4) - 1)*(sqrtf(-r1/(expf(-0.00100050033F*v4) - 1)) + 1.0e-8F)) + v2[u];
+                const float r2 = v2[u] - r0*v5/(h0*(sqrtf(r1/h1) + 1.0e-8F));
                 out2[j] = r2;
             }
         }
