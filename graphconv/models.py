@@ -128,6 +128,8 @@ def load(spec: str, dtype="float32") -> Graph:
     error in the user's file is reported as one line naming the function and the user's own frames."""
     if spec in MODELS:
         return MODELS[spec](dtype)
+    if ":" not in spec and os.path.isdir(spec):
+        raise GraphError(f"{spec!r} is a folder; give path/to/file.py:function")
     if ":" not in spec and os.path.exists(spec):
         raise GraphError(f"{spec}: name the function that builds the graph, {spec}:function")
     if ":" not in spec:
@@ -153,19 +155,54 @@ def load(spec: str, dtype="float32") -> Graph:
     return graph.verify()
 
 
+OWN_PACKAGES = ("graphconv", "codegen")
+
+
 class _user_code:
     """While a model file is imported and called, its own folder is first on sys.path (as `python
-    net.py` would have it), so it can import its neighbours."""
+    net.py` would have it), so it can import its neighbours: its neighbours, not a module of the
+    same name that another folder's model file (or anything else) imported earlier, which is set
+    aside meanwhile; what it imports from its folder is forgotten after, so that the next model
+    file's `import helper` finds its own helper.py. A neighbour named like graphconv's own packages
+    is refused: graphconv imports those while the model is built."""
 
     def __init__(self, path):
-        self.folder = os.path.dirname(os.path.abspath(path))
+        self.path, self.folder = path, os.path.dirname(os.path.abspath(path))
+
+    def _neighbours(self):
+        for entry in os.listdir(self.folder):
+            full = os.path.join(self.folder, entry)
+            if entry.endswith(".py") and os.path.isfile(full):
+                yield entry[:-3], full
+            elif os.path.isfile(os.path.join(full, "__init__.py")):
+                yield entry, os.path.join(full, "__init__.py")
+
+    def _inside(self, module):
+        file = getattr(module, "__file__", None)
+        return bool(file) and os.path.dirname(os.path.abspath(file)).startswith(self.folder)
 
     def __enter__(self):
+        self.aside = {}
+        for name, full in self._neighbours():
+            if name in OWN_PACKAGES:
+                spec = importlib.util.find_spec(name)
+                if spec is None or os.path.abspath(spec.origin or "") != os.path.abspath(full):
+                    raise GraphError(f"{self.path}: its folder holds {os.path.basename(full) if full.endswith('.py') else name + '/'}"
+                                     f", which has the name of graphconv's own {name!r} package and would stand "
+                                     f"in for it; rename it")
+                continue
+            if name in sys.modules and not self._inside(sys.modules[name]):
+                self.aside[name] = sys.modules.pop(name)
+        self.before = set(sys.modules)
         sys.path.insert(0, self.folder)
 
     def __exit__(self, *exc):
         if self.folder in sys.path:
             sys.path.remove(self.folder)
+        for name in set(sys.modules) - self.before:
+            if self._inside(sys.modules[name]) and name.split(".")[0] not in OWN_PACKAGES:
+                del sys.modules[name]
+        sys.modules.update(self.aside)
 
 
 def _import(path):

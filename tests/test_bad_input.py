@@ -458,10 +458,34 @@ def test_a_model_file_imports_its_neighbours_and_may_name_a_graph(capsys, tmp_pa
     for spec, message in [(f"{net}:", f"{net}:: give the function after the colon, path/to/file.py:function "
                                       f"(it defines: build, g)"),
                           (str(net), f"{net}: name the function that builds the graph, {net}:function"),
-                          (f"{tmp_path}:build", f"model file '{tmp_path}' is a folder; give path/to/file.py:function")]:
+                          (f"{tmp_path}:build", f"model file '{tmp_path}' is a folder; give path/to/file.py:function"),
+                          (str(tmp_path), f"'{tmp_path}' is a folder; give path/to/file.py:function")]:
         code, _, err = cli(capsys, "summary", spec)
         assert code == 2 and message in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_each_model_file_imports_its_own_neighbours(capsys, tmp_path):
+    """Two folders, each a helper.py of its own: each model gets its own (the first one's module is
+    not reused), a module of that name imported before is set aside meanwhile, and a neighbour named
+    like graphconv's own packages is refused rather than standing in for them."""
+    from graphconv.models import load
+    for width in (10, 20, 30):
+        (tmp_path / f"m{width}").mkdir()
+        (tmp_path / f"m{width}" / "helper.py").write_text(f"WIDTH = {width}\n")
+        (tmp_path / f"m{width}" / "net.py").write_text(
+            "import graphconv as gc\nimport helper\ndef build():\n    g = gc.Graph('n')\n"
+            "    g.output(g.linear(g.input('x', ('N', 4)), helper.WIDTH, name='fc'))\n    return g\n")
+    sys.modules["helper"] = stranger = type(sys)("helper")          # someone else's helper, imported earlier
+    try:
+        widths = [int(load(f"{tmp_path}/m{w}/net.py:build").node("fc").shape[1]) for w in (10, 20, 10, 30)]
+        assert widths == [10, 20, 10, 30] and sys.modules["helper"] is stranger
+    finally:
+        del sys.modules["helper"]
+    (tmp_path / "m30" / "codegen.py").write_text("")
+    code, _, err = cli(capsys, "summary", f"{tmp_path}/m30/net.py:build")
+    assert code == 2 and "m30/net.py: its folder holds codegen.py, which has the name of graphconv's own 'codegen' " \
+                         "package and would stand in for it; rename it" in err
 
 
 # ---- memory ----------------------------------------------------------------------------------
