@@ -229,11 +229,14 @@ def as_bool(value, what) -> bool:
 
 def as_dtype(value, what, allowed=None) -> str:
     """A type given as "float32", np.float32 or np.dtype("float32"): its name, or GraphError when it
-    is none of `allowed` (default DTYPES)."""
+    is none of `allowed` (default DTYPES). Only those spellings: "float" (float64 to NumPy, float32 to
+    CUDA C and PyTorch), "double", "f4" and Python's float are refused rather than guessed."""
     allowed = allowed or DTYPES
-    try:
-        name = np.dtype(value).name if isinstance(value, (str, np.dtype, type)) else None
-    except TypeError:
+    if isinstance(value, str):
+        name = value
+    elif isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        name = np.dtype(value).name
+    else:
         name = None
     if name not in allowed:
         raise OpError(f"{what} must be {' or '.join(allowed) if len(allowed) == 2 else 'one of ' + ', '.join(allowed)}, "
