@@ -30,10 +30,25 @@ class CudaPrinter(C99CodePrinter):
     """C99 with the kernel's float type: expf/fabsf and 1.0F for float32, exp/fabs and 1.0 for
     float64; sigmoid and softplus as calls to gc_sigmoid / gc_softplus."""
 
-    def __init__(self, dtype="float32"):
+    def __init__(self, dtype="float32", named=None):
         super().__init__({"type_aliases": {real: FLOAT_TYPES[dtype]}})
         self.T = "float" if dtype == "float32" else "double"
         self.functions_used: set = set()
+        self.named = named or {}        # subexpression -> the C name of its value, computed elsewhere
+
+    def _name_of(self, expr):
+        try:
+            return self.named.get(expr)
+        except TypeError:               # the printer also prints lists and strings
+            return None
+
+    def _print(self, expr, **kwargs):
+        name = self._name_of(expr) if self.named else None
+        return name if name is not None else super()._print(expr, **kwargs)
+
+    def parenthesize(self, item, level, strict=False):
+        name = self._name_of(item) if self.named else None
+        return name if name is not None else super().parenthesize(item, level, strict)
 
     def _print_Function(self, expr):
         name = type(expr).__name__
@@ -75,18 +90,62 @@ def c_expression(expr, dtype, names: dict, prefix="_t") -> tuple[list[str], str,
     pulled out as `const T _t0 = ...;` lines (named by `prefix`) and its symbols renamed by `names`
     {symbol name: C}. Memoized: one program prints the same gradient expressions many times, and
     sympy's substitution and elimination are most of a program's build time."""
-    lines, result, used = _c_expression(sp.sympify(expr), dtype, tuple(sorted(names.items())), prefix)
+    before, lines, result, used = _c_expression(sp.sympify(expr), dtype, tuple(sorted(names.items())), prefix, ())
     return list(lines), result, set(used)
 
 
+def c_expression_hoisting(expr, dtype, names: dict, invariant, prefix="_t") -> tuple[list, list, str, set]:
+    """c_expression for a loop body: (lines to run once before the loop, the loop's temporaries,
+    final expression, device functions). What the `invariant` C names (a kernel's scalar operands)
+    alone give is computed before the loop: a whole temporary, or the largest such part of an
+    expression, which the printer then prints as its name in the very place the part stood, so
+    every operation is the one the inline form does, in the same order, to the bit."""
+    before, lines, result, used = _c_expression(sp.sympify(expr), dtype, tuple(sorted(names.items())), prefix,
+                                                tuple(sorted(invariant)))
+    return list(before), list(lines), result, set(used)
+
+
 @functools.lru_cache(maxsize=4096)
-def _c_expression(expr, dtype, names: tuple, prefix):
+def _c_expression(expr, dtype, names: tuple, prefix, invariant: tuple):
     names = dict(names)
     expr = expr.subs({s: sp.Symbol(names[s.name], real=True) for s in expr.free_symbols if s.name in names},
                      simultaneous=True)
-    printer = CudaPrinter(dtype)
     T = "float" if dtype == "float32" else "double"
     temps, reduced = sp.cse(expr, symbols=sp.numbered_symbols(prefix), optimizations="basic")
-    lines = tuple(f"const {T} {s} = {printer.doprint(e)};" for s, e in temps)
+    fixed_names = set(invariant)
+
+    def fixed(e):
+        return bool(e.free_symbols) and all(s.name in fixed_names for s in e.free_symbols)
+
+    hoisted, kept = [], []
+    for s, e in temps:                 # a temporary of fixed values alone: computed before the loop
+        (hoisted if fixed_names and fixed(e) else kept).append((s, e))
+        if fixed_names and fixed(e):
+            fixed_names.add(s.name)
+    named: dict = {}
+
+    def collect(e):
+        """The largest parts of `e` that fixed values alone give (a negative power's positive power:
+        the printer divides by it)."""
+        if e.is_Atom:
+            return
+        if fixed(e):
+            if e.is_Pow and e.exp.is_Rational and e.exp.is_negative:
+                e = e.base ** -e.exp
+                if e.is_Atom:
+                    return
+            named.setdefault(e, f"{prefix.replace('_t', '_h', 1)}{len(named)}")
+            return
+        for a in e.args:
+            collect(a)
+
+    if fixed_names:
+        for _, e in kept:
+            collect(e)
+        collect(reduced[0])
+    plain, printer = CudaPrinter(dtype), CudaPrinter(dtype, named)
+    before = tuple(f"const {T} {s} = {plain.doprint(e)};" for s, e in hoisted) + \
+        tuple(f"const {T} {name} = {plain.doprint(e)};" for e, name in named.items())
+    lines = tuple(f"const {T} {s} = {printer.doprint(e)};" for s, e in kept)
     result = printer.doprint(reduced[0])
-    return lines, result, frozenset(printer.functions_used)
+    return before, lines, result, frozenset(plain.functions_used | printer.functions_used)

@@ -8,7 +8,7 @@ import sympy as sp
 
 from graphconv.ops.fused import FusedPointwise, expression_of
 
-from ..cprinter import c_expression, c_function_prelude
+from ..cprinter import c_expression_hoisting, c_function_prelude
 from ..spec import BATCH, Arg, KernelSpec, Lowered
 from . import c_int, lowering, numel, short_dtype
 
@@ -45,22 +45,17 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
     # per-element operands live in arrays of UNROLL registers (v0[u]); a scalar is read once per thread
     names = {f"a{i}": f"v{i}" if scalar[i] else f"v{i}[u]" for i in range(len(operand_shapes))}
     names.update({f"r{j}": f"r{j}" for j in range(len(steps))})
-    originals = [expr for expr, _ in steps]
-    steps, hoisted = hoist_scalar_parts(steps, {f"a{i}" for i in range(len(scalar)) if scalar[i]})
-    used, printed = set(), []
-    invariants = []
-    for h, part in hoisted:
-        temps, result, functions = c_expression(part, dtype, names, prefix=f"_{h}_")
-        used |= functions
-        invariants += temps + [f"const {T} {h} = {result};"]
-    names.update({h: h for h, _ in hoisted})
+    scalar_names = [f"v{i}" for i in range(len(scalar)) if scalar[i]]
+    used, printed, invariants = set(), [], []
     for j, (expr, out_value) in enumerate(steps):
-        temps, result, functions = c_expression(expr, dtype, names, prefix=f"_t{j}_" if len(steps) > 1 else "_t")
+        before, temps, result, functions = c_expression_hoisting(expr, dtype, names, scalar_names,
+                                                                  prefix=f"_t{j}_" if len(steps) > 1 else "_t")
+        invariants += before
         used |= functions
         out = "out" if len(steps) == 1 else f"out{j}"
-        printed.append({"temps": temps, "result": result, "out": out, "expression": str(originals[j]),
+        printed.append({"temps": temps, "result": result, "out": out, "expression": str(expr),
                         "var": f"r{j}" if len(steps) > 1 else None})
-    read = set().union(*(sp.sympify(expr).free_symbols for expr in originals))
+    read = set().union(*(sp.sympify(expr).free_symbols for expr, _ in steps))
     read = {s.name for s in read}
     loads = [{"var": f"v{i}", "expr": f"a{i}[{operand_index(s, out_shape, 'j')}]", "scalar": scalar[i]}
              for i, s in enumerate(operand_shapes) if f"a{i}" in read]    # an operand the result ignores: not read
@@ -74,26 +69,6 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
                       params={"T": T, "threads": THREADS, "unroll": UNROLL, "total": c_int(total), "loads": loads, "steps": printed,
                               "prelude": c_function_prelude(used, dtype), "invariants": invariants},
                       args=args, grid=grid, block=(THREADS, 1, 1), restrict=False)   # may run in place
-
-
-def hoist_scalar_parts(steps, scalars):
-    """(steps with every largest subexpression of the scalar operands alone replaced by a symbol h0,
-    h1, ..., [(h, subexpression)]): Adam's bias corrections 1 - 0.9**t are computed once per thread
-    before the loop, not per element. A reciprocal keeps its division (the base is hoisted, not 1/base),
-    so every element is computed with the same operations as before, to the bit."""
-    found: dict = {}
-
-    def walk(e):
-        if e.free_symbols and {x.name for x in e.free_symbols} <= scalars and not e.is_Atom:
-            if e.is_Pow and e.exp == -1:
-                return walk(e.base) ** -1
-            if e not in found:
-                found[e] = sp.Symbol(f"h{len(found)}", real=True)
-            return found[e]
-        return e.func(*[walk(a) for a in e.args]) if e.args else e
-
-    new = [(walk(sp.sympify(expr)), value) for expr, value in steps]
-    return new, [(h.name, e) for e, h in found.items()]
 
 
 def tag_of(ctx) -> str:

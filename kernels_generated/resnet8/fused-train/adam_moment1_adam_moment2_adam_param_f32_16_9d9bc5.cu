@@ -23,8 +23,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_a
     const long long stride = (long long)gridDim.x * 256;
     const float v4 = a4[0];
     const float v5 = a5[0];
-    const float h0 = 1 - expf(-0.105360516F*v4);
-    const float h1 = 1 - expf(-0.00100050033F*v4);
+    const float _h2_0 = expf(-0.105360516F*v4) - 1;
+    const float _h2_1 = expf(-0.00100050033F*v4) - 1;
     for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < total; i += 4 * stride) {
         float v0[4];
         float v1[4];
@@ -48,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) adam_moment1_adam_moment2_a
                 out0[j] = r0;
                 const float r1 = 0.001F*((v1[u])*(v1[u])) + 0.999F*v3[u];
                 out1[j] = r1;
-                const float r2 = v2[u] - r0*v5/(h0*(sqrtf(r1/h1) + 1.0e-8F));
+                const float r2 = r0*v5/(_h2_0*(sqrtf(-r1/_h2_1) + 1.0e-8F)) + v2[u];
                 out2[j] = r2;
             }
         }
