@@ -261,7 +261,7 @@ def fold_batch_norm(graph):
                           name=f"{bn.name}.fold", layer=bn.layer, stage=bn.stage)
         weight = g.add_node("part", [fold], {"index": 0}, name=f"{bn.name}.fold.weight", layer=bn.layer)
         bias = g.add_node("part", [fold], {"index": 1}, name=f"{bn.name}.fold.bias", layer=bn.layer)
-        folded = g.replace([conv.name, bn.name], conv.op, [x, weight, bias], conv.attrs)
+        folded = g.replace([conv.name, bn.name], conv.op, [x, weight, bias], conv.attrs, layer=conv.layer)
         after = node_bytes(g, folded.name) + node_bytes(g, fold.name)
         ledger.append(Decision("fold_batch_norm", bn.name, [conv.name, bn.name], True, "", before, after,
                                folded.name))

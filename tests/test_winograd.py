@@ -217,10 +217,10 @@ def test_winograd_on_the_cli(tmp_path, winograd_default, capsys):
     done = subprocess.run([sys.executable, "-m", "graphconv.cli", "check", "vgg_small", "--backend", "host", "--dtype",
                            "float32", "--winograd"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Winograd F(2x2, 3x3) on bn1_2, bn2_1, bn2_2, bn3_1, bn3_2," in done.stdout   # the fused conv+bn layers
+    assert "Winograd F(2x2, 3x3) on conv1_2, conv2_1, conv2_2, conv3_1, conv3_2," in done.stdout   # conv layers, bn folded in
     assert "_wino " in done.stdout and " 0 mismatched" in done.stdout
     assert main(["emit", "vgg_small", "--winograd", "--no-nvrtc", "-o", str(tmp_path)]) in (0, None)
-    assert "vgg_small --stage fused, Winograd F(2x2, 3x3) on bn1_2, bn2_1, " in capsys.readouterr().out
+    assert "vgg_small --stage fused, Winograd F(2x2, 3x3) on conv1_2, conv2_1, " in capsys.readouterr().out
     assert main(["run", "lenet5", "--backend", "host", "--winograd"]) in (0, None)    # 5 x 5 only: never silent
     assert capsys.readouterr().out.startswith("lenet5 on host, --winograd changes no kernel here (it takes 3 x 3 "
                                               "stride-1 convolutions with at least 4 input and 16 output channels)")
