@@ -101,6 +101,9 @@ def conv_chain(graph, conv):
         if user.op == "fused_conv":
             return nodes, extras, epilogue, pool, (f"it feeds {user.name}, which already fused "
                                                    f"{' -> '.join(layers(user))}")
+        if user.op.startswith("adaptive_") and not all(getattr(d, "is_Integer", False) for d in current.shape[2:]):
+            return nodes, extras, epilogue, pool, (f"{user.name} [{user.op}] pools sizes not known yet (--dim, or "
+                                                   f"bind_dims, makes it a plain pool where they divide)")
         return nodes, extras, epilogue, pool, f"{user.name} [{user.op}] is neither elementwise nor a pool"
 
 
@@ -138,9 +141,13 @@ def training_chain(graph, conv):
     if averages:
         return (f"{averages[0].name} is an average pool: the gradient of {act.name} needs {conv.name} at every "
                 f"position, not only at each window's maximum, so {conv.name} stays saved")
+    adaptive = [u for u in act_users if u.op.startswith("adaptive_") and u.stage == "forward"]
+    if adaptive and not pools and not all(getattr(d, "is_Integer", False) for d in act.shape[2:]):
+        return (f"{adaptive[0].name} [{adaptive[0].op}] pools sizes not known yet (--dim, or bind_dims, makes it a "
+                f"plain pool where they divide)")
     if (act_grad.op != f"{act.op}_grad" or graph.operands(act_grad.name)[0] != conv.name or len(act_users) != 2
             or len(pools) != 1 or act.name in graph.outputs):
-        return f"{conv.name}: the backward pass reads {conv.name} and {act.name} in a way no pattern covers"
+        return f"the backward pass reads {conv.name} and {act.name} in a way no pattern covers"
     pool = pools[0]
     pool_bwd = next(u for u in act_users if u is not pool)
     if (pool_bwd.op != f"{pool.op}_backward" or graph.operands(pool_bwd.name)[0] != act.name

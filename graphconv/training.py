@@ -217,8 +217,9 @@ class Trainer:
         tf32, winograd = as_flag(tf32, "tf32"), as_flag(winograd, "winograd")
         self.model = graph
         self.optimizer = optimizer or Optimizer()
-        if graph.outputs and graph.node(graph.outputs[0]).shape == ():
-            raise GraphError(f"{graph.name} carries its own loss ({graph.outputs[0]} is a scalar): Trainer and "
+        scalar = next((o for o in graph.outputs if graph.node(o).shape == ()), None)
+        if scalar is not None:
+            raise GraphError(f"{graph.name} carries its own loss ({scalar} is a scalar): Trainer and "
                              f"`graphconv train` fit classifiers (one float input, class labels y); run its "
                              f"training step instead: gc.compile(build_train_step({graph.name}, optimizer)), then "
                              f"feed the state its meta['updates'] after each run (README: \"A graph with its own "

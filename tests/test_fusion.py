@@ -401,3 +401,23 @@ def test_the_layer_table_of_a_fused_graph_keeps_receptive_fields_and_counts(name
     if name == "lenet5":        # no batch norm to fold: the same parameters and multiply-adds
         assert (fused["total_params"], fused["total_macs"]) == (1_256_080, 6_522_000)
     assert json.dumps(fused)
+
+
+def test_a_pool_of_sizes_not_known_yet_is_named_as_such_in_the_fusion_ledger():
+    """An adaptive pool on symbolic H, W stops a conv chain (it becomes a plain pool, and fuses, only
+    once the sizes are bound): the ledger says so, and names the conv once."""
+    from graphconv.fusion import format_report
+    from graphconv.passes import bind_dims
+
+    def ledger(graph, stage):
+        return format_report(report(build_unfused(graph, stage), build(graph, stage)))
+
+    g = gc.Graph("fcn")
+    h = g.relu(g.conv2d(g.input("x", ("N", 3, "H", "W")), 4, 3, padding=1, name="c1"))
+    g.output(g.flatten(g.adaptive_max_pool2d(h, 1, name="pool")))
+    for stage, words in (("fused", "(the chain stops: pool [adaptive_max_pool2d] pools sizes not known yet (--dim, or "
+                                    "bind_dims, makes it a plain pool where they divide))"),
+                         ("fused-train", "refused  c1: pool [adaptive_max_pool2d] pools sizes not known yet")):
+        text = ledger(g, stage)
+        assert words in text and "c1: c1:" not in text, text
+    assert "[conv_act_maxpool_train]" in ledger(bind_dims(g, {"H": 8, "W": 6}), "fused-train")

@@ -257,7 +257,8 @@ def test_adaptive_pools_refuse_what_they_cannot_compute():
     from graphconv.autodiff import derive_backward
     from graphconv.training import attach_loss
     with pytest.raises(gc.ShapeError, match=r"p \[adaptive_avg_pool2d\]: the spatial size W is symbolic; "
-                                            r"adaptive_avg_pool2d's gradient needs it known \(bind it with --dim\)"):
+                                            r"adaptive_avg_pool2d's gradient needs it known \(give it a size: --dim on the "
+                                            r"command line, graphconv.passes.bind_dims in Python\)"):
         derive_backward(attach_loss(g, "cross_entropy"))
 
 

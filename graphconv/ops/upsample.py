@@ -67,7 +67,8 @@ def static_spatial(shape, what) -> tuple:
     """The spatial sizes of an [N, C, *S] shape as ints; a symbolic one is refused, naming `what` needs it."""
     for d in shape[2:]:
         if not sp.sympify(d).is_Integer:
-            raise OpError(f"the spatial size {d} is symbolic; {what} needs it known (bind it with --dim)")
+            raise OpError(f"the spatial size {d} is symbolic; {what} needs it known (give it a size: --dim on the "
+                          f"command line, graphconv.passes.bind_dims in Python)")
     return tuple(int(d) for d in shape[2:])
 
 
