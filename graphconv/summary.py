@@ -26,7 +26,8 @@ def receptive_fields(graph) -> dict:
 
     rf_out = rf_in + (D(K-1)+1 - 1) * jump_in, jump_out = jump_in * S. A layer that mixes every
     position (flatten, linear) sees the whole input; past one that resamples the grid (upsample, a
-    transposed conv) an output no longer maps to one window of input pixels: undefined."""
+    transposed conv) an output no longer maps to one window of input pixels: undefined; so too past an
+    adaptive pool of uneven windows (a global one sees the whole input)."""
     out = {}
     for node in graph.topo():
         if node.role in ("param", "buffer"):
@@ -42,6 +43,10 @@ def receptive_fields(graph) -> dict:
             out[node.name] = None
             continue
         rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))
+        if node.op.startswith("adaptive_"):   # windows of two sizes and a stride that is not whole: a global
+            global_ = all(o == 1 for o in node.attrs["output_size"])          # pool sees all, others no one window
+            out[node.name] = (extent, jump, extent) if global_ else None
+            continue
         op = OPS[node.op]
         windows = op.windows([graph.node(o).type for o in graph.operands(node.name)], node.attrs)
         for kernel, stride, dilation in windows:       # a fused node: its conv's window, then its pool's

@@ -149,3 +149,17 @@ def test_training_step_summary():
     t64 = summarize_training(step, batch=64)
     assert t64["macs"]["backward"] == 64 * t["macs"]["backward"] and t64["bytes"]["parameters"] == params
     assert "backward MACs      12,652,000" in format_training(t)
+
+
+def test_an_uneven_adaptive_pool_has_no_single_receptive_field_and_a_global_one_sees_everything():
+    from graphconv.summary import receptive_fields
+    g = gc.Graph("a")
+    h = g.conv2d(g.input("x", ("N", 1, 7, 7)), 2, 3, name="c")
+    g.output(g.adaptive_max_pool2d(h, 3, name="uneven"), g.adaptive_avg_pool2d(h, 2, name="also"),
+             g.global_avg_pool(g.input("y", ("N", 1, "H", "W")), name="global"))
+    rf = receptive_fields(g)
+    assert rf["c"][0] == (3, 3) and rf["uneven"] is None and rf["also"] is None    # windows 3 and 2 (5 -> 2)
+    assert rf["global"] is None                       # symbolic sizes: no extent to see
+    g2 = gc.Graph("b")
+    g2.output(g2.global_avg_pool(g2.conv2d(g2.input("x", ("N", 1, 6, 9)), 2, 3, name="c"), name="global"))
+    assert receptive_fields(g2)["global"][0] == (6, 9)
