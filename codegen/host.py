@@ -61,20 +61,27 @@ _SCHEDULE_WORDS = {"forward", "reverse", "early", "late"}
 
 def current_schedule() -> str:
     """GC_HOST_SCHEDULE as one of SCHEDULES ("forward" when unset); BackendError for anything else."""
-    text = os.environ.get("GC_HOST_SCHEDULE", "").strip()
+    text = os.environ.get("GC_HOST_SCHEDULE", "")
+    return _schedule_of(text, f"GC_HOST_SCHEDULE={text.strip()!r}")
+
+
+def _schedule_of(text, where) -> str:
+    """The schedule that words like "reverse,late" name: one of SCHEDULES, or BackendError."""
     words = {w.strip() for w in text.split(",") if w.strip()}
     if not words <= _SCHEDULE_WORDS or {"forward", "reverse"} <= words or {"early", "late"} <= words:
-        raise BackendError(f"GC_HOST_SCHEDULE={text!r}: use forward or reverse (the order of a block's threads), "
-                           f"optionally with ,early (cp.async copies land when issued) or ,late (at the wait that "
-                           f"covers them: the default), e.g. 'reverse,early'")
+        raise BackendError(f"{where}: use forward or reverse (the order of a block's threads), optionally with "
+                           f",early (cp.async copies land when issued) or ,late (at the wait that covers them: the "
+                           f"default), e.g. 'reverse,early'; the host schedules are {', '.join(SCHEDULES)}")
     return ",".join(w for w in ("reverse", "early") if w in words) or "forward"
 
 
 @contextlib.contextmanager
 def schedule(name: str):
-    """Run the host kernels launched inside the `with` block under schedule `name` (one of SCHEDULES)."""
-    if name not in SCHEDULES:
+    """Run the host kernels launched inside the `with` block under schedule `name` (one of SCHEDULES,
+    or the same words GC_HOST_SCHEDULE takes: "reverse,late" is "reverse")."""
+    if not isinstance(name, str) or not name.strip():
         raise BackendError(f"schedule({name!r}): the host schedules are {', '.join(SCHEDULES)}")
+    name = _schedule_of(name, f"schedule({name!r})")
     old = os.environ.get("GC_HOST_SCHEDULE")
     os.environ["GC_HOST_SCHEDULE"] = name
     try:

@@ -423,6 +423,11 @@ def test_a_misspelt_schedule_is_refused(k, monkeypatch):
     assert host.current_schedule() == "reverse,early"
     monkeypatch.setenv("GC_HOST_SCHEDULE", "reverse,late")              # late: the default landing, said aloud
     assert host.current_schedule() == "reverse"
+    with host.schedule("reverse,late"):                                  # the same words in Python
+        assert host.current_schedule() == "reverse"
+    with pytest.raises(BackendError, match=r"schedule\('sideways'\): use forward or reverse"):
+        with host.schedule("sideways"):
+            pass
     monkeypatch.setenv("GC_HOST_SCHEDULE", "early,late")
     with pytest.raises(BackendError, match=r",late \(at the wait that covers them: the default\)"):
         host.current_schedule()
