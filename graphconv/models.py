@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import sysconfig
 import traceback
 import zlib
 
@@ -179,7 +180,7 @@ class _user_code:
 
     def _inside(self, module):
         file = getattr(module, "__file__", None)
-        return bool(file) and os.path.dirname(os.path.abspath(file)).startswith(self.folder)
+        return bool(file) and _under(file, self.folder)
 
     def __enter__(self):
         self.aside = {}
@@ -187,12 +188,13 @@ class _user_code:
             if name in OWN_PACKAGES:
                 spec = importlib.util.find_spec(name)
                 if spec is None or os.path.abspath(spec.origin or "") != os.path.abspath(full):
-                    raise GraphError(f"{self.path}: its folder holds {os.path.basename(full) if full.endswith('.py') else name + '/'}"
-                                     f", which has the name of graphconv's own {name!r} package and would stand "
-                                     f"in for it; rename it")
+                    what = os.path.basename(full) if full.endswith(".py") else name + "/"
+                    raise GraphError(f"{self.path}: its folder holds {what}, which has the name of graphconv's own "
+                                     f"{name!r} package and would stand in for it; rename it")
                 continue
-            if name in sys.modules and not self._inside(sys.modules[name]):
-                self.aside[name] = sys.modules.pop(name)
+            other = sys.modules.get(name)
+            if other is not None and not self._inside(other) and not _installed(other):
+                self.aside[name] = sys.modules.pop(name)    # another folder's module: not this one's neighbour
         self.before = set(sys.modules)
         sys.path.insert(0, self.folder)
 
@@ -203,6 +205,20 @@ class _user_code:
             if self._inside(sys.modules[name]) and name.split(".")[0] not in OWN_PACKAGES:
                 del sys.modules[name]
         sys.modules.update(self.aside)
+
+
+def _under(file, folder) -> bool:
+    return os.path.commonpath([os.path.abspath(file), folder]) == folder
+
+
+def _installed(module) -> bool:
+    """A module of Python itself or an installed package (numpy, torch): never set aside for a model
+    file's neighbour of the same name (graphconv may import it while the model is built)."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return True
+    paths = sysconfig.get_paths()
+    return any(_under(file, os.path.abspath(paths[key])) for key in ("stdlib", "platstdlib", "purelib", "platlib"))
 
 
 def _import(path):

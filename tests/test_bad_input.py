@@ -477,6 +477,7 @@ def test_each_model_file_imports_its_own_neighbours(capsys, tmp_path):
             "import graphconv as gc\nimport helper\ndef build():\n    g = gc.Graph('n')\n"
             "    g.output(g.linear(g.input('x', ('N', 4)), helper.WIDTH, name='fc'))\n    return g\n")
     sys.modules["helper"] = stranger = type(sys)("helper")          # someone else's helper, imported earlier
+    stranger.__file__ = str(tmp_path / "elsewhere" / "helper.py")
     try:
         widths = [int(load(f"{tmp_path}/m{w}/net.py:build").node("fc").shape[1]) for w in (10, 20, 10, 30)]
         assert widths == [10, 20, 10, 30] and sys.modules["helper"] is stranger
