@@ -6,6 +6,7 @@ the kernel's float type).
 from __future__ import annotations
 
 import functools
+import re
 
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
@@ -125,15 +126,14 @@ def _c_expression(expr, dtype, names: tuple, prefix, invariant: tuple):
     named: dict = {}
 
     def collect(e):
-        """The largest parts of `e` that fixed values alone give (a negative power's positive power:
-        the printer divides by it)."""
+        """The largest parts of `e` (expressions, not conditions) that fixed values alone give. A
+        negative power is named twice, itself and its positive power: the printer prints the first
+        where it stands alone and divides by the second inside a product; the unused one is dropped."""
         if e.is_Atom:
             return
-        if fixed(e):
-            if e.is_Pow and e.exp.is_Rational and e.exp.is_negative:
-                e = e.base ** -e.exp
-                if e.is_Atom:
-                    return
+        if fixed(e) and isinstance(e, sp.Expr) and not e.is_Relational:
+            if e.is_Pow and e.exp.is_Rational and e.exp.is_negative and not (e.base ** -e.exp).is_Atom:
+                named.setdefault(e.base ** -e.exp, f"{prefix.replace('_t', '_h', 1)}{len(named)}")
             named.setdefault(e, f"{prefix.replace('_t', '_h', 1)}{len(named)}")
             return
         for a in e.args:
@@ -143,9 +143,18 @@ def _c_expression(expr, dtype, names: tuple, prefix, invariant: tuple):
         for _, e in kept:
             collect(e)
         collect(reduced[0])
-    plain, printer = CudaPrinter(dtype), CudaPrinter(dtype, named)
-    before = tuple(f"const {T} {s} = {plain.doprint(e)};" for s, e in hoisted) + \
-        tuple(f"const {T} {name} = {plain.doprint(e)};" for e, name in named.items())
+    printer = CudaPrinter(dtype, named)
     lines = tuple(f"const {T} {s} = {printer.doprint(e)};" for s, e in kept)
     result = printer.doprint(reduced[0])
+    printed = set(re.findall(r"\w+", " ".join(lines + (result,))))
+    plain = CudaPrinter(dtype)              # only the names the loop uses are computed before it,
+    used = [(e, name) for e, name in named.items() if name in printed]          # numbered in order
+    renumber = {name: f"{prefix.replace('_t', '_h', 1)}{i}" for i, (_, name) in enumerate(used)}
+
+    def renamed(text):
+        return re.sub(r"\b_h\w+", lambda m: renumber.get(m.group(0), m.group(0)), text)
+
+    lines, result = tuple(renamed(line) for line in lines), renamed(result)
+    before = tuple(f"const {T} {s} = {plain.doprint(e)};" for s, e in hoisted) + \
+        tuple(f"const {T} {renumber[name]} = {plain.doprint(e)};" for e, name in used)
     return before, lines, result, frozenset(plain.functions_used | printer.functions_used)

@@ -312,10 +312,19 @@ def test_hoisting_keeps_the_bits_of_any_scalar_expression(dtype, monkeypatch):
     s1, s2 = g.param("s1", (), ("uniform", 1.0)), g.param("s2", (), ("uniform", 1.0))
     outs = [g.mul(x, g.activation(s1, fn), name=f"y_{fn}") for fn in ("third_exp", "inv_square", "rsqrt")]
     outs.append(g.relu(g.sub(g.mul(x, s1), g.mul(s1, s2)), name="y_relu"))
+    t = sp.Symbol("t", real=True)                  # a negative power standing alone (powf), a Piecewise of
+    gc.define_activation("clip1", sp.Piecewise((-1, t <= -1), (1, t >= 1), (t, True)))    # scalars, and a
+    gc.define_activation("neg_inv_square", lambda v: -v ** -2)      # condition pair of scalars alone
+    outs.append(g.sub(x, g.activation(g.sub(g.activation(s1, "clip1"), s2), "neg_inv_square"), name="y_pow"))
+    outs.append(g.apply("leaky_relu_grad", x, s1, name="y_pair"))
     g.output(*outs)
     fused = build(g, "fused")
-    sources = "".join(k.source for k in Program(fused).kernels)
+    kernels = Program(fused).kernels
+    sources = "".join(k.source for k in kernels)
     assert "_h" in sources                                          # something was hoisted
+    if nvrtc.available():
+        for k in kernels:                                           # warnings are errors: no unused name
+            nvrtc.compile_kernel(k.source, k.name)
     inputs, params = random_inputs(fused, 4, 1), realistic_params(fused, seed=3)
     hoisted = CompiledProgram(fused, "host").run(inputs, params)
     monkeypatch.setattr(pointwise, "c_expression_hoisting",
