@@ -104,6 +104,9 @@ def conv_chain(graph, conv):
         if user.op.startswith("adaptive_") and not all(getattr(d, "is_Integer", False) for d in current.shape[2:]):
             return nodes, extras, epilogue, pool, (f"{user.name} [{user.op}] pools sizes not known yet (--dim, or "
                                                    f"bind_dims, makes it a plain pool where they divide)")
+        if user.op.startswith("adaptive_"):
+            return nodes, extras, epilogue, pool, (f"{user.name} [{user.op}] has windows of two sizes (its input "
+                                                   f"is not a multiple of its output), which no fused kernel pools")
         return nodes, extras, epilogue, pool, f"{user.name} [{user.op}] is neither elementwise nor a pool"
 
 

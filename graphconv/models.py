@@ -6,7 +6,6 @@ import importlib.util
 import inspect
 import os
 import sys
-import sysconfig
 import traceback
 import zlib
 
@@ -160,41 +159,37 @@ OWN_PACKAGES = ("graphconv", "codegen")
 
 
 class _user_code:
-    """While a model file is imported and called, its own folder is first on sys.path (as `python
-    net.py` would have it), so it can import its neighbours: its neighbours, not a module of the
-    same name that another folder's model file (or anything else) imported earlier, which is set
-    aside meanwhile; what it imports from its folder is forgotten after, so that the next model
-    file's `import helper` finds its own helper.py. A neighbour named like graphconv's own packages
-    is refused: graphconv imports those while the model is built."""
+    """While a model file is imported and called, its own folder (links resolved, as `python net.py`
+    has it) is first on sys.path, so it can import its neighbours; what it imports of them is
+    forgotten after, so that the next model file's `import helper` finds its own helper.py, not the
+    first one's. A neighbour named like graphconv's own packages is refused: graphconv imports those
+    while the model is built."""
 
     def __init__(self, path):
-        self.path, self.folder = path, os.path.dirname(os.path.abspath(path))
+        self.path, self.folder = path, os.path.dirname(os.path.realpath(path))
 
-    def _neighbours(self):
+    def _neighbours(self) -> dict:
+        """{module name: path} of the .py files and the packages beside the model file."""
+        found = {}
         for entry in os.listdir(self.folder):
             full = os.path.join(self.folder, entry)
             if entry.endswith(".py") and os.path.isfile(full):
-                yield entry[:-3], full
+                found[entry[:-3]] = full
             elif os.path.isfile(os.path.join(full, "__init__.py")):
-                yield entry, os.path.join(full, "__init__.py")
-
-    def _inside(self, module):
-        file = getattr(module, "__file__", None)
-        return bool(file) and _under(file, self.folder)
+                found[entry] = full
+        return found
 
     def __enter__(self):
-        self.aside = {}
-        for name, full in self._neighbours():
-            if name in OWN_PACKAGES:
-                spec = importlib.util.find_spec(name)
-                if spec is None or os.path.abspath(spec.origin or "") != os.path.abspath(full):
-                    what = os.path.basename(full) if full.endswith(".py") else name + "/"
-                    raise GraphError(f"{self.path}: its folder holds {what}, which has the name of graphconv's own "
-                                     f"{name!r} package and would stand in for it; rename it")
+        self.neighbours = self._neighbours()
+        for name in OWN_PACKAGES:
+            if name not in self.neighbours:
                 continue
-            other = sys.modules.get(name)
-            if other is not None and not self._inside(other) and not _installed(other):
-                self.aside[name] = sys.modules.pop(name)    # another folder's module: not this one's neighbour
+            full = self.neighbours[name]
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.origin or not _under(spec.origin, os.path.realpath(full)):
+                what = os.path.basename(full) + ("" if full.endswith(".py") else "/")
+                raise GraphError(f"{self.path}: its folder holds {what}, which has the name of graphconv's own "
+                                 f"{name!r} package and would stand in for it; rename it")
         self.before = set(sys.modules)
         sys.path.insert(0, self.folder)
 
@@ -202,28 +197,20 @@ class _user_code:
         if self.folder in sys.path:
             sys.path.remove(self.folder)
         for name in set(sys.modules) - self.before:
-            if self._inside(sys.modules[name]) and name.split(".")[0] not in OWN_PACKAGES:
+            top, file = name.split(".")[0], getattr(sys.modules[name], "__file__", None)
+            if top in self.neighbours and top not in OWN_PACKAGES and file and _under(file, self.folder):
                 del sys.modules[name]
-        sys.modules.update(self.aside)
 
 
 def _under(file, folder) -> bool:
-    return os.path.commonpath([os.path.abspath(file), folder]) == folder
-
-
-def _installed(module) -> bool:
-    """A module of Python itself or an installed package (numpy, torch): never set aside for a model
-    file's neighbour of the same name (graphconv may import it while the model is built)."""
-    file = getattr(module, "__file__", None)
-    if not file:
-        return True
-    paths = sysconfig.get_paths()
-    return any(_under(file, os.path.abspath(paths[key])) for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    return os.path.commonpath([os.path.realpath(file), folder]) == folder
 
 
 def _import(path):
-    module_spec = importlib.util.spec_from_file_location(f"graphconv_user_{zlib.crc32(path.encode())}", path)
+    name = f"graphconv_user_{zlib.crc32(path.encode())}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module          # as an import has it: dataclasses and pickling look a module up there
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:

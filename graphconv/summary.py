@@ -45,7 +45,7 @@ def receptive_fields(graph) -> dict:
         rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))
         if node.op.startswith("adaptive_"):   # windows of two sizes and a stride that is not whole: a global
             global_ = all(o == 1 for o in node.attrs["output_size"])          # pool sees all, others no one window
-            out[node.name] = (extent, jump, extent) if global_ else None
+            out[node.name] = (tuple(max(r, e) for r, e in zip(rf, extent)), jump, extent) if global_ else None
             continue
         op = OPS[node.op]
         windows = op.windows([graph.node(o).type for o in graph.operands(node.name)], node.attrs)

@@ -223,7 +223,8 @@ class Trainer:
                              f"`graphconv train` fit classifiers (one float input, class labels y); run its "
                              f"training step instead: gc.compile(build_train_step({graph.name}, optimizer)), then "
                              f"feed the state its meta['updates'] after each run (README: \"A graph with its own "
-                             f"loss\")")
+                             f"loss\")" + ("" if scalar == graph.outputs[0] else
+                                           f"; the step takes the first output as the loss: list {scalar} first"))
         self.input_name = image_input(graph)
         self.with_loss = attach_loss(graph, loss)
         self.step_graph = build_train_step(self.with_loss, self.optimizer)

@@ -467,8 +467,8 @@ def test_a_model_file_imports_its_neighbours_and_may_name_a_graph(capsys, tmp_pa
 
 def test_each_model_file_imports_its_own_neighbours(capsys, tmp_path):
     """Two folders, each a helper.py of its own: each model gets its own (the first one's module is
-    not reused), a module of that name imported before is set aside meanwhile, and a neighbour named
-    like graphconv's own packages is refused rather than standing in for them."""
+    not reused); a package beside the file and a dataclass in it work; a neighbour named like
+    graphconv's own packages is refused rather than standing in for them."""
     from graphconv.models import load
     for width in (10, 20, 30):
         (tmp_path / f"m{width}").mkdir()
@@ -476,13 +476,16 @@ def test_each_model_file_imports_its_own_neighbours(capsys, tmp_path):
         (tmp_path / f"m{width}" / "net.py").write_text(
             "import graphconv as gc\nimport helper\ndef build():\n    g = gc.Graph('n')\n"
             "    g.output(g.linear(g.input('x', ('N', 4)), helper.WIDTH, name='fc'))\n    return g\n")
-    sys.modules["helper"] = stranger = type(sys)("helper")          # someone else's helper, imported earlier
-    stranger.__file__ = str(tmp_path / "elsewhere" / "helper.py")
-    try:
-        widths = [int(load(f"{tmp_path}/m{w}/net.py:build").node("fc").shape[1]) for w in (10, 20, 10, 30)]
-        assert widths == [10, 20, 10, 30] and sys.modules["helper"] is stranger
-    finally:
-        del sys.modules["helper"]
+    widths = [int(load(f"{tmp_path}/m{w}/net.py:build").node("fc").shape[1]) for w in (10, 20, 10, 30)]
+    assert widths == [10, 20, 10, 30] and "helper" not in sys.modules
+    (tmp_path / "m20" / "blocks").mkdir()                             # a package beside it, and a dataclass
+    (tmp_path / "m20" / "blocks" / "__init__.py").write_text("WIDTH = 7\n")
+    (tmp_path / "m20" / "dc.py").write_text(
+        "from __future__ import annotations\nimport dataclasses\nimport graphconv as gc\nfrom blocks import WIDTH\n"
+        "@dataclasses.dataclass\nclass Spec:\n    width: int = WIDTH\n"
+        "def build():\n    g = gc.Graph('d')\n    g.output(g.linear(g.input('x', ('N', 4)), Spec().width, name='fc'))\n"
+        "    return g\n")
+    assert int(load(f"{tmp_path}/m20/dc.py:build").node("fc").shape[1]) == 7 and "blocks" not in sys.modules
     (tmp_path / "m30" / "codegen.py").write_text("")
     code, _, err = cli(capsys, "summary", f"{tmp_path}/m30/net.py:build")
     assert code == 2 and "m30/net.py: its folder holds codegen.py, which has the name of graphconv's own 'codegen' " \

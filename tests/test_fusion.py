@@ -421,3 +421,8 @@ def test_a_pool_of_sizes_not_known_yet_is_named_as_such_in_the_fusion_ledger():
         text = ledger(g, stage)
         assert words in text and "c1: c1:" not in text, text
     assert "[conv_act_maxpool_train]" in ledger(bind_dims(g, {"H": 8, "W": 6}), "fused-train")
+    u = gc.Graph("uneven")
+    h = u.relu(u.conv2d(u.input("x", ("N", 3, 7, 7)), 4, 3, padding=1, name="c1"))
+    u.output(u.flatten(u.adaptive_max_pool2d(h, 3, name="pool")))
+    assert "pool [adaptive_max_pool2d] has windows of two sizes (its input is not a multiple of its output)" \
+        in ledger(u, "fused")

@@ -163,3 +163,7 @@ def test_an_uneven_adaptive_pool_has_no_single_receptive_field_and_a_global_one_
     g2 = gc.Graph("b")
     g2.output(g2.global_avg_pool(g2.conv2d(g2.input("x", ("N", 1, 6, 9)), 2, 3, name="c"), name="global"))
     assert receptive_fields(g2)["global"][0] == (6, 9)
+    g3 = gc.Graph("c")                                # a field already past the input's extent stays so
+    h = g3.conv2d(g3.conv2d(g3.input("x", ("N", 1, 4, 4)), 2, 5, padding=2, name="c1"), 2, 5, padding=2, name="c2")
+    g3.output(g3.apply("adaptive_avg_pool2d", h, output_size=(1, 1), name="global"))
+    assert receptive_fields(g3)["c2"][0] == (9, 9) and receptive_fields(g3)["global"][0] == (9, 9)
