@@ -257,7 +257,7 @@ class Graph(GraphCore):
         sizes = even_windows(x.shape[2:], out)
         if sizes is None:    # windows of two sizes that may overlap, or sizes not known yet: the adaptive op
             return self.add_node(f"adaptive_{mode}_pool{nd}d", [x], {"output_size": tuple(out)},
-                                 name=self._layer_name(name, f"adaptive_{mode}_pool"))
+                                 name=self._layer_name(name, "pool"))    # as the plain pool it may become
         return self._pool(mode, nd, x, sizes, name=name, stride=sizes)
 
     def _pool(self, mode, nd, x, kernel_size, name=None, **attrs):

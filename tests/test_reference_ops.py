@@ -272,6 +272,10 @@ def test_adaptive_pools_take_symbolic_sizes_and_become_plain_pools_when_bound(mo
     x = g.input("x", ("N", 3, "H", "W"))
     g.output(getattr(g, f"adaptive_{mode}_pool2d")(g.relu(g.conv2d(x, 4, 3, padding=1, name="c")), (2, 3), name="p"))
     assert g.node("p").op == f"adaptive_{mode}_pool2d" and g.node("p").shape[2:] == (2, 3)
+    auto = [gc.Graph("n"), gc.Graph("n")]                # an unnamed one is named as the plain pool it may become
+    for a, shape in zip(auto, (("N", 3, "H", "W"), ("N", 3, 8, 8))):
+        getattr(a, f"adaptive_{mode}_pool2d")(a.input("x", shape), 2)
+    assert [[n.name for n in a.topo()] for a in auto] == [["x", "pool1"], ["x", "pool1"]]
     params = gc.init_params(g)
     for hw in ((8, 9), (7, 5)):
         xv = np.random.default_rng(sum(hw)).standard_normal((2, 3, *hw))
