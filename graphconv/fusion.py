@@ -383,12 +383,32 @@ def fuse_pointwise_chains(graph):
                 refs.append(externals.index(o))
             steps.append((node.op, tuple(sorted(node.attrs.items())), tuple(refs)))
         expr = compose(steps, len(externals))
+        lost = cancelled(steps, externals, expr)
+        if lost:
+            ledger.append(Decision("pointwise_chain", names[0], names, False,
+                                   f"composed, {' -> '.join(names)} would cancel {', '.join(lost)} algebraically "
+                                   f"({expr}), and an inf or NaN there would no longer come through"))
+            continue
         before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
         fused = g.replace(names, "fused_pointwise", externals, {"expr": str(expr)})
         ledger.append(Decision("pointwise_chain", names[0], names, True, f"{fused.name} = {expr}" if len(str(expr)) < 120
                                else "", before, node_bytes(g, fused.name), fused.name))
     g.meta["fusion"] = ledger
     return g.verify()
+
+
+def cancelled(steps, externals, expr) -> list:
+    """The operands a chain's ops read (each op's own expression uses them) that the composed
+    expression no longer does: sympy cancels on construction ((x - c) - x is -c), which would turn
+    the unfused graph's NaN into a number."""
+    from .ops.fused import FusedPointwise, expression_of
+    symbols = FusedPointwise.symbols(len(externals))
+    read = set()
+    for op_name, attrs, refs in steps:
+        own = [sp.Symbol(f"_arg{i}", real=True) for i in range(len(refs))]
+        used = expression_of(op_name, dict(attrs), own).free_symbols
+        read |= {refs[i] for i in range(len(refs)) if refs[i] != -1 and own[i] in used}
+    return [externals[k] for k in sorted(read) if symbols[k] not in expr.free_symbols]
 
 
 def report(unfused, fused, batch=None) -> dict:

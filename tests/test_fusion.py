@@ -426,3 +426,24 @@ def test_a_pool_of_sizes_not_known_yet_is_named_as_such_in_the_fusion_ledger():
     u.output(u.flatten(u.adaptive_max_pool2d(h, 3, name="pool")))
     assert "pool [adaptive_max_pool2d] has windows of two sizes (its input is not a multiple of its output)" \
         in ledger(u, "fused")
+
+
+def test_a_chain_that_would_cancel_an_operand_is_not_fused():
+    """(x - c) - x composes to -c: fused, an inf or NaN in x would become a number where the unfused
+    graph gives NaN. The chain stays unfused (the ledger says why) and both backends give NaN there;
+    a chain that cancels nothing still fuses."""
+    from graphconv.fusion import format_report
+    g = gc.Graph("c")
+    x, c = g.input("x", ("N", 4)), g.param("c", (4,), ("uniform", 1.0))
+    g.output(g.sub(g.sub(x, c, name="a"), x, name="b"), g.relu(g.mul(g.sub(x, c, name="d"), c, name="e"), name="r"))
+    fused = build(g, "fused")
+    assert [n.op for n in fused.topo() if n.role == "op"].count("fused_pointwise") == 1     # d -> e -> r only
+    text = format_report(report(build_unfused(g, "fused"), fused))
+    assert "refused  a: composed, a -> b would cancel x algebraically (-a1), and an inf or NaN there would no " \
+           "longer come through" in text
+    xv, params = np.array([[np.inf, np.nan, 1, -2]], np.float32), gc.init_params(g)
+    want = gc.compile(g).run({"x": xv}, params)["b"]
+    assert np.isnan(want[0, :2]).all()
+    for backend in ("numpy", "host"):
+        got = gc.compile(fused, backend=backend).run({"x": xv}, params)["b"]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
