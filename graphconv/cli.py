@@ -315,7 +315,7 @@ def cmd_predict(args):
     """Classify a data set split or an .npy file of inputs with trained weights."""
     from . import data
     from .weights import confusion, load_weights, predict
-    graph = load_model(args)
+    graph = sizes_from_input(args, load_model(args, need_sizes=not args.input))
     params = load_weights(args.weights, graph)
     shape = tuple(int(d) for d in graph.inputs[0].shape[1:])
     if args.input:
@@ -350,6 +350,25 @@ def cmd_predict(args):
     for c in range(classes):
         print(f"{c:>4} " + "".join(f"{int(n):>{width}}" for n in counts[c]))
     return 0
+
+
+def sizes_from_input(args, graph):
+    """With --input, a symbolic input dim (H, W) takes its size from the array's shape; what the
+    array cannot give is asked for as load_model asks."""
+    from .passes import bind_dims, unbound_dims
+    missing = unbound_dims(graph)
+    if missing and args.input:
+        try:
+            shape = np.load(args.input, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError, AttributeError):
+            shape = ()          # read_inputs says what is wrong with the file
+        dims = graph.inputs[0].shape[1:]
+        example = shape[1:] if len(shape) == len(dims) + 1 else shape if len(shape) == len(dims) else ()
+        sizes = {str(d): int(n) for d, n in zip(dims, example) if getattr(d, "is_Symbol", False) and d in missing}
+        graph = bind_dims(graph, sizes) if sizes else graph
+        if unbound_dims(graph):
+            load_model(args)    # refuses with the --dim hint
+    return graph
 
 
 def read_inputs(path, shape, graph):
@@ -496,7 +515,11 @@ def load_model(args, need_sizes=True):
     from .models import load
     from .passes import bind_dims, unbound_dims
     graph = load(args.model, args.dtype)
-    dims, batch = dict(getattr(args, "dim", None) or []), graph.batch_symbol()
+    given = getattr(args, "dim", None) or []
+    dims, batch = dict(given), graph.batch_symbol()
+    for name, size in given:
+        if dims[name] != size:
+            raise GraphConvError(f"--dim {name} is given twice ({name}={size} and {name}={dims[name]}); give it once")
     if batch is not None and str(batch) in dims and getattr(args, "batch", None) is not None:
         raise GraphConvError(f"--dim {batch}={dims[str(batch)]}: {batch} is {graph.name}'s batch dim; give its size "
                              f"with --batch")
@@ -505,9 +528,13 @@ def load_model(args, need_sizes=True):
     if need_sizes and missing:
         names = ", ".join(map(str, missing))
         example = " ".join(f"--dim {d}=SIZE" for d in missing)
-        from_batch = f" (the batch dim {graph.batch_symbol()} comes from --batch)" if graph.batch_symbol() is not None else ""
-        raise GraphConvError(f"{graph.name}: its input dims {names} are symbolic and this command needs sizes; "
-                             f"give them with {example}{from_batch}")
+        n = graph.batch_symbol()
+        from_batch = "" if n is None or not hasattr(args, "batch") else \
+            f" (the batch dim {n} is the number of examples)" if getattr(args, "command", "") == "predict" else \
+            f" (the batch dim {n} comes from --batch)"
+        dims_are = f"dims {names} are" if len(missing) > 1 else f"dim {names} is"
+        raise GraphConvError(f"{graph.name}: its input {dims_are} symbolic and this command needs sizes; "
+                             f"give {'them' if len(missing) > 1 else 'it'} with {example}{from_batch}")
     return graph
 
 

@@ -343,6 +343,21 @@ def test_symbolic_spatial_dims_need_sizes_and_dim_gives_them(capsys, tmp_path):
     assert code == 2 and "fc [linear]: input has 100 features, weight expects 64" in err
     code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "C=3")
     assert code == 2 and "sym has no dim named 'C' (its inputs' symbolic dims: H, N, W)" in err
+    code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "H=8", "--dim", "W=8", "--dim", "H=16")
+    assert code == 2 and "--dim H is given twice (H=8 and H=16); give it once" in err
+    code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "H=8")
+    assert code == 2 and "its input dim W is symbolic and this command needs sizes; give it with --dim W=SIZE (the " \
+                         "batch dim N comes from --batch)" in err
+    code, _, err = cli(capsys, "emit", f"{path}:build", "-o", tmp_path / "k")     # emit has no --batch
+    assert code == 2 and err.rstrip().endswith("give them with --dim H=SIZE --dim W=SIZE")
+    code, _, _ = cli(capsys, "train", f"{path}:build", "--dim", "H=8", "--dim", "W=8", "--epochs", "1",
+                     "--save", tmp_path / "s8.npz", "--progress", "off")
+    np.save(tmp_path / "x.npy", np.zeros((3, 1, 8, 8), np.float32))
+    code, out, _ = cli(capsys, "predict", f"{path}:build", "--weights", tmp_path / "s8.npz", "--input",
+                       tmp_path / "x.npy")                                 # H and W from the array
+    assert code == 0 and "on " + str(tmp_path / "x.npy") + " (3 examples)" in out
+    code, _, err = cli(capsys, "predict", f"{path}:build", "--weights", tmp_path / "s8.npz")
+    assert code == 2 and "(the batch dim N is the number of examples)" in err
     with pytest.raises(SystemExit):
         main(["run", f"{path}:build", "--dim", "H:8"])
     assert "expected NAME=SIZE such as H=32" in capsys.readouterr().err
