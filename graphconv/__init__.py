@@ -9,6 +9,7 @@ from .ops.base import as_flag as _as_flag, as_float_dtype as _as_float_dtype
 from .ops.pointwise import define_activation, sigmoid, softplus
 from .passes import cast, set_training
 from .weights import load_state_dict, load_weights, predict, save_weights, state_dict
+from .training import Optimizer, Trainer, build_train_step
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
 
 
 __all__ = ["Graph", "Tensor", "Node", "compile", "init_params", "cast", "set_training", "define_activation",
+           "Trainer", "Optimizer", "build_train_step",
            "load_weights", "save_weights", "predict", "load_state_dict", "state_dict",
            "sigmoid", "softplus",
            "GraphConvError", "GraphError", "ShapeError", "InputError", "CheckpointError", "TrainingError",
