@@ -45,12 +45,16 @@ def cmd_dump(args):
         if args.output:
             write_file(args.output, picture)
             print(f"wrote {args.output} ({len(picture):,} bytes, {graph.name} --stage {args.stage})")
+        elif args.format == "png" and sys.stdout.isatty():
+            raise GraphConvError("--format png is binary: write it to a file with -o FILE.png")
         else:
             sys.stdout.buffer.write(picture)
         return 0
     text = FORMATS[args.format](graph)
     if args.output:
         write_file(args.output, text)
+        print(f"wrote {args.output} ({len(text.encode()):,} bytes, {graph.name} --stage {args.stage}, "
+              f"{args.format})")
     else:
         sys.stdout.write(text)
     if any(n.stage == "backward" for n in graph.topo()) and args.format == "text":
@@ -92,6 +96,9 @@ def check_bounded(args):
     if report is None:
         if done.returncode not in (0, 1):
             sys.stderr.write(done.stderr)
+        else:
+            print("bounds: every kernel ran under AddressSanitizer; no read or write outside an array it was given "
+                  "or one of its shared arrays")
         return done.returncode
     what, access, size, kernel, shared = report
     outside = f"its shared array {shared}" if shared else "the arrays it was given"
@@ -272,7 +279,8 @@ def cmd_filters(args):
     graph = load_model(args, need_sizes=False)
     params = load_weights(args.weights, graph)          # a checkpoint or a weights file (export, save_weights)
     try:
-        trained = f"after {read_checkpoint(args.weights).epoch} epochs"
+        epochs = read_checkpoint(args.weights).epoch
+        trained = f"after {epochs} epoch{'' if epochs == 1 else 's'}"
     except CheckpointError:
         trained = f"from {args.weights}"
     layer, png = filters_png(graph, params, args.layer)
@@ -641,7 +649,7 @@ def parser() -> argparse.ArgumentParser:
     s = command("summary", "the layer table: sizes, parameters, multiply-adds, receptive fields", dims=True)
     s.add_argument("--batch", type=_positive, default=None, help="batch size (default: counts per example)")
     s.add_argument("--format", default="table", choices=("table", "json"), help="output format")
-    s.add_argument("--stage", default="forward", choices=("forward", "fused", "train", "fused-train"),
+    s.add_argument("--stage", default="forward", choices=STAGE_NAMES,
                    help="forward/fused: the layer table; train/fused-train: what one training step computes and holds")
     s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")

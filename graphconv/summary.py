@@ -144,7 +144,7 @@ def format_table(s: dict) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    per = f"batch {s['batch']}" if s["batch"] is not None else "per example (N = 1)"
+    per = f"for batch {s['batch']}" if s["batch"] is not None else "per example (N = 1)"
     title = f"{s['model']} ({s['dtype']}, counts {per})"
     return "\n".join([title, line(head), rule, *map(line, body), rule, line(total)])
 

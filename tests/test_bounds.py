@@ -33,6 +33,8 @@ def test_every_kernel_stays_inside_its_arrays(args):
     done = check(*args, "--batch", "3")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " 0 mismatched" in done.stdout and "AddressSanitizer" not in done.stderr
+    assert done.stdout.rstrip().endswith("bounds: every kernel ran under AddressSanitizer; no read or write outside "
+                                         "an array it was given or one of its shared arrays")
 
 
 def test_a_kernel_reading_past_its_input_is_named_with_its_layer():

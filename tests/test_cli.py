@@ -154,6 +154,11 @@ def test_dump_pictures_cluster_layers_and_need_graphviz(capsys, tmp_path, monkey
     assert code == 0 and (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     dot = main(["dump", "lenet5", "--stage", "backward", "--format", "dot"]) or capsys.readouterr().out
     assert 'fillcolor="#fbe3cf"' in dot and '"conv1" -> "relu1" [label="0: f32[N,20,28,28]"];' in dot
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)            # a terminal gets no PNG bytes
+    code, _, err = run(capsys, "dump", "lenet5", "--format", "png")
+    assert code == 2 and "--format png is binary: write it to a file with -o FILE.png" in err
+    code, out, _ = run(capsys, "dump", "lenet5", "--format", "json", "-o", str(tmp_path / "g.json"))
+    assert code == 0 and out.startswith(f"wrote {tmp_path / 'g.json'} (") and "lenet5 --stage forward, json)" in out
     monkeypatch.setattr(_shutil, "which", lambda name: None)
     code, _, err = run(capsys, "dump", "lenet5", "--format", "svg")
     assert code == 2 and "apt-get install graphviz" in err and len(err.strip().splitlines()) == 1
