@@ -504,13 +504,19 @@ def cmd_run(args):
     from .params import init_params
     from .printer import fmt_type
     graph = load_model(args)
-    program = gc_compile(graph, backend=args.backend, tf32=args.tf32, winograd=args.winograd)
+    program = gc_compile(graph, backend=args.backend, tf32=args.tf32, winograd=args.winograd,
+                         training=False if args.eval else None)
+    active = list(dict.fromkeys("batch statistics" if n.op == "batch_norm" else "dropout on"
+                                for n in program.graph.topo()
+                                if n.op in ("batch_norm", "dropout") and n.attrs.get("training")))
+    mode = ", eval mode" if args.eval else f", training mode: {' and '.join(active)} (--eval for inference)" \
+        if active else ""
     params = init_params(graph, seed=args.seed)
     inputs = random_inputs(graph, args.batch, args.seed)
     start = time.perf_counter()
     outs = program.run(inputs, params)
     elapsed = time.perf_counter() - start
-    print(f"{graph.name} on {args.backend}{variant_words(args, program_variants(program))}: batch {args.batch}, "
+    print(f"{graph.name} on {args.backend}{variant_words(args, program_variants(program))}{mode}: batch {args.batch}, "
           f"seed {args.seed}, {elapsed * 1e3:.1f} ms")
     for name, value in outs.items():
         print(f"  {name}: {fmt_type(graph.node(name).type)} -> {value.dtype}{list(value.shape)}  "
@@ -794,6 +800,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
     s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
+    s.add_argument("--eval", action="store_true", help="inference mode: batch norm with its running statistics, "
+                                                       "dropout off (default: the graph as declared)")
     s.set_defaults(func=cmd_run)
     return p
 

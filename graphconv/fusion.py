@@ -148,6 +148,9 @@ def training_chain(graph, conv):
     if adaptive and not pools and not all(getattr(d, "is_Integer", False) for d in act.shape[2:]):
         return (f"{adaptive[0].name} [{adaptive[0].op}] pools sizes not known yet (--dim, or bind_dims, makes it a "
                 f"plain pool where they divide)")
+    if not pools and act.name not in graph.outputs:
+        return (f"no max pool follows {act.name}: the training pattern saves a max pool's output and its argmax "
+                f"codes in place of {conv.name}'s output")
     if (act_grad.op != f"{act.op}_grad" or graph.operands(act_grad.name)[0] != conv.name or len(act_users) != 2
             or len(pools) != 1 or act.name in graph.outputs):
         return f"the backward pass reads {conv.name} and {act.name} in a way no pattern covers"

@@ -228,3 +228,13 @@ def test_every_command_has_help_with_examples_that_parse(capsys):
         assert "examples:\n  graphconv " + name in out, name
         for line in EXAMPLES[name]:
             p.parse_args(shlex.split(line)[1:])
+
+
+def test_run_says_which_mode_and_eval_switches_it(capsys):
+    code, train, _ = run(capsys, "run", "vgg_small", "--batch", "2")
+    assert code == 0 and train.startswith("vgg_small on numpy, training mode: batch statistics (--eval for inference): ")
+    code, evaluated, _ = run(capsys, "run", "vgg_small", "--batch", "2", "--eval")
+    assert code == 0 and evaluated.startswith("vgg_small on numpy, eval mode: ")
+    assert train.splitlines()[1] != evaluated.splitlines()[1]          # running statistics: other outputs
+    code, out, _ = run(capsys, "run", "lenet5", "--batch", "2")
+    assert code == 0 and out.startswith("lenet5 on numpy: batch 2")    # nothing modal: no word

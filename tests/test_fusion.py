@@ -447,3 +447,13 @@ def test_a_chain_that_would_cancel_an_operand_is_not_fused():
     for backend in ("numpy", "host"):
         got = gc.compile(fused, backend=backend).run({"x": xv}, params)["b"]
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+def test_a_training_conv_without_a_max_pool_says_so():
+    from graphconv.fusion import format_report
+    g = gc.Graph("np")
+    h = g.relu(g.conv2d(g.input("x", ("N", 1, 8, 8)), 4, 3, padding=1, name="c1"))
+    g.output(g.linear(g.flatten(h), 10, name="fc"))
+    text = format_report(report(build_unfused(g, "fused-train"), build(g, "fused-train")))
+    assert "refused  c1: no max pool follows relu1: the training pattern saves a max pool's output and its argmax " \
+           "codes in place of c1's output" in text
