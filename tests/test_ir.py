@@ -251,3 +251,11 @@ def test_nodes_with_several_outputs_are_read_through_part_nodes():
     low, positive = gc.compile(g)(np.array([[-1.0, 2.0, 0.5]], np.float32))
     assert positive.dtype == np.uint8 and positive.tolist() == [[0, 1, 1]] and low.tolist() == [[-1.0, 0, 0]]
     g.verify()
+
+
+def test_an_automatic_name_after_a_digit_is_separated():
+    import sympy as sp
+    gc.define_activation("softsign2", lambda v: v / (1 + sp.Abs(v)))
+    g = gc.Graph("a")
+    h = g.activation(g.input("x", ("N", 4)), "softsign2")
+    assert [h.name, g.activation(h, "softsign2").name, g.relu(h).name] == ["softsign2_1", "softsign2_2", "relu1"]
