@@ -58,6 +58,7 @@ class Checkpoint:
     state: dict
     epoch: int
     optimizer: dict       # the settings it was trained with ({} for checkpoints that predate them)
+    input_shape: tuple = ()   # the model input it was trained on, "N" for the batch (() if not recorded)
 
 
 NPZ_MAGIC = b"PK\x03\x04"
@@ -96,7 +97,8 @@ def read_checkpoint(path, plain_ok=False) -> Checkpoint:
     if plain:
         arrays = {f"state/{k}": v for k, v in arrays.items()}
         arrays["meta/epoch"] = np.array(0)
-    unknown = sorted(k for k in arrays if not k.startswith("state/") and k not in ("meta/epoch", "meta/optimizer"))
+    unknown = sorted(k for k in arrays if not k.startswith("state/") and k not in ("meta/epoch", "meta/optimizer",
+                                                                                "meta/input"))
     if unknown:
         raise CheckpointError(f"{path}: {unknown[0]}: not part of a graphconv checkpoint (a weights file? it holds "
                               f"{', '.join(sorted(arrays)[:4])}{', ...' if len(arrays) > 4 else ''})")
@@ -113,6 +115,13 @@ def read_checkpoint(path, plain_ok=False) -> Checkpoint:
             assert isinstance(optimizer, dict)
         except (ValueError, AssertionError):
             raise CheckpointError(f"{path}: meta/optimizer is not the optimizer record graphconv writes") from None
+    input_shape = ()
+    if "meta/input" in arrays:
+        try:
+            input_shape = tuple(json.loads(str(arrays["meta/input"])))
+            assert all(isinstance(d, (int, str)) for d in input_shape)
+        except (ValueError, TypeError, AssertionError):
+            raise CheckpointError(f"{path}: meta/input is not the input record graphconv writes") from None
     state = {}
     for key, value in arrays.items():
         if not key.startswith("state/"):
@@ -126,7 +135,7 @@ def read_checkpoint(path, plain_ok=False) -> Checkpoint:
             raise CheckpointError(f"{path}: {name}: holds NaN or infinite values; this checkpoint cannot be "
                                   f"trained from (an earlier run diverged?)")
         state[name] = value
-    return Checkpoint(state, int(epoch), optimizer)
+    return Checkpoint(state, int(epoch), optimizer, input_shape)
 
 
 def check_state(path, state, graph, optimizer_kind=None):

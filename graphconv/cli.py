@@ -323,7 +323,7 @@ def cmd_predict(args):
     """Classify a data set split or an .npy file of inputs with trained weights."""
     from . import data
     from .weights import confusion, load_weights, predict
-    graph = sizes_from_input(args, load_model(args, need_sizes=not args.input))
+    graph = sizes_from_weights(args, sizes_from_input(args, load_model(args, need_sizes=False)))
     params = load_weights(args.weights, graph)
     shape = tuple(int(d) for d in graph.inputs[0].shape[1:])
     if args.input:
@@ -374,8 +374,30 @@ def sizes_from_input(args, graph):
         example = shape[1:] if len(shape) == len(dims) + 1 else shape if len(shape) == len(dims) else ()
         sizes = {str(d): int(n) for d, n in zip(dims, example) if getattr(d, "is_Symbol", False) and d in missing}
         graph = bind_dims(graph, sizes) if sizes else graph
-        if unbound_dims(graph):
-            load_model(args)    # refuses with the --dim hint
+    return graph
+
+
+def sizes_from_weights(args, graph):
+    """Symbolic input dims still unbound take the sizes the weights were trained at (a checkpoint
+    records its input); bound ones that differ get a note (a fully convolutional net may run at
+    other sizes, but the user should know)."""
+    from .checkpoint import read_checkpoint
+    from .passes import bind_dims, unbound_dims
+    try:
+        trained = read_checkpoint(args.weights, plain_ok=True).input_shape
+    except GraphConvError:
+        trained = ()        # load_weights says what is wrong with the file
+    dims = graph.inputs[0].shape
+    if len(trained) == len(dims):
+        missing = unbound_dims(graph)
+        sizes = {str(d): t for d, t in zip(dims, trained) if d in missing and isinstance(t, int)}
+        graph = bind_dims(graph, sizes) if sizes else graph
+        now = [str(d) for d in graph.inputs[0].shape[1:]]
+        if now != [str(t) for t in trained[1:]]:
+            print(f"note: {args.weights} was trained on inputs [{', '.join(map(str, trained[1:]))}]; these are "
+                  f"[{', '.join(now)}]")
+    if unbound_dims(graph):
+        load_model(args)    # refuses with the --dim hint
     return graph
 
 

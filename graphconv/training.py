@@ -337,6 +337,8 @@ class Trainer:
         arrays = {f"state/{k}": v for k, v in state.items()}
         arrays["meta/epoch"] = np.array(self.epoch)
         arrays["meta/optimizer"] = np.array(json.dumps(asdict(self.optimizer), sort_keys=True))
+        shape = self.model.node(self.input_name).shape           # the sizes it was trained at (--dim)
+        arrays["meta/input"] = np.array(json.dumps([int(d) if d.is_Integer else str(d) for d in shape]))
         write_npz(path, arrays)
 
     def load(self, path):

@@ -356,8 +356,22 @@ def test_symbolic_spatial_dims_need_sizes_and_dim_gives_them(capsys, tmp_path):
     code, out, _ = cli(capsys, "predict", f"{path}:build", "--weights", tmp_path / "s8.npz", "--input",
                        tmp_path / "x.npy")                                 # H and W from the array
     assert code == 0 and "on " + str(tmp_path / "x.npy") + " (3 examples)" in out
-    code, _, err = cli(capsys, "predict", f"{path}:build", "--weights", tmp_path / "s8.npz")
+    code, out, _ = cli(capsys, "predict", f"{path}:build", "--weights", tmp_path / "s8.npz")
+    assert code == 0 and "accuracy" in out                        # the sizes the checkpoint was trained at
+    code, _, _ = cli(capsys, "export", f"{path}:build", "--weights", tmp_path / "s8.npz", "--dim", "H=8", "--dim",
+                     "W=8", "-o", tmp_path / "plain.npz")
+    code, _, err = cli(capsys, "predict", f"{path}:build", "--weights", tmp_path / "plain.npz")    # no record
     assert code == 2 and "(the batch dim N is the number of examples)" in err
+    gap = tmp_path / "gap.py"
+    gap.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('gap')\n"
+                   "    h = g.relu(g.conv2d(g.input('x', ('N', 1, 'H', 'W')), 4, 3, padding=1, name='c'))\n"
+                   "    g.output(g.linear(g.flatten(g.global_avg_pool(h)), 10, name='fc'))\n    return g\n")
+    cli(capsys, "train", f"{gap}:build", "--dim", "H=12", "--dim", "W=10", "--epochs", "1", "--save",
+        tmp_path / "g.npz", "--progress", "off")
+    code, out, _ = cli(capsys, "predict", f"{gap}:build", "--weights", tmp_path / "g.npz", "--dim", "H=16", "--dim",
+                       "W=16")
+    assert code == 0 and out.startswith(f"note: {tmp_path / 'g.npz'} was trained on inputs [1, 12, 10]; these are "
+                                        f"[1, 16, 16]")
     with pytest.raises(SystemExit):
         main(["run", f"{path}:build", "--dim", "H:8"])
     assert "expected NAME=SIZE such as H=32" in capsys.readouterr().err
