@@ -190,7 +190,7 @@ class GraphCore:
     def fresh_name(self, prefix: str) -> str:
         while True:
             self._prefix_counts[prefix] = self._prefix_counts.get(prefix, 0) + 1
-            sep = "_" if prefix[-1:].isdigit() else ""     # softsign2 -> softsign2_1, not softsign21
+            sep = "_" if str(prefix)[-1:].isdigit() else ""     # softsign2 -> softsign2_1, not softsign21
             candidate = f"{prefix}{sep}{self._prefix_counts[prefix]}"
             if candidate not in self.nx:
                 return candidate
