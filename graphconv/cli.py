@@ -361,44 +361,46 @@ def cmd_predict(args):
 
 
 def sizes_from_input(args, graph):
-    """With --input, a symbolic input dim (H, W) takes its size from the array's shape; what the
-    array cannot give is asked for as load_model asks."""
-    from .passes import bind_dims, unbound_dims
-    missing = unbound_dims(graph)
-    if missing and args.input:
+    """With --input, a symbolic input dim (H, W) takes its size from the array's shape (one example
+    or [N, ...])."""
+    from .passes import unbound_dims
+    if args.input and unbound_dims(graph):
         try:
             shape = np.load(args.input, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError, AttributeError):
             shape = ()          # read_inputs says what is wrong with the file
-        dims = graph.inputs[0].shape[1:]
-        example = shape[1:] if len(shape) == len(dims) + 1 else shape if len(shape) == len(dims) else ()
-        sizes = {str(d): int(n) for d, n in zip(dims, example) if getattr(d, "is_Symbol", False) and d in missing}
-        graph = bind_dims(graph, sizes) if sizes else graph
+        rank = len(graph.inputs[0].shape)
+        graph = bind_like(graph, shape if len(shape) == rank else (None, *shape) if len(shape) == rank - 1 else ())
     return graph
 
 
 def sizes_from_weights(args, graph):
     """Symbolic input dims still unbound take the sizes the weights were trained at (a checkpoint
     records its input); bound ones that differ get a note (a fully convolutional net may run at
-    other sizes, but the user should know)."""
+    other sizes, but the user should know). What is still unbound is refused as load_model does."""
     from .checkpoint import read_checkpoint
-    from .passes import bind_dims, unbound_dims
     try:
         trained = read_checkpoint(args.weights, plain_ok=True).input_shape
     except GraphConvError:
         trained = ()        # load_weights says what is wrong with the file
-    dims = graph.inputs[0].shape
-    if len(trained) == len(dims):
-        missing = unbound_dims(graph)
-        sizes = {str(d): t for d, t in zip(dims, trained) if d in missing and isinstance(t, int)}
-        graph = bind_dims(graph, sizes) if sizes else graph
+    if len(trained) == len(graph.inputs[0].shape):
+        graph = bind_like(graph, trained)
         now = [str(d) for d in graph.inputs[0].shape[1:]]
         if now != [str(t) for t in trained[1:]]:
             print(f"note: {args.weights} was trained on inputs [{', '.join(map(str, trained[1:]))}]; these are "
                   f"[{', '.join(now)}]")
-    if unbound_dims(graph):
-        load_model(args)    # refuses with the --dim hint
+    refuse_unbound(args, graph)
     return graph
+
+
+def bind_like(graph, shape):
+    """The graph with each unbound symbolic dim of its first input sized as the same position of
+    `shape` (an int there; anything else leaves it)."""
+    from .passes import bind_dims, unbound_dims
+    missing = unbound_dims(graph)
+    sizes = {str(d): int(n) for d, n in zip(graph.inputs[0].shape, shape)
+             if d in missing and isinstance(n, (int, np.integer)) and not isinstance(n, bool)}
+    return bind_dims(graph, sizes) if sizes else graph
 
 
 def read_inputs(path, shape, graph):
@@ -549,7 +551,7 @@ def load_model(args, need_sizes=True):
     """The model named on the command line, with --dim sizes bound; a symbolic input dim other than
     the batch is refused with the option that gives it a size."""
     from .models import load
-    from .passes import bind_dims, unbound_dims
+    from .passes import bind_dims
     graph = load(args.model, args.dtype)
     given = getattr(args, "dim", None) or []
     dims, batch = dict(given), graph.batch_symbol()
@@ -560,8 +562,16 @@ def load_model(args, need_sizes=True):
         raise GraphConvError(f"--dim {batch}={dims[str(batch)]}: {batch} is {graph.name}'s batch dim; give its size "
                              f"with --batch")
     graph = bind_dims(graph, dims)
+    if need_sizes:
+        refuse_unbound(args, graph)
+    return graph
+
+
+def refuse_unbound(args, graph):
+    """A symbolic input dim other than the batch is refused with the option that gives it a size."""
+    from .passes import unbound_dims
     missing = unbound_dims(graph)
-    if need_sizes and missing:
+    if missing:
         names = ", ".join(map(str, missing))
         example = " ".join(f"--dim {d}=SIZE" for d in missing)
         n = graph.batch_symbol()
@@ -571,7 +581,6 @@ def load_model(args, need_sizes=True):
         dims_are = f"dims {names} are" if len(missing) > 1 else f"dim {names} is"
         raise GraphConvError(f"{graph.name}: its input {dims_are} symbolic and this command needs sizes; "
                              f"give {'them' if len(missing) > 1 else 'it'} with {example}{from_batch}")
-    return graph
 
 
 def variant_words(args, layers) -> str:

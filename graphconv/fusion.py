@@ -101,13 +101,19 @@ def conv_chain(graph, conv):
         if user.op == "fused_conv":
             return nodes, extras, epilogue, pool, (f"it feeds {user.name}, which already fused "
                                                    f"{' -> '.join(layers(user))}")
-        if user.op.startswith("adaptive_") and not all(getattr(d, "is_Integer", False) for d in current.shape[2:]):
-            return nodes, extras, epilogue, pool, (f"{user.name} [{user.op}] pools sizes not known yet (--dim, or "
-                                                   f"bind_dims, makes it a plain pool where they divide)")
         if user.op.startswith("adaptive_"):
-            return nodes, extras, epilogue, pool, (f"{user.name} [{user.op}] has windows of two sizes (its input "
-                                                   f"is not a multiple of its output), which no fused kernel pools")
+            return nodes, extras, epilogue, pool, (sizes_pending(user, current) or
+                                                   f"{user.name} [{user.op}] has windows of two sizes (its input is "
+                                                   f"not a multiple of its output), which no fused kernel pools")
         return nodes, extras, epilogue, pool, f"{user.name} [{user.op}] is neither elementwise nor a pool"
+
+
+def sizes_pending(pool, source) -> str:
+    """Why an adaptive pool over `source` does not fuse while its sizes are symbolic, or ""."""
+    if all(getattr(d, "is_Integer", False) for d in source.shape[2:]):
+        return ""
+    return (f"{pool.name} [{pool.op}] pools sizes not known yet (--dim, or bind_dims, makes it a plain pool where "
+            f"they divide)")
 
 
 def layers(node) -> list:
@@ -145,9 +151,8 @@ def training_chain(graph, conv):
         return (f"{averages[0].name} is an average pool: the gradient of {act.name} needs {conv.name} at every "
                 f"position, not only at each window's maximum, so {conv.name} stays saved")
     adaptive = [u for u in act_users if u.op.startswith("adaptive_") and u.stage == "forward"]
-    if adaptive and not pools and not all(getattr(d, "is_Integer", False) for d in act.shape[2:]):
-        return (f"{adaptive[0].name} [{adaptive[0].op}] pools sizes not known yet (--dim, or bind_dims, makes it a "
-                f"plain pool where they divide)")
+    if adaptive and not pools and sizes_pending(adaptive[0], act):
+        return sizes_pending(adaptive[0], act)
     if not pools and act.name not in graph.outputs:
         return (f"no max pool follows {act.name}: the training pattern saves a max pool's output and its argmax "
                 f"codes in place of {conv.name}'s output")
