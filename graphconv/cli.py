@@ -429,14 +429,16 @@ def read_inputs(path, shape, graph):
 
 
 def cmd_export(args):
-    """The weights of a checkpoint (optimizer state dropped) as a plain weights file."""
-    from .weights import load_weights, save_weights
+    """The weights of a checkpoint (optimizer state and dropout's step counter dropped) as a plain weights file."""
+    from .weights import RUNTIME_STATE, load_weights, save_weights
     graph = load_model(args, need_sizes=False)
-    params = load_weights(args.weights, graph)
+    params = {k: v for k, v in load_weights(args.weights, graph).items() if k not in RUNTIME_STATE}
     save_weights(args.output, params)
-    values = sum(int(v.size) for v in params.values())
-    print(f"wrote {args.output}: {len(params)} arrays of {graph.name} ({values:,} values, {graph.dtype}) from "
-          f"{args.weights}")
+    trainable = {p.name for p in graph.params if p.role == "param"}
+    counts = [sum(int(v.size) for k, v in params.items() if (k in trainable) == want) for want in (True, False)]
+    buffers = f" + {counts[1]:,} in buffers" if counts[1] else ""
+    print(f"wrote {args.output}: {len(params)} arrays of {graph.name} ({counts[0]:,} parameters{buffers}, "
+          f"{graph.dtype}) from {args.weights}")
     return 0
 
 
@@ -819,8 +821,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_positive, default=256, help="examples per run")
     s.set_defaults(func=cmd_predict)
 
-    s = command("export", "write the weights of a checkpoint as a plain weights file (optimizer state dropped)",
-                dims=True)
+    s = command("export", "write the weights of a checkpoint as a plain weights file (optimizer state and "
+                "run-time counters dropped)", dims=True)
     s.add_argument("--weights", required=True, help="a checkpoint written by graphconv train --save")
     s.add_argument("-o", "--output", required=True, help="the weights file to write (.npz)")
     s.set_defaults(func=cmd_export)

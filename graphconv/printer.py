@@ -124,7 +124,8 @@ def to_dot(graph) -> str:
             attrs = fmt_attrs(non_default_attrs(n), skip=("init", "shape", "dtype", "trainable", "epilogue", "pool",
                                                           "act", "expr"))
             replaced = f"\n= {' -> '.join(r[0] for r in n.replaces)}" if n.replaces else ""
-            label = _q(f"{n.name}\n{n.op}{attrs}{replaced}\n{fmt_type(n.type)}").replace("\n", "\\n")
+            kind = n.role if n.op == "param" else n.op       # a non-trainable param is a buffer
+            label = _q(f"{n.name}\n{kind}{attrs}{replaced}\n{fmt_type(n.type)}").replace("\n", "\\n")
             lines.append(f"{indent}{_q(n.name)} [label={label}{style}];")
         if cluster:
             lines.append("  }")

@@ -81,6 +81,45 @@ def test_predict_and_export_on_the_command_line(trained, tmp_path):
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+NET_WITH_BUFFERS = """
+import graphconv as gc
+
+def net():
+    g = gc.Graph("bufnet")
+    x = g.input("x", ("N", 1, 8, 8))
+    h = g.relu(g.batch_norm2d(g.conv2d(x, 4, 3, padding=1, name="c1"), name="bn1"))
+    h = g.dropout(g.flatten(g.max_pool2d(h, 2)), 0.25)
+    g.output(g.linear(h, 10, name="fc"))
+    return g
+"""
+
+
+def test_export_keeps_parameters_and_buffers_and_drops_the_dropout_step_counter(tmp_path, capsys):
+    """A weights file is for using the model: batch norm's running statistics go in, dropout's step
+    counter (training's run-time state; loading starts it afresh) does not, and the message counts
+    parameters as `summary` does, buffers apart."""
+    from graphconv.cli import main
+    from graphconv.models import load
+    from graphconv.printer import to_dot
+    model = f"{tmp_path / 'net.py'}:net"
+    (tmp_path / "net.py").write_text(NET_WITH_BUFFERS)
+    graph = load(model)
+    trainer = Trainer(graph, Optimizer("adam", lr=1e-3), seed=0)
+    trainer.step(np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32), np.arange(8))
+    trainer.save(tmp_path / "ck.npz")
+    assert main(["export", model, "--weights", str(tmp_path / "ck.npz"), "-o", str(tmp_path / "w.npz")]) == 0
+    out = capsys.readouterr().out
+    size = lambda role: sum(int(np.prod(p.shape)) for p in graph.params if p.role == role)  # noqa: E731
+    assert size("param") == 4 * 9 + 4 + 4 + 4 + 64 * 10 + 10 and size("buffer") == 8 + 1    # + the counter
+    assert "(698 parameters + 8 in buffers, float32)" in out, out
+    with np.load(tmp_path / "w.npz") as f:
+        assert "dropout.step" not in f.files and {"bn1.running_mean", "bn1.running_var"} <= set(f.files)
+    loaded = gc.load_weights(tmp_path / "w.npz", graph)                 # the counter starts afresh
+    assert loaded["dropout.step"] == 0 and np.array_equal(loaded["bn1.running_var"], trainer.params["bn1.running_var"])
+    dot = to_dot(graph)
+    assert "dropout.step\\nbuffer" in dot and "bn1.running_mean\\nbuffer" in dot and "c1.weight\\nparam" in dot
+
+
 def test_weights_of_another_model_are_refused_by_name(trained):
     _, path, _, _ = trained
     with pytest.raises(CheckpointError, match="conv1.bias: vgg_small has no parameter or buffer of that name"):
