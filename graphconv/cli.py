@@ -374,20 +374,25 @@ def sizes_from_input(args, graph):
     return graph
 
 
-def sizes_from_weights(args, graph):
-    """Symbolic input dims still unbound take the sizes the weights were trained at (a checkpoint
-    records its input); bound ones that differ get a note (a fully convolutional net may run at
-    other sizes, but the user should know). What is still unbound is refused as load_model does."""
+def sizes_from_weights(args, graph, path=None):
+    """Symbolic input dims still unbound take the sizes the weights at `path` (--weights) were
+    trained at (a checkpoint records its input); bound ones that differ get a note (a fully
+    convolutional net may run at other sizes, but the user should know). What is still unbound is
+    refused as load_model does."""
     from .checkpoint import read_checkpoint
+    from .passes import unbound_dims
+    path = path or args.weights
     try:
-        trained = read_checkpoint(args.weights, plain_ok=True).input_shape
+        trained = read_checkpoint(path, plain_ok=True).input_shape
     except GraphConvError:
+        if unbound_dims(graph):
+            raise           # what is wrong with the file comes before the sizes it would have given
         trained = ()        # load_weights says what is wrong with the file
     if len(trained) == len(graph.inputs[0].shape):
         graph = bind_like(graph, trained)
         now = [str(d) for d in graph.inputs[0].shape[1:]]
         if now != [str(t) for t in trained[1:]]:
-            print(f"note: {args.weights} was trained on inputs [{', '.join(map(str, trained[1:]))}]; these are "
+            print(f"note: {path} was trained on inputs [{', '.join(map(str, trained[1:]))}]; these are "
                   f"[{', '.join(now)}]")
     refuse_unbound(args, graph)
     return graph
@@ -445,7 +450,9 @@ def cmd_export(args):
 def cmd_train(args):
     from . import data
     from .training import Optimizer, Trainer, batches, check_writable, read_checkpoint
-    graph = load_model(args)
+    graph = load_model(args, need_sizes=not args.resume)
+    if args.resume:         # symbolic sizes as the checkpoint was trained at, unless --dim says otherwise
+        graph = sizes_from_weights(args, graph, args.resume)
     dataset = args.data or data.default_dataset(graph.inputs[0].shape)
     if args.momentum is not None and args.optimizer != "sgd":
         raise GraphConvError(f"--momentum is an sgd setting; adam has none (use --optimizer sgd, or drop --momentum)")

@@ -372,6 +372,17 @@ def test_symbolic_spatial_dims_need_sizes_and_dim_gives_them(capsys, tmp_path):
                        "W=16")
     assert code == 0 and out.startswith(f"note: {tmp_path / 'g.npz'} was trained on inputs [1, 12, 10]; these are "
                                         f"[1, 16, 16]")
+    code, out, _ = cli(capsys, "train", f"{gap}:build", "--resume", tmp_path / "g.npz", "--epochs", "1", "--save",
+                       tmp_path / "g2.npz", "--progress", "off")                  # the sizes it was trained at
+    assert code == 0 and out.startswith(f"resumed from {tmp_path / 'g.npz'} after epoch 1"), out
+    assert gc.checkpoint.read_checkpoint(tmp_path / "g2.npz").input_shape[1:] == (1, 12, 10)
+    code, out, _ = cli(capsys, "train", f"{gap}:build", "--resume", tmp_path / "g.npz", "--dim", "H=16", "--dim",
+                       "W=16", "--epochs", "1", "--save", tmp_path / "g3.npz", "--progress", "off")
+    assert code == 0 and out.startswith(f"note: {tmp_path / 'g.npz'} was trained on inputs [1, 12, 10]; these are "
+                                        f"[1, 16, 16]"), out
+    for command, option in (("train", "--resume"), ("predict", "--weights")):      # the file's fault comes first
+        code, _, err = cli(capsys, command, f"{gap}:build", option, tmp_path / "nope.npz")
+        assert code == 2 and "nope.npz: no such checkpoint" in err, err
     with pytest.raises(SystemExit):
         main(["run", f"{path}:build", "--dim", "H:8"])
     assert "expected NAME=SIZE such as H=32" in capsys.readouterr().err
