@@ -28,6 +28,7 @@ import sympy as sp
 
 from .ops import OPS
 from .ops.base import nbytes
+from .ir import records
 from .ops.fused import compose, epilogue_step, pool_spec
 
 POOLS = {f"{mode}_pool{nd}d" for mode in ("max", "avg") for nd in (1, 2, 3)}
@@ -69,7 +70,7 @@ def conv_chain(graph, conv):
         if current.name in graph.outputs:
             return nodes, extras, epilogue, pool, f"{current.name} is a graph output"
         if len({u for u, _ in users}) != 1 or len(users) != 1:
-            names = ", ".join(dict.fromkeys(u for u, _ in users)) or "none"
+            names = ", ".join(called(graph.node(u)) for u in dict.fromkeys(u for u, _ in users)) or "none"
             return nodes, extras, epilogue, pool, (f"{current.name} has {len(users)} users ({names}): not fused into "
                                                    f"{layers(conv)[0]}")
         user = graph.node(users[0][0])
@@ -105,7 +106,7 @@ def conv_chain(graph, conv):
             return nodes, extras, epilogue, pool, (sizes_pending(user, current) or
                                                    f"{user.name} [{user.op}] has windows of two sizes (its input is "
                                                    f"not a multiple of its output), which no fused kernel pools")
-        return nodes, extras, epilogue, pool, f"{user.name} [{user.op}] is neither elementwise nor a pool"
+        return nodes, extras, epilogue, pool, f"{called(user)} [{user.op}] is neither elementwise nor a pool"
 
 
 def sizes_pending(pool, source) -> str:
@@ -119,6 +120,12 @@ def sizes_pending(pool, source) -> str:
 def layers(node) -> list:
     """The names a node stands for: itself, or what it replaced."""
     return [r[0] for r in node.replaces] if node.replaces else [node.name]
+
+
+def called(node) -> str:
+    """A node as the ledger names it: a conv with its batch norm folded in is `conv2+bn2` (the node
+    itself took the batch norm's name)."""
+    return "+".join(layers(node))
 
 
 def max_window(pool) -> int:
@@ -189,9 +196,8 @@ def fuse_training_chain(g, conv, match):
              "save": "argmax" if aux_from_output else "argmax_preact"}
     forward, backward = [conv, act, pool], [pool_bwd, act_grad]
     edges = g.remove([n.name for n in forward + backward])
-    record = tuple((n.name, n.op, dict(n.attrs)) for n in forward)
     fused = g.add_node("fused_conv", operands, attrs, name=f"{pool.name}.fused", layer=conv.layer,
-                       index=conv.index, replaces=record)
+                       index=conv.index, replaces=records(forward))
     parts = {}
     for i, (suffix, index) in enumerate((("", pool.index), (".argmax", act.index), (".preact", None))):
         if i == 2 and aux_from_output:
@@ -204,7 +210,7 @@ def fuse_training_chain(g, conv, match):
                      {"act": (act.op, tuple(sorted(act.attrs.items()))), "pool": pool_spec(pool.op, pool.attrs),
                       "input_size": spatial},
                      name=act_grad.name, layer=act_grad.layer, provenance=dict(act_grad.provenance), stage="backward",
-                     index=pool_bwd.index, replaces=tuple((n.name, n.op, dict(n.attrs)) for n in backward))
+                     index=pool_bwd.index, replaces=records(backward))
     g.reconnect(bwd.name, edges[act_grad.name])
     return fused, bwd
 

@@ -68,6 +68,12 @@ class Node:
         return "op"
 
 
+def records(nodes) -> tuple:
+    """What a node replacing `nodes` stands for, as (name, op, attrs) records: a node that is itself
+    a replacement (a conv with its batch norm folded in) contributes what it replaced."""
+    return tuple(r for n in nodes for r in (n.replaces or ((n.name, n.op, dict(n.attrs)),)))
+
+
 class Tensor:
     """What builder calls return: a handle naming one node of one graph."""
     __slots__ = ("graph", "name")
@@ -323,9 +329,8 @@ class GraphCore:
             op.check_arity(len(operand_names))
             attrs = op.check_attrs(dict(attrs or {}))
             out_type = op.infer([self.node(o).type for o in operand_names], attrs)
-        record = tuple((n.name, n.op, dict(n.attrs)) for n in nodes)
         node = Node(name, op_name, attrs, out_type, layer or root.layer, root.index, dict(root.provenance),
-                    stage or root.stage, record)
+                    stage or root.stage, records(nodes))
         self.nx.add_node(name, node=node)
         for key, src in enumerate(operand_names):
             self.nx.add_edge(src, name, key=key)

@@ -281,6 +281,21 @@ def test_batch_norm_folding_equals_the_unfolded_eval_graph(bias, affine, groups)
                                rtol=1e-11, atol=1e-12)
 
 
+def test_a_folded_conv_is_named_by_both_layers_in_the_ledger_and_the_dump():
+    """A conv with its batch norm folded in takes the batch norm's node name; what a later fusion
+    records, and what the ledger says of it, names the conv too (`stem+stem_bn`, not `stem_bn`)."""
+    from graphconv.printer import to_text
+    fused = build(MODELS["resnet8"](), "fused")
+    relu1 = fused.node("relu1")
+    assert [r[0] for r in relu1.replaces] == ["stem", "stem_bn", "relu1"]
+    assert [r[1] for r in relu1.replaces] == ["conv2d", "batch_norm", "relu"]
+    assert "# replaces=stem+stem_bn+relu1" in to_text(fused)
+    reasons = {d.into: d.reason for d in fused.meta["fusion"] if d.rule == "conv_chain"}
+    assert reasons["relu1"] == ("relu1 has 2 users (block1.conv1+block1.bn1, block1.add): not "
+                                "fused into stem")
+    assert reasons["block1.relu1"] == "block1.conv2+block1.bn2 [conv2d] is neither elementwise nor a pool"
+
+
 def test_batch_norm_is_not_folded_in_training_mode_or_when_the_conv_has_other_users():
     from graphconv.fusion import fold_batch_norm
     g = gc.Graph("bn")
