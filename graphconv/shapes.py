@@ -5,6 +5,7 @@ cannot decide, so a symbolic batch size never produces a spurious error.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import sympy as sp
@@ -68,7 +69,47 @@ def numel(shape) -> sp.Expr:
 
 
 def fmt_dim(d) -> str:
-    return str(d).replace(" ", "")
+    return str(tidy(d)).replace(" ", "")
+
+
+@functools.lru_cache(maxsize=4096)
+def tidy(expr) -> sp.Expr:
+    """A size expression in a shorter form of the same value, for display: each floor or ceiling of
+    an integer over a whole divisor is tried as the other rounding (floor(n/d) = ceiling((n-d+1)/d))
+    and with a rounding of its own kind inside taken out (floor(floor(x)/d) = floor(x/d)); a form is
+    kept when the whole expression gets shorter. A stride-2 conv's floor(H/2 - 1/2) + 1 reads
+    ceiling(H/2), two of them ceiling(H/4). The shapes themselves are never rewritten."""
+    expr = sp.sympify(expr)
+    tried = set()
+    while True:
+        atoms = sorted((a for a in expr.atoms(sp.floor, sp.ceiling) if a not in tried), key=_display_key)
+        if not atoms:
+            return expr
+        for atom in atoms:
+            tried.add(atom)
+            best = min([expr, *(expr.xreplace({atom: alt}) for alt in _roundings(atom))], key=_display_key)
+            if best != expr:
+                expr = best
+                break
+
+
+def _display_key(expr):
+    return len(str(expr)), str(expr)
+
+
+def _roundings(atom) -> list:
+    """The forms of floor(n/d) or ceiling(n/d) (n integer-valued, d a whole number) that are equal to
+    it: as the other rounding, and either with a rounding of the same kind inside n taken out."""
+    kind = type(atom)
+    other = sp.ceiling if kind is sp.floor else sp.floor
+    num, den = sp.fraction(sp.together(atom.args[0]))
+    if not (den.is_Integer and den > 1 and num.is_integer):
+        return []
+    shift = 1 - den if kind is sp.floor else den - 1
+    forms = [other((num + shift) / den)]
+    for k, n in ((kind, num), (other, num + shift)):     # k((k(x) + r)/d) = k((x + r)/d), r integer
+        forms += [k((n - term + term.args[0]) / den) for term in sp.Add.make_args(n) if isinstance(term, k)]
+    return forms
 
 
 def fmt_shape(shape, sep=",") -> str:

@@ -13,12 +13,12 @@ import sympy as sp
 from .autodiff import saved_bytes
 from .ops import OPS
 from .ops.base import ITEMSIZE, nbytes
-from .shapes import numel
+from .shapes import fmt_dim, numel
+
 
 def _value(expr, bindings):
-    v = sp.sympify(expr).subs(bindings)
-    v = sp.simplify(v)
-    return int(v) if v.is_Integer else str(v).replace(" ", "")
+    v = sp.simplify(sp.sympify(expr).subs(bindings))
+    return int(v) if v.is_Integer else fmt_dim(v)
 
 
 def receptive_fields(graph) -> dict:
@@ -34,18 +34,18 @@ def receptive_fields(graph) -> dict:
             continue
         if node.op == "input":
             spatial = node.shape[2:]
-            ok = len(node.shape) >= 3 and all(d.is_Integer for d in spatial)
-            out[node.name] = ((1,) * len(spatial), (1,) * len(spatial), tuple(int(d) for d in spatial)) if ok else None
+            out[node.name] = ((1,) * len(spatial), (1,) * len(spatial), tuple(spatial)) if len(node.shape) >= 3 \
+                else None
             continue
         states = [out.get(o) for o in graph.operands(node.name)]
         states = [s for s in states if s is not None]
         if not states or OPS[node.op].kind == "reduction" or OPS[node.op].resamples:
             out[node.name] = None
             continue
-        rf, jump, extent = (tuple(max(v) for v in zip(*[s[i] for s in states])) for i in range(3))
+        rf, jump, extent = (tuple(_most(v) for v in zip(*[s[i] for s in states])) for i in range(3))
         if node.op.startswith("adaptive_"):   # windows of two sizes and a stride that is not whole: a global
             global_ = all(o == 1 for o in node.attrs["output_size"])          # pool sees all, others no one window
-            out[node.name] = (tuple(max(r, e) for r, e in zip(rf, extent)), jump, extent) if global_ else None
+            out[node.name] = (tuple(_most(pair) for pair in zip(rf, extent)), jump, extent) if global_ else None
             continue
         op = OPS[node.op]
         windows = op.windows([graph.node(o).type for o in graph.operands(node.name)], node.attrs)
@@ -53,9 +53,14 @@ def receptive_fields(graph) -> dict:
             rf = tuple(r + d * (k - 1) * j for r, k, d, j in zip(rf, kernel, dilation, jump))
             jump = tuple(j * s for j, s in zip(jump, stride))
         if not windows and op.mixes_all:
-            rf = tuple(max(r, e) for r, e in zip(rf, extent))
+            rf = tuple(_most(pair) for pair in zip(rf, extent))
         out[node.name] = (rf, jump, extent)
     return out
+
+
+def _most(values):
+    """The largest of sizes, symbolic ones too (a symbolic input's extent H: Max(16, H))."""
+    return max(values) if all(isinstance(v, int) or v.is_Integer for v in values) else sp.Max(*values)
 
 
 def weight_computations(graph) -> set:
@@ -97,7 +102,7 @@ def summarize(graph, batch=None) -> dict:
             "weight_shape": weight_shape,
             "params": _value(cost.params, bindings),
             "macs": _value(cost.macs, bindings),
-            "receptive_field": list(rf[0]) if rf else None,
+            "receptive_field": [_value(r, {}) for r in rf[0]] if rf else None,
             "activation_bytes": _value(activation_bytes, bindings),
         })
     # totals of the symbolic expressions: a row like 216*H*W keeps the total symbolic

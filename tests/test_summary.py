@@ -5,6 +5,8 @@ import pytest
 
 import graphconv as gc
 from graphconv.models import MODELS, lenet5, seed_conv
+from graphconv.passes import bind_dims
+from graphconv.shapes import symbol
 from graphconv.summary import format_json, format_table, summarize
 from torch_oracle import torch
 
@@ -159,7 +161,7 @@ def test_an_uneven_adaptive_pool_has_no_single_receptive_field_and_a_global_one_
              g.global_avg_pool(g.input("y", ("N", 1, "H", "W")), name="global"))
     rf = receptive_fields(g)
     assert rf["c"][0] == (3, 3) and rf["uneven"] is None and rf["also"] is None    # windows 3 and 2 (5 -> 2)
-    assert rf["global"] is None                       # symbolic sizes: no extent to see
+    assert rf["global"][0] == (symbol("H"), symbol("W"))     # symbolic sizes: the whole input, H x W
     g2 = gc.Graph("b")
     g2.output(g2.global_avg_pool(g2.conv2d(g2.input("x", ("N", 1, 6, 9)), 2, 3, name="c"), name="global"))
     assert receptive_fields(g2)["global"][0] == (6, 9)
@@ -167,3 +169,23 @@ def test_an_uneven_adaptive_pool_has_no_single_receptive_field_and_a_global_one_
     h = g3.conv2d(g3.conv2d(g3.input("x", ("N", 1, 4, 4)), 2, 5, padding=2, name="c1"), 2, 5, padding=2, name="c2")
     g3.output(g3.apply("adaptive_avg_pool2d", h, output_size=(1, 1), name="global"))
     assert receptive_fields(g3)["c2"][0] == (9, 9) and receptive_fields(g3)["global"][0] == (9, 9)
+
+
+def test_symbolic_sizes_read_shortest_and_keep_their_receptive_fields():
+    """A stride-2 conv's floor(H/2 - 1/2) + 1 reads ceiling(H/2) (the shapes keep their form; the
+    display is checked equal to them in test_shapes); receptive fields do not depend on H, W up to a
+    layer that sees the whole input, which sees Max(its field, H)."""
+    g = gc.Graph("sym")
+    h = g.relu(g.conv2d(g.input("x", ("N", 3, "H", "W")), 8, 3, stride=2, padding=1, name="c1"))
+    h = g.max_pool2d(g.conv2d(h, 8, 5, stride=2, name="c2"), 3, stride=2, name="pool")
+    g.output(g.linear(g.flatten(g.adaptive_avg_pool2d(h, 1, name="gap")), 10, name="fc"))
+    rows = {r["name"]: r for r in summarize(g)["layers"]}
+    assert rows["c1"]["output_shape"] == ["N", 8, "ceiling(H/2)", "ceiling(W/2)"]
+    assert rows["c2"]["output_shape"][2:] == ["ceiling(H/4)-2", "ceiling(W/4)-2"]
+    assert rows["pool"]["output_shape"][2:] == ["ceiling(H/8)-2", "ceiling(W/8)-2"]
+    assert rows["c1"]["macs"] == "216*ceiling(H/2)*ceiling(W/2)"
+    assert [rows[n]["receptive_field"] for n in ("c1", "c2", "pool", "gap", "fc")] == [
+        [3, 3], [11, 11], [19, 19], ["Max(19,H)", "Max(19,W)"], ["Max(19,H)", "Max(19,W)"]]
+    bound = summarize(bind_dims(g, {"H": 40, "W": 64}))
+    sized = {r["name"]: r for r in bound["layers"]}
+    assert sized["pool"]["output_shape"][2:] == [3, 6] and sized["fc"]["receptive_field"] == [40, 64]
