@@ -150,7 +150,11 @@ def layer_phase(graph, launch):
 
 
 def graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer):
-    graph = build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train")
+    return layer_ms(args, build(layer_graph(c_in, c_out, size, k, pad, input_grad), "fused-train"), batch, timer)
+
+
+def layer_ms(args, graph, batch, timer):
+    """The forward and backward launches of `graph`'s layer "conv", each phase timed as a whole."""
     program, step = bound_step(graph, args.backend, batch, args.tf32)
     picked = {"forward": [], "backward": []}
     for launch, bound in zip(program.program.launches, step.launches):
@@ -170,8 +174,16 @@ def graphconv_layer(args, c_in, c_out, size, k, pad, batch, input_grad, timer):
 def torch_layer(c_in, c_out, size, k, pad, batch, input_grad, timer, compiled):
     import torch
     module = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, k, padding=pad), torch.nn.ReLU(),
-                                 torch.nn.MaxPool2d(2)).cuda()
-    x = torch.randn(batch, c_in, size, size, device="cuda", requires_grad=input_grad)
+                                 torch.nn.MaxPool2d(2))
+    return torch_module_ms(module, (batch, c_in, size, size), input_grad, timer, compiled)
+
+
+def torch_module_ms(module, shape, input_grad, timer, compiled):
+    """PyTorch's forward and backward (gradients of the input where `input_grad`, and of the
+    parameters) of `module` on a random input, the backward's time less the forward's."""
+    import torch
+    module = module.cuda()
+    x = torch.randn(*shape, device="cuda", requires_grad=input_grad)
     if compiled:
         torch._dynamo.reset()       # a fresh compile per layer (else dynamo's recompile limit falls back to eager)
     fn = torch.compile(module) if compiled else module
@@ -330,6 +342,55 @@ def profile(args, name, batch, repeats=20):
     return sorted(rows, key=lambda r: -r["ms"])
 
 
+# (layer, channels, size, stride) of MobileNet-v1-like 3 x 3 depthwise layers (padding 1), timed by
+# --depthwise: no bundled model has one
+DEPTHWISE = [("dw 112x112x32", 32, 112, 1), ("dw 56x56x128", 128, 56, 1), ("dw 56x56x128 s2", 128, 56, 2),
+             ("dw 14x14x512", 512, 14, 1), ("dw 7x7x1024", 1024, 7, 1)]
+
+
+def depthwise_graph(c, size, stride):
+    """1x1 conv (so the layer's backward includes its input gradient) -> the depthwise conv "conv" ->
+    ReLU -> global average pool -> classifier."""
+    g = gc.Graph("layer")
+    h = g.conv2d(g.input("x", ("N", c, size, size)), c, 1, name="pre")
+    h = g.relu(g.conv2d(h, c, 3, stride=stride, padding=1, groups=c, name="conv"))
+    g.output(g.linear(g.flatten(g.global_avg_pool(h)), 10, name="fc"))
+    return g
+
+
+def depthwise(args, timer, say, attempt, with_torch):
+    """Each DEPTHWISE layer at batch 64 and 256, forward and backward: the depthwise kernels (session
+    10), the implicit GEMM they replaced (depthwise.ENABLED = False) and PyTorch eager (cuDNN)."""
+    rows = []
+    for layer, c, size, stride in DEPTHWISE:
+        for batch in (4,) if args.smoke else (64, 256):
+            graph = build(depthwise_graph(c, size, stride), "fused-train")
+            ours = attempt(f"depthwise {layer} {batch}", lambda: layer_ms(args, graph, batch, timer), {})
+            gemm = attempt(f"depthwise {layer} {batch} as the GEMM", lambda: under(
+                {"depthwise.ENABLED": False}, lambda: layer_ms(args, graph, batch, timer)), {})
+            eager = attempt(f"eager depthwise {layer} {batch}", lambda: torch_depthwise(c, size, stride, batch, timer),
+                            {}) if with_torch else {}
+            out = -(-size // stride)
+            for phase in ("forward", "backward"):
+                # forward: x read, y written; backward: dy read (twice: dx and dw), x read, dx written
+                moved = 4 * batch * c * (size * size + out * out if phase == "forward" else 2 * size * size + 2 * out * out)
+                row = {"layer": layer, "batch": batch, "phase": phase, "MB": moved / 1e6,
+                       "graphconv_ms": ours.get(phase, {}).get("ms"), "gemm_ms": gemm.get(phase, {}).get("ms"),
+                       "eager_ms": eager.get(phase, {}).get("ms"), "kernels": ours.get(phase, {}).get("kernels")}
+                rows.append(row)
+                say(f"{layer} batch {batch} {phase}: {ms_text(row['graphconv_ms'])} ms (the GEMM "
+                    f"{ms_text(row['gemm_ms'])}, eager {ms_text(row['eager_ms'])}; "
+                    f"{ratio_text(row['graphconv_ms'], row['eager_ms'])} eager, "
+                    f"{moved / 1e6 / (row['graphconv_ms'] or float('inf')):.0f} GB/s of its least bytes)")
+    return rows
+
+
+def torch_depthwise(c, size, stride, batch, timer):
+    import torch
+    return torch_module_ms(torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, stride, 1, groups=c), torch.nn.ReLU()),
+                           (batch, c, size, size), True, timer, False)
+
+
 # earlier rules of the GEMM lowering, each timed against the current one by --variants
 VARIANTS = {# opt-in (session 7, never timed): 3 x 3 convolutions by Winograd F(2x2, 3x3), first so that a
             # short lease times it on the worst layer before anything else
@@ -363,10 +424,10 @@ def rule_place(name):
     """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, "direct_wgrad.X" the
     direct weight gradient's, "direct_tf32.X" the TF32 direct convolution's, "winograd.X" the Winograd
     convolution's, a bare name the GEMM's."""
-    from codegen.lowering import direct, direct_tf32, direct_wgrad, gemm, winograd
+    from codegen.lowering import depthwise, direct, direct_tf32, direct_wgrad, gemm, winograd
     module, _, attribute = name.rpartition(".")
     return ({"direct": direct, "direct_wgrad": direct_wgrad, "direct_tf32": direct_tf32, "winograd": winograd,
-             "": gemm}[module], attribute)
+             "depthwise": depthwise, "": gemm}[module], attribute)
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
@@ -512,6 +573,8 @@ def main():
     ap.add_argument("--variants", action="store_true", help="each layer under the earlier rules that change its kernels (VARIANTS), "
                     "then vgg_small's and LeNet-5's steps under the Winograd and weight-gradient rules (STEP_RULES; with "
                          "--tf32 also TF32_STEP_RULES: the FP32 kernels the tensor-core ones replace)")
+    ap.add_argument("--depthwise", action="store_true", help="time MobileNet-like depthwise layers (DEPTHWISE) "
+                    "against the GEMM they used before session 10 and PyTorch eager")
     ap.add_argument("--no-main", action="store_true",
                     help="skip the layer, step, bandwidth and torch.compile rows (with --profile / --variants)")
     args = ap.parse_args()
@@ -598,6 +661,9 @@ def main():
                 by_template[r["template"]] = by_template.get(r["template"], 0.0) + r["ms"]
             say("  by template: " + ", ".join(f"{t.split('.')[0]} {ms:.3f} ms" for t, ms in
                                               sorted(by_template.items(), key=lambda kv: -kv[1])))
+        write(args, result, log)
+    if args.depthwise:
+        result["depthwise"] = attempt("depthwise", lambda: depthwise(args, timer, say, attempt, not args.smoke), [])
         write(args, result, log)
     if args.variants:
         result["variants"] = attempt("variants", lambda: variants(args, timer, say), [])

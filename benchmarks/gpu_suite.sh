@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, from the source tree, with only what the GPU machines have:
-#   bash benchmarks/gpu_suite.sh [tests] [bench] [bench-tf32] [variants] [variants-tf32] [sanitizer] [exported]   (no argument: all)
+#   bash benchmarks/gpu_suite.sh [tests] [bench] [bench-tf32] [variants] [variants-tf32] [sanitizer] [depthwise] [exported]   (no argument: all)
 # tests:     every test marked gpu except compute-sanitizer (pytest -m gpu), in 8 processes
 # bench:     benchmarks/bench_gpu.py --save (torch.compile rows within BENCH_BUDGET_S seconds)
 # bench-tf32: the same with TF32 on both sides
@@ -11,6 +11,8 @@
 # variants-tf32: the same with --tf32 (the session-6 tensor-core direct convolutions and weight
 #            gradients against the FP32 kernels they replace, and the one-buffer rule), no --profile
 # sanitizer: the compute-sanitizer memcheck and racecheck tests, where the tool is installed
+# depthwise: bench_gpu.py --depthwise --no-main: MobileNet-like depthwise layers, the depthwise kernels
+#            against the GEMM they replaced and PyTorch eager
 # exported:  cubins compiled elsewhere by NVRTC 13.5 (GRAPHCONV_EXPORTED, see device_check.py) checked here
 # Logs and results go to $OUT (default benchmarks/results/logs); each step has a time limit.
 set -u
@@ -19,7 +21,7 @@ OUT=${OUT:-benchmarks/results/logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STEPS=${*:-tests bench bench-tf32 variants variants-tf32 sanitizer exported}
+STEPS=${*:-tests bench bench-tf32 variants variants-tf32 sanitizer depthwise exported}
 PAR=""  # pytest-xdist and pytest-timeout where installed (the GPU machines have both)
 $PY -c "import xdist" 2>/dev/null && PAR="-n ${JOBS:-8}"
 $PY -c "import pytest_timeout" 2>/dev/null && PAR="$PAR --timeout 240"
@@ -45,6 +47,9 @@ for step in $STEPS; do
     variants-tf32)
       timeout "${VARIANTS_S:-420}" $PY benchmarks/bench_gpu.py --variants --tf32 --no-main --out "$OUT/variants-tf32" \
         ${BENCH_ARGS:-} 2>&1 | tee "$OUT/variants-tf32.log"; s=${PIPESTATUS[0]} ;;
+    depthwise)
+      timeout "${DEPTHWISE_S:-300}" $PY benchmarks/bench_gpu.py --depthwise --no-main --out "$OUT/depthwise" \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/depthwise.log"; s=${PIPESTATUS[0]} ;;
     sanitizer)
       timeout "${SANITIZER_S:-300}" $PY -m pytest -q tests/test_gpu.py -m gpu -k sanitizer -p no:cacheprovider 2>&1 \
         | tee "$OUT/sanitizer.log"; s=${PIPESTATUS[0]} ;;

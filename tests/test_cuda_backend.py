@@ -316,3 +316,29 @@ def test_the_step_variants_time_the_tf32_rules_under_tf32_only(monkeypatch):
     assert all(vgg[label] == 1.5 for label in bench.TF32_STEP_RULES)
     assert lenet["TF32: weight gradients on the FP32 cores"] == "same kernels"
     assert lenet["TF32: direct convolutions on the FP32 cores"] == 1.5
+
+
+def test_the_depthwise_benchmark_times_the_depthwise_kernels_and_the_gemm_they_replaced():
+    """`--depthwise` on a lease: each layer's forward and backward launches are the depthwise kernels
+    (the strided layer's input gradient excepted: the GEMM), and under depthwise.ENABLED = False the
+    GEMM's; `under` puts the setting back."""
+    from codegen.lowering import depthwise
+    from codegen.program import Program
+    bench = load_bench()
+
+    def picked(graph):
+        out = {"forward": [], "backward": []}
+        for launch in Program(graph).launches:
+            phase = bench.layer_phase(graph, launch)
+            if phase:
+                out[phase].append(launch.spec.template)
+        return out
+    for layer, c, size, stride in bench.DEPTHWISE:
+        graph = build(bench.depthwise_graph(c, size, stride), "fused-train")
+        now = picked(graph)
+        assert now["forward"] == ["depthwise_conv.cu.j2"], (layer, now)
+        assert "depthwise_wgrad.cu.j2" in now["backward"] and \
+            ("depthwise_conv.cu.j2" in now["backward"]) == (stride == 1), (layer, now)
+        before = bench.under({"depthwise.ENABLED": False}, lambda: picked(graph))
+        assert not any("depthwise" in t for phase in before.values() for t in phase), (layer, before)
+    assert depthwise.ENABLED

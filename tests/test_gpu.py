@@ -80,6 +80,21 @@ def test_the_new_layers_kernels_match_numpy_on_the_device(stage):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("stage", ["fused", "train"])
+def test_the_depthwise_kernels_match_numpy_on_the_device(stage):
+    """The depthwise forward, input-gradient and weight-gradient kernels (no bundled model has a
+    depthwise conv): a multiplier, a 3 x 5 dilated filter, a stride-2 residual block, 70 images so
+    that the weight gradient's reduce adds several blocks' partial sums."""
+    from test_depthwise import net, train_net
+    graph = build(net((17, 19), 4, 1, 3, residual=True, stride=2, padding=1) if stage == "fused" else
+                  train_net((12, 11), 5, 3, (3, 5), padding=(1, 2), dilation=(2, 1)), stage)
+    results = check_kernels(graph, random_inputs(graph, 70, 0), realistic_params(graph), backend="cuda")
+    assert any("depthwise" in k for r in results for k in r.kernels)
+    bad = [f"{r.node} [{r.op}] {r.kernels}: abs {r.max_abs:.3g} rel {r.max_rel:.3g} {r.note}" for r in results
+           if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.parametrize("model", ["lenet5", "vgg_small", "resnet8"])
 def test_a_captured_training_step_equals_plain_launches(model):
     graph = build(MODELS[model](), "fused-train")

@@ -26,7 +26,7 @@ from graphconv.ops.fused import expression_of
 from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import advance_lines, c_int, digit_lines, flat, lowering, numel, short_dtype
-from . import direct, direct_wgrad
+from . import depthwise, direct, direct_wgrad
 from .prologue import gather_lines, gather_shared_lines, gather_window_lines, gathered_gradient
 
 # split K (backward-weight): blocks wanted in all (four per multiprocessor of an H100/H200) and the
@@ -436,6 +436,13 @@ def lower_conv(ctx):
     if n_extra or any(items for _, items, _ in steps):
         from ..cache import digest
         name += "_" + digest(repr(steps))[:6]
+    if depthwise.eligible(geo, pool):
+        lowered = depthwise.depthwise_spec(
+            ctx, name.replace(f"conv{nd}d", f"conv{nd}d_depthwise", 1), C=C, mult=OC // C, in_size=Si, out_size=So,
+            K=Kr, stride=geo["stride"], dil=geo["dil"], pad=geo["pad"], row_setup=row_setup, element=element,
+            args=args, prelude=c_function_prelude(used, ctx.dtype))
+        if lowered is not None:
+            return lowered
     direct_kernel = None
     if DIRECT and math.prod(So) > GEMM_PLANE_MOST and direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
         direct_kernel = direct.direct_spec(
@@ -511,6 +518,16 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     name = (f"{what or f'conv{nd}d_backward_data'}{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
+    if depthwise.eligible(geo, ()) and not gathered and all(s == 1 for s in geo["stride"]):
+        # a depthwise correlation of dy with the flipped filters, padded by (K - 1) x dilation - pad
+        lowered = depthwise.depthwise_spec(
+            ctx, name.replace("backward_data", "backward_data_depthwise", 1) if not what else
+            name.replace(what, what + "_depthwise", 1), C=C, mult=OCg, in_size=So, out_size=Si, K=Kr,
+            stride=geo["stride"], dil=geo["dil"], pad=[(k - 1) * d - p for k, d, p in zip(Kr, geo["dil"], geo["pad"])],
+            row_setup=[], element=[f"dx[(bimg * {C} + grp) * {SiN}LL + p] = c{' + bias[grp]' if bias else ''};"],
+            args=args, data=True)
+        if lowered is not None:
+            return lowered
     if DIRECT and direct.eligible(geo):
         # stride 1: a direct convolution of dy with the flipped filter, padded by K - 1 - pad
         if gathered:
@@ -571,6 +588,11 @@ def lower_conv_backward_weight(ctx):
     name = (f"conv{nd}d_backward_weight{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
+    if depthwise.eligible(geo, ()) and not gathered:
+        lowered = depthwise_backward_weight(ctx, name.replace("backward_weight", "backward_weight_depthwise", 1),
+                                            geo, So, element)
+        if lowered is not None:
+            return lowered
     if DIRECT and direct_wgrad.ENABLED and direct_wgrad.eligible(geo):
         lowered = direct_backward_weight(ctx, name.replace("backward_weight", "backward_weight_direct", 1), geo,
                                          So, gathered, element)
@@ -612,6 +634,21 @@ def direct_backward_weight(ctx, name, geo, So, gathered, element):
     second = reduce_spec(ctx, name, M=OC, N=N, K=BATCH * math.prod(So), S=S, groups=1, element=element,
                          args=[Arg(f"const {T}*", "partial", key), ctx.arg_out(0, "dw"), Arg("int", "batch")])
     return Lowered(kernels=[first, second], scratch={key: Value((S * OC * N,), ctx.dtype)})
+
+
+def depthwise_backward_weight(ctx, name, geo, So, element):
+    """The depthwise weight-gradient kernel (depthwise.py) and its split reduce, or None."""
+    T, C, OC, Kr = ctx.float_type, geo["C"], geo["OC"], geo["Kr"]
+    key = ctx.scratch_key("partial")
+    args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "dy"), Arg(f"{T}*", "partial", key), Arg("int", "batch")]
+    built = depthwise.wgrad_spec(ctx, name, C=C, mult=OC // C, in_size=geo["Si"], out_size=So, K=Kr,
+                                 stride=geo["stride"], dil=geo["dil"], pad=geo["pad"], args=args)
+    if built is None:
+        return None
+    first, S = built
+    second = reduce_spec(ctx, name, M=OC, N=math.prod(Kr), K=BATCH * math.prod(So), S=S, groups=1, element=element,
+                         args=[Arg(f"const {T}*", "partial", key), ctx.arg_out(0, "dw"), Arg("int", "batch")])
+    return Lowered(kernels=[first, second], scratch={key: Value((S * OC * math.prod(Kr),), ctx.dtype)})
 
 
 def gather_args(ctx, gathered, i):

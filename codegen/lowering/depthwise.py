@@ -1,0 +1,117 @@
+"""Depthwise 2-D convolutions (groups = input channels, one input channel per group; any stride,
+dilation and zero padding, a channel multiplier), without the GEMM.
+
+The implicit GEMM gives each group its own product: M = the multiplier (usually 1) rows against a
+tile of at least 16, so 15 of every 16 multiply-adds were thrown away and three of every four
+threads held rows past M; and its k-steps gathered each input value KH x KW times from global
+memory. Here a block stages CB channels' input tile with its halo in shared memory once (coalesced
+rows, zeros outside the input) and each thread computes PX outputs of one row of one channel, the
+filter's KH x KW values read once per thread and used for all PX. A thread's outputs are TXT
+columns apart, so a warp's shared reads at one filter offset are consecutive words (no bank
+conflicts at stride 1), its stores consecutive outputs. Small planes put several channels in one
+block, so that a 7 x 7 plane does not run 49-thread blocks. The epilogue (bias, the activation
+chain) is the GEMM family's, per output. Memory-bound: no tensor cores, no double buffering (each
+block stages one tile; the SM's other blocks cover its loads).
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from ..spec import BATCH, KernelSpec, Lowered
+
+# depthwise 2-D convolutions by this kernel; False: the implicit GEMM (gemm.py), as before session 10
+ENABLED = True
+THREADS_MOST = 256
+SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
+PX_MOST = 4                    # outputs per thread along a row
+# weight gradients: the most weight sums a thread keeps in registers (multiplier x filter offsets; more:
+# the GEMM), and the fewest positions a block adds before writing its partial sums (each partial value
+# is written once and read once by the split reduce)
+WGRAD_SUMS_MOST = 64
+# positions per thread before a block writes its partial sums: the block's closing tree of additions
+# (log2 of a channel's threads, one barrier each, per few weights) is paid once per that many
+WGRAD_POSITIONS = 64
+
+
+def eligible(geo, pool) -> bool:
+    """2-D, one input channel per group and every channel a group (depthwise, any multiplier), no
+    fused pool (a pooled depthwise chain stays on the GEMM)."""
+    return (ENABLED and geo["nd"] == 2 and geo["Cg"] == 1 and geo["groups"] == geo["C"] and geo["groups"] > 1
+            and not pool)
+
+
+def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0) -> dict | None:
+    """Threads along a row (TXT), rows (TYT) and channels (CB) per block, outputs per thread (PX),
+    and the staged tile (`per` staged channels per computed channel, IHT x IWT each, and
+    `dy_planes` TYT x TW tiles of dy per channel for a weight gradient); None when one row's tile
+    does not fit."""
+    OH, OW = out_size
+    PX = min(PX_MOST, -(-OW // 32))
+    TXT = min(32, -(-OW // PX))          # a row wider than 32 x PX_MOST: tiles of 32 x PX columns
+    TYT = min(OH, max(1, THREADS_MOST // TXT))
+    CB = max(1, min(C, THREADS_MOST // (TXT * TYT)))
+    TW = TXT * PX
+    IWT = (TW - 1) * stride[1] + (K[1] - 1) * dil[1] + 1
+    while True:
+        IHT = (TYT - 1) * stride[0] + (K[0] - 1) * dil[0] + 1
+        if CB * (per * IHT * IWT + dy_planes * TYT * TW) * itemsize <= SHARED_BUDGET:
+            break
+        if CB > 1:
+            CB = max(1, CB // 2)
+        elif TYT > 1:
+            TYT = max(1, TYT // 2)
+        else:
+            return None
+    return {"PX": PX, "TXT": TXT, "TYT": TYT, "CB": CB, "CBS": CB * per, "TW": TW, "IHT": IHT, "IWT": IWT,
+            "TILES_X": -(-OW // TW), "TILES_Y": -(-OH // TYT), "NCB": -(-C // CB), "threads": CB * TYT * TXT}
+
+
+def depthwise_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, row_setup, element, args,
+                   data=False, prelude=""):
+    """The KernelSpec of one depthwise correlation with its epilogue (`element`: C text reading the
+    sum `c`, the image `bimg`, the position `p`, its coordinates q_0, q_1 and the row setup's `mg`),
+    or None when its tile does not fit in shared memory (the caller then uses the GEMM).
+    Forward: C input channels x, each giving `mult` outputs. `data`: the input gradient of a
+    stride-1 depthwise conv, dx of C channels from dy's C x mult (each channel's `mult` planes
+    correlated with their flipped filters and summed), padded by (K - 1) x dilation - pad."""
+    itemsize = 4 if ctx.float_type == "float" else 8
+    t = tiling(C, mult if data else 1, out_size, K, stride, dil, itemsize)
+    if t is None:
+        return None
+    tiles = t["TILES_X"] * t["TILES_Y"] * t["NCB"]
+    params = dict(t, T=ctx.float_type, ACC=ctx.float_type, C=C, MULT=mult, SC=C * mult if data else C,
+                  SRC="dy" if data else "x", data=data, IH=in_size[0], IW=in_size[1], OH=out_size[0],
+                  OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0], DX=dil[1], PT=pad[0],
+                  PL=pad[1], TILES=t["TILES_X"] * t["TILES_Y"], unroll=K[0] * K[1] * t["PX"] <= 256,
+                  row_setup=row_setup, element=element, prelude=prelude)
+    spec = KernelSpec(name=name, template="depthwise_conv.cu.j2", params=params, args=args,
+                      grid=(sp.Integer(tiles) * BATCH, 1, 1), block=(t["threads"], 1, 1), barrier=True)
+    return Lowered(kernels=[spec])
+
+
+def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, args):
+    """The first pass of a depthwise weight gradient (partial sums per block of tiles) and the
+    number of splits S (sympy, in BATCH), or None where a thread's weight sums would not fit in
+    registers or the tiles in shared memory (the caller then uses the GEMM)."""
+    if mult * K[0] * K[1] > WGRAD_SUMS_MOST:
+        return None
+    itemsize = 4 if ctx.float_type == "float" else 8
+    t = tiling(C, 1, out_size, K, stride, dil, itemsize, dy_planes=mult)
+    if t is None:
+        return None
+    tiles = t["TILES_X"] * t["TILES_Y"]
+    U = max(1, -(-WGRAD_POSITIONS // t["PX"]))           # tiles per block: each thread PX positions a tile
+    S = sp.ceiling(BATCH * tiles / sp.Integer(U))
+    free = t["CB"] * (t["IHT"] * t["IWT"] + mult * t["TYT"] * t["TW"])      # both tiles, for the closing sums
+    RJ = min(mult * K[0] * K[1], free // t["threads"])
+    per_channel = t["TYT"] * t["TXT"]
+    half = 1 << max(0, (per_channel - 1).bit_length() - 1)
+    params = dict(t, T=ctx.float_type, ACC=ctx.float_type, C=C, MULT=mult, IH=in_size[0], IW=in_size[1],
+                  OH=out_size[0], OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0],
+                  DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, U=U, RJ=RJ, HALF=half,
+                  STEPS=half.bit_length() if per_channel > 1 else 0)
+    spec = KernelSpec(name=name + "_partial", template="depthwise_wgrad.cu.j2", params=params, args=args,
+                      grid=(t["NCB"] * S, 1, 1), block=(t["threads"], 1, 1), barrier=True)
+    return spec, S

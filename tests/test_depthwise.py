@@ -1,0 +1,141 @@
+"""The depthwise convolution kernel (codegen/lowering/depthwise.py, depthwise_conv.cu.j2): every 2-D
+convolution with one input channel per group and a group per channel, compiled by NVRTC for sm_90
+and run on the host backend against NumPy with its output poisoned, over the shapes its tiling has
+edges for: rows wider than a tile, several channels a block past the channels, channel multipliers,
+strides, dilations, asymmetric ("same") padding, a fused epilogue with a full-size operand, float64."""
+import numpy as np
+import pytest
+
+import graphconv as gc
+from codegen.check import check_races
+from codegen.lowering import depthwise
+from codegen.program import Program
+from graphconv.data import random_inputs
+from graphconv.pipeline import build
+
+from test_codegen_gemm import assert_kernels_match
+
+
+def net(spatial, C, mult, kernel, dtype="float32", residual=False, **conv):
+    g = gc.Graph("dw", dtype)
+    x = g.input("x", ("N", C, *spatial))
+    h = g.conv2d(x, C * mult, kernel, groups=C, name="dw", **conv)
+    if residual:                          # an epilogue reading a full-size operand at the output's position
+        h = g.add(h, g.conv2d(x, C * mult, 1, stride=conv.get("stride", 1), name="side"), name="add")
+    g.output(g.relu(h, name="act"))
+    return g
+
+
+def depthwise_specs(graph):
+    return [s for s in Program(graph).kernels if s.template == "depthwise_conv.cu.j2"]
+
+
+CASES = [
+    # spatial, C, mult, kernel, conv options, dtype, residual, batches
+    ((9, 9), 3, 1, 3, {"padding": 1}, "float32", False, (1, 3)),                 # small planes: 3 channels a block
+    ((7, 150), 2, 1, 3, {"padding": 1}, "float32", False, (2,)),                  # rows wider than a tile: 2 column tiles
+    ((12, 11), 5, 3, (3, 5), {"padding": (1, 2), "bias": False}, "float32", False, (2,)),   # multiplier 3, no bias
+    ((17, 19), 4, 1, 3, {"stride": 2, "padding": 1}, "float32", True, (2,)),      # stride 2 and a residual add
+    ((16, 16), 6, 2, 3, {"dilation": 2, "padding": "same"}, "float32", False, (2,)),   # dilation, "same" padding
+    ((10, 13), 3, 1, 4, {"padding": "same"}, "float64", False, (3,)),            # an even filter: uneven padding
+    ((40, 40), 37, 1, 5, {"stride": (2, 3), "padding": 2}, "float32", False, (1,)),   # strides of two sizes
+    ((6, 6), 9, 1, 3, {"padding": 1}, "float32", False, (2,)),                  # 7 channels a block: 2 blocks past 9
+]
+
+
+@pytest.mark.parametrize("spatial, C, mult, kernel, conv, dtype, residual, batches", CASES)
+def test_depthwise_convolutions_match_numpy(spatial, C, mult, kernel, conv, dtype, residual, batches):
+    for stage in ("forward", "fused"):
+        graph = build(net(spatial, C, mult, kernel, dtype, residual, **conv), stage)
+        specs = depthwise_specs(graph)
+        assert len(specs) == 1, [s.name for s in Program(graph).kernels]
+        if stage == "fused":                  # the activation (and the add) run in its epilogue
+            assert "relu" in specs[0].name and ("add" in specs[0].name) == residual
+        for i, batch in enumerate(batches):
+            results = assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=i == 0)
+            assert any(r.node in ("dw", "act") and r.ok for r in results)
+
+
+def test_edges_of_the_tiling_are_exercised():
+    """The cases reach each edge the template guards: column tiles past the row, row tiles past the
+    plane, channel blocks past the channels, several outputs per thread, and a multiplier > 1."""
+    seen = set()
+    for spatial, C, mult, kernel, conv, dtype, residual, _ in CASES:
+        p = depthwise_specs(build(net(spatial, C, mult, kernel, dtype, residual, **conv), "fused"))[0].params
+        seen |= {k for k, hit in {"columns past": p["TILES_X"] * p["TW"] > p["OW"],
+                                  "rows past": p["TILES_Y"] * p["TYT"] > p["OH"],
+                                  "channels past": p["NCB"] * p["CB"] > C, "channels a block": p["CB"] > 1,
+                                  "outputs a thread": p["PX"] > 1, "multiplier": p["MULT"] > 1}.items() if hit}
+    assert seen == {"columns past", "rows past", "channels past", "channels a block", "outputs a thread", "multiplier"}
+
+
+def test_no_thread_reads_what_another_writes_unordered():
+    """Tiles staged before a barrier and read after it, rewritten after the next, and the weight
+    gradient's sums reduced through shared memory: the host's four schedules agree."""
+    for graph in (build(net((9, 9), 3, 2, 3, padding=1), "fused"), build(train_net((6, 7), 3, 2, 3, padding=1), "train")):
+        params = gc.init_params(graph, seed=1)
+        results = check_races(graph, random_inputs(graph, 11, 1), params,
+                              only=[s.name for s in Program(graph).kernels if "depthwise" in s.name])
+        assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+def test_other_grouped_convolutions_and_pooled_chains_stay_on_the_gemm():
+    g = gc.Graph("grouped")
+    x = g.input("x", ("N", 4, 8, 8))
+    g.output(g.conv2d(x, 8, 3, groups=2, padding=1, name="grouped"),
+             g.max_pool2d(g.relu(g.conv2d(x, 4, 3, groups=4, padding=1, name="pooled")), 2))
+    kernels = Program(build(g, "fused")).kernels
+    assert not [s for s in kernels if s.template == "depthwise_conv.cu.j2"]
+    assert depthwise.eligible({"nd": 2, "Cg": 1, "groups": 4, "C": 4}, ())
+
+
+def train_net(spatial, C, mult, kernel, dtype="float32", pool=False, **conv):
+    g = gc.Graph("dwt", dtype)
+    h = g.conv2d(g.input("x", ("N", 2, *spatial)), C, 1, name="pw")       # so that dw's input has a gradient
+    h = g.relu(g.conv2d(h, C * mult, kernel, groups=C, name="dw", **conv))
+    if pool:
+        h = g.max_pool2d(h, 2)
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    return g
+
+
+TRAIN_CASES = [
+    # spatial, C, mult, kernel, conv options, dtype, pool, batches
+    ((9, 9), 3, 1, 3, {"padding": 1}, "float32", False, (2, 130)),      # 130 images: 3 splits of 64 tiles
+    ((12, 11), 5, 3, (3, 5), {"padding": (1, 2), "dilation": (2, 1)}, "float32", False, (2,)),   # multiplier 3
+    ((10, 13), 4, 1, 4, {"padding": "same"}, "float64", True, (3,)),     # uneven padding; a gathered pool gradient
+    ((15, 12), 6, 2, 3, {"stride": 2, "padding": 1}, "float32", False, (2,)),   # stride 2: dx on the GEMM
+]
+
+
+@pytest.mark.parametrize("spatial, C, mult, kernel, conv, dtype, pool, batches", TRAIN_CASES)
+def test_depthwise_gradients_match_numpy(spatial, C, mult, kernel, conv, dtype, pool, batches):
+    """dx of a stride-1 depthwise conv by the same kernel (dy's planes correlated with the flipped
+    filters, a multiplier's planes summed), dw by the depthwise weight-gradient kernel (every
+    thread a channel's weight sums over its positions, the blocks' partial sums added by the split
+    reduce); a gathered pool gradient (fused-train with a max-pool) stays on the GEMM, which
+    gathers it, and so does dx of a strided conv."""
+    for stage in ("train", "fused-train"):
+        graph = build(train_net(spatial, C, mult, kernel, dtype, pool, **conv), stage)
+        names = [s.name for s in Program(graph).kernels]
+        data = [n for n in names if n.startswith("conv2d_backward_data")]
+        weight = [n for n in names if n.startswith("conv2d_backward_weight") and "_g" in n and n.endswith("_partial")]
+        direct = not pool or stage == "train"
+        assert len(data) == 1 and ("depthwise" in data[0]) == (direct and "stride" not in conv), names
+        assert len(weight) == 1 and ("depthwise" in weight[0]) == direct, names
+        for i, batch in enumerate(batches):
+            assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=stage == "train" and i == 0)
+    if batches[-1] > 64:                  # the reduce added more than one block's partial sums
+        spec = next(s for s in Program(graph).kernels if "backward_weight_depthwise" in s.name)
+        assert spec.launch_shape(batches[-1])[0][0] > spec.params["NCB"]
+
+
+def test_a_depthwise_transposed_convolution_is_the_same_kernel():
+    """conv_transpose2d with a group per channel is the input gradient of a depthwise conv: the same
+    kernel, its bias in the store."""
+    g = gc.Graph("dwup")
+    h = g.conv_transpose2d(g.input("x", ("N", 6, 7, 9)), 6, 3, groups=6, padding=1, dilation=2, name="up")
+    g.output(h)
+    graph = build(g, "forward")
+    assert [s.name for s in depthwise_specs(graph)] == ["conv_transpose2d_depthwise_f32_c6_k6_r3x3_s1x1_p1x1_i9x11_g6"]
+    assert_kernels_match(graph, batch=2, seed=3)
