@@ -161,6 +161,43 @@ def test_one_compiled_program_serves_every_batch_size():
 
 
 @pytest.mark.skipif(not nvrtc.available(), reason="NVRTC not installed")
+def images_net(fixed):
+    """Every convolution family on inputs whose image count is not the batch: a graph with a fixed
+    batch of 3 (no batch symbol), or a reshape that makes 2 x N images of N examples."""
+    g = gc.Graph("images")
+    if fixed:
+        x = g.input("x", (3, 4, 10, 10))
+    else:
+        x = g.reshape(g.input("x", ("N", 8, 10, 10)), (-1, 4, 10, 10), name="two")
+    h = g.relu(g.conv2d(x, 16, 3, padding=1, name="direct"))                      # direct, its dw direct
+    h = g.relu(g.conv2d(h, 16, 3, padding=1, groups=16, name="dw"))              # depthwise
+    h = g.max_pool2d(g.relu(g.conv2d(h, 8, 3, stride=2, padding=1, name="strided")), 2)   # the GEMM, pooled
+    h = g.conv_transpose2d(h, 4, 2, stride=2, name="up")
+    g.output(g.linear(g.flatten(h), 3, name="fc"))
+    return g
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+@pytest.mark.parametrize("variant", ["fp32", "tf32", "winograd"])
+def test_convolutions_launch_every_image_when_the_images_are_not_the_batch(fixed, variant):
+    """A graph without a batch dim ran every convolution on its first image only (the kernels took
+    their image count from the batch, 1 there); a conv after a reshape to 2 x N images, on N."""
+    tf32, winograd = variant == "tf32", variant == "winograd"
+    for stage in ("forward", "fused-train"):
+        graph = build(images_net(fixed), stage)
+        if stage == "forward" and variant == "fp32":
+            params = gc.init_params(graph, seed=1)
+            x = random_inputs(graph, 2, 1)
+            ours = gc.compile(graph, backend="host").run(x, params)["fc"]
+            np.testing.assert_allclose(ours, gc.compile(graph).run(x, params)["fc"], rtol=1e-4, atol=1e-5)
+        results = check_kernels(graph, random_inputs(graph, 2, 0), realistic_params(graph), tf32=tf32,
+                                winograd=winograd)
+        bad = [f"{r.node} [{r.op}] {r.kernels}: {r.note}" for r in results if not r.ok]
+        assert not bad, "\n".join(bad)
+        families = {k.split("_")[1] for r in results for k in r.kernels if k.startswith("conv2d_")}
+        assert {"depthwise", "direct"} <= families, families        # and the GEMM's strided conv
+
+
 def test_a_kernel_that_does_not_compile_is_reported_with_node_layer_template_and_line(tmp_path, monkeypatch):
     program = Program(build(MODELS["lenet5"](), "fused"))
     spec = program.kernels[0]

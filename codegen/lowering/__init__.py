@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import sympy as sp
 import sympy.printing.c  # noqa: F401  (IntegerPrinter's base)
 
@@ -59,6 +61,13 @@ def c_int(expr) -> str:
     return str(int(expr)) if expr.is_Integer else IntegerPrinter().doprint(expr.subs(BATCH, NB))
 
 
+def dim_name(d) -> str:
+    """A size as it appears in a kernel's name (a C identifier): 16, N for the batch, 2N for twice it
+    (a reshape), Nd2 for half."""
+    text = str(d).replace("batch", "N").replace(" ", "")
+    return re.sub(r"[^0-9A-Za-z_]", "", text.translate(str.maketrans({"*": "", "/": "d", "+": "p", "-": "m"})))
+
+
 def flat(coords, sizes) -> str:
     """The row-major flat index of `coords` in a box of `sizes` as C text: (c0 * S1 + c1) * S2 + c2."""
     text = coords[0]
@@ -96,6 +105,13 @@ class Context:
         if isinstance(t, TupleType):          # the operand of a `part`: read through its parts
             return None
         return Value(tuple(sp.sympify(d).subs(self._subs) for d in t.shape), t.dtype)
+
+    @property
+    def images(self):
+        """The image count of the node's first operand (a convolution's x or dy), in BATCH: the
+        batch itself, a fixed number in a graph without a batch dim, or 2 x the batch after a
+        reshape. Kernels size their grids by it, never by BATCH alone."""
+        return self.ins[0].shape[0]
 
     @property
     def float_type(self) -> str:

@@ -15,11 +15,10 @@ block stages one tile; the SM's other blocks cover its loads).
 """
 from __future__ import annotations
 
-import math
-
 import sympy as sp
 
-from ..spec import BATCH, KernelSpec, Lowered
+from ..spec import KernelSpec, Lowered
+from . import c_int
 
 # depthwise 2-D convolutions by this kernel; False: the implicit GEMM (gemm.py), as before session 10
 ENABLED = True
@@ -87,7 +86,7 @@ def depthwise_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad
                   PL=pad[1], TILES=t["TILES_X"] * t["TILES_Y"], unroll=K[0] * K[1] * t["PX"] <= 256,
                   row_setup=row_setup, element=element, prelude=prelude)
     spec = KernelSpec(name=name, template="depthwise_conv.cu.j2", params=params, args=args,
-                      grid=(sp.Integer(tiles) * BATCH, 1, 1), block=(t["threads"], 1, 1), barrier=True)
+                      grid=(sp.Integer(tiles) * ctx.images, 1, 1), block=(t["threads"], 1, 1), barrier=True)
     return Lowered(kernels=[spec])
 
 
@@ -103,12 +102,13 @@ def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, ar
         return None
     tiles = t["TILES_X"] * t["TILES_Y"]
     U = max(1, -(-WGRAD_POSITIONS // t["PX"]))           # tiles per block: each thread PX positions a tile
-    S = sp.ceiling(BATCH * tiles / sp.Integer(U))
+    S = sp.ceiling(ctx.images * tiles / sp.Integer(U))
     free = t["CB"] * (t["IHT"] * t["IWT"] + mult * t["TYT"] * t["TW"])      # both tiles, for the closing sums
     RJ = min(mult * K[0] * K[1], free // t["threads"])
     per_channel = t["TYT"] * t["TXT"]
     half = 1 << max(0, (per_channel - 1).bit_length() - 1)
     params = dict(t, T=ctx.float_type, ACC=ctx.float_type, C=C, MULT=mult, IH=in_size[0], IW=in_size[1],
+                  IMAGES=c_int(ctx.images),
                   OH=out_size[0], OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0],
                   DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, U=U, RJ=RJ, HALF=half,
                   STEPS=half.bit_length() if per_channel > 1 else 0)

@@ -155,8 +155,7 @@ def direct_spec(ctx, name, *, C, M, K, pad, in_size, out_size, cell, pooled, in_
               "staging": staging, "stage_loads": STAGE_LOADS, "buffers": buffers, "sources": sources,
               "in_load": in_load, "w_load": w_load, "row_setup": row_setup, "window_begin": window_begin,
               "element": element, "window_end": window_end, "in_desc": in_desc, "w_desc": w_desc}
-    from ..spec import BATCH
     spec = KernelSpec(name=name, template="direct_conv.cu.j2", params=params, args=args,
-                      grid=(BATCH * tiles, sp.ceiling(sp.Integer(M) / OCB), 1), block=(CELLS * CG, 1, 1),
+                      grid=(ctx.images * tiles, sp.ceiling(sp.Integer(M) / OCB), 1), block=(CELLS * CG, 1, 1),
                       barrier=True)
     return Lowered(kernels=[spec])

@@ -20,7 +20,7 @@ import re
 
 import sympy as sp
 
-from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
+from ..spec import Arg, KernelSpec, Lowered, Value
 from . import advance_lines, digit_lines, in_batches
 
 LEAST_CHANNELS = 8           # fewer input channels: the FP32 direct kernel (k-steps of 8 would be mostly zeros)
@@ -147,7 +147,7 @@ def tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, pooled, in_load, w_
               "staging": staging, "in_load": in_load, "row_setup": row_setup, "window_begin": window_begin,
               "element": element, "window_end": window_end, "in_desc": in_desc, "w_desc": w_desc, **shape}
     conv_spec = KernelSpec(name=name + "_tf32", template="direct_conv_tf32.cu.j2", params=params, args=conv_args,
-                           grid=(BATCH * shape["TILES"], sp.ceiling(sp.Integer(M) / OCB), 1),
+                           grid=(ctx.images * shape["TILES"], sp.ceiling(sp.Integer(M) / OCB), 1),
                            block=(threads, 1, 1), barrier=True)
     return Lowered(kernels=[filter_spec, conv_spec], scratch={key: Value((total_w,), ctx.dtype)})
 

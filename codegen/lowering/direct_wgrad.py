@@ -23,7 +23,7 @@ import math
 
 import sympy as sp
 
-from ..spec import BATCH, KernelSpec
+from ..spec import KernelSpec
 from . import c_int, direct_wgrad_tf32
 from .direct import plain_source
 
@@ -189,11 +189,11 @@ def xs(XR, XWS):
     return XR * XWS + (1 - XR * XWS % 2)
 
 
-def split_plan(tiles, positions, threads, blocks_mc):
+def split_plan(images, tiles, positions, threads, blocks_mc):
     """(items, least, splits, S): the batch's tiles (`positions` each), the fewest a split takes, the
     splits wanted (blocks of `threads` for THREADS_PER_SM an SM over the `blocks_mc` channel blocks; 1
     where those are enough) and their number S in BATCH, as the template computes it."""
-    items = BATCH * tiles
+    items = images * tiles
     least = -(-LEAST_POSITIONS // positions)
     wanted = max(1, -(-132 * THREADS_PER_SM // (-(-threads // 32) * 32)))   # blocks in all
     splits = -(-wanted // blocks_mc)
@@ -239,7 +239,7 @@ def wgrad_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_desc, ar
     RB, WB, WBP, MB, CB, threads = (shape[k] for k in ("RB", "WB", "WBP", "MB", "CB", "threads"))
     bands, tiles_x = -(-OH // RB), -(-OW // WB)
     tiles = bands * tiles_x
-    items, least, splits, S = split_plan(tiles, RB * WBP, threads, -(-M // MB) * -(-C // CB))
+    items, least, splits, S = split_plan(ctx.images, tiles, RB * WBP, threads, -(-M // MB) * -(-C // CB))
     SG = RB * WBP * shape["MBP"]
     SX = CB * shape["XS"]
     params = dict(shape, T=ctx.float_type, ACC=ctx.float_type, C=C, M=M, N=C * KH * KW, KH=KH, KW=KW,

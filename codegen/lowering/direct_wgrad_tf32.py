@@ -61,7 +61,7 @@ def wgrad_tf32_spec(ctx, name, *, C, M, K, pad, in_size, out_size, g_load, g_des
     if shared > SHARED_BUDGET:
         return None
     tiles = -(-OH // RB) * tiles_x
-    items, least, splits, S = split_plan(tiles, RB * WBP, threads, -(-M // MB) * -(-C // CB))
+    items, least, splits, S = split_plan(ctx.images, tiles, RB * WBP, threads, -(-M // MB) * -(-C // CB))
 
     def batches(total):
         iters = -(-total // threads)

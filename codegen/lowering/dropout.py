@@ -8,7 +8,7 @@ from graphconv.ops import OPS
 from graphconv.ops.dropout import base_key, threshold
 
 from ..spec import Arg, KernelSpec, Lowered
-from . import c_int, lowering, numel, short_dtype
+from . import c_int, dim_name, lowering, numel, short_dtype
 from .pointwise import MAX_BLOCKS, THREADS
 from .window import literal
 
@@ -20,7 +20,7 @@ def lower_dropout(ctx):
         return Lowered(alias=ctx.operands[0])
     T = ctx.float_type
     total = numel(ctx.outs[0].shape)
-    dims = "x".join(str(d) for d in ctx.outs[0].shape[1:]) or "1"
+    dims = "x".join(dim_name(d) for d in ctx.outs[0].shape[1:]) or "1"
     name = f"dropout_{short_dtype(ctx.dtype)}_{dims}_t{threshold(a['p'])}_{a['salt']:08x}"    # t: the drop threshold
     params = {"T": T, "threads": THREADS, "total": c_int(total), "key0": f"0x{base_key(a['seed'], a['salt']):016X}",
               "thr": threshold(a["p"]), "p": f"{a['p']:g}", "scale": literal(OPS["dropout"].scale(a), T)}

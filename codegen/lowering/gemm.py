@@ -327,7 +327,7 @@ def lower_conv(ctx):
     n_extra = len(ctx.operands) - (3 if has_bias else 2) if fused else 0
     extra_index = 3 if has_bias else 2
     try:
-        cfg = tile_config(Mg, BATCH * P * G, G)
+        cfg = tile_config(Mg, ctx.images * P * G, G)
     except ValueError as e:
         raise ctx.fail(str(e)) from None
     T = ctx.float_type
@@ -457,7 +457,7 @@ def lower_conv(ctx):
     if direct_kernel is not None:
         return direct_kernel
     element = column_decode("n", "") + element
-    return gemm_specs(ctx, name, M=Mg, N=BATCH * P * G, K=Cg * KK, a=a, b=b, row_setup=row_setup,
+    return gemm_specs(ctx, name, M=Mg, N=ctx.images * P * G, K=Cg * KK, a=a, b=b, row_setup=row_setup,
                       window_begin=window_begin, element=element, window_end=window_end, args=args, cfg=cfg,
                       groups=groups, prelude=c_function_prelude(used, ctx.dtype),
                       a_desc=f"w[oc, c, r]", b_desc=f"x[b, c, q*stride - pad + r*dilation] (0 outside)")
@@ -489,7 +489,7 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     nd, OC, Cg, Kr, groups = geo["nd"], geo["OC"], geo["Cg"], geo["Kr"], geo["groups"]
     C, So, OCg = Cg * groups, ints(dy.shape[2:]), OC // groups
     SiN, SoN, KK = math.prod(Si), math.prod(So), math.prod(Kr)
-    cfg = tile_config(Cg, BATCH * SiN, 1)
+    cfg = tile_config(Cg, ctx.images * SiN, 1)
     a = {"fast": "k", "setup": [f"const long long wc@ = (long long)grp * {OCg * Cg * KK} + m@ * {KK};"],
          "digits": [("oc", None), ("r", KK)], "shared": [f"const long long wk = oc * {Cg * KK}LL + r;"],
          "load": ["v = w[wc@ + wk];"]}
@@ -546,7 +546,7 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
                      if gathered else "in = dy"), w_desc="w[c, m, K-1-r, K-1-s] (the flipped filter)")
         if direct_kernel is not None:
             return direct_kernel
-    return gemm_specs(ctx, name, M=Cg, N=BATCH * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
+    return gemm_specs(ctx, name, M=Cg, N=ctx.images * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups,
                       prelude=c_function_prelude(used, ctx.dtype),
                       a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)")
@@ -598,7 +598,7 @@ def lower_conv_backward_weight(ctx):
                                          So, gathered, element)
         if lowered is not None:
             return lowered
-    return gemm_specs(ctx, name, M=OCg, N=Cg * KK, K=BATCH * SoN, a=a, b=b, row_setup=[], window_begin=[],
+    return gemm_specs(ctx, name, M=OCg, N=Cg * KK, K=ctx.images * SoN, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups, split=True,
                       prelude=c_function_prelude(used, ctx.dtype),
                       a_desc="dy[b, oc, o]", b_desc="x[b, c, o*stride - pad + r*dilation] (0 outside)")
@@ -631,7 +631,7 @@ def direct_backward_weight(ctx, name, geo, So, gathered, element):
         first.name = name + ("_tf32" if first.params.get("tf32") else "")
         first.args = [a if a.name != "partial" else Arg(f"{T}*", "partial", ctx.out_key(0)) for a in first.args]
         return Lowered(kernels=[first])
-    second = reduce_spec(ctx, name, M=OC, N=N, K=BATCH * math.prod(So), S=S, groups=1, element=element,
+    second = reduce_spec(ctx, name, M=OC, N=N, K=ctx.images * math.prod(So), S=S, groups=1, element=element,
                          args=[Arg(f"const {T}*", "partial", key), ctx.arg_out(0, "dw"), Arg("int", "batch")])
     return Lowered(kernels=[first, second], scratch={key: Value((S * OC * N,), ctx.dtype)})
 
@@ -646,7 +646,7 @@ def depthwise_backward_weight(ctx, name, geo, So, element):
     if built is None:
         return None
     first, S = built
-    second = reduce_spec(ctx, name, M=OC, N=math.prod(Kr), K=BATCH * math.prod(So), S=S, groups=1, element=element,
+    second = reduce_spec(ctx, name, M=OC, N=math.prod(Kr), K=ctx.images * math.prod(So), S=S, groups=1, element=element,
                          args=[Arg(f"const {T}*", "partial", key), ctx.arg_out(0, "dw"), Arg("int", "batch")])
     return Lowered(kernels=[first, second], scratch={key: Value((S * OC * math.prod(Kr),), ctx.dtype)})
 

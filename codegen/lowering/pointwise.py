@@ -10,7 +10,7 @@ from graphconv.ops.fused import FusedPointwise, expression_of
 
 from ..cprinter import c_expression_hoisting, c_function_prelude
 from ..spec import BATCH, Arg, KernelSpec, Lowered
-from . import c_int, lowering, numel, short_dtype
+from . import c_int, dim_name, lowering, numel, short_dtype
 
 THREADS = 256
 MAX_BLOCKS = 4096    # a grid-stride loop past this: enough blocks for 132 SMs, few enough to schedule
@@ -62,7 +62,7 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
     args = [Arg(f"const {T}*", f"a{i}", v) for i, v in enumerate(arg_values)]
     args += [Arg(f"{T}*", step["out"], value) for step, (_, value) in zip(printed, steps)] + [Arg("int", "batch")]
     total = numel(out_shape)
-    dims = "x".join(str(d) for d in out_shape if d != BATCH) or "1"
+    dims = "x".join(dim_name(d) for d in out_shape if d != BATCH) or "1"
     name = f"{what}_{short_dtype(dtype)}_{dims}{tag}"
     grid = (sp.Min(sp.ceiling(total / (THREADS * UNROLL)), MAX_BLOCKS), 1, 1)
     return KernelSpec(name=name, template="pointwise.cu.j2",

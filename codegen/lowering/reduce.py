@@ -23,7 +23,7 @@ from graphconv.ops.fused import expression_of
 
 from ..cprinter import c_function_prelude
 from ..spec import Arg, KernelSpec, Lowered, Value
-from . import advance_lines, c_int, digit_lines, lowering, numel, short_dtype
+from . import advance_lines, c_int, dim_name, digit_lines, lowering, numel, short_dtype
 from .prologue import derivative_c, gathered_gradient, operand_loads
 from .pointwise import MAX_BLOCKS, pointwise_kernel, pointwise_steps, tag_of
 from .window import literal
@@ -39,7 +39,7 @@ ROWS = 64                # rows per block (B == 1)
 
 
 def dims_text(shape) -> str:
-    return "x".join(str(d) for d in shape[1:]) or "1"
+    return "x".join(dim_name(d) for d in shape[1:]) or "1"
 
 
 def view_of(ctx, x, axes):
@@ -165,7 +165,7 @@ def bn_view(x):
 def bn_name(ctx, what):
     x = ctx.ins[0]
     return f"{what}_{short_dtype(ctx.dtype)}_c{c_int(x.shape[1])}" + \
-        (f"_i{'x'.join(str(d) for d in x.shape[2:])}" if len(x.shape) > 2 else "")
+        (f"_i{'x'.join(dim_name(d) for d in x.shape[2:])}" if len(x.shape) > 2 else "")
 
 
 STATS = ["const double xv = x[idx];"]

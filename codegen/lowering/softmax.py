@@ -13,7 +13,7 @@ from graphconv.ops.softmax import axis_of
 
 from ..cprinter import c_neg_inf
 from ..spec import Arg, KernelSpec, Lowered
-from . import c_int, lowering, numel, short_dtype
+from . import c_int, dim_name, lowering, numel, short_dtype
 from .pointwise import MAX_BLOCKS
 
 THREADS = 128
@@ -48,7 +48,7 @@ def lower_softmax(ctx):
     else:
         args, first = [ctx.arg_in(0, "x")], "x"
     args += [ctx.arg_out(0, "out"), Arg("int", "batch")]
-    dims = "x".join(str(d) for d in x.shape[1:]) or "1"
+    dims = "x".join(dim_name(d) for d in x.shape[1:]) or "1"
     name = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_{dims}_a{axis}"
     grid = (sp.Min(rows, MAX_BLOCKS) if per_block else sp.Min(sp.ceiling(sp.sympify(rows) / THREADS), MAX_BLOCKS), 1, 1)
     params = {"T": T, "threads": THREADS, "rows": c_int(rows), "C": C, "B": B, "per_block": per_block,

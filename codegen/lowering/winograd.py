@@ -33,8 +33,8 @@ import re
 
 import sympy as sp
 
-from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
-from . import direct_tf32
+from ..spec import Arg, KernelSpec, Lowered, Value
+from . import c_int, direct_tf32
 
 OCB = 32            # output channels per block (4 groups of 8 per transform element)
 # cells per block where a block holds whole small planes (several images): each filter chunk a block
@@ -86,7 +86,8 @@ def winograd_spec(ctx, name, *, C, M, pad, in_size, out_size, pooled, in_load, w
     body = in_load + row_setup + window_begin + element + window_end
     reads = [a for a in args if a.value is not None and not a.writes and _uses(a, body)]
     conv_args = reads + [Arg("const float*", "ut", key)] + [a for a in args if a.writes] + [Arg("int", "batch")]
-    params = {"T": "float", "ACC": "float", "winograd": True, "C": C, "M": M, "OCB": OCB, "CC": CC, "STAGES": STAGES,
+    params = {"T": "float", "ACC": "float", "winograd": True, "IMAGES": c_int(ctx.images), "C": C, "M": M, "OCB": OCB,
+              "CC": CC, "STAGES": STAGES,
               "PAD_T": pad[0], "PAD_L": pad[1], "IH": in_size[0], "IW": in_size[1], "OH": OH, "OW": OW,
               "NCY": NCY, "NCX": NCX, "TCY": TCY, "TCX": TCX, "CELLS": CELLS, "TILES": TILES, "TILES_X": TILES_X,
               "IMGS": IMGS, "PT": PT, "P": P, "array": array, "threads": threads, "U_STAGE": U_STAGE, "V_STAGE": V_STAGE,
@@ -94,7 +95,7 @@ def winograd_spec(ctx, name, *, C, M, pad, in_size, out_size, pooled, in_load, w
               "prelude": prelude, "in_load": in_load, "row_setup": row_setup, "window_begin": window_begin,
               "element": element, "window_end": window_end, "in_desc": in_desc, "w_desc": w_desc}
     conv_spec = KernelSpec(name=name + "_wino", template="winograd_conv.cu.j2", params=params, args=conv_args,
-                           grid=(sp.ceiling(BATCH / sp.Integer(IMGS)) * TILES, MB, 1), block=(threads, 1, 1),
+                           grid=(sp.ceiling(ctx.images / sp.Integer(IMGS)) * TILES, MB, 1), block=(threads, 1, 1),
                            barrier=True)
     return Lowered(kernels=[filter_spec, conv_spec], scratch={key: Value((total_u,), ctx.dtype)})
 
