@@ -58,6 +58,20 @@ class CudaPrinter(C99CodePrinter):
             return f"gc_{name}({self._print(expr.args[0])})"
         return super()._print_Function(expr)
 
+    def _print_Max(self, expr):
+        return self._min_max(expr, "max")
+
+    def _print_Min(self, expr):
+        return self._min_max(expr, "min")
+
+    def _min_max(self, expr, which):
+        """gc_max / gc_min, nested for more than two operands: NaN-propagating, as NumPy's."""
+        self.functions_used.add(which)
+        text = self._print(expr.args[0])
+        for arg in expr.args[1:]:
+            text = f"gc_{which}({text}, {self._print(arg)})"
+        return text
+
     def _print_Piecewise(self, expr):
         """One line of nested ternaries (sympy's C printer breaks them over lines)."""
         pieces = list(expr.args)
@@ -70,6 +84,8 @@ class CudaPrinter(C99CodePrinter):
         return text
 
     def _print_Pow(self, expr):
+        if expr.exp == sp.Rational(1, 3):   # x**(1/3) as NumPy computes it (NaN below 0), not C's cbrt (-2 at -8)
+            return f"pow{'f' if self.T == 'float' else ''}({self._print(expr.base)}, {self._print(sp.Rational(1, 3))})"
         if expr.exp == 2 and not expr.base.is_Number:     # x*x, not powf(x, 2)
             base = self._print(expr.base)
             return f"(({base})*({base}))"

@@ -198,6 +198,61 @@ def test_convolutions_launch_every_image_when_the_images_are_not_the_batch(fixed
         assert {"depthwise", "direct"} <= families, families        # and the GEMM's strided conv
 
 
+def test_nan_and_roots_of_negatives_come_out_of_the_kernels_as_numpy_gives_them():
+    """relu(NaN) is NaN (the C form was "x where x > 0": 0), sympy's Max/Min propagate NaN as
+    np.maximum does (C's fmax drops it), x**(1/3) is NaN below 0 (C's cbrt(-8) is -2), and a fused
+    conv -> relu -> max-pool keeps a NaN its window holds (the epilogue's v > best never took it)."""
+    import sympy as sp
+    t = sp.Symbol("x", real=True)
+    for name, expr in (("nan_max", sp.Max(t, 0, t - 1)), ("nan_min", sp.Min(t, 1)), ("root3", sp.cbrt(t))):
+        if name not in gc.ops.OPS:
+            gc.define_activation(name, expr)
+    for dtype in ("float32", "float64"):
+        g = gc.Graph("nan", dtype)
+        x = g.input("x", ("N", 6))
+        g.output(*[g.activation(x, act, name=act) for act in ("relu", "leaky_relu", "nan_max", "nan_min", "root3")])
+        xs = {"x": np.array([[np.nan, -np.inf, np.inf, -8, 0, 8]], dtype)}
+        want, got = gc.compile(g).run(xs), gc.compile(g, backend="host").run(xs)
+        for act in want:
+            np.testing.assert_array_equal(got[act], want[act], err_msg=f"{act} {dtype}")
+        assert np.isnan(want["relu"][0, 0]) and np.isnan(want["root3"][0, 3]) and np.isnan(want["nan_min"][0, 0])
+    for stage in ("fused", "fused-train"):
+        g = gc.Graph("pooled")
+        h = g.max_pool2d(g.relu(g.conv2d(g.input("x", ("N", 1, 4, 4)), 2, 1, name="c")), 2)
+        g.output(g.linear(g.flatten(h), 2, name="fc") if stage == "fused-train" else h)
+        graph = build(g, stage)
+        params = gc.init_params(graph, seed=0)
+        params["c.weight"][:], params["c.bias"][:] = 1, 0
+        xs = np.arange(32, dtype=np.float32).reshape(2, 1, 4, 4)
+        xs[0, 0, 0, 0] = np.nan
+        inputs = {**random_inputs(graph, 2, 0), "x": xs}
+        want = gc.compile(graph).run(inputs, params, keep=True)["pool1"]
+        got = gc.compile(graph, backend="host").run(inputs, params, keep=True)["pool1"]
+        assert np.isnan(got[0, :, 0, 0]).all() and np.array_equal(got, want, equal_nan=True), (stage, got, want)
+
+
+def test_exact_gelu_from_erf_runs_on_numpy_and_the_kernels_and_matches_pytorch():
+    """x (1 + erf(x / sqrt 2)) / 2, PyTorch's default nn.GELU, was refused: NumPy has no erf."""
+    import sympy as sp
+    from graphconv.gradcheck import check_rule
+    from torch_oracle import torch
+    t = sp.Symbol("x", real=True)
+    if "gelu_erf" not in gc.ops.OPS:
+        gc.define_activation("gelu_erf", t * (1 + sp.erf(t / sp.sqrt(2))) / 2)
+    xs = np.linspace(-4, 4, 33).reshape(1, -1)
+    for dtype in ("float32", "float64"):
+        g = gc.Graph("gelu", dtype)
+        g.output(g.activation(g.input("x", ("N", 33)), "gelu_erf", name="act"))
+        want = gc.compile(g)(xs.astype(dtype))
+        np.testing.assert_allclose(gc.compile(g, backend="host")(xs.astype(dtype)), want,
+                                   rtol=2e-6 if dtype == "float32" else 1e-14, atol=1e-7 if dtype == "float32" else 1e-15)
+        if torch is not None:
+            np.testing.assert_allclose(want, torch.nn.functional.gelu(torch.tensor(xs)).numpy(),
+                                       rtol=1e-6 if dtype == "float32" else 1e-14, atol=1e-7 if dtype == "float32" else 1e-15)
+    checks = check_rule("gelu_erf", [np.random.default_rng(0).standard_normal((3, 5))], {}, np.random.default_rng(1))
+    assert checks and all(c.ok for c in checks), checks          # its sympy derivative, by finite differences
+
+
 def test_a_kernel_that_does_not_compile_is_reported_with_node_layer_template_and_line(tmp_path, monkeypatch):
     program = Program(build(MODELS["lenet5"](), "fused"))
     spec = program.kernels[0]

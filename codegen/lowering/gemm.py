@@ -398,7 +398,8 @@ def lower_conv(ctx):
         window_begin = [f"{T} best = {neg_inf};"] + (["int code = 0;"] if save else []) + \
                        ([f"{T} best_z = 0;"] if save == "argmax_preact" else [])
         track = (" code = woff;" if save else "") + (" best_z = z;" if save == "argmax_preact" else "")
-        element.append(f"if (qok && v > best) {{ best = v;{track} }}   // the first maximum wins, as in the reference")
+        element.append(f"if (qok && (v > best || (v != v && best == best))) {{ best = v;{track} }}   "
+                       f"// the first maximum wins, a NaN first of all, as in the reference")
         window_end = [f"y[{out_index}] = best;"]
         if save:
             window_end.append(f"code_out[{out_index}] = (unsigned char)code;")

@@ -8,6 +8,8 @@ this way; nothing here has a hand-written derivative.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
@@ -51,7 +53,24 @@ def _np_softplus(x):
     return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
 
-NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus, "gc_select": select}
+def _np_special(name):
+    """erf / erfc elementwise (NumPy has neither): SciPy's where installed, else the math module's
+    per element (exact, slower), in the argument's float type."""
+    try:
+        from scipy import special
+        fn = getattr(special, name)
+    except ImportError:
+        fn = np.vectorize(getattr(math, name), otypes=[np.float64])
+
+    def apply(x):
+        x = np.asarray(x)
+        return fn(x).astype(x.dtype if x.dtype.kind == "f" else np.float64, copy=False)
+    return apply
+
+
+# exact GELU, x * (1 + erf(x / sqrt(2))) / 2 (PyTorch's default nn.GELU), needs erf
+NUMPY_FUNCTIONS = {"sigmoid": _np_sigmoid, "softplus": _np_softplus, "gc_select": select,
+                   "erf": _np_special("erf"), "erfc": _np_special("erfc")}
 
 # The same two functions as CUDA device functions, the stable forms above: code generation prints
 # sigmoid(x) as gc_sigmoid(x) and puts these in the kernels that use them ({T}: float or double,
@@ -60,6 +79,10 @@ C_FUNCTIONS = {
     "sigmoid": "__device__ __forceinline__ {T} gc_sigmoid({T} x) {{ const {T} e = exp{f}(-fabs{f}(x)); "
                "return x >= 0 ? 1 / (1 + e) : e / (1 + e); }}",
     "softplus": "__device__ __forceinline__ {T} gc_softplus({T} x) {{ return fmax{f}(x, 0) + log1p{f}(exp{f}(-fabs{f}(x))); }}",
+    # sympy's Max and Min as NumPy computes them (np.maximum, np.minimum): a NaN operand gives NaN, where
+    # C's fmax and fmin return the other operand
+    "max": "__device__ __forceinline__ {T} gc_max({T} a, {T} b) {{ return (a > b || a != a) ? a : b; }}",
+    "min": "__device__ __forceinline__ {T} gc_min({T} a, {T} b) {{ return (a < b || a != a) ? a : b; }}",
 }
 
 
@@ -213,7 +236,8 @@ def define_activation(name, expr, params=None, numpy=None):
 
 
 # ---- the built-in activations ----------------------------------------------------------------
-define_activation("relu", sp.Piecewise((X, X > 0), (0, True)), numpy=lambda x: np.maximum(x, 0))
+# relu(NaN) is NaN, as np.maximum and PyTorch give it: "0 where x <= 0", not "x where x > 0"
+define_activation("relu", sp.Piecewise((0, X <= 0), (X, True)), numpy=lambda x: np.maximum(x, 0))
 define_activation("leaky_relu", sp.Piecewise((X, X > 0), (sp.Symbol("negative_slope") * X, True)),
                   params={"negative_slope": 0.01}, numpy=lambda x, a: np.where(x > 0, x, x * x.dtype.type(a)))
 define_activation("sigmoid", sigmoid(X))

@@ -118,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                             const float ga = gaux[gi];
                             const float gd = gdy[gi];
                             if (gcv == gwant) {
-                                v = ((ga > 0) ? (gd) : (0));
+                                v = ((ga <= 0) ? (0) : (gd));
                             }
                         }
                     }
@@ -223,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(147, 1) conv2d_backward_data_direct
                                 const float ga = gaux[gi];
                                 const float gd = gdy[gi];
                                 if (gcv == gwant) {
-                                    v = ((ga > 0) ? (gd) : (0));
+                                    v = ((ga <= 0) ? (0) : (gd));
                                 }
                             }
                         }

@@ -137,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(175, 2) conv2d_backward_weight_dire
                         gcv = gcode[gi];
                         const float ga = gaux[gi];
                         const float gd = gdy[gi];
-                        gval = ((ga > 0) ? (gd) : (0));
+                        gval = ((ga <= 0) ? (0) : (gd));
                     }
                     codes[q] = gcv;
                     vals[q] = gval;

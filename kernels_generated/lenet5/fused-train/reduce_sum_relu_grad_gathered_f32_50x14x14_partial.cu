@@ -35,7 +35,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gather
                 const long long idx = ((long long)jd0 * K + k) * B + jd1;
                 const float ga = gaux[idx];
                 const float gd = gdy[idx];
-                const double xv = ((ga > 0) ? (gd) : (0));
+                const double xv = ((ga <= 0) ? (0) : (gd));
                 s0 += xv;
             }
             jd1 += 11;
@@ -50,7 +50,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gather
                 const long long idx = ((long long)jd0 * K + k) * B + jd1;
                 const float ga = gaux[idx];
                 const float gd = gdy[idx];
-                const double xv = ((ga > 0) ? (gd) : (0));
+                const double xv = ((ga <= 0) ? (0) : (gd));
                 s0 += xv;
             }
             jd1 += 11;

@@ -5,7 +5,7 @@
 //   launch:    grid (Min(4096, 8*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, const float*, const float*, const float*, float*, float*, int
 //   out0 = a2*(a0 - a1) + a3
-//   out1 = Piecewise((r0, r0 > 0), (0, True))
+//   out1 = Piecewise((0, r0 <= 0), (r0, True))
 // A grid-stride loop over passes of 4 elements per thread, 1024 per block: element u of
 // a pass is i + u * stride, so consecutive threads touch consecutive elements and every load and
 // store is coalesced. Each pass loads all its elements' operands before it computes and stores
@@ -41,7 +41,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_apply_relu_f32_3
             if (j < total) {
                 const float r0 = v2[u]*(v0[u] - v1[u]) + v3[u];
                 out0[j] = r0;
-                const float r1 = ((r0 > 0) ? (r0) : (0));
+                const float r1 = ((r0 <= 0) ? (0) : (r0));
                 out1[j] = r1;
             }
         }

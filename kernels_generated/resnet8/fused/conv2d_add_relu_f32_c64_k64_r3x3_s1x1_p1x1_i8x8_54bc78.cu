@@ -424,7 +424,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_add_relu_f32_c64_k64
                 const float z = (float)c + bias_m;
                 const float ex0 = qok ? ep0[(bimg * 64 + mg) * 64LL + (q_0) * 8 + q_1] : (float)0;
                 const float _t0 = ex0 + z;
-                const float v = ((_t0 > 0) ? (_t0) : (0));
+                const float v = ((_t0 <= 0) ? (0) : (_t0));
                 y[(bimg * 64 + mg) * 64LL + p] = v;
             }
         }

@@ -213,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_add_relu_f32_
             const float z = (float)c + bias_m;
             const float ex0 = qok ? ep0[(bimg * 16 + mg) * 1024LL + (q_0) * 32 + q_1] : (float)0;
             const float _t0 = ex0 + z;
-            const float v = ((_t0 > 0) ? (_t0) : (0));
+            const float v = ((_t0 <= 0) ? (0) : (_t0));
             y[(bimg * 16 + mg) * 1024LL + p] = v;
         }
     }

@@ -139,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_direct_relu_f32_c3_k
             const bool qok = q_0 < 32 && q_1 < 32;
             if (!qok) continue;
             const float z = (float)c + bias_m;
-            const float v = ((z > 0) ? (z) : (0));
+            const float v = ((z <= 0) ? (0) : (z));
             y[(bimg * 16 + mg) * 1024LL + p] = v;
         }
     }

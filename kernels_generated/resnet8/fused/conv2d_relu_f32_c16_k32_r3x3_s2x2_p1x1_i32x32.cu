@@ -623,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_relu_f32_c16_k32_r3x
                 const long long bimg = n / 256;
                 const int p = n % 256;
                 const float z = (float)c + bias_m;
-                const float v = ((z > 0) ? (z) : (0));
+                const float v = ((z <= 0) ? (0) : (z));
                 y[(bimg * 32 + mg) * 256LL + p] = v;
             }
         }

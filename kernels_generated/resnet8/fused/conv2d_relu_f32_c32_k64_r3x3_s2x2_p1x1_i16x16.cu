@@ -417,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_relu_f32_c32_k64_r3x
                 const long long bimg = n / 64;
                 const int p = n % 64;
                 const float z = (float)c + bias_m;
-                const float v = ((z > 0) ? (z) : (0));
+                const float v = ((z <= 0) ? (0) : (z));
                 y[(bimg * 64 + mg) * 64LL + p] = v;
             }
         }

@@ -4,7 +4,7 @@
 //   shapes:    (bn1_2: float32[N, 32, 32, 32], drelu1_2: float32[N, 32, 32, 32]) -> float32[N, 32, 32, 32]
 //   launch:    grid (Min(4096, 32*N), 1, 1) x block (256, 1, 1)
 //   arguments: const float*, const float*, float*, int
-//   out = Piecewise((a1, a0 > 0), (0, True))
+//   out = Piecewise((0, a0 <= 0), (a1, True))
 // A grid-stride loop over passes of 4 elements per thread, 1024 per block: element u of
 // a pass is i + u * stride, so consecutive threads touch consecutive elements and every load and
 // store is coalesced. Each pass loads all its elements' operands before it computes and stores
@@ -31,7 +31,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) relu_grad_f32_32x32x32(cons
         for (int u = 0; u < 4; ++u) {
             const long long j = i + u * stride;
             if (j < total) {
-                out[j] = ((v0[u] > 0) ? (v1[u]) : (0));
+                out[j] = ((v0[u] <= 0) ? (0) : (v1[u]));
             }
         }
     }

@@ -211,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_f32_c32_
             const bool qok = q_0 < 16 && q_1 < 16;
             if (!qok) continue;
             const float z = (float)c + bias_m;
-            const float v = ((z > 0) ? (z) : (0));
+            const float v = ((z <= 0) ? (0) : (z));
             y[(bimg * 64 + mg) * 256LL + p] = v;
         }
     }

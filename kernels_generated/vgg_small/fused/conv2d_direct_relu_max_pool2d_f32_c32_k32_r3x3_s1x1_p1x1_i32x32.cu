@@ -211,8 +211,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv2d_direct_relu_max_pool
             const bool qok = q_0 < 32 && q_1 < 32;
             if (!qok) continue;
             const float z = (float)c + bias_m;
-            const float v = ((z > 0) ? (z) : (0));
-            if (qok && v > best) { best = v; }   // the first maximum wins, as in the reference
+            const float v = ((z <= 0) ? (0) : (z));
+            if (qok && (v > best || (v != v && best == best))) { best = v; }   // the first maximum wins, a NaN first of all, as in the reference
         }
         const long long bimg_w = bimg;
         const int p_w = ycell * 16 + xcell;
