@@ -35,12 +35,13 @@ def eliminate_dead_code(graph):
 
 
 def cast(graph, dtype):
-    """The same graph computing in `dtype` (float32 or float64); integer inputs stay as they are."""
+    """The same graph computing in `dtype` (float32 or float64): its float inputs, parameters and
+    constants (a backward graph's seed and zero gradients); integer inputs stay as they are."""
     dtype = as_float_dtype(dtype, "cast: dtype")
     new = graph.copy()
     new.dtype = dtype
     for node in new.topo():
-        if node.op in ("input", "param") and node.attrs["dtype"] in FLOAT_DTYPES:
+        if node.op in ("input", "param", "constant") and node.attrs["dtype"] in FLOAT_DTYPES:
             node.attrs["dtype"] = dtype
     return reinfer(new)
 

@@ -72,6 +72,20 @@ def test_copy_is_independent_and_cast_changes_every_float():
     g64 = gc.cast(g, "float64")
     assert all(n.dtype == "float64" for n in g64.topo())
     assert all(n.dtype == "float32" for n in g.topo())
+    # a training step: the backward pass's seed and zero gradients are constants, cast too (they were
+    # left float32: "grad_output is float32 but input is float64"); a mean-squared loss, a parameter
+    # the loss does not reach, SGD with momentum
+    from graphconv.training import Optimizer, attach_loss, build_train_step
+    h = gc.Graph("m")
+    x, t = h.input("x", ("N", 4)), h.input("t", ("N", 2))
+    h.output(h.mse_loss(h.linear(x, 2, name="fc"), t))
+    h.linear(x, 3, name="unused")
+    step = build_train_step(attach_loss(h), Optimizer("sgd", momentum=0.9))
+    step64 = gc.cast(step, "float64")
+    assert {n.dtype for n in step64.topo() if not n.is_tuple} == {"float64"}
+    feed = {"x": np.ones((2, 4)), "t": np.zeros((2, 2))}
+    out = gc.compile(step, dtype="float64").run(feed, gc.init_params(step64, seed=0))
+    assert all(v.dtype == np.float64 for v in out.values() if isinstance(v, np.ndarray))
 
 
 def test_init_params_follows_pytorch_defaults_and_is_seeded():
