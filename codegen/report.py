@@ -165,10 +165,13 @@ def build_report(model, stage="fused-train", weights=None, loss="cross_entropy",
     sections = [s.replace('<details class="layer"', '<details class="layer section"', 1) for s in sections]
     filters = ""
     if weights is not None:
-        from graphconv.pictures import filters_png
-        layer, png = filters_png(model, weights)
-        filters = (f"<h2>What {e(layer)}'s filters learned</h2><img alt=\"filters\" "
-                   f"src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">")
+        from graphconv.pictures import conv_layers, filters_png
+        if conv_layers(model):
+            layer, png = filters_png(model, weights)
+            filters = (f"<h2>What {e(layer)}'s filters learned</h2><img alt=\"filters\" "
+                       f"src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">")
+        else:
+            filters = f"<h2>Filters</h2><p>{e(model.name)} has no 2-D convolution whose filters could be drawn.</p>"
     data = json.dumps({"kernels_of": kernels_of, "nodes_of": nodes_of}).replace("</", "<\\/")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>graphconv report: {e(graph.name)}</title>"
             f"<style>{STYLE}</style></head><body>"

@@ -18,7 +18,7 @@ import sympy as sp
 from .errors import GraphError, OpError
 from .ir import GraphCore, Tensor
 from .ops.adaptive import even_windows
-from .ops.base import rank_error
+from .ops.base import as_bool, rank_error
 from .ops.linear import linear_rank_error
 from .ops.window import LAYOUT, per_axis
 from .printer import FORMATS
@@ -102,6 +102,8 @@ class Graph(GraphCore):
         op = f"conv{nd}d"
         name, x, kernel, out_channels, groups, c_in = self._conv_layer(
             op, nd, "conv", x, out_channels, kernel_size, groups, in_channels, name, unknown, CONV_ARGS)
+        with self.layer_errors(name, op, [x.name]):
+            bias = as_bool(bias, "bias")           # "False" is a string, not False: refused, not read as True
         bound = 1 / math.sqrt(c_in // groups * math.prod(kernel))  # PyTorch: kaiming_uniform(a=sqrt(5))
         attrs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
                  "padding_mode": padding_mode}
@@ -127,6 +129,8 @@ class Graph(GraphCore):
         op = f"conv_transpose{nd}d"
         name, x, kernel, out_channels, groups, c_in = self._conv_layer(
             op, nd, "deconv", x, out_channels, kernel_size, groups, in_channels, name, unknown, CONV_TRANSPOSE_ARGS)
+        with self.layer_errors(name, op, [x.name]):
+            bias = as_bool(bias, "bias")
         bound = 1 / math.sqrt(out_channels // groups * math.prod(kernel))  # PyTorch: fan_in from weight dim 1
         attrs = {"stride": stride, "padding": padding, "output_padding": output_padding, "dilation": dilation,
                  "groups": groups}
@@ -145,6 +149,7 @@ class Graph(GraphCore):
                 raise linear_rank_error(x)
             out_features = _positive_int(out_features, "out_features")
             c_in = self._channels(x, in_features, "in_features")
+            bias = as_bool(bias, "bias")
         bound = 1 / math.sqrt(c_in)
         w = self.param(f"{name}.weight", (c_in, out_features), ("uniform", bound), layer=name)
         b = [self.param(f"{name}.bias", (out_features,), ("uniform", bound), layer=name)] if bias else []
@@ -175,6 +180,7 @@ class Graph(GraphCore):
                 want = " or ".join(f"{r}-D" for r in ranks)
                 raise OpError(f"{op} expects a {want} input, got {len(x.shape)}-D {fmt_shape(x.shape)}")
             c = self._channels(x, num_features, "num_features")
+            affine = as_bool(affine, "affine")
         stats = [self.param(f"{name}.running_mean", (c,), ("constant", 0.0), trainable=False, layer=name),
                  self.param(f"{name}.running_var", (c,), ("constant", 1.0), trainable=False, layer=name)]
         if affine:
@@ -428,6 +434,9 @@ class Graph(GraphCore):
             return self.fresh_name(prefix)
         if not isinstance(name, str) or not name:
             raise GraphError(f"layer names must be non-empty strings, got {name!r}")
+        if not name.isprintable():          # a newline would end a generated kernel's comment
+            raise GraphError(f"layer names are printable characters (no newline, tab or control character), "
+                             f"got {name!r}")
         if name in self.nx:
             raise GraphError(f"{name}: the name is already used by a {self.node(name).op} node in {self.name}")
         return name

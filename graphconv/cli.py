@@ -179,22 +179,29 @@ def cmd_check(args):
           f"{unfused.dtype}, batch {args.batch}, seed {args.seed}")
     width = max(len(o) for o in want)
     print(f"  {'output'.ljust(width)}  {'max abs diff':>12}  {'max rel diff':>12}  status")
-    failed, conditioned = 0, []
+    failed, conditioned, noise = 0, [], []
     for name, a in want.items():
         b = got[name]
         diff = float(np.abs(a - b).max()) if a.size else 0.0
         rel = diff / max(float(np.abs(a).max()) if a.size else 0.0, 1e-30)
-        ok = close(b, a, args.rtol)
-        status = "ok" if ok else "MISMATCH"
+        ok = close(b, a, args.rtol, kind_scale(name, want))
+        status = "ok" if close(b, a, args.rtol) else "ok+" if ok else "MISMATCH"
+        if status == "ok+":
+            noise.append(name)
         if judge and not ok and adam_step_of_its_moments(unfused, name, params, want, got, args.rtol):
             ok, status = True, "ok*"
             conditioned.append(name)
         failed += judge and not ok
         print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {status if judge else '-'}")
+    if noise:
+        print(f"+ {len(noise)} optimizer moment{'s' if len(noise) > 1 else ''} within rtol of the largest moment of "
+              f"{'their' if len(noise) > 1 else 'its'} kind over every parameter, not of {'their' if len(noise) > 1 else 'its'} own: "
+              f"the moments of a gradient that is zero in exact arithmetic (a conv's bias before a batch norm) "
+              f"are rounding noise, which two correct computations round differently")
     if conditioned:
         print(f"* {len(conditioned)} Adam update{'s' if len(conditioned) > 1 else ''} past rtol: each equals (within rtol) Adam's step of "
               f"the moments this backend computed, those match the unfused graph's, and every element past rtol "
-              f"has a gradient at float32 rounding noise (<= 64 eps of the largest); Adam divides a gradient by "
+              f"has a gradient at float32 rounding noise (<= 64 eps of the largest first moment); Adam divides a gradient by "
               f"its own size (m / (sqrt(v) + eps)), so there rounding moves the step by up to the learning rate "
               f"(a float32 graph's first steps, not an error of the fused graph)")
     if judge:
@@ -205,21 +212,36 @@ def cmd_check(args):
     return 1 if failed or kernel_failures else 0
 
 
-def within(got, want, rtol):
-    """check's criterion per element: within rtol of the value, or of the output's largest magnitude."""
+def within(got, want, rtol, scale=0.0):
+    """check's criterion per element: within rtol of the value, or of the output's largest magnitude
+    (or `scale`, where larger: see kind_scale)."""
     want, got = np.asarray(want), np.asarray(got)
-    return np.isclose(got, want, rtol=rtol, atol=rtol * max(float(np.abs(want).max()) if want.size else 0, 1e-12))
+    largest = float(np.abs(want).max()) if want.size else 0.0
+    return np.isclose(got, want, rtol=rtol, atol=rtol * max(largest, scale, 1e-12))
 
 
-def close(got, want, rtol) -> bool:
-    return bool(np.all(within(got, want, rtol)))
+def close(got, want, rtol, scale=0.0) -> bool:
+    return bool(np.all(within(got, want, rtol, scale)))
+
+
+def kind_scale(name, want) -> float:
+    """For an optimizer moment (`conv1.bias.adam_m.next`): the largest magnitude of that moment over
+    every parameter. A gradient that is zero in exact arithmetic (a conv's bias before a batch norm)
+    has moments of pure rounding noise, which two correct backends round differently: judged against
+    its own largest value they differ by 100%; against the network's moments, by nothing."""
+    from .weights import OPTIMIZER_SUFFIXES
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-1] != "next" or f".{parts[-2]}" not in OPTIMIZER_SUFFIXES:
+        return 0.0
+    kind = f".{parts[-2]}.next"
+    return max((float(np.abs(v).max()) for k, v in want.items() if k.endswith(kind) and np.size(v)), default=0.0)
 
 
 def adam_step_of_its_moments(graph, name, params, want, got, rtol) -> bool:
     """Whether float32 output `name` is an Adam parameter update that equals, within rtol, Adam's step
     of the moments this run computed (recomputed in float64), with those moments matching the
     reference's and every element past rtol coming from a first moment at rounding-noise level (at
-    most 64 float32 epsilons of the largest): its difference from the reference is then Adam's
+    most 64 float32 epsilons of the largest first moment of any parameter): its difference from the reference is then Adam's
     conditioning (a gradient divided by its own size), not an error of the graph being checked. A
     gradient wrong by more than rounding, however small against the largest, is not excused."""
     from .ops import OPS
@@ -231,10 +253,12 @@ def adam_step_of_its_moments(graph, name, params, want, got, rtol) -> bool:
         return False
     step = OPS["adam_param"].reference([np.asarray(v, dtype=np.float64) for v in values], graph.node(name).attrs)
     m, v = operands[1:3]
-    if not (close(got[name], step, rtol) and all(k in want and k in got and close(got[k], want[k], rtol) for k in (m, v))):
+    if not (close(got[name], step, rtol) and all(k in want and k in got and close(got[k], want[k], rtol,
+                                                                                      kind_scale(k, want))
+                                                 for k in (m, v))):
         return False
     past = ~within(np.asarray(got[name], np.float64), np.asarray(want[name], np.float64), rtol)
-    noise = 64 * float(np.finfo(np.float32).eps) * float(np.abs(want[m]).max())
+    noise = 64 * float(np.finfo(np.float32).eps) * max(float(np.abs(want[m]).max()), kind_scale(m, want))
     return bool(np.all(np.abs(want[m])[past] <= noise) and np.all(np.abs(got[m])[past] <= noise))
 
 
@@ -438,6 +462,7 @@ def cmd_export(args):
     from .weights import RUNTIME_STATE, load_weights, save_weights
     graph = load_model(args, need_sizes=False)
     params = {k: v for k, v in load_weights(args.weights, graph).items() if k not in RUNTIME_STATE}
+    refuse_export_over(args)
     save_weights(args.output, params)
     trainable = {p.name for p in graph.params if p.role == "param"}
     counts = [sum(int(v.size) for k, v in params.items() if (k in trainable) == want) for want in (True, False)]
@@ -445,6 +470,31 @@ def cmd_export(args):
     print(f"wrote {args.output}: {len(params)} arrays of {graph.name} ({counts[0]:,} parameters{buffers}, "
           f"{graph.dtype}) from {args.weights}")
     return 0
+
+
+def refuse_export_over(args):
+    """export writes over a plain weights file, never silently over its own --weights, a checkpoint
+    (its optimizer state and epoch count would be lost) or a file that is not graphconv's."""
+    from .checkpoint import read_checkpoint
+    out = args.output
+    if not os.path.isfile(out):
+        return
+    if os.path.samefile(out, args.weights):
+        raise GraphConvError(f"export: -o {out} is the --weights file itself (a checkpoint would lose its optimizer "
+                             f"state and epoch count); choose another -o")
+    if args.force:
+        return
+    try:
+        epoch = read_checkpoint(out).epoch
+    except GraphConvError:
+        try:
+            read_checkpoint(out, plain_ok=True)
+            return                        # a weights file: written again
+        except GraphConvError:
+            raise GraphConvError(f"export: {out} exists and is not a graphconv weights file; choose another -o or "
+                                 f"pass --force to overwrite it") from None
+    raise GraphConvError(f"export: {out} is a checkpoint (after {epoch} epoch{'s' if epoch != 1 else ''}, with its optimizer state); choose "
+                         f"another -o or pass --force to overwrite it")
 
 
 def cmd_train(args):
@@ -545,11 +595,18 @@ def cmd_run(args):
     mode = ", eval mode" if args.eval else f", training mode: {' and '.join(active)} (--eval for inference)" \
         if active else ""
     params = init_params(graph, seed=args.seed)
-    inputs = random_inputs(graph, args.batch, args.seed)
+    batch = args.batch or 8
+    if graph.batch_symbol() is None and graph.inputs and graph.inputs[0].shape:      # a fixed first dim
+        fixed = int(graph.inputs[0].shape[0])
+        if args.batch is not None and args.batch != fixed:
+            raise GraphConvError(f"--batch {args.batch}: {graph.name}'s input {graph.inputs[0].name} has a fixed first "
+                                 f"dim of {fixed} (no batch dim to size); drop --batch")
+        batch = fixed
+    inputs = random_inputs(graph, batch, args.seed)
     start = time.perf_counter()
     outs = program.run(inputs, params)
     elapsed = time.perf_counter() - start
-    print(f"{graph.name} on {args.backend}{variant_words(args, program_variants(program))}{mode}: batch {args.batch}, "
+    print(f"{graph.name} on {args.backend}{variant_words(args, program_variants(program))}{mode}: batch {batch}, "
           f"seed {args.seed}, {elapsed * 1e3:.1f} ms")
     for name, value in outs.items():
         print(f"  {name}: {fmt_type(graph.node(name).type)} -> {value.dtype}{list(value.shape)}  "
@@ -831,11 +888,15 @@ def parser() -> argparse.ArgumentParser:
     s = command("export", "write the weights of a checkpoint as a plain weights file (optimizer state and "
                 "run-time counters dropped)", dims=True)
     s.add_argument("--weights", required=True, help="a checkpoint written by graphconv train --save")
-    s.add_argument("-o", "--output", required=True, help="the weights file to write (.npz)")
+    s.add_argument("-o", "--output", required=True, help="the weights file to write (.npz); an existing weights "
+                   "file is replaced, a checkpoint or another file only with --force")
+    s.add_argument("--force", action="store_true", help="overwrite -o even where it is a checkpoint or not "
+                   "graphconv's (never the --weights file itself)")
     s.set_defaults(func=cmd_export)
 
     s = command("run", "run a model on random inputs and print its outputs", dims=True)
-    s.add_argument("--batch", type=_positive, default=8, help="batch size of the random inputs")
+    s.add_argument("--batch", type=_positive, help="batch size of the random inputs (default: 8; a model whose "
+                   "inputs have a fixed first dim runs at that size)")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and parameters")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)

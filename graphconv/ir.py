@@ -120,6 +120,8 @@ class GraphCore:
     """Storage, ordering, error reporting and verification. The layer builders are in builder.py."""
 
     def __init__(self, name="graph", dtype="float32"):
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise GraphError(f"a graph's name is a non-empty string of printable characters, got {name!r}")
         self.name, self.dtype = name, as_float_dtype(dtype, "graph dtype")
         self.nx = nx.MultiDiGraph()
         self.outputs: list[str] = []
@@ -216,6 +218,9 @@ class GraphCore:
         attrs = dict(attrs or {})
         if name is not None and (not isinstance(name, str) or not name):
             raise GraphError(f"node names must be non-empty strings, got {name!r}")
+        if name is not None and not name.isprintable():   # a newline would end a generated kernel's comment
+            raise GraphError(f"node names are printable characters (no newline, tab or control character), "
+                             f"got {name!r}")
         if not isinstance(op_name, str):
             raise GraphError(f"an op is named by a string, got {op_name!r}")
         operand_names = [self._operand_name(o, name, op_name) for o in operands]

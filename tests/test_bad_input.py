@@ -751,3 +751,104 @@ def test_a_tensor_of_another_graph_of_the_same_name_says_so():
         b.relu(x)
     with pytest.raises(gc.GraphError, match="operand x belongs to graph u, not v"):
         gc.Graph("v").relu(x)
+
+
+def test_emit_into_awkward_folders_says_what_is_wrong(capsys, tmp_path):
+    """A folder holding a .cu file of the user's in another encoding (kept, not read as UTF-8), a
+    folder named like a kernel where its file goes, a folder that cannot be made: one line each."""
+    mine = tmp_path / "d" / "mine.cu"
+    mine.parent.mkdir()
+    mine.write_bytes(b"// caf\xe9\n")
+    code, _, _ = cli(capsys, "emit", "seed_conv", "-o", tmp_path / "d", "--no-nvrtc")
+    assert code == 0 and mine.read_bytes() == b"// caf\xe9\n"
+    (tmp_path / "d2" / "sub.cu").mkdir(parents=True)                       # a folder named *.cu: left alone
+    assert cli(capsys, "emit", "seed_conv", "-o", tmp_path / "d2", "--no-nvrtc")[0] == 0
+    kernel = next((tmp_path / "d").glob("conv2d*.cu")).name
+    (tmp_path / "d3" / kernel).mkdir(parents=True)
+    code, _, err = cli(capsys, "emit", "seed_conv", "-o", tmp_path / "d3", "--no-nvrtc")
+    assert code == 2 and f"{kernel}: cannot be written (Is a directory)" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli(capsys, "emit", "seed_conv", "-o", tmp_path / "file" / "sub", "--no-nvrtc")
+    assert code == 2 and "is a file (or lies under one)" in err
+
+
+def test_export_never_overwrites_its_checkpoint_or_a_file_not_its_own(capsys, tmp_path):
+    """export -o over the --weights checkpoint lost its optimizer state and epochs without a word,
+    and over any file; now: a weights file is rewritten, the rest needs --force, never --weights."""
+    graph = gc.models.MODELS["lenet5"]()
+    trainer = gc.Trainer(graph, gc.Optimizer("adam"), seed=0)
+    trainer.epoch = 1
+    trainer.save(tmp_path / "ck.npz")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "ck2.npz").write_bytes((tmp_path / "ck.npz").read_bytes())
+    for target, message in (("ck.npz", "is the --weights file itself"), ("notes.txt", "is not a graphconv weights file"),
+                            ("ck2.npz", "is a checkpoint (after 1 epoch, with its optimizer state)")):
+        code, _, err = cli(capsys, "export", "lenet5", "--weights", tmp_path / "ck.npz", "-o", tmp_path / target)
+        assert code == 2 and message in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and gc.checkpoint.read_checkpoint(tmp_path / "ck.npz").epoch == 1
+    for extra in ((), (), ("--force",)):          # a new weights file, written again, then over the checkpoint copy
+        target = "ck2.npz" if extra else "w.npz"
+        assert cli(capsys, "export", "lenet5", "--weights", tmp_path / "ck.npz", "-o", tmp_path / target, *extra)[0] == 0
+    code, _, err = cli(capsys, "export", "lenet5", "--weights", tmp_path / "ck.npz", "-o", tmp_path / "ck.npz", "--force")
+    assert code == 2 and "is the --weights file itself" in err
+
+
+def test_a_report_with_weights_of_a_model_without_2d_convolutions_is_written(capsys, tmp_path):
+    """report --weights drew the first 2-D conv's filters and refused the whole page without one (a
+    Conv1d net); the page now says there is nothing to draw."""
+    graph = gc.models.MODELS["conv1d_net"]()
+    gc.save_weights(tmp_path / "w.npz", gc.init_params(graph, seed=0))
+    code, _, _ = cli(capsys, "report", "conv1d_net", "--weights", tmp_path / "w.npz", "-o", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert code == 0 and "conv1d_net has no 2-D convolution whose filters could be drawn" in page
+    code, _, err = cli(capsys, "filters", "conv1d_net", "--weights", tmp_path / "w.npz", "-o", tmp_path / "f.png")
+    assert code == 2 and "no 2-D convolution" in err
+
+
+def test_flags_given_as_strings_and_a_nan_margin_are_refused_naming_the_layer():
+    """bias="False" and affine="no" were read by their truth (a bias and an affine batch norm made
+    anyway); a NaN hinge margin gave a NaN loss."""
+    g = gc.Graph("v")
+    x = g.input("x", ("N", 3, 8, 8))
+    y = g.input("y", ("N",), dtype="int64")
+    for call, message in ((lambda: g.conv2d(x, 4, 3, bias="False", name="c"), "c [conv2d]: bias must be True or False"),
+                          (lambda: g.linear(g.flatten(x), 3, bias="no", name="fc"), "fc [linear]: bias must be"),
+                          (lambda: g.batch_norm2d(x, affine="no", name="bn"), "bn [batch_norm2d]: affine must be"),
+                          (lambda: g.conv_transpose2d(x, 2, 3, bias=None, name="t"), "t [conv_transpose2d]: bias"),
+                          (lambda: g.hinge_loss(g.linear(g.flatten(x), 3, name="s"), y, margin=float("nan")),
+                           "margin must be a finite number"),
+                          (lambda: g.hinge_loss(g.linear(g.flatten(x), 3, name="s2"), y, margin="1"),
+                           "margin must be a number")):
+        with pytest.raises(gc.GraphError, match=re.escape(message)):
+            call()
+    assert "c.bias" not in g and "bn.weight" not in g
+    g.conv2d(x, 4, 3, bias=False, name="plain")
+    assert "plain.bias" not in g
+
+
+def test_names_with_a_newline_are_refused_before_they_reach_a_kernel():
+    """A layer named "fc\n#error injected" put a preprocessor line into its kernel's header comment
+    (g++: #error injected)."""
+    g = gc.Graph("v")
+    x = g.input("x", ("N", 6))
+    with pytest.raises(gc.GraphError, match=r"layer names are printable characters .*'fc\\n#error injected'"):
+        g.linear(x, 3, name="fc\n#error injected")
+    with pytest.raises(gc.GraphError, match="node names are printable"):
+        g.apply("relu", x, name="r\tx")
+    with pytest.raises(gc.GraphError, match="a graph's name is a non-empty string of printable characters"):
+        gc.Graph("a\nb")
+    g.linear(x, 3, name="fc é")                      # printable, if not ASCII: fine
+
+
+def test_run_of_a_fixed_batch_model_says_the_batch_it_ran(capsys, tmp_path):
+    """A model whose input is (4, 1, 8, 8) ran 4 examples under a header saying batch 8 (or the
+    --batch given, which it ignored)."""
+    (tmp_path / "fixed.py").write_text(
+        "import graphconv as gc\n\ndef build():\n    g = gc.Graph('fixed')\n    x = g.input('x', (4, 1, 8, 8))\n"
+        "    g.output(g.linear(g.flatten(g.relu(g.conv2d(x, 2, 3, name='c'))), 3, name='fc'))\n    return g\n")
+    code, out, _ = cli(capsys, "run", f"{tmp_path / 'fixed.py'}:build", "--backend", "host")
+    assert code == 0 and "batch 4," in out and "-> float32[4, 3]" in out
+    code, _, err = cli(capsys, "run", f"{tmp_path / 'fixed.py'}:build", "--batch", "3")
+    assert code == 2 and "--batch 3: fixed's input x has a fixed first dim of 4" in err
+    code, out, _ = cli(capsys, "run", "lenet5", "--batch", "2")
+    assert code == 0 and "batch 2," in out

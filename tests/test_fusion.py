@@ -229,6 +229,32 @@ def test_check_explains_adam_updates_of_near_zero_gradients_and_still_catches_a_
     assert not adam_step_of_its_moments(graph, "fc2.bias.adam_m.next", params, want, got, 1e-4)
 
 
+def test_check_judges_the_moments_of_a_zero_gradient_against_their_kind(tmp_path, capsys):
+    """A conv's bias before a training-mode batch norm has a gradient that is zero in exact
+    arithmetic: its Adam moments are rounding noise (100% apart between two correct backends) and
+    were reported MISMATCH. They are judged against the largest moment over every parameter ("ok+"),
+    their update by the ok* rule; a moment wrong on that scale is still a mismatch."""
+    from graphconv.cli import kind_scale
+    (tmp_path / "bnb.py").write_text(
+        "import graphconv as gc\n\ndef build():\n    g = gc.Graph('bnb')\n"
+        "    h = g.relu(g.batch_norm2d(g.conv2d(g.input('x', ('N', 1, 8, 8)), 4, 3, padding=1, name='conv1'), name='bn1'))\n"
+        "    g.output(g.linear(g.flatten(g.max_pool2d(h, 2)), 10, name='fc'))\n    return g\n")
+    code = main(["check", f"{tmp_path / 'bnb.py'}:build", "--stage", "fused-train", "--backend", "host",
+                 "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0 and "MISMATCH" not in out, out
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.startswith("  conv1.bias")}
+    assert rows["conv1.bias.adam_m.next"] in ("ok", "ok+") and rows["conv1.bias.next"] in ("ok", "ok*"), rows
+    want = {"a.weight.adam_m.next": np.array([0.07, -0.01]), "a.bias.adam_m.next": np.array([3e-9, -1e-9]),
+            "a.weight.next": np.array([5.0])}
+    assert kind_scale("a.bias.adam_m.next", want) == 0.07 and kind_scale("a.weight.next", want) == 0.0
+    from graphconv.cli import close
+    noise = np.array([-2e-9, 2e-9])
+    assert not close(noise, want["a.bias.adam_m.next"], 1e-4)                 # against itself: 100% apart
+    assert close(noise, want["a.bias.adam_m.next"], 1e-4, kind_scale("a.bias.adam_m.next", want))
+    assert not close(np.array([1e-5, 0]), want["a.bias.adam_m.next"], 1e-4, 0.07)   # wrong at the network's scale
+
+
 def test_dump_after_a_pass_and_unknown_passes(capsys):
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "set_training"]) == 0
     assert "fused_conv" not in capsys.readouterr().out

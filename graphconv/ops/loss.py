@@ -12,7 +12,7 @@ import sympy as sp
 
 from ..errors import OpError
 from ..shapes import fmt_dim, fmt_shape, provably_ne
-from .base import FLOAT_DTYPES, GradientOp, Op, register
+from .base import FLOAT_DTYPES, GradientOp, Op, as_float, register
 
 
 def hinge_margins(s, y, margin):
@@ -72,7 +72,7 @@ class Hinge(ClassifierLoss):
     attrs = {"margin": 1.0}
 
     def normalize(self, a):
-        return {"margin": float(a["margin"])}
+        return {"margin": as_float(a["margin"], "margin")}
 
     def reference(self, xs, attrs):
         s, y = xs
