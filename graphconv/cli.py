@@ -895,8 +895,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = command("run", "run a model on random inputs and print its outputs", dims=True)
-    s.add_argument("--batch", type=_positive, help="batch size of the random inputs (default: 8; a model whose "
-                   "inputs have a fixed first dim runs at that size)")
+    s.add_argument("--batch", type=_positive, help="batch size of the random inputs (default: 8); a model whose "
+                   "inputs have a fixed first dim runs at that size")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the inputs and parameters")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
