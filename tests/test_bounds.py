@@ -41,7 +41,7 @@ def test_a_kernel_reading_past_its_input_is_named_with_its_layer():
     """The Winograd kernel's patch loads made to run one image past the batch (a live-slot test off by
     one): the plain check cannot see it (those cells are never stored), the bounds check stops there."""
     template = pathlib.Path(__file__).parent.parent / "codegen" / "templates" / "winograd_conv.cu.j2"
-    good = "    const bool slive = sslot < {{ CELLS * IMGS }} && sbimg < nb &&"
+    good = "    const bool slive = sslot < {{ CELLS * IMGS }} && sbimg < {{ IMAGES }} &&"
     source = template.read_text()
     assert source.count(good) == 1
     env = dict(os.environ)
@@ -51,7 +51,7 @@ def test_a_kernel_reading_past_its_input_is_named_with_its_layer():
         shutil.copytree(template.parent.parent.parent, root / "repo", ignore=shutil.ignore_patterns(
             ".git", "kernels_generated", "benchmarks", "__pycache__", "*.egg-info", "build"))
         mutated = root / "repo" / "codegen" / "templates" / "winograd_conv.cu.j2"
-        mutated.write_text(source.replace(good, good.replace("sbimg < nb", "sbimg < nb + 1")))
+        mutated.write_text(source.replace(good, good.replace("sbimg < {{ IMAGES }}", "sbimg < {{ IMAGES }} + 1")))
         env["PYTHONPATH"] = str(root / "repo")
         done = subprocess.run([sys.executable, "-m", "graphconv.cli", "check", SMALL, "--backend", "host", "--dtype",
                                "float32", "--winograd", "--batch", "3"], capture_output=True, text=True, timeout=1200,
