@@ -373,7 +373,8 @@ def depthwise(args, timer, say, attempt, with_torch):
             out = -(-size // stride)
             for phase in ("forward", "backward"):
                 # forward: x read, y written; backward: dy read (twice: dx and dw), x read, dx written
-                moved = 4 * batch * c * (size * size + out * out if phase == "forward" else 2 * size * size + 2 * out * out)
+                planes = size * size + out * out if phase == "forward" else 2 * (size * size + out * out)
+                moved = 4 * batch * c * planes
                 row = {"layer": layer, "batch": batch, "phase": phase, "MB": moved / 1e6,
                        "graphconv_ms": ours.get(phase, {}).get("ms"), "gemm_ms": gemm.get(phase, {}).get("ms"),
                        "eager_ms": eager.get(phase, {}).get("ms"), "kernels": ours.get(phase, {}).get("kernels")}

@@ -194,15 +194,16 @@ def cmd_check(args):
         failed += judge and not ok
         print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {status if judge else '-'}")
     if noise:
+        its = "their" if len(noise) > 1 else "its"
         print(f"+ {len(noise)} optimizer moment{'s' if len(noise) > 1 else ''} within rtol of the largest moment of "
-              f"{'their' if len(noise) > 1 else 'its'} kind over every parameter, not of {'their' if len(noise) > 1 else 'its'} own: "
-              f"the moments of a gradient that is zero in exact arithmetic (a conv's bias before a batch norm) "
-              f"are rounding noise, which two correct computations round differently")
+              f"{its} kind over every parameter, not of {its} own: the moments of a gradient that is zero in exact "
+              f"arithmetic (a conv's bias before a batch norm) are rounding noise, which two correct computations "
+              f"round differently")
     if conditioned:
         print(f"* {len(conditioned)} Adam update{'s' if len(conditioned) > 1 else ''} past rtol: each equals (within rtol) Adam's step of "
               f"the moments this backend computed, those match the unfused graph's, and every element past rtol "
-              f"has a gradient at float32 rounding noise (<= 64 eps of the largest first moment); Adam divides a gradient by "
-              f"its own size (m / (sqrt(v) + eps)), so there rounding moves the step by up to the learning rate "
+              f"has a gradient at float32 rounding noise (<= 64 eps of the largest first moment); Adam divides a "
+              f"gradient by its own size (m / (sqrt(v) + eps)), so there rounding moves the step by up to the learning rate "
               f"(a float32 graph's first steps, not an error of the fused graph)")
     if judge:
         print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
@@ -241,8 +242,9 @@ def adam_step_of_its_moments(graph, name, params, want, got, rtol) -> bool:
     """Whether float32 output `name` is an Adam parameter update that equals, within rtol, Adam's step
     of the moments this run computed (recomputed in float64), with those moments matching the
     reference's and every element past rtol coming from a first moment at rounding-noise level (at
-    most 64 float32 epsilons of the largest first moment of any parameter): its difference from the reference is then Adam's
-    conditioning (a gradient divided by its own size), not an error of the graph being checked. A
+    most 64 float32 epsilons of the largest first moment of any parameter): its difference from the
+    reference is then Adam's conditioning (a gradient divided by its own size), not an error of the
+    graph being checked. A
     gradient wrong by more than rounding, however small against the largest, is not excused."""
     from .ops import OPS
     if name not in graph or graph.node(name).op != "adam_param" or np.asarray(got.get(name)).dtype != np.float32:
