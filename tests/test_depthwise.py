@@ -40,6 +40,7 @@ CASES = [
     ((10, 13), 3, 1, 4, {"padding": "same"}, "float64", False, (3,)),            # an even filter: uneven padding
     ((40, 40), 37, 1, 5, {"stride": (2, 3), "padding": 2}, "float32", False, (1,)),   # strides of two sizes
     ((6, 6), 9, 1, 3, {"padding": 1}, "float32", False, (2,)),                  # 7 channels a block: 2 blocks past 9
+    ((23, 40), 2, 1, 3, {"padding": 1}, "float32", False, (2,)),                # 2 row tiles of 12 for 23 rows
 ]
 
 
@@ -101,7 +102,7 @@ def train_net(spatial, C, mult, kernel, dtype="float32", pool=False, **conv):
 
 TRAIN_CASES = [
     # spatial, C, mult, kernel, conv options, dtype, pool, batches
-    ((9, 9), 3, 1, 3, {"padding": 1}, "float32", False, (2, 130)),      # 130 images: 3 splits of 64 tiles
+    ((9, 9), 3, 1, 3, {"padding": 1}, "float32", False, (2, 130)),      # 130 images: 9 splits of 16 tiles
     ((12, 11), 5, 3, (3, 5), {"padding": (1, 2), "dilation": (2, 1)}, "float32", False, (2,)),   # multiplier 3
     ((10, 13), 4, 1, 4, {"padding": "same"}, "float64", True, (3,)),     # uneven padding; a gathered pool gradient
     ((15, 12), 6, 2, 3, {"stride": 2, "padding": 1}, "float32", False, (2,)),   # stride 2: dx on the GEMM
@@ -125,7 +126,7 @@ def test_depthwise_gradients_match_numpy(spatial, C, mult, kernel, conv, dtype, 
         assert len(weight) == 1 and ("depthwise" in weight[0]) == direct, names
         for i, batch in enumerate(batches):
             assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=stage == "train" and i == 0)
-    if batches[-1] > 64:                  # the reduce added more than one block's partial sums
+    if batches[-1] > 16:                  # the reduce added more than one block's partial sums
         spec = next(s for s in Program(graph).kernels if "backward_weight_depthwise" in s.name)
         assert spec.launch_shape(batches[-1])[0][0] > spec.params["NCB"]
 
@@ -139,3 +140,23 @@ def test_a_depthwise_transposed_convolution_is_the_same_kernel():
     graph = build(g, "forward")
     assert [s.name for s in depthwise_specs(graph)] == ["conv_transpose2d_depthwise_f32_c6_k6_r3x3_s1x1_p1x1_i9x11_g6"]
     assert_kernels_match(graph, batch=2, seed=3)
+
+
+@pytest.mark.parametrize("size, channels, stride, dtype", [
+    (7, 1024, 1, "float32"), (14, 512, 2, "float32"), (112, 32, 1, "float64"), (56, 128, 1, "float64"),
+    (112, 64, 2, "float64")])
+def test_mobilenet_layers_compile_without_spilling(size, channels, stride, dtype):
+    """MobileNet-like layers' depthwise kernels through NVRTC for sm_90 (a spill is refused): with
+    __launch_bounds__(threads) alone ptxas aimed at 64 registers and spilled 8-12 bytes in these
+    weight gradients, so their training was refused."""
+    from codegen import nvrtc
+    if not nvrtc.available():
+        pytest.skip("NVRTC not installed")
+    g = gc.Graph("mb", dtype)
+    h = g.conv2d(g.input("x", ("N", channels, size, size)), channels, 1, name="pw")
+    h = g.relu(g.conv2d(h, channels, 3, stride=stride, padding=1, groups=channels, name="dw"))
+    g.output(g.linear(g.flatten(g.global_avg_pool(h)), 3, name="fc"))
+    specs = [s for s in Program(build(g, "fused-train")).kernels if "depthwise" in s.name]
+    assert any("backward_weight" in s.name for s in specs)
+    for spec in specs:
+        nvrtc.compile_kernel(spec.source, spec.name)          # raises on an error, a warning or a spill

@@ -26,12 +26,14 @@ THREADS_MOST = 256
 SHARED_BUDGET = 40 * 1024      # bytes of static shared memory per block (48 KiB is the static limit)
 PX_MOST = 4                    # outputs per thread along a row
 # weight gradients: the most weight sums a thread keeps in registers (multiplier x filter offsets; more:
-# the GEMM), and the fewest positions a block adds before writing its partial sums (each partial value
-# is written once and read once by the split reduce)
+# the GEMM)
 WGRAD_SUMS_MOST = 64
-# positions per thread before a block writes its partial sums: the block's closing tree of additions
-# (log2 of a channel's threads, one barrier each, per few weights) is paid once per that many
-WGRAD_POSITIONS = 64
+# blocks wanted in all (8 per multiprocessor of an H100/H200: each block waits for its own tiles'
+# loads between two barriers, so the SM needs several; a 7 x 7 x 1024 layer at batch 64 ran 205
+# blocks of 64 tiles each at the first version), and the fewest positions a thread adds before its
+# block writes partial sums (the closing tree of additions is paid once per block)
+WGRAD_BLOCKS = 132 * 8
+WGRAD_LEAST_POSITIONS = 16
 
 
 def eligible(geo, pool) -> bool:
@@ -48,8 +50,10 @@ def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0) -> dict | No
     does not fit."""
     OH, OW = out_size
     PX = min(PX_MOST, -(-OW // 32))
-    TXT = min(32, -(-OW // PX))          # a row wider than 32 x PX_MOST: tiles of 32 x PX columns
-    TYT = min(OH, max(1, THREADS_MOST // TXT))
+    columns = -(-OW // PX)               # threads a row takes; a row wider than 32 x PX_MOST: tiles of it
+    TXT = -(-columns // -(-columns // 32))          # tiles of equal width (150 columns: 2 x 19 x 4, not 32 + 6)
+    rows = min(OH, max(1, THREADS_MOST // TXT))
+    TYT = -(-OH // -(-OH // rows))                  # and of equal height (28 rows: 4 x 7, not 9 + 9 + 9 + 1)
     CB = max(1, min(C, THREADS_MOST // (TXT * TYT)))
     TW = TXT * PX
     IWT = (TW - 1) * stride[1] + (K[1] - 1) * dil[1] + 1
@@ -101,16 +105,23 @@ def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, ar
     if t is None:
         return None
     tiles = t["TILES_X"] * t["TILES_Y"]
-    U = max(1, -(-WGRAD_POSITIONS // t["PX"]))           # tiles per block: each thread PX positions a tile
-    S = sp.ceiling(ctx.images * tiles / sp.Integer(U))
-    free = t["CB"] * (t["IHT"] * t["IWT"] + mult * t["TYT"] * t["TW"])      # both tiles, for the closing sums
+    # the batch's (image, tile) items in splits of `per` (the template computes it the same way): about
+    # WGRAD_BLOCKS blocks over the channel blocks, each at least `least` items
+    items = ctx.images * tiles
+    least = max(1, -(-WGRAD_LEAST_POSITIONS // t["PX"]))
+    splits = max(1, -(-WGRAD_BLOCKS // t["NCB"]))
+    S = sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))
+    # the closing sums: every weight of a thread at once where shared memory holds them (one round)
+    free = max(t["CB"] * (t["IHT"] * t["IWT"] + mult * t["TYT"] * t["TW"]), SHARED_BUDGET // itemsize)
     RJ = min(mult * K[0] * K[1], free // t["threads"])
     per_channel = t["TYT"] * t["TXT"]
     half = 1 << max(0, (per_channel - 1).bit_length() - 1)
     params = dict(t, T=ctx.float_type, ACC=ctx.float_type, C=C, MULT=mult, IH=in_size[0], IW=in_size[1],
                   IMAGES=c_int(ctx.images),
                   OH=out_size[0], OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0],
-                  DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, U=U, RJ=RJ, HALF=half,
+                  DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, ITEMS=c_int(items), items_text=str(items).replace('batch', 'N'),
+                  least=least, splits=splits,
+                  RJ=RJ, HALF=half,
                   STEPS=half.bit_length() if per_channel > 1 else 0)
     spec = KernelSpec(name=name + "_partial", template="depthwise_wgrad.cu.j2", params=params, args=args,
                       grid=(t["NCB"] * S, 1, 1), block=(t["threads"], 1, 1), barrier=True)
