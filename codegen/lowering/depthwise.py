@@ -117,11 +117,9 @@ def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, ar
     per_channel = t["TYT"] * t["TXT"]
     half = 1 << max(0, (per_channel - 1).bit_length() - 1)
     params = dict(t, T=ctx.float_type, ACC=ctx.float_type, C=C, MULT=mult, IH=in_size[0], IW=in_size[1],
-                  IMAGES=c_int(ctx.images),
                   OH=out_size[0], OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0],
-                  DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, ITEMS=c_int(items), items_text=str(items).replace('batch', 'N'),
-                  least=least, splits=splits,
-                  RJ=RJ, HALF=half,
+                  DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, ITEMS=c_int(items),
+                  items_text=str(items).replace("batch", "N"), least=least, splits=splits, RJ=RJ, HALF=half,
                   STEPS=half.bit_length() if per_channel > 1 else 0)
     spec = KernelSpec(name=name + "_partial", template="depthwise_wgrad.cu.j2", params=params, args=args,
                       grid=(t["NCB"] * S, 1, 1), block=(t["threads"], 1, 1), barrier=True)
