@@ -18,6 +18,14 @@ def cache_dir(kind: str) -> pathlib.Path:
     return path
 
 
+def code_of(source: str) -> str:
+    """A kernel's source as its compiled code depends on it: every comment-only line blanked (kept as
+    an empty line, so line numbers stay). The header comment names the graph's nodes and layers, so
+    the same kernel of two graphs (every test's `fc`, a model's copy per stage) was compiled once per
+    graph; cache keys built from this compile it once."""
+    return "\n".join("" if line.lstrip().startswith("//") else line for line in source.split("\n"))
+
+
 def digest(*parts) -> str:
     """sha256 (24 hex chars) of the parts; each part is length-prefixed so ("ab","c") != ("a","bc")."""
     h = hashlib.sha256()

@@ -39,7 +39,7 @@ import numpy as np
 
 from graphconv.errors import BackendError, CompileError
 
-from .cache import cache_dir, digest, temp_path, write_atomic
+from .cache import cache_dir, code_of, digest, temp_path, write_atomic
 
 HEADER = pathlib.Path(__file__).resolve().parent / "runtime" / "gc_host.h"
 FLAGS = ("-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", "-ffp-contract=off", "-fno-math-errno",
@@ -225,7 +225,7 @@ class HostKernel:
                     f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
                     "}\n")
         text = f'#include "gc_host.h"\n#line 1 "{name}.cu"\n{source}\n{launcher}'
-        key = digest(text, HEADER.read_text(), " ".join(flags()), gxx, version)
+        key = digest(code_of(text), HEADER.read_text(), " ".join(flags()), gxx, version)
         self.path = cache_dir("host") / f"{key}.so"
         self.compiled = not self.path.exists()
         if self.compiled:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from graphconv.errors import BackendError, CompileError
 
-from .cache import cache_dir, digest
+from .cache import cache_dir, code_of, digest
 
 _MISSING = "NVRTC is not installed: pip install nvidia-cuda-nvrtc (the 'cuda' extra)"
 # --ptxas-options=-v (and -Xptxas=-v, both accepted by NVRTC 13.5) puts the resource report in the log.
@@ -171,7 +171,7 @@ def compile_kernel(source: str, name: str, arch: str = "sm_90", options: tuple =
     _need_lib()  # even a cache hit needs NVRTC's version for the key
     prefix = f"{where}{name}"
     argv = [f"--gpu-architecture={arch}", *_BASE_OPTIONS, *options]
-    key = digest(source, name, "\0".join(argv), "%d.%d" % version())
+    key = digest(code_of(source), name, "\0".join(argv), "%d.%d" % version())
     path = cache_dir("nvrtc") / key
     try:
         meta = json.loads(path.with_suffix(".json").read_text())

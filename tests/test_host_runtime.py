@@ -499,3 +499,28 @@ def test_an_asan_build_without_its_runtime_says_how_to_run_it(cache, monkeypatch
         pytest.skip("this process has the ASan runtime")
     with pytest.raises(BackendError, match="AddressSanitizer.*check --bounds"):
         HostKernel(AXPB, "axpb", P_AXPB, False)
+
+
+def test_the_same_kernel_of_two_graphs_compiles_once(tmp_path, monkeypatch):
+    """A kernel's header comment names its graph's nodes and layers; the compiled code does not
+    depend on it, so the cache (host and NVRTC) keys on the code with comment lines blanked: the
+    same kernel in a second graph, other names and all, is not compiled again."""
+    import graphconv as gc
+    from codegen import nvrtc
+    monkeypatch.setenv("GRAPHCONV_CACHE", str(tmp_path))
+
+    def net(name):
+        g = gc.Graph(name)
+        g.output(g.relu(g.input("x", ("N", 8)), name=f"{name}_act"))
+        return g
+    first, second = gc.compile(net("one"), backend="host"), gc.compile(net("two"), backend="host")
+    (k1, spec1), = [(k, s) for k, s in zip(first.kernels.values(), first.program.kernels)]
+    (k2, spec2), = [(k, s) for k, s in zip(second.kernels.values(), second.program.kernels)]
+    assert spec1.source != spec2.source and spec1.name == spec2.name          # the header differs, the code not
+    assert k1.compiled and not k2.compiled
+    x = np.array([[-1, 2, -3, 4, 0, 5, -6, 7]], np.float32)
+    np.testing.assert_array_equal(second.run({"x": x})["two_act"], np.maximum(x, 0))
+    if nvrtc.available():
+        assert nvrtc.compile_kernel(spec2.source, spec2.name).registers == \
+            nvrtc.compile_kernel(spec1.source, spec1.name).registers
+        assert len(list((tmp_path / "nvrtc").glob("*.cubin"))) == 1
