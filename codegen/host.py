@@ -1,12 +1,14 @@
 """The `host` runtime: generated CUDA C kernels compiled by g++ (with runtime/gc_host.h) and run on the CPU.
 
-Each kernel becomes one cached shared library holding the kernel and a launcher
-`gc_host_launch(gx, gy, gz, bx, by, bz, void** args)`, where `args[i]` points at the i-th argument's
-value exactly as in cuLaunchKernel's kernelParams. Flags: `-O2 -ffp-contract=off -fno-math-errno`, no
+Each kernel becomes a unit: its source in a namespace of its own and a launcher
+`gc_host_launch_<key>(gx, gy, gz, bx, by, bz, void** args)`, where `args[i]` points at the i-th
+argument's value exactly as in cuLaunchKernel's kernelParams. A shared library holds one unit or, built
+by `build_all`, several (the header's runtime, most of a small kernel's build, is then compiled once for
+them all); the cache enters it under each unit's key (hard links). Flags: `-O2 -ffp-contract=off -fno-math-errno`, no
 `-march=native`: the same IEEE single-precision operations on every CPU (no fused multiply-add where
 the source has none), portable libraries, and sqrtf inlined. `-fvisibility=hidden -fno-gnu-unique`:
 each library keeps its own threadIdx, fibre pool and helper functions (g++ would otherwise unify the
-header's inline variables across every loaded library); only the launcher is exported. Blocks run on
+header's inline variables across every loaded library); only the launchers are exported. Blocks run on
 all cores (OpenMP; set OMP_NUM_THREADS to use fewer). The header is precompiled once per flag set
 (`header_dir`): a kernel's build then reads gc_host.h.gch instead of parsing the header and the
 standard headers it includes.
@@ -205,7 +207,16 @@ class HostKernel:
     `compiled` (False when it came from the cache)."""
 
     def __init__(self, source: str, name: str, params: list[tuple[str, str]], barrier: bool):
-        self.name, self.params, self.barrier = name, list(params), bool(barrier)
+        self._prepare(source, name, params, barrier)
+        if self.compiled:
+            for _, error in _build([self]):
+                raise error
+        self._load()
+
+    def _prepare(self, source, name, params, barrier):
+        """Check the parameters and write this kernel's unit (its source in a namespace of its own and
+        its launcher) and cache key; `compiled`: whether the cache lacks it. Nothing is built here."""
+        self.name, self.params, self.barrier, self.source = name, list(params), bool(barrier), source
         self._types = []
         for c_type, arg in self.params:
             parsed = _parse_type(c_type)
@@ -217,53 +228,43 @@ class HostKernel:
         gxx, version = _compiler()
         loads = "".join(f"    {cast} a{i} = *({cast}*)args[{i}];\n" for i, (cast, _, _) in enumerate(self._types))
         call_args = ", ".join(f"a{i}" for i in range(len(self._types)))
-        launcher = (f'#line 1 "{name}.launcher.cpp"\n'
-                    'extern "C" __attribute__((visibility("default")))\n'
-                    'void gc_host_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,\n'
-                    '                    void** args) {\n'
-                    f"{loads}    auto call = [&]() {{ {name}({call_args}); }};\n"
-                    f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
-                    "}\n")
-        text = f'#include "gc_host.h"\n#line 1 "{name}.cu"\n{source}\n{launcher}'
-        key = digest(code_of(text), HEADER.read_text(), " ".join(flags()), gxx, version)
-        self.path = cache_dir("host") / f"{key}.so"
+        # The unit: the kernel's source inside namespace gc_<key> (its helper functions then never meet
+        # another kernel's in a library built from several units), and the launcher, exported as
+        # gc_host_launch_<key>. The key is the digest of the unit with "@" in the key's places.
+        unit = ("namespace gc_@ {\n"
+                f'#line 1 "{name}.cu"\n{source}\n}}\n'
+                f'#line 1 "{name}.launcher.cpp"\n'
+                'extern "C" __attribute__((visibility("default")))\n'
+                'void gc_host_launch_@(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,\n'
+                '                      void** args) {\n'
+                f"{loads}    auto call = [&]() {{ gc_@::{name}({call_args}); }};\n"
+                f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
+                "}\n")
+        self.key = digest(code_of(unit), HEADER.read_text(), " ".join(flags()), gxx, version)
+        self.unit = unit.replace("@", self.key)
+        self.path = cache_dir("host") / f"{self.key}.so"
         self.compiled = not self.path.exists()
-        if self.compiled:
-            self._compile(gxx, text, source)
+
+    def _load(self):
         if asan_build() and not _asan_loaded():   # loading it would end the process
-            raise BackendError(f"kernel {name} was built with AddressSanitizer (GC_HOST_ASAN=1), whose runtime must "
-                               f"be loaded first: run through `graphconv check --bounds`, or in a process started "
-                               f"with codegen.host.asan_env()")
+            raise BackendError(f"kernel {self.name} was built with AddressSanitizer (GC_HOST_ASAN=1), whose runtime "
+                               f"must be loaded first: run through `graphconv check --bounds`, or in a process "
+                               f"started with codegen.host.asan_env()")
         self._lib = ctypes.CDLL(str(self.path))  # never unloaded: its OpenMP threads may outlive a launch
-        self._launch = self._lib.gc_host_launch
+        self._launch = getattr(self._lib, f"gc_host_launch_{self.key}")
         self._launch.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p]
         self._launch.restype = None
 
-    def _compile(self, gxx, text, source):
-        cpp = self.path.with_suffix(".cpp")
-        tmp_cpp, tmp_so = temp_path(cpp).with_suffix(".cpp"), temp_path(self.path)
-        try:
-            tmp_cpp.write_text(text)
-            proc = subprocess.run([gxx, *flags(), "-I", str(header_dir()), str(tmp_cpp), "-o", str(tmp_so)],
-                                  capture_output=True, text=True,
-                                  env={**os.environ, "LC_ALL": "C"})  # plain ASCII quotes in messages
-            if proc.returncode:
-                raise CompileError(self._describe(proc.stderr, source, text))
-            os.replace(tmp_cpp, cpp)  # kept beside the .so for reading; the .so last makes the entry visible
-            os.replace(tmp_so, self.path)
-        finally:
-            tmp_cpp.unlink(missing_ok=True)
-            tmp_so.unlink(missing_ok=True)
-
-    def _describe(self, stderr, source, text):
-        """g++'s first error line and the source line it points at (kernel source numbering)."""
+    def _describe(self, stderr):
+        """g++'s first error line (of this kernel built alone) and the source line it points at (kernel
+        source numbering)."""
         head = f"host backend: g++ could not compile kernel {self.name}"
         m = _ERROR.search(stderr)
         if not m:
             return f"{head}: " + " | ".join(stderr.strip().splitlines()[:3])
         file, line = os.path.basename(m.group(1)), int(m.group(2))
-        lines = {f"{self.name}.cu": source.splitlines(),
-                 f"{self.name}.launcher.cpp": text.split(f'#line 1 "{self.name}.launcher.cpp"\n', 1)[-1].splitlines()}
+        lines = {f"{self.name}.cu": self.source.splitlines(),
+                 f"{self.name}.launcher.cpp": self.unit.split(f'#line 1 "{self.name}.launcher.cpp"\n', 1)[-1].splitlines()}
         quoted = lines.get(file, [])
         where = f"\n    {line} | {quoted[line - 1].strip()}" if 0 < line <= len(quoted) else ""
         return f"{head}: {file}:{line}:{m.group(3)}: error: {m.group(4)}{where}"
@@ -324,13 +325,66 @@ class HostKernel:
 
 
 def build_all(kernels: list[tuple[str, str, list, bool]], jobs: int | None = None) -> list[HostKernel]:
-    """Compile many kernels in parallel (subprocess g++ in a thread pool, os.cpu_count() jobs), each
-    cached. `kernels`: (source, name, params, barrier) tuples; results keep their order, and the first
-    failure in that order is raised."""
+    """Compile many kernels, each cached: (source, name, params, barrier) tuples; results keep their
+    order, and the first failure in that order is raised. The kernels the cache lacks are built as
+    `jobs` libraries (default os.cpu_count(), g++ processes in parallel), each holding several
+    kernels' units: most of a small kernel's build is the header's runtime, compiled once a library
+    then. Each kernel's cache entry is a hard link to its library."""
     if not kernels:
         return []
     _compiler()  # one clear BackendError rather than one per thread
     header_dir()  # the precompiled header once, before the threads need it
-    jobs = jobs or min(len(kernels), os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda k: HostKernel(*k), kernels))
+    built = []
+    for source, name, params, barrier in kernels:
+        kernel = HostKernel.__new__(HostKernel)
+        kernel._prepare(source, name, params, barrier)
+        built.append(kernel)
+    missing = list({k.key: k for k in built if k.compiled}.values())
+    jobs = max(1, min(len(missing), jobs or os.cpu_count() or 1))
+    groups = [[] for _ in range(jobs)]
+    for kernel in sorted(missing, key=lambda k: -len(k.unit)):  # the longest first, each to the lightest group
+        min(groups, key=lambda g: sum(len(k.unit) for k in g)).append(kernel)
+    if missing:
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            failed = [f for group_failed in pool.map(_build, groups) for f in group_failed]
+        if failed:  # the first failure in the kernels' order
+            order = {k.key: i for i, k in reversed(list(enumerate(built)))}
+            raise min(failed, key=lambda f: order[f[0].key])[1]
+    for kernel in built:
+        kernel._load()
+    return built
+
+
+def _build(group: list[HostKernel]) -> list[tuple[HostKernel, CompileError]]:
+    """Build one library of `group`'s units and enter it in the cache under each kernel's key (hard
+    links; copies where the file system has none). Returns the kernels g++ refused, each with its
+    error: when it refuses a library of several units, each is built alone, so an error names its
+    kernel and line."""
+    gxx, _ = _compiler()
+    text = '#include "gc_host.h"\n' + "".join(k.unit for k in group)
+    first = group[0].path
+    tmp_cpp, tmp_so = temp_path(first).with_suffix(".batch.cpp"), temp_path(first).with_suffix(".batch.so")
+    try:
+        tmp_cpp.write_text(text)
+        proc = subprocess.run([gxx, *flags(), "-I", str(header_dir()), str(tmp_cpp), "-o", str(tmp_so)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "LC_ALL": "C"})  # plain ASCII quotes in messages
+        if proc.returncode:
+            if len(group) > 1:
+                return [f for kernel in group for f in _build([kernel])]
+            return [(group[0], CompileError(group[0]._describe(proc.stderr)))]
+        for kernel in group:  # the unit beside its entry for reading; the .so last makes the entry visible
+            write_atomic(kernel.path.with_suffix(".cpp"), '#include "gc_host.h"\n' + kernel.unit)
+            link = temp_path(kernel.path)
+            try:
+                try:
+                    os.link(tmp_so, link)
+                except OSError:
+                    shutil.copyfile(tmp_so, link)
+                os.replace(link, kernel.path)
+            finally:
+                link.unlink(missing_ok=True)
+        return []
+    finally:
+        tmp_cpp.unlink(missing_ok=True)
+        tmp_so.unlink(missing_ok=True)

@@ -524,3 +524,40 @@ def test_the_same_kernel_of_two_graphs_compiles_once(tmp_path, monkeypatch):
         assert nvrtc.compile_kernel(spec2.source, spec2.name).registers == \
             nvrtc.compile_kernel(spec1.source, spec1.name).registers
         assert len(list((tmp_path / "nvrtc").glob("*.cubin"))) == 1
+
+
+HELPER = r'''
+__device__ __forceinline__ float helper(float v) { return v * %s; }
+extern "C" __global__ void %s(const float* x, float* y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = helper(x[i]);
+}'''
+
+
+def test_kernels_built_together_keep_their_own_helpers_and_errors(tmp_path, monkeypatch):
+    """build_all builds the kernels the cache lacks as a few libraries of several kernels (one g++
+    for the header's runtime of many kernels): each kernel's source lives in a namespace of its own,
+    so two kernels' helper functions of one name stay apart; each kernel's cache entry is its
+    library; and a refused kernel is named with its line, the first in the list's order."""
+    from codegen.host import build_all
+    monkeypatch.setenv("GRAPHCONV_CACHE", str(tmp_path))
+    params = [("const float*", "x"), ("float*", "y"), ("int", "n")]
+    kernels = [(HELPER % (f"{m}.0f", f"times{m}"), f"times{m}", params, False) for m in (2, 3, 5)]
+    built = build_all(kernels, jobs=1)
+    assert all(k.compiled for k in built)
+    assert len({os.stat(k.path).st_ino for k in built}) == 1          # one library, three entries
+    x = np.arange(7, dtype=np.float32)
+    for m, kernel in zip((2, 3, 5), built):
+        y = np.full_like(x, np.nan)
+        kernel.launch((1, 1, 1), (8, 1, 1), [x, y, 7])
+        np.testing.assert_array_equal(y, x * m)
+    again = build_all(kernels + [(HELPER % ("7.0f", "times7"), "times7", params, False)], jobs=1)
+    assert [k.compiled for k in again] == [False, False, False, True]
+    broken = [(HELPER % ("7.0f", "ok"), "ok", params, False),
+              (HELPER % ("bad_one", "first_bad"), "first_bad", params, False),
+              (HELPER % ("bad_two", "second_bad"), "second_bad", params, False)]
+    for order in (broken, broken[::-1]):
+        with pytest.raises(CompileError) as e:
+            build_all(order, jobs=1)
+        first = "first_bad" if order is broken else "second_bad"
+        assert f"kernel {first}: {first}.cu:2:" in str(e.value) and "bad_" in str(e.value)
