@@ -18,6 +18,14 @@ def cache_dir(kind: str) -> pathlib.Path:
     return path
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity mask, which a container or a test worker
+    narrows; os.cpu_count() counts the machine's): the compile pools' default width."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def code_of(source: str) -> str:
     """A kernel's source as its compiled code depends on it: every comment-only line blanked (kept as
     an empty line, so line numbers stay). The header comment names the graph's nodes and layers, so

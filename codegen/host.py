@@ -41,7 +41,7 @@ import numpy as np
 
 from graphconv.errors import BackendError, CompileError
 
-from .cache import cache_dir, code_of, digest, temp_path, write_atomic
+from .cache import cache_dir, code_of, cores, digest, temp_path, write_atomic
 
 HEADER = pathlib.Path(__file__).resolve().parent / "runtime" / "gc_host.h"
 FLAGS = ("-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", "-ffp-contract=off", "-fno-math-errno",
@@ -327,7 +327,7 @@ class HostKernel:
 def build_all(kernels: list[tuple[str, str, list, bool]], jobs: int | None = None) -> list[HostKernel]:
     """Compile many kernels, each cached: (source, name, params, barrier) tuples; results keep their
     order, and the first failure in that order is raised. The kernels the cache lacks are built as
-    `jobs` libraries (default os.cpu_count(), g++ processes in parallel), each holding several
+    `jobs` libraries (default: a core each, g++ processes in parallel), each holding several
     kernels' units: most of a small kernel's build is the header's runtime, compiled once a library
     then. Each kernel's cache entry is a hard link to its library."""
     if not kernels:
@@ -340,7 +340,7 @@ def build_all(kernels: list[tuple[str, str, list, bool]], jobs: int | None = Non
         kernel._prepare(source, name, params, barrier)
         built.append(kernel)
     missing = list({k.key: k for k in built if k.compiled}.values())
-    jobs = max(1, min(len(missing), jobs or os.cpu_count() or 1))
+    jobs = max(1, min(len(missing), jobs or cores()))
     groups = [[] for _ in range(jobs)]
     for kernel in sorted(missing, key=lambda k: -len(k.unit)):  # the longest first, each to the lightest group
         min(groups, key=lambda g: sum(len(k.unit) for k in g)).append(kernel)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from graphconv.errors import BackendError, CompileError
 
-from .cache import cache_dir, code_of, digest
+from .cache import cache_dir, code_of, cores, digest
 
 _MISSING = "NVRTC is not installed: pip install nvidia-cuda-nvrtc (the 'cuda' extra)"
 # --ptxas-options=-v (and -Xptxas=-v, both accepted by NVRTC 13.5) puts the resource report in the log.
@@ -211,7 +211,7 @@ def compile_kernel(source: str, name: str, arch: str = "sm_90", options: tuple =
 def compile_many(items: list[tuple[str, str]], arch="sm_90", jobs=None, where_of=None) -> list[Compiled]:
     """compile_kernel over (source, name) pairs in threads (NVRTC runs outside the GIL); results keep
     the order of `items`; the first failure in that order is raised. `where_of(name)` gives the prefix."""
-    jobs = jobs or min(len(items), os.cpu_count() or 1) or 1
+    jobs = jobs or min(len(items), cores()) or 1
 
     def one(item):
         source, name = item
