@@ -320,8 +320,8 @@ def test_the_step_variants_time_the_tf32_rules_under_tf32_only(monkeypatch):
 
 def test_the_depthwise_benchmark_times_the_depthwise_kernels_and_the_gemm_they_replaced():
     """`--depthwise` on a lease: each layer's forward and backward launches are the depthwise kernels
-    (the strided layer's input gradient excepted: the GEMM), and under depthwise.ENABLED = False the
-    GEMM's; `under` puts the setting back."""
+    (the strided layer's input gradient too: the gathering kernel), and under depthwise.ENABLED =
+    False the GEMM's; `under` puts the setting back."""
     from codegen.lowering import depthwise
     from codegen.program import Program
     bench = load_bench()
@@ -337,8 +337,7 @@ def test_the_depthwise_benchmark_times_the_depthwise_kernels_and_the_gemm_they_r
         graph = build(bench.depthwise_graph(c, size, stride), "fused-train")
         now = picked(graph)
         assert now["forward"] == ["depthwise_conv.cu.j2"], (layer, now)
-        assert "depthwise_wgrad.cu.j2" in now["backward"] and \
-            ("depthwise_conv.cu.j2" in now["backward"]) == (stride == 1), (layer, now)
+        assert "depthwise_wgrad.cu.j2" in now["backward"] and "depthwise_conv.cu.j2" in now["backward"], (layer, now)
         before = bench.under({"depthwise.ENABLED": False}, lambda: picked(graph))
         assert not any("depthwise" in t for phase in before.values() for t in phase), (layer, before)
     assert depthwise.ENABLED

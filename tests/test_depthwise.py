@@ -73,7 +73,8 @@ def test_edges_of_the_tiling_are_exercised():
 def test_no_thread_reads_what_another_writes_unordered():
     """Tiles staged before a barrier and read after it, rewritten after the next, and the weight
     gradient's sums reduced through shared memory: the host's four schedules agree."""
-    for graph in (build(net((9, 9), 3, 2, 3, padding=1), "fused"), build(train_net((6, 7), 3, 2, 3, padding=1), "train")):
+    for graph in (build(net((9, 9), 3, 2, 3, padding=1), "fused"), build(train_net((6, 7), 3, 2, 3, padding=1), "train"),
+                  build(train_net((7, 9), 3, 1, 3, stride=2, padding=1), "backward")):      # the gathering dx
         params = gc.init_params(graph, seed=1)
         results = check_races(graph, random_inputs(graph, 11, 1), params,
                               only=[s.name for s in Program(graph).kernels if "depthwise" in s.name])
@@ -105,24 +106,27 @@ TRAIN_CASES = [
     ((9, 9), 3, 1, 3, {"padding": 1}, "float32", False, (2, 130)),      # 130 images: 9 splits of 16 tiles
     ((12, 11), 5, 3, (3, 5), {"padding": (1, 2), "dilation": (2, 1)}, "float32", False, (2,)),   # multiplier 3
     ((10, 13), 4, 1, 4, {"padding": "same"}, "float64", True, (3,)),     # uneven padding; a gathered pool gradient
-    ((15, 12), 6, 2, 3, {"stride": 2, "padding": 1}, "float32", False, (2,)),   # stride 2: dx on the GEMM
+    ((15, 12), 6, 2, 3, {"stride": 2, "padding": 1}, "float32", False, (2,)),   # stride 2, multiplier 2
+    ((23, 30), 3, 1, (3, 5), {"stride": (2, 3), "dilation": (2, 1)}, "float32", False, (2,)),  # no padding: dx past dy's reach
+    ((40, 17), 35, 1, 4, {"stride": 3, "padding": (2, 1)}, "float64", False, (1,)),   # an even filter; channel blocks
 ]
 
 
 @pytest.mark.parametrize("spatial, C, mult, kernel, conv, dtype, pool, batches", TRAIN_CASES)
 def test_depthwise_gradients_match_numpy(spatial, C, mult, kernel, conv, dtype, pool, batches):
-    """dx of a stride-1 depthwise conv by the same kernel (dy's planes correlated with the flipped
-    filters, a multiplier's planes summed), dw by the depthwise weight-gradient kernel (every
-    thread a channel's weight sums over its positions, the blocks' partial sums added by the split
-    reduce); a gathered pool gradient (fused-train with a max-pool) stays on the GEMM, which
-    gathers it, and so does dx of a strided conv. (The backward graphs: no optimizer kernels to build.)"""
+    """dx of a depthwise conv by the same kernel (at stride 1 dy's planes correlated with the flipped
+    filters; strided, each dx position gathering the taps whose dy position is whole; a
+    multiplier's planes summed), dw by the depthwise weight-gradient kernel (every thread a
+    channel's weight sums over its positions, the blocks' partial sums added by the split reduce);
+    a gathered pool gradient (fused-train with a max-pool) stays on the GEMM, which gathers it.
+    (The backward graphs: no optimizer kernels to build.)"""
     for stage in ("backward", "fused-train") if pool else ("backward",):
         graph = build(train_net(spatial, C, mult, kernel, dtype, pool, **conv), stage)
         names = [s.name for s in Program(graph).kernels]
         data = [n for n in names if n.startswith("conv2d_backward_data")]
         weight = [n for n in names if n.startswith("conv2d_backward_weight") and "_g" in n and n.endswith("_partial")]
         direct = stage == "backward"
-        assert len(data) == 1 and ("depthwise" in data[0]) == (direct and "stride" not in conv), names
+        assert len(data) == 1 and ("depthwise" in data[0]) == direct, names
         assert len(weight) == 1 and ("depthwise" in weight[0]) == direct, names
         for i, batch in enumerate(batches):
             assert_kernels_match(graph, batch=batch, seed=batch, compile_nvrtc=stage == "backward" and i == 0)
@@ -133,12 +137,17 @@ def test_depthwise_gradients_match_numpy(spatial, C, mult, kernel, conv, dtype, 
 
 def test_a_depthwise_transposed_convolution_is_the_same_kernel():
     """conv_transpose2d with a group per channel is the input gradient of a depthwise conv: the same
-    kernel, its bias in the store."""
+    kernel, its bias in the store; strided (an upsampling layer), the gathering kernel, an output
+    padding's last row and column past every tap (the bias alone)."""
     g = gc.Graph("dwup")
     h = g.conv_transpose2d(g.input("x", ("N", 6, 7, 9)), 6, 3, groups=6, padding=1, dilation=2, name="up")
-    g.output(h)
+    h2 = g.conv_transpose2d(g.input("z", ("N", 5, 6, 7)), 5, 3, stride=2, groups=5, padding=1, output_padding=1,
+                            name="up2")
+    g.output(h, h2)
     graph = build(g, "forward")
-    assert [s.name for s in depthwise_specs(graph)] == ["conv_transpose2d_depthwise_f32_c6_k6_r3x3_s1x1_p1x1_i9x11_g6"]
+    assert [s.name for s in depthwise_specs(graph)] == ["conv_transpose2d_depthwise_f32_c6_k6_r3x3_s1x1_p1x1_i9x11_g6",
+                                                        "conv_transpose2d_depthwise_f32_c5_k5_r3x3_s2x2_p1x1_i12x14_g5"]
+    assert depthwise_specs(graph)[1].params["gather"]
     assert_kernels_match(graph, batch=2, seed=3)
 
 

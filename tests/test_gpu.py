@@ -80,13 +80,15 @@ def test_the_new_layers_kernels_match_numpy_on_the_device(stage):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("stage", ["fused", "train"])
-def test_the_depthwise_kernels_match_numpy_on_the_device(stage):
+@pytest.mark.parametrize("stage, strided", [("fused", True), ("train", False), ("train", True)])
+def test_the_depthwise_kernels_match_numpy_on_the_device(stage, strided):
     """The depthwise forward, input-gradient and weight-gradient kernels (no bundled model has a
-    depthwise conv): a multiplier, a 3 x 5 dilated filter, a stride-2 residual block, 70 images so
-    that the weight gradient's reduce adds several blocks' partial sums."""
+    depthwise conv): a multiplier, a 3 x 5 dilated filter, a stride-2 residual block, a strided
+    conv's gathering input gradient, 70 images so that the weight gradient's reduce adds several
+    blocks' partial sums."""
     from test_depthwise import net, train_net
     graph = build(net((17, 19), 4, 1, 3, residual=True, stride=2, padding=1) if stage == "fused" else
+                  train_net((23, 30), 3, 2, 3, stride=(2, 3), padding=1) if strided else
                   train_net((12, 11), 5, 3, (3, 5), padding=(1, 2), dilation=(2, 1)), stage)
     results = check_kernels(graph, random_inputs(graph, 70, 0), realistic_params(graph), backend="cuda")
     assert any("depthwise" in k for r in results for k in r.kernels)

@@ -9,7 +9,9 @@ rows, zeros outside the input) and each thread computes PX outputs of one row of
 filter's KH x KW values read once per thread and used for all PX. A thread's outputs are TXT
 columns apart, so a warp's shared reads at one filter offset are consecutive words (no bank
 conflicts at stride 1), its stores consecutive outputs. Small planes put several channels in one
-block, so that a 7 x 7 plane does not run 49-thread blocks. The epilogue (bias, the activation
+block, so that a 7 x 7 plane does not run 49-thread blocks. The input gradient is the same kernel:
+at stride 1 a correlation of dy with the flipped filters; strided, each dx position gathers the
+taps whose dy position is whole from a tile of dy (`gather`). The epilogue (bias, the activation
 chain) is the GEMM family's, per output. Memory-bound: no tensor cores, no double buffering (each
 block stages one tile; the SM's other blocks cover its loads).
 """
@@ -43,11 +45,19 @@ def eligible(geo, pool) -> bool:
             and not pool)
 
 
-def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0) -> dict | None:
+def extent(outputs, K, stride, dil, gather):
+    """Rows (or columns) of the staged tile for `outputs` rows of outputs: a correlation's input rows
+    with the halo, or for a strided conv's input gradient (`gather`) dy's rows that reach them."""
+    if gather:
+        return (outputs - 1 + (K - 1) * dil + stride - 1) // stride + 1
+    return (outputs - 1) * stride + (K - 1) * dil + 1
+
+
+def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0, gather=False) -> dict | None:
     """Threads along a row (TXT), rows (TYT) and channels (CB) per block, outputs per thread (PX),
     and the staged tile (`per` staged channels per computed channel, IHT x IWT each, and
     `dy_planes` TYT x TW tiles of dy per channel for a weight gradient); None when one row's tile
-    does not fit."""
+    does not fit. `gather`: the outputs are a strided conv's dx, the tile dy's (see `extent`)."""
     OH, OW = out_size
     PX = min(PX_MOST, -(-OW // 32))
     columns = -(-OW // PX)               # threads a row takes; a row wider than 32 x PX_MOST: tiles of it
@@ -56,9 +66,9 @@ def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0) -> dict | No
     TYT = -(-OH // -(-OH // rows))                  # and of equal height (28 rows: 4 x 7, not 9 + 9 + 9 + 1)
     CB = max(1, min(C, THREADS_MOST // (TXT * TYT)))
     TW = TXT * PX
-    IWT = (TW - 1) * stride[1] + (K[1] - 1) * dil[1] + 1
+    IWT = extent(TW, K[1], stride[1], dil[1], gather)
     while True:
-        IHT = (TYT - 1) * stride[0] + (K[0] - 1) * dil[0] + 1
+        IHT = extent(TYT, K[0], stride[0], dil[0], gather)
         if CB * (per * IHT * IWT + dy_planes * TYT * TW) * itemsize <= SHARED_BUDGET:
             break
         if CB > 1:
@@ -77,15 +87,19 @@ def depthwise_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad
     sum `c`, the image `bimg`, the position `p`, its coordinates q_0, q_1 and the row setup's `mg`),
     or None when its tile does not fit in shared memory (the caller then uses the GEMM).
     Forward: C input channels x, each giving `mult` outputs. `data`: the input gradient of a
-    stride-1 depthwise conv, dx of C channels from dy's C x mult (each channel's `mult` planes
-    correlated with their flipped filters and summed), padded by (K - 1) x dilation - pad."""
+    depthwise conv, dx of C channels from dy's C x mult (each channel's `mult` planes summed); at
+    stride 1 the caller gives stride 1 and padding (K - 1) x dilation - pad (a correlation with the
+    flipped filters), at a larger stride the conv's own stride and padding: each dx position then
+    gathers the taps whose dy position is whole (dx[y] = sum over r of w[r] dy[(y + pad - r*dil) /
+    stride]), from a tile of dy, not through the GEMM (179 registers at 56 x 56, stride 2)."""
     itemsize = 4 if ctx.float_type == "float" else 8
-    t = tiling(C, mult if data else 1, out_size, K, stride, dil, itemsize)
+    gather = data and any(st > 1 for st in stride)
+    t = tiling(C, mult if data else 1, out_size, K, stride, dil, itemsize, gather=gather)
     if t is None:
         return None
     tiles = t["TILES_X"] * t["TILES_Y"] * t["NCB"]
     params = dict(t, T=ctx.float_type, ACC=ctx.float_type, C=C, MULT=mult, SC=C * mult if data else C,
-                  SRC="dy" if data else "x", data=data, IH=in_size[0], IW=in_size[1], OH=out_size[0],
+                  SRC="dy" if data else "x", data=data, gather=gather, IH=in_size[0], IW=in_size[1], OH=out_size[0],
                   OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0], DX=dil[1], PT=pad[0],
                   PL=pad[1], TILES=t["TILES_X"] * t["TILES_Y"], unroll=K[0] * K[1] * t["PX"] <= 256,
                   row_setup=row_setup, element=element, prelude=prelude)

@@ -519,12 +519,15 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     name = (f"{what or f'conv{nd}d_backward_data'}{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else ""))
-    if depthwise.eligible(geo, ()) and not gathered and all(s == 1 for s in geo["stride"]):
-        # a depthwise correlation of dy with the flipped filters, padded by (K - 1) x dilation - pad
+    if depthwise.eligible(geo, ()) and not gathered:
+        # stride 1: a depthwise correlation of dy with the flipped filters, padded by (K - 1) x
+        # dilation - pad; strided: each dx position gathers its whole dy positions' taps
+        unit = all(s == 1 for s in geo["stride"])
         lowered = depthwise.depthwise_spec(
             ctx, name.replace("backward_data", "backward_data_depthwise", 1) if not what else
             name.replace(what, what + "_depthwise", 1), C=C, mult=OCg, in_size=So, out_size=Si, K=Kr,
-            stride=geo["stride"], dil=geo["dil"], pad=[(k - 1) * d - p for k, d, p in zip(Kr, geo["dil"], geo["pad"])],
+            stride=geo["stride"], dil=geo["dil"],
+            pad=[(k - 1) * d - p for k, d, p in zip(Kr, geo["dil"], geo["pad"])] if unit else geo["pad"],
             row_setup=[], element=[f"dx[(bimg * {C} + grp) * {SiN}LL + p] = c{' + bias[grp]' if bias else ''};"],
             args=args, data=True)
         if lowered is not None:
