@@ -97,7 +97,10 @@ def schedule(name: str):
 
 
 ASAN_FLAGS = ("-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer", "-DGC_HOST_ASAN=1")
-_ASAN_ERROR = re.compile(r"ERROR: AddressSanitizer: ([\w-]+).*?\n(READ|WRITE) of size (\d+).*?\n\s*#0 \S+ in (\w+)", re.S)
+# the frame's function, past its unit's namespace (gc_<key>::) where it is a helper of the kernel
+_ASAN_ERROR = re.compile(r"ERROR: AddressSanitizer: ([\w-]+).*?\n(READ|WRITE) of size (\d+).*?\n\s*#0 \S+ in "
+                         r"(?:gc_[0-9a-f]+::)?(\w+)", re.S)
+_INCLUDE = re.compile(r"^\s*#\s*include\b")
 _ASAN_GLOBAL = re.compile(r"is located .*? global variable '(\w+)'")
 
 
@@ -229,19 +232,25 @@ class HostKernel:
         loads = "".join(f"    {cast} a{i} = *({cast}*)args[{i}];\n" for i, (cast, _, _) in enumerate(self._types))
         call_args = ", ".join(f"a{i}" for i in range(len(self._types)))
         # The unit: the kernel's source inside namespace gc_<key> (its helper functions then never meet
-        # another kernel's in a library built from several units), and the launcher, exported as
-        # gc_host_launch_<key>. The key is the digest of the unit with "@" in the key's places.
-        unit = ("namespace gc_@ {\n"
-                f'#line 1 "{name}.cu"\n{source}\n}}\n'
-                f'#line 1 "{name}.launcher.cpp"\n'
-                'extern "C" __attribute__((visibility("default")))\n'
-                'void gc_host_launch_@(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,\n'
-                '                      void** args) {\n'
-                f"{loads}    auto call = [&]() {{ gc_@::{name}({call_args}); }};\n"
-                f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
-                "}\n")
-        self.key = digest(code_of(unit), HEADER.read_text(), " ".join(flags()), gxx, version)
-        self.unit = unit.replace("@", self.key)
+        # another kernel's in a library built from several units; an #include line stays outside it,
+        # blanked in place so that line numbers hold), and the launcher, exported as
+        # gc_host_launch_<key>. The key is the digest of the unit with an empty key.
+        lines = source.split("\n")
+        includes = [line for line in lines if _INCLUDE.match(line)]
+        body = "\n".join("" if _INCLUDE.match(line) else line for line in lines)
+
+        def unit(key):
+            return ("".join(f"{line}\n" for line in includes) + f"namespace gc_{key} {{\n"
+                    f'#line 1 "{name}.cu"\n{body}\n}}\n'
+                    f'#line 1 "{name}.launcher.cpp"\n'
+                    'extern "C" __attribute__((visibility("default")))\n'
+                    f'void gc_host_launch_{key}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,\n'
+                    '                      unsigned bz, void** args) {\n'
+                    f"{loads}    auto call = [&]() {{ gc_{key}::{name}({call_args}); }};\n"
+                    f"    gc_host::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(self.barrier).lower()}, call);\n"
+                    "}\n")
+        self.key = digest(code_of(unit("")), HEADER.read_text(), " ".join(flags()), gxx, version)
+        self.unit = unit(self.key)
         self.path = cache_dir("host") / f"{self.key}.so"
         self.compiled = not self.path.exists()
 
@@ -334,22 +343,28 @@ def build_all(kernels: list[tuple[str, str, list, bool]], jobs: int | None = Non
         return []
     _compiler()  # one clear BackendError rather than one per thread
     header_dir()  # the precompiled header once, before the threads need it
-    built = []
+    built, failed = [], []
     for source, name, params, barrier in kernels:
         kernel = HostKernel.__new__(HostKernel)
-        kernel._prepare(source, name, params, barrier)
+        try:
+            kernel._prepare(source, name, params, barrier)
+        except CompileError as e:        # raised below unless an earlier kernel fails to build
+            failed.append((kernel, e))
         built.append(kernel)
-    missing = list({k.key: k for k in built if k.compiled}.values())
+    bad = {id(k) for k, _ in failed}
+    missing = list({k.key: k for k in built if id(k) not in bad and k.compiled}.values())
     jobs = max(1, min(len(missing), jobs or cores()))
     groups = [[] for _ in range(jobs)]
     for kernel in sorted(missing, key=lambda k: -len(k.unit)):  # the longest first, each to the lightest group
         min(groups, key=lambda g: sum(len(k.unit) for k in g)).append(kernel)
     if missing:
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            failed = [f for group_failed in pool.map(_build, groups) for f in group_failed]
-        if failed:  # the first failure in the kernels' order
-            order = {k.key: i for i, k in reversed(list(enumerate(built)))}
-            raise min(failed, key=lambda f: order[f[0].key])[1]
+            failed += [f for group_failed in pool.map(_build, groups) for f in group_failed]
+    if failed:  # the first failure in the kernels' order (a kernel built once for two places: the first)
+        first = {}
+        for i, kernel in enumerate(built):
+            first.setdefault(kernel.key if id(kernel) not in bad else id(kernel), i)
+        raise min(failed, key=lambda f: first[f[0].key if id(f[0]) not in bad else id(f[0])])[1]
     for kernel in built:
         kernel._load()
     return built

@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 _WORKER, _WORKERS = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKER.startswith("gw") and _WORKERS > 1 and hasattr(os, "sched_setaffinity"):
     _cpus = sorted(os.sched_getaffinity(0))
-    if len(_cpus) > 1:
-        os.sched_setaffinity(0, _cpus[int(_WORKER[2:]) % len(_cpus)::_WORKERS] or _cpus)
+    os.environ["GRAPHCONV_TEST_CPUS"] = ",".join(map(str, _cpus))     # the cores before pinning, for a child
+    if len(_cpus) > 1:    # a worker started after a crash is gw<count + k>: its slot is the number modulo count
+        os.sched_setaffinity(0, _cpus[int(_WORKER[2:]) % _WORKERS % len(_cpus)::_WORKERS])
 
 
 def pytest_collection_modifyitems(config, items):

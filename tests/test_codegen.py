@@ -2,6 +2,7 @@
 sm_90 (no error, warning or spill) and run on the host backend against the NumPy reference of its
 node with poisoned outputs; determinism; the committed kernels_generated/; the buffer plan; errors."""
 import json
+import os
 import re
 import pathlib
 
@@ -309,15 +310,38 @@ def test_lenet5_trains_on_the_host_backend_as_on_numpy():
     assert results["host"][1] > 0.5
 
 
-def test_training_step_kernels_are_bitwise_deterministic():
-    """No float atomics anywhere: two runs of a training step give the same bits (blocks run in
-    parallel on the host backend, in any order)."""
-    graph = build(MODELS["vgg_small"](), "fused-train")
-    run = gc.compile(graph, backend="host")
-    params, inputs = realistic_params(graph), random_inputs(graph, 4, 1)
-    first, second = run.run(inputs, params), run.run(inputs, params)
-    for key in first:
-        assert first[key].tobytes() == second[key].tobytes(), key
+DETERMINISM_CHILD = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import graphconv as gc
+from graphconv.data import random_inputs
+from graphconv.models import MODELS
+from graphconv.pipeline import build
+from test_codegen import realistic_params
+graph = build(MODELS["vgg_small"](), "fused-train")
+run = gc.compile(graph, backend="host")
+params, inputs = realistic_params(graph), random_inputs(graph, 4, 1)
+first, second = run.run(inputs, params), run.run(inputs, params)
+print(sorted(key for key in first if first[key].tobytes() != second[key].tobytes()))
+'''
+
+
+def test_training_step_kernels_are_bitwise_deterministic(tmp_path):
+    """No float atomics anywhere: two runs of a training step give the same bits while blocks run in
+    parallel on the host backend, in any order. In a child process on every core with at least two
+    OpenMP threads (a pytest-xdist worker is pinned to one core, where blocks would run one by one;
+    conftest keeps the cores it had in GRAPHCONV_TEST_CPUS)."""
+    import subprocess
+    import sys
+    script = tmp_path / "child.py"
+    script.write_text(DETERMINISM_CHILD)
+    cpus = [int(c) for c in os.environ.get("GRAPHCONV_TEST_CPUS", "").split(",") if c] or os.sched_getaffinity(0)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(2, len(cpus))),
+           "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=900, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def cli(capsys, *argv):

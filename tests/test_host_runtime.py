@@ -561,3 +561,40 @@ def test_kernels_built_together_keep_their_own_helpers_and_errors(tmp_path, monk
             build_all(order, jobs=1)
         first = "first_bad" if order is broken else "second_bad"
         assert f"kernel {first}: {first}.cu:2:" in str(e.value) and "bad_" in str(e.value)
+    # a kernel refused before any build (a parameter type) after one g++ refuses: g++'s error first
+    unpassable = (HELPER % ("2.0f", "c2"), "c2", [("float**", "x")] + params[1:], False)
+    with pytest.raises(CompileError, match="first_bad.cu:2:"):
+        build_all([broken[1], unpassable], jobs=1)
+    with pytest.raises(CompileError, match="c2: parameter 'x' has type 'float\\*\\*'"):
+        build_all([unpassable, broken[1]], jobs=1)
+
+
+def test_a_kernel_source_is_compiled_as_written():
+    """The unit around a kernel's source changes nothing in it: an '@' in a string stays one (the
+    unit's key is not spliced into the source), an #include stays outside the kernel's namespace."""
+    from codegen.host import HostKernel
+    params = [("const float*", "x"), ("float*", "y"), ("int", "n")]
+    at = HostKernel('extern "C" __global__ void at1(const float* x, float* y, int n) {\n'
+                    '    const char* t = "user@host"; const int i = threadIdx.x;\n'
+                    '    if (i < n) y[i] = t[4] == 64 ? 2 * x[i] : -1.0f;\n}', "at1", params, False)
+    clamp = HostKernel('#include <algorithm>\nextern "C" __global__ void clampk(const float* x, float* y, int n) {\n'
+                       '    const int i = threadIdx.x;\n    if (i < n) y[i] = std::clamp(x[i], 0.0f, 1.0f);\n}',
+                       "clampk", params, False)
+    x = np.linspace(-1, 2, 7, dtype=np.float32)
+    for kernel, want in ((at, 2 * x), (clamp, np.clip(x, 0, 1))):
+        y = np.full_like(x, np.nan)
+        kernel.launch((1, 1, 1), (8, 1, 1), [x, y, 7])
+        np.testing.assert_array_equal(y, want)
+    with pytest.raises(CompileError, match=r"broken_inc.cu:3:.*undefined_thing"):
+        HostKernel('#include <cmath>\nextern "C" __global__ void broken_inc(float* y) {\n    y[0] = undefined_thing;\n}',
+                   "broken_inc", [("float*", "y")], False)
+
+
+def test_an_asan_report_names_the_kernel_or_its_helper_not_its_namespace():
+    from codegen.host import asan_report
+    head = ("==1==ERROR: AddressSanitizer: heap-buffer-overflow on address 0x6 at pc 0x7 bp 0x8 sp 0x9\n"
+            "READ of size 4 at 0x6 thread T0\n")
+    helper = head + "    #0 0x7f01 in gc_d2e211994988678d453583ab::get(float const*, int) /c/k.cu:3\n"
+    kernel = head + "    #0 0x7f01 in shifted /c/k.cu:7\n"
+    assert asan_report(helper) == ("heap-buffer-overflow", "read", 4, "get", None)
+    assert asan_report(kernel) == ("heap-buffer-overflow", "read", 4, "shifted", None)
