@@ -360,7 +360,9 @@ def depthwise_graph(c, size, stride):
 
 def depthwise(args, timer, say, attempt, with_torch):
     """Each DEPTHWISE layer at batch 64 and 256, forward and backward: the depthwise kernels (session
-    10), the implicit GEMM they replaced (depthwise.ENABLED = False) and PyTorch eager (cuDNN)."""
+    10), the implicit GEMM they replaced (depthwise.ENABLED = False), the backward with the weight
+    gradient's one-buffer kernel (depthwise.WGRAD_BUFFERS = 1, before session 11) and PyTorch eager
+    (cuDNN)."""
     rows = []
     for layer, c, size, stride in DEPTHWISE:
         for batch in (4,) if args.smoke else (64, 256):
@@ -368,6 +370,8 @@ def depthwise(args, timer, say, attempt, with_torch):
             ours = attempt(f"depthwise {layer} {batch}", lambda: layer_ms(args, graph, batch, timer), {})
             gemm = attempt(f"depthwise {layer} {batch} as the GEMM", lambda: under(
                 {"depthwise.ENABLED": False}, lambda: layer_ms(args, graph, batch, timer)), {})
+            one = attempt(f"depthwise {layer} {batch}, one buffer", lambda: under(
+                {"depthwise.WGRAD_BUFFERS": 1}, lambda: layer_ms(args, graph, batch, timer)), {})
             eager = attempt(f"eager depthwise {layer} {batch}", lambda: torch_depthwise(c, size, stride, batch, timer),
                             {}) if with_torch else {}
             out = -(-size // stride)
@@ -377,10 +381,12 @@ def depthwise(args, timer, say, attempt, with_torch):
                 moved = 4 * batch * c * planes
                 row = {"layer": layer, "batch": batch, "phase": phase, "MB": moved / 1e6,
                        "graphconv_ms": ours.get(phase, {}).get("ms"), "gemm_ms": gemm.get(phase, {}).get("ms"),
+                       "one_buffer_ms": one.get(phase, {}).get("ms") if phase == "backward" else None,
                        "eager_ms": eager.get(phase, {}).get("ms"), "kernels": ours.get(phase, {}).get("kernels")}
                 rows.append(row)
+                one_text = f", one buffer {ms_text(row['one_buffer_ms'])}" if phase == "backward" else ""
                 say(f"{layer} batch {batch} {phase}: {ms_text(row['graphconv_ms'])} ms (the GEMM "
-                    f"{ms_text(row['gemm_ms'])}, eager {ms_text(row['eager_ms'])}; "
+                    f"{ms_text(row['gemm_ms'])}{one_text}, eager {ms_text(row['eager_ms'])}; "
                     f"{ratio_text(row['graphconv_ms'], row['eager_ms'])} eager, "
                     f"{moved / 1e6 / (row['graphconv_ms'] or float('inf')):.0f} GB/s of its least bytes)")
     return rows

@@ -135,6 +135,21 @@ def test_depthwise_gradients_match_numpy(spatial, C, mult, kernel, conv, dtype, 
         assert spec.launch_shape(batches[-1])[0][0] > spec.params["NCB"]
 
 
+@pytest.mark.parametrize("buffers", [1, 2])
+def test_the_weight_gradient_with_one_buffer_or_two(buffers, monkeypatch):
+    """By default the weight gradient copies its next unit's tiles by cp.async into a second buffer
+    while it computes the current one (the host lands a copy at the wait that covers it, or at
+    once: both schedules); depthwise.WGRAD_BUFFERS = 1 (the benchmark's comparison) waits for each
+    unit's copies. Both give NumPy's sums over units, blocks and an uneven last split."""
+    monkeypatch.setattr(depthwise, "WGRAD_BUFFERS", buffers)
+    graph = build(train_net((13, 10), 5, 2, 3, padding=1), "backward")
+    spec = next(s for s in Program(graph).kernels if "backward_weight_depthwise" in s.name)
+    assert spec.params["buffers"] == buffers and ("gc_cp_async(" in spec.source) == (buffers == 2)
+    assert_kernels_match(graph, batch=37, seed=4)
+    results = check_races(graph, random_inputs(graph, 37, 2), gc.init_params(graph, seed=2), only=[spec.name])
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+
+
 def test_a_depthwise_transposed_convolution_is_the_same_kernel():
     """conv_transpose2d with a group per channel is the input gradient of a depthwise conv: the same
     kernel, its bias in the store; strided (an upsampling layer), the gathering kernel, an output

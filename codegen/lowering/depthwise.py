@@ -36,6 +36,10 @@ WGRAD_SUMS_MOST = 64
 # block writes partial sums (the closing tree of additions is paid once per block)
 WGRAD_BLOCKS = 132 * 8
 WGRAD_LEAST_POSITIONS = 16
+# weight gradients double-buffered where both buffers fit in SHARED_BUDGET at the one-buffer tiling:
+# the next unit's tiles copied by cp.async while the block computes this one (the one-buffer kernel
+# waited for its own loads between two barriers: latency-bound on small planes); 1: one buffer
+WGRAD_BUFFERS = 2
 
 
 def eligible(geo, pool) -> bool:
@@ -53,7 +57,7 @@ def extent(outputs, K, stride, dil, gather):
     return (outputs - 1) * stride + (K - 1) * dil + 1
 
 
-def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0, gather=False) -> dict | None:
+def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0, gather=False, buffers=1) -> dict | None:
     """Threads along a row (TXT), rows (TYT) and channels (CB) per block, outputs per thread (PX),
     and the staged tile (`per` staged channels per computed channel, IHT x IWT each, and
     `dy_planes` TYT x TW tiles of dy per channel for a weight gradient); None when one row's tile
@@ -69,7 +73,7 @@ def tiling(C, per, out_size, K, stride, dil, itemsize, dy_planes=0, gather=False
     IWT = extent(TW, K[1], stride[1], dil[1], gather)
     while True:
         IHT = extent(TYT, K[0], stride[0], dil[0], gather)
-        if CB * (per * IHT * IWT + dy_planes * TYT * TW) * itemsize <= SHARED_BUDGET:
+        if buffers * CB * (per * IHT * IWT + dy_planes * TYT * TW) * itemsize <= SHARED_BUDGET:
             break
         if CB > 1:
             CB = max(1, CB // 2)
@@ -118,6 +122,9 @@ def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, ar
     t = tiling(C, 1, out_size, K, stride, dil, itemsize, dy_planes=mult)
     if t is None:
         return None
+    buffers = 1
+    if WGRAD_BUFFERS == 2 and tiling(C, 1, out_size, K, stride, dil, itemsize, dy_planes=mult, buffers=2) == t:
+        buffers = 2     # both buffers fit at the same tiles (a smaller tile for them: more halo, not timed)
     tiles = t["TILES_X"] * t["TILES_Y"]
     # the batch's (image, tile) items in splits of `per` (the template computes it the same way): about
     # WGRAD_BLOCKS blocks over the channel blocks, each at least `least` items
@@ -126,7 +133,7 @@ def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, ar
     splits = max(1, -(-WGRAD_BLOCKS // t["NCB"]))
     S = sp.ceiling(items / sp.Max(least, sp.ceiling(items / splits)))
     # the closing sums: every weight of a thread at once where shared memory holds them (one round)
-    free = max(t["CB"] * (t["IHT"] * t["IWT"] + mult * t["TYT"] * t["TW"]), SHARED_BUDGET // itemsize)
+    free = max(buffers * t["CB"] * (t["IHT"] * t["IWT"] + mult * t["TYT"] * t["TW"]), SHARED_BUDGET // itemsize)
     RJ = min(mult * K[0] * K[1], free // t["threads"])
     per_channel = t["TYT"] * t["TXT"]
     half = 1 << max(0, (per_channel - 1).bit_length() - 1)
@@ -134,7 +141,7 @@ def wgrad_spec(ctx, name, *, C, mult, in_size, out_size, K, stride, dil, pad, ar
                   OH=out_size[0], OW=out_size[1], KH=K[0], KW=K[1], SY=stride[0], SX=stride[1], DY=dil[0],
                   DX=dil[1], PT=pad[0], PL=pad[1], TILES=tiles, ITEMS=c_int(items),
                   items_text=str(items).replace("batch", "N"), least=least, splits=splits, RJ=RJ, HALF=half,
-                  STEPS=half.bit_length() if per_channel > 1 else 0)
+                  STEPS=half.bit_length() if per_channel > 1 else 0, buffers=buffers)
     spec = KernelSpec(name=name + "_partial", template="depthwise_wgrad.cu.j2", params=params, args=args,
                       grid=(t["NCB"] * S, 1, 1), block=(t["threads"], 1, 1), barrier=True)
     return spec, S
