@@ -5,7 +5,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # the oracles in tests/ import as
 
 import pytest  # noqa: E402
 
-# Under pytest-xdist (`-n auto`, the README's test command) each worker runs on its own share of the
+# Under pytest-xdist (`-n logical`, the README's test command) each worker runs on its own share of the
 # cores, set here before anything loads OpenMP or BLAS: their threads then never outnumber the cores
 # (two workers each starting two spinning OpenMP or BLAS threads on two cores ran a numpy training
 # test 6x slower), and the compile pools (codegen.cache.cores) are as wide as the worker's share.
