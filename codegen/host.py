@@ -343,28 +343,29 @@ def build_all(kernels: list[tuple[str, str, list, bool]], jobs: int | None = Non
         return []
     _compiler()  # one clear BackendError rather than one per thread
     header_dir()  # the precompiled header once, before the threads need it
-    built, failed = [], []
-    for source, name, params, barrier in kernels:
+    built, refused = [], {}               # refused: index -> CompileError (the first one in order is raised)
+    for i, (source, name, params, barrier) in enumerate(kernels):
         kernel = HostKernel.__new__(HostKernel)
         try:
             kernel._prepare(source, name, params, barrier)
         except CompileError as e:        # raised below unless an earlier kernel fails to build
-            failed.append((kernel, e))
+            refused[i] = e
         built.append(kernel)
-    bad = {id(k) for k, _ in failed}
-    missing = list({k.key: k for k in built if id(k) not in bad and k.compiled}.values())
+    first = {}                            # key -> the first index of a kernel built once for several places
+    for i, kernel in enumerate(built):
+        if i not in refused:
+            first.setdefault(kernel.key, i)
+    missing = [built[i] for i in first.values() if built[i].compiled]
     jobs = max(1, min(len(missing), jobs or cores()))
     groups = [[] for _ in range(jobs)]
     for kernel in sorted(missing, key=lambda k: -len(k.unit)):  # the longest first, each to the lightest group
         min(groups, key=lambda g: sum(len(k.unit) for k in g)).append(kernel)
     if missing:
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            failed += [f for group_failed in pool.map(_build, groups) for f in group_failed]
-    if failed:  # the first failure in the kernels' order (a kernel built once for two places: the first)
-        first = {}
-        for i, kernel in enumerate(built):
-            first.setdefault(kernel.key if id(kernel) not in bad else id(kernel), i)
-        raise min(failed, key=lambda f: first[f[0].key if id(f[0]) not in bad else id(f[0])])[1]
+            for group_failed in pool.map(_build, groups):
+                refused.update((first[kernel.key], error) for kernel, error in group_failed)
+    if refused:
+        raise refused[min(refused)]
     for kernel in built:
         kernel._load()
     return built
