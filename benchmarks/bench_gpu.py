@@ -272,12 +272,14 @@ MEMORY_BOUND = ("pointwise.cu.j2", "pool.cu.j2", "pool_backward.cu.j2", "channel
 
 def moved_bytes(spec, kargs) -> int:
     """Bytes a memory-bound kernel moves: each array argument read or written once, but a pointwise
-    kernel's operands its expression ignores (a gradient rule that needs only one operand) are not read."""
+    kernel's operands its expression ignores (a gradient rule that needs only one operand) are not read
+    (a multi-tensor kernel's are `a0_<tensor>`, ...: all read)."""
     loaded = {load["expr"].split("[")[0] for load in spec.params.get("loads", [])} \
         if spec.template == "pointwise.cu.j2" else None
+    segmented = bool(spec.params.get("segments"))
     return sum(int(x.nbytes) for arg, x in zip(spec.args, kargs)
                if hasattr(x, "nbytes") and x.size > 1
-               and (loaded is None or not arg.ctype.startswith("const") or arg.name in loaded))
+               and (loaded is None or not arg.ctype.startswith("const") or arg.name in loaded or segmented))
 
 
 def copy_ms(args, timer, nbytes):

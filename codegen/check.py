@@ -154,6 +154,13 @@ def check_races(graph, inputs, params, tf32=False, winograd=False, only=None) ->
     return merged
 
 
+def node_text(nodes: str) -> str:
+    """The nodes of a check row: all of them, or for a multi-tensor kernel (an optimizer's update of
+    every parameter) the first and the last with the count; a mismatch's note names its own node."""
+    names = nodes.split(", ")
+    return nodes if len(names) <= 3 else f"{names[0]}, ... {names[-1]} ({len(names)} nodes)"
+
+
 def format_checks(results) -> str:
     width = max([len(r.kernels[0]) for r in results] + [6])
     lines = [f"  {'kernel'.ljust(width)}  {'node':<24} {'max abs err':>11} {'max rel err':>11}  status"]
@@ -161,5 +168,5 @@ def format_checks(results) -> str:
         for j, k in enumerate(r.kernels):
             tail = (f"{r.max_abs:11.2e} {r.max_rel:11.2e}  {'ok' if r.ok else 'MISMATCH'}"
                     f"{'  ' + r.note if r.note else ''}") if j == len(r.kernels) - 1 else ""
-            lines.append(f"  {k.ljust(width)}  {(r.node if j == 0 else ''):<24} {tail}")
+            lines.append(f"  {k.ljust(width)}  {(node_text(r.node) if j == 0 else ''):<24} {tail}")
     return "\n".join(lines)

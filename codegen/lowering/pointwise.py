@@ -4,6 +4,8 @@ sympy expression printed by the C printer. Operands are full-size, scalars, or p
 vectors beside an [N, C, ...] result."""
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 
 from graphconv.ops.fused import FusedPointwise, expression_of
@@ -67,7 +69,8 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
     grid = (sp.Min(sp.ceiling(total / (THREADS * UNROLL)), MAX_BLOCKS), 1, 1)
     return KernelSpec(name=name, template="pointwise.cu.j2",
                       params={"T": T, "threads": THREADS, "unroll": UNROLL, "total": c_int(total), "loads": loads, "steps": printed,
-                              "prelude": c_function_prelude(used, dtype), "invariants": invariants},
+                              "prelude": c_function_prelude(used, dtype), "invariants": invariants, "segments": [],
+                              "family": (what, short_dtype(dtype), tag)},
                       args=args, grid=grid, block=(THREADS, 1, 1), restrict=False)   # may run in place
 
 
@@ -155,3 +158,52 @@ def lower_pointwise_group(ctxs):
     kernel.layers = tuple(dict.fromkeys(c.layer for c in ctxs))
     kernel.shapes = "; ".join(c.shapes_text() for c in ctxs)
     return Lowered(kernels=[kernel])
+
+
+# ---- one update rule over many tensors, one launch ----------------------------------------------------
+MAX_TENSORS = 32     # tensors per multi-tensor launch: Adam's 7 pointers each stay under 2 KB of the 4 KB of parameters
+
+
+def multi_tensor_key(spec):
+    """What two pointwise kernels must share to run as one multi-tensor launch (the same expression,
+    loads, scalar operands and element type over tensors of static sizes), or None where one cannot
+    join any: a kernel whose operands are broadcast per channel, or whose size grows with the batch."""
+    p = spec.params
+    if spec.template != "pointwise.cu.j2" or "family" not in p or p["segments"] or not str(p["total"]).isdigit():
+        return None
+    if any(not load["scalar"] and load["expr"] != f"a{load['var'][1:]}[j]" for load in p["loads"]):
+        return None
+    scalars = {f"a{load['var'][1:]}" for load in p["loads"] if load["scalar"]}
+    return (p["family"], p["T"], repr(p["loads"]), repr(p["steps"]), tuple(p["invariants"]), p["prelude"],
+            tuple(a.name for a in spec.args), tuple((a.name, a.value) for a in spec.args if a.name in scalars))
+
+
+def multi_tensor(specs) -> KernelSpec:
+    """One KernelSpec running the kernels `specs` (equal multi_tensor_key) over their own tensors:
+    each gets a range of blocks (as many as its own launch had), the segment's pointers are arguments
+    `a0_<t>`, `out0_<t>`, ..., and the scalar operands they share are passed once."""
+    first = specs[0]
+    p = first.params
+    inputs = [f"a{load['var'][1:]}" for load in p["loads"] if not load["scalar"]]
+    scalars = {f"a{load['var'][1:]}" for load in p["loads"] if load["scalar"]}
+    outputs = [step["out"] for step in p["steps"]]
+    segments, args, begin, segment_of = [], [], 0, {}
+    for t, spec in enumerate(specs):
+        total = int(spec.params["total"])
+        blocks = min(math.ceil(total / (THREADS * UNROLL)), MAX_BLOCKS)
+        by_name = {a.name: a for a in spec.args}
+        for name in inputs + outputs:
+            args.append(Arg(by_name[name].ctype, f"{name}_{t}", by_name[name].value))
+            segment_of[by_name[name].value] = t
+        segments.append({"first": begin, "end": begin + blocks, "blocks": blocks, "total": total,
+                         "pointers": " ".join(f"{name} = {name}_{t};" for name in inputs + outputs)})
+        begin += blocks
+    args += [a for a in first.args if a.name in scalars] + [Arg("int", "batch")]
+    what, dtype, tag = p["family"]
+    sizes = ", ".join(f"{spec.shapes.split(' -> ')[-1].split(';')[0]}" for spec in specs)
+    params = {**p, "segments": segments, "seg_inputs": inputs, "seg_outputs": outputs, "segment_of": segment_of}
+    return KernelSpec(name=f"{what}_{dtype}_{len(specs)}tensors{tag}", template="pointwise.cu.j2", params=params,
+                      args=args, grid=(begin, 1, 1), block=(THREADS, 1, 1), restrict=False,
+                      nodes=tuple(n for spec in specs for n in spec.nodes),
+                      layers=tuple(dict.fromkeys(layer for spec in specs for layer in spec.layers)),
+                      shapes=f"{len(specs)} tensors: {sizes}; each as the first: {first.shapes}")

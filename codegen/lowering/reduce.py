@@ -202,6 +202,23 @@ def activation_after(ctx):
     return None
 
 
+def bn_update_siblings(ctx) -> dict:
+    """The running-statistics updates a training batch_norm's sums already hold: {"mean" / "var":
+    (the batch_norm_update_stats node of the same input, its running buffer, its momentum)}, where they
+    come after it in the graph's order and read a buffer of the batch norm's own type. Each would
+    otherwise read the input again in two kernels of its own (vgg_small: 24 launches a step and two
+    more passes over each batch-norm layer's input)."""
+    graph, name = ctx.graph, ctx.node.name
+    order = {n.name: i for i, n in enumerate(graph.topo())}
+    found = {}
+    for user, _ in graph.users(ctx.operands[0]):
+        node = graph.node(user)
+        if (node.op == "batch_norm_update_stats" and order[user] > order[name] and node.dtype == ctx.dtype
+                and graph.operands(user)[0] == ctx.operands[0] and graph.node(graph.operands(user)[1]).dtype == ctx.dtype):
+            found.setdefault(node.attrs["stat"], (user, graph.operands(user)[1], float(node.attrs["momentum"])))
+    return dict(sorted(found.items()))
+
+
 @lowering("batch_norm")
 def lower_batch_norm(ctx):
     """Training: statistics (two-pass), then y = (x - mean) * scale + bias with scale = inv_std * w.
@@ -225,9 +242,21 @@ def lower_batch_norm(ctx):
                            f"scale_out[k] = ({T})(inv_std{' * w[k]' if affine else ''});"]
     out_args = ([ctx.arg_in(3, "w")] if affine else []) + [Arg(f"{T}*", "mean_out", keys["mean"]),
                                                            Arg(f"{T}*", "scale_out", keys["scale"])]
-    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_stats"), A=A, K=C, B=B, loads=STATS,
+    # the running statistics' updates from the same sums, where the training step asks for them
+    updates = bn_update_siblings(ctx)
+    for stat, (node, running, mom) in updates.items():
+        value = "mean" if stat == "mean" else "(var * (m / fmax(m - 1.0, 1.0)))"
+        epilogue.append(f"running_{stat}_out[k] = ({T})((1.0 - {mom!r}) * running_{stat}[k] + {mom!r} * {value});"
+                        f"   // batch_norm_update_stats{', unbiased' if stat == 'var' else ''}")
+        out_args += [Arg(f"const {T}*", f"running_{stat}", running), Arg(f"{T}*", f"running_{stat}_out", node)]
+    tag = "".join(f"_r{stat}{mom:g}".replace(".", "p").replace("-", "m") for stat, (_, _, mom) in updates.items())
+    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_stats") + tag, A=A, K=C, B=B, loads=STATS,
                                     terms=["xv", "xv * xv"], in_args=[ctx.arg_in(0, "x")], epilogue=epilogue,
                                     out_args=out_args, scratch=vecs)
+    stat_nodes = tuple(node for node, _, _ in updates.values())
+    scratch.update({node: Value((C,), ctx.dtype) for node in stat_nodes})
+    for kernel in kernels if stat_nodes else ():
+        kernel.nodes = (ctx.node.name,) + stat_nodes
     expr = (a(0) - a(1)) * a(2) + (a(3) if affine else 0)
     operands = [ctx.operands[0], keys["mean"], keys["scale"]] + ([ctx.operands[4]] if affine else [])
     shapes = [x.shape, (C,), (C,)] + ([(C,)] if affine else [])
@@ -235,7 +264,7 @@ def lower_batch_norm(ctx):
     if act is None:
         kernels.append(pointwise_kernel(ctx, expr, shapes, operands, ctx.out_key(), x.shape, "batch_norm_apply",
                                         "" if affine else "_noaffine"))
-        return Lowered(kernels=kernels, scratch=scratch)
+        return Lowered(kernels=kernels, scratch=scratch, absorbs=stat_nodes)
     # the activation after it in the same pass: y is stored (the backward pass reads it) and handed on
     # in a register, so the activation does not read it back
     node = ctx.graph.node(act)
@@ -243,10 +272,10 @@ def lower_batch_norm(ctx):
     tag = ("" if affine else "_noaffine") + tag_of(types.SimpleNamespace(attrs=node.attrs))
     kernels.append(pointwise_steps(ctx, steps, shapes, operands, x.shape, f"batch_norm_apply_{node.op}", tag))
     for kernel in kernels:
-        kernel.nodes = (ctx.node.name, act)
+        kernel.nodes = (ctx.node.name, act) + (stat_nodes if kernel is not kernels[-1] else ())
         kernel.layers = tuple(dict.fromkeys([ctx.layer, node.layer or ctx.layer]))
     scratch[act] = ctx.outs[0]
-    return Lowered(kernels=kernels, scratch=scratch, absorbs=(act,))
+    return Lowered(kernels=kernels, scratch=scratch, absorbs=(act,) + stat_nodes)
 
 
 GRAD_LOADS = ["const double xv = x[idx];", "const double gv = dy[idx];"]
