@@ -408,6 +408,7 @@ VARIANTS = {# opt-in (session 7, never timed): 3 x 3 convolutions by Winograd F(
             "Winograd, direct for gathered inputs": {"direct.WINOGRAD": True, "winograd.GATHERED": False},
             "split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
             "no register prefetch": {"PREFETCH": False},
+            "GEMM: one shared buffer per operand": {"DOUBLE_BUFFER": False},
             "implicit GEMM, no direct conv": {"DIRECT": False},
             "k digits divided out per slot": {"HOIST": False},
             "scalar shared loads": {"VECTOR": False},
@@ -498,9 +499,11 @@ def variants(args, timer, say):
 
 # rules timed on whole training steps too: the layer rows' weight gradients are all gathered through
 # the ReLU/pool, while vgg_small's (batch norm between conv and ReLU) read a plain dy, which only
-# those rows exercise (the double-buffered tiles need a plain g)
+# those rows exercise (the double-buffered tiles need a plain g); the GEMM's shared buffers change
+# only the classifiers' kernels (fc1 of LeNet-5: forward, backward-data, backward-weight)
 STEP_RULES = ("Winograd F(2x2, 3x3) for 3 x 3 convolutions", "weight gradients as the im2col GEMM",
-              "direct weight gradients: half the blocks", "direct weight gradients: double-buffered tiles")
+              "direct weight gradients: half the blocks", "direct weight gradients: double-buffered tiles",
+              "GEMM: one shared buffer per operand")
 # and with --tf32: the session-6 tensor-core kernels against the FP32 ones (vgg_small's plain-dy weight
 # gradients are the only TF32 ones: the layer rows' are gathered through the ReLU/pool)
 TF32_STEP_RULES = ("TF32: weight gradients on the FP32 cores", "TF32: direct convolutions on the FP32 cores")

@@ -61,6 +61,18 @@ HOIST = True
 VECTOR = True
 # split-K GEMMs (backward-weight, long linears) with 4 x 8 results per thread and 64 x 128 blocks
 WIDE = True
+# two shared buffers per operand (with PREFETCH): the next k-step's registers are stored into the other
+# buffer after the multiply-adds, so a k-step takes one barrier instead of two (one before the stores,
+# one before the reads), where both buffers fit the 48 KiB of static shared memory; False: one buffer
+DOUBLE_BUFFER = True
+
+
+def shared_bytes(cfg, T, params, buffers) -> int:
+    """The GEMM's static shared memory: `buffers` copies of the two operand tiles (rows padded by PAD)
+    and, on the TF32 path, the results' staging tile."""
+    word = 4 if T == "float" else 8
+    tiles = cfg["BK"] * (cfg["BM"] + params["PAD"]) + cfg["BK"] * (cfg["BN"] + params["PAD"])
+    return buffers * word * tiles + (4 * cfg["BM"] * (cfg["BN"] + 4) if params["tf32"] else 0)
 
 
 def tile_config(M, N, G, wide=False):
@@ -190,6 +202,7 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
                   row_setup=row_setup, window_begin=window_begin, element=element, window_end=window_end)
     params.update(tf32_params(ctx, cfg), prefetch=PREFETCH)
     params.update(shared_reads(cfg, T, params["tf32"]))
+    params["buffers"] = 2 if PREFETCH and DOUBLE_BUFFER and shared_bytes(cfg, T, params, 2) <= 48 * 1024 else 1
     if params["tf32"]:
         name += "_tf32"
     a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)

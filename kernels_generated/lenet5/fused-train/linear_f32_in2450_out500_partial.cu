@@ -31,8 +31,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2450_out500_pa
     const long long split = blockIdx.z / 1;
     const long long kch = max((long long)(256), (long long)(16*((((2450 + ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64)) - 1) / ((132 + ((nb + 63) / 64) - 1) / ((nb + 63) / 64))) + 15) / 16)));
     const long long k_begin = split * kch, k_end = min(K, k_begin + kch);
-    __shared__ __align__(16) float As[16][68];
-    __shared__ __align__(16) float Bs[16][132];
+    // two buffers per operand: the k-step after this one is stored into the other while this one is read
+    __shared__ __align__(16) float As_[2][16][68];
+    __shared__ __align__(16) float Bs_[2][16][132];
     float acc[4][8];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -198,21 +199,26 @@ extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2450_out500_pa
         }
     }
 
+    As_[0][a_kk0][a_mm0] = ra0;
+    As_[0][a_kk1][a_mm1] = ra1;
+    As_[0][a_kk2][a_mm2] = ra2;
+    As_[0][a_kk3][a_mm3] = ra3;
+    Bs_[0][b_kk0][b_nn0] = rb0;
+    Bs_[0][b_kk1][b_nn1] = rb1;
+    Bs_[0][b_kk2][b_nn2] = rb2;
+    Bs_[0][b_kk3][b_nn3] = rb3;
+    Bs_[0][b_kk4][b_nn4] = rb4;
+    Bs_[0][b_kk5][b_nn5] = rb5;
+    Bs_[0][b_kk6][b_nn6] = rb6;
+    Bs_[0][b_kk7][b_nn7] = rb7;
+    __syncthreads();
+    int buf = 0;
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-        As[a_kk0][a_mm0] = ra0;
-        As[a_kk1][a_mm1] = ra1;
-        As[a_kk2][a_mm2] = ra2;
-        As[a_kk3][a_mm3] = ra3;
-        Bs[b_kk0][b_nn0] = rb0;
-        Bs[b_kk1][b_nn1] = rb1;
-        Bs[b_kk2][b_nn2] = rb2;
-        Bs[b_kk3][b_nn3] = rb3;
-        Bs[b_kk4][b_nn4] = rb4;
-        Bs[b_kk5][b_nn5] = rb5;
-        Bs[b_kk6][b_nn6] = rb6;
-        Bs[b_kk7][b_nn7] = rb7;
-        __syncthreads();
-        if (kt + 16 < k_end) {
+        // this k-step's tiles are in buffer buf; the next one's operands travel in registers meanwhile
+        float (*As)[68] = As_[buf];
+        float (*Bs)[132] = Bs_[buf];
+        const bool more = kt + 16 < k_end;
+        if (more) {
             {
                 const long long k = kt + 16 + tid % 16;
                 {
@@ -349,7 +355,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) linear_f32_in2450_out500_pa
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[i][j] += (float)a[i] * b[j];
         }
+        // the next k-step into the other buffer: every thread finished reading it before the last barrier
+        if (more) {
+            As_[buf ^ 1][a_kk0][a_mm0] = ra0;
+            As_[buf ^ 1][a_kk1][a_mm1] = ra1;
+            As_[buf ^ 1][a_kk2][a_mm2] = ra2;
+            As_[buf ^ 1][a_kk3][a_mm3] = ra3;
+            Bs_[buf ^ 1][b_kk0][b_nn0] = rb0;
+            Bs_[buf ^ 1][b_kk1][b_nn1] = rb1;
+            Bs_[buf ^ 1][b_kk2][b_nn2] = rb2;
+            Bs_[buf ^ 1][b_kk3][b_nn3] = rb3;
+            Bs_[buf ^ 1][b_kk4][b_nn4] = rb4;
+            Bs_[buf ^ 1][b_kk5][b_nn5] = rb5;
+            Bs_[buf ^ 1][b_kk6][b_nn6] = rb6;
+            Bs_[buf ^ 1][b_kk7][b_nn7] = rb7;
+        }
         __syncthreads();
+        buf ^= 1;
     }
 
     // epilogue, from registers

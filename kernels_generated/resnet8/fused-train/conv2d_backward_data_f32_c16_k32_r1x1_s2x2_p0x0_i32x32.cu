@@ -29,8 +29,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_data_f32_c1
     const long long m_base = (long long)blockIdx.y * 16, n_base = (long long)blockIdx.x * 128;
     const int grp = blockIdx.z % 1;
     const long long k_begin = 0, k_end = K;
-    __shared__ __align__(16) float As[8][20];
-    __shared__ __align__(16) float Bs[8][132];
+    // two buffers per operand: the k-step after this one is stored into the other while this one is read
+    __shared__ __align__(16) float As_[2][8][20];
+    __shared__ __align__(16) float Bs_[2][8][132];
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -283,18 +284,23 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_data_f32_c1
         kd8_0 += 8;
     }
 
+    As_[0][a_kk0][a_mm0] = ra0;
+    Bs_[0][b_kk0][b_nn0] = rb0;
+    Bs_[0][b_kk1][b_nn1] = rb1;
+    Bs_[0][b_kk2][b_nn2] = rb2;
+    Bs_[0][b_kk3][b_nn3] = rb3;
+    Bs_[0][b_kk4][b_nn4] = rb4;
+    Bs_[0][b_kk5][b_nn5] = rb5;
+    Bs_[0][b_kk6][b_nn6] = rb6;
+    Bs_[0][b_kk7][b_nn7] = rb7;
+    __syncthreads();
+    int buf = 0;
     for (long long kt = k_begin; kt < k_end; kt += 8) {
-        As[a_kk0][a_mm0] = ra0;
-        Bs[b_kk0][b_nn0] = rb0;
-        Bs[b_kk1][b_nn1] = rb1;
-        Bs[b_kk2][b_nn2] = rb2;
-        Bs[b_kk3][b_nn3] = rb3;
-        Bs[b_kk4][b_nn4] = rb4;
-        Bs[b_kk5][b_nn5] = rb5;
-        Bs[b_kk6][b_nn6] = rb6;
-        Bs[b_kk7][b_nn7] = rb7;
-        __syncthreads();
-        if (kt + 8 < k_end) {
+        // this k-step's tiles are in buffer buf; the next one's operands travel in registers meanwhile
+        float (*As)[20] = As_[buf];
+        float (*Bs)[132] = Bs_[buf];
+        const bool more = kt + 8 < k_end;
+        if (more) {
             {
                 const long long k = kt + 8 + tid % 8;
                 const long long oc = kd0_0;
@@ -457,7 +463,20 @@ extern "C" __global__ void __launch_bounds__(128, 1) conv2d_backward_data_f32_c1
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += (float)a[i] * b[j];
         }
+        // the next k-step into the other buffer: every thread finished reading it before the last barrier
+        if (more) {
+            As_[buf ^ 1][a_kk0][a_mm0] = ra0;
+            Bs_[buf ^ 1][b_kk0][b_nn0] = rb0;
+            Bs_[buf ^ 1][b_kk1][b_nn1] = rb1;
+            Bs_[buf ^ 1][b_kk2][b_nn2] = rb2;
+            Bs_[buf ^ 1][b_kk3][b_nn3] = rb3;
+            Bs_[buf ^ 1][b_kk4][b_nn4] = rb4;
+            Bs_[buf ^ 1][b_kk5][b_nn5] = rb5;
+            Bs_[buf ^ 1][b_kk6][b_nn6] = rb6;
+            Bs_[buf ^ 1][b_kk7][b_nn7] = rb7;
+        }
         __syncthreads();
+        buf ^= 1;
     }
 
     // epilogue, from registers

@@ -31,8 +31,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m256_n10_kN_p
     const long long split = blockIdx.z / 1;
     const long long kch = max((long long)(max((long long)(512), (long long)(16*((((nb + 65534) / 65535) + 15) / 16)))), (long long)(16*((((nb + 131) / 132) + 15) / 16)));
     const long long k_begin = split * kch, k_end = min(K, k_begin + kch);
-    __shared__ __align__(16) float As[16][68];
-    __shared__ __align__(16) float Bs[16][20];
+    // two buffers per operand: the k-step after this one is stored into the other while this one is read
+    __shared__ __align__(16) float As_[2][16][68];
+    __shared__ __align__(16) float Bs_[2][16][20];
     float acc[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -177,19 +178,24 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m256_n10_kN_p
         }
     }
 
+    As_[0][a_kk0][a_mm0] = ra0;
+    As_[0][a_kk1][a_mm1] = ra1;
+    As_[0][a_kk2][a_mm2] = ra2;
+    As_[0][a_kk3][a_mm3] = ra3;
+    As_[0][a_kk4][a_mm4] = ra4;
+    As_[0][a_kk5][a_mm5] = ra5;
+    As_[0][a_kk6][a_mm6] = ra6;
+    As_[0][a_kk7][a_mm7] = ra7;
+    Bs_[0][b_kk0][b_nn0] = rb0;
+    Bs_[0][b_kk1][b_nn1] = rb1;
+    __syncthreads();
+    int buf = 0;
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-        As[a_kk0][a_mm0] = ra0;
-        As[a_kk1][a_mm1] = ra1;
-        As[a_kk2][a_mm2] = ra2;
-        As[a_kk3][a_mm3] = ra3;
-        As[a_kk4][a_mm4] = ra4;
-        As[a_kk5][a_mm5] = ra5;
-        As[a_kk6][a_mm6] = ra6;
-        As[a_kk7][a_mm7] = ra7;
-        Bs[b_kk0][b_nn0] = rb0;
-        Bs[b_kk1][b_nn1] = rb1;
-        __syncthreads();
-        if (kt + 16 < k_end) {
+        // this k-step's tiles are in buffer buf; the next one's operands travel in registers meanwhile
+        float (*As)[68] = As_[buf];
+        float (*Bs)[20] = Bs_[buf];
+        const bool more = kt + 16 < k_end;
+        if (more) {
             {
                 const long long k = kt + 16 + tid / 64;
                 {
@@ -308,7 +314,21 @@ extern "C" __global__ void __launch_bounds__(128, 1) matmul_ta_f32_m256_n10_kN_p
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += (float)a[i] * b[j];
         }
+        // the next k-step into the other buffer: every thread finished reading it before the last barrier
+        if (more) {
+            As_[buf ^ 1][a_kk0][a_mm0] = ra0;
+            As_[buf ^ 1][a_kk1][a_mm1] = ra1;
+            As_[buf ^ 1][a_kk2][a_mm2] = ra2;
+            As_[buf ^ 1][a_kk3][a_mm3] = ra3;
+            As_[buf ^ 1][a_kk4][a_mm4] = ra4;
+            As_[buf ^ 1][a_kk5][a_mm5] = ra5;
+            As_[buf ^ 1][a_kk6][a_mm6] = ra6;
+            As_[buf ^ 1][a_kk7][a_mm7] = ra7;
+            Bs_[buf ^ 1][b_kk0][b_nn0] = rb0;
+            Bs_[buf ^ 1][b_kk1][b_nn1] = rb1;
+        }
         __syncthreads();
+        buf ^= 1;
     }
 
     // epilogue, from registers

@@ -28,8 +28,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n2048_k256
     const int tx = tid % 16, ty = tid / 16;
     const long long m_base = (long long)blockIdx.y * 64, n_base = (long long)blockIdx.x * 64;
     const long long k_begin = 0, k_end = K;
-    __shared__ __align__(16) float As[16][68];
-    __shared__ __align__(16) float Bs[16][68];
+    // two buffers per operand: the k-step after this one is stored into the other while this one is read
+    __shared__ __align__(16) float As_[2][16][68];
+    __shared__ __align__(16) float Bs_[2][16][68];
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -135,17 +136,22 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n2048_k256
         }
     }
 
+    As_[0][a_kk0][a_mm0] = ra0;
+    As_[0][a_kk1][a_mm1] = ra1;
+    As_[0][a_kk2][a_mm2] = ra2;
+    As_[0][a_kk3][a_mm3] = ra3;
+    Bs_[0][b_kk0][b_nn0] = rb0;
+    Bs_[0][b_kk1][b_nn1] = rb1;
+    Bs_[0][b_kk2][b_nn2] = rb2;
+    Bs_[0][b_kk3][b_nn3] = rb3;
+    __syncthreads();
+    int buf = 0;
     for (long long kt = k_begin; kt < k_end; kt += 16) {
-        As[a_kk0][a_mm0] = ra0;
-        As[a_kk1][a_mm1] = ra1;
-        As[a_kk2][a_mm2] = ra2;
-        As[a_kk3][a_mm3] = ra3;
-        Bs[b_kk0][b_nn0] = rb0;
-        Bs[b_kk1][b_nn1] = rb1;
-        Bs[b_kk2][b_nn2] = rb2;
-        Bs[b_kk3][b_nn3] = rb3;
-        __syncthreads();
-        if (kt + 16 < k_end) {
+        // this k-step's tiles are in buffer buf; the next one's operands travel in registers meanwhile
+        float (*As)[68] = As_[buf];
+        float (*Bs)[68] = Bs_[buf];
+        const bool more = kt + 16 < k_end;
+        if (more) {
             {
                 const long long k = kt + 16 + tid % 16;
                 {
@@ -225,7 +231,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) matmul_tb_f32_mN_n2048_k256
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += (float)a[i] * b[j];
         }
+        // the next k-step into the other buffer: every thread finished reading it before the last barrier
+        if (more) {
+            As_[buf ^ 1][a_kk0][a_mm0] = ra0;
+            As_[buf ^ 1][a_kk1][a_mm1] = ra1;
+            As_[buf ^ 1][a_kk2][a_mm2] = ra2;
+            As_[buf ^ 1][a_kk3][a_mm3] = ra3;
+            Bs_[buf ^ 1][b_kk0][b_nn0] = rb0;
+            Bs_[buf ^ 1][b_kk1][b_nn1] = rb1;
+            Bs_[buf ^ 1][b_kk2][b_nn2] = rb2;
+            Bs_[buf ^ 1][b_kk3][b_nn3] = rb3;
+        }
         __syncthreads();
+        buf ^= 1;
     }
 
     // epilogue, from registers
