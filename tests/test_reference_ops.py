@@ -406,6 +406,25 @@ def test_upsample_against_torch_interpolate(shape, kw):
         np.testing.assert_allclose(run_torch(g64, inputs, params)["u"], v["u"], rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.skipif(torch is None, reason="needs PyTorch")
+@pytest.mark.parametrize("shape, kw", [((1, 1, 4, 4), dict(scale_factor=2, mode="bilinear")),
+                                       ((1, 1, 4, 4), dict(size=(7, 9), mode="bilinear", align_corners=True)),
+                                       ((1, 2, 5), dict(scale_factor=3, mode="linear")),
+                                       ((1, 1, 3, 4, 2), dict(size=(5, 5, 3), mode="trilinear"))], ids=str)
+def test_an_inf_upsamples_where_pytorch_puts_it_not_along_whole_rows(shape, kw):
+    """The linear modes read two inputs per axis: an inf reaches the outputs that read it (NaN only where
+    a read's weight is exactly 0, as in PyTorch), not every output of its row and column as a product
+    with a dense interpolation matrix would make it."""
+    g = gc.Graph("u")
+    g.output(g.interpolate(g.input("x", shape), name="u", **kw))
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    x.flat[0], x.flat[5] = np.inf, -np.inf
+    want = torch.nn.functional.interpolate(torch.tensor(x), **kw).numpy()
+    got = gc.compile(g)(x, params={})
+    assert np.isinf(got).sum() == np.isinf(want).sum() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)          # inf and NaN where torch has them
+
+
 @pytest.mark.parametrize("call, message", [
     (dict(), r"up: give exactly one of size and scale_factor"),
     (dict(size=4, scale_factor=2), r"up: give exactly one of size and scale_factor"),

@@ -7,7 +7,7 @@ import itertools
 
 import sympy as sp
 
-from graphconv.ops.upsample import axis_table
+from graphconv.ops.upsample import axis_reads, axis_table
 
 from ..spec import Arg, KernelSpec, Lowered
 from . import c_int, flat, lowering, numel, short_dtype
@@ -35,18 +35,10 @@ def lower_upsample(ctx):
     tables = []
     if backward:
         # per input index s of axis k: the outputs o that read it and their weights (CSR)
-        for k, ((i0, i1, w), n_in) in enumerate(zip(rows, S_in)):
+        for k, (n_in, n_out) in enumerate(zip(S_in, S_out)):
             entries = [[] for _ in range(n_in)]
-            for o, (p, q, wt) in enumerate(zip(i0, i1, w)):
-                if mode == "nearest":
-                    entries[p].append((o, 1.0))
-                    continue
-                if p == q:
-                    entries[p].append((o, 1.0))          # clamped at the edge: both corners are p
-                    continue
-                for src, ws in ((p, 1.0 - wt), (q, wt)):
-                    if ws != 0.0:                        # an exact grid point reads one input
-                        entries[src].append((o, ws))
+            for o, src, ws in axis_reads(n_in, n_out, mode, corners_on, backward=True):
+                entries[src].append((o, ws))
             start = [0]
             for e in entries:
                 start.append(start[-1] + len(e))

@@ -39,19 +39,31 @@ def axis_table(n_in: int, n_out: int, mode: str, align_corners: bool):
     return i0, i1, w
 
 
-def axis_matrix(n_in, n_out, mode, align_corners) -> np.ndarray:
-    """The [out, in] matrix of one axis (float64)."""
-    m = np.zeros((n_out, n_in))
+def axis_reads(n_in: int, n_out: int, mode: str, align_corners: bool, backward: bool = False):
+    """The (output index, input index, weight) reads of one axis. Forward, every corner of the table
+    (a weight of 0 included, as the kernels and PyTorch multiply it: 0 * inf is NaN there too);
+    backward, the transpose as the gradient kernels sum it: an exact grid point's zero weight is no
+    read, and an edge whose two corners are one input is one read of weight 1."""
+    reads = []
     for o, (a, b, w) in enumerate(zip(*axis_table(n_in, n_out, mode, align_corners))):
-        m[o, a] += 1.0 - w
-        m[o, b] += w
-    return m
+        if mode == "nearest" or (backward and a == b):
+            reads.append((o, a, 1.0))
+            continue
+        reads += [(o, i, wt) for i, wt in ((a, 1.0 - w), (b, w)) if not backward or wt != 0.0]
+    return reads
 
 
-def apply_axes(x, matrices):
-    """x with matrices[k] applied along spatial axis k (axis 2 + k)."""
-    for k, m in enumerate(matrices):
-        x = np.moveaxis(np.tensordot(m, np.moveaxis(x, 2 + k, 0), axes=1), 0, 2 + k)
+def apply_reads(x, reads_per_axis, sizes, backward=False):
+    """x (float64) with each spatial axis k (axis 2 + k) resampled by its reads to sizes[k]: forward,
+    out[o] = the sum of weight * x[i] over o's reads; backward, dx[i] = the sum over the reads of i.
+    Only the reads are multiplied, so an inf spreads where the kernels spread it, not along whole rows."""
+    for k, (reads, n) in enumerate(zip(reads_per_axis, sizes)):
+        o, i, w = (np.asarray(v) for v in zip(*reads))
+        src, dst = (o, i) if backward else (i, o)
+        moved = np.moveaxis(x, 2 + k, 0)
+        out = np.zeros((n,) + moved.shape[1:])
+        np.add.at(out, dst, moved[src] * w.reshape((-1,) + (1,) * (moved.ndim - 1)))
+        x = np.moveaxis(out, 0, 2 + k)
     return x
 
 
@@ -99,8 +111,8 @@ class UpsampleBase(Op):
                           f"trilinear), got {len(t.shape)}-D {fmt_shape(t.shape)}")
         return static_spatial(t.shape, "upsampling")
 
-    def matrices(self, n_in, n_out, attrs):
-        return [axis_matrix(i, o, attrs["mode"], attrs["align_corners"]) for i, o in zip(n_in, n_out)]
+    def reads(self, n_in, n_out, attrs, backward=False):
+        return [axis_reads(i, o, attrs["mode"], attrs["align_corners"], backward) for i, o in zip(n_in, n_out)]
 
 
 @register
@@ -118,7 +130,8 @@ class Upsample(UpsampleBase):
             for k, n_out in enumerate(attrs["size"]):
                 x = np.take(x, axis_table(x.shape[2 + k], n_out, "nearest", False)[0], axis=2 + k)
             return np.ascontiguousarray(x)
-        return apply_axes(x, self.matrices(x.shape[2:], attrs["size"], attrs)).astype(x.dtype)
+        return apply_reads(x.astype(np.float64), self.reads(x.shape[2:], attrs["size"], attrs),
+                           attrs["size"]).astype(x.dtype)
 
     def grad(self, e, dy, needs):
         if not needs[0]:
@@ -144,8 +157,8 @@ class UpsampleBackward(GradientOp, UpsampleBase):
 
     def reference(self, xs, attrs):
         dy = xs[0]
-        mats = [m.T for m in self.matrices(attrs["input_size"], attrs["size"], attrs)]
-        return apply_axes(dy, mats).astype(dy.dtype)
+        reads = self.reads(attrs["input_size"], attrs["size"], attrs, backward=True)
+        return apply_reads(dy.astype(np.float64), reads, attrs["input_size"], backward=True).astype(dy.dtype)
 
     def cost(self, ins, out, attrs):
         macs = numel(ins[0].shape) * (1 if attrs["mode"] == "nearest" else 2 ** len(attrs["size"]))
