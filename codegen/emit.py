@@ -8,6 +8,8 @@ import hashlib
 import json
 import pathlib
 
+import sympy as sp
+
 from graphconv.errors import GraphConvError
 
 from .program import Program
@@ -27,12 +29,16 @@ def manifest_of(program: Program, resources: dict | None = None) -> dict:
         if resources is not None:
             row["nvrtc_sm_90"] = resources[spec.name]
         kernels.append(row)
-    plan = program.plan(PLAN_BATCH)
+    # a graph whose batch is fixed (emit --dim N=3) has its plan at that batch, not PLAN_BATCH
+    fixed = program.graph.batch_symbol() is None and program.graph.inputs and program.graph.inputs[0].shape
+    batch = int(program.graph.inputs[0].shape[0]) if fixed and sp.sympify(program.graph.inputs[0].shape[0]).is_Integer \
+        else PLAN_BATCH
+    plan = program.plan(batch)
     from . import nvrtc
     version = ".".join(map(str, nvrtc.version())) if resources is not None else None
     return {"graph": program.name, "nvrtc": version, "kernels": kernels,
             "launches": [{"node": l.node, "kernel": l.spec.name} for l in program.launches],
-            "buffer_plan": {"batch": PLAN_BATCH, "buffers": len(plan.sizes), "allocated_bytes": sum(plan.sizes),
+            "buffer_plan": {"batch": batch, "buffers": len(plan.sizes), "allocated_bytes": sum(plan.sizes),
                             "peak_live_bytes": plan.peak_bytes}}
 
 

@@ -78,7 +78,7 @@ def num(value) -> str:
     return f"{value:,}" if isinstance(value, int) else e(value)
 
 
-def build_report(model, stage="fused-train", weights=None, loss="cross_entropy", optimizer=None) -> str:
+def build_report(model, stage="fused-train", weights=None, loss=None, optimizer=None) -> str:
     """The HTML text of the report of `model` at `stage`."""
     from graphconv.pipeline import build
     from graphconv.printer import PICTURES, fmt_type, to_picture

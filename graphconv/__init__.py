@@ -31,6 +31,8 @@ def compile(graph, backend="numpy", dtype=None, training=None, tf32=False, blas_
     blas_threads  numpy: NumPy's BLAS threads during a run (default graphconv.reference.BLAS_THREADS:
             two, or one on a one-core machine; measured, see there)
     """
+    from .weights import need_graph
+    need_graph(graph, "compile")
     if backend not in BACKENDS:
         raise GraphError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     tf32, winograd = _as_flag(tf32, "tf32"), _as_flag(winograd, "winograd")

@@ -626,7 +626,8 @@ def load_model(args, need_sizes=True):
     for name, size in given:
         if dims[name] != size:
             raise GraphConvError(f"--dim {name} is given twice ({name}={size} and {name}={dims[name]}); give it once")
-    if batch is not None and str(batch) in dims and getattr(args, "batch", None) is not None:
+    if batch is not None and str(batch) in dims and hasattr(args, "batch"):
+        # the command has --batch: that is where the batch goes (a label, a data set, the plan follow it)
         raise GraphConvError(f"--dim {batch}={dims[str(batch)]}: {batch} is {graph.name}'s batch dim; give its size "
                              f"with --batch")
     graph = bind_dims(graph, dims)
@@ -692,7 +693,8 @@ TF32_HELP = ("host/cuda, float32: convolutions and matrix products on TF32 tenso
 WINOGRAD_HELP = ("host/cuda, float32: 3 x 3 stride-1 convolutions (forward and input gradient) by Winograd's "
                  "F(2x2, 3x3), 2.25x fewer multiply-adds (opt-in until timed on a GPU)")
 TF32_RTOL = 2e-2    # check --tf32: the outputs after a whole network of TF32 products
-LOSS_HELP = "cross_entropy: softmax cross-entropy; hinge: the lecture's multiclass SVM loss"
+LOSS_HELP = ("cross_entropy (the default): softmax cross-entropy; hinge: the lecture's multiclass SVM loss (not for a model "
+             "whose graph ends in its own scalar loss)")
 
 
 EXAMPLES = {
@@ -756,7 +758,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="table", choices=("table", "json"), help="output format")
     s.add_argument("--stage", default="forward", choices=STAGE_NAMES,
                    help="forward/fused: the layer table; train/fused-train: what one training step computes and holds")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
     s.set_defaults(func=cmd_summary)
 
@@ -768,7 +770,7 @@ def parser() -> argparse.ArgumentParser:
                    help="text (jaxpr-like), dot (graphviz), json, or a picture drawn by graphviz (svg, png): one "
                         "cluster per layer, gradient nodes orange, fused nodes green")
     s.add_argument("-o", "--output", default=None, help="write to this file instead of standard output")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
     s.add_argument("--batch", type=_positive, default=None, help="batch size for the saved-bytes line "
                    "(default: per example)")
@@ -780,7 +782,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="text", choices=("text", "json"), help="output format")
     s.add_argument("--batch", type=_positive, default=None, help="batch size for the byte counts "
                    "(default: per example)")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
     s.add_argument("--collapse-convs", action="store_true",
                    help="also collapse stacked convolutions into one where exact (multiply-adds may rise)")
@@ -808,7 +810,7 @@ def parser() -> argparse.ArgumentParser:
                    help="with --backend host: run every kernel under the host's four schedules (a block's threads "
                         "forward and in reverse, cp.async copies landing at their wait and at their issue) and "
                         "require the same bits from each: a missing barrier or wait shows as a mismatch")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
     s.add_argument("--collapse-convs", action="store_true", help="also collapse stacked convolutions")
     s.set_defaults(func=cmd_check)
@@ -820,7 +822,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-nvrtc", action="store_true", help="skip the NVRTC compile (and the resource columns)")
     s.add_argument("--tf32", action="store_true", help="the TF32 tensor-core variants of the GEMM kernels")
     s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
     s.set_defaults(func=cmd_emit)
 
@@ -830,7 +832,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=None, help="the HTML file (default: MODEL-report.html)")
     s.add_argument("--weights", default=None, help="a checkpoint (graphconv train --save) or weights file (export): "
                                                    "the page then shows conv1's learned filters")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
     s.set_defaults(func=cmd_report)
 
@@ -842,7 +844,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = command("gradcheck", "check every gradient rule of the model's backward graph by finite differences",
                 dtype=("float64",), dims=True)
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--seed", type=_seed, default=0, help="seed of the random data, parameters and directions")
     s.add_argument("--batch", type=_positive, default=2, help="batch size of the random data")
     s.set_defaults(func=cmd_gradcheck)
@@ -862,7 +864,7 @@ def parser() -> argparse.ArgumentParser:
                         "anneals it to 0 over the whole run (resumed runs included)")
     s.add_argument("--step-size", type=_positive, default=10, help="epochs between the step schedule's decays")
     s.add_argument("--gamma", type=_positive_float, default=0.1, help="the step schedule's factor, in (0, 1]")
-    s.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "hinge"), help=LOSS_HELP)
+    s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the batch order")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)

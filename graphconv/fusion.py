@@ -71,8 +71,8 @@ def conv_chain(graph, conv):
             return nodes, extras, epilogue, pool, f"{current.name} is a graph output"
         if len({u for u, _ in users}) != 1 or len(users) != 1:
             names = ", ".join(called(graph.node(u)) for u in dict.fromkeys(u for u, _ in users)) or "none"
-            return nodes, extras, epilogue, pool, (f"{current.name} has {len(users)} users ({names}): not fused into "
-                                                   f"{layers(conv)[0]}")
+            where = "so nothing after it fuses into it" if current is conv else f"the chain from {layers(conv)[0]} stops there"
+            return nodes, extras, epilogue, pool, f"{current.name} has {len(users)} users ({names}): {where}"
         user = graph.node(users[0][0])
         op = OPS[user.op]
         if user.stage != conv.stage:
@@ -255,6 +255,25 @@ def fuse_conv_chains(graph):
 
 
 CONVS = ("conv1d", "conv2d", "conv3d")
+
+
+def drop_eval_dropout(graph):
+    """Pass: a dropout in eval mode is the identity: its users read its input instead, so a conv ->
+    act -> dropout -> pool chain still fuses (the kernels would make it a view either way). One that is
+    a graph output stays (its name is the output's)."""
+    g = graph.copy()
+    ledger = list(g.meta.get("fusion", []))
+    for node in [n for n in graph.topo() if n.op == "dropout" and not n.attrs["training"]]:
+        if node.name in g.outputs:
+            continue
+        x = g.operands(node.name)[0]
+        before = node_bytes(g, node.name)
+        g.replace_uses(node.name, x)
+        g.remove([node.name])
+        ledger.append(Decision("eval_dropout", node.name, [node.name], True, "eval mode: the identity, no kernel",
+                               before, sp.Integer(0), x))
+    g.meta["fusion"] = ledger
+    return g.verify()
 
 
 def fold_batch_norm(graph):
@@ -459,6 +478,9 @@ def format_report(r: dict) -> str:
             note = d["reason"] if d["rule"] != "conv_chain" else f"the chain stops: {d['reason']}" if d["reason"] else ""
             if d["rule"] == "fold_batch_norm":
                 note = "weight and bias folded from both layers' parameters"
+            if d["rule"] == "eval_dropout":
+                lines.append(f"  removed  {chain}  (eval mode: the identity; its users read {d['into']})")
+                continue
             if "macs_before" in d:
                 note = f"multiply-adds {d['macs_before']:,} -> {d['macs_after']:,}" if isinstance(
                     d["macs_before"], int) else f"multiply-adds {d['macs_before']} -> {d['macs_after']}"
@@ -475,6 +497,6 @@ def fuse(graph):
     """The default fusion passes on a graph built elsewhere (a Trainer's step graph), as the fused
     stages run them: what the kernel backends compile, one kernel per fused node."""
     from .passes import eliminate_dead_code
-    for run in (fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains):
+    for run in (drop_eval_dropout, fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains):
         graph = run(graph)
     return eliminate_dead_code(graph)

@@ -112,6 +112,21 @@ class Tensor:
     def __rmul__(self, other):
         return self.graph.mul(other, self)
 
+    def _no_operator(self, what):
+        from .errors import GraphError
+        raise GraphError(f"{self.name}: {what} of a tensor is not a graphconv op; scale by a tensor with g.mul(x, s) "
+                         f"(s a g.param of shape [] or [C]), or name the function: gc.define_activation('half', "
+                         f"lambda v: v / 2), then g.activation(x, 'half')")
+
+    def __neg__(self):
+        self._no_operator("-x (negation)")
+
+    def __truediv__(self, other):
+        self._no_operator("x / y (division)")
+
+    def __rtruediv__(self, other):
+        self._no_operator("y / x (division)")
+
     def __repr__(self):
         return f"Tensor({self.name}: {self.node.type})"
 

@@ -65,6 +65,8 @@ def check_params(graph, params, array_types=(np.ndarray,)) -> dict:
         if arr.shape != shape:
             raise InputError(f"{name}: expected shape {fmt_shape(shape)}, got {fmt_shape(arr.shape)}")
         if str(arr.dtype) != node.dtype:
-            raise InputError(f"{name}: expected {node.dtype}, got {arr.dtype}")
+            raise InputError(f"{name}: expected {node.dtype}, got {arr.dtype} (the graph runs in {node.dtype}: "
+                             f"convert the params with {{k: v.astype(np.{node.dtype}) for k, v in params.items()}}, "
+                             f"or make them with gc.init_params of that graph)")
         out[name] = arr
     return out

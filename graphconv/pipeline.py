@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from .autodiff import derive_backward
 from .errors import GraphError
-from .fusion import collapse_convs, fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains
+from .fusion import collapse_convs, drop_eval_dropout, fold_batch_norm, fuse_conv_chains, fuse_pointwise_chains
 from .passes import eliminate_dead_code, set_training
 from .training import Optimizer, add_optimizer, add_running_statistics, attach_loss
 
 STAGES = ("forward", "backward", "train", "fused", "fused-train")
 
 
-def passes(stage, loss="cross_entropy", optimizer=None, collapse=False):
+def passes(stage, loss=None, optimizer=None, collapse=False):
     """[(name, pass)] for a stage; `collapse` adds the opt-in collapse_convs to the fused stages."""
     optimizer = optimizer or Optimizer()
     train = [
@@ -31,6 +31,7 @@ def passes(stage, loss="cross_entropy", optimizer=None, collapse=False):
     ]
     fusion = [("collapse_convs", collapse_convs)] if collapse else []          # conv -> conv: one conv, if exact
     fusion += [
+        ("drop_eval_dropout", drop_eval_dropout),                             # eval-mode dropout: the identity
         ("fold_batch_norm", fold_batch_norm),                                 # eval-mode BN into the conv before it
         ("fuse_conv_chains", fuse_conv_chains),                               # conv (+bias) -> act* -> pool?
         ("fuse_pointwise_chains", fuse_pointwise_chains),                     # what elementwise chains remain
@@ -48,7 +49,7 @@ def passes(stage, loss="cross_entropy", optimizer=None, collapse=False):
     return table[stage]
 
 
-def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=None, collapse=False):
+def build(graph, stage="forward", loss=None, optimizer=None, after=None, collapse=False):
     """The graph of `stage` (stopping after the pass named `after`, if given)."""
     steps = passes(stage, loss, optimizer, collapse)
     if after is not None and after not in [name for name, _ in steps]:
@@ -62,10 +63,10 @@ def build(graph, stage="forward", loss="cross_entropy", optimizer=None, after=No
     return graph
 
 
-FUSION_PASSES = ("collapse_convs", "fold_batch_norm", "fuse_conv_chains", "fuse_pointwise_chains")
+FUSION_PASSES = ("collapse_convs", "drop_eval_dropout", "fold_batch_norm", "fuse_conv_chains", "fuse_pointwise_chains")
 
 
-def build_unfused(graph, stage="fused", loss="cross_entropy", optimizer=None):
+def build_unfused(graph, stage="fused", loss=None, optimizer=None):
     """What a fused stage is checked against: the same stage, stopped before its first fusion pass."""
     steps = [name for name, _ in passes(stage, loss, optimizer)]
     before = [name for name in steps[:min((steps.index(f) for f in FUSION_PASSES if f in steps), default=len(steps))]]

@@ -22,12 +22,14 @@ def _value(expr, bindings):
 
 
 def receptive_fields(graph) -> dict:
-    """name -> (rf per axis, jump per axis, input extent) in input pixels, or None where undefined.
+    """name -> (rf per axis, jump per axis, input extent) in input pixels, or None where there is no
+    spatial input; rf and jump are None where undefined.
 
     rf_out = rf_in + (D(K-1)+1 - 1) * jump_in, jump_out = jump_in * S. A layer that mixes every
     position (flatten, linear) sees the whole input; past one that resamples the grid (upsample, a
-    transposed conv) an output no longer maps to one window of input pixels: undefined; so too past an
-    adaptive pool of uneven windows (a global one sees the whole input)."""
+    transposed conv) an output no longer maps to one window of input pixels: undefined, until a layer
+    that mixes every position (or a global pool) sees the whole input again; so too past an adaptive
+    pool of uneven windows (a global one sees the whole input)."""
     out = {}
     for node in graph.topo():
         if node.role in ("param", "buffer"):
@@ -39,21 +41,25 @@ def receptive_fields(graph) -> dict:
             continue
         states = [out.get(o) for o in graph.operands(node.name)]
         states = [s for s in states if s is not None]
-        if not states or OPS[node.op].kind == "reduction" or OPS[node.op].resamples:
+        if not states or OPS[node.op].kind == "reduction":
             out[node.name] = None
             continue
-        rf, jump, extent = (tuple(_most(v) for v in zip(*[s[i] for s in states])) for i in range(3))
-        if node.op.startswith("adaptive_"):   # windows of two sizes and a stride that is not whole: a global
-            global_ = all(o == 1 for o in node.attrs["output_size"])          # pool sees all, others no one window
-            out[node.name] = (tuple(_most(pair) for pair in zip(rf, extent)), jump, extent) if global_ else None
-            continue
+        extent = tuple(_most(v) for v in zip(*[s[2] for s in states]))
         op = OPS[node.op]
+        whole = (tuple(_most(pair) for pair in zip(tuple(_most(v) for v in zip(*[s[0] for s in states])), extent))
+                 if all(s[0] is not None for s in states) else extent)       # all of the input, or more
+        global_ = node.op.startswith("adaptive_") and all(o == 1 for o in node.attrs["output_size"])
+        if op.mixes_all or global_:
+            out[node.name] = (whole, states[0][1] if states[0][1] is not None else extent, extent)
+            continue
+        if op.resamples or any(s[0] is None for s in states) or node.op.startswith("adaptive_"):
+            out[node.name] = (None, None, extent)    # no one window of input pixels per output
+            continue
+        rf, jump = (tuple(_most(v) for v in zip(*[s[i] for s in states])) for i in range(2))
         windows = op.windows([graph.node(o).type for o in graph.operands(node.name)], node.attrs)
         for kernel, stride, dilation in windows:       # a fused node: its conv's window, then its pool's
             rf = tuple(r + d * (k - 1) * j for r, k, d, j in zip(rf, kernel, dilation, jump))
             jump = tuple(j * s for j, s in zip(jump, stride))
-        if not windows and op.mixes_all:
-            rf = tuple(_most(pair) for pair in zip(rf, extent))
         out[node.name] = (rf, jump, extent)
     return out
 
@@ -102,7 +108,7 @@ def summarize(graph, batch=None) -> dict:
             "weight_shape": weight_shape,
             "params": _value(cost.params, bindings),
             "macs": _value(cost.macs, bindings),
-            "receptive_field": [_value(r, {}) for r in rf[0]] if rf else None,
+            "receptive_field": [_value(r, {}) for r in rf[0]] if rf and rf[0] is not None else None,
             "activation_bytes": _value(activation_bytes, bindings),
         })
     # totals of the symbolic expressions: a row like 216*H*W keeps the total symbolic

@@ -25,11 +25,12 @@ from .weights import image_input, predict, program_for, write_npz
 LOSSES = {"cross_entropy": "cross_entropy", "hinge": "hinge_loss"}
 
 
-def attach_loss(graph, kind="cross_entropy", target="y"):
-    """The graph with an int64 class-index input `target` and a scalar loss on its first output
-    (flattened if needed). Outputs: (loss, scores). A graph whose first output is already a scalar
-    carries its own loss (its inputs feed the targets): it comes back as it is."""
-    if kind not in LOSSES:
+def attach_loss(graph, kind=None, target="y"):
+    """The graph with an int64 class-index input `target` and a scalar loss (`kind`: cross_entropy, the
+    default, or hinge) on its first output (flattened if needed). Outputs: (loss, scores). A graph
+    whose first output is already a scalar carries its own loss (its inputs feed the targets): it
+    comes back as it is, and asking for a loss kind on it is an error (it would be ignored)."""
+    if kind is not None and kind not in LOSSES:
         raise GraphError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     g = graph.copy()
     if not g.outputs:
@@ -37,7 +38,12 @@ def attach_loss(graph, kind="cross_entropy", target="y"):
     scores = g.outputs[0]
     shape = g.node(scores).shape
     if shape == ():                 # the graph's own scalar loss (g.mse_loss, g.cross_entropy, g.mean)
+        if kind is not None:
+            raise GraphError(f"{g.name} already ends in its own loss ({scores} [{g.node(scores).op}] is a scalar), "
+                             f"so the loss {kind!r} would not be used: leave the loss kind out (--loss) or take "
+                             f"the class scores as the graph's output instead")
         return g.verify()
+    kind = kind or "cross_entropy"
     if len(shape) < 2 or any(d != 1 for d in shape[2:]):
         raise GraphError(f"{g.name}: a loss needs class scores [N, classes], but the output {scores} is "
                          f"{fmt_shape(shape)}")
@@ -121,6 +127,19 @@ class Optimizer:
         return f"adam lr {self.lr:g}{sched} betas ({self.beta1:g}, {self.beta2:g}) weight decay {self.weight_decay:g}"
 
 
+def as_optimizer(optimizer) -> Optimizer:
+    """An Optimizer from what a caller gave: an Optimizer, a kind ("adam", "sgd": its defaults) or None
+    (Adam's defaults); anything else is refused in one line."""
+    if optimizer is None:
+        return Optimizer()
+    if isinstance(optimizer, str):
+        return Optimizer(kind=optimizer)
+    if not isinstance(optimizer, Optimizer):
+        raise GraphError(f"optimizer must be an Optimizer (gc.Optimizer('adam', lr=1e-3)) or its kind ('adam', "
+                         f"'sgd'), got {type(optimizer).__name__} {optimizer!r}")
+    return optimizer
+
+
 def build_train_step(graph_with_loss, optimizer: Optimizer):
     """The training-step graph: backward, then two passes. meta["updates"] maps each state tensor
     (parameter, running statistic, optimizer buffer) to the node holding its value after the step."""
@@ -158,7 +177,7 @@ def add_optimizer(graph, optimizer: Optimizer):
     stop being outputs (the updates consume them)."""
     g = graph.copy()
     updates = {}
-    opt = optimizer
+    opt = optimizer = as_optimizer(optimizer)
     suffixes = ("velocity",) if opt.kind == "sgd" else ("adam_m", "adam_v")
     reserve(g, [f"{p}.{x}" for p in g.meta["grads"] for x in suffixes] + ["opt.lr"] +
             (["opt.step"] if opt.kind == "adam" else []), f"the {opt.kind} optimizer's state")
@@ -212,11 +231,13 @@ class Trainer:
     On the kernel backends the state lives in the bound step's buffers (CuPy arrays on cuda) and is
     updated there in place: copy an array to keep a snapshot; `numpy_state()` gives NumPy copies."""
 
-    def __init__(self, graph, optimizer=None, loss="cross_entropy", backend="numpy", seed=0, tf32=False,
+    def __init__(self, graph, optimizer=None, loss=None, backend="numpy", seed=0, tf32=False,
                  winograd=False):
         tf32, winograd = as_flag(tf32, "tf32"), as_flag(winograd, "winograd")
+        from .weights import need_graph
+        need_graph(graph, "Trainer")
         self.model = graph
-        self.optimizer = optimizer or Optimizer()
+        self.optimizer = as_optimizer(optimizer)
         scalar = next((o for o in graph.outputs if graph.node(o).shape == ()), None)
         if scalar is not None:
             raise GraphError(f"{graph.name} carries its own loss ({scalar} is a scalar): Trainer and "
@@ -346,6 +367,12 @@ class Trainer:
         graph and every value must be finite. Returns the notes worth telling the user (an
         optimizer setting that differs from the checkpoint's)."""
         ckpt = read_checkpoint(path)
+        from .weights import is_optimizer_state
+        own = {n.name for n in self.step_graph.params}
+        foreign = [k for k in ckpt.state if not is_optimizer_state(k) and k not in own]
+        if foreign:                  # another model's checkpoint: say so before any optimizer mismatch
+            raise CheckpointError(f"{path}: {foreign[0]}: {self.model.name} has no parameter or buffer of that name "
+                                  f"(a checkpoint of another model?)")
         if ckpt.optimizer and ckpt.optimizer.get("kind") != self.optimizer.kind:
             raise CheckpointError(f"{path}: written by {ckpt.optimizer.get('kind')} training; resume it with "
                                   f"--optimizer {ckpt.optimizer.get('kind')} (Optimizer({ckpt.optimizer.get('kind')!r}))")

@@ -170,7 +170,10 @@ def _layers(graph):
 
 def _numpy(value):
     if hasattr(value, "detach"):                     # a torch tensor; torch itself stays optional
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":     # NumPy has no bfloat16: widened exactly to float32, then cast
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
 
 

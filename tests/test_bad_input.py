@@ -852,3 +852,65 @@ def test_run_of_a_fixed_batch_model_says_the_batch_it_ran(capsys, tmp_path):
     assert code == 2 and "--batch 3: fixed's input x has a fixed first dim of 4" in err
     code, out, _ = cli(capsys, "run", "lenet5", "--batch", "2")
     assert code == 0 and "batch 2," in out
+
+
+def test_what_a_python_user_gets_wrong_first_is_refused_in_one_line():
+    """A model's name where a graph goes, an optimizer given by its kind (accepted) or as something
+    else, -x and x / 2 on a tensor (not ops: the message says what to write instead), and a loss asked
+    of a graph that already ends in its own."""
+    for call in (lambda: gc.compile("lenet5"), lambda: Trainer("lenet5")):
+        with pytest.raises(gc.InputError, match=r"takes a graph \(gc.Graph, or MODELS\[name\]\(\)\), got str 'lenet5'"):
+            call()
+    assert Trainer(MODELS["lenet5"](), "sgd").optimizer.kind == "sgd"
+    from graphconv.pipeline import build
+    assert any(n.op == "sgd_param" for n in build(MODELS["lenet5"](), "train", optimizer="sgd").topo())
+    with pytest.raises(gc.GraphError, match=r"optimizer must be an Optimizer .* or its kind \('adam', 'sgd'\), got int 3"):
+        Trainer(MODELS["lenet5"](), 3)
+    g = gc.Graph("ops")
+    x = g.input("x", ("N", 3))
+    for call, what in ((lambda: -x, r"-x \(negation\)"), (lambda: x / 2, r"x / y \(division\)"),
+                       (lambda: 2 / x, r"y / x \(division\)")):
+        with pytest.raises(gc.GraphError, match=rf"x: {what} of a tensor is not a graphconv op; scale by a tensor "
+                                                r"with g.mul\(x, s\).*gc.define_activation"):
+            call()
+    with_loss = attach_loss(MODELS["lenet5"]())
+    assert attach_loss(with_loss).outputs == with_loss.outputs            # its own loss: as it is
+    with pytest.raises(gc.GraphError, match=r"lenet5 already ends in its own loss \(loss \[softmax_cross_entropy\] "
+                                            r"is a scalar\), so the loss 'hinge' would not be used"):
+        attach_loss(with_loss, "hinge")
+
+
+def test_the_gradient_of_a_mean_to_a_scalar_keeps_its_shape_on_numpy():
+    """mean_grad of a 0-d mean (an MSE loss of a scalar): a 0-d gradient, not [1]; the value is
+    d/dx (mean(x) - t)^2 = 2 (mean(x) - t) / n on numpy and host alike."""
+    from graphconv.autodiff import derive_backward
+    g = gc.Graph("s")
+    x, t = g.input("x", (3,)), g.input("t", ())
+    g.output(g.mse_loss(g.mean(x), t))
+    step = derive_backward(g, wrt=["x"])
+    feed = {"x": np.array([1.0, 2.0, 4.5], np.float32), "t": np.array(2, np.float32)}
+    for backend in ("numpy", "host"):
+        out = gc.compile(step, backend=backend).run(feed, {})
+        np.testing.assert_allclose(out["dx"], np.full(3, 2 * (2.5 - 2) / 3), rtol=1e-6, err_msg=backend)
+
+
+@pytest.mark.skipif(torch is None, reason="needs PyTorch")
+def test_a_bfloat16_state_dict_loads_cast_to_the_graphs_dtype():
+    """NumPy has no bfloat16: such tensors are widened to float32 (exactly) and cast like float16 ones."""
+    g = gc.Graph("lin")
+    g.output(g.linear(g.flatten(g.input("x", ("N", 4))), 3, name="fc"))
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    sd = {k: v.bfloat16() for k, v in module.state_dict().items()}
+    params = gc.load_state_dict(g, sd)
+    assert params["fc.weight"].dtype == np.float32
+    np.testing.assert_array_equal(params["fc.weight"], sd["1.weight"].float().numpy().T)
+
+
+def test_the_batch_dim_goes_to_batch_wherever_a_command_has_it(capsys, tmp_path):
+    """--dim N=3 names the batch: every command with --batch refuses it (summary printed "per example"
+    over batch-3 rows); emit, which has no --batch, bakes it and its buffer plan says batch 3."""
+    for argv in (["summary", "lenet5"], ["run", "lenet5"], ["dump", "lenet5"]):
+        code, _, err = cli(capsys, *argv, "--dim", "N=3")
+        assert code == 2 and "N is lenet5's batch dim; give its size with --batch" in err, argv
+    code, out, _ = cli(capsys, "emit", "lenet5", "--dim", "N=3", "--no-nvrtc", "-o", str(tmp_path / "k"))
+    assert code == 0 and "buffer plan at batch 3:" in out and "relu_f32_3x500" in out

@@ -85,7 +85,7 @@ def test_an_activation_with_two_users_is_not_fused_and_the_ledger_says_why():
     g = net(tail)
     fused = fuse_conv_chains(g)
     decision = fused.meta["fusion"][0]
-    assert decision.reason == "relu1 has 2 users (pool1, pool2): not fused into conv1"
+    assert decision.reason == "relu1 has 2 users (pool1, pool2): the chain from conv1 stops there"
     assert decision.fired and decision.nodes == ["conv1", "relu1"]   # conv + relu still fuse
     assert fused.node("relu1").op == "fused_conv" and fused.node("pool1").op == "max_pool2d"
 
@@ -259,7 +259,7 @@ def test_dump_after_a_pass_and_unknown_passes(capsys):
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "set_training"]) == 0
     assert "fused_conv" not in capsys.readouterr().out
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "nope"]) == 2
-    assert "stage fused has no pass 'nope'; its passes are: set_training, fold_batch_norm, fuse_conv_chains" in \
+    assert "stage fused has no pass 'nope'; its passes are: set_training, drop_eval_dropout, fold_batch_norm, fuse_conv_chains" in \
         capsys.readouterr().err
 
 
@@ -317,8 +317,8 @@ def test_a_folded_conv_is_named_by_both_layers_in_the_ledger_and_the_dump():
     assert [r[1] for r in relu1.replaces] == ["conv2d", "batch_norm", "relu"]
     assert "# replaces=stem+stem_bn+relu1" in to_text(fused)
     reasons = {d.into: d.reason for d in fused.meta["fusion"] if d.rule == "conv_chain"}
-    assert reasons["relu1"] == ("relu1 has 2 users (block1.conv1+block1.bn1, block1.add): not "
-                                "fused into stem")
+    assert reasons["relu1"] == ("relu1 has 2 users (block1.conv1+block1.bn1, block1.add): the chain "
+                                "from stem stops there")
     assert reasons["block1.relu1"] == "block1.conv2+block1.bn2 [conv2d] is neither elementwise nor a pool"
 
 
@@ -498,3 +498,28 @@ def test_a_training_conv_without_a_max_pool_says_so():
     text = format_report(report(build_unfused(g, "fused-train"), build(g, "fused-train")))
     assert "refused  c1: no max pool follows relu1: the training pattern saves a max pool's output and its argmax " \
            "codes in place of c1's output" in text
+
+
+def test_an_eval_mode_dropout_is_dropped_so_the_conv_chain_around_it_fuses():
+    """Inference: conv -> relu -> dropout -> max pool fuses into one node (the dropout is the identity
+    in eval mode; the ledger says it was removed) and gives the unfused graph's numbers on numpy and
+    host; a dropout that is a graph output keeps its name; training keeps every dropout."""
+    from graphconv.fusion import format_report, report
+    from graphconv.passes import set_training
+    from graphconv.pipeline import build_unfused
+    g = gc.Graph("dnet")
+    x = g.input("x", ("N", 1, 8, 8))
+    h = g.max_pool2d(g.dropout(g.relu(g.conv2d(x, 4, 3, padding=1, name="c")), 0.3, name="drop"), 2, name="p")
+    g.output(g.linear(g.flatten(h), 3, name="fc"), g.dropout(h, 0.5, name="drop_out"))
+    fused = build(g, "fused")
+    assert [n.op for n in fused.topo() if n.role == "op"] == ["fused_conv", "flatten", "linear", "dropout"]
+    assert "removed  drop  (eval mode: the identity; its users read relu1)" in format_report(
+        report(build_unfused(g, "fused"), fused))
+    params = gc.init_params(g, seed=0)
+    xs = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    want = gc.compile(set_training(g, False)).run({"x": xs}, params)
+    for backend in ("numpy", "host"):
+        got = gc.compile(fused, backend=backend).run({"x": xs}, {n.name: params[n.name] for n in fused.params})
+        for name in ("fc", "drop_out"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=f"{backend} {name}")
+    assert sum(n.op == "dropout" for n in build(g, "fused-train").topo()) >= 2

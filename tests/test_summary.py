@@ -160,7 +160,7 @@ def test_an_uneven_adaptive_pool_has_no_single_receptive_field_and_a_global_one_
     g.output(g.adaptive_max_pool2d(h, 3, name="uneven"), g.adaptive_avg_pool2d(h, 2, name="also"),
              g.global_avg_pool(g.input("y", ("N", 1, "H", "W")), name="global"))
     rf = receptive_fields(g)
-    assert rf["c"][0] == (3, 3) and rf["uneven"] is None and rf["also"] is None    # windows 3 and 2 (5 -> 2)
+    assert rf["c"][0] == (3, 3) and rf["uneven"][0] is None and rf["also"][0] is None   # windows 3 and 2 (5 -> 2)
     assert rf["global"][0] == (symbol("H"), symbol("W"))     # symbolic sizes: the whole input, H x W
     g2 = gc.Graph("b")
     g2.output(g2.global_avg_pool(g2.conv2d(g2.input("x", ("N", 1, 6, 9)), 2, 3, name="c"), name="global"))
@@ -169,6 +169,14 @@ def test_an_uneven_adaptive_pool_has_no_single_receptive_field_and_a_global_one_
     h = g3.conv2d(g3.conv2d(g3.input("x", ("N", 1, 4, 4)), 2, 5, padding=2, name="c1"), 2, 5, padding=2, name="c2")
     g3.output(g3.apply("adaptive_avg_pool2d", h, output_size=(1, 1), name="global"))
     assert receptive_fields(g3)["c2"][0] == (9, 9) and receptive_fields(g3)["global"][0] == (9, 9)
+    g4 = gc.Graph("d")                                # past a resampling layer, a linear sees the whole input again
+    h = g4.conv_transpose2d(g4.conv2d(g4.input("x", ("N", 1, 8, 8)), 4, 3, name="c"), 2, 2, stride=2, name="ct")
+    g4.output(g4.linear(g4.flatten(g4.adaptive_avg_pool2d(g4.conv2d(h, 3, 3, name="c2"), 5, name="ap")), 3, name="fc"))
+    rf4 = receptive_fields(g4)
+    assert [rf4[n][0] for n in ("c", "ct", "c2", "ap", "fc")] == [(3, 3), None, None, None, (8, 8)]
+    from graphconv.summary import summarize
+    rows = {r["name"]: r["receptive_field"] for r in summarize(g4)["layers"]}
+    assert rows["ct"] is None and rows["fc"] == [8, 8]
 
 
 def test_symbolic_sizes_read_shortest_and_keep_their_receptive_fields():

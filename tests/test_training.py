@@ -167,6 +167,11 @@ def test_checkpoints_roundtrip_atomically_and_are_checked(tmp_path, monkeypatch)
         other.load(tmp_path / "pickled.npz")
     with pytest.raises(gc.GraphConvError, match="no such checkpoint"):
         other.load(tmp_path / "missing.npz")
+    # another model's checkpoint is named as such before its optimizer is compared
+    lenet = Trainer(MODELS["lenet5"](), Optimizer("adam"))
+    with pytest.raises(gc.GraphConvError, match=r"ck.npz: conv.weight: lenet5 has no parameter or buffer of that "
+                                                r"name \(a checkpoint of another model\?\)"):
+        lenet.load(path)
 
 
 def run_epochs(trainer, x, y, epochs):

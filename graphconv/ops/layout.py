@@ -242,7 +242,7 @@ class MeanGrad(GradientOp, MeanBase):
         axes = mean_axes(attrs, x.ndim)
         count = int(np.prod([x.shape[a] for a in axes]))
         kept = dy.reshape([1 if i in axes else n for i, n in enumerate(x.shape)])
-        return np.ascontiguousarray(np.broadcast_to(kept / count, x.shape)).astype(x.dtype)
+        return np.broadcast_to(kept / count, x.shape).astype(x.dtype)     # a copy, contiguous; a 0-d stays 0-d
 
     def cost(self, ins, out, attrs):
         zero = sp.Integer(0)
