@@ -311,6 +311,8 @@ def cmd_filters(args):
         trained = f"from {args.weights}"
     layer, png = filters_png(graph, params, args.layer)
     output = args.output or f"{graph.name}-{layer}-filters.png"
+    if not str(output).lower().endswith(".png"):
+        raise GraphConvError(f"-o {output}: the picture is a PNG; name the file with .png")
     write_file(output, png)
     print(f"wrote {output}: the filters of {layer} {trained} ({len(png):,} bytes)")
     return 0

@@ -740,6 +740,8 @@ def test_filters_and_report_take_a_weights_file_as_predict_does(tmp_path, capsys
     gc.save_weights(weights, gc.init_params(MODELS["lenet5"](), seed=3))
     code, out, _ = cli(capsys, "filters", "lenet5", "--weights", weights, "-o", tmp_path / "f.png")
     assert code == 0 and f"from {weights}" in out and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = cli(capsys, "filters", "lenet5", "--weights", weights, "-o", tmp_path / "f.jpg")
+    assert code == 2 and "the picture is a PNG; name the file with .png" in err and not (tmp_path / "f.jpg").exists()
     code, out, _ = cli(capsys, "report", "lenet5", "--weights", weights, "-o", tmp_path / "r.html")
     assert code == 0 and (tmp_path / "r.html").stat().st_size > 1000
 
