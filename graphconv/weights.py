@@ -226,16 +226,48 @@ def _match(graph, state_dict):
     return mapping
 
 
+# graphconv's layer ops and the PyTorch module classes whose parameters they take
+TORCH_CLASSES = {"conv1d": ("Conv1d",), "conv2d": ("Conv2d",), "conv3d": ("Conv3d",),
+                 "conv_transpose1d": ("ConvTranspose1d",), "conv_transpose2d": ("ConvTranspose2d",),
+                 "conv_transpose3d": ("ConvTranspose3d",), "linear": ("Linear",),
+                 "batch_norm": ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")}
+
+
+def _check_module_types(graph, module, mapping):
+    """Given a module (not only its state dict): each parameter's PyTorch layer is of the kind of the
+    graphconv layer that reads it (a ConvTranspose2d's weight has a Conv2d's shape when the channels
+    agree, and would load silently into a conv2d)."""
+    for node in graph.params:
+        if node.name not in mapping or not hasattr(module, "get_submodule"):
+            continue
+        key = mapping[node.name][0]
+        prefix = key.rsplit(".", 1)[0] if "." in key else ""
+        try:
+            sub = module.get_submodule(prefix)
+        except (AttributeError, TypeError):
+            continue
+        classes = {c.__name__ for c in type(sub).__mro__}
+        for user, _ in graph.users(node.name):
+            wanted = TORCH_CLASSES.get(graph.node(user).op)
+            if wanted and not classes & set(wanted):
+                layer = graph.node(user).layer or user
+                raise GraphConvError(f"{layer}: PyTorch's {key} belongs to a {type(sub).__name__}, where {graph.name}'s "
+                                     f"{layer} is a {graph.node(user).op} (a {' or '.join(wanted)} in PyTorch)")
+
+
 def load_state_dict(graph, state_dict) -> dict:
     """graphconv parameters from a PyTorch state dict (or module) of the same architecture, tensors or
     arrays: names mapped by layer name, else by layer order; linear weights transposed (PyTorch stores
     [out, in], graphconv [in, out]); shapes checked, values finite floats, cast to the graph's dtype."""
     need_graph(graph, "load_state_dict")
+    module = None
     if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
-        state_dict = state_dict.state_dict()              # a module: its state dict
+        module, state_dict = state_dict, state_dict.state_dict()      # a module: its state dict, its layers' types
     if not hasattr(state_dict, "keys"):
         raise InputError(f"load_state_dict: takes a state dict (module.state_dict()), got {type(state_dict).__name__}")
     mapping = _match(graph, state_dict)
+    if module is not None:
+        _check_module_types(graph, module, mapping)
     params = {n: v for n, v in init_params(graph).items() if n in RUNTIME_STATE}
     for node in graph.params:
         if node.name in RUNTIME_STATE:

@@ -269,3 +269,19 @@ def test_a_pytorch_module_of_a_larger_architecture_is_refused_by_name():
     sd["bn1_1.running_var"] = sd["bn1_1.running_var"] * float("nan")
     with pytest.raises(GraphConvError, match="bn1_1.running_var: PyTorch's bn1_1.running_var holds NaN"):
         gc.load_state_dict(MODELS["vgg_small"](), sd)
+
+
+@needs_torch
+def test_a_module_of_another_layer_kind_is_refused_even_where_the_shapes_agree():
+    """Given a module, each parameter's PyTorch layer must be of its graphconv layer's kind: a
+    ConvTranspose2d(4, 4, 3) weight has a Conv2d(4, 4, 3)'s shape, and would load into a conv2d and
+    give other numbers. Its state dict alone carries no types: that loads by shape, as documented."""
+    g = gc.Graph("t")
+    g.output(g.conv2d(g.input("x", ("N", 4, 6, 6)), 4, 3, name="c"))
+    wrong = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 4, 3))
+    with pytest.raises(GraphConvError, match=r"c: PyTorch's 0.weight belongs to a ConvTranspose2d, where t's c is a "
+                                             r"conv2d \(a Conv2d in PyTorch\)"):
+        gc.load_state_dict(g, wrong)
+    right = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3))
+    np.testing.assert_array_equal(gc.load_state_dict(g, right)["c.weight"], right[0].weight.detach().numpy())
+    assert set(gc.load_state_dict(g, wrong.state_dict())) == {"c.weight", "c.bias"}
