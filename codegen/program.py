@@ -13,7 +13,8 @@ from graphconv.ops.base import TupleType, as_flag
 from graphconv.passes import unbound_dims
 
 from .lowering import Context, lower_node
-from .lowering.pointwise import MAX_TENSORS, lower_pointwise_group, multi_tensor, multi_tensor_key, pointwise_groups
+from .lowering.pointwise import (MAX_TENSORS, PARAM_BYTES, lower_pointwise_group, multi_tensor, multi_tensor_key,
+                                 param_bytes, pointwise_groups)
 from .render import render
 from .spec import BATCH, Value
 
@@ -119,40 +120,56 @@ class Program:
         self._dedupe_names()
 
     def _merge_multi_tensor(self):
-        """Runs of consecutive launches of one elementwise rule over different tensors (an optimizer's
-        update of each parameter) become one multi-tensor launch, where none of them reads or writes
-        what another writes (they run at once). vgg_small's step: 22 Adam launches become one."""
-        merged, run, key = [], [], None
-
-        def flush():
-            if len(run) > 1:
-                spec = multi_tensor([launch.spec for launch in run])
-                spec.params["segment_of"] = {self.resolve(k): t for k, t in spec.params["segment_of"].items()}
-                render(spec)
-                merged.append(Launch(run[0].node, spec, tuple(m for launch in run for m in launch.computes)))
-            else:
-                merged.extend(run)
+        """Launches of one elementwise rule over different fixed-size tensors (an optimizer's update of
+        each parameter) become one multi-tensor launch, at the place of the last: one joins where none
+        of the members reads or writes what another writes (they run at once) and no launch between
+        them reads what the earlier members write (they move down to the last one's place), within
+        MAX_TENSORS tensors and PARAM_BYTES of kernel parameters. vgg_small's step: 22 Adam launches
+        become one."""
+        slots, runs = [], {}          # slots: a Launch, or a run (a dict) to merge in its place
 
         def touches(launch):
-            reads = {self.resolve(a.value) for a in launch.spec.args if a.value is not None and not a.writes}
-            return reads, {self.resolve(a.value) for a in launch.spec.args if a.value is not None and a.writes}
+            args = [a for a in launch.spec.args if a.value is not None]
+            return ({self.resolve(a.value) for a in args if not a.writes},
+                    {self.resolve(a.value) for a in args if a.writes})
 
         for launch in self.launches:
-            k = multi_tensor_key(launch.spec)
-            if run and k == key and len(run) < MAX_TENSORS:
-                reads, writes = touches(launch)
-                done_reads = set().union(*(touches(r)[0] for r in run))
-                done_writes = set().union(*(touches(r)[1] for r in run))
-                if not (reads & done_writes or writes & (done_reads | done_writes)):
-                    run.append(launch)
-                    continue
-            flush()
-            run, key = [launch], k
-            if k is None:
-                merged.append(launch)
-                run = []
-        flush()
-        self.launches = merged
+            key = multi_tensor_key(launch.spec)
+            reads, writes = touches(launch)
+            run = runs.get(key) if key is not None else None
+            if run is not None and not (len(run["members"]) >= MAX_TENSORS
+                                        or run["bytes"] + param_bytes(launch.spec, shared=False) > PARAM_BYTES
+                                        or reads & run["writes"] or writes & (run["reads"] | run["writes"])
+                                        or run["writes"] & run["read_since"]):
+                run["members"].append(launch)
+                run["bytes"] += param_bytes(launch.spec, shared=False)
+                slots.remove(run)                 # the merged launch moves down to here
+                slots.append(run)
+            else:
+                run = None
+                if key is not None:
+                    runs[key] = run = {"members": [launch], "reads": set(), "writes": set(), "read_since": set(),
+                                       "bytes": param_bytes(launch.spec)}
+                slots.append(run if run is not None else launch)
+            run_reads = reads
+            if run is not None:
+                run["reads"] |= reads
+                run["writes"] |= writes
+            for other in runs.values():         # a run whose members' results this reads stays before it
+                if other is not run:
+                    other["read_since"] |= run_reads
+        self.launches = []
+        for slot in slots:
+            if isinstance(slot, Launch):
+                self.launches.append(slot)
+            elif len(slot["members"]) == 1:
+                self.launches.append(slot["members"][0])
+            else:
+                members = slot["members"]
+                spec = multi_tensor([launch.spec for launch in members])
+                spec.params["segment_of"] = {self.resolve(k): t for k, t in spec.params["segment_of"].items()}
+                render(spec)
+                self.launches.append(Launch(members[0].node, spec, tuple(m for launch in members for m in launch.computes)))
 
     def _check_static(self):
         missing = unbound_dims(self.graph)
@@ -248,10 +265,11 @@ class Program:
             dying = [k for k, s in last.items() if s == step and k not in keep and k in slot and first[k] < step]
             in_place = list(dying) if reuse and launch.spec.template == "pointwise.cu.j2" else []
             # a multi-tensor launch: only within one tensor's segment (another segment's blocks run at once)
-            segment = launch.spec.params.get("segment_of", {})
+            segment = launch.spec.params.get("segment_of")      # value -> its tensor; None: read by several
             for key in sorted((k for k, s in first.items() if s == step), key=order.get):
                 need = self.values[key].nbytes(batch)
-                same = [k for k in in_place if self.values[k] == self.values[key] and segment.get(k) == segment.get(key)]
+                same = [k for k in in_place if self.values[k] == self.values[key]
+                        and (segment is None or segment.get(k) is not None and segment.get(k) == segment.get(key))]
                 fits = [b for b in free if sizes[b] >= need] if reuse else []
                 if same:
                     b = slot[same[0]]

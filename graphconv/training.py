@@ -287,6 +287,9 @@ class Trainer:
 
     def step(self, x, y):
         """One training step; returns (loss, scores), the scores as a NumPy array."""
+        if getattr(x, "ndim", 0) == 0:         # a NumPy or CuPy array of examples; anything else, one line
+            raise InputError(f"step: {self.input_name} must be an array with one row per example, got "
+                             f"{type(x).__name__}")
         check_finite(self.input_name, x)
         self.state["opt.lr"] = np.array(self.optimizer.lr_at(self.epoch), dtype=self.state["opt.lr"].dtype)
         with np.errstate(all="ignore"):   # overflow is checked below, and reported as a TrainingError

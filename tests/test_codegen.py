@@ -428,6 +428,63 @@ def test_one_launch_updates_every_parameter_to_the_bits_of_one_launch_each(optim
         assert together[name].tobytes() == alone[name].tobytes(), name
 
 
+def test_a_value_two_tensors_of_a_launch_read_is_never_written_over_in_place():
+    """A fixed batch makes every elementwise op a candidate: sigmoid(h) twice is one two-tensor launch
+    reading h in both segments; neither result may take h's buffer in place (the other segment's
+    blocks may still be reading it): the same numbers with blocks in either order."""
+    from codegen import host
+    from codegen.runner import CompiledProgram
+    g = gc.Graph("mt")
+    h = g.linear(g.input("x", (4, 8)), 300, name="fc")
+    g.output(g.sigmoid(h, name="s1"), g.sigmoid(h, name="s2"))
+    program = Program(g)
+    merged = [l for l in program.launches if l.spec.params.get("segments")]
+    assert len(merged) == 1 and merged[0].spec.params["segment_of"]["fc"] is None
+    assert program.plan(4).inplace == []
+    params, xs = gc.init_params(g, seed=0), np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    want = gc.compile(g).run({"x": xs}, params)
+    for order in ("forward", "reverse"):
+        with host.schedule(order):
+            got = CompiledProgram(g, "host").run({"x": xs}, params)
+        for name in ("s1", "s2"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=f"{order} {name}")
+
+
+def test_multi_tensor_launches_of_results_without_operands_and_within_the_parameter_limit(monkeypatch):
+    """Zero gradients of a layer the loss does not reach are fills (no tensor operand): merged, they
+    compile (NVRTC and g++) and the step matches NumPy. A launch's kernel parameters stay within
+    PARAM_BYTES: a smaller limit splits vgg_small's Adam launch into several, each within it."""
+    from codegen.runner import CompiledProgram
+    from graphconv.training import Optimizer, attach_loss, build_train_step
+    g = gc.Graph("unreached")
+    x = g.input("x", ("N", 4))
+    g.output(g.linear(x, 3, name="fc1"))
+    g.linear(x, 3, name="fc2")
+    step = build_train_step(attach_loss(g), Optimizer("sgd", lr=0.1))
+    fills = [k for k in Program(step).kernels if k.name.startswith("fill_") and k.params.get("segments")]
+    assert fills and all("const float \n" not in k.source for k in fills)
+    if nvrtc.available():
+        nvrtc.compile_many([(k.source, k.name) for k in fills])
+    inputs, params = random_inputs(step, 3, 0), gc.init_params(step, seed=0)
+    got, want = CompiledProgram(step, "host", poison=True).run(inputs, params), gc.compile(step).run(inputs, params)
+    for name in step.meta["updates"].values():
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    import codegen.program as program_module
+    monkeypatch.setattr(program_module, "PARAM_BYTES", 600)
+    merged = [l.spec for l in Program(build(MODELS["vgg_small"](), "fused-train")).launches if l.spec.params.get("segments")]
+    assert len(merged) >= 3 and sum(len(s.params["segments"]) for s in merged) == 22
+    assert all(8 * sum(a.is_pointer for a in s.args) + 4 <= 600 for s in merged)
+
+
+def test_updates_between_backward_kernels_still_become_one_launch():
+    """lenet5_swish's fully connected layers' updates come before its conv layers' gradients are
+    computed; the earlier updates move down to the last one (nothing between reads what they write):
+    one Adam launch, the step's last."""
+    program = Program(build(MODELS["lenet5_swish"](), "fused-train"))
+    adam = [i for i, l in enumerate(program.launches) if "adam" in l.spec.name]
+    assert adam == [len(program.launches) - 1] and len(program.launches[-1].spec.params["segments"]) == 8
+
+
 def test_launches_that_read_each_others_results_stay_apart():
     """Two launches of one rule where the second reads the first's result (through a view) are not
     one multi-tensor launch: their blocks would run at once. Launches of a rule whose size grows with

@@ -332,6 +332,21 @@ def test_the_running_statistics_come_from_the_batch_norms_sums(update_first):
 
 
 @needs_gxx
+def test_a_running_statistic_of_another_buffer_keeps_its_own_kernels():
+    """Only updates of the batch norm's own running buffers come from its sums: an update of a buffer
+    computed after the batch norm (here a relu of an input) would be read before it is written."""
+    g = gc.Graph("bn_late", "float32")
+    x = g.input("x", ("N", 3, 4, 4))
+    y = g.batch_norm2d(x, name="bn1")
+    u = g.apply("batch_norm_update_stats", x, g.relu(g.input("r", (3,)), name="r1"), name="u", momentum=0.1,
+                stat="mean")
+    g.output(y, u)
+    assert "u" in {l.node for l in Program(g).launches}
+    inputs = inputs_of(g, 2, r=np.float32([1, 2, 3]))
+    assert_program_matches(g, inputs, rtol=2e-4, atol=2e-4)
+
+
+@needs_gxx
 @pytest.mark.parametrize("act", ["relu", "leaky_relu"])
 def test_batch_norm_and_the_activation_after_it_are_one_kernel(act):
     """Training: the batch norm's apply kernel also computes the activation that reads it (the

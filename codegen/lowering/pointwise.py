@@ -161,7 +161,17 @@ def lower_pointwise_group(ctxs):
 
 
 # ---- one update rule over many tensors, one launch ----------------------------------------------------
-MAX_TENSORS = 32     # tensors per multi-tensor launch: Adam's 7 pointers each stay under 2 KB of the 4 KB of parameters
+MAX_TENSORS = 32     # tensors per multi-tensor launch
+PARAM_BYTES = 4096   # a launch's kernel parameters: CUDA's limit before 12.1 (Adam: 56 bytes a tensor)
+
+
+def param_bytes(spec, shared=True) -> int:
+    """The kernel parameter bytes a pointwise kernel's tensor takes in a multi-tensor launch: its
+    per-element operands and results (8-byte pointers), plus, with `shared`, the scalar operands and the
+    batch every segment shares."""
+    p = spec.params
+    per_tensor = 8 * (sum(not load["scalar"] for load in p["loads"]) + len(p["steps"]))
+    return per_tensor + (8 * sum(load["scalar"] for load in p["loads"]) + 4 if shared else 0)
 
 
 def multi_tensor_key(spec):
@@ -193,8 +203,10 @@ def multi_tensor(specs) -> KernelSpec:
         blocks = min(math.ceil(total / (THREADS * UNROLL)), MAX_BLOCKS)
         by_name = {a.name: a for a in spec.args}
         for name in inputs + outputs:
-            args.append(Arg(by_name[name].ctype, f"{name}_{t}", by_name[name].value))
-            segment_of[by_name[name].value] = t
+            value = by_name[name].value
+            args.append(Arg(by_name[name].ctype, f"{name}_{t}", value))
+            # a value two tensors' segments read belongs to neither: no result is written over it in place
+            segment_of[value] = t if segment_of.get(value, t) == t else None
         segments.append({"first": begin, "end": begin + blocks, "blocks": blocks, "total": total,
                          "pointers": " ".join(f"{name} = {name}_{t};" for name in inputs + outputs)})
         begin += blocks

@@ -204,18 +204,20 @@ def activation_after(ctx):
 
 def bn_update_siblings(ctx) -> dict:
     """The running-statistics updates a training batch_norm's sums already hold: {"mean" / "var":
-    (the batch_norm_update_stats node of the same input, its running buffer, its momentum)}, where they
-    come after it in the graph's order and read a buffer of the batch norm's own type. Each would
+    (the batch_norm_update_stats node of the same input and of the batch norm's own running buffer,
+    that buffer, its momentum)}, where they come after it in the graph's order (the buffer is an
+    operand of the batch norm: there before it runs). Each would
     otherwise read the input again in two kernels of its own (vgg_small: 24 launches a step and two
     more passes over each batch-norm layer's input)."""
     graph, name = ctx.graph, ctx.node.name
     order = {n.name: i for i, n in enumerate(graph.topo())}
+    own = {"mean": ctx.operands[1], "var": ctx.operands[2]}      # the batch norm's own running buffers
     found = {}
     for user, _ in graph.users(ctx.operands[0]):
         node = graph.node(user)
         if (node.op == "batch_norm_update_stats" and order[user] > order[name] and node.dtype == ctx.dtype
-                and graph.operands(user)[0] == ctx.operands[0] and graph.node(graph.operands(user)[1]).dtype == ctx.dtype):
-            found.setdefault(node.attrs["stat"], (user, graph.operands(user)[1], float(node.attrs["momentum"])))
+                and list(graph.operands(user)) == [ctx.operands[0], own[node.attrs["stat"]]]):
+            found.setdefault(node.attrs["stat"], (user, own[node.attrs["stat"]], float(node.attrs["momentum"])))
     return dict(sorted(found.items()))
 
 
