@@ -68,11 +68,11 @@ DOUBLE_BUFFER = True
 
 
 def shared_bytes(cfg, T, params, buffers) -> int:
-    """The GEMM's static shared memory: `buffers` copies of the two operand tiles (rows padded by PAD)
-    and, on the TF32 path, the results' staging tile."""
+    """The GEMM's static shared memory: `buffers` copies of the two operand tiles (rows padded by PAD);
+    on the TF32 path the results' staging tile shares that memory (it is written after the k loop)."""
     word = 4 if T == "float" else 8
     tiles = cfg["BK"] * (cfg["BM"] + params["PAD"]) + cfg["BK"] * (cfg["BN"] + params["PAD"])
-    return buffers * word * tiles + (4 * cfg["BM"] * (cfg["BN"] + 4) if params["tf32"] else 0)
+    return max(buffers * word * tiles, 4 * cfg["BM"] * (cfg["BN"] + 4) if params["tf32"] else 0)
 
 
 def tile_config(M, N, G, wide=False):
@@ -108,7 +108,7 @@ def tf32_params(ctx, cfg) -> dict:
     float32, a block tile of whole 16 x 8 mma tiles, k-steps of 8, whole warps, and the results' staging
     tile within the 48 KiB of static shared memory. Otherwise {"tf32": False}: the FP32 path."""
     BM, BN, BK, threads = cfg["BM"], cfg["BN"], cfg["BK"], cfg["threads"]
-    shared = 4 * (BK * (BM + 8) + BK * (BN + 8) + BM * (BN + 4))
+    shared = 4 * max(BK * (BM + 8) + BK * (BN + 8), BM * (BN + 4))      # the staging tile reuses the tiles'
     if not (ctx.tf32 and ctx.float_type == "float" and BM % 16 == 0 and BN % 8 == 0 and BK % 8 == 0
             and threads % 32 == 0 and shared <= 48 * 1024):
         return {"tf32": False, "PAD": 1}
@@ -203,6 +203,8 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
     params.update(tf32_params(ctx, cfg), prefetch=PREFETCH)
     params.update(shared_reads(cfg, T, params["tf32"]))
     params["buffers"] = 2 if PREFETCH and DOUBLE_BUFFER and shared_bytes(cfg, T, params, 2) <= 48 * 1024 else 1
+    params["smem_bytes"] = shared_bytes(cfg, T, params, params["buffers"])
+    params["a_bytes"] = (4 if T == "float" else 8) * cfg["BK"] * (cfg["BM"] + params["PAD"])
     if params["tf32"]:
         name += "_tf32"
     a_slots, b_slots = slots(a["fast"], cfg["BM"], cfg), slots(b["fast"], cfg["BN"], cfg)
