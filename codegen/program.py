@@ -143,21 +143,19 @@ class Program:
                                         or run["writes"] & run["read_since"]):
                 run["members"].append(launch)
                 run["bytes"] += param_bytes(launch.spec, shared=False)
-                slots.remove(run)                 # the merged launch moves down to here
-                slots.append(run)
+                slots[:] = [slot for slot in slots if slot is not run] + [run]    # it moves down to here
             else:
                 run = None
                 if key is not None:
                     runs[key] = run = {"members": [launch], "reads": set(), "writes": set(), "read_since": set(),
                                        "bytes": param_bytes(launch.spec)}
                 slots.append(run if run is not None else launch)
-            run_reads = reads
             if run is not None:
                 run["reads"] |= reads
                 run["writes"] |= writes
             for other in runs.values():         # a run whose members' results this reads stays before it
                 if other is not run:
-                    other["read_since"] |= run_reads
+                    other["read_since"] |= reads
         self.launches = []
         for slot in slots:
             if isinstance(slot, Launch):
