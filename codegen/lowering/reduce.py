@@ -206,9 +206,9 @@ def bn_update_siblings(ctx) -> dict:
     """The running-statistics updates a training batch_norm's sums already hold: {"mean" / "var":
     (the batch_norm_update_stats node of the same input and of the batch norm's own running buffer,
     that buffer, its momentum)}, where they come after it in the graph's order (the buffer is an
-    operand of the batch norm: there before it runs). Each would
-    otherwise read the input again in two kernels of its own (vgg_small: 24 launches a step and two
-    more passes over each batch-norm layer's input)."""
+    operand of the batch norm: there before it runs). Each would otherwise read the input again in
+    two kernels of its own (vgg_small: 24 launches a step and two more passes over each batch-norm
+    layer's input)."""
     graph, name = ctx.graph, ctx.node.name
     order = {n.name: i for i, n in enumerate(graph.topo())}
     own = {"mean": ctx.operands[1], "var": ctx.operands[2]}      # the batch norm's own running buffers
