@@ -648,4 +648,34 @@ def test_the_new_layers_net_of_the_gpu_suite_passes_on_the_host():
     results = check_kernels(graph, random_inputs(graph, 3, 0), gc.init_params(graph, seed=0))
     assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
     assert {"conv_transpose2d", "upsample_backward", "adaptive_max_pool2d_backward", "softmax_grad", "dropout",
-            "mean_grad"} <= {r.op for r in results}
+            "mean_grad", "concat", "slice"} <= {r.op for r in results}
+
+
+# ---- concat and slice --------------------------------------------------------------------------------
+@needs_gxx
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_concat_and_its_slices_copy_runs_of_channels_on_every_axis(dtype):
+    """concat along the channels of three convs (one of them through a relu), along the width, and of a
+    batch with itself; slice as concat's gradient: one copy kernel per input writing its run of the
+    result, one per slice reading its run; forward and training step against NumPy, outputs poisoned,
+    compiled by NVRTC."""
+    g = gc.Graph("cat", dtype)
+    x = g.input("x", ("N", 3, 8, 8))
+    parts = [g.conv2d(x, 4, 3, padding=1, name="c1"), g.conv2d(x, 2, 3, padding=1, name="c2"),
+             g.relu(g.conv2d(x, 3, 1, name="c3"))]
+    h = g.concat(parts, dim=1, name="cat")
+    w = g.concat([h, h], dim=-1, name="catw")
+    f = g.flatten(w)
+    g.output(g.linear(g.concat([f, g.relu(f)], dim=1, name="catf"), 3, name="fc"), g.concat([x, x], dim=0, name="batch2"))
+    for stage in ("forward", "train"):
+        step = build(g, stage)
+        kernels = [k for k in Program(step).kernels if k.name.startswith(("concat", "slice"))]
+        # (the training step keeps the first output, the scores: the batch concat is not part of it)
+        assert sum(k.name.startswith("concat") for k in kernels) == 3 + 2 + 2 + (2 if stage == "forward" else 0)
+        assert sum(k.name.startswith("slice") for k in kernels) == (0 if stage == "forward" else 3 + 2 + 2)
+        inputs = inputs_of(step, 3)
+        results = check_kernels(step, inputs, gc.init_params(step, seed=0))
+        assert all(r.ok for r in results), [(r.node, r.note) for r in results if not r.ok]
+        assert {"cat", "catw", "catf"} | ({"batch2"} if stage == "forward" else set()) <= \
+            {n for r in results for n in r.node.split(", ")}
+        compile_all(step)

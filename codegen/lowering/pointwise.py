@@ -70,7 +70,7 @@ def pointwise_steps(ctx, steps, operand_shapes, arg_values, out_shape, what, tag
     return KernelSpec(name=name, template="pointwise.cu.j2",
                       params={"T": T, "threads": THREADS, "unroll": UNROLL, "total": c_int(total), "loads": loads, "steps": printed,
                               "prelude": c_function_prelude(used, dtype), "invariants": invariants, "segments": [],
-                              "family": (what, short_dtype(dtype), tag)},
+                              "family": (what, short_dtype(dtype), tag), "store_index": "j"},
                       args=args, grid=grid, block=(THREADS, 1, 1), restrict=False)   # may run in place
 
 
@@ -179,7 +179,8 @@ def multi_tensor_key(spec):
     loads, scalar operands and element type over tensors of static sizes), or None where one cannot
     join any: a kernel whose operands are broadcast per channel, or whose size grows with the batch."""
     p = spec.params
-    if spec.template != "pointwise.cu.j2" or "family" not in p or p["segments"] or not str(p["total"]).isdigit():
+    if spec.template != "pointwise.cu.j2" or "family" not in p or p["segments"] or not str(p["total"]).isdigit() \
+            or p["store_index"] != "j":
         return None
     if any(not load["scalar"] and load["expr"] != f"a{load['var'][1:]}[j]" for load in p["loads"]):
         return None
@@ -219,3 +220,49 @@ def multi_tensor(specs) -> KernelSpec:
                       nodes=tuple(n for spec in specs for n in spec.nodes),
                       layers=tuple(dict.fromkeys(layer for spec in specs for layer in spec.layers)),
                       shapes=f"{len(specs)} tensors: {sizes}; each as the first: {first.shapes}")
+
+
+# ---- concat and slice: copies between a tensor and a run of another's channels -------------------------
+def split_dims(shape, axis):
+    """(outer, size, inner) of a shape around one axis: the elements before, along and after it."""
+    return numel(shape[:axis]), sp.sympify(shape[axis]), numel(shape[axis + 1:])
+
+
+def run_index(outer_size, offset, inner, whole, i="j"):
+    """Where element `i` of a tensor of `outer_size` x inner values per outer index (an [outer, size,
+    inner] block) lies in another with `whole` x inner values per outer index, at `offset` along the axis."""
+    span = outer_size * inner
+    return f"({i} / ({c_int(span)})) * ({c_int(whole * inner)}) + ({c_int(offset * inner)}) + {i} % ({c_int(span)})"
+
+
+@lowering("concat")
+def lower_concat(ctx):
+    """One copy kernel per input, each writing its run of the result's channels (coalesced along the
+    inner axes on both sides; 4 elements a thread, loads first, as every pointwise kernel)."""
+    out_shape = ctx.outs[0].shape
+    axis = ctx.attrs["dim"] % len(out_shape)
+    _, whole, inner = split_dims(out_shape, axis)
+    a0 = sp.Symbol("a0", real=True)
+    kernels, offset = [], sp.Integer(0)
+    for i, (operand, value) in enumerate(zip(ctx.operands, ctx.ins)):
+        _, size, _ = split_dims(value.shape, axis)
+        spec = pointwise_kernel(ctx, a0, [value.shape], [operand], ctx.out_key(), value.shape,
+                                f"concat{i}_of{len(ctx.operands)}_d{axis}", f"_at{dim_name(offset)}_of{dim_name(whole)}")
+        spec.params["store_index"] = run_index(size, offset, inner, whole)
+        kernels.append(spec)
+        offset = offset + size
+    return Lowered(kernels=kernels)
+
+
+@lowering("slice")
+def lower_slice(ctx):
+    """out = x[..., start:stop, ...]: a copy of a run of x's channels (coalesced along the inner axes)."""
+    x = ctx.ins[0]
+    axis = ctx.attrs["dim"] % len(x.shape)
+    _, whole, inner = split_dims(x.shape, axis)
+    size = sp.Integer(ctx.attrs["stop"] - ctx.attrs["start"])
+    a0 = sp.Symbol("a0", real=True)
+    spec = pointwise_kernel(ctx, a0, [ctx.outs[0].shape], [ctx.operands[0]], ctx.out_key(), ctx.outs[0].shape,
+                            f"slice_d{axis}", f"_{ctx.attrs['start']}to{ctx.attrs['stop']}_of{dim_name(whole)}")
+    spec.params["loads"][0]["expr"] = f"a0[{run_index(size, sp.Integer(ctx.attrs['start']), inner, whole)}]"
+    return Lowered(kernels=[spec])
