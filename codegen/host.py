@@ -118,11 +118,8 @@ def asan_build() -> bool:
 
 
 def flags() -> tuple:
-    """The g++ flags of a kernel library: FLAGS, plus ASAN_FLAGS under GC_HOST_ASAN=1 (at -O2 there: -O3
-    inlines a kernel into the runtime's block loop, and the report's frame would name gc_host, not it)."""
-    if asan_build():
-        return tuple("-O2" if f == "-O3" else f for f in FLAGS) + ASAN_FLAGS
-    return FLAGS
+    """The g++ flags of a kernel library: FLAGS, plus ASAN_FLAGS under GC_HOST_ASAN=1."""
+    return FLAGS + (ASAN_FLAGS if asan_build() else ())
 
 
 def asan_env() -> dict:
