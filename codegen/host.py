@@ -4,12 +4,9 @@ Each kernel becomes a unit: its source in a namespace of its own and a launcher
 `gc_host_launch_<key>(gx, gy, gz, bx, by, bz, void** args)`, where `args[i]` points at the i-th
 argument's value exactly as in cuLaunchKernel's kernelParams. A shared library holds one unit or, built
 by `build_all`, several (the header's runtime, most of a small kernel's build, is then compiled once for
-them all); the cache enters it under each unit's key (hard links). Flags: `-O3 -ffp-contract=off -fno-math-errno`, no
+them all); the cache enters it under each unit's key (hard links). Flags: `-O2 -ffp-contract=off -fno-math-errno`, no
 `-march=native`: the same IEEE single-precision operations on every CPU (no fused multiply-add where
-the source has none; -O3's vectorizing keeps each lane's operations and never reorders a sum), portable
-libraries, and sqrtf inlined. -O3 against -O2 (2026-11-29, 2 cores): LeNet-5's training step at batch
-64 0.80 -> 0.57-0.68 s, vgg_small's at 8 1.52 -> 1.45 s, the same bits in every output of three
-models' steps (FP32 and TF32); builds about a fifth longer. `-fvisibility=hidden -fno-gnu-unique`:
+the source has none), portable libraries, and sqrtf inlined. `-fvisibility=hidden -fno-gnu-unique`:
 each library keeps its own threadIdx, fibre pool and helper functions (g++ would otherwise unify the
 header's inline variables across every loaded library); only the launchers are exported. Blocks run on
 all cores (OpenMP; set OMP_NUM_THREADS to use fewer). The header is precompiled once per flag set
@@ -47,7 +44,7 @@ from graphconv.errors import BackendError, CompileError
 from .cache import cache_dir, code_of, cores, digest, temp_path, write_atomic
 
 HEADER = pathlib.Path(__file__).resolve().parent / "runtime" / "gc_host.h"
-FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", "-ffp-contract=off", "-fno-math-errno",
+FLAGS = ("-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w", "-ffp-contract=off", "-fno-math-errno",
          "-fvisibility=hidden", "-fno-gnu-unique")
 _INTEGERS = {  # C type (qualifiers dropped) -> numpy dtype, for scalar arguments and pointees
     "int": np.int32, "unsigned int": np.uint32, "unsigned": np.uint32, "long long": np.int64,
