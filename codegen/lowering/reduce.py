@@ -52,13 +52,15 @@ def view_of(ctx, x, axes):
     return numel(x.shape[:lo]), numel(x.shape[lo:hi]), numel(x.shape[hi:])
 
 
-def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_args, scratch=None):
+def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_args, scratch=None, finish_tag=""):
     """The two kernels (partial sums, finish) adding `terms` per k of a tensor seen as [A, K, B].
 
     loads:    lines reading element `idx` (and per-channel values of `k`), double or T
     terms:    double C expressions of the loaded values, summed as tot0, tot1, ...
     epilogue: lines of the finish kernel, per k, from tot0.. and the count `m` of reduced values
     in_args / out_args: the arguments of the partial / finish kernel besides the scratch
+    finish_tag: added to the finish kernel's name only (what its epilogue alone adds: the partial sums
+                are the same kernel either way)
     """
     NT = len(terms)
     A, K, B = sp.sympify(A), sp.sympify(K), sp.sympify(B)
@@ -85,7 +87,7 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
     partial = KernelSpec(name=name + "_partial", template=template, params=params,
                          args=in_args + [Arg("double*", "partial", partial_key), Arg("int", "batch")],
                          grid=grid, block=block, barrier=barrier)
-    finish = KernelSpec(name=name + "_finish", template="channel_finish.cu.j2",
+    finish = KernelSpec(name=name + finish_tag + "_finish", template="channel_finish.cu.j2",
                         params={"threads": THREADS, "K": c_int(K), "S": S_text, "NT": NT, "m": c_int(A * B),
                                 "epilogue": epilogue},
                         args=[Arg("const double*", "partial", partial_key)] + out_args + [Arg("int", "batch")],
@@ -252,13 +254,14 @@ def lower_batch_norm(ctx):
                         f"   // batch_norm_update_stats{', unbiased' if stat == 'var' else ''}")
         out_args += [Arg(f"const {T}*", f"running_{stat}", running), Arg(f"{T}*", f"running_{stat}_out", node)]
     tag = "".join(f"_r{stat}{mom:g}".replace(".", "p").replace("-", "m") for stat, (_, _, mom) in updates.items())
-    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_stats") + tag, A=A, K=C, B=B, loads=STATS,
+    kernels, scratch = channel_sums(ctx, bn_name(ctx, "batch_norm_stats"), A=A, K=C, B=B, loads=STATS,
                                     terms=["xv", "xv * xv"], in_args=[ctx.arg_in(0, "x")], epilogue=epilogue,
-                                    out_args=out_args, scratch=vecs)
+                                    out_args=out_args, scratch=vecs, finish_tag=tag)
     stat_nodes = tuple(node for node, _, _ in updates.values())
     scratch.update({node: Value((C,), ctx.dtype) for node in stat_nodes})
-    for kernel in kernels if stat_nodes else ():
-        kernel.nodes = (ctx.node.name,) + stat_nodes
+    finish = kernels[-1]                 # the kernel that writes the running statistics
+    if stat_nodes:
+        finish.nodes = (ctx.node.name,) + stat_nodes
     expr = (a(0) - a(1)) * a(2) + (a(3) if affine else 0)
     operands = [ctx.operands[0], keys["mean"], keys["scale"]] + ([ctx.operands[4]] if affine else [])
     shapes = [x.shape, (C,), (C,)] + ([(C,)] if affine else [])
@@ -274,7 +277,7 @@ def lower_batch_norm(ctx):
     tag = ("" if affine else "_noaffine") + tag_of(types.SimpleNamespace(attrs=node.attrs))
     kernels.append(pointwise_steps(ctx, steps, shapes, operands, x.shape, f"batch_norm_apply_{node.op}", tag))
     for kernel in kernels:
-        kernel.nodes = (ctx.node.name, act) + (stat_nodes if kernel is not kernels[-1] else ())
+        kernel.nodes = (ctx.node.name, act) + (stat_nodes if kernel is finish else ())
         kernel.layers = tuple(dict.fromkeys([ctx.layer, node.layer or ctx.layer]))
     scratch[act] = ctx.outs[0]
     return Lowered(kernels=kernels, scratch=scratch, absorbs=(act,) + stat_nodes)
