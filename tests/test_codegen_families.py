@@ -1,5 +1,5 @@
-"""The window, reduction and loss families (pooling and its gathers, fold_batch_norm, reduce_sum,
-batch norm, classifier losses): every kernel compiled by NVRTC for sm_90 and run on the host backend
+"""The window, reduction and loss families (pooling and its gathers, fold_batch_norm,
+compose_conv_weights, reduce_sum, batch norm, classifier losses): every kernel compiled by NVRTC for sm_90 and run on the host backend
 against the NumPy reference, node by node, outputs poisoned with NaN bytes first."""
 import re
 import shutil
@@ -181,6 +181,32 @@ def test_fold_batch_norm(conv_bias, affine):
     inputs = {n.name: RNG.standard_normal([int(d) for d in n.shape]).astype(np.float32) for n in g.inputs}
     inputs["var"] = RNG.uniform(0.5, 2.0, 6).astype(np.float32)
     assert_program_matches(g, inputs, rtol=1e-6, atol=1e-7)
+
+
+COMPOSE_CASES = [   # conv1, conv2 (in_channels 3 -> 5 -> 4), spatial size, dtype
+    ((2, 3, {"padding": 1}), (3, {}), (10, 9), "float32"),
+    ((2, 3, {"stride": 2, "dilation": 2, "bias": False, "padding": 2, "padding_mode": "reflect"}),
+     (2, {"dilation": 2}), (12, 12), "float32"),
+    ((1, 5, {"stride": 2}), (3, {"stride": 2, "bias": False}), (20,), "float64"),
+    ((3, 2, {}), ((2, 1, 2), {"dilation": (1, 2, 1)}), (6, 6, 5), "float32"),
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("first,second,spatial,dtype", COMPOSE_CASES)
+def test_collapsed_convolutions_compose_their_weights_in_a_kernel(first, second, spatial, dtype):
+    """--collapse-convs: conv2(conv1(x)) as one convolution whose kernel compose_conv_weights computes
+    on the device; every node (the composed weight and bias included) against the reference."""
+    nd, k1, a1 = first
+    k2, a2 = second
+    g = gc.Graph("stacked", dtype)
+    x = g.input("x", ("N", 3, *spatial))
+    h = getattr(g, f"conv{nd}d")(x, 5, k1, name="c1", **a1)
+    g.output(g.relu(getattr(g, f"conv{nd}d")(h, 4, k2, name="c2", **a2)))
+    collapsed = build(g, "fused", collapse=True)
+    assert [n.op for n in collapsed.topo() if n.role == "op"][:1] == ["compose_conv_weights"]
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == "float32" else {"rtol": 1e-10, "atol": 1e-12}
+    assert_program_matches(collapsed, inputs_of(collapsed, 2), **tol)
 
 
 # ---- reduce_sum -------------------------------------------------------------------------------------

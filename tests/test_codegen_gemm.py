@@ -76,6 +76,36 @@ def conv_classifier(g):
     return g
 
 
+PADDING_MODE_CASES = [   # nd, spatial, the padded conv's kernel and attributes, pooled after it
+    (2, (8, 8), 3, {"padding": 2, "padding_mode": "reflect", "groups": 2}, True),
+    (2, (8, 7), 3, {"padding": 2, "stride": 2, "padding_mode": "replicate"}, False),
+    (2, (2, 6), (1, 3), {"padding": (1, 2), "padding_mode": "replicate"}, True),
+    (2, (6, 8), 3, {"padding": (1, 3), "dilation": 2, "padding_mode": "circular"}, False),
+    (1, (10,), 4, {"padding": "same", "padding_mode": "reflect"}, False),
+    (3, (4, 4, 4), 3, {"padding": 1, "padding_mode": "circular"}, True),
+]
+
+
+@pytest.mark.parametrize("nd,spatial,kernel,conv,pool", PADDING_MODE_CASES)
+def test_reflect_replicate_and_circular_padding_train_on_the_host(nd, spatial, kernel, conv, pool):
+    """A padding mode other than zeros: the forward and weight-gradient GEMMs read the input through
+    the mode's index map, the data gradient adds at each input position what every padded copy of it
+    received (up to 1 + pad copies an axis under replicate); a fused pool/activation gradient is
+    stored, not gathered, by such a data gradient."""
+    g = gc.Graph("padded")
+    h = getattr(g, f"conv{nd}d")(g.input("x", ("N", 2, *spatial)), 4, 1, name="conv0")
+    h = g.relu(getattr(g, f"conv{nd}d")(h, 4, kernel, name="conv", **conv))
+    if pool:
+        h = getattr(g, f"max_pool{nd}d")(h, 2)
+    g.output(h)
+    built = build(conv_classifier(g), "fused-train")
+    results = assert_kernels_match(built)
+    mode = conv["padding_mode"]
+    padded = {r.op for r in results if any(k.endswith(mode) or f"_{mode}_" in k for k in r.kernels)}
+    assert padded == {"fused_conv" if pool else f"conv{nd}d", f"conv{nd}d_backward_data",
+                      f"conv{nd}d_backward_weight"}
+
+
 def test_grouped_strided_convolution_and_its_gradients():
     g = gc.Graph("grouped")
     x = g.input("x", ("N", 4, 9, 8))

@@ -14,6 +14,7 @@ batch is split over blocks into partial sums that a second kernel adds in a fixe
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -289,19 +290,47 @@ def ints(shape):
     return [int(d) for d in shape]
 
 
+# ---- padding modes other than zeros: the padded input is never built ----------------------------
+# A reflect / replicate / circular padded convolution reads the input through an index map (PyTorch's
+# padding_mode, pad_index in graphconv/ops/window.py); its data gradient adds, at each input
+# position, what every padded position copying it received.
+def mode_coord(mode, i, size) -> str:
+    """C text: the input position a padded position `i` (a C variable, -pad <= i < size + pad,
+    pad <= size, and < size for reflect: the op checks that) copies under padding `mode`."""
+    if mode == "reflect":
+        return f"{i} < 0 ? -{i} : {i} >= {size} ? {2 * size - 2} - {i} : {i}"
+    if mode == "replicate":
+        return f"{i} < 0 ? 0 : {i} > {size - 1} ? {size - 1} : {i}"
+    if mode == "circular":
+        return f"{i} < 0 ? {i} + {size} : {i} >= {size} ? {i} - {size} : {i}"
+    raise ValueError(mode)
+
+
+def mode_sources(mode, h, size, lo, hi) -> list:
+    """[(padded position, condition)]: every position of an axis padded by (lo, hi) that copies
+    input position `h` (a C variable) under padding `mode`, the identity first (condition "": always);
+    a position outside the padded axis is left to the caller's bounds check."""
+    sources = [(h, "")]
+    if mode == "reflect":          # -h mirrors h (not h = 0: that is h itself); so does 2(size-1) - h
+        sources += [(f"-{h}", f"{h} >= 1 && {h} <= {lo}")] if lo else []
+        sources += [(f"{2 * size - 2} - {h}", f"{h} <= {size - 2} && {h} >= {size - 1 - hi}")] if hi else []
+    elif mode == "circular":       # h - size and h + size wrap onto h
+        sources += [(f"{h} - {size}", f"{h} >= {size - lo}")] if lo else []
+        sources += [(f"{h} + {size}", f"{h} < {hi}")] if hi else []
+    elif mode == "replicate":      # the whole padding copies the edge
+        sources += [(f"{-j}", f"{h} == 0") for j in range(1, lo + 1)]
+        sources += [(f"{size - 1 + j}", f"{h} == {size - 1}") for j in range(1, hi + 1)]
+    return sources
+
+
 # ---- convolution, forward (plain and fused) ---------------------------------------------------------
 def conv_geometry(ctx, attrs, x, w):
     conv = Conv(len(x.shape) - 2)
     pads = conv.pads(attrs, w.shape)
-    if attrs["padding_mode"] != "zeros":
-        raise ctx.fail(f"padding_mode {attrs['padding_mode']!r} has no kernel yet (zeros only); run with backend='numpy'")
-    return {"nd": conv.nd, "C": int(x.shape[1]), "Si": ints(x.shape[2:]), "OC": int(w.shape[0]), "Cg": int(w.shape[1]),
+    return {"mode": attrs["padding_mode"], "pad_hi": [hi for _, hi in pads],
+            "nd": conv.nd, "C": int(x.shape[1]), "Si": ints(x.shape[2:]), "OC": int(w.shape[0]), "Cg": int(w.shape[1]),
             "Kr": ints(w.shape[2:]), "stride": list(attrs["stride"]), "pad": [lo for lo, _ in pads],
             "dil": list(attrs["dilation"]), "groups": int(attrs["groups"])}
-
-
-def padding_zeros(attrs) -> bool:
-    return attrs["padding_mode"] == "zeros"
 
 
 def epilogue_expr(steps, z):
@@ -378,7 +407,11 @@ def lower_conv(ctx):
     b_setup.append(f"const long long xb@ = (bimg@ * {C} + grp * {Cg}) * {SiN}LL;")
     b_load = [f"const int i{d} = i0_@_{d} + r{d} * {geo['dil'][d]};" for d in range(nd)]
     idx = [f"i{d}" for d in range(nd)]
-    b_load.append(f"if (qok@ && {in_bounds(idx, Si)}) v = x[xb@ + (long long)c * {SiN} + {flat(idx, Si)}];")
+    if geo["mode"] == "zeros":
+        b_load.append(f"if (qok@ && {in_bounds(idx, Si)}) v = x[xb@ + (long long)c * {SiN} + {flat(idx, Si)}];")
+    else:
+        b_load += [f"const int j{d} = {mode_coord(geo['mode'], f'i{d}', Si[d])};" for d in range(nd)]
+        b_load.append(f"if (qok@) v = x[xb@ + (long long)c * {SiN} + {flat([f'j{d}' for d in range(nd)], Si)}];")
     # A: the weights, row = output channel, contiguous along k
     a = {"fast": "k", "setup": [f"const long long wrow@ = (grp * {Mg} + m@) * {Cg * KK}LL;"],
          "load": ["v = w[wrow@ + k];"]}
@@ -448,11 +481,12 @@ def lower_conv(ctx):
     what = [f"conv{nd}d"] + [op for op, _, _ in steps] + ([pool[0]] if pool else []) + (["save"] if save else [])
     dims = f"c{C}_k{OC}_r{'x'.join(map(str, Kr))}_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}"
     dims += f"_i{'x'.join(map(str, Si))}" + (f"_g{groups}" if groups > 1 else "")
+    dims += "" if geo["mode"] == "zeros" else f"_{geo['mode']}"
     name = "_".join(what) + f"_{short_dtype(ctx.dtype)}_{dims}"
     if n_extra or any(items for _, items, _ in steps):
         from ..cache import digest
         name += "_" + digest(repr(steps))[:6]
-    if depthwise.eligible(geo, pool):
+    if depthwise.eligible(geo, pool) and geo["mode"] == "zeros":
         lowered = depthwise.depthwise_spec(
             ctx, name.replace(f"conv{nd}d", f"conv{nd}d_depthwise", 1), C=C, mult=OC // C, in_size=Si, out_size=So,
             K=Kr, stride=geo["stride"], dil=geo["dil"], pad=geo["pad"], row_setup=row_setup, element=element,
@@ -460,7 +494,7 @@ def lower_conv(ctx):
         if lowered is not None:
             return lowered
     direct_kernel = None
-    if DIRECT and math.prod(So) > GEMM_PLANE_MOST and direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and padding_zeros(attrs):
+    if DIRECT and math.prod(So) > GEMM_PLANE_MOST and direct.eligible(geo, (pk, ps, ppad, pdil) if pool else None, So, Sp) and geo["mode"] == "zeros":
         direct_kernel = direct.direct_spec(
             ctx, name.replace(f"conv{nd}d", f"conv{nd}d_direct", 1), C=C, M=OC, K=Kr, pad=geo["pad"], in_size=Si,
             out_size=So, cell=tuple(pk) if pool else (2, 2), pooled=bool(pool),
@@ -476,7 +510,8 @@ def lower_conv(ctx):
     return gemm_specs(ctx, name, M=Mg, N=ctx.images * P * G, K=Cg * KK, a=a, b=b, row_setup=row_setup,
                       window_begin=window_begin, element=element, window_end=window_end, args=args, cfg=cfg,
                       groups=groups, prelude=c_function_prelude(used, ctx.dtype),
-                      a_desc=f"w[oc, c, r]", b_desc=f"x[b, c, q*stride - pad + r*dilation] (0 outside)")
+                      a_desc=f"w[oc, c, r]", b_desc=f"x[b, c, q*stride - pad + r*dilation] " + (
+                          "(0 outside)" if geo["mode"] == "zeros" else f"({geo['mode']} padding outside)"))
 
 
 def column_decode_end(G, P, Sp):
@@ -523,8 +558,10 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     if gathered:   # dy is a pool/activation gradient: gather it from the pooled gradient and the codes
         lines, used = gather_lines(gathered, ctx.dtype, f"bimg@ * {OC} + grp * {OCg} + oc", coords)
         b_load += [f"if ({' && '.join(conds)}) {{"] + [f"    {line}" for line in lines] + ["}"]
-    else:
+    elif geo["mode"] == "zeros":
         b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
+    else:          # every padded position copying h adds what it received
+        b_load = padded_sources_load(geo, Si, So, f"dy[dyb@ + (long long)oc * {SoN} + {{}}]")
     b = {"fast": "n", "setup": b_setup, "load": b_load, "digits": [("oc", None)] + [(f"r{d}", Kr[d]) for d in range(nd)]}
     plus = " + bias[grp * {Cg} + m]".format(Cg=Cg) if bias else ""
     element = [f"const long long bimg = n / {SiN};", f"const int h = n % {SiN};",
@@ -533,7 +570,13 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
         [ctx.arg_out(0, "dx"), Arg("int", "batch")]
     name = (f"{what or f'conv{nd}d_backward_data'}{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
-            + (f"_g{groups}" if groups > 1 else ""))
+            + (f"_g{groups}" if groups > 1 else "") + ("" if geo["mode"] == "zeros" else f"_{geo['mode']}"))
+    if geo["mode"] != "zeros":
+        return gemm_specs(ctx, name, M=Cg, N=ctx.images * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
+                          element=element, window_end=[], args=args, cfg=cfg, groups=groups,
+                          prelude=c_function_prelude(used, ctx.dtype), a_desc="w[oc, c, r]",
+                          b_desc=f"the sum of dy[b, oc, (u + pad - r*dilation) / stride] (0 off the grid) over the "
+                                 f"positions u of the padded input that copy h ({geo['mode']} padding)")
     if depthwise.eligible(geo, ()) and not gathered:
         # stride 1: a depthwise correlation of dy with the flipped filters, padded by (K - 1) x
         # dilation - pad; strided: each dx position gathers its whole dy positions' taps
@@ -571,6 +614,26 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
                       a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)")
 
 
+def padded_sources_load(geo, Si, So, load) -> list:
+    """B load lines of a backward-data GEMM under a padding mode other than zeros: v = the sum over
+    every combination of padded positions (u0, u1, ...) copying the input position (h@_0, h@_1, ...)
+    of dy at the output position that reads u with kernel offset r, where there is one. `load` is
+    the dy read with {} for the flat output position."""
+    nd = len(Si)
+    axes = [mode_sources(geo["mode"], f"h@_{d}", Si[d], geo["pad"][d], geo["pad_hi"][d]) for d in range(nd)]
+    lines = []
+    for combo in itertools.product(*axes):
+        conds, coords, body = [c for _, c in combo if c], [], []
+        for d, (u, _) in enumerate(combo):
+            s = geo["stride"][d]
+            body.append(f"const int t{d} = {u} + {geo['pad'][d]} - r{d} * {geo['dil'][d]};")
+            conds.append(f"t{d} >= 0" + (f" && t{d} % {s} == 0" if s > 1 else "") + f" && t{d} / {s} < {So[d]}")
+            coords.append(f"t{d} / {s}" if s > 1 else f"t{d}")
+        lines += ["{"] + [f"    {line}" for line in body] + \
+                 [f"    if ({' && '.join(conds)}) v += {load.format(flat(coords, So))};", "}"]
+    return lines
+
+
 @lowering("conv1d_backward_weight", "conv2d_backward_weight", "conv3d_backward_weight")
 def lower_conv_backward_weight(ctx):
     """dw[oc, c, r] = sum over (b, o) of dy[b, oc, o] * x[b, c, o*stride - pad + r*dil]: a GEMM over
@@ -600,19 +663,24 @@ def lower_conv_backward_weight(ctx):
                [f"const int os{d} = o{d} * {geo['stride'][d]};" for d in range(nd)]
     b_load = [f"const int i{d} = os{d} + off@_{d};" for d in range(nd)]
     idx = [f"i{d}" for d in range(nd)]
-    b_load.append(f"if ({in_bounds(idx, Si)}) v = x[xb + xc@ + {flat(idx, Si)}];")
+    if geo["mode"] == "zeros":
+        b_load.append(f"if ({in_bounds(idx, Si)}) v = x[xb + xc@ + {flat(idx, Si)}];")
+    else:
+        b_load += [f"const int j{d} = {mode_coord(geo['mode'], f'i{d}', Si[d])};" for d in range(nd)]
+        b_load.append(f"v = x[xb + xc@ + {flat([f'j{d}' for d in range(nd)], Si)}];")
     b = {"fast": "k", "setup": b_setup, "digits": digits, "shared": b_shared, "load": b_load}
     element = [f"dw[(grp * {OCg} + m) * {Cg * KK}LL + n] = c;"]
     args = [ctx.arg_in(0, "x")] + gather_args(ctx, gathered, 1) + [ctx.arg_out(0, "dw"), Arg("int", "batch")]
     name = (f"conv{nd}d_backward_weight{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
-            + (f"_g{groups}" if groups > 1 else ""))
-    if depthwise.eligible(geo, ()) and not gathered:
+            + (f"_g{groups}" if groups > 1 else "") + ("" if geo["mode"] == "zeros" else f"_{geo['mode']}"))
+    zeros = geo["mode"] == "zeros"        # the depthwise and direct kernels pad with zeros only
+    if zeros and depthwise.eligible(geo, ()) and not gathered:
         lowered = depthwise_backward_weight(ctx, name.replace("backward_weight", "backward_weight_depthwise", 1),
                                             geo, So, element)
         if lowered is not None:
             return lowered
-    if DIRECT and direct_wgrad.ENABLED and direct_wgrad.eligible(geo):
+    if zeros and DIRECT and direct_wgrad.ENABLED and direct_wgrad.eligible(geo):
         lowered = direct_backward_weight(ctx, name.replace("backward_weight", "backward_weight_direct", 1), geo,
                                          So, gathered, element)
         if lowered is not None:
@@ -620,7 +688,8 @@ def lower_conv_backward_weight(ctx):
     return gemm_specs(ctx, name, M=OCg, N=Cg * KK, K=ctx.images * SoN, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups, split=True,
                       prelude=c_function_prelude(used, ctx.dtype),
-                      a_desc="dy[b, oc, o]", b_desc="x[b, c, o*stride - pad + r*dilation] (0 outside)")
+                      a_desc="dy[b, oc, o]", b_desc="x[b, c, o*stride - pad + r*dilation] " + (
+                          "(0 outside)" if zeros else f"({geo['mode']} padding outside)"))
 
 
 def direct_backward_weight(ctx, name, geo, So, gathered, element):

@@ -44,7 +44,11 @@ def gathered_gradient(graph, name):
         op = graph.node(user)
         if op.op == "reduce_sum":                 # the sum of g over a channel is the sum of act' * dy
             return tuple(op.attrs["axes"]) == whole_channel
-        return GATHERERS.get(op.op) == i
+        if GATHERERS.get(op.op) != i:
+            return False
+        # a data gradient under reflect / replicate / circular padding reads dy at several positions per
+        # input position (padded_sources_load): it reads a stored g
+        return i == 1 or op.attrs.get("padding_mode", "zeros") == "zeros"
     if not users or not all(gathers(u, i) for u, i in users):
         return None
     dpool, codes, aux = graph.operands(name)

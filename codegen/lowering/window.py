@@ -1,5 +1,6 @@
 """The window family: pooling forward (max, avg), its backward passes (max, avg, and the fused
-activation + max-pool backward that routes through saved argmax codes), and fold_batch_norm.
+activation + max-pool backward that routes through saved argmax codes), and the two weight
+transforms of the fusion passes: fold_batch_norm and compose_conv_weights.
 
 Every kernel is one thread per element of the tensor it writes, looping over a small window. The
 backward passes are gathers: each input element visits the windows that can contain it, in the
@@ -309,4 +310,56 @@ def lower_fold_batch_norm(ctx):
                       params={"T": T, "threads": THREADS, "total": C * inner, "inner": inner, "scale": scale,
                               "bias": bias, "eps": attrs["eps"]},
                       args=args, grid=(math.ceil(C * inner / THREADS), 1, 1), block=(THREADS, 1, 1))
+    return Lowered(kernels=[spec])
+
+
+# ---- compose_conv_weights -------------------------------------------------------------------------
+@lowering("compose_conv_weights")
+def lower_compose_conv_weights(ctx):
+    """W[o, i, t] = sum over (j, m) with j*d2*s1 + k*d1 = t of w2[o, m, j] * w1[m, i, k] and
+    b[o] = b2[o] + sum over (m, j) of w2[o, m, j] * b1[m] (ComposeConvWeights): one thread per
+    composed weight, the sum over j outside the one over m as in the reference; the first weight of
+    each output channel also writes its bias."""
+    T = ctx.float_type
+    attrs = ctx.attrs
+    op = OPS["compose_conv_weights"]
+    names = ["w1"] + (["b1"] if attrs["bias1"] else []) + ["w2"] + (["b2"] if attrs["bias2"] else [])
+    w1, _, w2, _ = op.split(ctx.ins, attrs)
+    O, M, I = int(w2.shape[0]), int(w1.shape[0]), int(w1.shape[1])
+    K1, K2 = ints(w1.shape[2:]), ints(w2.shape[2:])
+    Kc = ints(ctx.outs[0].shape[2:])
+    nd = len(K1)
+    K1N, K2N, KcN = math.prod(K1), math.prod(K2), math.prod(Kc)
+    step = [d2 * s1 for d2, s1 in zip(attrs["dilation2"], attrs["stride1"])]
+    d1 = list(attrs["dilation1"])
+    body = unflatten("t", Kc, "t") + [f"{T} acc = 0;", f"for (int j = 0; j < {K2N}; ++j) {{"]
+    body += [f"    {line}" for line in unflatten("j", K2, "j")]
+    for d in range(nd):
+        body.append(f"    const int u{d} = t{d} - j{d} * {step[d]};   // w1's offset along axis {d}, times its dilation")
+    ok = " && ".join(f"u{d} >= 0" + (f" && u{d} % {d1[d]} == 0" if d1[d] > 1 else "") + f" && u{d} < {d1[d] * K1[d]}"
+                     for d in range(nd))
+    k = flat([f"u{d} / {d1[d]}" if d1[d] > 1 else f"u{d}" for d in range(nd)], K1)
+    body += [f"    if (!({ok})) continue;", f"    const int k = {k};",
+             f"    for (int m = 0; m < {M}; ++m) acc += w2[(o * {M} + m) * {K2N} + j] * w1[(m * {I} + i) * {K1N} + k];",
+             "}", "w_out[e] = acc;"]
+    bias = ["b2[o]" if attrs["bias2"] else f"({T})0"]
+    bias_body = [f"{T} bias = {bias[0]};"]
+    if attrs["bias1"]:
+        bias_body += [f"for (int m = 0; m < {M}; ++m) {{", f"    {T} tap = 0;",
+                      f"    for (int j = 0; j < {K2N}; ++j) tap += w2[(o * {M} + m) * {K2N} + j];",
+                      "    bias += tap * b1[m];", "}"]
+    bias_body.append("b_out[o] = bias;")
+    total = O * I * KcN
+    args = [ctx.arg_in(i, n) for i, n in enumerate(names)] + [ctx.arg_out(0, "w_out"), ctx.arg_out(1, "b_out"),
+                                                               Arg("int", "batch")]
+    kdims = "x".join(map(str, Kc))
+    name = (f"compose_conv_weights_{short_dtype(ctx.dtype)}_k{O}_m{M}_c{I}_r{'x'.join(map(str, K1))}"
+            f"_r{'x'.join(map(str, K2))}_to{kdims}" + ("" if attrs["bias1"] else "_nob1") +
+            ("" if attrs["bias2"] else "_nob2"))
+    if any(s > 1 for s in step + d1):
+        name += f"_j{'x'.join(map(str, step))}_d{'x'.join(map(str, d1))}"
+    spec = KernelSpec(name=name, template="compose_conv_weights.cu.j2",
+                      params={"T": T, "threads": THREADS, "total": total, "inner": I * KcN, "KcN": KcN, "I": I,
+                              "body": body, "bias_body": bias_body, "step": step, "d1": d1, "M": M, "K2N": K2N},
+                      args=args, grid=(min(math.ceil(total / THREADS), MAX_BLOCKS), 1, 1), block=(THREADS, 1, 1))
     return Lowered(kernels=[spec])
