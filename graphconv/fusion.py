@@ -12,6 +12,9 @@ Patterns:
                per-channel affine) -> optionally one max/avg pool, 1-D/2-D/3-D -> fused_conv.
                Guards: each intermediate has exactly one user and is not a graph output; the next
                node is of the same stage; an elementwise op reads the running value once.
+  linear_chain linear (+bias) -> elementwise ops -> fused_linear (the same guards); matmul_chain
+               matmul -> elementwise ops -> fused_matmul (a linear's input gradient and the
+               activation gradient after it).
   conv_act_maxpool_train  (training graphs) conv -> act -> max pool with its backward pair ->
                a fused forward node saving pooled output + uint8 argmax codes, one pool_act_backward.
   collapse_convs   (opt-in) conv -> conv with nothing between -> one conv with the composed kernel,
@@ -92,21 +95,23 @@ def conv_chain(graph, conv):
             nodes.append(user)
             current = user
             continue
-        if user.op in POOLS and op.nd == OPS[conv.op].nd and math.prod(user.attrs["kernel_size"]) > max_window(user):
+        pools = user.op in POOLS and op.nd == getattr(OPS[conv.op], "nd", None)     # not after a linear
+        if pools and math.prod(user.attrs["kernel_size"]) > max_window(user):
             return nodes, extras, epilogue, pool, (f"{user.name}'s window has {math.prod(user.attrs['kernel_size'])} "
                                                    f"elements, more than the {max_window(user)} a fused kernel pools "
                                                    f"in registers")
-        if user.op in POOLS and op.nd == OPS[conv.op].nd:
+        if pools:
             nodes.append(user)
             return nodes, extras, epilogue, pool_spec(user.op, user.attrs), ""
-        if user.op == "fused_conv":
+        if user.op in ("fused_conv", "fused_linear", "fused_matmul"):
             return nodes, extras, epilogue, pool, (f"it feeds {user.name}, which already fused "
                                                    f"{' -> '.join(layers(user))}")
         if user.op.startswith("adaptive_"):
             return nodes, extras, epilogue, pool, (sizes_pending(user, current) or
                                                    f"{user.name} [{user.op}] has windows of two sizes (its input is "
                                                    f"not a multiple of its output), which no fused kernel pools")
-        return nodes, extras, epilogue, pool, f"{called(user)} [{user.op}] is neither elementwise nor a pool"
+        return nodes, extras, epilogue, pool, (f"{called(user)} [{user.op}] is not elementwise" if conv.op in ("linear", "matmul")
+                                               else f"{called(user)} [{user.op}] is neither elementwise nor a pool")
 
 
 def sizes_pending(pool, source) -> str:
@@ -177,6 +182,23 @@ def training_chain(graph, conv):
     return act, pool, pool_bwd, act_grad
 
 
+def reroute_act_grad(graph, layer) -> str:
+    """In a training graph, conv/linear -> act whose gradient reads the layer's output (and nothing
+    else does): where act' can be read off act's output (reads_sign_from_output), the gradient is
+    made to read act's output instead, so the layer's output is no longer saved and the chain can
+    fuse. Returns what was done, or ""."""
+    users = [graph.node(u) for u, _ in graph.users(layer.name)]
+    fwd = [u for u in users if u.stage == "forward"]
+    if len(users) != 2 or len(fwd) != 1 or layer.name in graph.outputs:
+        return ""
+    act, grad = fwd[0], next(u for u in users if u.stage != "forward")
+    if (not reads_sign_from_output(act) or act.dtype != layer.dtype or grad.op != f"{act.op}_grad"
+            or graph.operands(grad.name)[0] != layer.name or graph.operands(grad.name).count(layer.name) != 1):
+        return ""
+    graph.set_operand(grad.name, 0, act.name)
+    return f"{grad.name} reads {act.name} ({act.op}'s derivative is read off its output), so {layer.name} is not saved"
+
+
 def reads_sign_from_output(act):
     """relu and leaky_relu with a positive slope: y > 0 exactly where x > 0, so their derivative can
     be evaluated at the pooled output; others need the pre-activation."""
@@ -216,14 +238,16 @@ def fuse_training_chain(g, conv, match):
 
 
 def fuse_conv_chains(graph):
-    """Pass: every conv (+bias) -> elementwise* -> pool? chain becomes one fused_conv node; in a
-    training graph, conv -> act -> max pool and its backward pair become a fused forward node that
+    """Pass: every conv (+bias) -> elementwise* -> pool? chain becomes one fused_conv node, every
+    linear (+bias) / matmul -> elementwise* chain one fused_linear / fused_matmul node; in a training graph, conv -> act -> max pool and its backward pair become a fused forward node that
     saves the argmax codes and one pool_act_backward node."""
     g = graph.copy()
     ledger = list(g.meta.get("fusion", []))
-    for conv in [n for n in graph.topo() if n.op in CONVS]:
+    for conv in [n for n in graph.topo() if n.op in CONVS or n.op in ("linear", "matmul")]:
         conv = g.node(conv.name)
-        match = training_chain(g, conv) if conv.stage == "forward" else None
+        linear = conv.op in ("linear", "matmul")
+        rule = {"linear": "linear_chain", "matmul": "matmul_chain"}.get(conv.op, "conv_chain")
+        match = training_chain(g, conv) if conv.stage == "forward" and not linear else None
         if isinstance(match, tuple):
             act, pool, pool_bwd, act_grad = match
             names = [conv.name, act.name, pool.name]
@@ -234,21 +258,29 @@ def fuse_conv_chains(graph):
                                    "saved for the backward pass: " + ", ".join(sorted(u for u, _ in g.users(fused.name))),
                                    before, after, f"{fused.name} + {bwd.name}"))
             continue
+        rerouted = reroute_act_grad(g, conv) if conv.stage == "forward" and not isinstance(match, tuple) else ""
         nodes, extras, epilogue, pool, reason = conv_chain(g, conv)
-        if isinstance(match, str):
+        if isinstance(match, str) and not rerouted:
             reason = match
+        if rerouted and len(nodes) > 1:
+            reason = f"{rerouted}; {reason}" if reason else rerouted
         names = [n.name for n in nodes]
         shown = [name for n in nodes for name in layers(n)]       # a folded conv shows conv and bn
         before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
         if len(nodes) == 1:
-            ledger.append(Decision("conv_chain", shown[0], shown, False, reason or "nothing follows it",
+            ledger.append(Decision(rule, shown[0], shown, False, reason or "nothing follows it",
                                    before, before, conv.name))
             continue
         operands = g.operands(conv.name)
-        attrs = {**conv.attrs, "bias": len(operands) > 2, "epilogue": tuple(epilogue), "pool": pool,
-                 "nd": OPS[conv.op].nd}
-        fused = g.replace(names, "fused_conv", [*operands, *extras], attrs, layer=g.node(names[0]).layer)   # the conv's layer
-        ledger.append(Decision("conv_chain", shown[0], shown, True, reason, before, node_bytes(g, fused.name),
+        if conv.op == "matmul":
+            op, attrs = "fused_matmul", {**conv.attrs, "epilogue": tuple(epilogue)}
+        elif linear:
+            op, attrs = "fused_linear", {"bias": len(operands) > 2, "epilogue": tuple(epilogue)}
+        else:
+            op, attrs = "fused_conv", {**conv.attrs, "bias": len(operands) > 2, "epilogue": tuple(epilogue),
+                                       "pool": pool, "nd": OPS[conv.op].nd}
+        fused = g.replace(names, op, [*operands, *extras], attrs, layer=g.node(names[0]).layer)   # the conv's layer
+        ledger.append(Decision(rule, shown[0], shown, True, reason, before, node_bytes(g, fused.name),
                                fused.name))
     g.meta["fusion"] = ledger
     return g.verify()

@@ -307,6 +307,13 @@ class GraphCore:
             self.nx.add_edge(new, dst, key=key)
         self.outputs = [new if o == old else o for o in self.outputs]
 
+    def set_operand(self, name: str, index: int, new: str):
+        """Make operand `index` of node `name` read `new`."""
+        for src, _, key in list(self.nx.in_edges(name, keys=True)):
+            if key == index:
+                self.nx.remove_edge(src, name, key=key)
+        self.nx.add_edge(new, name, key=index)
+
     def remove(self, names) -> dict:
         """Remove nodes; return, per removed node, its edges to nodes that stay ([(user, key)]) and
         its positions among the outputs, for a rewrite to reconnect."""

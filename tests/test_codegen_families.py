@@ -675,6 +675,9 @@ def test_the_new_layers_net_of_the_gpu_suite_passes_on_the_host():
     assert all(r.ok for r in results), [(r.node, r.max_rel, r.note) for r in results if not r.ok]
     assert {"conv_transpose2d", "upsample_backward", "adaptive_max_pool2d_backward", "softmax_grad", "dropout",
             "mean_grad", "concat", "slice"} <= {r.op for r in results}
+    names = [k for r in results for k in r.kernels]
+    assert any(k.startswith("conv2d_backward_data_f32") and k.endswith("_replicate") for k in names)
+    assert any(k.startswith("conv2d_backward_weight_f32") and "_reflect" in k for k in names)
 
 
 # ---- concat and slice --------------------------------------------------------------------------------

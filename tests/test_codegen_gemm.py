@@ -83,6 +83,7 @@ PADDING_MODE_CASES = [   # nd, spatial, the padded conv's kernel and attributes,
     (2, (6, 8), 3, {"padding": (1, 3), "dilation": 2, "padding_mode": "circular"}, False),
     (1, (10,), 4, {"padding": "same", "padding_mode": "reflect"}, False),
     (3, (4, 4, 4), 3, {"padding": 1, "padding_mode": "circular"}, True),
+    (3, (4, 4, 4), 3, {"padding": 2, "padding_mode": "replicate"}, False),    # 5 copies an axis at an edge: loops
 ]
 
 
@@ -102,8 +103,7 @@ def test_reflect_replicate_and_circular_padding_train_on_the_host(nd, spatial, k
     results = assert_kernels_match(built)
     mode = conv["padding_mode"]
     padded = {r.op for r in results if any(k.endswith(mode) or f"_{mode}_" in k for k in r.kernels)}
-    assert padded == {"fused_conv" if pool else f"conv{nd}d", f"conv{nd}d_backward_data",
-                      f"conv{nd}d_backward_weight"}
+    assert padded == {"fused_conv", f"conv{nd}d_backward_data", f"conv{nd}d_backward_weight"}   # conv + relu fused
 
 
 def test_grouped_strided_convolution_and_its_gradients():
@@ -352,3 +352,35 @@ def test_direct_double_buffered_stages_give_the_bits_of_one_buffer(monkeypatch, 
     for name, value in want.items():
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
     assert_kernels_match(graph, batch=3, seed=2, compile_nvrtc=True)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_a_training_step_fuses_linear_relu_and_its_gradient_into_the_gemms(act):
+    """fused-train: fc1 -> act is a fused_linear (split K), fc2's input gradient -> act's gradient a
+    fused_matmul whose epilogue reads the activation's output; every kernel against NumPy."""
+    g = gc.Graph("mlp")
+    h = getattr(g, act)(g.linear(g.flatten(g.input("x", ("N", 4, 16, 16))), 24, name="fc1"), name="a1")
+    g.output(g.linear(h, 5, name="fc2"))
+    built = build(g, "fused-train")
+    results = assert_kernels_match(built, batch=5)
+    ops = {r.node: r.op for r in results}
+    assert ops["a1"] == "fused_linear" and ops["dfc1"] == "fused_matmul"
+    assert built.operands("dfc1")[2] == "a1"
+
+
+@pytest.mark.parametrize("features", [40, 1100])        # one GEMM; split K (>= 1024 deep), its reduce applies the chain
+def test_a_fused_linear_applies_its_chain_where_the_sum_is_stored(features):
+    """A fused_linear's epilogue (a residual add, a per-feature scale, a sigmoid: a device function
+    the split reduce must carry too) on the host backend against NumPy, outputs poisoned."""
+    g = gc.Graph("mlp")
+    x = g.input("x", ("N", features))
+    h = g.add(g.linear(x, 24, name="fc1"), g.input("skip", ("N", 24)), name="res")
+    h = g.sigmoid(g.mul(h, g.input("scale", (24,)), name="scaled"), name="sig")
+    g.output(g.leaky_relu(g.linear(h, 7, bias=False, name="fc2"), 0.1, name="out"))
+    built = build(g, "fused")
+    results = assert_kernels_match(built, batch=5)
+    assert {r.op for r in results} == {"fused_linear"}
+    names = [k.name for k in Program(built).kernels]
+    assert names[-1].startswith("linear_leaky_relu_f32_in24_out7_nobias")
+    assert any(n.startswith("linear_add_mul_sigmoid_f32") and n.endswith("_reduce" if features > 1000 else "")
+               for n in names), names

@@ -523,3 +523,67 @@ def test_an_eval_mode_dropout_is_dropped_so_the_conv_chain_around_it_fuses():
         for name in ("fc", "drop_out"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=f"{backend} {name}")
     assert sum(n.op == "dropout" for n in build(g, "fused-train").topo()) >= 2
+
+
+def test_a_linear_layer_and_the_elementwise_ops_after_it_become_one_fused_linear_node():
+    """linear -> residual add (full-size operand) -> per-feature scale -> sympy activation: one
+    fused_linear node equal to the chain, with a gradient rule (finite differences); the chain stops at
+    the next linear, and a linear whose output is read twice (a training graph's relu) stays alone."""
+    from graphconv.gradcheck import check_rule
+    gc.define_activation("swish", lambda v: v * gc.sigmoid(v))
+    g = gc.Graph("mlp", "float64")
+    x = g.input("x", ("N", 6))
+    scale = g.input("scale", (5,))
+    h = g.add(g.linear(x, 5, name="fc1"), g.input("skip", ("N", 5)), name="res")
+    h = g.activation(g.mul(h, scale, name="scaled"), "swish", name="sw")
+    g.output(g.linear(h, 3, name="fc2"))
+    fused = fuse_conv_chains(g)
+    node = fused.node("sw")
+    assert node.op == "fused_linear" and [r[0] for r in node.replaces] == ["fc1", "res", "scaled", "sw"]
+    assert fused.operands("sw") == ["x", "fc1.weight", "fc1.bias", "skip", "scale"]
+    assert fused.node("fc2").op == "linear"
+    ledger = {(d.rule, d.anchor): d for d in fused.meta["fusion"]}
+    assert ledger[("linear_chain", "fc1")].fired and not ledger[("linear_chain", "fc2")].fired
+    assert ledger[("linear_chain", "fc2")].reason == "fc2 is a graph output"
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.standard_normal((4, 6)), "skip": rng.standard_normal((4, 5)), "scale": rng.standard_normal(5)}
+    params = gc.init_params(g, seed=2)
+    np.testing.assert_allclose(gc.compile(fused).run(feed, params)["fc2"], gc.compile(g).run(feed, params)["fc2"],
+                               rtol=1e-12)
+    values = [feed["x"], rng.standard_normal((6, 5)), rng.standard_normal(5), feed["skip"], feed["scale"]]
+    checks = check_rule("fused_linear", values, node.attrs, rng)
+    assert len(checks) == 5 and all(c.ok for c in checks), checks
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "sigmoid"])
+def test_in_training_a_relu_gradient_reads_the_relus_output_so_the_layer_before_it_fuses(act):
+    """relu / leaky_relu (a positive slope): y > 0 exactly where x > 0, so the activation's gradient
+    reads y and the conv (without a pool) or linear before it is no longer saved: both fuse with it,
+    and the fused step computes the unfused one's gradients. sigmoid's gradient reads x: unfused."""
+    g = gc.Graph("net", "float64")
+    x = g.input("x", ("N", 2, 6, 6))
+    h = getattr(g, act)(g.conv2d(x, 3, 3, padding=1, name="conv"), name="a1")
+    h = getattr(g, act)(g.linear(g.flatten(h), 8, name="fc1"), name="a2")
+    g.output(g.linear(h, 3, name="fc2"))
+    unfused = build_unfused(g, "train")
+    fused = build(g, "fused-train")
+    ledger = {(d.rule, d.anchor): d for d in fused.meta["fusion"]}
+    for layer, rule, into in (("conv", "conv_chain", "a1"), ("fc1", "linear_chain", "a2")):
+        decision = ledger[(rule, layer)]
+        assert decision.fired == (act != "sigmoid"), decision
+        if act == "sigmoid":           # "no max pool follows a1: ...", "fc1 has 2 users (a2, dfc1): ..."
+            assert layer in fused and ("no max pool" in decision.reason or "2 users" in decision.reason)
+            continue
+        assert decision.reason.startswith(f"d{layer} reads {into} (")
+        assert layer not in fused and fused.node(into).op == ("fused_conv" if layer == "conv" else "fused_linear")
+        assert into in fused.operands(f"d{layer}")          # the gradient reads the activation's output
+    if act != "sigmoid":              # fc2's input gradient and a2's gradient: one fused_matmul
+        assert fused.node("dfc1").op == "fused_matmul" and ledger[("matmul_chain", "da2")].fired
+    params = gc.init_params(unfused, seed=1)
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((3, 2, 6, 6)), "y": np.array([0, 2, 1])}
+    want = gc.compile(unfused).run(feed, params)
+    got = gc.compile(fused).run(feed, {n.name: params[n.name] for n in fused.params})
+    assert set(want) == set(got)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -58,13 +58,15 @@ def test_every_winograd_kernel_matches_numpy_on_the_device(model, stage):
 
 def new_layers_net():
     """Every layer added after the bundled models, in one network: dropout, a channel concat (and
-    its gradient's slices), a transposed conv, bilinear upsampling, an uneven adaptive max pool,
-    softmax over channels, log_softmax, mean."""
+    its gradient's slices), replicate and reflect padding, a transposed conv, bilinear upsampling, an
+    uneven adaptive max pool, softmax over channels, log_softmax, mean."""
     g = gc.Graph("layers", "float32")
     x = g.input("x", ("N", 3, 12, 10))
-    h = g.concat([g.relu(g.conv2d(x, 5, 3, padding=1, name="c1")), g.conv2d(x, 3, 1, name="c1b")], name="cat")
+    h = g.concat([g.relu(g.conv2d(x, 5, 3, padding=1, padding_mode="reflect", name="c1")),
+                  g.conv2d(x, 3, 1, name="c1b")], name="cat")
+    h = g.tanh(g.conv2d(h, 8, 3, padding=2, padding_mode="replicate", name="crep"), name="trep")     # 14 x 12
     h = g.dropout(h, p=0.2, name="drop")
-    h = g.conv_transpose2d(h, 6, 3, stride=2, padding=1, output_padding=1, name="deconv")        # 24 x 20
+    h = g.conv_transpose2d(h, 6, 3, stride=2, padding=1, output_padding=1, name="deconv")        # 28 x 24
     h = g.adaptive_max_pool2d(g.upsample(h, size=(15, 13), mode="bilinear", name="interp"), (4, 3), name="amax")
     h = g.mul(g.softmax(h, dim=1, name="attn"), h, name="gate")
     pooled = g.mean(h, dim=(2, 3), name="gap")

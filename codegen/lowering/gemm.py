@@ -28,6 +28,7 @@ from ..cprinter import c_expression, c_function_prelude, c_neg_inf
 from ..spec import BATCH, Arg, KernelSpec, Lowered, Value
 from . import advance_lines, c_int, digit_lines, flat, lowering, numel, short_dtype
 from . import depthwise, direct, direct_wgrad
+from .pointwise import operand_index
 from .prologue import gather_lines, gather_shared_lines, gather_window_lines, gathered_gradient
 
 # split K (backward-weight): blocks wanted in all (four per multiprocessor of an H100/H200) and the
@@ -245,7 +246,7 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
     reduce_args = [Arg(f"const {T}*", "partial", partial_key)] + \
                   [a_ for a_ in args if a_.value is not None and (a_.writes or a_.name in used)] + [Arg("int", "batch")]
     return Lowered(kernels=[first, reduce_spec(ctx, name, M=M, N=N, K=K, S=S, groups=groups, element=element,
-                                               args=reduce_args)],
+                                               args=reduce_args, prelude=prelude)],
                    scratch={partial_key: Value((S * total,), ctx.dtype)})
 
 
@@ -254,7 +255,7 @@ def gemm_specs(ctx, name, *, M, N, K, a, b, row_setup, window_begin, element, wi
 RESIDENT_THREADS = 132 * 2048
 
 
-def reduce_spec(ctx, name, *, M, N, K, S, groups, element, args):
+def reduce_spec(ctx, name, *, M, N, K, S, groups, element, args, prelude=""):
     """The second pass of a split reduction: `S` partial sums per output added in a fixed order, then
     the epilogue `element` (C text reading the sum `c`, the output's m, n and grp). Few outputs (a
     conv's weight gradient: thousands, each of hundreds of partials): 8 threads per output, each
@@ -266,7 +267,7 @@ def reduce_spec(ctx, name, *, M, N, K, S, groups, element, args):
     return KernelSpec(name=name + "_reduce", template="splitk_reduce.cu.j2",
                       params={"M": c_int(M), "N": c_int(N), "K": c_int(K), "S": c_int(S), "groups": groups,
                               "ACC": ctx.float_type, "threads": outs * parts, "OUTS": outs, "PARTS": parts,
-                              "element": element},
+                              "element": element, "prelude": prelude},
                       args=args, grid=(sp.ceiling(total / outs), 1, 1), block=(outs * parts, 1, 1), barrier=parts > 1)
 
 
@@ -561,7 +562,8 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     elif geo["mode"] == "zeros":
         b_load.append(f"if ({' && '.join(conds)}) v = dy[dyb@ + (long long)oc * {SoN} + {flat(coords, So)}];")
     else:          # every padded position copying h adds what it received
-        b_load = padded_sources_load(geo, Si, So, f"dy[dyb@ + (long long)oc * {SoN} + {{}}]")
+        sources_setup, b_load = padded_sources_load(geo, Si, So, f"dy[dyb@ + (long long)oc * {SoN} + {{}}]")
+        b_setup += sources_setup
     b = {"fast": "n", "setup": b_setup, "load": b_load, "digits": [("oc", None)] + [(f"r{d}", Kr[d]) for d in range(nd)]}
     plus = " + bias[grp * {Cg} + m]".format(Cg=Cg) if bias else ""
     element = [f"const long long bimg = n / {SiN};", f"const int h = n % {SiN};",
@@ -614,24 +616,47 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
                       a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)")
 
 
-def padded_sources_load(geo, Si, So, load) -> list:
-    """B load lines of a backward-data GEMM under a padding mode other than zeros: v = the sum over
-    every combination of padded positions (u0, u1, ...) copying the input position (h@_0, h@_1, ...)
-    of dy at the output position that reads u with kernel offset r, where there is one. `load` is
-    the dy read with {} for the flat output position."""
+def padded_sources_load(geo, Si, So, load) -> tuple[list, list]:
+    """(B setup lines, B load lines) of a backward-data GEMM under a padding mode other than zeros:
+    v = the sum over every padded position u copying the input position h@ of dy at the output
+    position reading u with kernel offset r, where there is one. `load` is the dy read with {} for
+    the flat output position. Replicate: the positions copying h are one run an axis (h alone inside,
+    the whole padding at an edge): a loop an axis. Reflect, circular: up to 3 positions an axis,
+    whether each copies h known per column (set up once, outside the k loop), all combinations
+    unrolled (at most 27, in 3-D)."""
     nd = len(Si)
-    axes = [mode_sources(geo["mode"], f"h@_{d}", Si[d], geo["pad"][d], geo["pad_hi"][d]) for d in range(nd)]
+    conds = []
+    for d in range(nd):
+        s = geo["stride"][d]
+        conds.append(f"t{d} >= 0" + (f" && t{d} % {s} == 0" if s > 1 else "") + f" && t{d} / {s} < {So[d]}")
+    coords = [f"t{d} / {geo['stride'][d]}" if geo["stride"][d] > 1 else f"t{d}" for d in range(nd)]
+    if geo["mode"] == "replicate":
+        setup, lines, indent = [], [], ""
+        for d in range(nd):
+            setup += [f"const int ulo@_{d} = h@_{d} == 0 ? {-geo['pad'][d]} : h@_{d};",
+                      f"const int uhi@_{d} = h@_{d} == {Si[d] - 1} ? {Si[d] - 1 + geo['pad_hi'][d]} : h@_{d};"]
+        for d in range(nd):
+            lines += [f"{indent}for (int u{d} = ulo@_{d}; u{d} <= uhi@_{d}; ++u{d}) {{",
+                      f"{indent}    const int t{d} = u{d} + {geo['pad'][d]} - r{d} * {geo['dil'][d]};",
+                      f"{indent}    if (!({conds[d]})) continue;"]
+            indent += "    "
+        lines.append(f"{indent}v += {load.format(flat(coords, So))};")
+        return setup, lines + ["    " * d + "}" for d in reversed(range(nd))]
+    axes, setup = [], []
+    for d in range(nd):
+        sources = []
+        for j, (u, cond) in enumerate(mode_sources(geo["mode"], f"h@_{d}", Si[d], geo["pad"][d], geo["pad_hi"][d])):
+            if cond:
+                setup.append(f"const bool src@_{d}_{j} = {cond};")
+            sources.append((u, f"src@_{d}_{j}" if cond else ""))
+        axes.append(sources)
     lines = []
     for combo in itertools.product(*axes):
-        conds, coords, body = [c for _, c in combo if c], [], []
-        for d, (u, _) in enumerate(combo):
-            s = geo["stride"][d]
-            body.append(f"const int t{d} = {u} + {geo['pad'][d]} - r{d} * {geo['dil'][d]};")
-            conds.append(f"t{d} >= 0" + (f" && t{d} % {s} == 0" if s > 1 else "") + f" && t{d} / {s} < {So[d]}")
-            coords.append(f"t{d} / {s}" if s > 1 else f"t{d}")
-        lines += ["{"] + [f"    {line}" for line in body] + \
+        guards = [c for _, c in combo if c]
+        body = [f"const int t{d} = {u} + {geo['pad'][d]} - r{d} * {geo['dil'][d]};" for d, (u, _) in enumerate(combo)]
+        lines += [f"if ({' && '.join(guards)}) {{" if guards else "{"] + [f"    {line}" for line in body] + \
                  [f"    if ({' && '.join(conds)}) v += {load.format(flat(coords, So))};", "}"]
-    return lines
+    return setup, lines
 
 
 @lowering("conv1d_backward_weight", "conv2d_backward_weight", "conv3d_backward_weight")
@@ -765,42 +790,78 @@ def dense_operand(arr, rows, inner, transposed, which):
             if transposed else {"fast": "n", "setup": [], "load": [f"v = {arr}[k * ({rows}) + n@];"]})
 
 
-@lowering("linear")
+def dense_epilogue(ctx, steps, extra_index, width, bias, args):
+    """The store of a dense GEMM (linear, matmul) with a fused epilogue: C lines reading the sum `c`
+    at row m, column n of a `width`-wide result, the device functions they use and a name suffix; an
+    extra operand is a scalar, per column or full-size (appended to `args`)."""
+    T = ctx.float_type
+    if not steps:
+        return [f"out[m * {width} + n] = ({T})c{bias};"], set(), ""
+    loads, names = [], {"z": "z"}
+    for r in range(len(ctx.operands) - extra_index):
+        names[f"e{r}"] = f"ex{r}"
+        loads.append(f"const {T} ex{r} = ep{r}[{operand_index(ctx.ins[extra_index + r].shape, ctx.outs[0].shape, 'fi')}];")
+        args.append(ctx.arg_in(extra_index + r, f"ep{r}"))
+    temps, result, used = c_expression(epilogue_expr(steps, sp.Symbol("z", real=True)), ctx.dtype, names)
+    element = [f"const long long fi = m * {width} + n;", f"const {T} z = ({T})c{bias};"] + loads + temps + \
+        [f"out[fi] = {result};"]
+    suffix = ""
+    if len(ctx.operands) > extra_index or any(items for _, items, _ in steps):
+        from ..cache import digest
+        suffix = "_" + digest(repr(steps))[:6]
+    return element, used, suffix
+
+
+@lowering("linear", "fused_linear")
 def lower_linear(ctx):
-    """out[b, f] = x[b, :] . w[:, f] + bias[f] (w is [in, out]): rows are examples, columns features (stores coalesced)."""
+    """out[b, f] = act(x[b, :] . w[:, f] + bias[f]) (w is [in, out]; act: a fused_linear's epilogue,
+    applied where the sum is stored: by the GEMM, or by the reduce of a split one): rows are
+    examples, columns features (stores coalesced)."""
+    fused = ctx.node.op == "fused_linear"
     x, w = ctx.ins[0], ctx.ins[1]
     In, F = int(w.shape[0]), int(w.shape[1])
     M = numel(x.shape[:-1])
     cfg = tile_config(M, F, 1, wide=In >= 4 * STATIC_SPLIT_LEAST)
     a = dense_operand("x", "M", In, False, "a")
     b = dense_operand("w", F, In, False, "b")
-    has_bias = len(ctx.operands) > 2
-    T = ctx.float_type
-    element = [f"out[m * {F}LL + n] = ({T})c{' + bias[n]' if has_bias else ''};"]
+    has_bias = ctx.attrs["bias"] if fused else len(ctx.operands) > 2
+    steps = ctx.attrs["epilogue"] if fused else ()
     args = [ctx.arg_in(0, "x"), ctx.arg_in(1, "w")] + ([ctx.arg_in(2, "bias")] if has_bias else [])
+    element, used, suffix = dense_epilogue(ctx, steps, 3 if has_bias else 2, f"{F}LL",
+                                           " + bias[n]" if has_bias else "", args)
+    name = "_".join(["linear"] + [op for op, _, _ in steps]) + f"_{short_dtype(ctx.dtype)}_in{In}_out{F}" + \
+        ("" if has_bias else "_nobias") + suffix
     args += [ctx.arg_out(0, "out"), Arg("int", "batch")]
-    name = f"linear_{short_dtype(ctx.dtype)}_in{In}_out{F}" + ("" if has_bias else "_nobias")
     # a long static depth is split too when the output tiles alone would leave multiprocessors idle
     # (H200: LeNet-5's fc1, 2450 deep, ran 32 blocks at batch 256, 3.9 TFLOP/s; not yet timed split)
     return gemm_specs(ctx, name, M=M, N=F, K=In, a=a, b=b, row_setup=[], window_begin=[], element=element,
                       window_end=[], args=args, cfg=cfg, a_desc="x[m, k]", b_desc="w[k, n]",
+                      prelude=c_function_prelude(used, ctx.dtype),
                       split=In >= 4 * STATIC_SPLIT_LEAST, split_least=STATIC_SPLIT_LEAST)
 
 
-@lowering("matmul")
+@lowering("matmul", "fused_matmul")
 def lower_matmul(ctx):
-    A, B = ctx.ins
+    """out = act(op(a) @ op(b)) (op: a transpose or not; act: a fused_matmul's epilogue, applied
+    where the sum is stored)."""
+    A, B = ctx.ins[0], ctx.ins[1]
     ta, tb = ctx.attrs["transpose_a"], ctx.attrs["transpose_b"]
     M, K = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
     N = B.shape[0] if tb else B.shape[1]
     cfg = tile_config(M, N, 1, wide=sp.sympify(K).has(BATCH))
     a = dense_operand("a", c_int(M), c_int(K), ta, "a")
     b = dense_operand("b", c_int(N), c_int(K), tb, "b")
-    element = [f"out[m * N + n] = c;"]
-    args = [ctx.arg_in(0, "a"), ctx.arg_in(1, "b"), ctx.arg_out(0, "out"), Arg("int", "batch")]
+    steps = ctx.attrs["epilogue"] if ctx.node.op == "fused_matmul" else ()
+    args = [ctx.arg_in(0, "a"), ctx.arg_in(1, "b")]
+    if steps:
+        element, used, suffix = dense_epilogue(ctx, steps, 2, "N", "", args)
+    else:
+        element, used, suffix = ["out[m * N + n] = c;"], set(), ""
+    args += [ctx.arg_out(0, "out"), Arg("int", "batch")]
     dims = lambda d: "N" if sp.sympify(d).has(BATCH) else str(d)   # noqa: E731
-    name = (f"matmul{'_ta' if ta else ''}{'_tb' if tb else ''}_{short_dtype(ctx.dtype)}_"
-            f"m{dims(M)}_n{dims(N)}_k{dims(K)}")
+    name = (f"matmul{'_ta' if ta else ''}{'_tb' if tb else ''}{''.join('_' + op for op, _, _ in steps)}_"
+            f"{short_dtype(ctx.dtype)}_m{dims(M)}_n{dims(N)}_k{dims(K)}{suffix}")
     return gemm_specs(ctx, name, M=M, N=N, K=K, a=a, b=b, row_setup=[], window_begin=[], element=element,
                       window_end=[], args=args, cfg=cfg, split=sp.sympify(K).has(BATCH),
+                      prelude=c_function_prelude(used, ctx.dtype),
                       a_desc="a[k, m]" if ta else "a[m, k]", b_desc="b[n, k]" if tb else "b[k, n]")

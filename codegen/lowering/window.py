@@ -318,8 +318,9 @@ def lower_fold_batch_norm(ctx):
 def lower_compose_conv_weights(ctx):
     """W[o, i, t] = sum over (j, m) with j*d2*s1 + k*d1 = t of w2[o, m, j] * w1[m, i, k] and
     b[o] = b2[o] + sum over (m, j) of w2[o, m, j] * b1[m] (ComposeConvWeights): one thread per
-    composed weight, the sum over j outside the one over m as in the reference; the first weight of
-    each output channel also writes its bias."""
+    composed weight, one running sum over j (outer) and m (inner); the reference sums over m per j
+    first, so the results agree to rounding, not bit for bit. The first weight of each output
+    channel also writes its bias."""
     T = ctx.float_type
     attrs = ctx.attrs
     op = OPS["compose_conv_weights"]

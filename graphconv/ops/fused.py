@@ -17,6 +17,9 @@ Attributes, all plain values so that dumps and kernel names can print them:
              derivative cannot be read off the output): what the backward pass needs, in place of the
              full-size pre-pool tensors
 
+`fused_linear`, `fused_matmul`: a linear layer (+ bias) or a matmul and an epilogue, as fused_conv
+without the pool.
+
 `pool_act_backward`: the matching backward node: the activation's derivative at each window's
 argmax times the pooled gradient, routed to the argmax position; one node for max-pool backward
 followed by the activation's gradient.
@@ -50,6 +53,20 @@ def pool_spec(op_name, attrs) -> tuple:
     return (op_name, _items(attrs))
 
 
+def check_epilogue(steps) -> tuple:
+    """A fused node's epilogue, normalised: elementwise ops, each reading the running value once."""
+    epilogue = []
+    for op, items, refs in steps:
+        if op not in OPS or OPS[op].kind != "elementwise":
+            raise OpError(f"epilogue op {op!r} is not an elementwise op", kind=GraphError)
+        epilogue.append(epilogue_step(op, OPS[op].check_attrs(dict(items)), refs))
+    for op, items, refs in epilogue:
+        if refs.count(-1) != 1:
+            raise OpError(f"epilogue op {op} must read the running value exactly once, got refs {refs}",
+                          kind=GraphError)
+    return tuple(epilogue)
+
+
 @register
 class FusedConv(Op):
     name = "fused_conv"
@@ -66,16 +83,7 @@ class FusedConv(Op):
         if nd not in (1, 2, 3):
             raise OpError(f"nd must be 1, 2 or 3, got {nd!r}", kind=GraphError)
         conv = Conv(nd).normalize({k: a[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")})
-        epilogue = []
-        for op, items, refs in a["epilogue"]:
-            if op not in OPS or OPS[op].kind != "elementwise":
-                raise OpError(f"epilogue op {op!r} is not an elementwise op", kind=GraphError)
-            epilogue.append(epilogue_step(op, OPS[op].check_attrs(dict(items)), refs))
-        epilogue = tuple(epilogue)
-        for op, items, refs in epilogue:
-            if refs.count(-1) != 1:
-                raise OpError(f"epilogue op {op} must read the running value exactly once, got refs {refs}",
-                              kind=GraphError)
+        epilogue = check_epilogue(a["epilogue"])
         pool = tuple(a["pool"])
         if pool:
             op, items = pool
@@ -110,11 +118,11 @@ class FusedConv(Op):
         for op, items, refs in attrs["epilogue"]:
             operands = [t if r == -1 else self._extra(extra, r) for r in refs]
             t = OPS[op].infer(operands, dict(items))
-        if attrs["pool"]:
+        if attrs.get("pool"):
             op, items = attrs["pool"]
             t = OPS[op].infer([t], dict(items))
         y = TensorType(tuple(t.shape), t.dtype)
-        if not attrs["save"]:
+        if not attrs.get("save"):
             return y
         parts = (y, TensorType(y.shape, "uint8")) + ((y,) if attrs["save"] == "argmax_preact" else ())
         return TupleType(parts)
@@ -133,7 +141,7 @@ class FusedConv(Op):
         z = y = self.conv(attrs).reference(conv_xs, self.conv_attrs(attrs))
         for op, items, refs in attrs["epilogue"]:
             y = OPS[op].reference([y if r == -1 else extra[r] for r in refs], dict(items))
-        if not attrs["pool"]:
+        if not attrs.get("pool"):
             return y
         op, items = attrs["pool"]
         pool, pool_attrs = OPS[op], dict(items)
@@ -148,7 +156,7 @@ class FusedConv(Op):
     def windows(self, in_types, attrs):
         conv_in, _ = self.split(in_types, attrs)
         out = [self.conv(attrs).window([t.shape for t in conv_in], self.conv_attrs(attrs))]
-        if attrs["pool"]:
+        if attrs.get("pool"):
             out.append(OPS[attrs["pool"][0]].window([], dict(attrs["pool"][1])))
         return out
 
@@ -156,7 +164,7 @@ class FusedConv(Op):
         """Rematerialise: the replaced ops are emitted again (as backward nodes) from the fused node's
         operands, and each one's own gradient rule runs in reverse order. A training graph is fused
         after the backward pass instead (fuse_conv_chains), which keeps what the backward reads."""
-        if e.attrs["save"]:
+        if e.attrs.get("save"):
             raise OpError("a fused node that saves argmax codes is already part of a training graph",
                           kind=GraphError)
         attrs, graph = e.attrs, e.graph
@@ -164,7 +172,7 @@ class FusedConv(Op):
         chain = [e.emit(self.conv(attrs).name, conv_in, self.conv_attrs(attrs))]
         for op, items, refs in attrs["epilogue"]:
             chain.append(e.emit(op, [chain[-1] if r == -1 else extra[r] for r in refs], dict(items)))
-        if attrs["pool"]:
+        if attrs.get("pool"):
             chain.append(e.emit(attrs["pool"][0], [chain[-1]], dict(attrs["pool"][1])))
         inner = {t.name for t in chain}
         fused_operands = [t.name for t in e.inputs]
@@ -225,6 +233,70 @@ class FusedConv(Op):
         conv_ins, _ = self.split(ins, attrs)
         params = sum((numel(t.shape) for t in conv_ins[1:]), 0)
         return Cost(params, c.macs, c.bytes_read, c.bytes_written)
+
+
+@register
+class FusedLinear(FusedConv):
+    """linear (+ bias), then an epilogue of elementwise ops (fuse_conv_chains): the linear's GEMM
+    applies the chain to each result before storing it. Operands: input, weight, [bias], the
+    epilogue's extra operands. Attributes: bias, epilogue (as fused_conv's)."""
+    name = "fused_linear"
+    mixes_all = True
+    attrs = {"bias": True, "epilogue": ()}
+
+    def conv(self, attrs):
+        return OPS["linear"]
+
+    def conv_attrs(self, attrs):
+        return {}
+
+    def normalize(self, a):
+        return {"bias": as_bool(a["bias"], "bias"), "epilogue": check_epilogue(a["epilogue"])}
+
+    def windows(self, in_types, attrs):
+        return []
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        """The NumPy reference builds the linear's output before the epilogue."""
+        n = 1
+        for d in out_shape:
+            n *= int(d)
+        return n * itemsize
+
+
+@register
+class FusedMatmul(FusedConv):
+    """matmul, then an epilogue of elementwise ops (fuse_conv_chains): in a training step, a linear
+    layer's input gradient and the activation gradient that reads it (dy @ W^T, then relu_grad).
+    Operands: a, b, the epilogue's extra operands. Attributes: transpose_a, transpose_b, epilogue."""
+    name = "fused_matmul"
+    mixes_all = True
+    attrs = {"transpose_a": False, "transpose_b": False, "epilogue": ()}
+
+    def conv(self, attrs):
+        return OPS["matmul"]
+
+    def conv_attrs(self, attrs):
+        return {"transpose_a": attrs["transpose_a"], "transpose_b": attrs["transpose_b"]}
+
+    def normalize(self, a):
+        return {"transpose_a": as_bool(a["transpose_a"], "transpose_a"),
+                "transpose_b": as_bool(a["transpose_b"], "transpose_b"), "epilogue": check_epilogue(a["epilogue"])}
+
+    def split(self, xs, attrs):
+        return xs[:2], xs[2:]
+
+    def operand_name(self, i):
+        return ("a", "b")[i] if i < 2 else f"operand {i}"
+
+    def windows(self, in_types, attrs):
+        return []
+
+    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
+        return FusedLinear.scratch_bytes(self, in_shapes, out_shape, attrs, itemsize)
+
+    def cost(self, ins, out, attrs):
+        return Op.cost(self, ins, out, attrs)
 
 
 @register
