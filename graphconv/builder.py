@@ -255,9 +255,16 @@ class Graph(GraphCore):
         x = self._tensor(x, layer, f"adaptive_{mode}_pool{nd}d")
         out = (output_size,) * nd if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool) \
             else output_size
+        if isinstance(out, (tuple, list)) and len(out) == nd and len(x.shape) == nd + 2 and None in out:
+            kept = [sp.sympify(d) for d, o in zip(x.shape[2:], out) if o is None]     # PyTorch: None keeps the size
+            if not all(d.is_Integer for d in kept):
+                raise GraphError(f"{layer}: output_size {output_size!r}: None keeps the input's size, which is "
+                                 f"symbolic here ({fmt_shape(x.shape[2:])}); give that size as a number")
+            out = tuple(int(d) if o is None else o for d, o in zip(x.shape[2:], out))
         if not isinstance(out, (tuple, list)) or len(out) != nd or not all(
                 isinstance(o, numbers.Integral) and not isinstance(o, bool) and o > 0 for o in out):
-            raise GraphError(f"{layer}: output_size is a positive int or {nd} of them, got {output_size!r}")
+            raise GraphError(f"{layer}: output_size is a positive int or {nd} of them (None: keep that axis's size), "
+                             f"got {output_size!r}")
         if len(x.shape) != nd + 2:
             raise GraphError(f"{layer}: expects an input [N, C, {', '.join('S' * nd)}], got {list(x.shape)}")
         sizes = even_windows(x.shape[2:], out)
@@ -343,22 +350,22 @@ class Graph(GraphCore):
         x = self._tensor(x, layer, "upsample")
         nd = len(x.shape) - 2
         if nd < 1:
-            raise GraphError(f"{layer}: upsample expects an input [N, C, *spatial], got {fmt_shape(x.shape)}")
+            raise GraphError(f"{layer} [upsample]: upsample expects an input [N, C, *spatial], got {fmt_shape(x.shape)}")
         if (size is None) == (scale_factor is None):
-            raise GraphError(f"{layer}: give exactly one of size and scale_factor")
+            raise GraphError(f"{layer} [upsample]: give exactly one of size and scale_factor")
         if size is not None:
             out = (size,) * nd if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
             if not isinstance(out, (tuple, list)) or len(out) != nd:
-                raise GraphError(f"{layer}: size is a positive int or {nd} of them, got {size!r}")
+                raise GraphError(f"{layer} [upsample]: size is a positive int or {nd} of them, got {size!r}")
         else:
             scales = (scale_factor,) * nd if not isinstance(scale_factor, (tuple, list)) else tuple(scale_factor)
             if len(scales) != nd or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and s >= 1
                                             and float(s).is_integer() for s in scales):
-                raise GraphError(f"{layer}: scale_factor is a whole number >= 1 or {nd} of them, got {scale_factor!r} "
+                raise GraphError(f"{layer} [upsample]: scale_factor is a whole number >= 1 or {nd} of them, got {scale_factor!r} "
                                  f"(for other ratios give the output size)")
             spatial = [sp.sympify(d) for d in x.shape[2:]]
             if not all(d.is_Integer for d in spatial):
-                raise GraphError(f"{layer}: the spatial size {fmt_shape(x.shape[2:])} is symbolic; upsampling by "
+                raise GraphError(f"{layer} [upsample]: the spatial size {fmt_shape(x.shape[2:])} is symbolic; upsampling by "
                                  f"scale_factor needs it known while the graph is built: give the input's spatial "
                                  f"sizes as numbers, or upsample to a size=")
             out = tuple(int(d) * int(s) for d, s in zip(spatial, scales))

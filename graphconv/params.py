@@ -54,6 +54,8 @@ def check_params(graph, params, array_types=(np.ndarray,)) -> dict:
     if extra:
         raise InputError(f"{extra[0]}: {graph.name} has no parameter of that name "
                          f"(it has: {', '.join(list(wanted)[:8])}{', ...' if len(wanted) > 8 else ''})")
+    counters = {graph.operands(n.name)[0] for n in graph.topo() if n.op == "increment"} | \
+        {graph.operands(n.name)[1] for n in graph.topo() if n.op == "dropout"}
     out = {}
     for name, node in wanted.items():
         if name not in params:
@@ -68,5 +70,18 @@ def check_params(graph, params, array_types=(np.ndarray,)) -> dict:
             raise InputError(f"{name}: expected {node.dtype}, got {arr.dtype} (the graph runs in {node.dtype}: "
                              f"convert the params with {{k: v.astype(np.{node.dtype}) for k, v in params.items()}}, "
                              f"or make them with gc.init_params of that graph)")
+        if name in counters:
+            check_counter(name, arr, node.dtype)
         out[name] = arr
     return out
+
+
+def check_counter(name, arr, dtype):
+    """A step counter (dropout's mask sequence, Adam's bias corrections): a whole number from 0 up to
+    the last one its dtype counts exactly (2^24 in float32: past it, + 1 changes nothing, so every
+    later step would draw the same dropout masks)."""
+    value = float(arr.reshape(-1)[0]) if arr.size == 1 else float("nan")
+    limit = 2 ** (24 if dtype == "float32" else 53)
+    if not (math.isfinite(value) and value >= 0 and value.is_integer() and value < limit):
+        raise InputError(f"{name}: a step counter must be a whole number in [0, 2^{int(math.log2(limit))}) "
+                         f"(what {dtype} counts exactly), got {value!r}")

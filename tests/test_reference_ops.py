@@ -250,9 +250,19 @@ def test_adaptive_pools_with_uneven_windows_match_torch_autograd_ties_included(m
 def test_adaptive_pools_refuse_what_they_cannot_compute():
     g = gc.Graph("adaptive")
     x = g.input("x", ("N", 3, 12, "W"))
-    with pytest.raises(gc.GraphError, match=r"output_size is a positive int or 2 of them, got \(2, 0\)"):
+    with pytest.raises(gc.GraphError, match=r"output_size is a positive int or 2 of them \(None: keep that axis's "
+                                            r"size\), got \(2, 0\)"):
         g.adaptive_avg_pool2d(x, (2, 0))
+    with pytest.raises(gc.GraphError, match=r"output_size \(2, None\): None keeps the input's size, which is "
+                                            r"symbolic here \(\[12,W\]\); give that size as a number"):
+        g.adaptive_avg_pool2d(x, (2, None))
     assert len(list(g.topo())) == 1                      # nothing was added
+    kept = gc.Graph("kept", "float64")
+    xv = np.random.default_rng(1).standard_normal((2, 3, 7, 5))
+    kept.output(kept.adaptive_max_pool2d(kept.input("x", (2, 3, 7, 5)), (None, 3), name="p"))   # PyTorch's None
+    assert kept.node("p").attrs["output_size"] == (7, 3)
+    np.testing.assert_array_equal(gc.compile(kept)(xv, params={}),
+                                  torch.nn.functional.adaptive_max_pool2d(torch.tensor(xv), (None, 3)).numpy())
     g.output(g.flatten(g.adaptive_avg_pool2d(g.conv2d(x, 2, 1), 2, name="p")))   # symbolic W: fine forward (below)
     from graphconv.autodiff import derive_backward
     from graphconv.training import attach_loss
@@ -426,10 +436,10 @@ def test_an_inf_upsamples_where_pytorch_puts_it_not_along_whole_rows(shape, kw):
 
 
 @pytest.mark.parametrize("call, message", [
-    (dict(), r"up: give exactly one of size and scale_factor"),
-    (dict(size=4, scale_factor=2), r"up: give exactly one of size and scale_factor"),
-    (dict(scale_factor=1.5), r"up: scale_factor is a whole number >= 1 or 2 of them, got 1\.5 \(for other ratios give the output size\)"),
-    (dict(size=(4, 4, 4)), r"up: size is a positive int or 2 of them, got \(4, 4, 4\)"),
+    (dict(), r"up \[upsample\]: give exactly one of size and scale_factor"),
+    (dict(size=4, scale_factor=2), r"up \[upsample\]: give exactly one of size and scale_factor"),
+    (dict(scale_factor=1.5), r"up \[upsample\]: scale_factor is a whole number >= 1 or 2 of them, got 1\.5 \(for other ratios give the output size\)"),
+    (dict(size=(4, 4, 4)), r"up \[upsample\]: size is a positive int or 2 of them, got \(4, 4, 4\)"),
     (dict(size=(4, 0)), r"up \[upsample\]: size must be positive ints, got \(4, 0\)"),
     (dict(size=4, mode="cubic"), r"up \[upsample\]: mode must be one of nearest, linear, bilinear, trilinear, got 'cubic'"),
     (dict(size=4, mode="trilinear"), r"up \[upsample\]: mode 'trilinear' is for 3-D inputs .*got 4-D \[N,3,5,4\]"),
@@ -444,12 +454,31 @@ def test_upsample_bad_input_names_the_layer(call, message):
     assert "up" not in g
 
 
-def test_upsample_of_a_symbolic_size_is_refused():
+def test_upsample_of_a_symbolic_size_by_a_scale_is_refused_and_to_a_size_is_bound_later():
+    """scale_factor needs the input's size to give the output's; a size= does not: the graph builds
+    and runs on numpy at any input size, and its gradient (which needs the input size) is refused
+    until the size is bound (--dim), then derived."""
+    from graphconv.passes import bind_dims
+    from graphconv.pipeline import build
     g = gc.Graph("u")
-    with pytest.raises(gc.GraphConvError, match=r"up: the spatial size \[H,W\] is symbolic; upsampling by scale_factor "
-                                                 r"needs it known while the graph is built: give the input's spatial "
-                                                 r"sizes as numbers, or upsample to a size="):
-        g.upsample(g.input("x", ("N", 3, "H", "W")), scale_factor=2, name="up")
+    x = g.input("x", ("N", 3, "H", "W"))
+    with pytest.raises(gc.GraphConvError, match=r"up \[upsample\]: the spatial size \[H,W\] is symbolic; upsampling "
+                                                 r"by scale_factor needs it known while the graph is built: give the "
+                                                 r"input's spatial sizes as numbers, or upsample to a size="):
+        g.upsample(x, scale_factor=2, name="up")
+    up = g.upsample(g.conv2d(x, 2, 1, name="c"), size=(6, 4), mode="bilinear", name="up")
+    g.output(g.linear(g.flatten(up), 3, name="fc"))
+    assert [str(d) for d in up.shape] == ["N", "2", "6", "4"]
+    params = gc.init_params(g, seed=0)
+    for size in ((3, 2), (9, 5)):
+        xs = np.random.default_rng(0).standard_normal((2, 3, *size)).astype(np.float32)
+        assert gc.compile(g).run({"x": xs}, params)["fc"].shape == (2, 3)
+    with pytest.raises(gc.GraphConvError, match=r"the spatial size H is symbolic; upsampling needs it known "
+                                                 r"\(give it a size: --dim"):
+        build(g, "train")
+    bound = bind_dims(g, {"H": 5, "W": 3})
+    assert [str(d) for d in bound.node("up").shape] == ["N", "2", "6", "4"]
+    assert any(n.op == "upsample_backward" for n in build(bound, "train").topo())
 
 
 CONV_TRANSPOSE_CASES = [
@@ -539,6 +568,22 @@ def test_dropout_bad_input_names_the_layer(kw, message):
     with pytest.raises(gc.GraphConvError, match=message):
         g.dropout(x, name="d", **kw)
     assert "d" not in g and "dropout.step" not in g                  # the failed layer left nothing behind
+
+
+@pytest.mark.parametrize("backend", ["numpy", "host"])
+def test_a_step_counter_that_is_not_a_whole_number_it_can_count_is_refused(backend):
+    """dropout.step (and Adam's opt.step) given as NaN, inf, negative, fractional or past 2^24 in
+    float32 (where + 1 no longer changes it: every later step would draw the same masks): one error
+    naming the buffer, on every backend, where numpy raised a raw ValueError and the kernels drew a mask."""
+    g = gc.Graph("dr")
+    g.output(g.dropout(g.input("x", ("N", 8)), p=0.5, name="d"))
+    run = gc.compile(g, backend=backend)
+    x = np.ones((2, 8), np.float32)
+    assert run.run({"x": x}, {"dropout.step": np.array(2.0 ** 24 - 1, np.float32)})["d"].shape == (2, 8)
+    for bad in (np.nan, np.inf, -1.0, 2.5, 2.0 ** 24):
+        with pytest.raises(gc.InputError, match=r"dropout\.step: a step counter must be a whole number in "
+                                                r"\[0, 2\^24\) \(what float32 counts exactly\), got "):
+            run.run({"x": x}, {"dropout.step": np.array(bad, np.float32)})
 
 
 def test_chunked_convolutions_and_max_pool_backward_equal_the_whole_batch(monkeypatch):

@@ -100,8 +100,9 @@ class UpsampleBase(Op):
             out["input_size"] = check_sizes("input_size", a["input_size"])
         return out
 
-    def spatial(self, t, attrs):
-        """The static spatial sizes of an [N, C, *S] operand, checked against the mode."""
+    def spatial(self, t, attrs, static=True):
+        """The static spatial sizes of an [N, C, *S] operand, checked against the mode (static=False:
+        the check alone, the sizes may be symbolic: upsampling to a given size)."""
         nd, mode = len(attrs["size"]), attrs["mode"]
         if len(t.shape) != nd + 2:
             raise OpError(f"{self.name} to size {attrs['size']} expects an input [N, C, {', '.join('S' * nd)}], "
@@ -109,7 +110,7 @@ class UpsampleBase(Op):
         if MODES[mode] not in (None, nd):
             raise OpError(f"mode {mode!r} is for {MODES[mode]}-D inputs (3-D: linear, 4-D: bilinear, 5-D: "
                           f"trilinear), got {len(t.shape)}-D {fmt_shape(t.shape)}")
-        return static_spatial(t.shape, "upsampling")
+        return static_spatial(t.shape, "upsampling") if static else None
 
     def reads(self, n_in, n_out, attrs, backward=False):
         return [axis_reads(i, o, attrs["mode"], attrs["align_corners"], backward) for i, o in zip(n_in, n_out)]
@@ -121,7 +122,7 @@ class Upsample(UpsampleBase):
     attrs = {"size": REQUIRED, "mode": "nearest", "align_corners": False}
 
     def shape(self, ins, attrs):
-        self.spatial(ins[0], attrs)
+        self.spatial(ins[0], attrs, static=False)     # a symbolic input size is bound later (--dim)
         return (*ins[0].shape[:2], *map(sp.Integer, attrs["size"]))
 
     def reference(self, xs, attrs):
