@@ -268,8 +268,9 @@ def fuse_conv_chains(graph):
         shown = [name for n in nodes for name in layers(n)]       # a folded conv shows conv and bn
         before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
         if len(nodes) == 1:
-            ledger.append(Decision(rule, shown[0], shown, False, reason or "nothing follows it",
-                                   before, before, conv.name))
+            if conv.op != "matmul":      # a gradient's matmul that fuses nothing is not worth a line
+                ledger.append(Decision(rule, shown[0], shown, False, reason or "nothing follows it",
+                                       before, before, conv.name))
             continue
         operands = g.operands(conv.name)
         if conv.op == "matmul":

@@ -915,4 +915,6 @@ def test_the_batch_dim_goes_to_batch_wherever_a_command_has_it(capsys, tmp_path)
         code, _, err = cli(capsys, *argv, "--dim", "N=3")
         assert code == 2 and "N is lenet5's batch dim; give its size with --batch" in err, argv
     code, out, _ = cli(capsys, "emit", "lenet5", "--dim", "N=3", "--no-nvrtc", "-o", str(tmp_path / "k"))
-    assert code == 0 and "buffer plan at batch 3:" in out and "relu_f32_3x500" in out
+    assert code == 0 and "buffer plan at batch 3:" in out and "linear_relu_f32_in2450_out500" in out
+    conv1 = (tmp_path / "k" / "conv2d_direct_relu_max_pool2d_f32_c1_k20_r5x5_s1x1_p2x2_i28x28.cu").read_text()
+    assert "//   launch:    grid (12, 1, 1) x block" in conv1            # 4 tiles x 3 images, baked
