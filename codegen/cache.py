@@ -9,12 +9,26 @@ import os
 import pathlib
 import threading
 
+from graphconv.errors import BackendError
+
 
 def cache_dir(kind: str) -> pathlib.Path:
-    """`$GRAPHCONV_CACHE/<kind>` or `~/.cache/graphconv/<kind>`, created if missing."""
-    root = os.environ.get("GRAPHCONV_CACHE") or pathlib.Path.home() / ".cache" / "graphconv"
+    """`$GRAPHCONV_CACHE/<kind>` or `~/.cache/graphconv/<kind>`, created if missing; BackendError,
+    naming the variable and the folder, when it cannot be created or written."""
+    env = os.environ.get("GRAPHCONV_CACHE")
+    root = env or pathlib.Path.home() / ".cache" / "graphconv"
     path = pathlib.Path(root).expanduser() / kind
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        why = None if os.access(path, os.W_OK | os.X_OK) else "Permission denied"
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.filename and os.fsdecode(e.filename) != str(path):
+            why += f": {os.fsdecode(e.filename)}"
+    if why:
+        where = f"GRAPHCONV_CACHE={env}" if env else f"the default cache {root} (GRAPHCONV_CACHE is not set)"
+        raise BackendError(f"{where}: cannot create or write the cache folder {path} ({why}); set "
+                           f"GRAPHCONV_CACHE to a writable folder")
     return path
 
 

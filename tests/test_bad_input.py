@@ -227,6 +227,23 @@ def test_an_unwritable_folder_is_refused(capsys, tmp_path, tiny_file):
     assert code == 2 and "is not writable" in err
 
 
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host backend needs g++")
+@pytest.mark.parametrize("where", ["a-file", "a-file/under/it"])
+def test_a_bad_graphconv_cache_is_one_clear_error(capsys, tmp_path, monkeypatch, where):
+    """GRAPHCONV_CACHE naming a file (or a folder under one) was a raw NotADirectoryError from pathlib."""
+    from codegen.cache import cache_dir
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("GRAPHCONV_CACHE", str(tmp_path / where))
+    message = (f"GRAPHCONV_CACHE={tmp_path / where}: cannot create or write the cache folder "
+               f"{tmp_path / where / 'host'} (Not a directory); set GRAPHCONV_CACHE to a writable folder")
+    with pytest.raises(gc.BackendError, match=re.escape(message)):
+        cache_dir("host")
+    with pytest.raises(gc.BackendError, match=re.escape(message)):
+        gc.compile(tiny(), backend="host")
+    code, _, err = cli(capsys, "run", "seed_conv", "--backend", "host", "--batch", "1")
+    assert code == 2 and err.strip() == f"graphconv: error: {message}"
+
+
 def test_a_longer_run_is_not_overwritten_silently(checkpoint, capsys, tiny_file, tmp_path):
     _, path = checkpoint                                      # a run after 2 epochs
     before = path.read_bytes()
