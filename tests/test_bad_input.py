@@ -699,6 +699,31 @@ def test_the_python_apis_bad_input_is_one_graphconv_error(call, message):
         call()
 
 
+@pytest.mark.parametrize("layer, op", [
+    (lambda g, x: g.conv2d(x, 4, 3, name="c1"), "c1 [conv2d]"),
+    (lambda g, x: g.max_pool2d(x, 2, name="p1"), "p1 [max_pool2d]"),
+    (lambda g, x: g.batch_norm2d(x, name="bn"), "bn [batch_norm]"),   # its sums were silently wrong
+])
+def test_the_batch_size_as_a_spatial_dim_is_refused_by_the_kernel_backends(layer, op):
+    """("N", 3, 8, "N"): numpy runs it; the kernels bake every dim but the first in, so a conv or pool
+    crashed deep in the GEMM lowering (`Cannot convert symbols to int`) and a batch norm's sums were
+    wrong; elementwise kernels take any dim at run time and still run it."""
+    from codegen.program import Program
+    g = gc.Graph("t")
+    x = g.input("x", ("N", 3, 8, "N"))
+    g.output(layer(g, x))
+    message = (f"{op}: operand x is [N, 3, 8, N]: the batch size N is its dim 3; {op.split('[')[1][:-1]} kernels "
+               f"take the batch size only as dim 0 (every other size is baked into it): give that dim a fixed "
+               f"size, or run this graph with backend='numpy'")
+    with pytest.raises(gc.CompileError, match=re.escape(message)):
+        Program(g)
+    xs = np.random.default_rng(0).random((4, 3, 8, 4), dtype=np.float32)
+    assert gc.compile(g)(xs, params=gc.init_params(g, seed=0)).shape[0] == 4
+    g = gc.Graph("t")
+    g.output(g.relu(g.input("x", ("N", 3, 8, "N"))))
+    Program(g)
+
+
 def test_the_kernel_backends_refuse_what_numpy_refuses(tmp_path):
     """Found by a sweep of the kernel backends' options (session 8): an empty batch killed the host
     process (a division by zero in a kernel's launch), a class index past the scores trained on NaN,

@@ -31,6 +31,10 @@ def lowering(*op_names):
 
 
 NB = sp.Symbol("nb", integer=True, positive=True)
+# the families whose kernels take any dim as a run-time size (sizes printed by c_int): elementwise
+# kernels, concat / slice copies, views; and softmax, which takes the dims before its axis so and
+# refuses a batch size from the axis on itself
+BATCH_ANYWHERE = ("codegen.lowering.pointwise", "codegen.lowering.views", "codegen.lowering.softmax")
 
 
 class IntegerPrinter(sp.printing.c.C99CodePrinter):
@@ -100,6 +104,29 @@ class Context:
         self.dtype = self.outs[0].dtype if self.outs[0].dtype in CTYPE else node.dtype
         self.T = CTYPE[self.dtype]
         self.layer = node.layer or node.name
+        if node.role == "op" and batch_symbol is not None:
+            self._check_batch_leading(batch_symbol)
+
+    def _check_batch_leading(self, batch_symbol):
+        """CompileError where the batch size is a dim other than dim 0 of the node's operands or results
+        (an input ("N", 3, 8, "N")) and the node's kernels bake those dims in: every family's kernels but
+        the elementwise and copying ones (pointwise, concat, slice, views) take only the leading dim
+        at run time, and read the others as integers (a crash, or a wrong result from the reductions)."""
+        fn = lowering_of(self.node.op)
+        if fn is None or fn.__module__ in BATCH_ANYWHERE:
+            return
+        named = [(f"operand {o}", v) for o, v in zip(self.operands, self.ins)]
+        named += [("result" if len(self.outs) == 1 else f"result {i}", v) for i, v in enumerate(self.outs)]
+        for what, v in named:
+            if v is None:
+                continue
+            dims = [i for i, d in enumerate(v.shape[1:], 1) if BATCH in sp.sympify(d).free_symbols]
+            if dims:
+                shape = ", ".join(str(d).replace(str(BATCH), str(batch_symbol)) for d in v.shape)
+                raise self.fail(f"{what} is [{shape}]: the batch size {batch_symbol} is its dim "
+                                f"{', '.join(map(str, dims))}; {self.node.op} kernels take the batch size "
+                                f"only as dim 0 (every other size is baked into it): give that dim a fixed "
+                                f"size, or run this graph with backend='numpy'")
 
     def value_of(self, t) -> Value | None:
         if isinstance(t, TupleType):          # the operand of a `part`: read through its parts
