@@ -27,6 +27,16 @@ def c_neg_inf(T) -> str:
     return "-__int_as_float(0x7f800000)" if T == "float" else "-__longlong_as_double(0x7ff0000000000000LL)"
 
 
+class NoCForm(Exception):
+    """A sympy function (or other object) the C printer has no form for (sympy's arg, a Bessel
+    function): the program turns it into a CompileError naming the node whose expression uses it."""
+
+    def __init__(self, expr):
+        self.expr = expr
+        self.function = getattr(getattr(expr, "func", None), "__name__", type(expr).__name__)
+        super().__init__(f"{expr}: no C form for {self.function}")
+
+
 class CudaPrinter(C99CodePrinter):
     """C99 with the kernel's float type: expf/fabsf and 1.0F for float32, exp/fabs and 1.0 for
     float64; sigmoid and softplus as calls to gc_sigmoid / gc_softplus."""
@@ -57,6 +67,9 @@ class CudaPrinter(C99CodePrinter):
             self.functions_used.add(name)
             return f"gc_{name}({self._print(expr.args[0])})"
         return super()._print_Function(expr)
+
+    def _print_not_supported(self, expr):
+        raise NoCForm(expr)
 
     def _print_Max(self, expr):
         return self._min_max(expr, "max")

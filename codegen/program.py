@@ -12,7 +12,8 @@ from graphconv.errors import CompileError, GraphError
 from graphconv.ops.base import TupleType, as_flag
 from graphconv.passes import unbound_dims
 
-from .lowering import Context, lower_node
+from .cprinter import NoCForm
+from .lowering import Context, lower_node, no_c_form
 from .lowering.pointwise import (MAX_TENSORS, PARAM_BYTES, lower_pointwise_group, multi_tensor, multi_tensor_key,
                                  param_bytes, pointwise_groups)
 from .render import render
@@ -96,7 +97,10 @@ class Program:
                 self.values[ctx.out_key()] = ctx.outs[0]
                 if node.name != grouped[node.name]:
                     continue                 # its kernel is the group's, launched with the last member
-                lowered = lower_pointwise_group([contexts[m] for m in groups[node.name]])
+                try:
+                    lowered = lower_pointwise_group([contexts[m] for m in groups[node.name]])
+                except NoCForm as e:
+                    raise no_c_form([contexts[m] for m in groups[node.name]], e) from None
                 for spec in lowered.kernels:
                     render(spec)
                     self.launches.append(Launch(node.name, spec, groups[node.name]))

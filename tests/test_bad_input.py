@@ -305,14 +305,39 @@ def test_cli_optimizer_options(capsys, tiny_file):
     ("x**", "is not a sympy expression"),
     ("x*y", "has several variables"),
     (3, "does not depend on its input"),
-    ("f(x)", "cannot be evaluated by NumPy"),
+    ("f(x)", "f(x) uses f, which has no NumPy form here"),
     ("floor(x)", "sympy cannot differentiate"),
+    # complex: NumPy dropped the imaginary part (a ComplexWarning), g++ said 'I' was not declared
+    ("I*x + x", "activation 'bad_act': x + I*x is complex for real x (imaginary part x); an activation must "
+                "give a real value"),
+    ("exp(I*x)", "exp(I*x) is complex for real x (imaginary part sin(x))"),
+    # lambdified to math.gamma: "only 0-dimensional arrays can be converted to Python scalars"
+    ("gamma(x)", "activation 'bad_act': gamma(x) uses gamma, which has no NumPy form here; write it with "
+                 "functions NumPy has (exp, log, tanh, erf, sigmoid, softplus, ...)"),
+    ("fresnels(x)", "fresnels(x) uses fresnels, which has no NumPy form here"),    # was a raw sympy error
+    ("Heaviside(x)", "Heaviside(x) (derivative DiracDelta(x)) uses DiracDelta, which has no NumPy form here"),
 ])
 def test_define_activation_refuses_what_it_cannot_use(expr, message):
-    with pytest.raises(gc.GraphConvError, match=message):
+    with pytest.raises(gc.GraphError, match=re.escape(message)):
         gc.define_activation("bad_act", expr)
     from graphconv.ops import OPS
     assert "bad_act" not in OPS
+
+
+def test_an_activation_without_a_c_form_names_its_node_on_the_kernel_backends():
+    """sympy's arg has a NumPy form but no C one: numpy runs it, the kernel backends say which node
+    and function (was sympy's PrintMethodNotImplementedError); a complex factor that cancels is fine."""
+    from codegen.program import Program
+    assert str(gc.define_activation("x2_plus_1", "(x + I)*(x - I)").expr) == "x**2 + 1"
+    gc.define_activation("arg_plus_t", "arg(x) + x")
+    g = gc.Graph("t")
+    g.output(g.relu(g.apply("arg_plus_t", g.input("x", ("N", 4)), name="act"), name="r"))
+    np.testing.assert_allclose(gc.compile(g)(np.array([[-1, 2, 3, 4]], np.float32), params={}),
+                               [[np.pi - 1, 2, 3, 4]], rtol=1e-6)
+    with pytest.raises(gc.CompileError, match=re.escape(
+            "act [arg_plus_t]: arg_plus_t is x + arg(x): it uses arg, which has no C form: the host and cuda "
+            "kernels cannot compute it; run this graph with backend='numpy'")):
+        Program(g)
 
 
 def test_define_activation_registers_its_gradient_at_once():

@@ -17,6 +17,7 @@ from graphconv.errors import CompileError
 from graphconv.ops import OPS
 from graphconv.ops.base import CTYPE, TupleType
 
+from ..cprinter import NoCForm
 from ..spec import BATCH, Arg, Lowered, Value
 
 LOWERINGS: dict = {}
@@ -189,11 +190,27 @@ def lowering_of(op_name):
     return fn
 
 
+def no_c_form(contexts, error) -> CompileError:
+    """The CompileError for a function the C printer has no form for (cprinter.NoCForm), naming the
+    node (of `contexts`, the nodes one kernel computes) whose expression uses it."""
+    def uses(ctx):
+        expr = getattr(ctx.op, "expr", None)
+        return isinstance(expr, sp.Basic) and any(a.func == getattr(error.expr, "func", None)
+                                                  for a in expr.atoms(sp.Function))
+    ctx = next((c for c in contexts if uses(c)), None)
+    what = f"{ctx.node.op} is {ctx.op.expr}: it uses" if ctx else "uses"
+    return (ctx or contexts[-1]).fail(f"{what} {error.function}, which has no C form: the host and cuda kernels "
+                                      f"cannot compute it; run this graph with backend='numpy'")
+
+
 def lower_node(ctx: Context) -> Lowered:
     fn = lowering_of(ctx.node.op)
     if fn is None:
         raise ctx.fail(f"no kernel for op {ctx.node.op} yet; run this graph with backend='numpy'")
-    lowered = fn(ctx)
+    try:
+        lowered = fn(ctx)
+    except NoCForm as e:
+        raise no_c_form([ctx], e) from None
     for k in lowered.kernels:
         k.nodes = k.nodes or (ctx.node.name,)
         k.replaces = k.replaces or tuple(r[0] for r in ctx.node.replaces)

@@ -9,6 +9,7 @@ this way; nothing here has a hand-written derivative.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import sympy as sp
@@ -97,6 +98,37 @@ class _WherePrinter(NumPyPrinter):
         return text
 
 
+def numpy_form(symbols, expr):
+    """`expr` as a NumPy function of `symbols` (sympy.lambdify with the stable forms above)."""
+    return sp.lambdify(symbols, expr, modules=[NUMPY_FUNCTIONS, "numpy"],
+                       printer=_WherePrinter({"fully_qualified_modules": False, "inline": True,
+                                              "allow_unknown_functions": True, "user_functions": {}}),
+                       cse=True)
+
+
+def without_numpy_form(*exprs) -> list[str]:
+    """The names of the functions in `exprs` that have no NumPy form here: each applied function,
+    its arguments made plain real variables, fails to print or to run on an array (sympy's gamma
+    lambdifies to math.gamma, a scalar function; besselj to an undefined name; fresnels not at all)."""
+    names = []
+    for expr in exprs:
+        for atom in sorted(sp.sympify(expr).atoms(sp.Function), key=sp.default_sort_key):
+            name = getattr(atom.func, "__name__", str(atom.func))
+            if isinstance(atom, sp.Piecewise) or name in names:
+                continue
+            args = [sp.Dummy(real=True) if isinstance(a, sp.Expr) and a.free_symbols else a for a in atom.args]
+            variables = [a for a in args if isinstance(a, sp.Dummy)]
+            try:
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    y = np.asarray(numpy_form(variables, atom.func(*args))(*[np.linspace(0.25, 1.75, 4)] * len(variables)))
+                if y.dtype.kind not in "biuf":
+                    names.append(name)
+            except Exception:  # noqa: BLE001 - any failure means: no NumPy form
+                names.append(name)
+    return names
+
+
 def broadcasts_per_channel(shape, full) -> bool:
     """A [C] operand beside an [N, C, ...] one."""
     return len(shape) == 1 and len(full) >= 2 and not provably_ne(shape[0], full[1])
@@ -117,10 +149,7 @@ class Pointwise(Op):
             raise GraphError(f"{name}: expression {self.expr} uses {sorted(map(str, extra))}, which are neither "
                              f"operands {list(inputs)} nor parameters {list(self.attrs)}")
         self.doc = doc
-        self.lambdified = sp.lambdify(self.symbols + self.param_symbols, self.expr, modules=[NUMPY_FUNCTIONS, "numpy"],
-                                      printer=_WherePrinter({"fully_qualified_modules": False, "inline": True,
-                                                             "allow_unknown_functions": True, "user_functions": {}}),
-                                      cse=True)
+        self.lambdified = numpy_form(self.symbols + self.param_symbols, self.expr)
         # a faster NumPy form of the same expression (tests check that the two agree)
         self._fn = numpy or self.lambdified
         self._grads: dict = {}
@@ -216,18 +245,33 @@ def define_activation(name, expr, params=None, numpy=None):
         raise GraphError(f"activation {name!r}: expression {expr} does not depend on its input")
     expr = expr.subs(free.pop(), X)
     expr = expr.subs({sp.Symbol(p): sp.Symbol(p, real=True) for p in params})
+    if expr.has(sp.I):   # NumPy would drop the imaginary part (a ComplexWarning), C has no I at all
+        real = sp.expand_complex(expr)
+        if real.has(sp.I):
+            raise GraphError(f"activation {name!r}: {expr} is complex for real x (imaginary part "
+                             f"{sp.simplify(sp.im(expr))}); an activation must give a real value")
+        expr = real
     if name in OPS:
         existing = OPS[name]
         if isinstance(existing, Pointwise) and sp.simplify(existing.expr - expr) == 0:
             return existing
         raise GraphError(f"activation {name!r} is already defined as {getattr(existing, 'expr', existing)}")
-    op = Pointwise(name, expr, ("x",), params, numpy=numpy)
     values = {k: float(v) for k, v in params.items()}
+    grad = None
     try:  # an unknown function (sympy's f(x)) cannot be evaluated: refuse it now, not in a run
+        op = Pointwise(name, expr, ("x",), params, numpy=numpy)
         op.reference([np.linspace(-2, 2, 5)], values)
         grad = op.derivative(0, register_it=False)
         grad.reference([np.linspace(-2, 2, 5), np.ones(5)], values)
+    except GraphError:
+        raise
     except Exception as e:  # noqa: BLE001
+        missing = without_numpy_form(expr, *([grad.expr] if grad is not None else []))
+        if missing:
+            which = f"{expr}" if grad is None else f"{expr} (derivative {sp.diff(expr, X)})"
+            raise GraphError(f"activation {name!r}: {which} uses {', '.join(missing)}, which "
+                             f"{'has' if len(missing) == 1 else 'have'} no NumPy form here; write it with "
+                             f"functions NumPy has (exp, log, tanh, erf, sigmoid, softplus, ...)") from None
         raise GraphError(f"activation {name!r}: {expr} or its derivative cannot be evaluated by NumPy "
                          f"({type(e).__name__}: {e})") from None
     register(op)
