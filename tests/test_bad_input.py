@@ -475,6 +475,31 @@ def test_derive_backward_without_outputs_says_what_to_do():
         derive_backward(g)
 
 
+def test_a_concat_along_the_batch_dim_runs_forward_and_refuses_its_gradient_naming_the_layer():
+    """Its gradient was refused deep inside: "dfa [slice]: slice stop must be a concrete integer, got N"."""
+    from graphconv.pipeline import build
+
+    def net(dim):
+        g = gc.Graph("cat")
+        x = g.input("x", ("N", 4))
+        h = g.concat([g.linear(x, 4, name="fa"), g.linear(x, 4, name="fb")], dim=dim, name="cat")
+        g.output(g.linear(h, 3, name="fc"))
+        return g
+    g = net(0)
+    y = gc.compile(g)(np.ones((2, 4), np.float32), params=gc.init_params(g, seed=0))
+    assert y.shape == (4, 3)
+    with pytest.raises(gc.GraphError, match=re.escape(
+            "cat [concat]: a concat along dim 0, the batch dim, of symbolic sizes (N, N) has no gradient: input "
+            "0's part of it would start at 0 and stop at N, and slices take integer bounds; it runs forward only "
+            "(concatenate along a dim of fixed size to train through it) (input 0 [N,4] from fa <- x)")):
+        build(g, "train")
+    build(net(1), "train")                                   # along the features: its gradient is two slices
+    g = gc.Graph("inputs")                                   # inputs need no gradient: nothing to slice
+    h = g.concat([g.input("a", ("N", 4)), g.input("b", ("N", 4))], dim=0, name="cat")
+    g.output(g.linear(h, 3, name="fc"))
+    build(g, "train")
+
+
 # ---- data sets and models ---------------------------------------------------------------------
 
 def test_data_set_follows_the_model_and_a_mismatch_suggests_the_right_one(capsys, tmp_path):

@@ -123,6 +123,15 @@ class Concat(Op):
         grads, start = [], sp.Integer(0)
         for i, (x, need) in enumerate(zip(e.inputs, needs)):
             stop = start + x.shape[axis]
+            if need and not (sp.sympify(start).is_Integer and sp.sympify(stop).is_Integer):
+                # the slice of the gradient would need bounds in the symbols (N, 2N), which slice,
+                # the interpreter and the copy kernels take only as integers
+                sizes = ", ".join(fmt_dim(t.shape[axis]) for t in e.inputs)
+                raise OpError(f"a concat along dim {axis}{', the batch dim,' if axis == 0 else ''} of symbolic "
+                              f"sizes ({sizes}) has no gradient: input {i}'s part of it would start at "
+                              f"{fmt_dim(start)} and stop at {fmt_dim(stop)}, and slices take integer bounds; "
+                              f"it runs forward only (concatenate along a dim of fixed size to train through it)",
+                              i, kind=GraphError)
             grads.append(e.emit("slice", [dy], {"dim": axis, "start": start, "stop": stop}, wrt=i)
                          if need else None)
             start = stop
