@@ -179,7 +179,7 @@ def cmd_check(args):
           f"{unfused.dtype}, batch {args.batch}, seed {args.seed}")
     width = max(len(o) for o in want)
     print(f"  {'output'.ljust(width)}  {'max abs diff':>12}  {'max rel diff':>12}  status")
-    failed, conditioned, noise = 0, [], []
+    failed, conditioned, noise, carried = 0, [], [], []
     for name, a in want.items():
         b = got[name]
         diff = float(np.abs(a - b).max()) if a.size else 0.0
@@ -191,6 +191,9 @@ def cmd_check(args):
         if judge and not ok and adam_step_of_its_moments(unfused, name, params, want, got, args.rtol):
             ok, status = True, "ok*"
             conditioned.append(name)
+        if judge and not ok and sgd_step_of_its_velocity(unfused, name, params, want, got, args.rtol):
+            ok, status = True, "ok~"
+            carried.append(name)
         failed += judge and not ok
         print(f"  {name.ljust(width)}  {diff:12.3e}  {rel:12.3e}  {status if judge else '-'}")
     if noise:
@@ -205,6 +208,12 @@ def cmd_check(args):
               f"has a gradient at float32 rounding noise (<= 64 eps of the largest first moment); Adam divides a "
               f"gradient by its own size (m / (sqrt(v) + eps)), so there rounding moves the step by up to the learning rate "
               f"(a float32 graph's first steps, not an error of the fused graph)")
+    if carried:
+        print(f"~ {len(carried)} SGD update{'s' if len(carried) > 1 else ''} past rtol: p' = p - lr * v', and each "
+              f"element past rtol differs from the unfused graph's by no more than lr times its velocity's difference "
+              f"(plus the rounding of p'), with that velocity accepted above (ok or ok+): the update of a gradient "
+              f"that is rounding noise (a parameter at 0, such as a batch norm's bias, whose gradient cancels) "
+              f"carries its velocity's noise, not an error of the fused graph")
     if judge:
         print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
     else:
@@ -262,6 +271,31 @@ def adam_step_of_its_moments(graph, name, params, want, got, rtol) -> bool:
     past = ~within(np.asarray(got[name], np.float64), np.asarray(want[name], np.float64), rtol)
     noise = 64 * float(np.finfo(np.float32).eps) * max(float(np.abs(want[m]).max()), kind_scale(m, want))
     return bool(np.all(np.abs(want[m])[past] <= noise) and np.all(np.abs(got[m])[past] <= noise))
+
+
+def sgd_step_of_its_velocity(graph, name, params, want, got, rtol) -> bool:
+    """Whether output `name` is an SGD parameter update (p' = p - lr * v') whose difference from the
+    reference is its velocity's: the velocity v' is accepted (within rtol of its own values or of its
+    kind's largest, see kind_scale), and every element of p' past rtol differs by at most
+    lr * |got v' - want v'| plus the rounding of p - lr * v' (4 epsilons of the dtype on |p| + lr |v'|
+    + |p'|). A velocity that is rounding noise (the gradient of a batch norm's bias that cancels in
+    exact arithmetic) then makes a parameter at 0 differ by 100% of itself, which is no error; an
+    update that is not p - lr * v' of an accepted velocity is not excused."""
+    if name not in graph or graph.node(name).op != "sgd_param" or name not in got:
+        return False
+    p_name, v_name, lr_name = graph.operands(name)
+    p, lr = (got.get(k, params.get(k)) for k in (p_name, lr_name))
+    if p is None or lr is None or v_name not in want or v_name not in got:
+        return False
+    if not close(got[v_name], want[v_name], rtol, kind_scale(v_name, want)):
+        return False
+    f64 = lambda a: np.asarray(a, np.float64)
+    p, lr, dv = f64(p), float(f64(lr)), np.abs(f64(got[v_name]) - f64(want[v_name]))
+    new, ref = f64(got[name]), f64(want[name])
+    eps = float(np.finfo(np.asarray(got[name]).dtype if np.asarray(got[name]).dtype.kind == "f" else np.float64).eps)
+    allowed = lr * dv + 4 * eps * (np.abs(p) + lr * np.abs(f64(got[v_name])) + np.abs(ref))
+    past = ~within(new, ref, rtol)
+    return bool(np.all(np.abs(new - ref)[past] <= allowed[past]))
 
 
 def cmd_emit(args):
@@ -801,7 +835,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rtol", type=_positive_float, default=None,
                    help=f"relative tolerance of the outputs (default: 1e-9 in float64, 1e-4 in float32, {TF32_RTOL:g} "
                         f"with --tf32; each TF32 kernel is held to its own, tighter tolerance; in float32 an Adam "
-                        f"update past it that is its own moments' step, from gradients at rounding noise, is ok*)")
+                        f"update past it that is its own moments' step, from gradients at rounding noise, is ok*; an SGD "
+                        f"update that differs by no more than lr times its accepted velocity's difference is ok~)")
     s.add_argument("--tf32", action="store_true", help=TF32_HELP)
     s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.add_argument("--bounds", action="store_true",

@@ -267,6 +267,50 @@ def test_check_judges_the_moments_of_a_zero_gradient_against_their_kind(tmp_path
     assert not close(np.array([1e-5, 0]), want["a.bias.adam_m.next"], 1e-4, 0.07)   # wrong at the network's scale
 
 
+MID_BN = ("import graphconv as gc\n\ndef mid_bn():\n    g = gc.Graph('mid_bn')\n"
+          "    h = g.input('x', ('N', 1, 1, 1))\n    for i in range(12):\n"
+          "        h = g.relu(g.batch_norm2d(g.conv2d(h, 2, 1, bias=False)))\n"
+          "    g.output(g.linear(g.flatten(h), 10))\n    return g\n")
+
+
+def test_check_explains_sgd_updates_that_carry_their_velocitys_rounding_noise(tmp_path, capsys):
+    """12 x (1x1 conv without bias -> batch norm -> relu): a batch norm's bias gradient cancels in
+    exact arithmetic, its SGD velocity is rounding noise (ok+), and the bias (0 before the step) moved
+    by lr times that noise differed by 100% and was reported MISMATCH. It is "ok~" now, explained
+    under the table."""
+    (tmp_path / "mid_bn.py").write_text(MID_BN)
+    code = main(["check", f"{tmp_path / 'mid_bn.py'}:mid_bn", "--stage", "fused-train", "--backend", "host",
+                 "--optimizer", "sgd", "--seed", "0"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.startswith("  bn")}
+    assert rows["bn8.bias.velocity.next"] == "ok+" and rows["bn8.bias.next"] == "ok~", rows   # reproduced
+    assert code == 0 and "MISMATCH" not in out, out
+    assert "SGD updates past rtol: p' = p - lr * v'" in out
+
+
+def test_an_sgd_update_is_excused_only_by_its_accepted_velocitys_difference(tmp_path):
+    from graphconv.cli import sgd_step_of_its_velocity
+    from graphconv.models import load
+    (tmp_path / "mid_bn.py").write_text(MID_BN)
+    graph = build_unfused(load(f"{tmp_path / 'mid_bn.py'}:mid_bn", "float64"), "fused-train", None,
+                          Optimizer("sgd"))
+    name = "bn8.bias.next"
+    p_, v_, lr_ = graph.operands(name)
+    params = {p_: np.zeros(2), lr_: np.float64(1e-3)}
+    noise_want, noise_got = np.array([3e-15, -1e-15]), np.array([-2e-15, 2e-15])     # a cancelled gradient
+
+    def step(v, **extra):
+        return {v_: v, name: params[p_] - params[lr_] * v, "conv1.weight.velocity.next": np.array([[0.2, -0.1]]),
+                **extra}
+    want, got = step(noise_want), step(noise_got)
+    assert sgd_step_of_its_velocity(graph, name, params, want, got, 1e-9)
+    wrong = dict(got, **{name: got[name] + 1e-12})                   # not p - lr * v' of the accepted velocity
+    assert not sgd_step_of_its_velocity(graph, name, params, want, wrong, 1e-9)
+    far = step(np.array([1e-5, 0.0]))                                  # a velocity wrong at the network's scale
+    assert not sgd_step_of_its_velocity(graph, name, params, want, far, 1e-9)
+    assert not sgd_step_of_its_velocity(graph, v_, params, want, got, 1e-9)   # only parameter updates
+
+
 def test_dump_after_a_pass_and_unknown_passes(capsys):
     assert main(["dump", "lenet5", "--stage", "fused", "--after", "set_training"]) == 0
     assert "fused_conv" not in capsys.readouterr().out
