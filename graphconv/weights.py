@@ -196,6 +196,13 @@ def _torch_modules(state_dict):
 def _match(graph, state_dict):
     """graphconv name -> (torch key, transposed) for every parameter and buffer: by layer name where
     every graphconv layer has a PyTorch module of its name, else by order of the layers."""
+    return _mapping(graph, _pairs(graph, state_dict))
+
+
+def _pairs(graph, state_dict):
+    """[((layer prefix, op, [param names]), {suffix: torch key}, torch module prefix)]: each graphconv
+    layer with parameters and its PyTorch module, by name where every layer has a module of its name,
+    else by order."""
     ours, theirs = _layers(graph), _torch_modules(state_dict)
     by_name = {prefix: suffixes for prefix, suffixes in theirs}
     if all(prefix in by_name for prefix, _, _ in ours):
@@ -211,6 +218,10 @@ def _match(graph, state_dict):
                              f"({', '.join(p for p, _, _ in ours)}) and the state dict {len(theirs)} modules "
                              f"({', '.join(p or '(root)' for p, _ in theirs)}): neither their names nor their "
                              f"count match")
+    return pairs
+
+
+def _mapping(graph, pairs):
     mapping = {}
     for (prefix, op, names), suffixes, torch_prefix in pairs:
         mine = {name.rsplit(".", 1)[-1]: name for name in names}
@@ -255,17 +266,123 @@ def _check_module_types(graph, module, mapping):
                                      f"{layer} is a {graph.node(user).op} (a {' or '.join(wanted)} in PyTorch)")
 
 
+# the settings of a layer that change its result, compared when a module (not only its state dict) is
+# loaded: per kind, graphconv's op names and PyTorch's classes
+_CONV_OPS = ("conv1d", "conv2d", "conv3d", "fused_conv")
+_KINDS = (("conv", _CONV_OPS, ("Conv1d", "Conv2d", "Conv3d")),
+          ("conv_transpose", ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+           ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")),
+          ("linear", ("linear", "fused_linear"), ("Linear",)),
+          ("batch_norm", ("batch_norm", "fold_batch_norm"), ("_BatchNorm", "SyncBatchNorm")))
+
+
+def _show(value):
+    """A setting as PyTorch writes it: padding pairs with equal sides as one int per axis."""
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return str(tuple(lo for lo, _ in value)) if all(lo == hi for lo, hi in value) else str(value)
+    return repr(value)
+
+
+def _conv_settings(node, weight_shape, transposed):
+    """A graphconv conv node's settings, PyTorch's names, padding as (lo, hi) pairs."""
+    from .ops.window import resolve_same
+    kernel = tuple(int(d) for d in weight_shape[2:])
+    attrs = node.attrs
+    out = {"kernel_size": kernel, "stride": tuple(attrs["stride"]),
+           "padding": tuple(tuple(p) for p in resolve_same(attrs["padding"], kernel, attrs["dilation"])),
+           "dilation": tuple(attrs["dilation"]), "groups": int(attrs["groups"])}
+    if transposed:
+        out["output_padding"] = tuple(attrs.get("output_padding", (0,) * len(kernel)))
+    else:
+        out["padding_mode"] = attrs.get("padding_mode", "zeros")
+    return out
+
+
+def _torch_conv_settings(sub, transposed):
+    from .ops.window import resolve_same
+    kernel = tuple(int(k) for k in sub.kernel_size)
+    padding = sub.padding
+    if isinstance(padding, str):
+        padding = ((0, 0),) * len(kernel) if padding == "valid" else resolve_same("same", kernel, sub.dilation)
+    else:
+        padding = tuple((int(p), int(p)) for p in padding)
+    out = {"kernel_size": kernel, "stride": tuple(int(v) for v in sub.stride), "padding": tuple(padding),
+           "dilation": tuple(int(v) for v in sub.dilation), "groups": int(sub.groups)}
+    if transposed:
+        out["output_padding"] = tuple(int(v) for v in sub.output_padding)
+    else:
+        out["padding_mode"] = sub.padding_mode
+    return out
+
+
+def _check_module_settings(graph, module, pairs):
+    """Given a module (not only its state dict): each layer's settings that change its result
+    (conv: kernel size, stride, padding, dilation, groups, padding mode, output padding; linear: in and
+    out features; batch norm: eps, momentum, affine) must be the graphconv layer's; a Conv2d with
+    padding_mode="reflect" loaded into a conv that pads with zeros would give other numbers silently.
+    A module of another kind is left to _check_module_types."""
+    if not hasattr(module, "get_submodule"):
+        return
+    for (prefix, _, names), _, torch_prefix in pairs:
+        try:
+            sub = module.get_submodule(torch_prefix)
+        except (AttributeError, TypeError):
+            continue
+        classes = {c.__name__ for c in type(sub).__mro__}
+        users = {}          # the layer's nodes: its parameters' users, and (a fused graph) its fused node
+        for name in names:
+            for user, _ in graph.users(name):
+                users.setdefault(graph.node(user).op, graph.node(user))
+        for node in graph.topo():
+            if node.role == "op" and node.layer == prefix:
+                users.setdefault(node.op, node)
+        for kind, ops, torch_classes in _KINDS:
+            node = next((users[op] for op in ops if op in users), None)
+            if node is not None and classes & set(torch_classes):
+                break
+        else:
+            continue
+        weight = f"{prefix}.weight" if prefix else "weight"
+        shape = tuple(int(d) for d in graph.node(weight).shape) if weight in graph else None
+        if kind in ("conv", "conv_transpose"):
+            ours = _conv_settings(node, shape, kind == "conv_transpose")
+            theirs = _torch_conv_settings(sub, kind == "conv_transpose")
+        elif kind == "linear":
+            ours = {"in_features": shape[0], "out_features": shape[1]}
+            theirs = {"in_features": int(sub.in_features), "out_features": int(sub.out_features)}
+        else:
+            ours = {"eps": float(node.attrs["eps"]), "affine": shape is not None}
+            theirs = {"eps": float(sub.eps), "affine": bool(sub.affine)}
+            if "momentum" in node.attrs:
+                ours["momentum"] = float(node.attrs["momentum"])
+                theirs["momentum"] = None if sub.momentum is None else float(sub.momentum)
+        for key, value in ours.items():
+            other = theirs[key]
+            same = (other is not None and abs(value - other) <= 1e-12 * max(abs(value), abs(other))
+                    if isinstance(value, float) and not isinstance(value, bool) else value == other)
+            if not same:
+                layer = node.layer or prefix
+                raise GraphConvError(f"{layer}: {key} differs: {graph.name}'s {layer} has {key}={_show(value)}, "
+                                     f"PyTorch's {torch_prefix or '(root)'} ({type(sub).__name__}) has "
+                                     f"{key}={_show(other)}; its outputs would differ (build the layer with "
+                                     f"PyTorch's setting, or load a module that matches)")
+
+
 def load_state_dict(graph, state_dict) -> dict:
     """graphconv parameters from a PyTorch state dict (or module) of the same architecture, tensors or
     arrays: names mapped by layer name, else by layer order; linear weights transposed (PyTorch stores
-    [out, in], graphconv [in, out]); shapes checked, values finite floats, cast to the graph's dtype."""
+    [out, in], graphconv [in, out]); shapes checked, values finite floats, cast to the graph's dtype.
+    Given a module, each layer's kind and the settings that change its result are checked too."""
     need_graph(graph, "load_state_dict")
     module = None
     if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
         module, state_dict = state_dict, state_dict.state_dict()      # a module: its state dict, its layers' types
     if not hasattr(state_dict, "keys"):
         raise InputError(f"load_state_dict: takes a state dict (module.state_dict()), got {type(state_dict).__name__}")
-    mapping = _match(graph, state_dict)
+    pairs = _pairs(graph, state_dict)
+    if module is not None:
+        _check_module_settings(graph, module, pairs)     # before the parameters: an affine=False BN has none
+    mapping = _mapping(graph, pairs)
     if module is not None:
         _check_module_types(graph, module, mapping)
     params = {n: v for n, v in init_params(graph).items() if n in RUNTIME_STATE}

@@ -15,6 +15,7 @@ from graphconv.errors import CheckpointError, GraphConvError, InputError
 from graphconv.fusion import fuse
 from graphconv.models import MODELS
 from graphconv.passes import set_training
+from graphconv.pipeline import build
 from graphconv.training import Optimizer, Trainer, batches
 from torch_oracle import torch
 
@@ -285,3 +286,51 @@ def test_a_module_of_another_layer_kind_is_refused_even_where_the_shapes_agree()
     right = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3))
     np.testing.assert_array_equal(gc.load_state_dict(g, right)["c.weight"], right[0].weight.detach().numpy())
     assert set(gc.load_state_dict(g, wrong.state_dict())) == {"c.weight", "c.bias"}
+
+
+@needs_torch
+def test_a_module_whose_layer_settings_differ_is_refused_naming_the_layer_and_the_setting():
+    """Given a module, the settings that change a layer's result are compared, not only its kind: a
+    Conv2d with padding_mode="reflect" loaded silently into a conv that pads with zeros, and the
+    outputs differed. A state dict alone carries no settings: that still loads by shape."""
+    nn = torch.nn
+
+    def graph(mode="zeros", eps=1e-5):
+        g = gc.Graph("pad", dtype="float64")
+        h = g.conv2d(g.input("x", ("N", 2, 6, 6)), 3, 3, padding=1, padding_mode=mode, name="conv")
+        g.output(g.linear(g.flatten(g.batch_norm2d(h, eps=eps, name="bn")), 4, name="fc"))
+        return set_training(g, False)
+
+    class Net(nn.Module):
+        def __init__(self, mode="zeros", **bn):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(3, **bn)
+            self.fc = nn.Linear(108, 4)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.conv(x)).flatten(1))
+
+    reflect = Net("reflect").double().eval()
+    with pytest.raises(GraphConvError, match=r"conv: padding_mode differs: pad's conv has padding_mode='zeros', "
+                                             r"PyTorch's conv \(Conv2d\) has padding_mode='reflect'"):
+        gc.load_state_dict(graph(), reflect)
+    with pytest.raises(GraphConvError, match=r"conv: padding_mode differs"):             # fused: the same check
+        gc.load_state_dict(build(graph(), "fused"), reflect)
+    x = np.random.default_rng(0).standard_normal((2, 2, 6, 6))
+    with torch.no_grad():
+        want = reflect(torch.from_numpy(x)).numpy()
+    matching = graph("reflect")
+    got = gc.compile(matching).run({"x": x}, gc.load_state_dict(matching, reflect))[matching.outputs[0]]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(GraphConvError, match=r"bn: eps differs: pad's bn has eps=1e-05, PyTorch's bn \(BatchNorm2d\) "
+                                             r"has eps=0.001"):
+        gc.load_state_dict(graph(), Net(eps=1e-3).double())
+    with pytest.raises(GraphConvError, match=r"bn: affine differs: pad's bn has affine=True, .* has affine=False"):
+        gc.load_state_dict(graph(), Net(affine=False).double())
+    with pytest.raises(GraphConvError, match=r"bn: momentum differs: pad's bn has momentum=0.1, .* momentum=None"):
+        gc.load_state_dict(graph(), Net(momentum=None).double())
+    strided = Net().double()
+    strided.conv.stride = (2, 2)
+    with pytest.raises(GraphConvError, match=r"conv: stride differs: pad's conv has stride=\(1, 1\), .* stride=\(2, 2\)"):
+        gc.load_state_dict(graph(), strided)
+    assert set(gc.load_state_dict(graph(), reflect.state_dict())) >= {"conv.weight", "bn.running_var"}   # by shape
