@@ -544,8 +544,14 @@ def cmd_train(args):
     dataset = args.data or data.default_dataset(graph.inputs[0].shape)
     if args.momentum is not None and args.optimizer != "sgd":
         raise GraphConvError(f"--momentum is an sgd setting; adam has none (use --optimizer sgd, or drop --momentum)")
+    given = [flag for flag, value in (("--gamma", args.gamma), ("--step-size", args.step_size)) if value is not None]
+    if given and args.schedule != "step":
+        raise GraphConvError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the step schedule (the "
+                             f"learning rate times --gamma every --step-size epochs); --schedule {args.schedule} "
+                             f"does not use {'them' if len(given) > 1 else 'it'}: add --schedule step, or drop "
+                             f"{' and '.join(given)}")
     opt = Optimizer(args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                    step_size=args.step_size, gamma=args.gamma, epochs=args.epochs,
+                    step_size=args.step_size or 10, gamma=args.gamma or 0.1, epochs=args.epochs,
                     **({"momentum": args.momentum} if args.momentum is not None else {}))
     save = args.save or f"{graph.name}.npz"
     check_writable(save)   # before any work: a bad path is found now, not after the first epoch
@@ -899,8 +905,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", default="constant", choices=("constant", "step", "cosine"),
                    help="learning rate per epoch: step multiplies it by --gamma every --step-size epochs; cosine "
                         "anneals it to 0 over the whole run (resumed runs included)")
-    s.add_argument("--step-size", type=_positive, default=10, help="epochs between the step schedule's decays")
-    s.add_argument("--gamma", type=_positive_float, default=0.1, help="the step schedule's factor, in (0, 1]")
+    s.add_argument("--step-size", type=_positive, default=None,
+                   help="epochs between the step schedule's decays (default 10; --schedule step only)")
+    s.add_argument("--gamma", type=_positive_float, default=None,
+                   help="the step schedule's factor, in (0, 1] (default 0.1; --schedule step only)")
     s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the batch order")
     s.add_argument("--backend", default="numpy", choices=BACKEND_CHOICES, help=BACKEND_HELP)

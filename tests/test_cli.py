@@ -239,3 +239,15 @@ def test_run_says_which_mode_and_eval_switches_it(capsys):
     assert train.splitlines()[1] != evaluated.splitlines()[1]          # running statistics: other outputs
     code, out, _ = run(capsys, "run", "lenet5", "--batch", "2")
     assert code == 0 and out.startswith("lenet5 on numpy: batch 2")    # nothing modal: no word
+
+
+def test_train_refuses_the_step_schedules_settings_with_another_schedule(capsys, tmp_path):
+    """--gamma and --step-size were silently ignored with --schedule cosine (or constant)."""
+    save = str(tmp_path / "g.npz")
+    code, out, err = run(capsys, "train", "lenet5", "--schedule", "cosine", "--gamma", "0.5", "--save", save)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "--gamma sets the step schedule (the learning rate times --gamma every --step-size epochs); --schedule " \
+           "cosine does not use it: add --schedule step, or drop --gamma" in err, err
+    code, _, err = run(capsys, "train", "lenet5", "--gamma", "0.5", "--step-size", "3", "--save", save)
+    assert code == 2 and "--gamma and --step-size set the step schedule" in err and "--schedule constant" in err
+    assert not (tmp_path / "g.npz").exists()
