@@ -120,11 +120,14 @@ class Optimizer:
         return self.lr
 
     def describe(self) -> str:
-        sched = {"constant": "", "step": f", x{self.gamma:g} every {self.step_size} epochs",
-                 "cosine": f", cosine to 0 over {self.epochs} epochs"}[self.schedule]
+        def epochs(n):
+            return f"{n} epoch{'' if n == 1 else 's'}"
+        # the schedule is an item of its own after the optimizer's settings (a header lists items with commas)
+        sched = {"constant": "", "step": f", lr x{self.gamma:g} every {epochs(self.step_size)}",
+                 "cosine": f", lr cosine to 0 over {epochs(self.epochs)}"}[self.schedule]
         if self.kind == "sgd":
-            return f"sgd lr {self.lr:g}{sched} momentum {self.momentum:g} weight decay {self.weight_decay:g}"
-        return f"adam lr {self.lr:g}{sched} betas ({self.beta1:g}, {self.beta2:g}) weight decay {self.weight_decay:g}"
+            return f"sgd lr {self.lr:g} momentum {self.momentum:g} weight decay {self.weight_decay:g}{sched}"
+        return f"adam lr {self.lr:g} betas ({self.beta1:g}, {self.beta2:g}) weight decay {self.weight_decay:g}{sched}"
 
 
 def as_optimizer(optimizer) -> Optimizer:

@@ -251,3 +251,14 @@ def test_train_refuses_the_step_schedules_settings_with_another_schedule(capsys,
     code, _, err = run(capsys, "train", "lenet5", "--gamma", "0.5", "--step-size", "3", "--save", save)
     assert code == 2 and "--gamma and --step-size set the step schedule" in err and "--schedule constant" in err
     assert not (tmp_path / "g.npz").exists()
+
+
+def test_the_train_header_lists_the_schedule_as_an_item_of_its_own():
+    """The header read "adam lr 0.001, cosine to 0 over 1 epochs betas (0.9, 0.999) ...": the schedule
+    split the optimizer's settings, with no comma before betas."""
+    from graphconv.training import Optimizer
+    assert Optimizer(schedule="cosine", epochs=1).describe() == \
+        "adam lr 0.001 betas (0.9, 0.999) weight decay 0, lr cosine to 0 over 1 epoch"
+    assert Optimizer("sgd", schedule="step", step_size=10, gamma=0.5).describe() == \
+        "sgd lr 0.001 momentum 0.9 weight decay 0, lr x0.5 every 10 epochs"
+    assert Optimizer().describe() == "adam lr 0.001 betas (0.9, 0.999) weight decay 0"
