@@ -1,7 +1,8 @@
 """`graphconv emit`: a program's kernels as .cu files plus a manifest.json (per kernel: name, source
 nodes and layers, template, launch shape, typed arguments, content hash, NVRTC's resource usage;
 per program: the launch order and the buffer plan's peak at a reference batch). Files are written
-only when their content changes, and kernels no longer in the program are removed."""
+only when their content changes, and the .cu files the folder's previous manifest listed that the new
+one does not are removed (nothing graphconv did not write there)."""
 from __future__ import annotations
 
 import hashlib
@@ -64,16 +65,33 @@ def emit(graph, out_dir, check_nvrtc=True, tf32=False, winograd=False) -> dict:
     manifest = manifest_of(program, resources)
     _keep_reported_resources(manifest, out / "manifest.json")
     wanted = {row["file"] for row in manifest["kernels"]}
+    previous = _listed_files(out / "manifest.json")     # before the new manifest replaces it
     try:
         for spec in program.kernels:
             write_if_changed(out / f"{spec.name}.cu", spec.source)
-        for stale in out.glob("*.cu"):
-            if stale.name not in wanted and stale.is_file() and _generated(stale):
+        for name in sorted(previous - wanted):
+            stale = out / name
+            if stale.is_file() and not stale.is_symlink() and _generated(stale):
                 stale.unlink()
         write_if_changed(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     except OSError as e:
         raise GraphConvError(f"emit: {e.filename or out}: cannot be written ({e.strerror or e})") from None
     return manifest
+
+
+def _listed_files(path: pathlib.Path) -> set:
+    """The .cu files an earlier emit's manifest.json in the folder lists (plain names in the folder);
+    none where there is no manifest, or it is not graphconv's. Only these are removed when a new emit
+    no longer lists them: a .cu file graphconv did not list there is never deleted."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    kernels = old.get("kernels") if isinstance(old, dict) and "graph" in old else None
+    if not isinstance(kernels, list):
+        return set()
+    files = {row.get("file") for row in kernels if isinstance(row, dict) and isinstance(row.get("sha256"), str)}
+    return {f for f in files if isinstance(f, str) and f.endswith(".cu") and pathlib.PurePath(f).name == f}
 
 
 def _generated(path) -> bool:

@@ -573,3 +573,28 @@ def test_hoisting_keeps_the_bits_of_any_scalar_expression(dtype, monkeypatch):
     inline = CompiledProgram(fused, "host").run(inputs, params)
     for name in hoisted:
         assert hoisted[name].tobytes() == inline[name].tobytes(), name
+
+
+def test_emit_into_an_earlier_emits_folder_removes_only_the_files_its_manifest_listed(capsys, tmp_path):
+    """Emitting another model or stage into a folder removes the .cu files the folder's previous
+    manifest listed and the new one does not; a .cu file no graphconv manifest there lists (a user's,
+    or a kernel copied in by hand) is kept, and so is everything in a folder without a manifest."""
+    folder = tmp_path / "k"
+    assert cli(capsys, "emit", "lenet5", "--stage", "fused-train", "-o", str(folder), "--no-nvrtc")[0] == 0
+    earlier = {p.name for p in folder.glob("*.cu")}
+    copied = folder / "copied_kernel.cu"                    # graphconv's text, not listed by its manifest
+    copied.write_text((folder / sorted(earlier)[0]).read_text())
+    (folder / "mine.cu").write_text("// my kernel\n")
+    assert cli(capsys, "emit", "seed_conv", "-o", str(folder), "--no-nvrtc")[0] == 0
+    listed = {row["file"] for row in json.loads((folder / "manifest.json").read_text())["kernels"]}
+    assert {p.name for p in folder.glob("*.cu")} == listed | {"copied_kernel.cu", "mine.cu"}
+    assert not listed & earlier
+    bare = tmp_path / "bare"                                # no manifest: nothing is removed
+    bare.mkdir()
+    (bare / "old.cu").write_text(copied.read_text())
+    assert cli(capsys, "emit", "seed_conv", "-o", str(bare), "--no-nvrtc")[0] == 0 and (bare / "old.cu").exists()
+    outside = tmp_path / "outside.cu"                       # a manifest naming a file outside its folder
+    outside.write_text(copied.read_text())
+    (bare / "manifest.json").write_text(json.dumps({"graph": "x", "kernels": [{"file": "../outside.cu",
+                                                                               "sha256": "0"}]}))
+    assert cli(capsys, "emit", "seed_conv", "-o", str(bare), "--no-nvrtc")[0] == 0 and outside.exists()
