@@ -24,7 +24,8 @@ def cmd_summary(args):
     from .summary import format_json, format_table, format_training, summarize, summarize_training
     from .pipeline import build
     from .training import Optimizer
-    graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer))
+    graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer),
+                  collapse=collapse_of(args))
     if args.stage in ("train", "fused-train"):
         t = summarize_training(graph, args.batch)
         print(format_json(t) if args.format == "json" else format_training(t))
@@ -39,7 +40,7 @@ def cmd_dump(args):
     from .printer import FORMATS, PICTURES, to_picture
     from .training import Optimizer
     graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer), args.after,
-                  collapse=args.collapse_convs)
+                  collapse=collapse_of(args))
     if args.format in PICTURES:
         picture = to_picture(graph, args.format)
         if args.output:
@@ -303,7 +304,7 @@ def cmd_emit(args):
     from codegen.emit import emit
     from .pipeline import build
     from .training import Optimizer
-    graph = build(load_model(args), args.stage, args.loss, Optimizer(args.optimizer))
+    graph = build(load_model(args), args.stage, args.loss, Optimizer(args.optimizer), collapse=collapse_of(args))
     manifest = emit(graph, args.output, check_nvrtc=not args.no_nvrtc, tf32=args.tf32, winograd=args.winograd)
     rows = manifest["kernels"]
     from codegen.program import variant_layers
@@ -320,6 +321,14 @@ def cmd_emit(args):
     print(f"buffer plan at batch {plan['batch']}: {plan['buffers']} buffers, {plan['allocated_bytes']:,} bytes "
           f"allocated, peak {plan['peak_live_bytes']:,} bytes live")
     return 0
+
+
+def collapse_of(args) -> bool:
+    """--collapse-convs, refused where the stage has no fusion passes (it would change nothing)."""
+    if args.collapse_convs and not args.stage.startswith("fused"):
+        raise GraphConvError(f"--collapse-convs is a fusion pass: it applies to --stage fused or fused-train, not "
+                             f"--stage {args.stage}")
+    return args.collapse_convs
 
 
 def write_file(path, data):
@@ -734,6 +743,8 @@ TF32_HELP = ("host/cuda, float32: convolutions and matrix products on TF32 tenso
              "mantissa bits, FP32 sums)")
 WINOGRAD_HELP = ("host/cuda, float32: 3 x 3 stride-1 convolutions (forward and input gradient) by Winograd's "
                  "F(2x2, 3x3), 2.25x fewer multiply-adds (opt-in until timed on a GPU)")
+COLLAPSE_HELP = ("fused stages: also collapse stacked convolutions into one where exact (a fusion pass; "
+                 "multiply-adds may rise)")
 TF32_RTOL = 2e-2    # check --tf32: the outputs after a whole network of TF32 products
 LOSS_HELP = ("cross_entropy (the default): softmax cross-entropy; hinge: the lecture's multiclass SVM loss (not for a model "
              "whose graph ends in its own scalar loss)")
@@ -802,12 +813,13 @@ def parser() -> argparse.ArgumentParser:
                    help="forward/fused: the layer table; train/fused-train: what one training step computes and holds")
     s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage train")
+    s.add_argument("--collapse-convs", action="store_true", help=COLLAPSE_HELP)
     s.set_defaults(func=cmd_summary)
 
     s = command("dump", "print the graph IR of any stage: forward, backward, train, fused, fused-train", dims=True)
     s.add_argument("--stage", default="forward", choices=STAGE_NAMES, help="which graph")
     s.add_argument("--after", default=None, metavar="PASS", help="stop the stage after this pass (default: all)")
-    s.add_argument("--collapse-convs", action="store_true", help="fused stages: also collapse stacked convolutions")
+    s.add_argument("--collapse-convs", action="store_true", help=COLLAPSE_HELP)
     s.add_argument("--format", default="text", choices=("text", "dot", "json", "svg", "png"),
                    help="text (jaxpr-like), dot (graphviz), json, or a picture drawn by graphviz (svg, png): one "
                         "cluster per layer, gradient nodes orange, fused nodes green")
@@ -826,8 +838,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default: per example)")
     s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
-    s.add_argument("--collapse-convs", action="store_true",
-                   help="also collapse stacked convolutions into one where exact (multiply-adds may rise)")
+    s.add_argument("--collapse-convs", action="store_true", help=COLLAPSE_HELP)
     s.set_defaults(func=cmd_fuse)
 
     s = command("check", "run a fused graph and its unfused original on the same random data and compare",
@@ -855,7 +866,7 @@ def parser() -> argparse.ArgumentParser:
                         "require the same bits from each: a missing barrier or wait shows as a mismatch")
     s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for --stage fused-train")
-    s.add_argument("--collapse-convs", action="store_true", help="also collapse stacked convolutions")
+    s.add_argument("--collapse-convs", action="store_true", help=COLLAPSE_HELP)
     s.set_defaults(func=cmd_check)
 
     s = command("emit", "write the generated CUDA kernels of a stage (.cu files + manifest.json), NVRTC-checked",
@@ -867,6 +878,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     s.add_argument("--loss", default=None, choices=("cross_entropy", "hinge"), help=LOSS_HELP)
     s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for the training stages")
+    s.add_argument("--collapse-convs", action="store_true", help=COLLAPSE_HELP)
     s.set_defaults(func=cmd_emit)
 
     s = command("report", "one self-contained HTML page: layer table, graph picture, and per layer its nodes, "

@@ -262,3 +262,32 @@ def test_the_train_header_lists_the_schedule_as_an_item_of_its_own():
     assert Optimizer("sgd", schedule="step", step_size=10, gamma=0.5).describe() == \
         "sgd lr 0.001 momentum 0.9 weight decay 0, lr x0.5 every 10 epochs"
     assert Optimizer().describe() == "adam lr 0.001 betas (0.9, 0.999) weight decay 0"
+
+
+def test_collapse_convs_on_every_command_that_builds_a_fused_stage(capsys, tmp_path):
+    """--collapse-convs was on dump, fuse and check only: emit and summary build a fused stage too.
+    Where the stage has no fusion passes it is refused, not ignored; the help is one text everywhere."""
+    from graphconv.cli import COLLAPSE_HELP, parser
+    src = tmp_path / "two.py"
+    src.write_text("import graphconv as gc\n\ndef build():\n    g = gc.Graph('two')\n"
+                   "    h = g.conv2d(g.input('x', ('N', 1, 8, 8)), 4, 3, padding=1, name='c1')\n"
+                   "    g.output(g.linear(g.flatten(g.conv2d(h, 4, 3, name='c2')), 10, name='fc'))\n    return g\n")
+    model = f"{src}:build"
+    code, out, _ = run(capsys, "emit", model, "-o", str(tmp_path / "k"), "--no-nvrtc", "--collapse-convs")
+    assert code == 0 and "compose_conv_weights" in out and "two --stage fused: 3 kernels" in out, out
+    code, out, _ = run(capsys, "emit", model, "-o", str(tmp_path / "k2"), "--no-nvrtc")
+    assert code == 0 and "compose_conv_weights" not in out
+    code, out, _ = run(capsys, "summary", model, "--stage", "fused", "--collapse-convs")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| c")]
+    assert code == 0 and rows == ["c2"] and "4 x 1 x 5 x 5" in out, out
+    for command in ("summary", "dump", "emit"):
+        argv = [command, model, "--stage", "forward", "--collapse-convs"] + (["-o", str(tmp_path / "k3")]
+                                                                              if command == "emit" else [])
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "--collapse-convs is a fusion pass: it applies to --stage fused or fused-train, " \
+                             "not --stage forward" in err, (command, err)
+    p = parser()
+    for command in ("dump", "fuse", "check", "emit", "summary"):
+        action = next(a for a in p._subparsers._group_actions[0].choices[command]._actions
+                      if "--collapse-convs" in a.option_strings)
+        assert action.help == COLLAPSE_HELP, command
