@@ -79,6 +79,21 @@ def weight_computations(graph) -> set:
     return out
 
 
+def trainable_sources(graph, name, weights_only) -> set:
+    """The trainable parameters a weight computation (fold_batch_norm, compose_conv_weights, their
+    parts) is made of."""
+    out, stack, seen = set(), [name], {name}
+    while stack:
+        for o in graph.operands(stack.pop()):
+            node = graph.node(o)
+            if node.op == "param" and node.attrs.get("trainable"):
+                out.add(o)
+            elif o in weights_only and o not in seen:
+                seen.add(o)
+                stack.append(o)
+    return out
+
+
 def summarize(graph, batch=None) -> dict:
     n = graph.batch_symbol()
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
@@ -94,6 +109,14 @@ def summarize(graph, batch=None) -> dict:
         if op.kind == "elementwise":   # a parameter an elementwise op reads (a learned scale): its row's
             free = {o for o in operands if graph.node(o).op == "param" and graph.node(o).attrs.get("trainable")}
             cost = dataclasses.replace(cost, params=cost.params + sum(numel(graph.node(o).shape) for o in free))
+        computed = [(i, o) for i, o in enumerate(operands) if o in weights_only]
+        if computed:                   # a folded / composed weight: the row counts the parameters it is made of
+            counted = sum((numel(graph.node(o).shape) for i, o in computed
+                           if not op.variadic and i < len(op.operands) and op.operands[i] in op.param_operands
+                           or op.variadic and op.operand_name(i) in ("weight", "bias")), sp.Integer(0))
+            sources = set().union(*(trainable_sources(graph, o, weights_only) for _, o in computed))
+            cost = dataclasses.replace(cost, params=cost.params - counted +
+                                       sum((numel(graph.node(p).shape) for p in sources), sp.Integer(0)))
         weights = [o for i, o in enumerate(operands) if op.operand_name(i) == "weight"]
         weight_shape = [int(d) for d in graph.node(weights[0]).shape] if weights else None
         rf = rfs.get(node.name)

@@ -197,3 +197,19 @@ def test_symbolic_sizes_read_shortest_and_keep_their_receptive_fields():
     bound = summarize(bind_dims(g, {"H": 40, "W": 64}))
     sized = {r["name"]: r for r in bound["layers"]}
     assert sized["pool"]["output_shape"][2:] == [3, 6] and sized["fc"]["receptive_field"] == [40, 64]
+
+
+def test_a_fused_summary_counts_the_parameters_a_folded_or_composed_weight_is_made_of():
+    """fold_batch_norm and --collapse-convs compute a layer's weight from parameters: the row counts
+    those parameters (a batch norm's gamma and beta, both convs' weights and biases), so the total is
+    the model's, not the computed weights' (which dropped the batch norms and counted a composed 5 x 5
+    kernel in place of two 3 x 3 ones)."""
+    from graphconv.pipeline import build
+    for name in ("vgg_small", "resnet8"):
+        assert summarize(build(MODELS[name](), "fused"))["total_params"] == summarize(MODELS[name]())["total_params"]
+    g = gc.Graph("stacked")
+    x = g.input("x", ("N", 3, 10, 10))
+    g.output(g.relu(g.conv2d(g.conv2d(x, 8, 3, padding=1, name="c1"), 4, 3, name="c2")))
+    collapsed = build(g, "fused", collapse=True)
+    rows = {r["name"]: r for r in summarize(collapsed)["layers"]}
+    assert rows["relu1"]["params"] == (8 * 3 * 9 + 8) + (4 * 8 * 9 + 4) == summarize(g)["total_params"]
