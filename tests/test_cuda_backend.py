@@ -1,6 +1,7 @@
 """The cuda backend's parts that need no GPU: its one-line refusals, the scalar typing of its
 launches, and the bound step (static buffers, every argument fixed, launches captured once and
 replayed: a CUDA graph on the GPU), exercised through the host runtime, which shares it."""
+import functools
 import sys
 import types
 
@@ -111,49 +112,6 @@ def test_outputs_come_back_as_the_kind_of_array_that_went_in():
         np.testing.assert_array_equal(plain[name], again[name])
 
 
-def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(monkeypatch):
-    """`bench_gpu.py --variants` rebuilds a layer under each earlier rule on a scarce GPU lease: each
-    rule's kernels must compile (NVRTC, sm_90, no warning or spill) and match NumPy here first; a rule
-    that changes how stages are buffered or staged (and the TF32 and Winograd kernels) under each of the
-    host's schedules too (no race between threads). The layer under the current rules is checked (races
-    included) once per precision; under a rule, only the kernels the rule changes."""
-    from codegen import nvrtc
-    from codegen.check import check_kernels, check_races
-    if not nvrtc.available():
-        pytest.skip("NVRTC not installed")
-    bench = load_bench()
-    graphs = {layer: build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
-              for _, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4])}
-    now = {}
-
-    def check(graph, kernels, tf32, races, only=None):
-        nvrtc.compile_many([(s.source, s.name) for s in kernels if only is None or s.name in only])
-        return [r for r in (check_races if races else check_kernels)(
-            graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0), tf32=tf32, only=only) if not r.ok]
-
-    changed_somewhere = 0
-    for label, rule in bench.VARIANTS.items():
-        tf32 = label.startswith("TF32")      # the TF32 rules change only --tf32's kernels
-        for layer, graph in graphs.items():
-            if (layer, tf32) not in now:
-                kernels = Program(graph, tf32=tf32).kernels
-                now[layer, tf32] = {(s.name, s.source) for s in kernels}
-                bad = check(graph, kernels, tf32, True)
-                assert not bad, ("current rules", layer, tf32, [(r.node, r.note) for r in bad])
-            with monkeypatch.context() as m:
-                for name, value in rule.items():
-                    m.setattr(*bench.rule_place(name), value)
-                kernels = Program(graph, tf32=tf32).kernels
-                changed = {s.name for s in kernels if (s.name, s.source) not in now[layer, tf32]}
-                if not changed:
-                    continue
-                changed_somewhere += 1
-                races = any(w in label for w in ("buffer", "staging", "TF32", "Winograd"))
-                bad = check(graph, kernels, tf32, races, only=changed)
-                assert not bad, (label, layer, [(r.node, r.note) for r in bad])
-    assert changed_somewhere >= len(bench.VARIANTS) // 2      # the rules reach these layers' kernels
-
-
 def load_bench():
     import importlib.util
     import pathlib
@@ -162,6 +120,84 @@ def load_bench():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+@functools.lru_cache(maxsize=None)
+def bench_layers():
+    """bench_gpu.py and the two layers its --variants rows rebuild (a worker builds them once)."""
+    bench = load_bench()
+    graphs = {layer: build(bench.layer_graph(c_in, c_out, size, k, pad, True), "fused-train")
+              for _, layer, c_in, c_out, size, k, pad in (bench.LAYERS[1], bench.LAYERS[4])}
+    return bench, graphs
+
+
+@functools.lru_cache(maxsize=None)
+def current_kernels(layer, tf32):
+    return frozenset((s.name, s.source) for s in Program(bench_layers()[1][layer], tf32=tf32).kernels)
+
+
+def check_bench_kernels(graph, kernels, tf32, races, only=None):
+    from codegen import nvrtc
+    from codegen.check import check_kernels, check_races
+    nvrtc.compile_many([(s.source, s.name) for s in kernels if only is None or s.name in only])
+    return [r for r in (check_races if races else check_kernels)(
+        graph, random_inputs(graph, 2, 0), gc.init_params(graph, seed=0), tf32=tf32, only=only) if not r.ok]
+
+
+def needs_nvrtc():
+    from codegen import nvrtc
+    if not nvrtc.available():
+        pytest.skip("NVRTC not installed")
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_the_gpu_benchmarks_variant_layers_pass_under_the_current_rules(tf32):
+    """The layers `bench_gpu.py --variants` rebuilds, under the current rules, per precision: compiled
+    (NVRTC, sm_90, no warning or spill) and against NumPy under each of the host's schedules."""
+    needs_nvrtc()
+    _, graphs = bench_layers()
+    for layer, graph in graphs.items():
+        bad = check_bench_kernels(graph, Program(graph, tf32=tf32).kernels, tf32, True)
+        assert not bad, ("current rules", layer, tf32, [(r.node, r.note) for r in bad])
+
+
+@pytest.mark.parametrize("label", list(load_bench().VARIANTS))
+def test_every_rule_the_gpu_benchmark_compares_compiles_for_sm90(label, monkeypatch):
+    """`bench_gpu.py --variants` rebuilds a layer under each earlier rule on a scarce GPU lease: the
+    kernels a rule changes must compile (NVRTC, sm_90, no warning or spill) and match NumPy here first;
+    a rule that changes how stages are buffered or staged (and the TF32 and Winograd kernels) under
+    each of the host's schedules too (no race between threads). A rule that changes neither layer's
+    kernels is the step rules' business (test_the_step_variants_...)."""
+    needs_nvrtc()
+    bench, graphs = bench_layers()
+    rule = bench.VARIANTS[label]
+    tf32 = label.startswith("TF32")      # the TF32 rules change only --tf32's kernels
+    for layer, graph in graphs.items():
+        now = current_kernels(layer, tf32)
+        with monkeypatch.context() as m:
+            for name, value in rule.items():
+                m.setattr(*bench.rule_place(name), value)
+            kernels = Program(graph, tf32=tf32).kernels
+            changed = {s.name for s in kernels if (s.name, s.source) not in now}
+            if not changed:
+                continue
+            races = any(w in label for w in ("buffer", "staging", "TF32", "Winograd"))
+            bad = check_bench_kernels(graph, kernels, tf32, races, only=changed)
+            assert not bad, (label, layer, [(r.node, r.note) for r in bad])
+
+
+def test_most_rules_the_gpu_benchmark_compares_reach_its_layers(monkeypatch):
+    bench, graphs = bench_layers()
+    changed_somewhere = 0
+    for label, rule in bench.VARIANTS.items():
+        tf32 = label.startswith("TF32")
+        for layer, graph in graphs.items():
+            with monkeypatch.context() as m:
+                for name, value in rule.items():
+                    m.setattr(*bench.rule_place(name), value)
+                changed_somewhere += any((s.name, s.source) not in current_kernels(layer, tf32)
+                                         for s in Program(graph, tf32=tf32).kernels)
+    assert changed_somewhere >= len(bench.VARIANTS) // 2      # the rules reach these layers' kernels
 
 
 def test_the_benchmark_times_a_kernel_alone_as_a_replayed_capture_of_many_launches(monkeypatch):
