@@ -229,7 +229,7 @@ def _mapping(graph, pairs):
             if suffix not in suffixes:
                 raise GraphConvError(f"{name}: the PyTorch module {torch_prefix or '(root)'} has no {suffix} "
                                      f"(it has {', '.join(sorted(suffixes))})")
-            mapping[name] = (suffixes[suffix], op == "linear" and suffix == "weight")
+            mapping[name] = (suffixes[suffix], op in ("linear", "fused_linear") and suffix == "weight")
         extra = sorted(set(suffixes) - set(mine))
         if extra:         # e.g. a conv bias graphconv's layer was built without: dropping it would change outputs
             raise GraphConvError(f"{prefix}: PyTorch's {suffixes[extra[0]]} has no counterpart in {graph.name}'s "
@@ -240,7 +240,8 @@ def _mapping(graph, pairs):
 # graphconv's layer ops and the PyTorch module classes whose parameters they take
 TORCH_CLASSES = {"conv1d": ("Conv1d",), "conv2d": ("Conv2d",), "conv3d": ("Conv3d",),
                  "conv_transpose1d": ("ConvTranspose1d",), "conv_transpose2d": ("ConvTranspose2d",),
-                 "conv_transpose3d": ("ConvTranspose3d",), "linear": ("Linear",),
+                 "conv_transpose3d": ("ConvTranspose3d",), "linear": ("Linear",), "fused_linear": ("Linear",),
+                 "fused_conv": ("Conv1d", "Conv2d", "Conv3d"),
                  "batch_norm": ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")}
 
 

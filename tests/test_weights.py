@@ -334,3 +334,23 @@ def test_a_module_whose_layer_settings_differ_is_refused_naming_the_layer_and_th
     with pytest.raises(GraphConvError, match=r"conv: stride differs: pad's conv has stride=\(1, 1\), .* stride=\(2, 2\)"):
         gc.load_state_dict(graph(), strided)
     assert set(gc.load_state_dict(graph(), reflect.state_dict())) >= {"conv.weight", "bn.running_var"}   # by shape
+
+
+def test_a_fused_linear_layer_loads_and_exports_pytorch_weights_as_a_linear_one():
+    """fc1 -> relu fuses into one fused_linear node: its weight is still PyTorch's transposed
+    ([out, in] there, [in, out] here), loading and exporting alike."""
+    torch = pytest.importorskip("torch")
+    from graphconv.pipeline import build
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).double().eval()
+    g = gc.Graph("mlp", "float64")
+    g.output(g.linear(g.relu(g.linear(g.input("x", ("N", 8)), 6, name="0")), 3, name="2"))
+    fused = build(g, "fused")
+    assert fused.node(fused.operands(fused.outputs[0])[0]).op == "fused_linear"
+    params = gc.load_state_dict(fused, m)
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(gc.compile(fused).run({"x": x}, params)[fused.outputs[0]], want, rtol=1e-12)
+    exported = gc.state_dict(fused, params, like=m)
+    assert tuple(exported["0.weight"].shape) == (6, 8)
+    m.load_state_dict({k: torch.as_tensor(v) for k, v in exported.items()})
