@@ -55,7 +55,14 @@ class CudaPrinter(C99CodePrinter):
 
     def _print(self, expr, **kwargs):
         name = self._name_of(expr) if self.named else None
-        return name if name is not None else super()._print(expr, **kwargs)
+        if name is not None:
+            return name
+        if (isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Rational and not expr.is_Float
+                and expr.is_real and expr.is_finite):
+            # an irrational constant (sqrt(2), pi, log(2)) as a literal of the kernel's type: sympy's
+            # C printer writes M_SQRT2 / M_PI, which NVRTC does not define, and sqrt(2) of an int
+            return self._print(sp.Float(expr.evalf(17), 17))
+        return super()._print(expr, **kwargs)
 
     def parenthesize(self, item, level, strict=False):
         name = self._name_of(item) if self.named else None

@@ -168,3 +168,29 @@ def test_cuobjdump_sees_sm90(tmp_path):
     path.write_bytes(nvrtc.compile_kernel(SMALL, "scale").cubin)
     out = subprocess.run([CUOBJDUMP, "-sass", str(path)], capture_output=True, text=True).stdout
     assert "code for sm_90" in out and "Function : scale" in out and "LDG.E" in out and "STG.E" in out
+
+
+def test_activations_with_irrational_constants_compile_for_sm90_as_literals():
+    """GELU's sqrt(2/pi) and erf(x/sqrt(2)): sympy's C printer writes M_SQRT2 / M_PI, which NVRTC
+    does not define (g++ does: the host backend passed); the kernels print them as literals of their
+    float type. examples/custom_net.py's GELU-tanh in a fused linear chain and its gradient."""
+    import sympy as sp
+    import graphconv as gc
+    from codegen import nvrtc
+    from codegen.cprinter import CudaPrinter
+    from codegen.program import Program
+    from graphconv.pipeline import build
+    if not nvrtc.available():
+        pytest.skip("NVRTC not installed")
+    x = sp.Symbol("x", real=True)
+    text = CudaPrinter("float32").doprint(sp.erf(x / sp.sqrt(2)) * sp.pi + sp.log(2))
+    assert "M_" not in text and "1.41421356F" in text and "3.14159265F" in text and "0.693147181F" in text
+    gc.define_activation("gelu_erf_t", x / 2 * (1 + sp.erf(x / sp.sqrt(2))))
+    gc.define_activation("gelu_tanh_t", x / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3))))
+    g = gc.Graph("gelu")
+    h = g.activation(g.linear(g.input("x", ("N", 12)), 8, name="fc1"), "gelu_erf_t")
+    g.output(g.linear(g.activation(g.linear(h, 8, name="fc2"), "gelu_tanh_t"), 3, name="fc3"))
+    for stage in ("fused", "fused-train"):
+        kernels = Program(build(g, stage)).kernels
+        assert not any("M_PI" in k.source or "M_SQRT" in k.source for k in kernels)
+        nvrtc.compile_many([(k.source, k.name) for k in kernels])
