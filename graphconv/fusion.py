@@ -268,7 +268,7 @@ def fuse_conv_chains(graph):
         shown = [name for n in nodes for name in layers(n)]       # a folded conv shows conv and bn
         before = sum((node_bytes(g, n) for n in names), sp.Integer(0))
         if len(nodes) == 1:
-            if conv.op != "matmul":      # a gradient's matmul that fuses nothing is not worth a line
+            if conv.op != "matmul" or conv.stage == "forward":   # a gradient's matmul fusing nothing: no line
                 ledger.append(Decision(rule, shown[0], shown, False, reason or "nothing follows it",
                                        before, before, conv.name))
             continue
@@ -508,7 +508,10 @@ def format_report(r: dict) -> str:
     for d in r["groups"]:
         chain = " -> ".join(d["nodes"])
         if d["fired"]:
-            note = d["reason"] if d["rule"] != "conv_chain" else f"the chain stops: {d['reason']}" if d["reason"] else ""
+            note = d["reason"]
+            if d["rule"] in ("conv_chain", "linear_chain", "matmul_chain") and note:
+                rerouted, _, stop = note.rpartition(" is not saved; ")     # reroute_act_grad's note first
+                note = (f"{rerouted} is not saved; " if rerouted else "") + (f"the chain stops: {stop}" if stop else "")
             if d["rule"] == "fold_batch_norm":
                 note = "weight and bias folded from both layers' parameters"
             if d["rule"] == "eval_dropout":

@@ -643,3 +643,13 @@ def test_in_training_a_relu_gradient_reads_the_relus_output_so_the_layer_before_
     assert set(want) == set(got)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_hand_built_fused_linear_without_its_bias_operand_is_refused_by_name():
+    g = gc.Graph("h")
+    x, w = g.input("x", ("N", 4)), g.param("w", (4, 3), ("uniform", 1.0))
+    with pytest.raises(gc.GraphError, match=r"f \[fused_linear\]: fused_linear needs an input and a weight, then a "
+                                            r"bias \(bias=True\), got 2 operands"):
+        g.apply("fused_linear", x, w, epilogue=(("relu", (), (-1,)),), name="f")
+    h = g.apply("fused_linear", x, w, bias=False, epilogue=(("relu", (), (-1,)),), name="f")
+    assert tuple(h.shape)[1] == 3

@@ -112,8 +112,9 @@ class FusedConv(Op):
 
     def infer(self, ins, attrs):
         conv_ins, extra = self.split(ins, attrs)
-        if len(conv_ins) < 2:
-            raise OpError("fused_conv needs an input and a weight", kind=GraphError)
+        if len(conv_ins) < (3 if attrs.get("bias") else 2):
+            raise OpError(f"{self.name} needs an input and a weight{', then a bias (bias=True)' if attrs.get('bias') else ''}"
+                          f", got {len(ins)} operands", kind=GraphError)
         t = self.conv(attrs).infer(conv_ins, self.conv_attrs(attrs))
         for op, items, refs in attrs["epilogue"]:
             operands = [t if r == -1 else self._extra(extra, r) for r in refs]
