@@ -239,8 +239,9 @@ def fuse_training_chain(g, conv, match):
 
 def fuse_conv_chains(graph):
     """Pass: every conv (+bias) -> elementwise* -> pool? chain becomes one fused_conv node, every
-    linear (+bias) / matmul -> elementwise* chain one fused_linear / fused_matmul node; in a training graph, conv -> act -> max pool and its backward pair become a fused forward node that
-    saves the argmax codes and one pool_act_backward node."""
+    linear (+bias) / matmul -> elementwise* chain one fused_linear / fused_matmul node; in a training
+    graph, conv -> act -> max pool and its backward pair become a fused forward node that saves the
+    argmax codes and one pool_act_backward node."""
     g = graph.copy()
     ledger = list(g.meta.get("fusion", []))
     for conv in [n for n in graph.topo() if n.op in CONVS or n.op in ("linear", "matmul")]:

@@ -309,8 +309,9 @@ def mode_coord(mode, i, size) -> str:
 
 def mode_sources(mode, h, size, lo, hi) -> list:
     """[(padded position, condition)]: every position of an axis padded by (lo, hi) that copies
-    input position `h` (a C variable) under padding `mode`, the identity first (condition "": always);
-    a position outside the padded axis is left to the caller's bounds check."""
+    input position `h` (a C variable) under reflect or circular padding, the identity first
+    (condition "": always); a position outside the padded axis is left to the caller's bounds check.
+    (Replicate's copies are a run an axis: padded_sources_load loops over it.)"""
     sources = [(h, "")]
     if mode == "reflect":          # -h mirrors h (not h = 0: that is h itself); so does 2(size-1) - h
         sources += [(f"-{h}", f"{h} >= 1 && {h} <= {lo}")] if lo else []
@@ -318,9 +319,8 @@ def mode_sources(mode, h, size, lo, hi) -> list:
     elif mode == "circular":       # h - size and h + size wrap onto h
         sources += [(f"{h} - {size}", f"{h} >= {size - lo}")] if lo else []
         sources += [(f"{h} + {size}", f"{h} < {hi}")] if hi else []
-    elif mode == "replicate":      # the whole padding copies the edge
-        sources += [(f"{-j}", f"{h} == 0") for j in range(1, lo + 1)]
-        sources += [(f"{size - 1 + j}", f"{h} == {size - 1}") for j in range(1, hi + 1)]
+    else:
+        raise ValueError(mode)
     return sources
 
 
@@ -573,13 +573,8 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     name = (f"{what or f'conv{nd}d_backward_data'}{gather_tag(gathered)}_{short_dtype(ctx.dtype)}_c{C}_k{OC}_r{'x'.join(map(str, Kr))}"
             f"_s{'x'.join(map(str, geo['stride']))}_p{'x'.join(map(str, geo['pad']))}_i{'x'.join(map(str, Si))}"
             + (f"_g{groups}" if groups > 1 else "") + ("" if geo["mode"] == "zeros" else f"_{geo['mode']}"))
-    if geo["mode"] != "zeros":
-        return gemm_specs(ctx, name, M=Cg, N=ctx.images * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
-                          element=element, window_end=[], args=args, cfg=cfg, groups=groups,
-                          prelude=c_function_prelude(used, ctx.dtype), a_desc="w[oc, c, r]",
-                          b_desc=f"the sum of dy[b, oc, (u + pad - r*dilation) / stride] (0 off the grid) over the "
-                                 f"positions u of the padded input that copy h ({geo['mode']} padding)")
-    if depthwise.eligible(geo, ()) and not gathered:
+    zeros = geo["mode"] == "zeros"        # the depthwise and direct kernels pad with zeros only
+    if zeros and depthwise.eligible(geo, ()) and not gathered:
         # stride 1: a depthwise correlation of dy with the flipped filters, padded by (K - 1) x
         # dilation - pad; strided: each dx position gathers its whole dy positions' taps
         unit = all(s == 1 for s in geo["stride"])
@@ -592,7 +587,7 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
             args=args, data=True)
         if lowered is not None:
             return lowered
-    if DIRECT and direct.eligible(geo):
+    if zeros and DIRECT and direct.eligible(geo):
         # stride 1: a direct convolution of dy with the flipped filter, padded by K - 1 - pad
         if gathered:
             in_load, direct_used = gather_lines(gathered, ctx.dtype, f"bimg * {OC} + c", ["iy", "ix"])
@@ -613,7 +608,9 @@ def lower_conv_backward_data(ctx, attrs=None, bias=False, what=None):
     return gemm_specs(ctx, name, M=Cg, N=ctx.images * SiN, K=OCg * KK, a=a, b=b, row_setup=[], window_begin=[],
                       element=element, window_end=[], args=args, cfg=cfg, groups=groups,
                       prelude=c_function_prelude(used, ctx.dtype),
-                      a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)")
+                      a_desc="w[oc, c, r]", b_desc="dy[b, oc, (h + pad - r*dilation) / stride] (0 off the grid)" if zeros
+                      else f"the sum of dy[b, oc, (u + pad - r*dilation) / stride] (0 off the grid) over the "
+                           f"positions u of the padded input that copy h ({geo['mode']} padding)")
 
 
 def padded_sources_load(geo, Si, So, load) -> tuple[list, list]:

@@ -266,12 +266,11 @@ class FusedLinear(FusedConv):
 
 
 @register
-class FusedMatmul(FusedConv):
+class FusedMatmul(FusedLinear):
     """matmul, then an epilogue of elementwise ops (fuse_conv_chains): in a training step, a linear
     layer's input gradient and the activation gradient that reads it (dy @ W^T, then relu_grad).
     Operands: a, b, the epilogue's extra operands. Attributes: transpose_a, transpose_b, epilogue."""
     name = "fused_matmul"
-    mixes_all = True
     attrs = {"transpose_a": False, "transpose_b": False, "epilogue": ()}
 
     def conv(self, attrs):
@@ -289,12 +288,6 @@ class FusedMatmul(FusedConv):
 
     def operand_name(self, i):
         return ("a", "b")[i] if i < 2 else f"operand {i}"
-
-    def windows(self, in_types, attrs):
-        return []
-
-    def scratch_bytes(self, in_shapes, out_shape, attrs, itemsize):
-        return FusedLinear.scratch_bytes(self, in_shapes, out_shape, attrs, itemsize)
 
     def cost(self, ins, out, attrs):
         return Op.cost(self, ins, out, attrs)
