@@ -32,7 +32,7 @@ import sympy as sp
 from .ops import OPS
 from .ops.base import nbytes
 from .ir import records
-from .ops.fused import compose, epilogue_step, pool_spec
+from .ops.fused import Z, compose, epilogue_step, lost_operands, pool_spec
 
 POOLS = {f"{mode}_pool{nd}d" for mode in ("max", "avg") for nd in (1, 2, 3)}
 
@@ -81,17 +81,25 @@ def conv_chain(graph, conv):
         if user.stage != conv.stage:
             return nodes, extras, epilogue, pool, f"{user.name} is a {user.stage} node"
         if op.kind == "elementwise" and user.dtype == conv.dtype:
-            refs = []
+            refs, more = [], list(extras)
             for operand in graph.operands(user.name):
                 if operand == current.name:
                     refs.append(-1)
                     continue
-                if operand not in extras:
-                    extras.append(operand)
-                refs.append(extras.index(operand))
+                if operand not in more:
+                    more.append(operand)
+                refs.append(more.index(operand))
             if refs.count(-1) != 1:
                 return nodes, extras, epilogue, pool, f"{user.name} reads {current.name} twice"
-            epilogue.append(epilogue_step(user.op, user.attrs, refs))
+            step = epilogue_step(user.op, user.attrs, refs)
+            lost = cancelled(epilogue + [step], more, Z)
+            if lost:
+                names = " -> ".join(n.name for n in nodes[1:] + [user])
+                return nodes, extras, epilogue, pool, (f"composed, {names} would cancel {', '.join(lost)} algebraically "
+                                                       f"({compose(epilogue + [step], len(more), Z)}), and an inf or "
+                                                       f"NaN there would no longer come through")
+            extras[:] = more
+            epilogue.append(step)
             nodes.append(user)
             current = user
             continue
@@ -200,9 +208,10 @@ def reroute_act_grad(graph, layer) -> str:
 
 
 def reads_sign_from_output(act):
-    """relu and leaky_relu with a positive slope: y > 0 exactly where x > 0, so their derivative can
-    be evaluated at the pooled output; others need the pre-activation."""
-    return act.op == "relu" or (act.op == "leaky_relu" and act.attrs["negative_slope"] > 0)
+    """relu and leaky_relu with a slope >= 0: y > 0 exactly where x > 0 (at slope 0 the negative side
+    is 0, as relu's), so their derivative can be evaluated at the output; others (a negative slope
+    makes y > 0 where x < 0) need the pre-activation."""
+    return act.op == "relu" or (act.op == "leaky_relu" and act.attrs["negative_slope"] >= 0)
 
 
 def fuse_training_chain(g, conv, match):
@@ -450,7 +459,7 @@ def fuse_pointwise_chains(graph):
                 refs.append(externals.index(o))
             steps.append((node.op, tuple(sorted(node.attrs.items())), tuple(refs)))
         expr = compose(steps, len(externals))
-        lost = cancelled(steps, externals, expr)
+        lost = cancelled(steps, externals)
         if lost:
             ledger.append(Decision("pointwise_chain", names[0], names, False,
                                    f"composed, {' -> '.join(names)} would cancel {', '.join(lost)} algebraically "
@@ -464,18 +473,11 @@ def fuse_pointwise_chains(graph):
     return g.verify()
 
 
-def cancelled(steps, externals, expr) -> list:
-    """The operands a chain's ops read (each op's own expression uses them) that the composed
-    expression no longer does: sympy cancels on construction ((x - c) - x is -c), which would turn
-    the unfused graph's NaN into a number."""
-    from .ops.fused import FusedPointwise, expression_of
-    symbols = FusedPointwise.symbols(len(externals))
-    read = set()
-    for op_name, attrs, refs in steps:
-        own = [sp.Symbol(f"_arg{i}", real=True) for i in range(len(refs))]
-        used = expression_of(op_name, dict(attrs), own).free_symbols
-        read |= {refs[i] for i in range(len(refs)) if refs[i] != -1 and own[i] in used}
-    return [externals[k] for k in sorted(read) if symbols[k] not in expr.free_symbols]
+def cancelled(steps, externals, start=None) -> list:
+    """The operands a chain's ops read that its composed expression no longer does (lost_operands):
+    sympy cancels on construction ((x - c) - x is -c), which would turn the unfused graph's NaN into
+    a number."""
+    return [externals[k] for k in lost_operands(tuple(steps), len(externals), start)]
 
 
 def report(unfused, fused, batch=None) -> dict:

@@ -708,3 +708,23 @@ def test_concat_and_its_slices_copy_runs_of_channels_on_every_axis(dtype):
         assert {"cat", "catw", "catf"} | ({"batch2"} if stage == "forward" else set()) <= \
             {n for r in results for n in r.node.split(", ")}
         compile_all(step)
+
+
+@needs_gxx
+@pytest.mark.parametrize("stage", ["forward", "fused", "train", "fused-train"])
+def test_an_operand_whose_dims_match_the_result_only_once_bound_is_read_element_by_element(stage):
+    """`s: ("B", 4)` bound to (3, 4) beside the [N, 4] result of a linear layer, `t: ("B", 4, 5, 5)`
+    beside a conv's [N, 4, 5, 5] and a (3, 4) parameter scaling the linear layer: the same element at
+    N = 3 (a pointwise kernel, an epilogue extra of the fused linear / conv, the parameter's gradient
+    and its Adam update), not a per-channel vector; any other batch is refused by name."""
+    from graphconv.passes import bind_dims
+    g = gc.Graph("bound", "float32")
+    h = g.relu(g.conv2d(g.input("x", ("N", 2, 5, 5)), 4, 3, padding=1, name="c"))
+    h = g.add(h, g.input("t", ("B", 4, 5, 5)), name="plus_t")
+    y = g.relu(g.add(g.linear(g.flatten(h), 4, name="fc"), g.input("s", ("B", 4)), name="plus_s"))
+    g.output(g.mul(y, g.param("rows", (3, 4), ("uniform", 1.0)), name="rowwise"))
+    graph = build(bind_dims(g, {"B": 3}), stage)
+    assert any(n.op.startswith("fused_") for n in graph.topo()) == stage.startswith("fused")
+    assert_program_matches(graph, inputs_of(graph, 3))
+    with pytest.raises(gc.InputError, match="plus_t|plus_s|rowwise"):
+        CompiledProgram(graph, "host").run(inputs_of(graph, 2), gc.init_params(graph, seed=0))

@@ -130,6 +130,21 @@ def test_activations_whose_derivative_needs_the_input_save_the_pre_activation_at
     assert fused.operands("dconv1") == ["dpool1", "pool1.argmax", "pool1.preact"]
 
 
+@pytest.mark.parametrize("slope, save", [(0.0, "argmax"), (0.2, "argmax"), (-0.5, "argmax_preact")])
+def test_leaky_relu_reads_its_derivative_off_its_output_unless_its_slope_is_negative(slope, save):
+    """leaky_relu at slope >= 0 (0 included: its negative side is relu's 0) is positive exactly where
+    its input is, so the fused training chain saves only the pooled output and codes, and the linear
+    chain reroutes its gradient; a negative slope saves the pre-activation. Same numbers as unfused."""
+    def tail(g, x):
+        h = g.max_pool2d(g.leaky_relu(g.conv2d(x, 4, 3, padding=1, name="conv1"), slope, name="act1"), 2, name="pool1")
+        return [g.linear(g.leaky_relu(g.linear(g.flatten(h), 5, name="fc1"), slope, name="act2"), 3, name="fc2")]
+    _, fused, want, got = run_both(net(tail), "fused-train")
+    assert fused.node("pool1.fused").attrs["save"] == save
+    assert (fused.node("act2").op == "fused_linear") == (slope >= 0)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
 def test_training_patterns_refuse_what_they_cannot_cover():
     def tail(g, x):
         h = g.avg_pool2d(g.relu(g.conv2d(x, 4, 3, padding=1, name="conv1"), name="relu1"), 2, name="pool1")
@@ -544,6 +559,47 @@ def test_a_chain_that_would_cancel_an_operand_is_not_fused():
     for backend in ("numpy", "host"):
         got = gc.compile(fused, backend=backend).run({"x": xv}, params)["b"]
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear", "matmul"])
+def test_a_conv_or_linear_chain_stops_before_an_epilogue_step_that_would_cancel_an_operand(layer):
+    """conv -> + s -> - s -> relu: composed, the epilogue is relu(z) and s is gone, so an inf in s gave
+    the kernel a number where the unfused graph gives NaN, and a huge s (1e30, whose rounding zeroes
+    z in float32) gave z. The chain stops before `minus` (the ledger says why), the rest fuses as a
+    pointwise chain, and numpy and host give the unfused graph's values bit for bit where they are
+    not finite; a fused node built by hand with such an epilogue is refused by name."""
+    from graphconv.fusion import format_report
+    g = gc.Graph("cancel")
+    shape = {"conv": ("N", 2, 5, 5), "linear": ("N", 6), "matmul": ("N", 6)}[layer]
+    x = g.input("x", shape)
+    if layer == "conv":
+        h = g.conv2d(x, 4, 3, padding=1, name="c")
+    elif layer == "linear":
+        h = g.linear(x, 4, name="c")
+    else:
+        h = g.apply("matmul", x, g.param("w", (6, 4), ("uniform", 1.0)), name="c")
+    s = g.input("s", h.shape)
+    g.output(g.relu(g.sub(g.add(h, s, name="plus"), s, name="minus"), name="r"))
+    fused = build(g, "fused")
+    text = format_report(report(build_unfused(g, "fused"), fused))
+    assert "composed, plus -> minus would cancel s algebraically" in text, text
+    assert {n.op for n in fused.topo() if n.role == "op"} == {f"fused_{'conv' if layer == 'conv' else layer}",
+                                                              "fused_pointwise"}
+    rng = np.random.default_rng(0)
+    xv = rng.standard_normal((2,) + shape[1:]).astype(np.float32)
+    sv = np.ones((2,) + tuple(h.shape[1:]), np.float32)
+    sv[0, 0], sv[1, 1] = np.inf, 1e30
+    params = gc.init_params(g, seed=0)
+    want = np.asarray(gc.compile(g)(x=xv, s=sv, params=params))
+    assert np.isnan(want[0, 0]).all() and (want[1, 1] == 0).all()
+    for backend in ("numpy", "host"):
+        got = np.asarray(gc.compile(fused, backend=backend)(x=xv, s=sv, params=params))
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    node = next(n for n in fused.topo() if n.op.startswith("fused_") and n.op != "fused_pointwise")
+    bad = node.attrs["epilogue"] + (("sub", (), (-1, 0)),)
+    with pytest.raises(gc.GraphError, match=r"cancels its operand\(s\) \$0 algebraically"):
+        fused.apply(node.op, *fused.operands(node.name), **{**node.attrs, "epilogue": bad})
 
 
 def test_a_training_conv_without_a_max_pool_says_so():

@@ -360,3 +360,21 @@ def test_adam_and_select_numpy_forms_equal_their_expressions_bit_for_bit(dtype, 
         s = select(cond, a, b)
         assert s.dtype == w.dtype
         np.testing.assert_array_equal(s.view(f"u{s.itemsize}"), w.view(f"u{w.itemsize}"))
+
+
+@pytest.mark.parametrize("op", ["mul", "add", "sub"])
+def test_an_operand_of_the_results_rank_gets_an_elementwise_gradient(op):
+    """A (3, 4) parameter beside the [N, 4] output of a linear layer is elementwise at N = 3: its
+    gradient is the full-size one (it was summed over the batch as if per channel, a [4] gradient
+    the optimizer then broadcast to every row), end to end against finite differences; at N = 2
+    the gradient graph is refused by name."""
+    g = gc.Graph("rowwise", "float32")
+    h = g.linear(g.input("x", ("N", 6)), 4, name="fc")
+    s = g.apply(op, h, g.param("p", (3, 4), ("uniform", 1.0)), name="scaled")
+    g.output(g.cross_entropy(s, g.input("y", ("N",), dtype="int64"), name="loss"), s)
+    backward = derive_backward(g)
+    assert len(backward.node(backward.meta["grads"]["p"]).shape) == 2
+    results = check_graph(g, seed=3, batch=3)
+    assert all(r.ok for r in results), [(r.rule, r.error) for r in results if not r.ok]
+    with pytest.raises(gc.InputError, match="scaled"):
+        check_graph(g, seed=3, batch=2)

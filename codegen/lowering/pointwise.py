@@ -24,11 +24,15 @@ UNROLL = 4
 
 def operand_index(shape, out_shape, i="i") -> str:
     """How element `i` of the result finds its operand element: the same element, a scalar, or the
-    channel of an [N, C, ...] result (the rule of Pointwise.shape)."""
-    if tuple(shape) == tuple(out_shape):
+    channel of an [N, C, ...] result (the rule of Pointwise.shape). An operand of the result's rank
+    is the same element even where its dims read differently: `s: (3, 4)` beside an `[N, 4]` result
+    is one only at N = 3, which the runtimes check on every call before a kernel runs."""
+    if len(shape) == len(out_shape):
         return i
     if len(shape) == 0:
         return "0"
+    if len(shape) != 1 or len(out_shape) < 2:
+        raise ValueError(f"operand shape {tuple(shape)} does not broadcast to {tuple(out_shape)}")
     inner = numel(out_shape[2:])
     return f"({i} / {c_int(inner)}) % {c_int(shape[0])}" if inner != 1 else f"{i} % {c_int(shape[0])}"
 

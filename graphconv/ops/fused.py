@@ -64,6 +64,12 @@ def check_epilogue(steps) -> tuple:
         if refs.count(-1) != 1:
             raise OpError(f"epilogue op {op} must read the running value exactly once, got refs {refs}",
                           kind=GraphError)
+    n_external = 1 + max((r for _, _, refs in epilogue for r in refs), default=-1)
+    lost = lost_operands(tuple(epilogue), n_external, Z)
+    if lost:
+        raise OpError(f"epilogue {', '.join(op for op, _, _ in epilogue)} cancels its operand(s) "
+                      f"{', '.join(f'${k}' for k in lost)} algebraically (composed: {compose(epilogue, n_external, Z)}); "
+                      f"an inf or NaN there would not come through: leave those ops out of the epilogue", kind=GraphError)
     return tuple(epilogue)
 
 
@@ -418,6 +424,7 @@ class FusedPointwise(Op):
         return self.impl(attrs["expr"], len(xs)).reference(xs, {})
 
     def grad(self, e, dy, needs):
+        from .pointwise import broadcast_axes
         n = len(e.inputs)
         op = self.impl(e.attrs["expr"], n)
         full = e.output.shape
@@ -428,27 +435,44 @@ class FusedPointwise(Op):
                 continue
             derivative = op.derivative(i, register_it=False).expr.subs(sp.Symbol("dy", real=True),
                                                                            sp.Symbol(f"a{n}", real=True))
-            shape = e.inputs[i].shape
             args = ([*e.inputs, dy], {"expr": str(derivative)})
-            if shape == full:
+            axes = broadcast_axes(e.inputs[i].shape, full)
+            if axes is None:
                 grads.append(e.emit("fused_pointwise", *args, wrt=i))
                 continue
             whole = e.emit("fused_pointwise", *args)
-            axes = tuple(range(len(full))) if shape == () else (0, *range(2, len(full)))
             grads.append(e.emit("reduce_sum", [whole], {"axes": axes}, wrt=i))
         return grads
 
 
-def compose(steps, n_external):
+def compose(steps, n_external, start=None):
     """The expression of a chain of elementwise ops over external operands a0..a{n-1}: steps are
     (op, attrs, refs) as in an epilogue, refs naming the running value (-1) or external operand k.
-    The first step reads only external operands."""
+    The first step reads `start` as its running value (an epilogue's z), or only external operands."""
     symbols = FusedPointwise.symbols(n_external)
-    value = None
+    value = start
     for op_name, attrs, refs in steps:
         args = [value if r == -1 else symbols[r] for r in refs]
         value = expression_of(op_name, dict(attrs), args)
     return value
+
+
+Z = sp.Symbol("z", real=True)     # an epilogue's running value: the conv's, linear's or matmul's result
+
+
+def lost_operands(steps, n_external, start=None) -> list:
+    """The external operands (indices) a chain's ops read, each op's own expression using them,
+    that the composed expression no longer does: sympy cancels on construction ((z + s) - s is z),
+    which would turn the unfused graph's inf or NaN in s into a number, and a huge s's rounding
+    into none."""
+    expr = compose(steps, n_external, start)
+    symbols = FusedPointwise.symbols(n_external)
+    read = set()
+    for op_name, attrs, refs in steps:
+        own = [sp.Symbol(f"_arg{i}", real=True) for i in range(len(refs))]
+        used = expression_of(op_name, dict(attrs), own).free_symbols
+        read |= {refs[i] for i in range(len(refs)) if refs[i] != -1 and own[i] in used}
+    return [k for k in sorted(read) if symbols[k] not in expr.free_symbols]
 
 
 def expression_of(op_name, attrs, args):

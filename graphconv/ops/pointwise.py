@@ -134,6 +134,16 @@ def broadcasts_per_channel(shape, full) -> bool:
     return len(shape) == 1 and len(full) >= 2 and not provably_ne(shape[0], full[1])
 
 
+def broadcast_axes(shape, full):
+    """The axes an operand of `shape` is broadcast along to the `full` result of an elementwise op
+    (its gradient sums over them): every axis for a scalar, all but the channel for a [C] vector,
+    None for an operand of the result's rank, which is elementwise even where its dims read
+    differently (a (3, 4) parameter beside an [N, 4] result is one at N = 3, checked when run)."""
+    if len(shape) == len(full):
+        return None
+    return tuple(range(len(full))) if len(shape) == 0 else (0, *range(2, len(full)))
+
+
 class Pointwise(Op):
     kind = "elementwise"
 
@@ -206,13 +216,12 @@ class Pointwise(Op):
             if not need:
                 grads.append(None)
                 continue
-            shape = e.inputs[i].shape
-            if shape == full:
+            axes = broadcast_axes(e.inputs[i].shape, full)
+            if axes is None:
                 grads.append(e.emit(self.derivative(i).name, [*e.inputs, dy], e.attrs, wrt=i))
                 continue
             # a broadcast operand: its gradient sums the full-size one over the broadcast axes
             whole = e.emit(self.derivative(i).name, [*e.inputs, dy], e.attrs)
-            axes = tuple(range(len(full))) if shape == () else (0, *range(2, len(full)))
             grads.append(e.emit("reduce_sum", [whole], {"axes": axes}, wrt=i))
         return grads
 
