@@ -406,6 +406,9 @@ VARIANTS = {# opt-in (session 7, never timed): 3 x 3 convolutions by Winograd F(
             "Winograd F(2x2, 3x3) for 3 x 3 convolutions": {"direct.WINOGRAD": True},
             "Winograd, 64 cells a block": {"direct.WINOGRAD": True, "winograd.CELLS_PER_BLOCK": 64},
             "Winograd, direct for gathered inputs": {"direct.WINOGRAD": True, "winograd.GATHERED": False},
+            # session 14 (never timed): a reduction's chunks added by the last block to arrive, in the
+            # same kernel, against a finish kernel of its own (one launch more per reduction)
+            "reductions: a finish kernel of their own": {"reduce.LAST_BLOCK_FINISHES": False},
             "split-K chunks >= 2048 terms": {"SPLIT_BLOCKS": 0, "SPLIT_LEAST": 2048},
             "no register prefetch": {"PREFETCH": False},
             "GEMM: one shared buffer per operand": {"DOUBLE_BUFFER": False},
@@ -433,11 +436,11 @@ VARIANTS = {# opt-in (session 7, never timed): 3 x 3 convolutions by Winograd F(
 def rule_place(name):
     """(module, attribute) of a VARIANTS rule: "direct.X" is the direct family's X, "direct_wgrad.X" the
     direct weight gradient's, "direct_tf32.X" the TF32 direct convolution's, "winograd.X" the Winograd
-    convolution's, a bare name the GEMM's."""
-    from codegen.lowering import depthwise, direct, direct_tf32, direct_wgrad, gemm, winograd
+    convolution's, "reduce.X" the reductions', a bare name the GEMM's."""
+    from codegen.lowering import depthwise, direct, direct_tf32, direct_wgrad, gemm, reduce, winograd
     module, _, attribute = name.rpartition(".")
     return ({"direct": direct, "direct_wgrad": direct_wgrad, "direct_tf32": direct_tf32, "winograd": winograd,
-             "depthwise": depthwise, "": gemm}[module], attribute)
+             "depthwise": depthwise, "reduce": reduce, "": gemm}[module], attribute)
 
 
 def layer_sources(args, c_in, c_out, size, k, pad, input_grad) -> frozenset:
@@ -501,7 +504,8 @@ def variants(args, timer, say):
 # the ReLU/pool, while vgg_small's (batch norm between conv and ReLU) read a plain dy, which only
 # those rows exercise (the double-buffered tiles need a plain g); the GEMM's shared buffers change
 # only the classifiers' kernels (fc1 of LeNet-5: forward, backward-data, backward-weight)
-STEP_RULES = ("Winograd F(2x2, 3x3) for 3 x 3 convolutions", "weight gradients as the im2col GEMM",
+STEP_RULES = ("Winograd F(2x2, 3x3) for 3 x 3 convolutions", "reductions: a finish kernel of their own",
+              "weight gradients as the im2col GEMM",
               "direct weight gradients: half the blocks", "direct weight gradients: double-buffered tiles",
               "GEMM: one shared buffer per operand")
 # and with --tf32: the session-6 tensor-core kernels against the FP32 ones (vgg_small's plain-dy weight

@@ -87,7 +87,7 @@ def _check(graph, compiled, ref, inputs, outputs, only) -> list:
                 return runtime.upload(np.ascontiguousarray(ref[key]))
             if key not in owned:
                 value = program.values[key]
-                owned[key] = runtime.view(runtime.alloc(value.nbytes(batch), True), value.dtype,
+                owned[key] = runtime.view(runtime.alloc(value.nbytes(batch), not value.zeroed), value.dtype,
                                           program.shape_of(key, batch))
             return owned[key]
 

@@ -245,6 +245,17 @@ class Program:
         return variant_layers((k.name, k.layers) for k in self.kernels)
 
     # ---- the buffer plan -----------------------------------------------------------------------
+    @property
+    def zeroed(self) -> list:
+        """The keys of the values that must be 0 before the first launch (Value.zeroed)."""
+        return [k for k, v in self.values.items() if v.zeroed]
+
+    def zero_counters(self, plan, buffers):
+        """Zero the buffers of the zeroed values (after allocation, or a poison fill)."""
+        for key in self.zeroed:
+            if key in plan.slot:
+                buffers[plan.slot[key]].fill(0)
+
     def plan(self, batch: int, reuse: bool = True) -> Plan:
         """Assign every owned value a buffer, reusing the buffer of a value that is dead (its last
         reader has run) when it is large enough: best fit, in launch order. Outputs are never reused."""
@@ -257,7 +268,7 @@ class Program:
                 if key in self.values:
                     first.setdefault(key, step)
                     last[key] = step
-        keep = {self.resolve(o) for o in self.outputs}
+        keep = {self.resolve(o) for o in self.outputs} | set(self.zeroed)
         order = {k: i for i, k in enumerate(self.values)}
         free, sizes, slot, inplace = [], [], {}, []
         live = peak = 0
@@ -272,7 +283,7 @@ class Program:
                 need = self.values[key].nbytes(batch)
                 same = [k for k in in_place if self.values[k] == self.values[key]
                         and (segment is None or segment.get(k) is not None and segment.get(k) == segment.get(key))]
-                fits = [b for b in free if sizes[b] >= need] if reuse else []
+                fits = [b for b in free if sizes[b] >= need] if reuse and key not in self.zeroed else []
                 if same:
                     b = slot[same[0]]
                     in_place.remove(same[0])

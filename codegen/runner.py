@@ -115,7 +115,9 @@ class CompiledProgram:
         key = (batch, keep)
         if key not in self._plans:
             plan = self.program.plan(batch, reuse=not keep)
-            self._plans[key] = (plan, self.alloc_all(plan.sizes, batch))
+            buffers = self.alloc_all(plan.sizes, batch)
+            self.program.zero_counters(plan, buffers)
+            self._plans[key] = (plan, buffers)
         return self._plans[key]
 
     def alloc_all(self, sizes, batch):
@@ -167,6 +169,7 @@ class CompiledProgram:
         if self.poison:
             for buf in buffers:
                 buf.fill(0xFF)
+            self.program.zero_counters(plan, buffers)
         arrays = {name: self.runtime.upload(arr)
                   for name, arr in {**inputs, **check_params(self.graph, params, types)}.items()}
         array = self._array_of(arrays, buffers, plan, batch)
@@ -224,6 +227,7 @@ class BoundStep:
         program, runtime = compiled.program, compiled.runtime
         plan = program.plan(batch)
         buffers = compiled.alloc_all(plan.sizes, batch)
+        program.zero_counters(plan, buffers)
         self.static = {}
         for node in compiled.graph.topo():
             if node.role != "op":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import sympy as sp
 
 BATCH = sp.Symbol("batch", integer=True, positive=True)   # the kernels' one runtime size
@@ -66,16 +67,18 @@ class KernelSpec:
 
 @dataclass
 class Value:
-    """A buffer-backed tensor of the program: shape (sympy, in BATCH) and dtype."""
+    """A buffer-backed tensor of the program: shape (sympy, in BATCH) and dtype. `zeroed`: counters
+    that must be 0 before a kernel's first launch and that the kernel leaves 0 again (a reduction's
+    arrival counters): a buffer of its own, never shared, zeroed when allocated (after any poison)."""
     shape: tuple
     dtype: str
+    zeroed: bool = False
 
     def nbytes(self, batch: int) -> int:
-        from graphconv.ops.base import ITEMSIZE
         n = sp.Integer(1)
         for d in self.shape:
             n *= d
-        return int(sp.sympify(n).subs(BATCH, batch)) * ITEMSIZE[self.dtype]
+        return int(sp.sympify(n).subs(BATCH, batch)) * np.dtype(self.dtype).itemsize
 
 
 @dataclass

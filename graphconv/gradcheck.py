@@ -155,8 +155,8 @@ def check_end_to_end(graph64, backward, rng, batch, directions):
             v = unit_direction(rng, params[name].shape)
 
             def along(step, name=name, v=v):
-                return (loss_at({**params, name: params[name] + step * v}),
-                        loss_at({**params, name: params[name] - step * v}))
+                return (loss_at({**params, name: np.asarray(params[name] + step * v)}),    # a 0-d parameter
+                        loss_at({**params, name: np.asarray(params[name] - step * v)}))    # stays an array
 
             worst = max(worst, directional_error(along, float(np.vdot(grads[backward.meta["grads"][name]], v))))
     return Check("model (end to end)", "every parameter", worst)

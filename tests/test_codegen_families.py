@@ -473,6 +473,47 @@ def test_reductions_are_bitwise_deterministic():
             assert first[key].tobytes() == again[key].tobytes(), key
 
 
+@needs_gxx
+def test_the_last_block_to_arrive_finishes_a_reduction_with_the_two_kernel_bits(monkeypatch):
+    """A reduction's chunks are added by the last of each k's blocks (or threads) to arrive, in one
+    kernel: the same bits as a finish kernel of its own, whichever block arrives last (blocks in both
+    orders), at batch sizes with one chunk and with many (the counters are left zero for the next
+    launch, so sizes can alternate on one program), in a captured step replayed too."""
+    from codegen import host
+    from codegen.lowering import reduce
+    g = gc.Graph("sums", "float32")
+    x = g.input("x", ("N", 3, 20, 20))
+    h = g.batch_norm2d(g.relu(g.conv2d(x, 4, 3, padding=1, name="c")), name="bn")
+    g.output(g.linear(g.flatten(g.max_pool2d(h, 2)), 5, name="fc"))
+    graph = build(g, "fused-train")
+    params = gc.init_params(graph, seed=0)
+    monkeypatch.setattr(reduce, "LAST_BLOCK_FINISHES", False)
+    two = CompiledProgram(graph, "host")
+    monkeypatch.setattr(reduce, "LAST_BLOCK_FINISHES", True)
+    one = CompiledProgram(graph, "host", poison=True)
+    assert len(one.program.launches) < len(two.program.launches)
+    counters = one.program.zeroed
+    assert counters and all(one.program.values[k].dtype == "uint32" for k in counters)
+    for batch in (130, 2, 67, 130):
+        inputs = inputs_of(graph, batch)
+        want = two.run(inputs, params)
+        for schedule in ("forward", "reverse"):
+            with host.schedule(schedule):
+                got = one.run(inputs, params)
+            for key in want:
+                assert got[key].tobytes() == want[key].tobytes(), (batch, schedule, key)
+        plan, buffers = one._buffers(batch, False)
+        assert all(not buffers[plan.slot[k]].any() for k in counters)       # zero again
+        assert len({plan.slot[k] for k in counters}) == len(counters)
+        assert not {plan.slot[k] for k in counters} & {b for k, b in plan.slot.items() if k not in counters}
+    step = one.bind(67)
+    inputs = inputs_of(graph, 67)
+    for _ in range(2):
+        got = step.run(inputs, params)
+        want = two.run(inputs, params)
+        assert all(got[key].tobytes() == want[key].tobytes() for key in want)
+
+
 @pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])
 def test_mul_full_per_channel_and_scalar_kernels_match(stage):
     """mul of two activations, by a learned per-channel scale and by a learned scalar: its kernels and

@@ -306,7 +306,8 @@ def test_the_step_variants_time_each_weight_gradient_rule_where_it_changes_a_ste
     assert lenet["Winograd F(2x2, 3x3) for 3 x 3 convolutions"] == "same kernels"     # no 3 x 3 convolution
     assert isinstance(lenet["weight gradients as the im2col GEMM"], float)
     assert isinstance(lenet["GEMM: one shared buffer per operand"], float)        # fc1's GEMMs
-    assert len(timed) == 2 + 5 + 3 and "step variants vgg_small batch 256: now 1.500 ms" in lines[0]
+    assert isinstance(lenet["reductions: a finish kernel of their own"], float)      # its bias gradients
+    assert len(timed) == 2 + 6 + 4 and "step variants vgg_small batch 256: now 1.500 ms" in lines[0]
     # each build its own attempt: a rule that fails (the double buffer faulting on a device) loses only its cell
     def attempt(what, fn, default=None):
         if "double-buffered" in what:

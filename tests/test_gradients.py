@@ -378,3 +378,16 @@ def test_an_operand_of_the_results_rank_gets_an_elementwise_gradient(op):
     assert all(r.ok for r in results), [(r.rule, r.error) for r in results if not r.ok]
     with pytest.raises(gc.InputError, match="scaled"):
         check_graph(g, seed=3, batch=2)
+
+
+def test_gradcheck_takes_a_learned_scalar_end_to_end():
+    """A 0-d parameter (a learned offset) moved along a direction stayed a NumPy scalar, which the
+    parameter check refused as if the user had passed it: now it is checked like any other."""
+    from graphconv.training import attach_loss
+    g = gc.Graph("scale")
+    t = g.param("t", (), ("uniform", 1.0))
+    h = g.relu(g.sub(g.conv2d(g.input("x", ("N", 3, 8, 8)), 4, 3, padding=1, name="c1"), t, name="s1"), name="r1")
+    g.output(g.linear(g.flatten(g.max_pool2d(h, 2, name="p1")), 5, name="fc"))
+    results = check_graph(attach_loss(g), seed=0)
+    assert results[-1].rule == "model (end to end)" and all(r.ok for r in results), \
+        [(r.rule, r.error) for r in results if not r.ok]

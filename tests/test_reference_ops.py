@@ -618,3 +618,19 @@ def test_scalars_on_either_side_and_global_pool_ranks_are_refused_by_the_layer()
         g.global_avg_pool(a, name="gap")
     x = g.input("x", ("N", 3, 4, 4))
     assert g.adaptive_avg_pool2d(x, np.int64(2), name="ap").shape[2:] == (2, 2)      # NumPy ints are ints
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+def test_a_per_channel_operand_first_in_sub_and_mul_lines_up_with_the_channels():
+    """s - conv and s * h with s a [C] vector first: the reference broadcasts s along dim 1, as
+    PyTorch does with s reshaped to [1, C, 1, 1] (the oracle now lines up either operand)."""
+    g = gc.Graph("first", "float64")
+    s = g.param("s", (4,), ("uniform", 1.0))
+    h = g.sub(s, g.conv2d(g.input("x", ("N", 3, 6, 8)), 4, 3, name="c"), name="d")
+    g.output(g.mul(s, h, name="m"))
+    params = gc.init_params(g, seed=1)
+    inputs = {"x": np.random.default_rng(0).standard_normal((2, 3, 6, 8))}
+    want = run_torch(g, inputs, params)
+    got = gc.compile(g).run(inputs, params, keep=True)
+    for name in ("d", "m"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12)

@@ -96,16 +96,11 @@ def eval_node(node, xs):
         return F.mish(xs[0])
     if op == "add":
         return xs[0] + xs[1]
-    if op == "mul":
-        a, b = xs
-        if b.dim() == 1 and a.dim() >= 2:          # per channel: lines up with dim 1
-            b = b.reshape(1, -1, *[1] * (a.dim() - 2))
-        return a * b
-    if op == "sub":
-        a, b = xs
-        if b.dim() == 1 and a.dim() >= 2:
-            b = b.reshape(1, -1, *[1] * (a.dim() - 2))
-        return a - b
+    if op in ("mul", "sub"):
+        rank = max(x.dim() for x in xs)
+        if rank >= 2:                               # a per-channel operand, either one, lines up with dim 1
+            xs = [x.reshape(1, -1, *[1] * (rank - 2)) if x.dim() == 1 else x for x in xs]
+        return xs[0] * xs[1] if op == "mul" else xs[0] - xs[1]
     if op == "mean":
         dims = a["dim"] if a["dim"] is not None else tuple(range(xs[0].dim()))
         return torch.mean(xs[0], dim=dims, keepdim=a["keepdim"])

@@ -1,8 +1,9 @@
 """The classifier losses (softmax cross-entropy, multiclass hinge) and their gradients.
 
-A loss is a mean over the batch: one thread per example writes its row's loss to scratch, then one
-block adds the rows in a fixed order (per-thread strided sums, then a shared-memory tree), in
-double: no float atomics, the same bits on every run. A gradient is one thread per example, writing
+A loss is a mean over the batch: one thread per example writes its row's loss to scratch, then the
+last block to finish its rows (reduce.LAST_BLOCK_FINISHES; else a kernel of its own) adds them in a
+fixed order (per-thread strided sums, then a shared-memory tree), in double: no float atomics, the
+same bits on every run. A gradient is one thread per example, writing
 its row. Rows are short (the class count), so a row fits one thread's loop.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sympy as sp
 
 from ..cprinter import c_nan
 from ..spec import Arg, KernelSpec, Lowered, Value
-from . import c_int, lowering, short_dtype
+from . import c_int, lowering, reduce, short_dtype
 from .pointwise import MAX_BLOCKS
 from .window import literal
 
@@ -25,7 +26,7 @@ def loss_specs(ctx, template, params, grad):
     T = ctx.float_type
     N, F = s.shape[0], int(s.shape[1])
     base = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{F}" + params.pop("tag", "")
-    params = dict(params, T=T, threads=THREADS, rows=c_int(N), F=F, nan=c_nan(T), grad=grad)
+    params = dict(params, T=T, threads=THREADS, rows=c_int(N), F=F, nan=c_nan(T), grad=grad, mean=False)
     grid = (sp.Min(sp.ceiling(sp.sympify(N) / THREADS), MAX_BLOCKS), 1, 1)
     args = [ctx.arg_in(0, "scores"), ctx.arg_in(1, "target")]
     if grad:
@@ -33,6 +34,13 @@ def loss_specs(ctx, template, params, grad):
         return Lowered(kernels=[KernelSpec(name=base, template=template, params=params, args=args, grid=grid,
                                            block=(THREADS, 1, 1))])
     rows_key = ctx.scratch_key("rows")
+    if reduce.LAST_BLOCK_FINISHES:       # the mean by the last block to finish its rows: one launch
+        arrived = ctx.scratch_key("arrived")
+        return Lowered(kernels=[KernelSpec(name=base, template=template, params=dict(params, mean=True),
+                                           args=args + [Arg(f"{T}*", "row_loss", rows_key), ctx.arg_out(0, "loss"),
+                                                        Arg("unsigned*", "arrived", arrived), Arg("int", "batch")],
+                                           grid=grid, block=(THREADS, 1, 1), barrier=True)],
+                       scratch={rows_key: Value((N,), ctx.dtype), arrived: Value((1,), "uint32", zeroed=True)})
     rows = KernelSpec(name=base + "_rows", template=template, params=params,
                       args=args + [Arg(f"{T}*", "row_loss", rows_key), Arg("int", "batch")],
                       grid=grid, block=(THREADS, 1, 1))

@@ -31,8 +31,6 @@ def operand_index(shape, out_shape, i="i") -> str:
         return i
     if len(shape) == 0:
         return "0"
-    if len(shape) != 1 or len(out_shape) < 2:
-        raise ValueError(f"operand shape {tuple(shape)} does not broadcast to {tuple(out_shape)}")
     inner = numel(out_shape[2:])
     return f"({i} / {c_int(inner)}) % {c_int(shape[0])}" if inner != 1 else f"{i} % {c_int(shape[0])}"
 

@@ -36,6 +36,9 @@ THREADS = 256
 PER_THREAD = 4
 CHUNK = THREADS * PER_THREAD
 ROWS = 64                # rows per block (B == 1)
+# the chunks' partial sums added by the last block (B > 1) or thread (B == 1) of each k to arrive, in the
+# same kernel: one launch where a finish kernel of its own (False) is two; the same bits either way
+LAST_BLOCK_FINISHES = True
 
 
 def dims_text(shape) -> str:
@@ -53,7 +56,8 @@ def view_of(ctx, x, axes):
 
 
 def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_args, scratch=None, finish_tag=""):
-    """The two kernels (partial sums, finish) adding `terms` per k of a tensor seen as [A, K, B].
+    """The kernel adding `terms` per k of a tensor seen as [A, K, B]: partial sums per chunk, then the
+    finish of each k by the last of its chunks to arrive (LAST_BLOCK_FINISHES; else two kernels).
 
     loads:    lines reading element `idx` (and per-channel values of `k`), double or T
     terms:    double C expressions of the loaded values, summed as tot0, tot1, ...
@@ -70,7 +74,7 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
         S = sp.ceiling(A / ROWS)
         S_text = c_int(S)
         template, grid, block = "column_partial.cu.j2", (sp.ceiling(K / lanes), S, 1), (lanes, 1, 1)
-        params = {"threads": lanes, "rows": ROWS, "A": c_int(A)}
+        params = {"threads": lanes, "rows": ROWS, "A": c_int(A), "S": S_text}
         barrier = False
     else:
         S = sp.ceiling(A * B / CHUNK)
@@ -84,6 +88,18 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
             params["advance"] = advance_lines("jd", (None, int(B)), THREADS)
         barrier = True
     params.update(prelude="", K=c_int(K), NT=NT, loads=loads, terms=terms, what=", ".join(terms), view=f"[{c_int(A)}, {c_int(K)}, {c_int(B)}]")
+    values = {partial_key: Value((S * K * NT,), "float64"), **(scratch or {})}
+    if LAST_BLOCK_FINISHES:
+        arrived = ctx.scratch_key("arrived")
+        args = in_args + [Arg("double*", "partial", partial_key)] + out_args + \
+            [Arg("unsigned*", "arrived", arrived), Arg("int", "batch")]
+        names = [arg.name for arg in args]
+        assert len(set(names)) == len(names), names
+        params["finish"] = epilogue
+        values[arrived] = Value((K,), "uint32", zeroed=True)
+        return [KernelSpec(name=name + finish_tag, template=template, params=params, args=args, grid=grid,
+                           block=block, barrier=barrier)], values
+    params["finish"] = []
     partial = KernelSpec(name=name + "_partial", template=template, params=params,
                          args=in_args + [Arg("double*", "partial", partial_key), Arg("int", "batch")],
                          grid=grid, block=block, barrier=barrier)
@@ -92,7 +108,6 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
                                 "epilogue": epilogue},
                         args=[Arg("const double*", "partial", partial_key)] + out_args + [Arg("int", "batch")],
                         grid=(sp.Min(sp.ceiling(K / THREADS), MAX_BLOCKS), 1, 1), block=(THREADS, 1, 1))
-    values = {partial_key: Value((S * K * NT,), "float64"), **(scratch or {})}
     return [partial, finish], values
 
 

@@ -107,6 +107,7 @@ inline long long __double_as_longlong(double x) { return gc_bits<long long>(x); 
 inline double __longlong_as_double(long long x) { return gc_bits<double>(x); }
 
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }  // past L1 on the GPU; one memory here
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
