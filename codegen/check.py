@@ -97,6 +97,7 @@ def _check(graph, compiled, ref, inputs, outputs, only) -> list:
             grid, block = spec.launch_shape(batch)
             runtime.launch(compiled.kernels[spec.name], grid, block, args)
         runtime.synchronize()
+        program.check_counters({k: v for k, v in owned.items() if program.values[k].zeroed}, runtime.download)
         worst_abs = worst_rel = 0.0
         ok, notes = True, []
         for node_name in members:

@@ -25,7 +25,9 @@ def manifest_of(program: Program, resources: dict | None = None) -> dict:
         row = {"name": spec.name, "file": f"{spec.name}.cu", "nodes": list(spec.nodes), "replaces": list(spec.replaces), "layers": list(spec.layers),
                "template": spec.template, "grid": spec.grid_text(), "block": list(spec.block),
                "barrier": spec.barrier,
-               "arguments": [{"type": a.ctype, "name": a.name, "binds": a.value or "batch size"} for a in spec.args],
+               "arguments": [{"type": a.ctype, "name": a.name, "binds": a.value or "batch size",
+                              **({"zeroed": True} if a.value in program.values and program.values[a.value].zeroed else {})}
+                             for a in spec.args],
                "sha256": hashlib.sha256(spec.source.encode()).hexdigest()}
         if resources is not None:
             row["nvrtc_sm_90"] = resources[spec.name]

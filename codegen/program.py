@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
 from graphconv.errors import CompileError, GraphError
@@ -255,6 +256,18 @@ class Program:
         for key in self.zeroed:
             if key in plan.slot:
                 buffers[plan.slot[key]].fill(0)
+
+    def check_counters(self, counters: dict, download):
+        """After the launches (`counters`: key -> its buffer): every counter back at 0, or BackendError.
+        A kernel that left one set would finish its next launch early, on stale partial sums, and on
+        every launch after (it zeroes the counter while later blocks still add to it): loud, not wrong."""
+        from graphconv.errors import BackendError
+        left = {key: int(download(buf).view(np.uint32).max()) for key, buf in counters.items()}
+        left = {key: n for key, n in left.items() if n}
+        if left:
+            raise BackendError(f"{self.name}: arrival counters left non-zero after the launches "
+                               f"({', '.join(f'{k} = {n}' for k, n in left.items())}): their reductions finish on stale "
+                               f"partial sums from here on (a graphconv bug; please report it)")
 
     def plan(self, batch: int, reuse: bool = True) -> Plan:
         """Assign every owned value a buffer, reusing the buffer of a value that is dead (its last

@@ -176,6 +176,9 @@ class CompiledProgram:
         for kernel, grid, block, args in self._launches(array, batch):
             self.runtime.launch(kernel, grid, block, args)
         self.runtime.synchronize()
+        if self.poison:          # checking: a reduction that left its arrival counter set fails here
+            self.program.check_counters({k: buffers[plan.slot[k]] for k in self.program.zeroed if k in plan.slot},
+                                        self.runtime.download)
         names = [n.name for n in self.graph.topo() if n.name not in self.program.inlined] if keep else self.graph.outputs
         return {name: self._value(name, array, to_numpy) for name in names}
 

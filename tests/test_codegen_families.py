@@ -31,9 +31,12 @@ def compile_all(graph):
 def assert_program_matches(graph, inputs, params=None, rtol=1e-5, atol=1e-6):
     """Every node's value from the compiled program equals the reference's (uint8 codes exactly)."""
     params = gc.init_params(graph, seed=0) if params is None else params
-    got = CompiledProgram(graph, "host", poison=True).run(inputs, params, keep=True)
+    compiled = CompiledProgram(graph, "host", poison=True)
+    got = compiled.run(inputs, params, keep=True)
     want = NumpyProgram(graph).run(inputs, params, keep=True)
     for name, w in want.items():
+        if name in compiled.program.inlined:        # computed inside its readers' kernels (a loss's seed)
+            continue
         for g_, w_ in zip(got[name] if isinstance(w, tuple) else (got[name],), w if isinstance(w, tuple) else (w,)):
             w_ = np.asarray(w_)
             if w_.dtype == np.uint8 or w_.dtype == np.int64:
@@ -423,6 +426,28 @@ def test_classifier_losses(loss, attrs, batch):
 
 @needs_gxx
 @pytest.mark.parametrize("loss", ["softmax_cross_entropy", "hinge_loss"])
+@pytest.mark.parametrize("value, shared", [(1.0, False), (-2.5, False), (1.0, True)])
+def test_a_constant_seed_of_a_loss_gradient_is_a_literal_not_a_launch(loss, value, shared):
+    """The training step's dloss = 1 (any finite scalar constant every reader of which is a loss
+    gradient) is printed into the gradient kernel: no fill launch, the same values; a constant that
+    something else reads too keeps its kernel."""
+    g = gc.Graph("seeded")
+    s, y = g.input("s", ("N", 6)), g.input("y", ("N",), dtype="int64")
+    dl = g.apply("constant", name="dl", shape=(), dtype="float32", value=value)
+    outs = [g.apply(f"{loss}_grad", s, y, dl, name="dS")]
+    if shared:
+        outs.append(g.add(dl, dl, name="twice"))
+    g.output(*outs)
+    program = Program(g)
+    assert ("dl" in program.inlined) == (not shared)
+    assert len(program.launches) == (3 if shared else 1)
+    source = next(l.spec.source for l in program.launches if l.node == "dS")
+    assert (f"{value!r}f / (float)rows" in source) == (not shared) and ("grad_output" in source) == shared
+    assert_program_matches(g, inputs_of(g, 5, y=np.array([0, 5, 2, 3, 1])))
+
+
+@needs_gxx
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "hinge_loss"])
 def test_a_target_out_of_range_gives_nan_rows(loss, monkeypatch):
     """run() refuses a class index past the scores, as the numpy backend does; the kernels themselves,
     reached past that check, give NaN rows for it rather than reading outside the scores."""
@@ -512,6 +537,64 @@ def test_the_last_block_to_arrive_finishes_a_reduction_with_the_two_kernel_bits(
         got = step.run(inputs, params)
         want = two.run(inputs, params)
         assert all(got[key].tobytes() == want[key].tobytes() for key in want)
+
+
+def reduction_graphs():
+    """Every form of the one-kernel reductions: means over leading, trailing and all axes (channel and
+    column kernels), a batch norm over [N, F] (the column kernel with batch norm's finish), a float64
+    hinge loss's mean."""
+    g = gc.Graph("means", "float32")
+    x = g.input("x", ("N", 3, 5, 7))
+    g.output(g.mean(x, dim=(0, 2, 3), name="m023"), g.mean(x, dim=0, name="m0"), g.mean(x, dim=(2, 3), name="m23"),
+             g.mean(x, name="mall"))
+    yield build(g, "forward")
+    g = gc.Graph("bn1", "float32")
+    h = g.batch_norm1d(g.linear(g.input("x", ("N", 300)), 300, name="fc0"), name="bn")
+    g.output(g.linear(g.relu(h), 7, name="fc"))
+    yield build(g, "fused-train")
+    g = gc.Graph("hinge", "float64")
+    g.output(g.hinge_loss(g.linear(g.input("x", ("N", 40)), 9, name="fc"), g.input("y", ("N",), "int64"), name="loss"))
+    yield build(g, "train")
+
+
+@needs_gxx
+@pytest.mark.parametrize("graph", list(reduction_graphs()), ids=lambda g: g.name)
+def test_every_form_of_the_one_kernel_reductions_gives_the_two_kernel_bits(graph, monkeypatch):
+    from codegen import host
+    from codegen.lowering import reduce
+    params = gc.init_params(graph, seed=0)
+    monkeypatch.setattr(reduce, "LAST_BLOCK_FINISHES", False)
+    two = CompiledProgram(graph, "host")
+    monkeypatch.setattr(reduce, "LAST_BLOCK_FINISHES", True)
+    one = CompiledProgram(graph, "host", poison=True)
+    assert one.program.zeroed and len(one.program.launches) < len(two.program.launches)
+    for batch in (2, 300, 65):
+        inputs = inputs_of(graph, batch)
+        if "y" in inputs:
+            classes = 9 if graph.name.startswith("hinge") else 7
+            inputs["y"] = np.random.default_rng(batch).integers(0, classes, batch)
+        want = two.run(inputs, params, keep=True)
+        with host.schedule("reverse"):
+            got = one.run(inputs, params, keep=True)     # poisoned: checks the counters are 0 after
+        for key, value in got.items():
+            assert np.asarray(value).tobytes() == np.asarray(want[key]).tobytes(), (batch, key)
+
+
+@needs_gxx
+def test_a_counter_left_set_is_a_loud_error_when_checking():
+    """A counter that is not 0 at launch would have a reduction finish early, on stale partial sums,
+    on every launch after: a checking run (poisoned outputs) says so by name instead."""
+    graph = next(reduction_graphs())
+    compiled = CompiledProgram(graph, "host", poison=True)
+    inputs = inputs_of(graph, 64)
+    compiled.run(inputs, {})
+    plan, buffers = compiled._buffers(64, False)
+    key = compiled.program.zeroed[0]
+    original = compiled.program.zero_counters
+    compiled.program.zero_counters = lambda plan, buffers: (original(plan, buffers),
+                                                            buffers[plan.slot[key]].view(np.uint32).__setitem__(0, 1))
+    with pytest.raises(gc.GraphConvError, match=f"arrival counters left non-zero after the launches \\({key} = "):
+        compiled.run(inputs, {})
 
 
 @pytest.mark.parametrize("stage", ["forward", "train", "fused", "fused-train"])

@@ -13,11 +13,14 @@ import sympy as sp
 from ..cprinter import c_nan
 from ..spec import Arg, KernelSpec, Lowered, Value
 from . import c_int, lowering, reduce, short_dtype
-from .pointwise import MAX_BLOCKS
+from .pointwise import MAX_BLOCKS, literal_seed
 from .window import literal
 
 THREADS = 256
 MEAN_THREADS = 256
+# the last block's mean (_last_block_mean.j2) runs on the row kernel's THREADS: the same additions, in
+# the same order, as mean_rows's MEAN_THREADS only while the two are equal
+assert THREADS == MEAN_THREADS
 
 
 def loss_specs(ctx, template, params, grad):
@@ -26,11 +29,17 @@ def loss_specs(ctx, template, params, grad):
     T = ctx.float_type
     N, F = s.shape[0], int(s.shape[1])
     base = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{F}" + params.pop("tag", "")
-    params = dict(params, T=T, threads=THREADS, rows=c_int(N), F=F, nan=c_nan(T), grad=grad, mean=False)
+    params = dict(params, T=T, threads=THREADS, rows=c_int(N), F=F, nan=c_nan(T), grad=grad, mean=False, seed="")
     grid = (sp.Min(sp.ceiling(sp.sympify(N) / THREADS), MAX_BLOCKS), 1, 1)
     args = [ctx.arg_in(0, "scores"), ctx.arg_in(1, "target")]
     if grad:
-        args += [ctx.arg_in(2, "grad_output"), ctx.arg_out(0, "dscores"), Arg("int", "batch")]
+        seed = literal_seed(ctx.graph, ctx.operands[2])
+        if seed is None:
+            args.append(ctx.arg_in(2, "grad_output"))
+        else:          # the training step's dloss = 1: a literal, not a kernel filling one float
+            params["seed"] = literal(seed, T)
+            base += "_seed" + str(seed).replace(".", "p").replace("-", "m").replace("+", "")
+        args += [ctx.arg_out(0, "dscores"), Arg("int", "batch")]
         return Lowered(kernels=[KernelSpec(name=base, template=template, params=params, args=args, grid=grid,
                                            block=(THREADS, 1, 1))])
     rows_key = ctx.scratch_key("rows")

@@ -1,11 +1,13 @@
-"""The reduction family: reduce_sum and batch norm (training statistics, normalisation, gradients,
-running-statistics updates), all built on one deterministic two-pass scheme.
+"""The reduction family: reduce_sum, mean and batch norm (training statistics, normalisation,
+gradients, running-statistics updates), all built on one deterministic two-pass scheme in one kernel.
 
 A tensor is seen as [A, K, B]: K the kept values (channels), A and B the reduced axes before and
-after them. The first kernel adds, per k, a few terms (x, x*x, dy, dy*x, ...) over one chunk of the
+after them. The first pass adds, per k, a few terms (x, x*x, dy, dy*x, ...) over one chunk of the
 A*B reduced positions per block, in double, and writes per-block partial sums to scratch; the second
-kernel adds each k's partials in a fixed order and runs an epilogue (a mean, a variance, the
-coefficients of a normalisation). No float atomics: the same bits on every run. Where B > 1 the
+adds each k's partials in a fixed order and runs an epilogue (a mean, a variance, the coefficients
+of a normalisation), in the block (or thread) that finds itself the last of k's to arrive, by an
+integer counter per k (LAST_BLOCK_FINISHES; else a finish kernel of its own). No float atomics:
+the same bits on every run, whichever block arrives last. Where B > 1 the
 threads of a block run along B (contiguous) for one k; where B == 1 ([N, F] summed over N) they run
 along K instead, one column each, so every row read is coalesced either way.
 
@@ -63,8 +65,7 @@ def channel_sums(ctx, name, *, A, K, B, loads, terms, in_args, epilogue, out_arg
     terms:    double C expressions of the loaded values, summed as tot0, tot1, ...
     epilogue: lines of the finish kernel, per k, from tot0.. and the count `m` of reduced values
     in_args / out_args: the arguments of the partial / finish kernel besides the scratch
-    finish_tag: added to the finish kernel's name only (what its epilogue alone adds: the partial sums
-                are the same kernel either way)
+    finish_tag: added to the name of the kernel that runs the epilogue (what the epilogue alone adds)
     """
     NT = len(terms)
     A, K, B = sp.sympify(A), sp.sympify(K), sp.sympify(B)
@@ -136,7 +137,7 @@ def lower_reduce_sum(ctx):
 
 
 def sum_over_axes(ctx, what, axes, finish):
-    """The two kernels summing operand 0 over `axes` (kept axes one run), `finish` storing each k."""
+    """The kernel(s) summing operand 0 over `axes` (kept axes one run), `finish` storing each k."""
     x = ctx.ins[0]
     A, K, B = view_of(ctx, x, axes)
     name = f"{what}_{short_dtype(ctx.dtype)}_{dims_text(x.shape)}_a{''.join(map(str, axes))}"
@@ -148,7 +149,7 @@ def sum_over_axes(ctx, what, axes, finish):
 # ---- mean -------------------------------------------------------------------------------------------
 @lowering("mean")
 def lower_mean(ctx):
-    """reduce_sum's two kernels with the finish dividing by the count of reduced values."""
+    """reduce_sum's kernel(s) with the finish dividing by the count of reduced values."""
     from graphconv.ops.layout import mean_axes
     return sum_over_axes(ctx, "mean", mean_axes(ctx.attrs, len(ctx.ins[0].shape)),
                          f"out[k] = ({ctx.float_type})(tot0 / (double)m);")
