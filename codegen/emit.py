@@ -49,6 +49,10 @@ def emit(graph, out_dir, check_nvrtc=True, tf32=False, winograd=False) -> dict:
     """Write the kernels of `graph` under out_dir; returns the manifest. With check_nvrtc, every
     kernel is compiled for sm_90 first (an error, a warning or a spill raises CompileError)."""
     program = Program(graph, tf32=tf32, winograd=winograd)
+    if not program.kernels:
+        outputs = ", ".join(graph.outputs) or "none"
+        raise GraphConvError(f"emit: {graph.name} computes nothing on a device (its outputs: {outputs}; each an input, "
+                             f"a parameter or a view of one), so there is no kernel to write")
     resources = None
     if check_nvrtc:
         from . import nvrtc

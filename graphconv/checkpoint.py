@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,18 @@ def check_writable(path):
         raise CheckpointError(f"{path}: the folder {folder} is not writable")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise CheckpointError(f"{path}: the file exists and is not writable")
+    try:                     # os.access says yes to root everywhere: try what the save will do
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if len(os.fsencode(os.path.basename(path))) > longest:
+        raise CheckpointError(f"{path}: the file name is longer than the {longest} bytes {folder} allows")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write in {folder} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @dataclass
@@ -176,15 +189,25 @@ def write_npz(path, arrays: dict):
     path = checkpoint_path(path)
     check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
         os.fchmod(fd, 0o666 & ~umask())   # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            # np.savez(f, **arrays) as it writes, without its keyword arguments: an array named
+            # "allow_pickle" was taken as that flag (and left out), one named "file" a TypeError
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                for name, value in arrays.items():
+                    with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise CheckpointError(f"{path}: not written ({e.strerror or e})") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise

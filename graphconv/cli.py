@@ -551,6 +551,10 @@ def cmd_train(args):
     if args.resume:         # symbolic sizes as the checkpoint was trained at, unless --dim says otherwise
         graph = sizes_from_weights(args, graph, args.resume)
     dataset = args.data or data.default_dataset(graph.inputs[0].shape)
+    if graph.batch_symbol() is None and graph.inputs and graph.inputs[0].shape:      # a fixed first dim
+        raise GraphConvError(f"{graph.name}'s input {graph.inputs[0].name} has a fixed first dim of "
+                             f"{graph.inputs[0].shape[0]} (no batch dim): training feeds batches of --batch examples "
+                             f"and a last one of another size; declare the first dim as a name (\"N\") to train it")
     if args.momentum is not None and args.optimizer != "sgd":
         raise GraphConvError(f"--momentum is an sgd setting; adam has none (use --optimizer sgd, or drop --momentum)")
     given = [flag for flag, value in (("--gamma", args.gamma), ("--step-size", args.step_size)) if value is not None]
@@ -582,6 +586,7 @@ def cmd_train(args):
           f"{variant_words(args, program_variants(trainer.step_program))}, {opt.describe()}, batch {args.batch}, "
           f"seed {args.seed}")
     saved_epoch = trainer.epoch if args.resume else None
+    wrote = False          # whether this run has written `save` (a file there before it may be another run's)
     try:
         for _ in range(args.epochs):
             start = time.perf_counter()
@@ -595,26 +600,26 @@ def cmd_train(args):
             trainer.epoch += 1
             test_loss, test_acc = trainer.evaluate(x_te, y_te)
             trainer.save(save)
-            saved_epoch = trainer.epoch
+            saved_epoch, wrote = trainer.epoch, True
             print(f"epoch {trainer.epoch:3d}  loss {sum(losses) / len(x_tr):.4f}  train acc {correct / len(x_tr):6.2%}  "
                   f"test loss {test_loss:.4f}  test acc {test_acc:6.2%}  "
                   + (f"lr {lr:.3g}  " if opt.schedule != "constant" else "")
                   + f"({time.perf_counter() - start:.1f} s)",
                   flush=True)
     except KeyboardInterrupt:
-        print(f"graphconv: interrupted in epoch {trainer.epoch + 1}; {last_checkpoint(save, args, saved_epoch)}",
+        print(f"graphconv: interrupted in epoch {trainer.epoch + 1}; {last_checkpoint(save, args, saved_epoch, wrote)}",
               file=sys.stderr)
         return 130
     except GraphConvError as e:
-        raise type(e)(f"{e}; {last_checkpoint(save, args, saved_epoch)}") from None
+        raise type(e)(f"{e}; {last_checkpoint(save, args, saved_epoch, wrote)}") from None
     print(f"saved {save}")
 
 
-def last_checkpoint(save, args, epoch):
-    """Where a stopped run can be picked up again."""
+def last_checkpoint(save, args, epoch, wrote):
+    """Where a stopped run can be picked up again: what it wrote, else the checkpoint it resumed."""
     if epoch is None:
         return "no checkpoint was written"
-    source = save if epoch and os.path.exists(save) else args.resume
+    source = save if wrote else args.resume
     return f"the last checkpoint is {source} (after epoch {epoch}): continue with --resume {source}"
 
 

@@ -22,6 +22,8 @@ def init_params(graph, seed=0) -> dict:
     """One array per param/buffer node, in topological order. Each parameter draws from its own
     stream seeded by (seed, crc32(name)), so adding a layer does not change the others' values."""
     from .memory import check_fits
+    from .weights import need_graph
+    need_graph(graph, "init_params")
     seed = check_seed(seed)
     check_fits(sum(param_bytes(n) for n in graph.params), f"the parameters of {graph.name}")
     out = {}

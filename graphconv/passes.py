@@ -61,15 +61,19 @@ def bind_dims(graph, sizes: dict):
     """The graph with named dims fixed to sizes, e.g. {"H": 32, "W": 32} for an input
     ("N", 3, "H", "W"); every shape is re-inferred, so a size that does not fit a layer is refused
     by that layer's rule."""
+    if not isinstance(sizes, dict):
+        raise GraphError(f"bind_dims takes a dict of dim name -> size, such as {{'H': 32}}, got {type(sizes).__name__}")
     if not sizes:
         return graph.copy()
     symbols = {str(s): s for n in graph.inputs for d in n.shape for s in sp.sympify(d).free_symbols}
+    sizes = {str(k) if isinstance(k, sp.Symbol) else k: v for k, v in sizes.items()}     # "H" or Symbol("H")
     for name, size in sizes.items():
         if name not in symbols:
             have = ", ".join(sorted(symbols)) or "none"
             raise GraphError(f"{graph.name} has no dim named {name!r} (its inputs' symbolic dims: {have})")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size <= 0:
             raise GraphError(f"dim {name} must be a positive integer, got {size!r}")
+    sizes = {k: int(v) for k, v in sizes.items()}
     subs = {symbols[k]: sp.Integer(v) for k, v in sizes.items()}
     new = graph.copy()
     for node in new.topo():

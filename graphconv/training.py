@@ -241,6 +241,10 @@ class Trainer:
         need_graph(graph, "Trainer")
         self.model = graph
         self.optimizer = as_optimizer(optimizer)
+        tiny = float(np.finfo(graph.dtype).tiny)
+        if self.optimizer.lr < tiny:          # it would be 0 (or lose its digits) in the graph's dtype: no training
+            raise GraphError(f"optimizer lr {self.optimizer.lr:g} is below the smallest normal {graph.dtype} "
+                             f"({tiny:.3g}): the step would multiply by 0 and nothing would train")
         scalar = next((o for o in graph.outputs if graph.node(o).shape == ()), None)
         if scalar is not None:
             raise GraphError(f"{graph.name} carries its own loss ({scalar} is a scalar): Trainer and "

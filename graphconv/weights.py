@@ -129,8 +129,15 @@ def predict(graph, params, x, backend="numpy", batch=256, program=None):
     if program is None:
         program = program_for(set_training(graph, False), backend)
     name = image_input(graph)
-    scores = np.concatenate([program.run({name: x[i:i + batch]}, params)[output] for i in range(0, len(x), batch)])
+    with np.errstate(over="ignore", invalid="ignore"):      # an overflow is reported below, by name
+        scores = np.concatenate([program.run({name: x[i:i + batch]}, params)[output]
+                                 for i in range(0, len(x), batch)])
     scores = scores.reshape(len(x), -1)
+    if scores.dtype.kind == "f" and not all_finite(scores):
+        rows = int((~np.isfinite(scores)).any(axis=1).sum())
+        raise InputError(f"predict: {graph.name} gave NaN or infinite scores for {rows} of {len(x)} examples (finite "
+                         f"inputs and weights, but too large for {scores.dtype}: the layers overflow); nothing was "
+                         f"predicted")
     return scores.argmax(axis=1), scores
 
 
@@ -401,7 +408,12 @@ def load_state_dict(graph, state_dict) -> dict:
         if value.shape != shape:
             raise GraphConvError(f"{node.name}: PyTorch's {key} has shape {list(value.shape)}"
                                  f"{' (transposed)' if transposed else ''}, {graph.name} needs {list(shape)}")
-        params[node.name] = np.ascontiguousarray(value, dtype=node.dtype)
+        with np.errstate(over="ignore"):
+            cast = np.ascontiguousarray(value, dtype=node.dtype)
+        if not all_finite(cast):
+            raise GraphConvError(f"{node.name}: PyTorch's {key} holds values too large for {node.dtype} "
+                                 f"(largest magnitude {float(np.abs(value).max()):.3g}); weights are finite floats")
+        params[node.name] = cast
     return params
 
 

@@ -1010,3 +1010,105 @@ def test_the_batch_dim_goes_to_batch_wherever_a_command_has_it(capsys, tmp_path)
     assert code == 0 and "buffer plan at batch 3:" in out and "linear_relu_f32_in2450_out500" in out
     conv1 = (tmp_path / "k" / "conv2d_direct_relu_max_pool2d_f32_c1_k20_r5x5_s1x1_p2x2_i28x28.cu").read_text()
     assert "//   launch:    grid (12, 1, 1) x block" in conv1            # 4 tiles x 3 images, baked
+
+
+# ---- session 14's review of the CLI and the public API -------------------------------------------------
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_refuses_scores_that_overflowed_instead_of_calling_them_class_0():
+    from graphconv.weights import predict
+    g = MODELS["lenet5"]()
+    params = gc.init_params(g, seed=0)
+    x = np.full((3, 1, 28, 28), 3e38, np.float32)
+    with pytest.raises(gc.InputError, match="lenet5 gave NaN or infinite scores for 3 of 3 examples"):
+        predict(g, params, x)
+
+
+@pytest.mark.parametrize("dtype, lr", [("float32", 1e-46), ("float32", 1e-39), ("float64", 1e-320)])
+def test_a_learning_rate_the_graphs_dtype_cannot_hold_is_refused(dtype, lr):
+    with pytest.raises(gc.GraphError, match=f"optimizer lr {lr:g} is below the smallest normal {dtype}"):
+        Trainer(MODELS["conv1d_net"](dtype), Optimizer("sgd", lr=lr))
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+def test_a_state_dict_value_too_large_for_float32_is_refused_not_made_inf():
+    from graphconv.weights import load_state_dict
+    g = MODELS["lenet5"]()
+    sd = {k: torch.from_numpy(np.asarray(v, np.float64).T.copy() if k.startswith("fc") and v.ndim == 2 else
+                              np.asarray(v, np.float64))
+          for k, v in gc.init_params(g).items()}
+    sd["conv1.weight"][0, 0, 0, 0] = 1e300
+    with pytest.raises(gc.GraphConvError, match="conv1.weight: PyTorch's conv1.weight holds values too large for float32"):
+        load_state_dict(g, sd)
+
+
+def test_emit_of_a_graph_without_kernels_says_so(capsys, tmp_path):
+    (tmp_path / "m.py").write_text("import graphconv as gc\n\ndef build():\n    g = gc.Graph('views')\n"
+                                   "    g.output(g.flatten(g.input('x', ('N', 2, 3))))\n    return g\n")
+    code, _, err = run(capsys, "emit", f"{tmp_path / 'm.py'}:build", "--stage", "forward", "-o", str(tmp_path / "k"))
+    assert code != 0 and "views computes nothing on a device" in err and "Traceback" not in err
+    assert not (tmp_path / "k" / "manifest.json").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_save_path_that_cannot_be_written_is_refused_before_training(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "conv1d_net", "--epochs", "1", "--save", "/proc/x.npz")
+    assert code != 0 and "/proc/x.npz: cannot write in /proc" in err and "Traceback" not in err
+    long = str(tmp_path / ("w" * 300 + ".npz"))
+    code, _, err = run(capsys, "train", "conv1d_net", "--epochs", "1", "--save", long)
+    assert code != 0 and "the file name is longer than the 255 bytes" in err
+
+
+def test_weights_named_like_numpys_savez_keywords_are_written_and_read_back(tmp_path):
+    """np.savez(f, **arrays) took an array named allow_pickle as its flag (and left it out) and one
+    named file as a second file argument."""
+    from graphconv.checkpoint import write_npz
+    arrays = {"allow_pickle": np.arange(3.0), "file": np.ones((2, 2)), "conv1.weight": np.zeros(4, np.float32)}
+    write_npz(tmp_path / "w.npz", arrays)
+    with np.load(tmp_path / "w.npz") as back:
+        assert sorted(back.files) == sorted(arrays)
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(back[name], value)
+            assert back[name].dtype == value.dtype
+
+
+def test_public_api_mistakes_are_one_line_errors():
+    from graphconv.passes import bind_dims
+    import sympy as sp
+    with pytest.raises(gc.InputError, match="init_params: takes a graph"):
+        gc.init_params(None)
+    with pytest.raises(gc.InputError, match="init_params: takes a graph"):
+        gc.init_params("lenet5")
+    g = gc.Graph("fcn")
+    g.output(g.relu(g.conv2d(g.input("x", ("N", 3, "H", "W")), 4, 3, name="c")))
+    with pytest.raises(gc.GraphError, match="bind_dims takes a dict of dim name -> size"):
+        bind_dims(g, [("H", 8)])
+    bound = bind_dims(g, {sp.Symbol("H"): np.int64(8), "W": np.int32(6)})     # NumPy ints, a sympy symbol
+    assert [int(d) for d in bound.node("c").shape[2:]] == [6, 4]
+
+
+def test_a_failed_resumed_run_names_the_checkpoint_it_resumed_not_a_file_it_never_wrote(capsys, tmp_path, monkeypatch):
+    first = tmp_path / "l.npz"
+    assert run(capsys, "train", "conv1d_net", "--epochs", "1", "--save", str(first), "--progress", "off")[0] == 0
+    other = tmp_path / "other.npz"
+    assert run(capsys, "train", "conv1d_net", "--epochs", "1", "--save", str(other), "--progress", "off",
+               "--seed", "3")[0] == 0
+
+    def fail(self, x, y):
+        raise gc.TrainingError("step failed")
+    monkeypatch.setattr(Trainer, "step", fail)
+    code, _, err = run(capsys, "train", "conv1d_net", "--epochs", "2", "--resume", str(first), "--save", str(other),
+                       "--force", "--progress", "off")
+    assert code != 0 and f"the last checkpoint is {first} (after epoch 1): continue with --resume {first}" in err, err
+
+
+def test_training_a_model_with_a_fixed_batch_says_why_it_cannot(capsys, tmp_path):
+    (tmp_path / "m.py").write_text("import graphconv as gc\n\ndef build():\n    g = gc.Graph('fb')\n"
+                                   "    g.output(g.linear(g.flatten(g.input('x', (4, 1, 8, 8))), 10, name='fc'))\n"
+                                   "    return g\n")
+    code, _, err = run(capsys, "train", f"{tmp_path / 'm.py'}:build", "--batch", "4", "--epochs", "1")
+    assert code != 0 and "fb's input x has a fixed first dim of 4 (no batch dim)" in err, err

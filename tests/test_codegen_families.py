@@ -852,3 +852,33 @@ def test_an_operand_whose_dims_match_the_result_only_once_bound_is_read_element_
     assert_program_matches(graph, inputs_of(graph, 3))
     with pytest.raises(gc.InputError, match="plus_t|plus_s|rowwise"):
         CompiledProgram(graph, "host").run(inputs_of(graph, 2), gc.init_params(graph, seed=0))
+
+
+@needs_gxx
+def test_a_global_average_over_a_large_plane_adds_in_double_on_both_backends():
+    """A float32 running sum of a 1500 x 1500 plane drifts (6000 x 6000 of [0, 1) values gave 0.466 for
+    0.49996, as PyTorch's avg_pool2d does): windows of more than AVG_EXACT_WINDOW elements add in
+    double in the reference and the kernel, the mean within float32 rounding of the exact one; the
+    reference takes the tiling windows in one reshape (it looped over 2.25M offsets, minutes a call),
+    and its gradient is a repeat."""
+    import time
+    from graphconv.ops.pool import AVG_EXACT_WINDOW
+    g = gc.Graph("gap")
+    g.output(g.global_avg_pool(g.input("x", ("N", 2, 1500, 1500)), name="gap"))
+    x = np.random.default_rng(0).random((1, 2, 1500, 1500), dtype=np.float32) + np.float32(1000)
+    exact = x.astype(np.float64).mean(axis=(2, 3)).reshape(1, 2, 1, 1)
+    start = time.perf_counter()
+    want = np.asarray(gc.compile(g)(x))
+    assert time.perf_counter() - start < 5
+    got = np.asarray(gc.compile(g, backend="host")(x))
+    assert 1500 * 1500 > AVG_EXACT_WINDOW
+    np.testing.assert_allclose(want, exact, rtol=1e-7)
+    np.testing.assert_allclose(got, exact, rtol=1e-7)
+    float32_running = np.float32(0)
+    for v in x[0, 0].ravel()[:200000]:
+        float32_running += v
+    assert abs(float32_running / 200000 - x[0, 0].ravel()[:200000].astype(np.float64).mean()) > 1e-3   # it drifts
+    from graphconv.ops import OPS
+    dy = np.random.default_rng(1).standard_normal((1, 2, 1, 1)).astype(np.float32)
+    dx = OPS["avg_pool2d_backward"].reference([dy], {**g.node("gap").attrs, "input_size": (1500, 1500)})
+    np.testing.assert_array_equal(dx, np.broadcast_to((dy / np.float32(1500 * 1500)).astype(np.float32), dx.shape))

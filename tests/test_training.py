@@ -142,7 +142,7 @@ def test_checkpoints_roundtrip_atomically_and_are_checked(tmp_path, monkeypatch)
     before = path.read_bytes()
     def broken(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(np, "savez", broken)
+    monkeypatch.setattr(np.lib.format, "write_array", broken)       # in the middle of writing the arrays
     with pytest.raises(KeyboardInterrupt):
         trainer.save(path)
     monkeypatch.undo()

@@ -20,6 +20,7 @@ import sympy as sp
 
 from graphconv.ops import OPS
 from graphconv.ops.fused import expression_of
+from graphconv.ops.pool import AVG_EXACT_WINDOW
 
 from ..cprinter import c_expression, c_function_prelude, c_neg_inf as neg_inf
 from ..spec import Arg, KernelSpec, Lowered
@@ -152,10 +153,12 @@ def lower_pool(ctx):
                    "if (v > best || (v != v && best == best)) best = v;   // NaN wins, as in np.maximum"]
         finish = ["y[i] = best;"]
     else:
-        init = [f"{T} sum = 0;"]
+        wide = w.G > AVG_EXACT_WINDOW        # many terms: added in double, as the reference adds them
+        A = "double" if wide else T
+        init = [f"{A} sum = 0;"]
         element = [f"sum += src[{index}];" if inside == "true" else f"if ({inside}) sum += src[{index}];"]
         lines, divisor = w.divisor("w")
-        finish = lines + [f"y[i] = sum / ({T})({divisor});"]
+        finish = lines + [f"y[i] = ({T})(sum / (double)({divisor}));" if wide else f"y[i] = sum / ({T})({divisor});"]
     name = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(x.shape[1])}_i{dims(w.Si)}{w.tag()}"
     total = numel(y.shape)
     spec = KernelSpec(name=name, template="pool.cu.j2",

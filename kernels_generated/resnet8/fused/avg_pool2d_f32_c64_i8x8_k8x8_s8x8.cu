@@ -23,7 +23,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) avg_pool2d_f32_c64_i8x8_k8x
         const int w0 = o0 * 8;
         const int w1 = o1 * 8;
         const float* src = x + nc * 64;
-        float sum = 0;
+        double sum = 0;
 #pragma unroll
         for (int e = 0; e < 64; ++e) {
             const int ir0 = (e / 8) % 8;
@@ -34,6 +34,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) avg_pool2d_f32_c64_i8x8_k8x
         }
         const int n0 = min(w0 + 8, 8) - max(w0, 0);
         const int n1 = min(w1 + 8, 8) - max(w1, 0);
-        y[i] = sum / (float)(n0 * n1);
+        y[i] = (float)(sum / (double)(n0 * n1));
     }
 }
