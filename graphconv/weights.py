@@ -175,9 +175,14 @@ def _layers(graph):
             for prefix, op, names in layers]
 
 
-def _numpy(value):
+def _numpy(value, key="a state dict value"):
     if hasattr(value, "detach"):                     # a torch tensor; torch itself stays optional
+        if getattr(value, "is_meta", False):
+            raise InputError(f"{key}: a tensor on the meta device holds no values (a model built with "
+                             f"device='meta'); load its real weights first")
         value = value.detach().cpu()
+        if getattr(value, "is_sparse", False) or str(getattr(value, "layout", "torch.strided")) != "torch.strided":
+            value = value.to_dense()                 # a sparse weight: its dense values, as PyTorch would use them
         if str(value.dtype) == "torch.bfloat16":     # NumPy has no bfloat16: widened exactly to float32, then cast
             value = value.float()
         value = value.numpy()
@@ -398,7 +403,7 @@ def load_state_dict(graph, state_dict) -> dict:
         if node.name in RUNTIME_STATE:
             continue
         key, transposed = mapping[node.name]
-        value = _numpy(state_dict[key])
+        value = _numpy(state_dict[key], key)
         if value.dtype.kind != "f" or not all_finite(value):
             raise GraphConvError(f"{node.name}: PyTorch's {key} holds "
                                  f"{'NaN or infinite values' if value.dtype.kind == 'f' else str(value.dtype) + ' values'}"

@@ -1112,3 +1112,18 @@ def test_training_a_model_with_a_fixed_batch_says_why_it_cannot(capsys, tmp_path
                                    "    return g\n")
     code, _, err = run(capsys, "train", f"{tmp_path / 'm.py'}:build", "--batch", "4", "--epochs", "1")
     assert code != 0 and "fb's input x has a fixed first dim of 4 (no batch dim)" in err, err
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+def test_a_state_dict_with_meta_or_sparse_tensors(capsys):
+    """A meta-device tensor has no values: refused by name (it was a NotImplementedError from torch);
+    a sparse one loads its dense values (it was a TypeError)."""
+    from graphconv.weights import load_state_dict
+    g = MODELS["lenet5"]()
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v.T) if k.startswith("fc") and v.ndim == 2 else v)
+          for k, v in gc.init_params(g).items()}
+    meta = dict(sd, **{"conv1.bias": torch.empty(20, device="meta")})
+    with pytest.raises(gc.InputError, match="conv1.bias: a tensor on the meta device holds no values"):
+        load_state_dict(g, meta)
+    sparse = dict(sd, **{"fc2.weight": sd["fc2.weight"].to_sparse()})
+    np.testing.assert_array_equal(load_state_dict(g, sparse)["fc2.weight"], gc.init_params(g)["fc2.weight"])
