@@ -86,6 +86,8 @@ def read_checkpoint(path, plain_ok=False) -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not os.path.isfile(path):        # a FIFO or a device: opening it would wait for a writer forever
+        raise CheckpointError(f"{path}: is not a regular file (a pipe or a device?); give a checkpoint file")
     try:
         with open(path, "rb") as f:
             head = f.read(4)

@@ -435,7 +435,7 @@ def sizes_from_input(args, graph):
     """With --input, a symbolic input dim (H, W) takes its size from the array's shape (one example
     or [N, ...])."""
     from .passes import unbound_dims
-    if args.input and unbound_dims(graph):
+    if args.input and unbound_dims(graph) and os.path.isfile(args.input):     # a pipe would wait forever
         try:
             shape = np.load(args.input, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError, AttributeError):
@@ -482,6 +482,8 @@ def bind_like(graph, shape):
 def read_inputs(path, shape, graph):
     """An .npy of inputs shaped (N, *shape), as the model takes them (standardised like the data
     graphconv train uses), cast to the model's dtype."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise GraphConvError(f"{path}: is not a regular file (a pipe or a device?); give a .npy file")
     try:
         x = np.load(path, allow_pickle=False)
     except FileNotFoundError:

@@ -1127,3 +1127,14 @@ def test_a_state_dict_with_meta_or_sparse_tensors(capsys):
         load_state_dict(g, meta)
     sparse = dict(sd, **{"fc2.weight": sd["fc2.weight"].to_sparse()})
     np.testing.assert_array_equal(load_state_dict(g, sparse)["fc2.weight"], gc.init_params(g)["fc2.weight"])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_given_as_weights_or_input_is_refused_instead_of_waiting_forever(capsys, tmp_path):
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "predict", "lenet5", "--weights", str(fifo))
+    assert code != 0 and "fifo.npz: is not a regular file (a pipe or a device?)" in err, err
+    gc.save_weights(tmp_path / "w.npz", gc.init_params(MODELS["lenet5"]()))
+    code, _, err = run(capsys, "predict", "lenet5", "--weights", str(tmp_path / "w.npz"), "--input", str(fifo))
+    assert code != 0 and "fifo.npz: is not a regular file (a pipe or a device?); give a .npy file" in err, err
