@@ -8,7 +8,7 @@ import json
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -98,6 +98,14 @@ class Optimizer:
                         "momentum": "in [0, 1)"}.get(key, ">= 0")
                 raise GraphError(f"optimizer {key} must be finite and {want}, got {value!r}")
             setattr(self, key, value)
+        # a setting of the other optimizer would be silently ignored: refused as the CLI refuses --momentum with adam
+        defaults = {f.name: f.default for f in fields(self)}
+        foreign = (["momentum"] if self.kind == "adam" else ["beta1", "beta2", "eps"])
+        given = [key for key in foreign if getattr(self, key) != defaults[key]]
+        if given:
+            raise GraphError(f"optimizer {', '.join(given)}: {'an sgd' if self.kind == 'adam' else 'an adam'} "
+                             f"setting, which {self.kind} does not use (drop it, or use "
+                             f"Optimizer({'sgd' if self.kind == 'adam' else 'adam'!r}, ...))")
         if self.schedule not in self.SCHEDULES:
             raise GraphError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(self.SCHEDULES)}")
         for key in ("step_size", "epochs"):

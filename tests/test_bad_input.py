@@ -1138,3 +1138,11 @@ def test_a_pipe_given_as_weights_or_input_is_refused_instead_of_waiting_forever(
     gc.save_weights(tmp_path / "w.npz", gc.init_params(MODELS["lenet5"]()))
     code, _, err = run(capsys, "predict", "lenet5", "--weights", str(tmp_path / "w.npz"), "--input", str(fifo))
     assert code != 0 and "fifo.npz: is not a regular file (a pipe or a device?); give a .npy file" in err, err
+
+
+@pytest.mark.parametrize("kind, kwargs, given", [("adam", {"momentum": 0.5}, "momentum"),
+                                                 ("sgd", {"beta1": 0.8, "eps": 1e-6}, "beta1, eps")])
+def test_a_setting_of_the_other_optimizer_is_refused_not_ignored(kind, kwargs, given):
+    with pytest.raises(gc.GraphError, match=f"optimizer {given}: an {'sgd' if kind == 'adam' else 'adam'} setting, "
+                                            f"which {kind} does not use"):
+        Optimizer(kind, **kwargs)
