@@ -17,6 +17,20 @@
 // whichever block finished last. Consecutive threads read consecutive positions along the contiguous
 // reduced axes; each keeps its sums in double, then a shared-memory tree adds the block's 256.
 // A position's (image, offset) is kept as digits and advanced by 256 with a carry, not divided out.
+// The finish of one k, in the last of its blocks to arrive: a call of its own, since inlined its
+// double-precision division and square root (batch norm's) took the whole kernel from 28 registers to
+// 88, 2 blocks an SM instead of 8 for a loop that needs its loads in flight.
+__device__ __noinline__ void reduce_sum_relu_grad_gathered_f32_50x14x14_finish(const long long k, const long long S, const long long K,
+                                                     const double m, const float* __restrict__ gdy, const float* __restrict__ gaux, double* __restrict__ partial, float* __restrict__ out, unsigned* __restrict__ arrived, int batch)   // m: values reduced per k
+{
+    double tot0 = 0;
+    for (long long s = 0; s < S; ++s) {
+        tot0 += __ldcg(&partial[(s * K + k) * 1 + 0]);
+    }
+    out[k] = (float)tot0;
+    arrived[k] = 0;                            // for the next launch
+}
+
 extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gathered_f32_50x14x14(const float* __restrict__ gdy, const float* __restrict__ gaux, double* __restrict__ partial, float* __restrict__ out, unsigned* __restrict__ arrived, int batch)
 {
     const long long nb = batch;
@@ -77,11 +91,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gather
         __threadfence();                       // these sums visible to every block before the ticket
         if (atomicAdd(&arrived[k], 1u) != (unsigned)(S - 1)) return;
         __threadfence();                       // every other chunk's sums are there: read them past L1
-        double tot0 = 0;
-        for (long long s = 0; s < S; ++s) {
-            tot0 += __ldcg(&partial[(s * K + k) * 1 + 0]);
-        }
-        out[k] = (float)tot0;
-        arrived[k] = 0;                        // for the next launch
+        reduce_sum_relu_grad_gathered_f32_50x14x14_finish(k, S, K, (double)M, gdy, gaux, partial, out, arrived, batch);
     }
 }

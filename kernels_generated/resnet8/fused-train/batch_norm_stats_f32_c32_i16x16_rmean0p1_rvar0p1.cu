@@ -23,6 +23,28 @@
 // whichever block finished last. Consecutive threads read consecutive positions along the contiguous
 // reduced axes; each keeps its sums in double, then a shared-memory tree adds the block's 256.
 // A position's (image, offset) is kept as digits and advanced by 256 with a carry, not divided out.
+// The finish of one k, in the last of its blocks to arrive: a call of its own, since inlined its
+// double-precision division and square root (batch norm's) took the whole kernel from 28 registers to
+// 88, 2 blocks an SM instead of 8 for a loop that needs its loads in flight.
+__device__ __noinline__ void batch_norm_stats_f32_c32_i16x16_rmean0p1_rvar0p1_finish(const long long k, const long long S, const long long K,
+                                                     const double m, const float* __restrict__ x, double* __restrict__ partial, const float* __restrict__ w, float* __restrict__ mean_out, float* __restrict__ scale_out, const float* __restrict__ running_mean, float* __restrict__ running_mean_out, const float* __restrict__ running_var, float* __restrict__ running_var_out, unsigned* __restrict__ arrived, int batch)   // m: values reduced per k
+{
+    double tot0 = 0;
+    double tot1 = 0;
+    for (long long s = 0; s < S; ++s) {
+        tot0 += __ldcg(&partial[(s * K + k) * 2 + 0]);
+        tot1 += __ldcg(&partial[(s * K + k) * 2 + 1]);
+    }
+    const double mean = tot0 / m;
+    const double var = fmax(tot1 / m - mean * mean, 0.0);   // biased; sums in double: no cancellation to speak of
+    const double inv_std = 1.0 / sqrt(var + (double)(1e-05f));
+    mean_out[k] = (float)mean;
+    scale_out[k] = (float)(inv_std * w[k]);
+    running_mean_out[k] = (float)((1.0 - 0.1) * running_mean[k] + 0.1 * mean);   // batch_norm_update_stats
+    running_var_out[k] = (float)((1.0 - 0.1) * running_var[k] + 0.1 * (var * (m / fmax(m - 1.0, 1.0))));   // batch_norm_update_stats, unbiased
+    arrived[k] = 0;                            // for the next launch
+}
+
 extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_stats_f32_c32_i16x16_rmean0p1_rvar0p1(const float* __restrict__ x, double* __restrict__ partial, const float* __restrict__ w, float* __restrict__ mean_out, float* __restrict__ scale_out, const float* __restrict__ running_mean, float* __restrict__ running_mean_out, const float* __restrict__ running_var, float* __restrict__ running_var_out, unsigned* __restrict__ arrived, int batch)
 {
     const long long nb = batch;
@@ -79,20 +101,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_stats_f32_c32_i1
         __threadfence();                       // these sums visible to every block before the ticket
         if (atomicAdd(&arrived[k], 1u) != (unsigned)(S - 1)) return;
         __threadfence();                       // every other chunk's sums are there: read them past L1
-        const double m = (double)M;            // values reduced per k
-        double tot0 = 0;
-        double tot1 = 0;
-        for (long long s = 0; s < S; ++s) {
-            tot0 += __ldcg(&partial[(s * K + k) * 2 + 0]);
-            tot1 += __ldcg(&partial[(s * K + k) * 2 + 1]);
-        }
-        const double mean = tot0 / m;
-        const double var = fmax(tot1 / m - mean * mean, 0.0);   // biased; sums in double: no cancellation to speak of
-        const double inv_std = 1.0 / sqrt(var + (double)(1e-05f));
-        mean_out[k] = (float)mean;
-        scale_out[k] = (float)(inv_std * w[k]);
-        running_mean_out[k] = (float)((1.0 - 0.1) * running_mean[k] + 0.1 * mean);   // batch_norm_update_stats
-        running_var_out[k] = (float)((1.0 - 0.1) * running_var[k] + 0.1 * (var * (m / fmax(m - 1.0, 1.0))));   // batch_norm_update_stats, unbiased
-        arrived[k] = 0;                        // for the next launch
+        batch_norm_stats_f32_c32_i16x16_rmean0p1_rvar0p1_finish(k, S, K, (double)M, x, partial, w, mean_out, scale_out, running_mean, running_mean_out, running_var, running_var_out, arrived, batch);
     }
 }

@@ -26,6 +26,35 @@
 // whichever block finished last. Consecutive threads read consecutive positions along the contiguous
 // reduced axes; each keeps its sums in double, then a shared-memory tree adds the block's 256.
 // A position's (image, offset) is kept as digits and advanced by 256 with a carry, not divided out.
+// The finish of one k, in the last of its blocks to arrive: a call of its own, since inlined its
+// double-precision division and square root (batch norm's) took the whole kernel from 28 registers to
+// 88, 2 blocks an SM instead of 8 for a loop that needs its loads in flight.
+__device__ __noinline__ void batch_norm_grad_stats_f32_c64_i16x16_dw_db_finish(const long long k, const long long S, const long long K,
+                                                     const double m, const float* __restrict__ x, const float* __restrict__ dy, double* __restrict__ partial, const float* __restrict__ w, float* __restrict__ mean_out, float* __restrict__ gain_out, float* __restrict__ shift_out, float* __restrict__ slope_out, float* __restrict__ dweight_out, float* __restrict__ dbias_out, unsigned* __restrict__ arrived, int batch)   // m: values reduced per k
+{
+    double tot0 = 0;
+    double tot1 = 0;
+    double tot2 = 0;
+    double tot3 = 0;
+    for (long long s = 0; s < S; ++s) {
+        tot0 += __ldcg(&partial[(s * K + k) * 4 + 0]);
+        tot1 += __ldcg(&partial[(s * K + k) * 4 + 1]);
+        tot2 += __ldcg(&partial[(s * K + k) * 4 + 2]);
+        tot3 += __ldcg(&partial[(s * K + k) * 4 + 3]);
+    }
+    const double mean = tot0 / m;
+    const double var = fmax(tot1 / m - mean * mean, 0.0);   // biased; sums in double: no cancellation to speak of
+    const double inv_std = 1.0 / sqrt(var + (double)(1e-05f));
+    const double sum_dy_xc = tot3 - mean * tot2;   // sum of dy * (x - mean)
+    mean_out[k] = (float)mean;
+    gain_out[k] = (float)(inv_std * w[k]);
+    shift_out[k] = (float)(tot2 / m);
+    slope_out[k] = (float)(inv_std * inv_std * sum_dy_xc / m);
+    dweight_out[k] = (float)(inv_std * sum_dy_xc);   // batch_norm_grad_weight, from the same sums
+    dbias_out[k] = (float)tot2;   // the bias gradient: the sum of dy
+    arrived[k] = 0;                            // for the next launch
+}
+
 extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_grad_stats_f32_c64_i16x16_dw_db(const float* __restrict__ x, const float* __restrict__ dy, double* __restrict__ partial, const float* __restrict__ w, float* __restrict__ mean_out, float* __restrict__ gain_out, float* __restrict__ shift_out, float* __restrict__ slope_out, float* __restrict__ dweight_out, float* __restrict__ dbias_out, unsigned* __restrict__ arrived, int batch)
 {
     const long long nb = batch;
@@ -96,27 +125,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_grad_stats_f32_c
         __threadfence();                       // these sums visible to every block before the ticket
         if (atomicAdd(&arrived[k], 1u) != (unsigned)(S - 1)) return;
         __threadfence();                       // every other chunk's sums are there: read them past L1
-        const double m = (double)M;            // values reduced per k
-        double tot0 = 0;
-        double tot1 = 0;
-        double tot2 = 0;
-        double tot3 = 0;
-        for (long long s = 0; s < S; ++s) {
-            tot0 += __ldcg(&partial[(s * K + k) * 4 + 0]);
-            tot1 += __ldcg(&partial[(s * K + k) * 4 + 1]);
-            tot2 += __ldcg(&partial[(s * K + k) * 4 + 2]);
-            tot3 += __ldcg(&partial[(s * K + k) * 4 + 3]);
-        }
-        const double mean = tot0 / m;
-        const double var = fmax(tot1 / m - mean * mean, 0.0);   // biased; sums in double: no cancellation to speak of
-        const double inv_std = 1.0 / sqrt(var + (double)(1e-05f));
-        const double sum_dy_xc = tot3 - mean * tot2;   // sum of dy * (x - mean)
-        mean_out[k] = (float)mean;
-        gain_out[k] = (float)(inv_std * w[k]);
-        shift_out[k] = (float)(tot2 / m);
-        slope_out[k] = (float)(inv_std * inv_std * sum_dy_xc / m);
-        dweight_out[k] = (float)(inv_std * sum_dy_xc);   // batch_norm_grad_weight, from the same sums
-        dbias_out[k] = (float)tot2;   // the bias gradient: the sum of dy
-        arrived[k] = 0;                        // for the next launch
+        batch_norm_grad_stats_f32_c64_i16x16_dw_db_finish(k, S, K, (double)M, x, dy, partial, w, mean_out, gain_out, shift_out, slope_out, dweight_out, dbias_out, arrived, batch);
     }
 }
