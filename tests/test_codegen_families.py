@@ -77,6 +77,11 @@ POOLS = [
     ("max", 2, (11, 10), (2, 3), {"stride": (3, 4), "dilation": (2, 1), "ceil_mode": True}),
     ("avg", 2, (7, 9), 2, {"stride": (3, 2), "padding": (1, 0)}),
     ("max", 1, (10,), 1, {"stride": 3}),
+    # windows that are whole planes of more than 32 elements (pool_plane.cu.j2: threads share a plane)
+    ("max", 2, (7, 7), 7, {}),
+    ("avg", 2, (5, 13), (5, 13), {"divisor_override": 7}),
+    ("avg", 3, (3, 4, 5), (3, 4, 5), {"ceil_mode": True}),
+    ("max", 1, (40,), 40, {"stride": 3}),
 ]
 
 
@@ -140,6 +145,26 @@ def test_max_pool_propagates_nan_and_minus_infinity():
     x[0, 1] = -np.inf
     x[1, 2, :3, :3] = -np.inf
     assert_program_matches(g, inputs)
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_window_that_is_the_whole_plane_is_read_by_threads_sharing_the_plane(dtype):
+    """Global pools of more than 32 elements take pool_plane.cu.j2 (8 to 32 threads a plane, their
+    partial results combined in shared memory); 7 planes leave most of a block's plane slots empty,
+    a NaN propagates through the max, a -inf plane stays -inf; a 32-element plane keeps the plain kernel."""
+    for mode, spatial, batch in (("max", (6, 9), 7), ("avg", (6, 9), 7), ("max", (4, 8), 2)):
+        g = pool_graph(mode, 2, spatial, spatial, {}, channels=1, dtype=dtype)
+        names = [spec.name for spec in Program(g).kernels]
+        assert [n.endswith("_plane") for n in names] == [spatial != (4, 8)], names
+        inputs = inputs_of(g, batch)
+        if mode == "max" and batch == 7:
+            inputs["x"][2, 0, 3, 5] = np.nan
+            inputs["x"][4, 0] = -np.inf
+        got = assert_program_matches(g, inputs, rtol=1e-6 if dtype == "float32" else 1e-13, atol=0)
+        if mode == "max" and batch == 7:
+            assert np.isnan(got["p"][2, 0, 0, 0]) and got["p"][4, 0, 0, 0] == -np.inf
+            assert np.isfinite(got["p"][[0, 1, 3, 5, 6], 0, 0, 0]).all()
 
 
 @needs_gxx
@@ -852,6 +877,25 @@ def test_an_operand_whose_dims_match_the_result_only_once_bound_is_read_element_
     assert_program_matches(graph, inputs_of(graph, 3))
     with pytest.raises(gc.InputError, match="plus_t|plus_s|rowwise"):
         CompiledProgram(graph, "host").run(inputs_of(graph, 2), gc.init_params(graph, seed=0))
+
+
+@needs_gxx
+def test_an_uneven_adaptive_average_over_large_windows_adds_in_double_on_both_backends():
+    """1001 -> 2 gives overlapping 501 x 501 windows, the uneven adaptive kernel's: added in float32
+    they drift (values near 1000: 0.5000 came out 0.5001 above the exact mean); in double on both
+    backends, within float32 rounding of the exact mean."""
+    g = gc.Graph("adaptive")
+    g.output(g.adaptive_avg_pool2d(g.input("x", ("N", 1, 1001, 1001)), (2, 2), name="ap"))
+    assert [spec.template for spec in Program(g).kernels] == ["adaptive_pool.cu.j2"]
+    x = np.random.default_rng(0).random((1, 1, 1001, 1001), dtype=np.float32) + np.float32(1000)
+    exact = np.array([[x[0, 0, a:a + 501, b:b + 501].astype(np.float64).mean() for b in (0, 500)] for a in (0, 500)])
+    for backend in ("numpy", "host"):
+        got = np.asarray(gc.compile(g, backend=backend)(x)).reshape(2, 2)
+        np.testing.assert_allclose(got, exact, rtol=1e-7, err_msg=backend)
+    running = np.float32(0)
+    for v in x[0, 0, :501, :501].ravel():
+        running += v
+    assert abs(running / np.float32(501 * 501) - exact[0, 0]) > 1e-4 * exact[0, 0]    # a float32 running sum drifts
 
 
 @needs_gxx

@@ -9,6 +9,7 @@ import math
 import sympy as sp
 
 from graphconv.ops import OPS
+from graphconv.ops.pool import AVG_EXACT_WINDOW
 
 from ..cprinter import c_neg_inf
 from ..spec import Arg, KernelSpec, Lowered, Value
@@ -29,10 +30,11 @@ def bounds(o, k, n_in, n_out):
     return [f"const int st{k} = ({o} * {n_in}) / {n_out};", f"const int en{k} = (({o} + 1) * {n_in} + {n_out - 1}) / {n_out};"]
 
 
-def scan(nd, n_in, mode, T, indent="", where=False):
-    """C lines: m (and with `where` best, the flat index PyTorch's scan picks) or acc over the window st..en."""
+def scan(nd, n_in, mode, T, indent="", where=False, A=None):
+    """C lines: m (and with `where` best, the flat index PyTorch's scan picks) or acc (of type A) over
+    the window st..en."""
     lines = [f"{T} m = {c_neg_inf(T)};"] + ([f"long long best = {flat([f'st{k}' for k in range(nd)], n_in)};"]
-                                           if where else []) if mode == "max" else [f"{T} acc = 0;"]
+                                           if where else []) if mode == "max" else [f"{A or T} acc = 0;"]
     for k in range(nd):
         lines.append("    " * k + f"for (int a{k} = st{k}; a{k} < en{k}; ++a{k}) {{")
     idx = flat([f"a{k}" for k in range(nd)], n_in)
@@ -58,16 +60,20 @@ def lower_adaptive_pool(ctx):
     sizes = ", ".join(f"{i}->{o}" for i, o in zip(n_in, n_out))
     name = (f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(ctx.outs[0].shape[1])}_i{'x'.join(map(str, n_in))}"
             f"_o{'x'.join(map(str, n_out))}")
+    # a window of more than AVG_EXACT_WINDOW elements adds in double (a float32 running sum drifts)
+    wide = math.prod(largest_window(i, o) for i, o in zip(n_in, n_out)) > AVG_EXACT_WINDOW
+
     def forward_scan(store, where=False):
         """One thread per output: its window's bounds and scan, then `store`."""
         body = decode(n_out) + [f"const {T}* xs = x + nc * {in_plane}LL;"]
         for k in range(nd):
             body += bounds(f"p{k}", k, n_in[k], n_out[k])
-        return body + scan(nd, n_in, mode, T, where=where) + [store]
+        return body + scan(nd, n_in, mode, T, where=where, A="double" if wide else T) + [store]
 
     if not backward:
         count = " * ".join(f"(en{k} - st{k})" for k in range(nd))
-        body = forward_scan("out[i] = m;" if mode == "max" else f"out[i] = acc / ({T})({count});")
+        body = forward_scan("out[i] = m;" if mode == "max" else
+                            f"out[i] = ({T})(acc / (double)({count}));" if wide else f"out[i] = acc / ({T})({count});")
         formula = "out[nc, o] = " + ("max over the window (a NaN propagates)" if mode == "max"
                                      else "mean over the window")
         return Lowered(kernels=[spec(name, body, formula, sizes, [ctx.arg_in(0, "x"), ctx.arg_out(0, "out")],
@@ -103,6 +109,11 @@ def lower_adaptive_pool(ctx):
                if mode == "max" else "dx[nc, s] = sum over the windows holding s of dy / window size")
     kernels.append(spec(name, body, formula, sizes, args + [ctx.arg_out(0, "dx")], numel(ctx.outs[0].shape), True))
     return Lowered(kernels=kernels, scratch=scratch)
+
+
+def largest_window(n_in, n_out) -> int:
+    """The longest of PyTorch's adaptive windows [o*in/out, ceil((o+1)*in/out)) along one axis."""
+    return max((((o + 1) * n_in + n_out - 1) // n_out) - (o * n_in) // n_out for o in range(n_out))
 
 
 def spec(name, body, formula, sizes, args, total, backward):

@@ -56,6 +56,11 @@ class Window:
         """Whether no two windows share an element: each spans at most its stride on every axis."""
         return all((k - 1) * d + 1 <= s for k, d, s in zip(self.k, self.d, self.s))
 
+    def whole_plane(self) -> bool:
+        """Whether the one window of each plane is the plane itself: its elements are consecutive."""
+        return (all(o == 1 for o in self.So) and self.k == self.Si and not any(self.lo) and not any(self.hi)
+                and all(d == 1 for d in self.d))
+
     def leaves(self, axis) -> bool:
         """Whether some window reaches outside the input along `axis` (padding or ceil overhang)."""
         last = (self.So[axis] - 1) * self.s[axis] - self.lo[axis] + (self.k[axis] - 1) * self.d[axis]
@@ -144,6 +149,8 @@ def lower_pool(ctx):
     T = ctx.float_type
     w = Window(ctx.node.op, ctx.attrs, ints(x.shape[2:]), ints(y.shape[2:]))
     SiN, SoN = math.prod(w.Si), math.prod(w.So)
+    if w.whole_plane() and SiN > AVG_EXACT_WINDOW:
+        return Lowered(kernels=[plane_spec(ctx, w)])
     out_coords = unflatten("p", w.So, "o") + w.origin([f"o{d}" for d in range(w.nd)], "w")
     offset, inside, index = w.offset("e", "w", "i")
     if w.mode == "max":
@@ -170,6 +177,31 @@ def lower_pool(ctx):
                       args=[ctx.arg_in(0, "x"), ctx.arg_out(0, "y"), Arg("int", "batch")],
                       grid=grid_for(total), block=(THREADS, 1, 1))
     return Lowered(kernels=[spec])
+
+
+def plane_spec(ctx, w):
+    """A window that is the whole plane (a global pool): threads share a plane, reading it in
+    consecutive runs, and combine their partial results in shared memory (pool_plane.cu.j2)."""
+    x, y = ctx.ins[0], ctx.outs[0]
+    T, P = ctx.float_type, w.G
+    L = min(32, 1 << max(0, (P // 4).bit_length() - 1))      # at least 4 elements a thread, 32 at most
+    if w.mode == "max":
+        A, init = T, neg_inf(T)
+        combine = "if (v > acc || (v != v && acc == acc)) acc = v;   // NaN wins, as in np.maximum"
+        finish = "acc"
+    else:
+        A, init, combine = "double", "0", "acc += v;"
+        finish = f"({T})(acc / (double)({w.divisor_override or P}))"
+    total = numel(y.shape)
+    name = f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(x.shape[1])}_i{dims(w.Si)}{w.tag()}_plane"
+    return KernelSpec(name=name, template="pool_plane.cu.j2",
+                      params={"T": T, "A": A, "threads": THREADS, "planes": c_int(total), "P": P, "L": L,
+                              "PPB": THREADS // L, "init": init, "combine": combine, "finish": finish,
+                              "size": 8 if T == "double" else 4, "wide": w.mode == "avg", "exact": AVG_EXACT_WINDOW,
+                              "what": f"{w.mode} over each window ({w.text()}): the whole plane"},
+                      args=[ctx.arg_in(0, "x"), ctx.arg_out(0, "y"), Arg("int", "batch")],
+                      grid=(sp.Min(sp.ceiling(total / (THREADS // L)), MAX_BLOCKS), 1, 1), block=(THREADS, 1, 1),
+                      barrier=True)
 
 
 # ---- backward: gathers ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sympy as sp
 from ..errors import OpError
 from ..shapes import fmt_shape
 from .base import REQUIRED, Cost, GradientOp, Op, nbytes, register
+from .pool import AVG_EXACT_WINDOW
 from .upsample import check_sizes, static_spatial
 
 
@@ -76,8 +77,9 @@ class AdaptivePool(AdaptiveBase):
         out = np.empty(x.shape[:2] + attrs["output_size"], x.dtype)
         for index, box in self.boxes(x.shape[2:], attrs["output_size"]):
             block = x[(slice(None), slice(None)) + box].reshape(x.shape[0], x.shape[1], -1)
-            if self.mode == "avg":
-                out[(slice(None), slice(None)) + index] = block.mean(axis=2)
+            if self.mode == "avg":      # a window of more than AVG_EXACT_WINDOW elements adds in float64
+                wide = block.shape[2] > AVG_EXACT_WINDOW
+                out[(slice(None), slice(None)) + index] = block.mean(axis=2, dtype=np.float64 if wide else None)
             else:
                 flat = block.reshape(-1, block.shape[2])
                 out[(slice(None), slice(None)) + index] = flat[np.arange(len(flat)), first_argmax(flat)].reshape(
