@@ -149,6 +149,12 @@ def read_checkpoint(path, plain_ok=False) -> Checkpoint:
         if not all_finite(value):
             raise CheckpointError(f"{path}: {name}: holds NaN or infinite values; this checkpoint cannot be "
                                   f"trained from (an earlier run diverged?)")
+        if name == "opt.step" and (value.size and (value.min() < 0 or not np.all(value == np.round(value)))):
+            raise CheckpointError(f"{path}: opt.step: holds {value.ravel()[0]:g}; Adam's step count is a whole "
+                                  f"number >= 0 (the file was altered?)")
+        if name.endswith(".adam_v") and value.size and value.min() < 0:
+            raise CheckpointError(f"{path}: {name}: holds negative values ({value.min():g}); Adam's second moment is "
+                                  f"a running mean of squared gradients, never negative (the file was altered?)")
         state[name] = value
     return Checkpoint(state, int(epoch), optimizer, input_shape)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -353,12 +354,18 @@ def cmd_filters(args):
     except CheckpointError:
         trained = f"from {args.weights}"
     layer, png = filters_png(graph, params, args.layer)
-    output = args.output or f"{graph.name}-{layer}-filters.png"
+    output = args.output or default_file(graph.name, layer, "filters", suffix=".png")
     if not str(output).lower().endswith(".png"):
         raise GraphConvError(f"-o {output}: the picture is a PNG; name the file with .png")
     write_file(output, png)
     print(f"wrote {output}: the filters of {layer} {trained} ({len(png):,} bytes)")
     return 0
+
+
+def default_file(*parts, suffix) -> str:
+    """A file in the current folder named after the model (and layer): a graph named "a/b" or ".."
+    gives "a_b.npz" or "model.npz", not a path into another folder."""
+    return "-".join(re.sub(r"[^\w.-]+", "_", part).strip("._") or "model" for part in parts) + suffix
 
 
 def cmd_demo(args):
@@ -374,7 +381,7 @@ def cmd_report(args):
     model = load_model(args)
     weights = load_weights(args.weights, model) if args.weights else None     # a checkpoint or a weights file
     page = build_report(model, args.stage, weights, args.loss, Optimizer(args.optimizer))
-    output = args.output or f"{model.name}-report.html"
+    output = args.output or default_file(model.name, "report", suffix=".html")
     write_file(output, page)
     print(f"wrote {output} ({len(page):,} bytes; open it in a browser, no network needed)")
     return 0
@@ -568,7 +575,7 @@ def cmd_train(args):
     opt = Optimizer(args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
                     step_size=args.step_size or 10, gamma=args.gamma or 0.1, epochs=args.epochs,
                     **({"momentum": args.momentum} if args.momentum is not None else {}))
-    save = args.save or f"{graph.name}.npz"
+    save = args.save or default_file(graph.name, suffix=".npz")
     check_writable(save)   # before any work: a bad path is found now, not after the first epoch
     trainer = Trainer(graph, opt, loss=args.loss, backend=args.backend, seed=args.seed, tf32=args.tf32,
                       winograd=args.winograd)

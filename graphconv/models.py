@@ -140,8 +140,10 @@ def load(spec: str, dtype="float32") -> Graph:
     path, func = spec.rsplit(":", 1)
     if os.path.isdir(path):
         raise GraphError(f"model file {path!r} is a folder; give path/to/file.py:function")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise GraphError(f"model file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise GraphError(f"model file {path!r} is not a regular file (a pipe or a device); give path/to/file.py:function")
     if not path.endswith(".py"):
         raise GraphError(f"model file {path!r} is not a Python file (.py); give path/to/file.py:function")
     with _user_code(path):
@@ -214,8 +216,12 @@ def _import(path):
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
-        text = (e.text or "").strip()
-        raise GraphError(f"{path} line {e.lineno}: SyntaxError: {e.msg}{f': {text}' if text else ''}") from None
+        text, where = (e.text or "").strip(), f" line {e.lineno}" if e.lineno else ""
+        if not e.lineno and "null bytes" in e.msg:      # Python names no line for a NUL byte: find it
+            with open(path, "rb") as f:
+                lineno = f.read().split(b"\0")[0].count(b"\n") + 1
+            where, e.msg = f" line {lineno}", "the file holds a NUL byte (\\0): is it a Python source file?"
+        raise GraphError(f"{path}{where}: SyntaxError: {e.msg}{f': {text}' if text else ''}") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module raised while being imported
         raise GraphError(f"{path} failed to import: {_user_failure(e, path)}") from None
     return module

@@ -391,6 +391,9 @@ class Trainer:
         if foreign:                  # another model's checkpoint: say so before any optimizer mismatch
             raise CheckpointError(f"{path}: {foreign[0]}: {self.model.name} has no parameter or buffer of that name "
                                   f"(a checkpoint of another model?)")
+        if ckpt.optimizer and ckpt.optimizer.get("kind") not in ("adam", "sgd"):
+            raise CheckpointError(f"{path}: meta/optimizer names the optimizer {ckpt.optimizer.get('kind')!r}, "
+                                  f"which graphconv never writes (adam or sgd): not a checkpoint of graphconv's")
         if ckpt.optimizer and ckpt.optimizer.get("kind") != self.optimizer.kind:
             raise CheckpointError(f"{path}: written by {ckpt.optimizer.get('kind')} training; resume it with "
                                   f"--optimizer {ckpt.optimizer.get('kind')} (Optimizer({ckpt.optimizer.get('kind')!r}))")

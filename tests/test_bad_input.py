@@ -180,6 +180,18 @@ def test_checkpoint_contents_are_checked(checkpoint, tmp_path):
         t.load(rewrite(path, tmp_path / "d.npz", extra=np.zeros(2)))
     with pytest.raises(gc.GraphConvError, match="written by adam training; resume it with --optimizer adam"):
         Trainer(tiny(), Optimizer("sgd")).load(path)
+    # altered optimizer state: named for what it is, not diagnosed later as a learning-rate problem
+    v = np.load(path)["state/fc.weight.adam_v"].copy()
+    v[0, 0] = -1e-3
+    with pytest.raises(gc.GraphConvError, match="fc.weight.adam_v: holds negative values .*never negative"):
+        t.load(rewrite(path, tmp_path / "e.npz", state__fc_dot_weight_dot_adam_v=v))
+    for step in (-1.0, 2.5):
+        with pytest.raises(gc.GraphConvError, match="opt.step: holds .*a whole number >= 0"):
+            t.load(rewrite(path, tmp_path / "f.npz", state__opt_dot_step=np.array(step, np.float32)))
+    record = json.dumps({**read_checkpoint(path).optimizer, "kind": "rmsprop"})
+    with pytest.raises(gc.GraphConvError, match="names the optimizer 'rmsprop', which graphconv never writes") as e:
+        t.load(rewrite(path, tmp_path / "g.npz", meta__optimizer=np.array(record)))
+    assert "--optimizer rmsprop" not in str(e.value)
 
 
 def test_checkpoints_get_the_usual_file_mode(checkpoint):
@@ -545,12 +557,37 @@ def test_conv3d_net_trains_from_the_cli_on_generated_volumes(capsys, tmp_path):
      "(x9"),
     ("import sys\ndef build():\n    sys.exit(3)\n", "m.py:build failed: it called sys.exit(3) (at m.py:3 in build"),
     ("import sys\nsys.exit('no')\n", "failed to import: it called sys.exit('no') (at m.py:2 in <module>"),
+    ("import graphconv\n\ndef build():\x00\n", "m.py line 3: SyntaxError: the file holds a NUL byte"),
 ])
 def test_a_failing_model_file_names_the_function_and_only_user_frames(capsys, tmp_path, source, message):
     path = tmp_path / "m.py"
     path.write_text(source)
     code, _, err = cli(capsys, "summary", f"{path}:build")
     assert code == 2 and message in err and "graphconv/models.py" not in err
+
+
+def test_a_pipe_as_model_file_is_refused_by_name_not_called_missing(capsys, tmp_path):
+    os.mkfifo(tmp_path / "pipe.py")
+    code, _, err = cli(capsys, "summary", f"{tmp_path / 'pipe.py'}:build")
+    assert code == 2 and "is not a regular file (a pipe or a device)" in err and "does not exist" not in err
+
+
+@pytest.mark.parametrize("name, stem", [("a/b", "a_b"), ("..", "model"), ("net v2", "net_v2"), ("réseau", "réseau")])
+def test_default_output_files_named_after_the_graph_stay_in_the_current_folder(capsys, tmp_path, monkeypatch,
+                                                                                 name, stem):
+    """train --save, report -o and filters -o default to files named after the graph: a name with a
+    slash or dots only would point into another folder (or nowhere), so it is made a plain file name."""
+    (tmp_path / "m.py").write_text(f"import graphconv as gc\ndef build():\n    g = gc.Graph({name!r})\n"
+                                   "    x = g.input('x', ('N', 1, 8, 8))\n"
+                                   "    g.output(g.linear(g.flatten(g.conv2d(x, 2, 3, name='c')), 10, name='fc'))\n"
+                                   "    return g\n")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    assert cli(capsys, "report", "../m.py:build")[0] == 0
+    assert cli(capsys, "train", "../m.py:build", "--epochs", "1", "--progress", "off")[0] == 0
+    assert cli(capsys, "filters", "../m.py:build", "--weights", f"{stem}.npz")[0] == 0
+    assert sorted(os.listdir(".")) == sorted([f"{stem}-report.html", f"{stem}.npz", f"{stem}-c-filters.png"])
+    assert sorted(os.listdir(tmp_path)) == ["m.py", "run"]
 
 
 def test_a_model_file_imports_its_neighbours_and_may_name_a_graph(capsys, tmp_path):
