@@ -269,9 +269,12 @@ class Program:
                                f"({', '.join(f'{k} = {n}' for k, n in left.items())}): their reductions finish on stale "
                                f"partial sums from here on (a graphconv bug; please report it)")
 
-    def plan(self, batch: int, reuse: bool = True) -> Plan:
+    def plan(self, batch: int, reuse: bool = True, exclusive=()) -> Plan:
         """Assign every owned value a buffer, reusing the buffer of a value that is dead (its last
-        reader has run) when it is large enough: best fit, in launch order. Outputs are never reused."""
+        reader has run) when it is large enough: best fit, in launch order. Outputs are never reused.
+        The `exclusive` values (a bound step's state updates, which alternate with the states' own
+        buffers) get buffers no other value ever uses."""
+        exclusive = set(exclusive)
         first, last = {}, {}
         for step, launch in enumerate(self.launches):
             for arg in launch.spec.args:
@@ -281,7 +284,7 @@ class Program:
                 if key in self.values:
                     first.setdefault(key, step)
                     last[key] = step
-        keep = {self.resolve(o) for o in self.outputs} | set(self.zeroed)
+        keep = {self.resolve(o) for o in self.outputs} | set(self.zeroed) | exclusive
         order = {k: i for i, k in enumerate(self.values)}
         free, sizes, slot, inplace = [], [], {}, []
         live = peak = 0
@@ -289,14 +292,15 @@ class Program:
             # an elementwise kernel may write a result into the buffer of an operand of the same
             # type that it reads for the last time: each thread loads element i before storing it
             dying = [k for k, s in last.items() if s == step and k not in keep and k in slot and first[k] < step]
-            in_place = list(dying) if reuse and launch.spec.template == "pointwise.cu.j2" else []
+            in_place = [k for k in dying if k not in exclusive] if reuse and launch.spec.template == "pointwise.cu.j2" else []
             # a multi-tensor launch: only within one tensor's segment (another segment's blocks run at once)
             segment = launch.spec.params.get("segment_of")      # value -> its tensor; None: read by several
             for key in sorted((k for k, s in first.items() if s == step), key=order.get):
                 need = self.values[key].nbytes(batch)
-                same = [k for k in in_place if self.values[k] == self.values[key]
+                own = key in self.zeroed or key in exclusive
+                same = [k for k in in_place if self.values[k] == self.values[key] and not own
                         and (segment is None or segment.get(k) is not None and segment.get(k) == segment.get(key))]
-                fits = [b for b in free if sizes[b] >= need] if reuse and key not in self.zeroed else []
+                fits = [b for b in free if sizes[b] >= need] if reuse and not own else []
                 if same:
                     b = slot[same[0]]
                     in_place.remove(same[0])

@@ -15,6 +15,18 @@ from .buffers import byte_view
 from .program import Program, check_precision
 
 
+def cached(array):
+    """`array` answering each key with the same array object every time (a resident state is
+    recognised by identity)."""
+    views = {}
+
+    def lookup(key):
+        if key not in views:
+            views[key] = array(key)
+        return views[key]
+    return lookup
+
+
 class HostRuntime:
     """Buffers are NumPy byte arrays; kernels are g++-built shared libraries (codegen/host.py)."""
     name = "host"
@@ -135,9 +147,13 @@ class CompiledProgram:
             raise ResourceError(f"{self.graph.name} at batch {batch}: out of GPU memory allocating "
                                 f"{fmt_bytes(sum(sizes))} of buffers; use a smaller batch") from None
 
-    def _array_of(self, arrays, buffers, plan, batch):
-        def array(key):
+    def _array_of(self, arrays, buffers, plan, batch, swap=None):
+        """key -> its array: a given array (input, parameter) or a view of the plan's buffer; `swap`
+        exchanges pairs of keys (a bound step's phase 1: each state in its next value's buffer)."""
+        def array(key, swapped=True):
             real = self.program.resolve(key)
+            if swapped and swap and real in swap:
+                return array(swap[real], False).reshape(self.program.shape_of(key, batch))
             if real in arrays:
                 base = arrays[real]
                 return base.reshape(self.program.shape_of(key, batch)) if key != real else base
@@ -206,15 +222,17 @@ class CompiledProgram:
                     raise InputError(f"{node.name} [batch_norm]: batch statistics need more than one value per "
                                      f"channel, got {list(shape)} (as in PyTorch; use eval mode or a larger batch)")
 
-    def bind(self, batch: int) -> "BoundStep":
+    def bind(self, batch: int, updates=None) -> "BoundStep":
         """Every launch for one batch size with every argument bound, over static buffers: what a
-        CUDA graph captures (a training step is then one graph launch per step)."""
+        CUDA graph captures (a training step is then one graph launch per step). `updates` (state
+        name -> the output that is its next value, a training step's meta["updates"]) makes the
+        step alternate buffers: see BoundStep."""
         if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise InputError(f"{self.graph.name}: bind(batch) takes a positive integer, got {batch!r}")
         symbol = self.graph.batch_symbol()
         if symbol is not None:
             self._reference.bound_shapes({symbol: int(batch)})
-        return BoundStep(self, int(batch))
+        return BoundStep(self, int(batch), updates)
 
 
 class BoundStep:
@@ -222,52 +240,88 @@ class BoundStep:
     `__call__` refills, every kernel argument is fixed, and the launches are captured once (a CUDA
     graph on the cuda runtime; a plain replay on the host) and replayed on every call. The buffers
     never move, as a captured graph requires. Outputs are views of static buffers, valid until the
-    next call; `run` copies them out."""
+    next call; `run` copies them out.
 
-    def __init__(self, compiled, batch):
+    With `updates` (state -> next value) the step has two phases with two captures: phase 0 reads
+    each state from its static buffer and writes its next value into a buffer of its own (the plan
+    gives it to no other value); phase 1 reads the state from that buffer and writes the next value
+    into the static one. `commit` flips the phase: no copy at all, and a step that is not committed
+    (its update was refused) left the state's buffers as they were."""
+
+    def __init__(self, compiled, batch, updates=None):
         compiled.check_batch(batch)
         self.compiled, self.batch = compiled, batch
         program, runtime = compiled.program, compiled.runtime
-        plan = program.plan(batch)
+        self.static_names = static_names = [node.name for node in compiled.graph.topo() if node.role != "op"]
+        self.swap = {}                  # state <-> next value, for the pairs that alternate
+        for state, node in (updates or {}).items():
+            if (state in static_names and program.resolve(node) == node and node in program.values
+                    and node not in self.swap and state not in self.swap):
+                self.swap.update({state: node, node: state})
+        plan = program.plan(batch, exclusive=[k for k in self.swap if k not in static_names])
         buffers = compiled.alloc_all(plan.sizes, batch)
         program.zero_counters(plan, buffers)
-        self.static = {}
+        static = {}
         for node in compiled.graph.topo():
             if node.role != "op":
                 shape = program.shape_of(node.name, batch)
                 nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(node.dtype).itemsize
-                self.static[node.name] = runtime.view(runtime.alloc(nbytes, False), node.dtype, shape)
-        self.array = compiled._array_of(self.static, buffers, plan, batch)
-        self.launches = compiled._launches(self.array, batch)
+                static[node.name] = runtime.view(runtime.alloc(nbytes, False), node.dtype, shape)
+        first = compiled._array_of(static, buffers, plan, batch)
+        self.arrays = [cached(first), cached(compiled._array_of(static, buffers, plan, batch, self.swap))]
+        self.phase_launches = [compiled._launches(self.arrays[0], batch), None]     # phase 1's when first run
+        self.replays = [None, None]
+        self.phase = 0
         self.buffers = buffers           # kept alive as long as the captured launches refer to them
-        self.replay = None
+
+    @property
+    def static(self) -> dict:
+        """The buffers this phase reads the inputs, parameters and states from."""
+        return {name: self.arrays[self.phase](name) for name in self.static_names}
+
+    def array(self, key):
+        return self.arrays[self.phase](key)
+
+    @property
+    def launches(self):
+        return self.phase_launches[self.phase]
+
+    @property
+    def replay(self):
+        return self.replays[self.phase]
 
     def __call__(self, inputs: dict, params=None) -> dict:
-        compiled = self.compiled
+        compiled, phase = self.compiled, self.phase
         types = compiled.runtime.array_types
         bindings = bind_inputs(compiled.graph, inputs, types)
         if compiled.batch_of(bindings) != self.batch:
             raise InputError(f"{compiled.graph.name}: this step is bound to batch {self.batch}, got "
                              f"{compiled.batch_of(bindings)} (bind another with .bind(batch))")
         check_input_values(compiled.graph, inputs, compiled.value_checks)
+        array = self.arrays[phase]
         for name, arr in {**inputs, **check_params(compiled.graph, params, types)}.items():
-            if arr is not self.static[name]:       # a resident state (see commit) is there already
-                compiled.runtime.copy_into(self.static[name], arr)
-        if self.replay is None:
-            self.replay = compiled.runtime.capture(self.launches)
-        self.replay()
-        return {name: self.array(name) for name in compiled.graph.outputs}
+            if arr is not array(name):       # a resident state (see commit) is there already
+                compiled.runtime.copy_into(array(name), arr)
+        if self.phase_launches[phase] is None:
+            self.phase_launches[phase] = compiled._launches(array, self.batch)
+        if self.replays[phase] is None:
+            self.replays[phase] = compiled.runtime.capture(self.phase_launches[phase])
+        self.replays[phase]()
+        return {name: array(name) for name in compiled.graph.outputs}
 
     def commit(self, updates: dict) -> dict:
-        """After a call: each state's new value (`updates`: state name -> output name) copied into
-        that state's own static buffer, device to device; returns those buffers. A caller that keeps
-        them as its state passes them back next call, and nothing is copied in for them: training
-        state stays resident (on the GPU on cuda) instead of crossing to the host twice a step."""
-        runtime, out = self.compiled.runtime, {}
+        """After a call: make each state's new value (`updates`: state name -> output name) the state;
+        returns the state's buffers. A caller that keeps them as its state passes them back next call,
+        and nothing is copied in for them: training state stays resident (on the GPU on cuda) instead
+        of crossing to the host twice a step. The pairs bound with the step alternate (the phase
+        flips: nothing is copied); any other is copied, device to device, into the state's buffer."""
+        runtime, array = self.compiled.runtime, self.arrays[self.phase]
         for state, node in updates.items():
-            runtime.copy_into(self.static[state], self.array(node))
-            out[state] = self.static[state]
-        return out
+            if self.swap.get(state) != node:
+                runtime.copy_into(array(state), array(node))
+        if self.swap:
+            self.phase = 1 - self.phase
+        return {state: self.arrays[self.phase](state) for state in updates}
 
     def run(self, inputs: dict, params=None, to_numpy=None) -> dict:
         views = self(inputs, params)

@@ -287,15 +287,16 @@ class Trainer:
         """One step's outputs, with how to test arrays for finiteness, how to make its updates the
         state, and how to bring an output to NumPy. numpy: the program itself. Kernel backends: a step
         bound to this batch size (static buffers, every launch fixed: one CUDA graph replay per step on
-        cuda) whose updates are committed into its own static buffers, so parameters and optimizer state
-        stay on the device between steps; only the batch goes in and the loss and scores come out."""
+        cuda) whose updates become the state by flipping between two sets of buffers (no copy), so
+        parameters and optimizer state stay on the device between steps; only the batch goes in and
+        the loss and scores come out."""
         updates = self.step_graph.meta["updates"]
         if not hasattr(self.step_program, "bind"):
             out = self.step_program.run(inputs, self.state)
             finite = lambda arrays: all(all_finite(a) for a in arrays)   # noqa: E731
             return out, finite, (lambda: {state: out[node] for state, node in updates.items()}), (lambda a: a)
         if batch not in self._bound:
-            self._bound[batch] = self.step_program.bind(batch)
+            self._bound[batch] = self.step_program.bind(batch, updates)     # state buffers alternate
         bound, runtime = self._bound[batch], self.step_program.runtime
         out = bound(inputs, self.state)
         return out, runtime.all_finite, (lambda: bound.commit(updates)), runtime.download

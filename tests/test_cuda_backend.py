@@ -70,6 +70,17 @@ def test_the_device_finiteness_check_of_a_training_step_catches_nan_inf_and_only
         with np.errstate(over="ignore"):                      # CuPy does not warn; NumPy would
             assert runtime.all_finite(arrays) is finite
         assert HostRuntime.all_finite(arrays) is finite
+    # a step's updates: one concatenation a dtype and one sync, not a reduction an array
+    calls = []
+    counting = type("Counting", (), {"__getattr__": lambda self, name: getattr(np, name),
+                                     "concatenate": staticmethod(lambda arrays: calls.append(len(arrays))
+                                                                 or np.concatenate(arrays))})()
+    runtime.cp = counting
+    updates = [np.ones((20, 1, 5, 5), np.float32), np.ones(20, np.float32), np.array(3.0, np.float32),
+               np.zeros(7)] * 6
+    assert runtime.all_finite(updates) and sorted(calls) == [6, 18]
+    updates[13] = np.array([1.0, np.nan], np.float32)
+    assert not runtime.all_finite(updates)
 
 
 def test_a_bound_step_replays_over_static_buffers_and_equals_a_plain_run():

@@ -356,7 +356,10 @@ def test_kernel_backend_training_state_stays_in_the_bound_steps_buffers(monkeypa
     host.step(x, y)
     bound = host._bound[5]
     updates = host.step_graph.meta["updates"]
-    assert updates and all(host.state[s] is bound.static[s] for s in updates)
+    # the commit flipped the step to its second phase: each state now in the buffer its update was
+    # written to (no copy), the first phase's state buffers free for the next update
+    assert updates and bound.phase == 1 and all(host.state[s] is bound.static[s] for s in updates)
+    assert all(np.shares_memory(host.state[s], bound.arrays[0](node)) for s, node in updates.items())
 
     copied, phase = {"in": [], "commit": []}, ["in"]
     runtime = host.step_program.runtime
@@ -368,7 +371,8 @@ def test_kernel_backend_training_state_stays_in_the_bound_steps_buffers(monkeypa
     loss, scores = host.step(x, y)
     named = lambda arrays: {n for n, a in bound.static.items() if any(a is d for d in arrays)}  # noqa: E731
     assert named(copied["in"]) == {host.input_name, "y", "opt.lr"}      # opt.lr: set from the schedule
-    assert named(copied["commit"]) == set(updates)
+    assert copied["commit"] == [] and set(bound.swap) == set(updates) | set(updates.values())
+    assert bound.phase == 0 and all(host.state[s] is bound.static[s] for s in updates)   # two steps: back to 0
     assert isinstance(scores, np.ndarray) and not np.shares_memory(scores, bound.static[host.input_name])
     np.testing.assert_allclose(loss, numpy_loss, rtol=1e-5)
     np.testing.assert_allclose(scores, numpy_scores, rtol=1e-4, atol=1e-5)
@@ -379,6 +383,7 @@ def test_kernel_backend_training_state_stays_in_the_bound_steps_buffers(monkeypa
     x, y = batch(5)
     with pytest.raises(gc.TrainingError, match="non-finite|the loss is"):
         host.step(x * np.float32(1e25), y)     # finite, but its squares overflow in float32
+    assert bound.phase == 0                    # not committed: the same phase, its state untouched
     for k, v in before.items():
         np.testing.assert_array_equal(host.state[k], v, err_msg=k)
     numpy_run.step(x, y)
