@@ -216,12 +216,35 @@ def cmd_check(args):
               f"(plus the rounding of p'), with that velocity accepted above (ok or ok+): the update of a gradient "
               f"that is rounding noise (a parameter at 0, such as a batch norm's bias, whose gradient cancels) "
               f"carries its velocity's noise, not an error of the fused graph")
+    kinks = near_kinks(unfused, inputs, params) if failed and unfused.dtype == "float32" else {}
+    if kinks:
+        print(f"^ {sum(kinks.values())} ReLU input element{'s' if sum(kinks.values()) > 1 else ''} within float32 "
+              f"rounding of the kink at 0 ({', '.join(f'{k}: {n}' for k, n in kinks.items())}): two correct "
+              f"computations can round such an element to opposite sides, which changes its gradient by its whole "
+              f"size and everything computed from it; the mismatches above may be that (check in float64, the "
+              f"default, to judge the graphs exactly)")
     if judge:
         print(f"{len(want)} outputs, {failed} mismatched (rtol {args.rtol:g})")
     else:
         print(f"{len(want)} outputs, reported, not judged: a TF32 training step's gradients and updates drift "
               f"past any fixed tolerance (pass --rtol to judge them); every kernel was judged above")
     return 1 if failed or kernel_failures else 0
+
+
+def near_kinks(graph, inputs, params) -> dict:
+    """{node: count} of the elements of each ReLU's (or leaky ReLU's) input, in the reference run, within
+    a few float32 roundings of 0 (16 eps of the input's largest magnitude)."""
+    from . import compile as gc_compile
+    values = gc_compile(graph).run(inputs, params, keep=True)
+    counts = {}
+    for node in graph.topo():
+        if node.op in ("relu", "leaky_relu"):
+            source = graph.operands(node.name)[0]
+            x = np.asarray(values[source])
+            near = int(np.count_nonzero(np.abs(x) <= 16 * np.finfo(np.float32).eps * float(np.abs(x).max(initial=0))))
+            if near:
+                counts[source] = near
+    return counts
 
 
 def within(got, want, rtol, scale=0.0):

@@ -3,7 +3,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 
+import graphconv as gc
 from graphconv.cli import main
 
 
@@ -291,3 +293,17 @@ def test_collapse_convs_on_every_command_that_builds_a_fused_stage(capsys, tmp_p
         action = next(a for a in p._subparsers._group_actions[0].choices[command]._actions
                       if "--collapse-convs" in a.option_strings)
         assert action.help == COLLAPSE_HELP, command
+
+
+def test_check_counts_relu_inputs_within_float32_rounding_of_the_kink():
+    """check's note on float32 training-step mismatches: the elements of each ReLU's input within 16
+    float32 eps (of its largest magnitude) of 0, where two correct computations may take opposite
+    sides; counted on the reference run, named by the node that feeds the ReLU."""
+    from graphconv.cli import near_kinks
+    g = gc.Graph("kinks", "float32")
+    h = g.add(g.input("x", ("N", 6)), g.input("b", ("N", 6)), name="pre")
+    g.output(g.relu(h, name="act"))
+    x = np.array([[1.0, -2.0, 1e-7, 4.0, -3e-5, 0.5]], np.float32)
+    b = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, -0.5]], np.float32)       # the last cancels to exactly 0
+    assert near_kinks(g, {"x": x, "b": b}, {}) == {"pre": 2}            # 1e-7 and 0; not -3e-5 (> 16 eps * 4)
+    assert near_kinks(g, {"x": x + np.float32(1), "b": b}, {}) == {}
