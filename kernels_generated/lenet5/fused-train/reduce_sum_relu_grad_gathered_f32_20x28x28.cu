@@ -38,7 +38,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) reduce_sum_relu_grad_gather
     const long long K = 20;
     const long long B = 196;
     const long long S = ((49*nb + 255) / 256);
-    const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
+    // (k, chunk) from blockIdx.x in 32 bits: both below 2^31 (K * S is the grid), and a 64-bit
+    // division is a ~70-instruction call on the GPU
+    const unsigned kq = blockIdx.x / (unsigned)S;
+    const long long k = kq, chunk = blockIdx.x - kq * (unsigned)S;
     const long long j0 = chunk * 1024 + threadIdx.x;
     const long long end = min(M, chunk * 1024 + 1024);
     int jd0 = (int)(j0 / 196);

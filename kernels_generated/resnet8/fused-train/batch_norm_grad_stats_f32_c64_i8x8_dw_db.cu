@@ -62,7 +62,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) batch_norm_grad_stats_f32_c
     const long long K = 64;
     const long long B = 64;
     const long long S = ((nb + 15) / 16);
-    const long long k = blockIdx.x / S, chunk = blockIdx.x % S;
+    // (k, chunk) from blockIdx.x in 32 bits: both below 2^31 (K * S is the grid), and a 64-bit
+    // division is a ~70-instruction call on the GPU
+    const unsigned kq = blockIdx.x / (unsigned)S;
+    const long long k = kq, chunk = blockIdx.x - kq * (unsigned)S;
     const long long j0 = chunk * 1024 + threadIdx.x;
     const long long end = min(M, chunk * 1024 + 1024);
     int jd0 = (int)(j0 / 64);
