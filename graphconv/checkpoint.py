@@ -40,14 +40,25 @@ def checkpoint_path(path) -> str:
     return os.fspath(path)
 
 
+def target_of(path) -> str:
+    """The file a save replaces: a symbolic link's target (the link stays a link), else the path."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def check_writable(path):
     """Refuse, before any work, a checkpoint path that cannot be written."""
-    path = checkpoint_path(path)
+    given = checkpoint_path(path)
+    path = target_of(given)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory; give a file path such as {os.path.join(path, 'model.npz')}")
+        raise CheckpointError(f"{given}: is a directory; give a file path such as {os.path.join(given, 'model.npz')}")
+    if os.path.exists(path) and not os.path.isfile(path):     # a save replaces the file: never a device or a pipe
+        raise CheckpointError(f"{given}: is not a regular file (a device, a pipe or a socket), which a save would "
+                              f"replace; give a file path")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CheckpointError(f"{given}: {folder} is a file, not a folder; choose another path")
     if not os.path.isdir(folder):
-        raise CheckpointError(f"{path}: the folder {folder} does not exist; create it first or choose another path")
+        raise CheckpointError(f"{given}: the folder {folder} does not exist; create it first or choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CheckpointError(f"{path}: the folder {folder} is not writable")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -196,6 +207,7 @@ def write_npz(path, arrays: dict):
     target when complete), with the ordinary file mode the user's umask gives."""
     path = checkpoint_path(path)
     check_writable(path)
+    path = target_of(path)          # through a symbolic link to its file
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:

@@ -223,11 +223,28 @@ def test_adam_checkpoint_resumed_with_sgd_names_the_optimizer(checkpoint, capsys
 @pytest.mark.parametrize("where, message", [
     ("missing/dir/w.npz", "does not exist; create it first"),
     (".", "is a directory"),
+    ("pipe", "is not a regular file (a device, a pipe or a socket)"),
+    ("plain.txt/w.npz", "plain.txt is a file, not a folder"),
 ])
 def test_bad_save_paths_are_refused_before_any_work(capsys, tmp_path, monkeypatch, where, message, tiny_file):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "plain.txt").write_text("mine")
     monkeypatch.setattr(Trainer, "step", lambda *a: pytest.fail("trained before checking --save"))
-    code, _, err = cli(capsys, "train", tiny_file, "--save", tmp_path / where)
+    code, _, err = cli(capsys, "train", tiny_file, "--save", tmp_path / where, "--force")
     assert code == 2 and message in err
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)        # a save replaces its file: never a pipe
+
+
+def test_a_save_through_a_symbolic_link_writes_its_target_and_keeps_the_link(checkpoint, tmp_path):
+    trainer, _ = checkpoint
+    (tmp_path / "runs").mkdir()
+    os.symlink(tmp_path / "runs" / "real.npz", tmp_path / "latest.npz")
+    trainer.save(tmp_path / "latest.npz")
+    assert os.path.islink(tmp_path / "latest.npz") and read_checkpoint(tmp_path / "runs" / "real.npz").epoch == 2
+    os.mkfifo(tmp_path / "fifo.npz")           # as a device: the save would have replaced it by a file
+    with pytest.raises(gc.GraphConvError, match="fifo.npz: is not a regular file"):
+        gc.save_weights(tmp_path / "fifo.npz", trainer.params)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo.npz").st_mode)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
