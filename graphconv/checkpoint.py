@@ -22,6 +22,19 @@ def all_finite(a) -> bool:
     return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
 
 
+NON_NEGATIVE = {".running_var": "it is a batch norm's running variance, never negative",
+                ".adam_v": "Adam's second moment is a running mean of squared gradients, never negative"}
+
+
+def negative_state(name, value) -> str:
+    """The complaint about a variance-like state (`.running_var`, `.adam_v`) holding negative values, or ""."""
+    suffix = next((s for s in NON_NEGATIVE if name.endswith(s)), None)
+    value = np.asarray(value)
+    if suffix is None or not value.size or value.dtype.kind != "f" or not value.min() < 0:
+        return ""
+    return f"{name}: holds negative values ({value.min():g}); {NON_NEGATIVE[suffix]}"
+
+
 def check_finite(name, a):
     if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not all_finite(a):
         bad = int(np.size(a) - np.isfinite(a).sum())
@@ -163,9 +176,8 @@ def read_checkpoint(path, plain_ok=False) -> Checkpoint:
         if name == "opt.step" and (value.size and (value.min() < 0 or not np.all(value == np.round(value)))):
             raise CheckpointError(f"{path}: opt.step: holds {value.ravel()[0]:g}; Adam's step count is a whole "
                                   f"number >= 0 (the file was altered?)")
-        if name.endswith(".adam_v") and value.size and value.min() < 0:
-            raise CheckpointError(f"{path}: {name}: holds negative values ({value.min():g}); Adam's second moment is "
-                                  f"a running mean of squared gradients, never negative (the file was altered?)")
+        if negative_state(name, value):
+            raise CheckpointError(f"{path}: {negative_state(name, value)} (the file was altered?)")
         state[name] = value
     return Checkpoint(state, int(epoch), optimizer, input_shape)
 

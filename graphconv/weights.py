@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .checkpoint import all_finite, check_state, read_checkpoint, write_npz
+from .checkpoint import all_finite, check_state, negative_state, read_checkpoint, write_npz
 from .errors import CheckpointError, GraphConvError, GraphError, InputError
 from .ops.dropout import STEP_BUFFER
 from .params import init_params
@@ -121,6 +121,9 @@ def predict(graph, params, x, backend="numpy", batch=256, program=None):
     bad = [k for k, v in (params or {}).items() if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not all_finite(v)]
     if bad:
         raise InputError(f"predict: {bad[0]}: holds NaN or infinite values")
+    negative = [negative_state(k, v) for k, v in (params or {}).items() if negative_state(k, v)]
+    if negative:
+        raise InputError(f"predict: {negative[0]}")
     output = graph.outputs[0] if graph.outputs else None
     shape = graph.node(output).shape if output else ()
     if len(shape) < 2 or any(d != 1 for d in shape[2:]):
@@ -418,6 +421,8 @@ def load_state_dict(graph, state_dict) -> dict:
         if not all_finite(cast):
             raise GraphConvError(f"{node.name}: PyTorch's {key} holds values too large for {node.dtype} "
                                  f"(largest magnitude {float(np.abs(value).max()):.3g}); weights are finite floats")
+        if negative_state(node.name, value):
+            raise GraphConvError(f"PyTorch's {key} -> {negative_state(node.name, value)}")
         params[node.name] = cast
     return params
 

@@ -1200,3 +1200,31 @@ def test_a_setting_of_the_other_optimizer_is_refused_not_ignored(kind, kwargs, g
     with pytest.raises(gc.GraphError, match=f"optimizer {given}: an {'sgd' if kind == 'adam' else 'adam'} setting, "
                                             f"which {kind} does not use"):
         Optimizer(kind, **kwargs)
+
+
+def test_a_parameter_init_is_checked_when_the_graph_is_built():
+    """A negative uniform bound, a non-finite or non-numeric constant and a symbolic parameter shape
+    are refused by name at g.param (they crashed in NumPy at run time, or trained to NaN blamed on
+    the learning rate)."""
+    g = gc.Graph("inits")
+    for shape, init, message in [((4,), ("uniform", -1.0), "takes a bound >= 0"),
+                                 ((4,), ("constant", float("inf")), "takes a finite number, got inf"),
+                                 ((4,), ("constant", "one"), "takes a number, got 'one'"),
+                                 (("C",), ("constant", 1.0), "shape is known when the graph is built.*symbol C")]:
+        with pytest.raises(gc.GraphError, match=f"scale \\[param\\]: .*{message}"):
+            g.param("scale", shape, init)
+    assert g.param("scale", (4,), ("uniform", 0.0)) is not None
+
+
+def test_a_negative_running_variance_is_refused_wherever_weights_come_in(tmp_path):
+    g = gc.Graph("bnnet")
+    g.output(g.linear(g.flatten(g.batch_norm2d(g.input("x", ("N", 2, 3, 3)), name="bn")), 3, name="fc"))
+    params = gc.init_params(g, seed=0)
+    params["bn.running_var"] = np.array([1.0, -0.5], np.float32)
+    x = np.ones((2, 2, 3, 3), np.float32)
+    with pytest.raises(gc.GraphConvError, match="bn.running_var: holds negative values \\(-0.5\\); it is a batch "
+                                                "norm's running variance"):
+        gc.predict(g, params, x)
+    np.savez(tmp_path / "w.npz", **params)
+    with pytest.raises(gc.GraphConvError, match="bn.running_var: holds negative values"):
+        gc.load_weights(tmp_path / "w.npz", g)

@@ -1,6 +1,8 @@
 """Source nodes: graph inputs (bound at run time) and parameters/buffers (bound from a params dict)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import GraphError, OpError
@@ -50,7 +52,18 @@ class Param(Source):
         init = tuple(a["init"])
         if len(init) != 2 or init[0] not in INIT_KINDS:
             raise OpError(f"init must be one of {INIT_KINDS} with a value, got {a['init']!r}", kind=GraphError)
-        return {**a, "init": (init[0], float(init[1])), "trainable": as_bool(a["trainable"], "trainable")}
+        try:
+            value = float(init[1])
+        except (TypeError, ValueError):
+            raise OpError(f"init {init[0]!r} takes a number, got {init[1]!r}", kind=GraphError) from None
+        if not math.isfinite(value) or (init[0] == "uniform" and value < 0):
+            what = "a finite number" if not math.isfinite(value) else "a bound >= 0 (U(-bound, bound))"
+            raise OpError(f"init {init[0]!r} takes {what}, got {init[1]!r}", kind=GraphError)
+        symbolic = [d for d in a["shape"] if not getattr(d, "is_Integer", isinstance(d, int))]
+        if symbolic:
+            raise OpError(f"a parameter's shape is known when the graph is built (it is allocated and trained); "
+                          f"got {[str(d) for d in a['shape']]} with the symbol {symbolic[0]}", kind=GraphError)
+        return {**a, "init": (init[0], value), "trainable": as_bool(a["trainable"], "trainable")}
 
 
 @register
