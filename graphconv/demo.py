@@ -14,6 +14,42 @@ def say(step, text):
     print(f"\n[{step}] {text}", flush=True)
 
 
+OUTPUTS = {"kernels": "folder", "lenet5.npz": "file", "conv1-filters.png": "file", "lenet5-fused-train.svg": "file",
+           "report.html": "file"}
+
+
+def prepare_output(out_dir):
+    """Create the demo's folder, or GraphConvError in one line: an empty name, a file in its place,
+    a folder that cannot be made or written, or one of the demo's outputs there of the other kind
+    (a folder named report.html)."""
+    from .checkpoint import check_writable
+    from .errors import GraphConvError
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise GraphConvError("demo -o: give a folder for the kernels, weights and pictures, e.g. -o graphconv-demo")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GraphConvError(f"demo -o {out_dir}: is a file; the demo writes a folder (kernels, weights, pictures): "
+                             f"give a new or existing folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise GraphConvError(f"demo -o {out_dir}: cannot create the folder ({e.strerror})") from None
+    for name, kind in OUTPUTS.items():
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+            raise GraphConvError(f"demo -o {out_dir}: {path} is a {'file' if kind == 'folder' else 'folder'}, where "
+                                 f"the demo writes its {name} {kind}; move it or choose another -o")
+    check_writable(os.path.join(out_dir, "lenet5.npz"))
+
+
+def write_output(path, data):
+    from .errors import GraphConvError
+    try:
+        with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    except OSError as e:
+        raise GraphConvError(f"demo: {path}: cannot be written ({e.strerror})") from None
+
+
 def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progress_mode="auto"):
     from codegen import nvrtc
     from codegen.check import check_kernels
@@ -32,7 +68,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
     if backend == "auto":
         from codegen.cuda import available
         backend = "cuda" if available() else "host"
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_output(out_dir)       # a folder that cannot take the results is found now, not after training
     start = time.perf_counter()
     model = lenet5()
 
@@ -93,8 +129,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
 
     say(6, "pictures")
     filters = os.path.join(out_dir, "conv1-filters.png")
-    with open(filters, "wb") as f:
-        f.write(filters_png(model, trainer.numpy_state(), "conv1")[1])
+    write_output(filters, filters_png(model, trainer.numpy_state(), "conv1")[1])
     print(f"  {filters}: what conv1's 20 filters learned")
     graph_picture = None
     try:
@@ -108,8 +143,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
 
     from codegen.report import build_report
     report_path = os.path.join(out_dir, "report.html")
-    with open(report_path, "w") as f:
-        f.write(build_report(model, "fused-train", trainer.numpy_state(), optimizer=opt))
+    write_output(report_path, build_report(model, "fused-train", trainer.numpy_state(), optimizer=opt))
     print(f"  {report_path}: layers, nodes, gradients, fusion decisions and kernels, linked (open it in a browser)")
 
     say(7, f"done in {time.perf_counter() - start:.0f} s. Where things are:")

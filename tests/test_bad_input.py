@@ -1228,3 +1228,18 @@ def test_a_negative_running_variance_is_refused_wherever_weights_come_in(tmp_pat
     np.savez(tmp_path / "w.npz", **params)
     with pytest.raises(gc.GraphConvError, match="bn.running_var: holds negative values"):
         gc.load_weights(tmp_path / "w.npz", g)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("", "demo -o: give a folder"),
+    ("afile", "afile: is a file; the demo writes a folder"),
+    ("missing/deeper/../../afile/x", "cannot create the folder"),
+    ("d1", "d1/report.html is a folder, where the demo writes its report.html file"),
+])
+def test_demo_refuses_an_output_folder_it_cannot_fill_before_any_work(capsys, tmp_path, monkeypatch, where, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "d1" / "report.html").mkdir(parents=True)
+    monkeypatch.setattr("graphconv.models.lenet5", lambda *a: pytest.fail("started before checking -o"))
+    code, _, err = cli(capsys, "demo", "-o", where)
+    assert code == 2 and message in err and "Traceback" not in err
