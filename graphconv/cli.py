@@ -436,7 +436,7 @@ def cmd_predict(args):
     else:
         args.split = args.split or "test"
         dataset = args.data or data.default_dataset(graph.inputs[0].shape)
-        x_tr, y_tr, x_te, y_te = data.load(dataset, graph.inputs[0].shape, graph.name, args.dtype)
+        x_tr, y_tr, x_te, y_te = data.load(dataset, graph.inputs[0].shape, graph.name, graph.dtype)
         x, labels = (x_te, y_te) if args.split == "test" else (x_tr, y_tr)
         source = f"{dataset}, {args.split} split ({len(x)} examples)"
     predicted, scores = predict(graph, params, x, backend=args.backend, batch=args.batch)
@@ -609,7 +609,7 @@ def cmd_train(args):
         print(f"resumed from {args.resume} after epoch {trainer.epoch}")
     trainer.optimizer.epochs = trainer.epoch + args.epochs     # cosine: the whole run, resumed or not
     refuse_overwrite(save, args, trainer.epoch + args.epochs, read_checkpoint)
-    x_tr, y_tr, x_te, y_te = data.load(dataset, trainer.model.node(trainer.input_name).shape, graph.name, args.dtype)
+    x_tr, y_tr, x_te, y_te = data.load(dataset, trainer.model.node(trainer.input_name).shape, graph.name, graph.dtype)
     classes = int(trainer.with_loss.node(trainer.with_loss.outputs[1]).shape[1])
     if classes != len(np.unique(y_tr)):
         raise GraphConvError(f"{graph.name} outputs {classes} scores per example; {dataset} has "
@@ -823,7 +823,9 @@ def parser() -> argparse.ArgumentParser:
                            formatter_class=HelpFormatter, epilog=f"examples:\n{examples}")
         if model:
             s.add_argument("model", help="a bundled model name (see `graphconv models`) or path/to/file.py:function")
-            s.add_argument("--dtype", default=dtype[0], choices=dtype, help="the float type to compute in")
+            s.add_argument("--dtype", default=dtype[0] if dtype[0] == "float64" else None, choices=dtype,
+                           help="the float type to compute in (default: " +
+                                ("float64" if dtype[0] == "float64" else "the model's own; float32 for a bundled model") + ")")
         if dims:
             s.add_argument("--dim", action="append", type=_dim, metavar="NAME=SIZE",
                            help="the size of a symbolic input dim such as H in (N, 3, H, W); repeat for each")

@@ -123,11 +123,12 @@ def _out(g, y):
     return g.verify()
 
 
-def load(spec: str, dtype="float32") -> Graph:
-    """A bundled model by name, or `path/to/file.py:function` (the function returns a Graph). An
-    error in the user's file is reported as one line naming the function and the user's own frames."""
+def load(spec: str, dtype=None) -> Graph:
+    """A bundled model by name, or `path/to/file.py:function` (the function returns a Graph), in
+    `dtype` (None: a bundled model in float32, a user's graph in its own dtype). An error in the
+    user's file is reported as one line naming the function and the user's own frames."""
     if spec in MODELS:
-        return MODELS[spec](dtype)
+        return MODELS[spec](dtype or "float32")
     if ":" not in spec and os.path.isdir(spec):
         raise GraphError(f"{spec!r} is a folder; give path/to/file.py:function")
     if ":" not in spec and os.path.exists(spec):
@@ -151,7 +152,7 @@ def load(spec: str, dtype="float32") -> Graph:
         graph = _build(module, spec, path, func)
     if not isinstance(graph, Graph):
         raise GraphError(f"{spec} returned {type(graph).__name__}, not a graphconv Graph")
-    if dtype != graph.dtype:
+    if dtype is not None and dtype != graph.dtype:
         from .passes import cast
         graph = cast(graph, dtype)
     return graph.verify()

@@ -307,3 +307,18 @@ def test_check_counts_relu_inputs_within_float32_rounding_of_the_kink():
     b = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, -0.5]], np.float32)       # the last cancels to exactly 0
     assert near_kinks(g, {"x": x, "b": b}, {}) == {"pre": 2}            # 1e-7 and 0; not -3e-5 (> 16 eps * 4)
     assert near_kinks(g, {"x": x + np.float32(1), "b": b}, {}) == {}
+
+
+def test_a_model_files_own_dtype_is_the_default(capsys, tmp_path):
+    """A graph declared float64 runs in float64 unless --dtype says otherwise (it was cast to float32
+    silently); a bundled model is float32 by default."""
+    path = tmp_path / "f64.py"
+    path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('f64', dtype='float64')\n"
+                    "    g.output(g.linear(g.flatten(g.input('x', ('N', 1, 4, 4))), 3, name='fc'))\n    return g\n")
+    code, out = run(capsys, "summary", f"{path}:build")[:2]
+    assert code == 0 and out.startswith("f64 (float64,")
+    code, out = run(capsys, "run", f"{path}:build")[:2]
+    assert code == 0 and "-> float64[8, 3]" in out
+    code, out = run(capsys, "summary", f"{path}:build", "--dtype", "float32")[:2]
+    assert code == 0 and out.startswith("f64 (float32,")
+    assert run(capsys, "summary", "lenet5")[1].startswith("lenet5 (float32,")
