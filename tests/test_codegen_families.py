@@ -423,6 +423,22 @@ def test_batch_norm_and_the_activation_after_it_are_one_kernel(act):
 
 
 @needs_gxx
+def test_batch_norm_of_values_whose_squares_pass_float32s_range():
+    """Inputs near 1e19: the deviations' squares overflow float32, the variance (1e38) does not. The
+    reference adds the squares in float64 then (it gave 0 for every output, the kernels the right
+    values: found by review); both equal the float64 computation."""
+    g = gc.Graph("bnbig")
+    g.output(g.batch_norm2d(g.input("x", ("N", 2, 3, 3)), affine=False, name="bn"))
+    x = (np.random.default_rng(0).standard_normal((2, 2, 3, 3)) * 1e19).astype(np.float32)
+    g64 = gc.cast(g, "float64")
+    exact = np.asarray(gc.compile(g64)(x.astype(np.float64), params=gc.init_params(g64)))
+    params = gc.init_params(g)
+    for backend in ("numpy", "host"):
+        got = np.asarray(gc.compile(g, backend=backend)(x, params=params))
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6, err_msg=backend)
+
+
+@needs_gxx
 def test_batch_norm_float64():
     g = bn_graph(("N", 4, 5, 5), True, True, dtype="float64")
     assert_program_matches(g, inputs_of(g, 3), rtol=1e-10, atol=1e-10)

@@ -71,8 +71,15 @@ def check_eps(eps, dtype):
 
 
 def channel_sum(a3):
-    """[N, C, P] -> [C]: pairwise sums along the contiguous P, then over N (NumPy's accurate order)."""
-    return a3.sum(axis=2).sum(axis=0)
+    """[N, C, P] -> [C]: pairwise sums along the contiguous P, then over N (NumPy's accurate order).
+    Where a float32 sum of finite terms overflows (squares of deviations near 1e19), the sum is taken
+    again in float64, as the kernels add, and rounded once: the result overflows only if it must."""
+    with np.errstate(over="ignore"):
+        total = a3.sum(axis=2).sum(axis=0)
+    if a3.dtype == np.float32 and not np.isfinite(total).all() and np.isfinite(a3).all():
+        with np.errstate(over="ignore"):
+            total = a3.sum(axis=2, dtype=np.float64).sum(axis=0).astype(np.float32)
+    return total
 
 
 def batch_stats(x):
@@ -82,7 +89,14 @@ def batch_stats(x):
     m = x3.shape[0] * x3.shape[2]
     mean = channel_sum(x3) / x.dtype.type(m)
     d = x3 - mean[None, :, None]
-    return mean, channel_sum(np.square(d)) / x.dtype.type(m), d
+    with np.errstate(over="ignore"):
+        var = channel_sum(np.square(d)) / x.dtype.type(m)
+    if x.dtype == np.float32 and not np.isfinite(var).all() and np.isfinite(d).all():
+        # finite deviations whose squares (or their sum) pass float32's range (|d| near 1e19): added
+        # in float64, as the kernels add them, and rounded once (inf only if the variance itself is)
+        with np.errstate(over="ignore"):
+            var = (channel_sum(np.square(d, dtype=np.float64)) / m).astype(np.float32)
+    return mean, var, d
 
 
 def normalized(x, mean, var, eps, training):
