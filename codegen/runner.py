@@ -7,7 +7,7 @@ import numpy as np
 
 from graphconv.checkpoint import all_finite
 from graphconv.errors import GraphError, InputError, ResourceError
-from graphconv.memory import check_fits, fmt_bytes
+from graphconv.memory import check_fits, fmt_bytes, smaller
 from graphconv.params import check_params
 from graphconv.reference import NumpyProgram, bind_inputs, check_input_values, input_value_checks
 
@@ -135,7 +135,8 @@ class CompiledProgram:
     def alloc_all(self, sizes, batch):
         """The buffers of a plan, or ResourceError naming the batch where the memory is not there."""
         if self.backend == "host":
-            check_fits(sum(sizes), f"{self.graph.name} at batch {batch} (the host backend's buffers)", "use a smaller batch")
+            check_fits(sum(sizes), f"{self.graph.name} at batch {batch} (the host backend's buffers)",
+                       smaller(sum(sizes), batch))
         try:
             return [self.runtime.alloc(size, self.poison) for size in sizes]
         except MemoryError:

@@ -129,13 +129,13 @@ def mnist1d(input_shape, model="model", dtype="float32"):
 def random_inputs(graph, batch, seed):
     """Random arrays for every input: N(0,1) floats, uniform class indices for int64 targets."""
     from .reference import concrete
-    from .memory import check_fits
+    from .memory import check_fits, smaller
     rng = np.random.default_rng(seed)
     n = graph.batch_symbol()
     bindings = {n: batch} if n is not None else {}
     shapes = {node.name: concrete(node.shape, bindings) for node in graph.inputs}
-    check_fits(sum(int(np.prod(s, dtype=np.float64)) * 8 for s in shapes.values()),
-               f"random inputs of {graph.name} at batch {batch}", "use a smaller batch")
+    need = sum(int(np.prod(s, dtype=np.float64)) * 8 for s in shapes.values())
+    check_fits(need, f"random inputs of {graph.name} at batch {batch}", smaller(need, batch))
     arrays = {}
     for node in graph.inputs:
         shape = concrete(node.shape, bindings)

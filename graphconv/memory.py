@@ -38,3 +38,14 @@ def check_fits(nbytes, what, advice="", available=None):
         hint = f"; {advice}" if advice else ""
         raise ResourceError(f"{what}: about {fmt_bytes(nbytes)} of memory needed, only {fmt_bytes(available)} "
                             f"available{hint}")
+
+
+def smaller(nbytes, batch, available=None) -> str:
+    """The advice for work of `nbytes` at `batch` examples that does not fit: a smaller batch, or,
+    where one example alone would not fit (huge --dim sizes), smaller input sizes."""
+    available = available_bytes() if available is None else available
+    batch = max(int(batch or 1), 1)
+    if nbytes / batch <= available:
+        return "use a smaller batch"
+    return (f"one example alone needs about {fmt_bytes(nbytes / batch)}: use smaller input sizes (--dim, or the "
+            f"graph's input shape)")

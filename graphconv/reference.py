@@ -14,7 +14,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import GraphError, InputError, OpError, ResourceError, ShapeError
-from .memory import check_fits, fmt_bytes
+from .memory import check_fits, fmt_bytes, smaller
 from .ops import OPS, TensorType, TupleType
 from .params import check_params
 from .shapes import fmt_shape
@@ -193,7 +193,8 @@ class NumpyProgram:
             shapes = self.bound_shapes(bindings)
             peak, at = self.peak_bytes(shapes)
             bound = ", ".join(f"{k}={v}" for k, v in bindings.items())
-            check_fits(peak, f"{self.graph.name}{f' at {bound}' if bound else ''} (peak at {at})", "use a smaller batch")
+            batch = bindings.get(self.graph.batch_symbol(), 1) if self.graph.batch_symbol() is not None else 1
+            check_fits(peak, f"{self.graph.name}{f' at {bound}' if bound else ''} (peak at {at})", smaller(peak, batch))
             self._shapes[key] = shapes
         return self._shapes[key]
 

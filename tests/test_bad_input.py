@@ -1243,3 +1243,17 @@ def test_demo_refuses_an_output_folder_it_cannot_fill_before_any_work(capsys, tm
     monkeypatch.setattr("graphconv.models.lenet5", lambda *a: pytest.fail("started before checking -o"))
     code, _, err = cli(capsys, "demo", "-o", where)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_work_too_large_for_memory_names_the_batch_or_the_input_sizes(capsys, tmp_path):
+    """A batch that does not fit is told to shrink; where one example alone does not fit (huge --dim
+    sizes), the advice is smaller input sizes, not a smaller batch."""
+    from graphconv.memory import smaller
+    assert smaller(80, 8, available=20) == "use a smaller batch"
+    assert smaller(800, 8, available=20).startswith("one example alone needs about 100 B: use smaller input sizes")
+    path = tmp_path / "sym.py"
+    path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('sym')\n"
+                    "    x = g.input('x', ('N', 3, 'H', 'W'))\n    g.output(g.global_avg_pool(x, name='gap'))\n"
+                    "    return g\n")
+    code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "H=200000", "--dim", "W=200000")
+    assert code == 2 and "one example alone needs about" in err and "smaller batch" not in err
