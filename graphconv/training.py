@@ -127,6 +127,11 @@ class Optimizer:
             return self.lr * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs)) / 2
         return self.lr
 
+    def remedy(self) -> str:
+        """What to lower when a step overflows: the learning rate, and a weight decay as large as 1."""
+        return ("a lower learning rate or weight decay may help" if self.weight_decay >= 1
+                else "a lower learning rate may help")
+
     def describe(self) -> str:
         def epochs(n):
             return f"{n} epoch{'' if n == 1 else 's'}"
@@ -249,10 +254,17 @@ class Trainer:
         need_graph(graph, "Trainer")
         self.model = graph
         self.optimizer = as_optimizer(optimizer)
-        tiny = float(np.finfo(graph.dtype).tiny)
+        tiny, huge = float(np.finfo(graph.dtype).tiny), float(np.finfo(graph.dtype).max)
         if self.optimizer.lr < tiny:          # it would be 0 (or lose its digits) in the graph's dtype: no training
             raise GraphError(f"optimizer lr {self.optimizer.lr:g} is below the smallest normal {graph.dtype} "
                              f"({tiny:.3g}): the step would multiply by 0 and nothing would train")
+        for key in ("lr", "weight_decay", "eps"):     # past the dtype's range: inf in the graph, every step refused
+            if getattr(self.optimizer, key) > huge:
+                raise GraphError(f"optimizer {key} {getattr(self.optimizer, key):g} is above the largest {graph.dtype} "
+                                 f"({huge:.3g}): it would be inf in the graph")
+        if self.optimizer.kind == "adam" and self.optimizer.eps < tiny:
+            raise GraphError(f"optimizer eps {self.optimizer.eps:g} is below the smallest normal {graph.dtype} "
+                             f"({tiny:.3g}): m / (sqrt(v) + eps) would divide by 0 where a gradient is 0")
         scalar = next((o for o in graph.outputs if graph.node(o).shape == ()), None)
         if scalar is not None:
             raise GraphError(f"{graph.name} carries its own loss ({scalar} is a scalar): Trainer and "
@@ -315,13 +327,13 @@ class Trainer:
         where = f"{self.model.name}, epoch {self.epoch + 1}, step {self.steps + 1}"
         if not math.isfinite(loss):
             raise TrainingError(f"{where}: the loss is {loss}; the step was not applied, the state is "
-                                f"the one before it ({self.optimizer.describe()}: a lower learning rate may help)")
+                                f"the one before it ({self.optimizer.describe()}: {self.optimizer.remedy()})")
         updates = self.step_graph.meta["updates"]
         if not finite([out[node] for node in updates.values()]):
             state = next(state for state, node in updates.items() if not finite([out[node]]))
             raise TrainingError(f"{where}: the update would make {state} non-finite; the step was not applied, "
-                                f"the state is the one before it ({self.optimizer.describe()}: a lower "
-                                f"learning rate may help)")
+                                f"the state is the one before it ({self.optimizer.describe()}: "
+                                f"{self.optimizer.remedy()})")
         self.state.update(commit())
         self.steps += 1
         return loss, to_numpy(out[scores])

@@ -1257,3 +1257,22 @@ def test_work_too_large_for_memory_names_the_batch_or_the_input_sizes(capsys, tm
                     "    return g\n")
     code, _, err = cli(capsys, "run", f"{path}:build", "--dim", "H=200000", "--dim", "W=200000")
     assert code == 2 and "one example alone needs about" in err and "smaller batch" not in err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"lr": 1e39}, "optimizer lr 1e\\+39 is above the largest float32"),
+    ({"weight_decay": 1e39}, "optimizer weight_decay 1e\\+39 is above the largest float32"),
+    ({"eps": 1e-50}, "optimizer eps 1e-50 is below the smallest normal float32"),
+])
+def test_optimizer_settings_outside_the_graphs_dtype_are_refused_by_name(setting, message):
+    """1e39 is inf in float32 and 1e-50 is 0: every step was refused as non-finite and blamed on the
+    learning rate (found by review); float64 takes them."""
+    with pytest.raises(gc.GraphError, match=message):
+        Trainer(tiny(), Optimizer("adam", **setting))
+    Trainer(gc.cast(tiny(), "float64"), Optimizer("adam", **setting))
+
+
+def test_a_diverging_step_with_a_large_weight_decay_names_it(capsys, tiny_file, tmp_path):
+    code, _, err = cli(capsys, "train", tiny_file, "--weight-decay", "1e30", "--epochs", "1", "--save",
+                       tmp_path / "w.npz", "--progress", "off")
+    assert code != 0 and "a lower learning rate or weight decay may help" in err
