@@ -43,6 +43,30 @@ def _layer(method):
     return wrapper
 
 
+
+# PyTorch's positional order after the leading arguments (nn.Conv2d(in, out, kernel_size, stride, ...)):
+# what a layer takes positionally, the rest by name only
+POSITIONAL = {"conv": ("stride", "padding", "dilation", "groups", "bias"),
+              "conv_transpose": ("stride", "padding", "output_padding", "groups", "bias", "dilation"),
+              "max_pool": ("stride", "padding", "dilation"),
+              "avg_pool": ("stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+              "batch_norm": ("num_features", "eps", "momentum", "affine")}
+
+
+def by_name(op, args, kw) -> dict:
+    """`kw` with the positional `args` of `op` (g.conv2d(x, 8, 3, 2, 1)) named as PyTorch orders them;
+    GraphError for more of them than PyTorch's order has here, or one given both ways."""
+    names = POSITIONAL[op[:-2]]                 # conv2d -> conv, max_pool3d -> max_pool
+    where = f"{kw['name']} [{op}]" if isinstance(kw.get("name"), str) else op
+    if len(args) > len(names):
+        raise GraphError(f"{where}: takes at most {len(names)} positional arguments after the leading ones "
+                         f"({', '.join(names)}, in PyTorch's order), got {len(args)}; give the rest by name")
+    for key, value in zip(names, args):
+        if key in kw:
+            raise GraphError(f"{where}: {key} given both by position and by name")
+        kw[key] = value
+    return kw
+
 class Graph(GraphCore):
     """A network under construction. See the README for the full API."""
 
@@ -67,16 +91,16 @@ class Graph(GraphCore):
 
     # ---- convolution and linear ---------------------------------------------------------------
     @_layer
-    def conv1d(self, x, out_channels, kernel_size, **kw) -> Tensor:
-        return self._conv(1, x, out_channels, kernel_size, **kw)
+    def conv1d(self, x, out_channels, kernel_size, *args, **kw) -> Tensor:
+        return self._conv(1, x, out_channels, kernel_size, **by_name("conv1d", args, kw))
 
     @_layer
-    def conv2d(self, x, out_channels, kernel_size, **kw) -> Tensor:
-        return self._conv(2, x, out_channels, kernel_size, **kw)
+    def conv2d(self, x, out_channels, kernel_size, *args, **kw) -> Tensor:
+        return self._conv(2, x, out_channels, kernel_size, **by_name("conv2d", args, kw))
 
     @_layer
-    def conv3d(self, x, out_channels, kernel_size, **kw) -> Tensor:
-        return self._conv(3, x, out_channels, kernel_size, **kw)
+    def conv3d(self, x, out_channels, kernel_size, *args, **kw) -> Tensor:
+        return self._conv(3, x, out_channels, kernel_size, **by_name("conv3d", args, kw))
 
     def _conv_layer(self, op, nd, prefix, x, out_channels, kernel_size, groups, in_channels, name, unknown, accepted):
         """What a conv and a transposed conv check alike: (layer name, input, kernel, out_channels,
@@ -112,16 +136,16 @@ class Graph(GraphCore):
         return self.add_node(op, [x, w, *b], attrs, name=name)
 
     @_layer
-    def conv_transpose1d(self, x, out_channels, kernel_size, **kw) -> Tensor:
-        return self._conv_transpose(1, x, out_channels, kernel_size, **kw)
+    def conv_transpose1d(self, x, out_channels, kernel_size, *args, **kw) -> Tensor:
+        return self._conv_transpose(1, x, out_channels, kernel_size, **by_name("conv_transpose1d", args, kw))
 
     @_layer
-    def conv_transpose2d(self, x, out_channels, kernel_size, **kw) -> Tensor:
-        return self._conv_transpose(2, x, out_channels, kernel_size, **kw)
+    def conv_transpose2d(self, x, out_channels, kernel_size, *args, **kw) -> Tensor:
+        return self._conv_transpose(2, x, out_channels, kernel_size, **by_name("conv_transpose2d", args, kw))
 
     @_layer
-    def conv_transpose3d(self, x, out_channels, kernel_size, **kw) -> Tensor:
-        return self._conv_transpose(3, x, out_channels, kernel_size, **kw)
+    def conv_transpose3d(self, x, out_channels, kernel_size, *args, **kw) -> Tensor:
+        return self._conv_transpose(3, x, out_channels, kernel_size, **by_name("conv_transpose3d", args, kw))
 
     def _conv_transpose(self, nd, x, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                         bias=True, dilation=1, in_channels=None, name=None, **unknown):
@@ -157,16 +181,16 @@ class Graph(GraphCore):
 
     # ---- normalisation ------------------------------------------------------------------------
     @_layer
-    def batch_norm1d(self, x, **kw) -> Tensor:
-        return self._batch_norm(1, x, **kw)
+    def batch_norm1d(self, x, *args, **kw) -> Tensor:
+        return self._batch_norm(1, x, **by_name("batch_norm1d", args, kw))
 
     @_layer
-    def batch_norm2d(self, x, **kw) -> Tensor:
-        return self._batch_norm(2, x, **kw)
+    def batch_norm2d(self, x, *args, **kw) -> Tensor:
+        return self._batch_norm(2, x, **by_name("batch_norm2d", args, kw))
 
     @_layer
-    def batch_norm3d(self, x, **kw) -> Tensor:
-        return self._batch_norm(3, x, **kw)
+    def batch_norm3d(self, x, *args, **kw) -> Tensor:
+        return self._batch_norm(3, x, **by_name("batch_norm3d", args, kw))
 
     def _batch_norm(self, nd, x, num_features=None, eps=1e-5, momentum=0.1, affine=True, training=True,
                     name=None, **unknown):
@@ -191,28 +215,28 @@ class Graph(GraphCore):
 
     # ---- pooling ------------------------------------------------------------------------------
     @_layer
-    def max_pool1d(self, x, kernel_size, **kw) -> Tensor:
-        return self._pool("max", 1, x, kernel_size, **kw)
+    def max_pool1d(self, x, kernel_size, *args, **kw) -> Tensor:
+        return self._pool("max", 1, x, kernel_size, **by_name("max_pool1d", args, kw))
 
     @_layer
-    def max_pool2d(self, x, kernel_size, **kw) -> Tensor:
-        return self._pool("max", 2, x, kernel_size, **kw)
+    def max_pool2d(self, x, kernel_size, *args, **kw) -> Tensor:
+        return self._pool("max", 2, x, kernel_size, **by_name("max_pool2d", args, kw))
 
     @_layer
-    def max_pool3d(self, x, kernel_size, **kw) -> Tensor:
-        return self._pool("max", 3, x, kernel_size, **kw)
+    def max_pool3d(self, x, kernel_size, *args, **kw) -> Tensor:
+        return self._pool("max", 3, x, kernel_size, **by_name("max_pool3d", args, kw))
 
     @_layer
-    def avg_pool1d(self, x, kernel_size, **kw) -> Tensor:
-        return self._pool("avg", 1, x, kernel_size, **kw)
+    def avg_pool1d(self, x, kernel_size, *args, **kw) -> Tensor:
+        return self._pool("avg", 1, x, kernel_size, **by_name("avg_pool1d", args, kw))
 
     @_layer
-    def avg_pool2d(self, x, kernel_size, **kw) -> Tensor:
-        return self._pool("avg", 2, x, kernel_size, **kw)
+    def avg_pool2d(self, x, kernel_size, *args, **kw) -> Tensor:
+        return self._pool("avg", 2, x, kernel_size, **by_name("avg_pool2d", args, kw))
 
     @_layer
-    def avg_pool3d(self, x, kernel_size, **kw) -> Tensor:
-        return self._pool("avg", 3, x, kernel_size, **kw)
+    def avg_pool3d(self, x, kernel_size, *args, **kw) -> Tensor:
+        return self._pool("avg", 3, x, kernel_size, **by_name("avg_pool3d", args, kw))
 
     @_layer
     def adaptive_avg_pool1d(self, x, output_size, name=None) -> Tensor:

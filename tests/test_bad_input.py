@@ -1276,3 +1276,24 @@ def test_a_diverging_step_with_a_large_weight_decay_names_it(capsys, tiny_file, 
     code, _, err = cli(capsys, "train", tiny_file, "--weight-decay", "1e30", "--epochs", "1", "--save",
                        tmp_path / "w.npz", "--progress", "off")
     assert code != 0 and "a lower learning rate or weight decay may help" in err
+
+
+def test_layers_take_pytorchs_positional_arguments():
+    """g.conv2d(x, 4, 3, 2, 1), g.max_pool2d(h, 2, 2), g.avg_pool2d(h, 2, 2, 0, True), g.batch_norm2d(h, 4)
+    as in PyTorch (a raw TypeError before, found by review); more of them than PyTorch's order has
+    here, or one given both ways, is refused naming the layer."""
+    g = gc.Graph("positional")
+    x = g.input("x", ("N", 3, 16, 16))
+    h = g.conv2d(x, 4, 3, 2, 1, name="c")
+    assert g.node("c").attrs["stride"] == (2, 2) and g.node("c").attrs["padding"] == ((1, 1), (1, 1))
+    g.max_pool2d(h, 2, 2, name="mp")
+    g.avg_pool2d(h, 2, 2, 0, True, name="ap")
+    g.batch_norm2d(h, 4, 1e-3, name="bn")
+    g.conv_transpose2d(h, 2, 3, 2, 1, 1, name="ct")
+    assert g.node("mp").attrs["stride"] == (2, 2) and g.node("ap").attrs["ceil_mode"] is True
+    assert g.node("bn").attrs["eps"] == 1e-3 and g.node("ct").attrs["output_padding"] == (1, 1)
+    assert g.node("mp").shape[2:] == (4, 4) and g.node("ct").shape[2:] == (16, 16)
+    with pytest.raises(gc.GraphError, match=r"c2 \[conv2d\]: stride given both by position and by name"):
+        g.conv2d(x, 4, 3, 2, stride=2, name="c2")
+    with pytest.raises(gc.GraphError, match=r"mp2 \[max_pool2d\]: takes at most 3 positional arguments"):
+        g.max_pool2d(h, 2, 2, 0, 1, True, name="mp2")
