@@ -68,6 +68,11 @@ def load(name, input_shape, model="model", dtype="float32"):
                              f"give them with " + " ".join(f"--dim {d}=SIZE" for d in symbolic))
     x_tr, y_tr, x_te, y_te = loaders[name](input_shape, model, dtype)
     mean, std = x_tr.mean(), x_tr.std()
+    if not std > 0:      # standardising would divide by 0: every input the same value
+        shape = "[N, " + ", ".join(str(d) for d in input_shape[1:]) + "]"
+        raise GraphConvError(f"{model}: {name} made to fit its input {shape} is one constant value ({float(mean):g}) "
+                             f"in every example, nothing to learn from (an input this small keeps only a corner "
+                             f"of each image); give the model a larger input")
     return (((x_tr - mean) / std).astype(dtype), y_tr, ((x_te - mean) / std).astype(dtype), y_te)
 
 

@@ -1297,3 +1297,13 @@ def test_layers_take_pytorchs_positional_arguments():
         g.conv2d(x, 4, 3, 2, stride=2, name="c2")
     with pytest.raises(gc.GraphError, match=r"mp2 \[max_pool2d\]: takes at most 3 positional arguments"):
         g.max_pool2d(h, 2, 2, 0, 1, True, name="mp2")
+
+
+def test_a_data_set_made_constant_by_a_tiny_input_is_refused_not_divided_by_zero(capsys, tmp_path):
+    """An input of one value takes the digits' corner pixel, 0 in every image: standardising divided
+    by a zero deviation (a NumPy warning, then NaN inputs blamed on the input; found by review)."""
+    path = tmp_path / "px.py"
+    path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('px')\n"
+                    "    g.output(g.linear(g.flatten(g.input('x', ('N', 1, 1, 1))), 10, name='fc'))\n    return g\n")
+    code, _, err = cli(capsys, "train", f"{path}:build", "--epochs", "1", "--save", tmp_path / "w.npz")
+    assert code == 2 and "is one constant value (0) in every example" in err and "Warning" not in err
