@@ -94,8 +94,15 @@ def trainable_sources(graph, name, weights_only) -> set:
     return out
 
 
+def fixed_batch(graph):
+    """The first dim of a graph without a batch symbol (its inputs' fixed size), as counts are for it."""
+    first = graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else None
+    return int(first) if first is not None and getattr(first, "is_Integer", isinstance(first, int)) else None
+
+
 def summarize(graph, batch=None) -> dict:
     n = graph.batch_symbol()
+    batch = fixed_batch(graph) if n is None else batch
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
     rfs = receptive_fields(graph)
     rows, totals = [], {"params": sp.Integer(0), "macs": sp.Integer(0), "activation_bytes": sp.Integer(0)}
@@ -191,6 +198,7 @@ def summarize_training(step_graph, batch=None) -> dict:
     """What one training step costs: multiply-adds of the forward, backward and update nodes, and the
     bytes it keeps: activations saved for the backward pass, parameters, gradients, optimizer state."""
     n = step_graph.batch_symbol()
+    batch = fixed_batch(step_graph) if n is None else batch
     bindings = {n: batch if batch is not None else 1} if n is not None else {}
     macs = {"forward": sp.Integer(0), "backward": sp.Integer(0), "update": sp.Integer(0)}
     for node in step_graph.topo():

@@ -213,3 +213,18 @@ def test_a_fused_summary_counts_the_parameters_a_folded_or_composed_weight_is_ma
     collapsed = build(g, "fused", collapse=True)
     rows = {r["name"]: r for r in summarize(collapsed)["layers"]}
     assert rows["relu1"]["params"] == (8 * 3 * 9 + 8) + (4 * 8 * 9 + 4) == summarize(g)["total_params"]
+
+
+def test_a_graph_with_a_fixed_first_dim_counts_for_that_batch_and_refuses_another(capsys, tmp_path):
+    """(4, 1, 8, 8) has no batch symbol: its counts are for batch 4, and the title says so (it said
+    "per example" or "for batch 8" over batch-4 rows); --batch is refused as `run` refuses it."""
+    from graphconv.cli import main
+    g = gc.Graph("fixed")
+    g.output(g.linear(g.flatten(g.input("x", (4, 1, 8, 8))), 10, name="fc1"))
+    s = g.summary()
+    assert s.splitlines()[0] == "fixed (float32, counts for batch 4)" and "2,560" in s
+    path = tmp_path / "fixed.py"
+    path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('fixed')\n"
+                    "    g.output(g.linear(g.flatten(g.input('x', (4, 1, 8, 8))), 10, name='fc1'))\n    return g\n")
+    assert main(["summary", f"{path}:build", "--batch", "8"]) == 2
+    assert "fixed first dim of 4" in capsys.readouterr().err
