@@ -236,6 +236,9 @@ class GraphCore:
         if name is not None and not name.isprintable():   # a newline would end a generated kernel's comment
             raise GraphError(f"node names are printable characters (no newline, tab or control character), "
                              f"got {name!r}")
+        if name is not None and name.startswith(("state/", "meta/")):   # the sections of a checkpoint file
+            raise GraphError(f"{name}: names beginning with state/ or meta/ are reserved (a weights file holding "
+                             f"{name} would read as a checkpoint); choose another name")
         if not isinstance(op_name, str):
             raise GraphError(f"an op is named by a string, got {op_name!r}")
         operand_names = [self._operand_name(o, name, op_name) for o in operands]

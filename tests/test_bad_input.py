@@ -1307,3 +1307,13 @@ def test_a_data_set_made_constant_by_a_tiny_input_is_refused_not_divided_by_zero
                     "    g.output(g.linear(g.flatten(g.input('x', ('N', 1, 1, 1))), 10, name='fc'))\n    return g\n")
     code, _, err = cli(capsys, "train", f"{path}:build", "--epochs", "1", "--save", tmp_path / "w.npz")
     assert code == 2 and "is one constant value (0) in every example" in err and "Warning" not in err
+
+
+def test_names_that_would_read_as_checkpoint_sections_are_refused():
+    """A layer named state/c saved by save_weights read back as a broken checkpoint (found by review)."""
+    g = gc.Graph("sections")
+    x = g.input("x", ("N", 3, 8, 8))
+    for name in ("state/c", "meta/epoch"):
+        with pytest.raises(gc.GraphError, match="names beginning with state/ or meta/ are reserved"):
+            g.conv2d(x, 4, 3, name=name)
+    assert g.conv2d(x, 4, 3, name="my/state/c") is not None
