@@ -78,6 +78,11 @@ def bind_inputs(graph, inputs: dict, array_types=(np.ndarray,)) -> dict:
         for axis, dim in enumerate(node.shape):
             if not dim.is_Integer and not dim.is_Symbol:
                 value = dim.subs(bindings)
+                if value.free_symbols:
+                    free = ", ".join(sorted(map(str, value.free_symbols)))
+                    raise InputError(f"{name}: dim {axis} is {dim}, and no input has {free} as a dim of its own to "
+                                     f"give its size; declare a plain dim (\"{free.split(', ')[0]}\") or bind it "
+                                     f"(--dim / bind_dims)")
                 if value != inputs[name].shape[axis]:
                     raise InputError(f"{name}: dim {axis} is {inputs[name].shape[axis]}, but {dim} = {value}")
     return bindings

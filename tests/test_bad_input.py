@@ -1317,3 +1317,21 @@ def test_names_that_would_read_as_checkpoint_sections_are_refused():
         with pytest.raises(gc.GraphError, match="names beginning with state/ or meta/ are reserved"):
             g.conv2d(x, 4, 3, name=name)
     assert g.conv2d(x, 4, 3, name="my/state/c") is not None
+
+
+def test_input_dims_given_as_expressions_of_the_users_own_symbols():
+    """sp.Symbol("H") of the user's is graphconv's dim H: -H is refused when the input is declared,
+    2*H bound by another input's H works, and 2*H with no input giving H says so (it printed
+    "dim 2 is 5, but 2*H = 2*H"; found by review)."""
+    import sympy as sp
+    H = sp.Symbol("H")
+    with pytest.raises(gc.GraphConvError, match="dim 1 must be positive, got -H"):
+        gc.Graph("neg").input("x", ("N", -H, 8))
+    g = gc.Graph("twice")
+    g.input("h", ("N", 3, "H"))
+    g.output(g.relu(g.input("y", ("N", 3, 2 * H)), name="r"))
+    assert gc.compile(g)(np.zeros((1, 3, 5), np.float32), np.ones((1, 3, 10), np.float32)).shape == (1, 3, 10)
+    alone = gc.Graph("alone")
+    alone.output(alone.relu(alone.input("x", ("N", 3, 2 * H, "W")), name="r"))
+    with pytest.raises(gc.InputError, match=r"x: dim 2 is 2\*H, and no input has H as a dim of its own"):
+        gc.compile(alone)(np.zeros((1, 3, 10, 4), np.float32))
