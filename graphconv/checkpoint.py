@@ -53,6 +53,15 @@ def checkpoint_path(path) -> str:
     return os.fspath(path)
 
 
+def write_file(path, data):
+    """Text or bytes to a file the user named; a path that cannot be written is one line."""
+    try:
+        with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be written ({e.strerror})") from None
+
+
 def target_of(path) -> str:
     """The file a save replaces: a symbolic link's target (the link stays a link), else the path."""
     return os.path.realpath(path) if os.path.islink(path) else path

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from .progressbar import progress
+from .checkpoint import write_file
 from .errors import CheckpointError, GraphConvError
 
 
@@ -356,15 +357,6 @@ def collapse_of(args) -> bool:
         raise GraphConvError(f"--collapse-convs is a fusion pass: it applies to --stage fused or fused-train, not "
                              f"--stage {args.stage}")
     return args.collapse_convs
-
-
-def write_file(path, data):
-    """Text or bytes to a file the user named; a path that cannot be written is one line."""
-    try:
-        with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-    except OSError as e:
-        raise GraphConvError(f"{path}: cannot be written ({e.strerror})") from None
 
 
 def cmd_filters(args):

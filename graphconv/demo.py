@@ -41,15 +41,6 @@ def prepare_output(out_dir):
     check_writable(os.path.join(out_dir, "lenet5.npz"))
 
 
-def write_output(path, data):
-    from .errors import GraphConvError
-    try:
-        with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-    except OSError as e:
-        raise GraphConvError(f"demo: {path}: cannot be written ({e.strerror})") from None
-
-
 def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progress_mode="auto"):
     from codegen import nvrtc
     from codegen.check import check_kernels
@@ -64,6 +55,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
     from .pipeline import build, build_unfused
     from .printer import PICTURES, to_picture
     from .summary import format_table, summarize
+    from .checkpoint import write_file
     from .training import Optimizer, Trainer, batches
     if backend == "auto":
         from codegen.cuda import available
@@ -129,7 +121,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
 
     say(6, "pictures")
     filters = os.path.join(out_dir, "conv1-filters.png")
-    write_output(filters, filters_png(model, trainer.numpy_state(), "conv1")[1])
+    write_file(filters, filters_png(model, trainer.numpy_state(), "conv1")[1])
     print(f"  {filters}: what conv1's 20 filters learned")
     graph_picture = None
     try:
@@ -143,7 +135,7 @@ def run_demo(out_dir="graphconv-demo", epochs=3, backend="auto", seed=0, progres
 
     from codegen.report import build_report
     report_path = os.path.join(out_dir, "report.html")
-    write_output(report_path, build_report(model, "fused-train", trainer.numpy_state(), optimizer=opt))
+    write_file(report_path, build_report(model, "fused-train", trainer.numpy_state(), optimizer=opt))
     print(f"  {report_path}: layers, nodes, gradients, fusion decisions and kernels, linked (open it in a browser)")
 
     say(7, f"done in {time.perf_counter() - start:.0f} s. Where things are:")
