@@ -18,11 +18,17 @@ def check_seed(seed):
     return int(seed)
 
 
+def need_graph(graph, what):
+    from .ir import GraphCore
+    if not isinstance(graph, GraphCore):
+        raise InputError(f"{what}: takes a graph (gc.Graph, or MODELS[name]()), got {type(graph).__name__} "
+                         f"{graph!r:.40}")
+
+
 def init_params(graph, seed=0) -> dict:
     """One array per param/buffer node, in topological order. Each parameter draws from its own
     stream seeded by (seed, crc32(name)), so adding a layer does not change the others' values."""
     from .memory import check_fits
-    from .weights import need_graph
     need_graph(graph, "init_params")
     seed = check_seed(seed)
     check_fits(sum(param_bytes(n) for n in graph.params), f"the parameters of {graph.name}")

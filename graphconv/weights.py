@@ -15,7 +15,7 @@ import numpy as np
 from .checkpoint import all_finite, check_state, negative_state, read_checkpoint, write_npz
 from .errors import CheckpointError, GraphConvError, GraphError, InputError
 from .ops.dropout import STEP_BUFFER
-from .params import init_params
+from .params import init_params, need_graph
 
 OPTIMIZER_SUFFIXES = (".adam_m", ".adam_v", ".velocity")
 
@@ -38,13 +38,6 @@ def read_weights(path) -> dict:
     """name -> array from a checkpoint (its state, optimizer state dropped) or a plain weights file."""
     ckpt = read_checkpoint(path, plain_ok=True)
     return {k: v for k, v in ckpt.state.items() if not is_optimizer_state(k)}
-
-
-def need_graph(graph, what):
-    from .ir import GraphCore
-    if not isinstance(graph, GraphCore):
-        raise InputError(f"{what}: takes a graph (gc.Graph, or MODELS[name]()), got {type(graph).__name__} "
-                         f"{graph!r:.40}")
 
 
 def weights_for(graph, weights: dict, where="weights") -> dict:
