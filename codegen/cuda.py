@@ -103,7 +103,12 @@ class CudaRuntime:
         by_dtype = {}
         for a in floats:
             by_dtype.setdefault(a.dtype, []).append(a.ravel())
-        sums = [cp.concatenate(group).sum(dtype=cp.float64) for group in by_dtype.values()]
+        try:
+            sums = [cp.concatenate(group).sum(dtype=cp.float64) for group in by_dtype.values()]
+        except Exception as exc:  # noqa: BLE001 - CuPy's OutOfMemoryError: no room for the concatenation
+            if "OutOfMemory" not in type(exc).__name__:
+                raise
+            sums = [a.sum(dtype=cp.float64) for a in floats]
         if not sums or bool(cp.isfinite(cp.stack(sums)).all()):
             return True
         return all(bool(cp.isfinite(a).all()) for a in floats)

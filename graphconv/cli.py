@@ -28,9 +28,9 @@ def cmd_summary(args):
     from .training import Optimizer
     graph = build(load_model(args, need_sizes=False), args.stage, args.loss, Optimizer(args.optimizer),
                   collapse=collapse_of(args))
-    if args.batch is not None and graph.batch_symbol() is None and graph.inputs and graph.inputs[0].shape:
-        raise GraphConvError(f"--batch {args.batch}: {graph.name}'s input {graph.inputs[0].name} has a fixed first dim "
-                             f"of {graph.inputs[0].shape[0]} (no batch dim to size); the counts are for it: drop --batch")
+    if args.batch is not None and graph.batch_symbol() is None:
+        raise GraphConvError(f"--batch {args.batch}: {graph.name} has no batch dim to size (its inputs' sizes are "
+                             f"fixed, {', '.join(f'{n.name} {list(n.shape)}' for n in graph.inputs[:2])}); drop --batch")
     if args.stage in ("train", "fused-train"):
         t = summarize_training(graph, args.batch)
         print(format_json(t) if args.format == "json" else format_training(t))

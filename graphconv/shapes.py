@@ -36,7 +36,10 @@ def as_dim(value, what="dimension") -> sp.Expr:
         return sp.Integer(int(value))
     if isinstance(value, sp.Expr):
         # a user's own sp.Symbol("H") is graphconv's dim H (a positive integer), so -H is refused here
-        value = value.subs({s: symbol(s.name) for s in value.free_symbols if s.name.isidentifier()})
+        odd = [s.name for s in value.free_symbols if not s.name.isidentifier()]
+        if odd:
+            raise OpError(f"{what} {value}: the symbol {odd[0]!r} is not a valid symbol name")
+        value = value.subs({s: symbol(s.name) for s in value.free_symbols})
         if value.is_integer is False or (value.is_number and not value.is_integer):
             raise OpError(f"{what} {value} is not an integer")
         if value.is_positive is False:

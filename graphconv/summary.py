@@ -95,8 +95,9 @@ def trainable_sources(graph, name, weights_only) -> set:
 
 
 def fixed_batch(graph):
-    """The first dim of a graph without a batch symbol (its inputs' fixed size), as counts are for it."""
-    first = graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else None
+    """The first dim of a graph without a batch symbol whose input has rows ([4, 1, 8, 8]: a fixed
+    batch of 4, which the counts are for); None for a plain vector input."""
+    first = graph.inputs[0].shape[0] if graph.inputs and len(graph.inputs[0].shape) >= 2 else None
     return int(first) if first is not None and getattr(first, "is_Integer", isinstance(first, int)) else None
 
 

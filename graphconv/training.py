@@ -244,8 +244,9 @@ def add_optimizer(graph, optimizer: Optimizer):
 class Trainer:
     """Runs training steps and evaluations of one model on one backend, holding its state. A step
     that would make the loss or any state non-finite is refused and leaves the state as it was.
-    On the kernel backends the state lives in the bound step's buffers (CuPy arrays on cuda) and is
-    updated there in place: copy an array to keep a snapshot; `numpy_state()` gives NumPy copies."""
+    On the kernel backends the state lives in the bound step's buffers (CuPy arrays on cuda), two
+    sets that the steps alternate between (`state` names the current one after each step): copy an
+    array to keep a snapshot; `numpy_state()` gives NumPy copies."""
 
     def __init__(self, graph, optimizer=None, loss=None, backend="numpy", seed=0, tf32=False,
                  winograd=False):
@@ -340,7 +341,7 @@ class Trainer:
 
     def numpy_state(self, names=None) -> dict:
         """The state (or the `names` in it) as NumPy arrays that later steps leave alone: copies on the
-        kernel backends (whose steps update their buffers in place; on cuda they are downloaded); on
+        kernel backends (whose steps overwrite their buffers; on cuda they are downloaded); on
         numpy the arrays themselves (a step replaces them, it never writes into them)."""
         state = {k: v for k, v in self.state.items() if names is None or k in names}
         if not hasattr(self.step_program, "runtime"):

@@ -1210,7 +1210,8 @@ def test_a_parameter_init_is_checked_when_the_graph_is_built():
     for shape, init, message in [((4,), ("uniform", -1.0), "takes a bound >= 0"),
                                  ((4,), ("constant", float("inf")), "takes a finite number, got inf"),
                                  ((4,), ("constant", "one"), "takes a number, got 'one'"),
-                                 (("C",), ("constant", 1.0), "shape is known when the graph is built.*symbol C")]:
+                                 (("C",), ("constant", 1.0), "shape is known when the graph is built.*symbol C"),
+                                 ((4,), ("constant", 1e39), "value 1e\\+39 is past the largest float32")]:
         with pytest.raises(gc.GraphError, match=f"scale \\[param\\]: .*{message}"):
             g.param("scale", shape, init)
     assert g.param("scale", (4,), ("uniform", 0.0)) is not None
@@ -1327,6 +1328,8 @@ def test_input_dims_given_as_expressions_of_the_users_own_symbols():
     H = sp.Symbol("H")
     with pytest.raises(gc.GraphConvError, match="dim 1 must be positive, got -H"):
         gc.Graph("neg").input("x", ("N", -H, 8))
+    with pytest.raises(gc.GraphConvError, match="the symbol 'x y' is not a valid symbol name"):
+        gc.Graph("odd").input("x", ("N", sp.Symbol("x y")))
     g = gc.Graph("twice")
     g.input("h", ("N", 3, "H"))
     g.output(g.relu(g.input("y", ("N", 3, 2 * H)), name="r"))

@@ -226,5 +226,8 @@ def test_a_graph_with_a_fixed_first_dim_counts_for_that_batch_and_refuses_anothe
     path = tmp_path / "fixed.py"
     path.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('fixed')\n"
                     "    g.output(g.linear(g.flatten(g.input('x', (4, 1, 8, 8))), 10, name='fc1'))\n    return g\n")
+    vector = gc.Graph("vector")                      # a plain vector input has no rows: per example
+    vector.output(vector.relu(vector.input("x", (10,)), name="r"))
+    assert vector.summary().splitlines()[0] == "vector (float32, counts per example (N = 1))"
     assert main(["summary", f"{path}:build", "--batch", "8"]) == 2
-    assert "fixed first dim of 4" in capsys.readouterr().err
+    assert "fixed has no batch dim to size" in capsys.readouterr().err

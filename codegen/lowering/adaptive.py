@@ -9,6 +9,7 @@ import math
 import sympy as sp
 
 from graphconv.ops import OPS
+from graphconv.ops.adaptive import largest_window
 from graphconv.ops.pool import AVG_EXACT_WINDOW
 
 from ..cprinter import c_neg_inf
@@ -60,7 +61,8 @@ def lower_adaptive_pool(ctx):
     sizes = ", ".join(f"{i}->{o}" for i, o in zip(n_in, n_out))
     name = (f"{ctx.node.op}_{short_dtype(ctx.dtype)}_c{c_int(ctx.outs[0].shape[1])}_i{'x'.join(map(str, n_in))}"
             f"_o{'x'.join(map(str, n_out))}")
-    # a window of more than AVG_EXACT_WINDOW elements adds in double (a float32 running sum drifts)
+    # where the largest window has more than AVG_EXACT_WINDOW elements, every window adds in double (a
+    # float32 running sum drifts), as the reference adds them
     wide = math.prod(largest_window(i, o) for i, o in zip(n_in, n_out)) > AVG_EXACT_WINDOW
 
     def forward_scan(store, where=False):
@@ -109,11 +111,6 @@ def lower_adaptive_pool(ctx):
                if mode == "max" else "dx[nc, s] = sum over the windows holding s of dy / window size")
     kernels.append(spec(name, body, formula, sizes, args + [ctx.arg_out(0, "dx")], numel(ctx.outs[0].shape), True))
     return Lowered(kernels=kernels, scratch=scratch)
-
-
-def largest_window(n_in, n_out) -> int:
-    """The longest of PyTorch's adaptive windows [o*in/out, ceil((o+1)*in/out)) along one axis."""
-    return max((((o + 1) * n_in + n_out - 1) // n_out) - (o * n_in) // n_out for o in range(n_out))
 
 
 def spec(name, body, formula, sizes, args, total, backward):

@@ -67,6 +67,11 @@ class AdaptiveBase(Op):
             yield index, tuple(slice(*per_axis[k][o]) for k, o in enumerate(index))
 
 
+def largest_window(n_in, n_out) -> int:
+    """The longest of PyTorch's adaptive windows [o*in/out, ceil((o+1)*in/out)) along one axis."""
+    return max((((o + 1) * n_in + n_out - 1) // n_out) - (o * n_in) // n_out for o in range(n_out))
+
+
 class AdaptivePool(AdaptiveBase):
     def shape(self, ins, attrs):
         self.spatial(ins[0], attrs, known=False)
@@ -75,10 +80,12 @@ class AdaptivePool(AdaptiveBase):
     def reference(self, xs, attrs):
         x = xs[0]
         out = np.empty(x.shape[:2] + attrs["output_size"], x.dtype)
+        # where the largest window has more than AVG_EXACT_WINDOW elements every window adds in float64,
+        # as the kernel does (one accumulator type for the op)
+        wide = math.prod(largest_window(i, o) for i, o in zip(x.shape[2:], attrs["output_size"])) > AVG_EXACT_WINDOW
         for index, box in self.boxes(x.shape[2:], attrs["output_size"]):
             block = x[(slice(None), slice(None)) + box].reshape(x.shape[0], x.shape[1], -1)
-            if self.mode == "avg":      # a window of more than AVG_EXACT_WINDOW elements adds in float64
-                wide = block.shape[2] > AVG_EXACT_WINDOW
+            if self.mode == "avg":
                 out[(slice(None), slice(None)) + index] = block.mean(axis=2, dtype=np.float64 if wide else None)
             else:
                 flat = block.reshape(-1, block.shape[2])

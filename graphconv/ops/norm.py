@@ -87,7 +87,10 @@ def batch_stats(x):
     the variance from the deviations (no cancellation), two passes over x."""
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
     m = x3.shape[0] * x3.shape[2]
-    mean = channel_sum(x3) / x.dtype.type(m)
+    with np.errstate(over="ignore"):
+        mean = channel_sum(x3) / x.dtype.type(m)
+    if x.dtype == np.float32 and not np.isfinite(mean).all() and np.isfinite(x3).all():
+        mean = (x3.sum(axis=2, dtype=np.float64).sum(axis=0) / m).astype(np.float32)   # divided before rounding
     d = x3 - mean[None, :, None]
     with np.errstate(over="ignore"):
         var = channel_sum(np.square(d)) / x.dtype.type(m)

@@ -59,6 +59,10 @@ class Param(Source):
         if not math.isfinite(value) or (init[0] == "uniform" and value < 0):
             what = "a finite number" if not math.isfinite(value) else "a bound >= 0 (U(-bound, bound))"
             raise OpError(f"init {init[0]!r} takes {what}, got {init[1]!r}", kind=GraphError)
+        largest = float(np.finfo(a["dtype"]).max) if np.dtype(a["dtype"]).kind == "f" else math.inf
+        if abs(value) > largest:
+            raise OpError(f"init {init[0]!r} value {value:g} is past the largest {a['dtype']} ({largest:.3g})",
+                          kind=GraphError)
         symbolic = [d for d in a["shape"] if not getattr(d, "is_Integer", isinstance(d, int))]
         if symbolic:
             raise OpError(f"a parameter's shape is known when the graph is built (it is allocated and trained); "
