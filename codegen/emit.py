@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 
 import sympy as sp
@@ -69,6 +70,8 @@ def emit(graph, out_dir, check_nvrtc=True, tf32=False, winograd=False) -> dict:
     except OSError as e:
         raise GraphConvError(f"emit: {out}: the folder cannot be made ({e.strerror or e})") from None
     manifest = manifest_of(program, resources)
+    for target in [out / "manifest.json"] + [out / f"{spec.name}.cu" for spec in program.kernels]:
+        _refuse_foreign(target)
     _keep_reported_resources(manifest, out / "manifest.json")
     wanted = {row["file"] for row in manifest["kernels"]}
     previous = _listed_files(out / "manifest.json")     # before the new manifest replaces it
@@ -98,6 +101,28 @@ def _listed_files(path: pathlib.Path) -> set:
         return set()
     files = {row.get("file") for row in kernels if isinstance(row, dict) and isinstance(row.get("sha256"), str)}
     return {f for f in files if isinstance(f, str) and f.endswith(".cu") and pathlib.PurePath(f).name == f}
+
+
+def _refuse_foreign(path: pathlib.Path) -> None:
+    """emit replaces only what it wrote: a file of the same name that is a link, not a regular file,
+    or not graphconv's (a .cu without its header, a manifest.json that is not a kernel manifest) is
+    refused, not overwritten (nor written through)."""
+    if not os.path.lexists(path):
+        return
+    ours = path.is_file() and not path.is_symlink() and (
+        _generated(path) if path.suffix == ".cu" else _is_manifest(path))
+    if not ours:
+        what = "a link" if path.is_symlink() else "not a regular file" if not path.is_file() else "not graphconv's"
+        raise GraphConvError(f"emit: {path} exists and is {what}; emit writes only over the kernels and manifest it "
+                             f"wrote: move it or choose another -o")
+
+
+def _is_manifest(path: pathlib.Path) -> bool:
+    try:
+        old = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and "graph" in old and isinstance(old.get("kernels"), list)
 
 
 def _generated(path) -> bool:

@@ -50,7 +50,7 @@ def drop_unused(text: str) -> str:
 def write_if_changed(path: pathlib.Path, text: str) -> bool:
     """Write `text` unless the file already holds it; True when written."""
     path = pathlib.Path(path)
-    if path.exists() and path.read_text() == text:
+    if path.exists() and path.read_bytes() == text.encode():
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -41,17 +41,17 @@ function showLayer(layer){
   clear();
   const sec=document.getElementById('layer-'+layer); if(!sec) return;
   sec.open=true; sec.querySelectorAll('details').forEach(d=>d.open=true);
-  sec.classList.add('hl'); mark('[data-layer="'+layer+'"]');
+  sec.classList.add('hl'); mark('[data-layer="'+CSS.escape(layer)+'"]');
   sec.scrollIntoView({block:'start'});
 }
 function showNode(node){
-  clear(); mark('[data-node="'+node+'"]');
-  (DATA.kernels_of[node]||[]).forEach(k=>{mark('[data-kernel="'+k+'"]');
-    document.querySelectorAll('details[data-kernel="'+k+'"]').forEach(d=>{d.open=true;let p=d.parentElement.closest('details');if(p)p.open=true;});});
+  clear(); mark('[data-node="'+CSS.escape(node)+'"]');
+  (DATA.kernels_of[node]||[]).forEach(k=>{mark('[data-kernel="'+CSS.escape(k)+'"]');
+    document.querySelectorAll('details[data-kernel="'+CSS.escape(k)+'"]').forEach(d=>{d.open=true;let p=d.parentElement.closest('details');if(p)p.open=true;});});
 }
 function showKernel(kernel){
-  clear(); mark('[data-kernel="'+kernel+'"]');
-  (DATA.nodes_of[kernel]||[]).forEach(n=>mark('[data-node="'+n+'"]'));
+  clear(); mark('[data-kernel="'+CSS.escape(kernel)+'"]');
+  (DATA.nodes_of[kernel]||[]).forEach(n=>mark('[data-node="'+CSS.escape(n)+'"]'));
 }
 document.addEventListener('click',ev=>{
   const t=ev.target.closest('[data-click]'); if(!t) return;
@@ -172,7 +172,8 @@ def build_report(model, stage="fused-train", weights=None, loss=None, optimizer=
                        f"src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">")
         else:
             filters = f"<h2>Filters</h2><p>{e(model.name)} has no 2-D convolution whose filters could be drawn.</p>"
-    data = json.dumps({"kernels_of": kernels_of, "nodes_of": nodes_of}).replace("</", "<\\/")
+    # every < as \u003c: no name can end the script (</script>) or open a comment in it (<!--)
+    data = json.dumps({"kernels_of": kernels_of, "nodes_of": nodes_of}).replace("<", "\\u003c")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>graphconv report: {e(graph.name)}</title>"
             f"<style>{STYLE}</style></head><body>"
             f"<nav><input id=\"search\" placeholder=\"search layers, nodes, kernels\">{''.join(nav)}</nav><main>"

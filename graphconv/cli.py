@@ -49,6 +49,7 @@ def cmd_dump(args):
     if args.format in PICTURES:
         picture = to_picture(graph, args.format)
         if args.output:
+            refuse_clobber(args, args.output, suffix=f".{args.format}")
             write_file(args.output, picture)
             print(f"wrote {args.output} ({len(picture):,} bytes, {graph.name} --stage {args.stage})")
         elif args.format == "png" and sys.stdout.isatty():
@@ -58,6 +59,7 @@ def cmd_dump(args):
         return 0
     text = FORMATS[args.format](graph)
     if args.output:
+        refuse_clobber(args, args.output)
         write_file(args.output, text)
         print(f"wrote {args.output} ({len(text.encode()):,} bytes, {graph.name} --stage {args.stage}, "
               f"{args.format})")
@@ -375,9 +377,35 @@ def cmd_filters(args):
     output = args.output or default_file(graph.name, layer, "filters", suffix=".png")
     if not str(output).lower().endswith(".png"):
         raise GraphConvError(f"-o {output}: the picture is a PNG; name the file with .png")
+    refuse_clobber(args, output)
     write_file(output, png)
     print(f"wrote {output}: the filters of {layer} {trained} ({len(png):,} bytes)")
     return 0
+
+
+PICTURE_SUFFIXES = {".svg": "svg", ".png": "png", ".dot": "dot"}
+INPUT_SUFFIXES = (".npz", ".npy", ".py")
+
+
+def refuse_clobber(args, output, suffix=None):
+    """dump, report and filters -o write over an earlier output of theirs, never over the command's own
+    inputs (the model file, --weights) or a file of a kind they never write (.npz, .npy, .py); a picture
+    format goes to a file named for it (--format svg -o pic.png was SVG text in a .png)."""
+    path = os.fspath(output)
+    if suffix is not None and os.path.splitext(path)[1].lower() in PICTURE_SUFFIXES and \
+            os.path.splitext(path)[1].lower() != suffix:
+        raise GraphConvError(f"-o {path}: --format {suffix[1:]} writes {suffix[1:].upper()}, not "
+                             f"{os.path.splitext(path)[1][1:].upper()}; name the file with {suffix}")
+    if not os.path.exists(path):
+        return
+    inputs = [args.model.rsplit(":", 1)[0] if ":" in args.model else None, getattr(args, "weights", None)]
+    for given in filter(None, inputs):
+        if os.path.exists(given) and os.path.samefile(given, path):
+            raise GraphConvError(f"-o {path}: is this command's own input ({'--weights' if given == inputs[1] else 'the model file'}); "
+                                 f"choose another -o")
+    if path.lower().endswith(INPUT_SUFFIXES):
+        raise GraphConvError(f"-o {path}: exists and is a {os.path.splitext(path)[1]} file, which this command never "
+                             f"writes; choose another -o")
 
 
 def default_file(*parts, suffix) -> str:
@@ -400,6 +428,7 @@ def cmd_report(args):
     weights = load_weights(args.weights, model) if args.weights else None     # a checkpoint or a weights file
     page = build_report(model, args.stage, weights, args.loss, Optimizer(args.optimizer))
     output = args.output or default_file(model.name, "report", suffix=".html")
+    refuse_clobber(args, output)
     write_file(output, page)
     print(f"wrote {output} ({len(page):,} bytes; open it in a browser, no network needed)")
     return 0

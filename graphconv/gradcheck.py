@@ -119,6 +119,10 @@ def random_operands(graph, node, rng, batch):
 def check_graph(graph, seed=0, batch=2, directions=3):
     """Every gradient rule used by the backward graph of `graph` (whose first output is a scalar
     loss), checked at its node's shapes and attributes, then the whole model end to end."""
+    if not any(n.attrs["trainable"] for n in graph.params):
+        from .errors import GraphError
+        raise GraphError(f"{graph.name} has no trainable parameters: its backward graph computes no gradient, so "
+                         f"there is no gradient rule to check")
     rng = np.random.default_rng(seed)
     graph64 = cast(graph, "float64")
     backward = derive_backward(graph64)

@@ -71,8 +71,10 @@ def bind_dims(graph, sizes: dict):
         if name not in symbols:
             have = ", ".join(sorted(symbols)) or "none"
             raise GraphError(f"{graph.name} has no dim named {name!r} (its inputs' symbolic dims: {have})")
+        if isinstance(size, sp.Integer):
+            size = sizes[name] = int(size)
         if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size <= 0:
-            raise GraphError(f"dim {name} must be a positive integer, got {size!r}")
+            raise GraphError(f"dim {name} must be a positive integer, got {size!r} ({type(size).__name__})")
     sizes = {k: int(v) for k, v in sizes.items()}
     subs = {symbols[k]: sp.Integer(v) for k, v in sizes.items()}
     new = graph.copy()

@@ -92,8 +92,8 @@ def non_default_attrs(node) -> dict:
 
 
 def _q(text) -> str:
-    """A DOT double-quoted string."""
-    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A DOT double-quoted string (graphviz decodes entities in labels: & is written &amp;)."""
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("&", "&amp;") + '"'
 
 
 ROLE_STYLE = {"input": ', style=filled, fillcolor="#dfe9f5"', "param": ", style=dashed", "buffer": ", style=dotted"}

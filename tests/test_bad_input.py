@@ -1338,3 +1338,53 @@ def test_input_dims_given_as_expressions_of_the_users_own_symbols():
     alone.output(alone.relu(alone.input("x", ("N", 3, 2 * H, "W")), name="r"))
     with pytest.raises(gc.InputError, match=r"x: dim 2 is 2\*H, and no input has H as a dim of its own"):
         gc.compile(alone)(np.zeros((1, 3, 10, 4), np.float32))
+
+
+def test_dump_report_and_emit_never_overwrite_what_they_did_not_write(capsys, tmp_path, monkeypatch):
+    """dump/report -o over the model file, the --weights checkpoint or an .npz/.npy/.py replaced it;
+    emit -o wrote over a manifest.json of the user's, through a symlinked one, and crashed on a
+    non-UTF-8 one; dump --format svg -o pic.png wrote SVG into a .png (all found by review)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.py").write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('m')\n"
+                                   "    g.output(g.linear(g.flatten(g.input('x', ('N', 1, 4, 4))), 3, name='fc'))\n"
+                                   "    return g\n")
+    source = (tmp_path / "m.py").read_text()
+    np.savez(tmp_path / "w.npz", a=np.zeros(2))
+    for argv, message in [(["dump", "m.py:build", "-o", "m.py"], "own input (the model file)"),
+                          (["dump", "m.py:build", "-o", "w.npz"], "is a .npz file, which this command never writes"),
+                          (["dump", "m.py:build", "--format", "svg", "-o", "pic.png"], "name the file with .svg")]:
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and message in err, err
+    assert (tmp_path / "m.py").read_text() == source and np.load(tmp_path / "w.npz")["a"].shape == (2,)
+    assert cli(capsys, "dump", "m.py:build", "-o", "out.txt")[0] == 0
+    assert cli(capsys, "dump", "m.py:build", "-o", "out.txt")[0] == 0          # its own earlier output: fine
+    for folder, make in [("theirs", lambda p: p.write_text('{"name": "mine"}')),
+                         ("binary", lambda p: p.write_bytes(b"\xff\xfe\x00bin")),
+                         ("linked", lambda p: os.symlink(tmp_path / "target.txt", p))]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / "target.txt").write_text("keep")
+        make(tmp_path / folder / "manifest.json")
+        code, _, err = cli(capsys, "emit", "m.py:build", "-o", folder, "--no-nvrtc")
+        assert code == 2 and "emit writes only over the kernels and manifest it wrote" in err, err
+    assert (tmp_path / "target.txt").read_text() == "keep"
+    assert cli(capsys, "emit", "m.py:build", "-o", "kernels", "--no-nvrtc")[0] == 0
+    assert cli(capsys, "emit", "m.py:build", "-o", "kernels", "--no-nvrtc")[0] == 0     # over its own: fine
+
+
+def test_gradcheck_of_a_model_without_parameters_says_there_is_nothing_to_check(capsys, tmp_path):
+    (tmp_path / "m.py").write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('plain')\n"
+                                   "    g.output(g.relu(g.input('x', ('N', 10)), name='r'))\n    return g\n")
+    code, _, err = cli(capsys, "gradcheck", f"{tmp_path / 'm.py'}:build", "--batch", "2")
+    assert code == 2 and "plain has no trainable parameters" in err
+
+
+def test_bind_dims_takes_a_sympy_integer_and_dot_labels_keep_ampersands():
+    import sympy as sp
+    from graphconv.passes import bind_dims
+    from graphconv.printer import FORMATS
+    g = gc.Graph("s")
+    g.output(g.relu(g.input("x", ("N", 3, "H", "W")), name="a&amp;b"))
+    assert tuple(bind_dims(g, {"H": sp.Integer(8), "W": 8}).inputs[0].shape[2:]) == (8, 8)
+    with pytest.raises(gc.GraphError, match=r"dim H must be a positive integer, got 8.0 \(float\)"):
+        bind_dims(g, {"H": 8.0})
+    assert '"a&amp;amp;b"' in FORMATS["dot"](g)          # graphviz shows a&amp;b, not a&b

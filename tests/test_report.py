@@ -51,3 +51,31 @@ def test_lenet5_report_in_a_headless_browser(tmp_path, capsys):
         page.screenshot(path=str(artifacts / "report-lenet5.png"), full_page=True)   # table, graph, kernels
         browser.close()
     assert errors == [] and requests == []
+
+
+def test_a_report_of_layers_with_odd_names_stays_interactive(tmp_path):
+    """Layer names holding <!--<script>, quotes, a backslash or markup: the page's data keeps every < as
+    \\u003c (a <!-- in it swallowed the page's script: nothing reacted to clicks) and the selectors
+    escape the names (a quote threw in querySelectorAll); found by review."""
+    model = tmp_path / "odd.py"
+    model.write_text("import graphconv as gc\ndef build():\n    g = gc.Graph('odd')\n"
+                     "    x = g.input('x', ('N', 1, 8, 8))\n"
+                     "    h = g.relu(g.conv2d(x, 2, 3, padding=1, name='<!--<script>'), name='r\"q\\\\\\'é')\n"
+                     "    g.output(g.linear(g.flatten(h), 3, name='<b>fc</b>'))\n    return g\n")
+    page_path = tmp_path / "odd.html"
+    assert main(["report", f"{model}:build", "--stage", "fused-train", "-o", str(page_path)]) == 0
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(page_path.as_uri())
+        assert page.evaluate("typeof showLayer") == "function"
+        for layer in ("<!--<script>", "<b>fc</b>"):
+            page.evaluate("l => showLayer(l)", layer)
+            assert page.evaluate("l => document.querySelectorAll('.hl').length", layer) >= 2, layer
+        page.evaluate("n => showNode(n)", "r\"q\\'é")
+        assert page.locator(".hl").count() >= 1
+        browser.close()
+    assert errors == []
