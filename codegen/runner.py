@@ -263,11 +263,10 @@ class BoundStep:
         buffers = compiled.alloc_all(plan.sizes, batch)
         program.zero_counters(plan, buffers)
         static = {}
-        for node in compiled.graph.topo():
-            if node.role != "op":
-                shape = program.shape_of(node.name, batch)
-                nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(node.dtype).itemsize
-                static[node.name] = runtime.view(runtime.alloc(nbytes, False), node.dtype, shape)
+        for name in static_names:
+            shape, dtype = program.shape_of(name, batch), compiled.graph.node(name).dtype
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            static[name] = runtime.view(runtime.alloc(nbytes, False), dtype, shape)
         first = compiled._array_of(static, buffers, plan, batch)
         self.arrays = [cached(first), cached(compiled._array_of(static, buffers, plan, batch, self.swap))]
         self.phase_launches = [compiled._launches(self.arrays[0], batch), None]     # phase 1's when first run

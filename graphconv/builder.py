@@ -43,7 +43,6 @@ def _layer(method):
     return wrapper
 
 
-
 # PyTorch's positional order after the leading arguments (nn.Conv2d(in, out, kernel_size, stride, ...)):
 # what a layer takes positionally, the rest by name only
 POSITIONAL = {"conv": ("stride", "padding", "dilation", "groups", "bias"),
@@ -66,6 +65,7 @@ def by_name(op, args, kw) -> dict:
             raise GraphError(f"{where}: {key} given both by position and by name")
         kw[key] = value
     return kw
+
 
 class Graph(GraphCore):
     """A network under construction. See the README for the full API."""
